@@ -1,0 +1,83 @@
+# regfacade: `make` builds build/regfacade, `make test` runs every test,
+# `make run` starts the embedded default (a mirror on 127.0.0.1:5000).
+# Missing Debian packages are installed first (apt-get, via sudo when not root).
+
+VERSION := 0.1.0
+CC ?= cc
+BUILD ?= build
+SANITIZE ?=
+
+BUILD_PKGS := gcc make pkg-config libmicrohttpd-dev libcurl4-openssl-dev libssl-dev \
+              zlib1g-dev liblua5.4-dev lua5.4 lua-cjson
+TEST_PKGS  := lua-busted docker-registry skopeo containerd runc podman umoci busybox-static \
+              apache2-utils python3 python3-pytest python3-cryptography python3-jwt openssl curl
+
+PKG_CFLAGS := $(shell pkg-config --cflags lua5.4 libmicrohttpd libcurl 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs lua5.4 libmicrohttpd libcurl 2>/dev/null) -lcrypto -lz -lpthread -lm
+
+CFLAGS ?= -O2 -g
+CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wno-unused-parameter -Wno-format-truncation \
+          -Iinclude -I$(BUILD) $(PKG_CFLAGS) -DREGFACADE_VERSION=\"$(VERSION)\"
+LDFLAGS ?=
+ifeq ($(SANITIZE),1)
+  CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+  LDFLAGS += -fsanitize=address,undefined
+endif
+
+SRCS := $(wildcard src/*.c)
+OBJS := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRCS)) $(BUILD)/obj/lua_embedded.o
+LIB_OBJS := $(filter-out $(BUILD)/obj/main.o,$(OBJS))
+LUA_FILES := $(sort $(wildcard lua/regfacade/*.lua))
+UNIT_SRCS := $(wildcard tests/unit/test_*.c)
+UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
+
+BUSTED := LUA_PATH_5_4="lua/?.lua;lua/?/init.lua;spec/?.lua;/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua;;" lua5.4 /usr/bin/busted
+
+.PHONY: all deps test-deps test test-unit test-lua test-integration run clean
+
+all: deps $(BUILD)/regfacade
+
+# Install what is missing, and only that (a fresh Debian 12 machine has none of it).
+deps:
+	@./tools/ensure-packages $(BUILD_PKGS)
+
+test-deps:
+	@./tools/ensure-packages $(BUILD_PKGS) $(TEST_PKGS)
+
+$(BUILD)/regfacade: $(OBJS)
+	$(CC) $(LDFLAGS) -o $@ $(OBJS) $(PKG_LIBS)
+
+$(BUILD)/obj/%.o: src/%.c $(wildcard include/regfacade/*.h) | $(BUILD)/obj
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/obj/lua_embedded.o: $(BUILD)/lua_embedded.c | $(BUILD)/obj
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/lua_embedded.c: $(LUA_FILES) $(BUILD)/embed
+	$(BUILD)/embed $@ $(LUA_FILES)
+
+$(BUILD)/embed: tools/embed.c | $(BUILD)/obj
+	$(CC) -std=c11 -Wall -Wextra -Werror -O2 -o $@ $<
+
+$(BUILD)/obj $(BUILD)/tests:
+	mkdir -p $@
+
+$(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS) tests/unit/unit.h | $(BUILD)/tests
+	$(CC) $(CFLAGS) -Itests/unit $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(PKG_LIBS)
+
+test: test-deps $(BUILD)/regfacade test-unit test-lua test-integration
+
+test-unit: $(UNIT_BINS)
+	@set -e; for t in $(UNIT_BINS); do $$t; done
+
+test-lua:
+	$(BUSTED)
+
+test-integration: $(BUILD)/regfacade
+	cd spec/integration && REGFACADE_BIN=$(CURDIR)/$(BUILD)/regfacade /usr/bin/python3 -m pytest -q -p no:cacheprovider .
+
+run: all
+	$(BUILD)/regfacade serve
+
+clean:
+	rm -rf $(BUILD)

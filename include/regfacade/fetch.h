@@ -1,0 +1,71 @@
+/*
+ * fetch: one upstream transfer per blob digest, shared by every client that
+ * wants it (single flight).
+ *
+ * The first client of a cold blob starts a fetch: a thread GETs the blob
+ * from the upstream into a spool file, hashing as it goes, and retries a
+ * broken transfer with "Range: bytes=N-" from where it stopped. Every
+ * client, the first included, reads the spool as it grows, so the first
+ * byte goes out before the transfer ends and nothing is held whole in
+ * memory. The fetch goes on when a client disconnects. Only when the digest
+ * is verified does the spool become the cached blob; the last byte of the
+ * blob is released to readers only then, so a client never receives a
+ * whole wrong body.
+ */
+#ifndef REGFACADE_FETCH_H
+#define REGFACADE_FETCH_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "regfacade/store.h"
+#include "regfacade/upstream.h"
+
+typedef struct fetcher fetcher;
+typedef struct fetch fetch;
+
+/* Why a fetch failed, ready for an OCI error answer. */
+typedef struct {
+    int http_status;    /* 404, 429, 502, 503, 504, 403 */
+    const char *code;   /* OCI error code: BLOB_UNKNOWN, DIGEST_INVALID, ... */
+    char retry_after[64];
+    char message[1024];
+} fetch_error;
+
+typedef struct {
+    int retries;          /* extra attempts after a failure (resumed) */
+    long backoff_ms;      /* first backoff; doubles, with jitter */
+} fetch_options;
+
+fetcher *fetcher_new(store *s, const fetch_options *opts);
+/* Waits for running fetches to finish. */
+void fetcher_free(fetcher *f);
+
+/* The fetch of digest from (u, repository): the running one, or a new one.
+ * Returns a reference (release with fetch_release). Returns NULL with
+ * *now_cached set when the blob reached the cache meanwhile (open it from
+ * the store), or NULL with err set on allocation or thread failure. */
+fetch *fetch_blob(fetcher *f, upstream *u, const char *repository, const char *digest, int *now_cached,
+                  char *err, size_t errlen);
+
+/* Block until the upstream answered. 0: *size set (the blob's full size,
+ * -1 if the upstream did not say); -1: failed, e filled. */
+int fetch_wait_ready(fetch *x, int64_t *size, fetch_error *e);
+/* Block until the fetch ended. 0: verified and cached; -1: failed, e set. */
+int fetch_wait_done(fetch *x, fetch_error *e);
+
+/* Read up to len bytes at offset off, blocking until they arrive.
+ * > 0: bytes read; 0: end of the verified blob; -1: the fetch failed. */
+ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len);
+
+void fetch_release(fetch *x);
+
+/* Counters for metrics and tests. */
+typedef struct {
+    unsigned long started;   /* upstream fetches started */
+    unsigned long coalesced; /* requests that joined a running fetch */
+    unsigned long failed;
+} fetch_stats;
+void fetcher_stats(fetcher *f, fetch_stats *out);
+
+#endif

@@ -1,0 +1,25 @@
+/*
+ * log: one JSON object per line on stderr. Messages never carry secrets:
+ * callers pass names and URLs, never credentials or tokens.
+ */
+#ifndef REGFACADE_LOG_H
+#define REGFACADE_LOG_H
+
+#include <stddef.h>
+
+typedef enum { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR } log_level;
+
+void log_set_level(log_level min);
+/* printf-style message, emitted as {"time":...,"level":...,"msg":...}. */
+void log_msg(log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)
+#define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)
+#define log_warn(...) log_msg(LOG_WARN, __VA_ARGS__)
+#define log_error(...) log_msg(LOG_ERROR, __VA_ARGS__)
+
+/* Append s to out as a JSON string body (escaped, without quotes); returns
+ * the new length, never writing past outlen-1. */
+size_t log_json_escape(char *out, size_t outlen, size_t used, const char *s);
+
+#endif

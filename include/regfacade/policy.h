@@ -1,0 +1,63 @@
+/*
+ * policy: the Lua 5.4 policy, compiled when the config loads, run per
+ * request on a pool of Lua states (one thread uses a state at a time).
+ *
+ * A policy is a module that returns a table of optional hooks. This unit
+ * loads it (reporting file:line on a syntax or type error before any
+ * traffic), provides `require "regfacade"` (config, log) and the embedded
+ * library (regfacade.mirror, regfacade.image, ...), and runs hooks under
+ * pcall with a traceback. A hook error fails that request closed.
+ */
+#ifndef REGFACADE_POLICY_H
+#define REGFACADE_POLICY_H
+
+#include <stddef.h>
+
+#include "regfacade/config.h"
+
+typedef struct policy policy;
+
+typedef struct {
+    const char *name;  /* lowercase */
+    const char *value;
+} policy_header;
+
+typedef struct {
+    const char *method;     /* "GET", "HEAD" */
+    const char *kind;       /* "manifest", "blob", "tags", "ping" */
+    const char *repository; /* as requested (after a /NAME/v2/ prefix became /v2/NAME/) */
+    const char *reference;  /* tag or digest; NULL for blobs' digest is in reference too; NULL for tags/ping */
+    const char *ns;         /* ?ns= value or NULL */
+    const char *host;       /* Host header or NULL */
+    const char *client_ip;
+    const char *user;       /* Basic credentials, or NULL */
+    const char *password;
+    const char *token;      /* Bearer token, or NULL */
+    const policy_header *headers;
+    size_t n_headers;
+} policy_request;
+
+typedef struct {
+    int status;        /* HTTP status for the client */
+    char code[32];     /* OCI error code */
+    char message[1024];
+} policy_error;
+
+typedef struct {
+    char upstream[128];
+    char repository[256];
+    char reference[192];
+} policy_resolution;
+
+/* Compile and check the policy named by c (or the embedded default).
+ * NULL with "FILE:LINE: why" in err. */
+policy *policy_new(const config *c, char *err, size_t errlen);
+void policy_free(policy *p);
+
+/* Run resolve. 0: out filled and validated (the upstream exists, the
+ * repository and reference are valid); -1: e filled (a refusal by the
+ * policy, or a policy failure as 500). Without a resolve hook, the request
+ * maps to default_upstream unchanged. */
+int policy_resolve(policy *p, const policy_request *req, policy_resolution *out, policy_error *e);
+
+#endif

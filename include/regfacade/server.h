@@ -1,0 +1,23 @@
+/*
+ * server: the OCI distribution pull API over libmicrohttpd.
+ *
+ * One thread per connection (a handler may block on an upstream fetch or a
+ * spool being written without holding up anyone else). Routing, request
+ * validation, OCI error bodies and response headers live here; what to
+ * serve comes from the policy (resolve), manifest (manifests and tags) and
+ * fetch/store (blobs).
+ */
+#ifndef REGFACADE_SERVER_H
+#define REGFACADE_SERVER_H
+
+#include "regfacade/config.h"
+
+typedef struct server server;
+
+/* Build everything the config names (store, upstream clients, policy) and
+ * start listening. NULL with err on failure. */
+server *server_start(const config *c, char *err, size_t errlen);
+/* Stop accepting, let requests in flight finish, free everything. */
+void server_stop(server *s);
+
+#endif

@@ -1,0 +1,63 @@
+/*
+ * store: the content-addressed disk cache.
+ *
+ *   DIR/blobs/sha256/ab/abcd...  verified blobs and manifests, immutable
+ *   DIR/tmp/                     spools being written; removed at start
+ *   DIR/tags/<sha256(key)>       tag -> digest resolutions with their time
+ *
+ * Nothing enters blobs/ unless its sha256 was verified; every write is temp
+ * file, fsync, rename, so a crash leaves either the whole file or nothing.
+ * Thread-safe: all state is on disk or guarded by the store's mutex.
+ */
+#ifndef REGFACADE_STORE_H
+#define REGFACADE_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+typedef struct store store;
+
+/* Create the folders (0700) and clear tmp/. NULL with err on failure. */
+store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen);
+void store_close(store *s);
+const char *store_dir(const store *s);
+
+/* Open a cached blob for reading: 1 found (fd and size set; caller closes),
+ * 0 not cached, -1 error (err set). digest must be a valid sha256 digest. */
+int store_blob_open(store *s, const char *digest, int *fd, uint64_t *size, char *err, size_t errlen);
+bool store_blob_exists(store *s, const char *digest);
+
+/* Read a whole cached blob of at most max bytes (manifests): 1 found (*data
+ * malloc'd, caller frees), 0 not cached, -1 error. */
+int store_blob_read(store *s, const char *digest, size_t max, char **data, size_t *len, char *err, size_t errlen);
+
+/* A spool: a temp file in tmp/ that becomes DIR/blobs/... on commit. */
+typedef struct {
+    char path[4096];
+    int fd;
+} store_spool;
+
+int store_spool_create(store *s, store_spool *sp, char *err, size_t errlen);
+/* fsync, verify nothing (the caller verified the digest), rename into
+ * place, fsync the folder. Closes nothing: the fd stays open for readers. */
+int store_spool_commit(store *s, store_spool *sp, const char *digest, char *err, size_t errlen);
+/* Remove the spool file (the fd stays open for readers). */
+void store_spool_discard(store *s, store_spool *sp);
+
+/* Store bytes whose digest the caller verified (manifests). */
+int store_put(store *s, const char *digest, const void *data, size_t len, char *err, size_t errlen);
+
+/* Tag resolutions, keyed by (upstream, repository, tag). */
+typedef struct {
+    char digest[192];
+    char media_type[256];
+    time_t fetched; /* when the upstream last confirmed it */
+} store_tag;
+
+int store_tag_get(store *s, const char *upstream, const char *repository, const char *tag, store_tag *out);
+int store_tag_put(store *s, const char *upstream, const char *repository, const char *tag, const store_tag *t,
+                  char *err, size_t errlen);
+
+#endif

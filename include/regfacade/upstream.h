@@ -1,0 +1,101 @@
+/*
+ * upstream: the HTTP client for one configured upstream registry (libcurl).
+ *
+ * It speaks the distribution API's auth: anonymous, Basic, and the Bearer
+ * token flow (401 + WWW-Authenticate challenge, token request to the realm
+ * with service and scope, token cached per scope and credential until it
+ * expires). Redirects (a blob's 307 to a CDN) are followed without sending
+ * Authorization to another host. Bodies are streamed to callbacks; nothing
+ * is buffered whole. One upstream_perform() is one logical request: it may
+ * make a token request and retry once after a 401, but it does not retry
+ * transport errors (the caller decides that).
+ *
+ * Thread safety: an upstream may be used from many threads at once.
+ */
+#ifndef REGFACADE_UPSTREAM_H
+#define REGFACADE_UPSTREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct upstream upstream;
+
+typedef struct {
+    const char *name;        /* config key, for messages */
+    const char *url;         /* base URL without /v2, e.g. "https://registry-1.docker.io" */
+    const char *username;    /* NULL: anonymous */
+    const char *password;    /* with username */
+    const char *ca_file;     /* NULL: system CAs */
+    bool tls_verify;         /* false only for tests against self-signed peers */
+    long connect_timeout_ms; /* 0: default 10000 */
+    long low_speed_limit;    /* bytes/s; 0: default 1024 */
+    long low_speed_time_s;   /* 0: default 30 */
+    const char *user_agent;  /* NULL: "regfacade/VERSION" */
+} upstream_options;
+
+typedef struct {
+    long status;                  /* final HTTP status after redirects and auth */
+    char content_type[256];       /* without parameters */
+    char digest[192];             /* Docker-Content-Digest, "" when absent */
+    int64_t content_length;       /* -1 when unknown */
+    char content_range[128];      /* raw Content-Range, "" when absent */
+    char www_authenticate[2048];  /* of the final response, "" when absent */
+    char retry_after[64];         /* raw Retry-After, "" when absent */
+    char link[2048];              /* raw Link, "" when absent */
+    long ratelimit_remaining;     /* from ratelimit-remaining ("76;w=21600"), -1 when absent */
+    char error_body[4096];        /* body of a non-2xx answer, truncated, NUL-terminated */
+    size_t error_body_len;
+} upstream_response;
+
+typedef struct upstream_request upstream_request;
+struct upstream_request {
+    const char *method;       /* "GET" or "HEAD" */
+    const char *repository;   /* upstream repository name, for the token scope "repository:NAME:pull" */
+    const char *path;         /* after "/v2/", with query if any: "library/alpine/manifests/3.20" */
+    const char *accept;       /* Accept header value, or NULL */
+    uint64_t range_start;     /* > 0: send "Range: bytes=N-" */
+    /* Called once when the final response's headers are complete (2xx
+     * only; not for 401 answers that lead to an auth retry, nor for
+     * redirects). Return 0 to go on, -1 to abort the transfer. */
+    int (*on_headers)(void *ud, const upstream_response *resp);
+    /* Called with body bytes of a 2xx final response as they arrive.
+     * Return 0 to go on, -1 to abort. */
+    int (*on_body)(void *ud, const char *data, size_t len);
+    void *ud;
+};
+
+typedef enum {
+    UPSTREAM_OK = 0,          /* an HTTP answer arrived: see resp->status */
+    UPSTREAM_ERR_CONNECT,     /* DNS failure, connection refused or reset before an answer */
+    UPSTREAM_ERR_TLS,         /* handshake or certificate failure */
+    UPSTREAM_ERR_TIMEOUT,     /* connect timeout or low-speed timeout */
+    UPSTREAM_ERR_TRANSFER,    /* answer broken midway (reset, truncated body) */
+    UPSTREAM_ERR_AUTH,        /* the token request failed or the challenge was unusable */
+    UPSTREAM_ERR_ABORTED,     /* a callback returned -1 */
+    UPSTREAM_ERR_INTERNAL,    /* allocation or libcurl setup failure */
+} upstream_result;
+
+/* Call once at program start, before threads (wraps curl_global_init). */
+int upstream_global_init(void);
+void upstream_global_cleanup(void);
+
+/* NULL on bad options (err says which). Copies every string. */
+upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen);
+void upstream_free(upstream *u);
+
+const char *upstream_name(const upstream *u);
+const char *upstream_url(const upstream *u);
+
+/* Perform one request. resp is always filled as far as known. On anything
+ * but UPSTREAM_OK, err holds "what failed, where (URL), why". */
+upstream_result upstream_perform(upstream *u, const upstream_request *req,
+                                 upstream_response *resp, char *err, size_t errlen);
+
+/* A short stable name for a result ("connect", "tls", "timeout", ...). */
+const char *upstream_result_name(upstream_result r);
+
+/* True for results worth retrying (connect, tls, timeout, transfer). */
+bool upstream_result_retryable(upstream_result r);
+
+#endif

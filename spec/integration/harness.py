@@ -1,0 +1,140 @@
+"""Integration-test harness: processes started by PID and stopped by PID,
+free loopback ports, temp folders, and regfacade itself.
+
+Every process a test starts goes through a ProcessGroup; the group is torn
+down by the fixture that created it, pass or fail.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import urllib.error
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+REGFACADE = os.environ.get("REGFACADE_BIN", os.path.join(ROOT, "build", "regfacade"))
+
+
+def free_port():
+    """A free TCP port on 127.0.0.1 (bound then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=20.0, ok=(200, 401)):
+    """Poll url until it answers with a status in ok; raise on timeout."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status in ok:
+                    return
+                last = r.status
+        except urllib.error.HTTPError as e:
+            if e.code in ok:
+                return
+            last = e.code
+        except Exception as e:  # noqa: BLE001 - connection refused while starting
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer {ok} within {timeout}s (last: {last})")
+
+
+class ProcessGroup:
+    """Starts processes, remembers their PIDs, and stops every one of them."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.procs = []
+
+    def start(self, name, argv, env=None, cwd=None):
+        log_path = os.path.join(self.workdir, f"{name}.log")
+        log = open(log_path, "ab")
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                             cwd=cwd or self.workdir, start_new_session=True)
+        p.log_path = log_path
+        p.name = name
+        self.procs.append(p)
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM, timeout=10):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=timeout)
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self):
+        for p in reversed(list(self.procs)):
+            self.stop(p)
+
+
+def log_tail(p, n=4000):
+    try:
+        with open(p.log_path, "rb") as f:
+            data = f.read()
+        return data[-n:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class Regfacade:
+    """A running regfacade with a config written to its own folder."""
+
+    def __init__(self, group, workdir, config, name="regfacade"):
+        self.group = group
+        self.workdir = workdir
+        self.name = name
+        self.port = None
+        self.config = dict(config)
+        if "listen" not in self.config:
+            self.port = free_port()
+            self.config["listen"] = f"127.0.0.1:{self.port}"
+        else:
+            self.port = int(self.config["listen"].rsplit(":", 1)[1])
+        self.config.setdefault("cache", {"dir": os.path.join(workdir, "cache")})
+        self.config_path = os.path.join(workdir, f"{name}.json")
+        with open(self.config_path, "w") as f:
+            json.dump(self.config, f, indent=2)
+        self.proc = None
+
+    @property
+    def host(self):
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout=20):
+        self.proc = self.group.start(self.name, [REGFACADE, "serve", "--config", self.config_path])
+        try:
+            wait_http(self.url + "/v2/", timeout=timeout)
+        except TimeoutError:
+            raise RuntimeError(f"regfacade did not start:\n{log_tail(self.proc)}")
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc is not None:
+            self.group.stop(self.proc, sig=sig)
+            self.proc = None
+
+    def log(self):
+        return log_tail(self.proc, 20000) if self.proc else ""

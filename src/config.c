@@ -1,0 +1,455 @@
+#include "regfacade/config.h"
+
+#include <errno.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "regfacade/ref.h"
+
+#define CONFIG_MAX_BYTES (1024 * 1024)
+
+typedef struct {
+    const char *file;
+    const char *dir;
+    char *err;
+    size_t errlen;
+} load_ctx;
+
+static int fail(load_ctx *lc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(load_ctx *lc, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    snprintf(lc->err, lc->errlen, "%s: %s", lc->file, msg);
+    return -1;
+}
+
+
+/* Reads a whole small file; NULL with errno set on failure. */
+static char *read_file(const char *path, size_t max, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *buf = malloc(max + 1);
+    if (!buf) {
+        fclose(f);
+        errno = ENOMEM;
+        return NULL;
+    }
+    size_t n = fread(buf, 1, max + 1, f);
+    int rerr = ferror(f);
+    fclose(f);
+    if (rerr) {
+        free(buf);
+        errno = EIO;
+        return NULL;
+    }
+    if (n > max) {
+        free(buf);
+        errno = EFBIG;
+        return NULL;
+    }
+    buf[n] = '\0';
+    *len = n;
+    return buf;
+}
+
+static char *resolve_path(load_ctx *lc, const char *p) {
+    if (p[0] == '/' || !lc->dir) return strdup(p);
+    size_t n = strlen(lc->dir) + strlen(p) + 2;
+    char *out = malloc(n);
+    if (out) snprintf(out, n, "%s/%s", lc->dir, p);
+    return out;
+}
+
+/* Every key of obj must be in allowed (NULL-terminated). */
+static int check_keys(load_ctx *lc, const json_value *obj, const char *where, const char *const *allowed) {
+    if (!obj || obj->type != JSON_OBJECT) return fail(lc, "%s: must be an object", where);
+    for (size_t i = 0; i < obj->count; i++) {
+        bool ok = false;
+        for (const char *const *a = allowed; *a; a++)
+            if (strcmp(obj->keys[i], *a) == 0) ok = true;
+        if (!ok) {
+            char list[512] = "";
+            for (const char *const *a = allowed; *a; a++) {
+                strncat(list, *a, sizeof list - strlen(list) - 3);
+                if (a[1]) strncat(list, ", ", sizeof list - strlen(list) - 1);
+            }
+            return fail(lc, "%s: unknown key \"%s\" (allowed: %s)", where, obj->keys[i], list);
+        }
+    }
+    return 0;
+}
+
+static int get_string(load_ctx *lc, const json_value *obj, const char *key, const char *where, char **out) {
+    json_value *v = json_object_get(obj, key);
+    if (!v) return 0;
+    if (v->type != JSON_STRING || v->len == 0 || strlen(v->str) != v->len)
+        return fail(lc, "%s.%s: must be a non-empty string", where, key);
+    free(*out);
+    *out = strdup(v->str);
+    return *out ? 0 : fail(lc, "%s.%s: out of memory", where, key);
+}
+
+static int get_path(load_ctx *lc, const json_value *obj, const char *key, const char *where, char **out) {
+    char *raw = NULL;
+    if (get_string(lc, obj, key, where, &raw) != 0) return -1;
+    if (!raw) return 0;
+    free(*out);
+    *out = resolve_path(lc, raw);
+    free(raw);
+    return *out ? 0 : fail(lc, "%s.%s: out of memory", where, key);
+}
+
+static int get_u64(load_ctx *lc, const json_value *obj, const char *key, const char *where, uint64_t min,
+                   uint64_t max, uint64_t *out) {
+    json_value *v = json_object_get(obj, key);
+    if (!v) return 0;
+    uint64_t n;
+    if (!json_get_uint64(v, &n) || n < min || n > max)
+        return fail(lc, "%s.%s: must be an integer from %llu to %llu", where, key, (unsigned long long)min,
+                    (unsigned long long)max);
+    *out = n;
+    return 0;
+}
+
+static int get_long(load_ctx *lc, const json_value *obj, const char *key, const char *where, long min, long max,
+                    long *out) {
+    uint64_t n = (uint64_t)*out;
+    if (get_u64(lc, obj, key, where, (uint64_t)min, (uint64_t)max, &n) != 0) return -1;
+    *out = (long)n;
+    return 0;
+}
+
+static int get_bool(load_ctx *lc, const json_value *obj, const char *key, const char *where, bool *out) {
+    json_value *v = json_object_get(obj, key);
+    if (!v) return 0;
+    if (v->type != JSON_TRUE && v->type != JSON_FALSE) return fail(lc, "%s.%s: must be true or false", where, key);
+    *out = v->type == JSON_TRUE;
+    return 0;
+}
+
+/* Host (and port) of an http(s) URL, lowercase. */
+static int url_host(const char *url, char *host, size_t hostlen) {
+    const char *p = NULL;
+    if (strncasecmp(url, "http://", 7) == 0) p = url + 7;
+    else if (strncasecmp(url, "https://", 8) == 0) p = url + 8;
+    else return -1;
+    size_t n = strcspn(p, "/?#");
+    if (n == 0 || n >= hostlen || memchr(p, '@', n)) return -1;
+    for (size_t i = 0; i < n; i++) host[i] = (char)((p[i] >= 'A' && p[i] <= 'Z') ? p[i] + 32 : p[i]);
+    host[n] = '\0';
+    return 0;
+}
+
+static bool is_docker_hub(const char *host) {
+    return strcmp(host, "docker.io") == 0 || strcmp(host, "registry-1.docker.io") == 0 ||
+           strcmp(host, "index.docker.io") == 0 || strcmp(host, "registry-1.docker.io:443") == 0;
+}
+
+static int read_secret(load_ctx *lc, const char *path, const char *where, char **out) {
+    size_t len = 0;
+    char *s = read_file(path, 64 * 1024, &len);
+    if (!s) return fail(lc, "%s: cannot read %s: %s", where, path, strerror(errno));
+    while (len > 0 && (s[len - 1] == '\n' || s[len - 1] == '\r')) s[--len] = '\0';
+    if (len == 0 || strlen(s) != len) {
+        free(s);
+        return fail(lc, "%s: %s is empty or holds a NUL byte", where, path);
+    }
+    *out = s;
+    return 0;
+}
+
+static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, config_upstream *u) {
+    static const char *const keys[] = {"url", "username", "password_file", "ca_file", "tls_verify",
+                                       "library_prefix", NULL};
+    char where[300];
+    snprintf(where, sizeof where, "upstreams.%s", name);
+    if (!ref_valid_name(name) || strchr(name, '/'))
+        return fail(lc, "%s: an upstream name must be one lowercase path component ([a-z0-9._-])", where);
+    if (check_keys(lc, obj, where, keys) != 0) return -1;
+    u->name = strdup(name);
+    u->tls_verify = true;
+    if (!u->name) return fail(lc, "%s: out of memory", where);
+    if (get_string(lc, obj, "url", where, &u->url) != 0) return -1;
+    if (!u->url) return fail(lc, "%s.url: required (e.g. \"https://registry-1.docker.io\")", where);
+    size_t n = strlen(u->url);
+    while (n > 0 && u->url[n - 1] == '/') u->url[--n] = '\0';
+    char host[256];
+    if (url_host(u->url, host, sizeof host) != 0)
+        return fail(lc, "%s.url: \"%s\" is not an http:// or https:// URL with a host (and no credentials)",
+                    where, u->url);
+    u->host = strdup(host);
+    u->library_prefix = is_docker_hub(host);
+    if (get_string(lc, obj, "username", where, &u->username) != 0) return -1;
+    char *password_file = NULL;
+    if (get_path(lc, obj, "password_file", where, &password_file) != 0) return -1;
+    if (password_file) {
+        int rc = read_secret(lc, password_file, where, &u->password);
+        free(password_file);
+        if (rc != 0) return -1;
+        if (!u->username) return fail(lc, "%s: password_file needs username", where);
+    } else if (u->username) {
+        return fail(lc, "%s: username needs password_file", where);
+    }
+    if (get_path(lc, obj, "ca_file", where, &u->ca_file) != 0) return -1;
+    if (u->ca_file && access(u->ca_file, R_OK) != 0)
+        return fail(lc, "%s.ca_file: cannot read %s: %s", where, u->ca_file, strerror(errno));
+    if (get_bool(lc, obj, "tls_verify", where, &u->tls_verify) != 0) return -1;
+    if (get_bool(lc, obj, "library_prefix", where, &u->library_prefix) != 0) return -1;
+    return 0;
+}
+
+/* Upstreams without their own credentials take them from docker_config. */
+static int apply_docker_config(load_ctx *lc, config *c) {
+    size_t len = 0;
+    char *text = read_file(c->docker_config, 4 * 1024 * 1024, &len);
+    if (!text) return fail(lc, "docker_config: cannot read %s: %s", c->docker_config, strerror(errno));
+    int rc = 0;
+    for (size_t i = 0; i < c->n_upstreams && rc == 0; i++) {
+        config_upstream *u = &c->upstreams[i];
+        if (u->username) continue;
+        char user[512], pass[4096], err[512];
+        int found = docker_config_lookup(text, len, u->host, user, sizeof user, pass, sizeof pass, err, sizeof err);
+        if (found < 0) {
+            rc = fail(lc, "docker_config %s: %s", c->docker_config, err);
+        } else if (found == 1) {
+            u->username = strdup(user);
+            u->password = strdup(pass);
+            if (!u->username || !u->password) rc = fail(lc, "docker_config: out of memory");
+        }
+        memset(pass, 0, sizeof pass);
+    }
+    free(text);
+    return rc;
+}
+
+static int parse_listen(load_ctx *lc, const char *s, config *c) {
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s) return fail(lc, "listen: \"%s\" must be HOST:PORT", s);
+    char *end = NULL;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port < 1 || port > 65535) return fail(lc, "listen: port in \"%s\" must be 1..65535", s);
+    free(c->listen_host);
+    c->listen_host = strndup(s, (size_t)(colon - s));
+    c->listen_port = (int)port;
+    return c->listen_host ? 0 : fail(lc, "listen: out of memory");
+}
+
+static config *config_new_defaults(void) {
+    config *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->listen_host = strdup("127.0.0.1");
+    c->listen_port = 5000;
+    c->cache_max_bytes = 20ULL * 1024 * 1024 * 1024;
+    c->tag_ttl_seconds = 60;
+    c->policy_options = json_new_object();
+    c->manifest_max_bytes = 4 * 1024 * 1024;
+    c->verify_before_send_bytes = 1024 * 1024;
+    c->upstream_connect_timeout_ms = 10000;
+    c->upstream_low_speed_time_s = 30;
+    c->upstream_low_speed_limit = 1024;
+    c->upstream_retries = 3;
+    c->max_connections = 1024;
+    c->client_timeout_s = 300;
+    if (!c->listen_host || !c->policy_options) {
+        config_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+static int load_tree(load_ctx *lc, const json_value *root, config *c) {
+    static const char *const top[] = {"listen", "cache", "policy", "upstreams", "default_upstream",
+                                      "docker_config", "limits", "upstream_client", NULL};
+    static const char *const cache_keys[] = {"dir", "max_bytes", "tag_ttl_seconds", NULL};
+    static const char *const policy_keys[] = {"file", "options", NULL};
+    static const char *const limit_keys[] = {"manifest_max_bytes", "verify_before_send_bytes", "max_connections",
+                                             "client_timeout_seconds", NULL};
+    static const char *const client_keys[] = {"connect_timeout_ms", "low_speed_seconds", "low_speed_bytes",
+                                              "retries", NULL};
+    if (check_keys(lc, root, "config", top) != 0) return -1;
+
+    char *listen = NULL;
+    if (get_string(lc, root, "listen", "config", &listen) != 0) return -1;
+    if (listen) {
+        int rc = parse_listen(lc, listen, c);
+        free(listen);
+        if (rc != 0) return -1;
+    }
+
+    json_value *cache = json_object_get(root, "cache");
+    if (!cache) return fail(lc, "cache: required (at least {\"dir\": \"...\"})");
+    if (check_keys(lc, cache, "cache", cache_keys) != 0) return -1;
+    if (get_path(lc, cache, "dir", "cache", &c->cache_dir) != 0) return -1;
+    if (!c->cache_dir) return fail(lc, "cache.dir: required");
+    if (get_u64(lc, cache, "max_bytes", "cache", 1024 * 1024, UINT64_MAX / 2, &c->cache_max_bytes) != 0) return -1;
+    if (get_long(lc, cache, "tag_ttl_seconds", "cache", 0, 365L * 86400, &c->tag_ttl_seconds) != 0) return -1;
+
+    json_value *policy = json_object_get(root, "policy");
+    if (policy) {
+        if (check_keys(lc, policy, "policy", policy_keys) != 0) return -1;
+        if (get_path(lc, policy, "file", "policy", &c->policy_file) != 0) return -1;
+        json_value *opts = json_object_get(policy, "options");
+        if (opts) {
+            if (opts->type != JSON_OBJECT) return fail(lc, "policy.options: must be an object");
+            json_free(c->policy_options);
+            c->policy_options = json_clone(opts);
+            if (!c->policy_options) return fail(lc, "policy.options: out of memory");
+        }
+    }
+
+    json_value *ups = json_object_get(root, "upstreams");
+    if (!ups || ups->type != JSON_OBJECT || ups->count == 0)
+        return fail(lc, "upstreams: required, an object with at least one upstream");
+    c->upstreams = calloc(ups->count, sizeof *c->upstreams);
+    if (!c->upstreams) return fail(lc, "upstreams: out of memory");
+    for (size_t i = 0; i < ups->count; i++) {
+        for (size_t j = 0; j < i; j++)
+            if (strcmp(ups->keys[i], ups->keys[j]) == 0) return fail(lc, "upstreams.%s: defined twice", ups->keys[i]);
+        c->n_upstreams = i + 1;
+        if (load_upstream(lc, ups->keys[i], ups->items[i], &c->upstreams[i]) != 0) return -1;
+    }
+
+    if (get_string(lc, root, "default_upstream", "config", &c->default_upstream) != 0) return -1;
+    if (c->default_upstream && !config_find_upstream(c, c->default_upstream))
+        return fail(lc, "default_upstream: \"%s\" is not a key of upstreams", c->default_upstream);
+    if (!c->default_upstream && c->n_upstreams == 1) c->default_upstream = strdup(c->upstreams[0].name);
+
+    if (get_path(lc, root, "docker_config", "config", &c->docker_config) != 0) return -1;
+    if (c->docker_config && apply_docker_config(lc, c) != 0) return -1;
+
+    json_value *limits = json_object_get(root, "limits");
+    if (limits) {
+        if (check_keys(lc, limits, "limits", limit_keys) != 0) return -1;
+        if (get_u64(lc, limits, "manifest_max_bytes", "limits", 1024, 64 * 1024 * 1024, &c->manifest_max_bytes) != 0)
+            return -1;
+        if (get_u64(lc, limits, "verify_before_send_bytes", "limits", 0, 1024 * 1024 * 1024,
+                    &c->verify_before_send_bytes) != 0)
+            return -1;
+        uint64_t v = c->max_connections;
+        if (get_u64(lc, limits, "max_connections", "limits", 1, 1000000, &v) != 0) return -1;
+        c->max_connections = (unsigned)v;
+        v = c->client_timeout_s;
+        if (get_u64(lc, limits, "client_timeout_seconds", "limits", 1, 86400, &v) != 0) return -1;
+        c->client_timeout_s = (unsigned)v;
+    }
+    json_value *client = json_object_get(root, "upstream_client");
+    if (client) {
+        if (check_keys(lc, client, "upstream_client", client_keys) != 0) return -1;
+        if (get_long(lc, client, "connect_timeout_ms", "upstream_client", 1, 600000, &c->upstream_connect_timeout_ms))
+            return -1;
+        if (get_long(lc, client, "low_speed_seconds", "upstream_client", 1, 3600, &c->upstream_low_speed_time_s))
+            return -1;
+        if (get_long(lc, client, "low_speed_bytes", "upstream_client", 1, 1L << 30, &c->upstream_low_speed_limit))
+            return -1;
+        long r = c->upstream_retries;
+        if (get_long(lc, client, "retries", "upstream_client", 0, 20, &r)) return -1;
+        c->upstream_retries = (int)r;
+    }
+    return 0;
+}
+
+config *config_load(const char *path, char *err, size_t errlen) {
+    char abs[PATH_MAX];
+    if (!realpath(path, abs)) {
+        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t len = 0;
+    char *text = read_file(abs, CONFIG_MAX_BYTES, &len);
+    if (!text) {
+        snprintf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
+        return NULL;
+    }
+    char jerr[256];
+    json_value *root = json_parse(text, len, 32, jerr, sizeof jerr);
+    free(text);
+    if (!root) {
+        snprintf(err, errlen, "%s: %s", path, jerr);
+        return NULL;
+    }
+    char dirbuf[PATH_MAX];
+    snprintf(dirbuf, sizeof dirbuf, "%s", abs);
+    load_ctx lc = {path, dirname(dirbuf), err, errlen};
+    config *c = config_new_defaults();
+    if (!c) {
+        json_free(root);
+        snprintf(err, errlen, "%s: out of memory", path);
+        return NULL;
+    }
+    c->path = strdup(abs);
+    if (!c->path || load_tree(&lc, root, c) != 0) {
+        if (!c->path) snprintf(err, errlen, "%s: out of memory", path);
+        json_free(root);
+        config_free(c);
+        return NULL;
+    }
+    json_free(root);
+    return c;
+}
+
+config *config_default(char *err, size_t errlen) {
+    static const char text[] =
+        "{\"listen\":\"127.0.0.1:5000\",\"cache\":{\"dir\":\"cache\"},"
+        "\"upstreams\":{\"hub\":{\"url\":\"https://registry-1.docker.io\"}},\"default_upstream\":\"hub\"}";
+    char jerr[256];
+    json_value *root = json_parse(text, sizeof text - 1, 8, jerr, sizeof jerr);
+    if (!root) {
+        snprintf(err, errlen, "embedded default: %s", jerr);
+        return NULL;
+    }
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof cwd)) {
+        json_free(root);
+        snprintf(err, errlen, "embedded default: getcwd: %s", strerror(errno));
+        return NULL;
+    }
+    load_ctx lc = {"(embedded default)", cwd, err, errlen};
+    config *c = config_new_defaults();
+    if (!c || !(c->path = strdup("(embedded default)")) || load_tree(&lc, root, c) != 0) {
+        if (c && !c->path) snprintf(err, errlen, "embedded default: out of memory");
+        json_free(root);
+        config_free(c);
+        return NULL;
+    }
+    json_free(root);
+    return c;
+}
+
+void config_free(config *c) {
+    if (!c) return;
+    for (size_t i = 0; i < c->n_upstreams; i++) {
+        config_upstream *u = &c->upstreams[i];
+        free(u->name);
+        free(u->url);
+        free(u->host);
+        free(u->username);
+        if (u->password) memset(u->password, 0, strlen(u->password));
+        free(u->password);
+        free(u->ca_file);
+    }
+    free(c->upstreams);
+    free(c->path);
+    free(c->listen_host);
+    free(c->cache_dir);
+    free(c->policy_file);
+    json_free(c->policy_options);
+    free(c->default_upstream);
+    free(c->docker_config);
+    free(c);
+}
+
+const config_upstream *config_find_upstream(const config *c, const char *name) {
+    for (size_t i = 0; i < c->n_upstreams; i++)
+        if (strcmp(c->upstreams[i].name, name) == 0) return &c->upstreams[i];
+    return NULL;
+}

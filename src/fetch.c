@@ -1,0 +1,435 @@
+#include "regfacade/fetch.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "regfacade/digest.h"
+#include "regfacade/log.h"
+
+typedef enum { FETCH_RUNNING, FETCH_DONE, FETCH_FAILED } fetch_state;
+
+struct fetch {
+    fetcher *owner;
+    upstream *u;
+    char repository[256];
+    char digest[DIGEST_STRING_LEN];
+    int refs; /* guarded by owner->lock */
+    fetch *next;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    fetch_state state;
+    int ready;           /* the upstream answered: size is known or -1 */
+    int64_t size;
+    uint64_t written;    /* bytes in the spool */
+    fetch_error err;
+    store_spool spool;
+
+    /* Used by the fetch thread only. */
+    digest_ctx *dg;
+    uint64_t attempt_start; /* offset this attempt asked for */
+    uint64_t skip;          /* bytes of this answer to drop (200 to a Range request) */
+    char attempt_err[512];
+};
+
+struct fetcher {
+    store *st;
+    fetch_options opts;
+    pthread_mutex_t lock;
+    pthread_cond_t idle;
+    fetch *running;
+    int threads;
+    fetch_stats stats;
+};
+
+fetcher *fetcher_new(store *s, const fetch_options *opts) {
+    fetcher *f = calloc(1, sizeof *f);
+    if (!f) return NULL;
+    f->st = s;
+    f->opts = *opts;
+    if (f->opts.backoff_ms <= 0) f->opts.backoff_ms = 200;
+    pthread_mutex_init(&f->lock, NULL);
+    pthread_cond_init(&f->idle, NULL);
+    return f;
+}
+
+void fetcher_free(fetcher *f) {
+    if (!f) return;
+    pthread_mutex_lock(&f->lock);
+    while (f->threads > 0) pthread_cond_wait(&f->idle, &f->lock);
+    pthread_mutex_unlock(&f->lock);
+    pthread_mutex_destroy(&f->lock);
+    pthread_cond_destroy(&f->idle);
+    free(f);
+}
+
+void fetcher_stats(fetcher *f, fetch_stats *out) {
+    pthread_mutex_lock(&f->lock);
+    *out = f->stats;
+    pthread_mutex_unlock(&f->lock);
+}
+
+static void fetch_destroy(fetch *x) {
+    if (x->spool.fd >= 0) close(x->spool.fd);
+    digest_free(x->dg);
+    pthread_mutex_destroy(&x->mu);
+    pthread_cond_destroy(&x->cv);
+    free(x);
+}
+
+void fetch_release(fetch *x) {
+    if (!x) return;
+    fetcher *f = x->owner;
+    pthread_mutex_lock(&f->lock);
+    int last = --x->refs == 0;
+    pthread_mutex_unlock(&f->lock);
+    if (last) fetch_destroy(x);
+}
+
+static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    e->http_status = status;
+    e->code = code;
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+}
+
+/* Total size from "bytes a-b/total". */
+static int64_t content_range_total(const char *cr, uint64_t *first) {
+    unsigned long long a, b, total;
+    if (sscanf(cr, "bytes %llu-%llu/%llu", &a, &b, &total) != 3) return -1;
+    *first = a;
+    return (int64_t)total;
+}
+
+static int on_headers(void *ud, const upstream_response *r) {
+    fetch *x = ud;
+    int64_t size = -1;
+    x->skip = 0;
+    if (r->status == 206) {
+        uint64_t first = 0;
+        size = content_range_total(r->content_range, &first);
+        if (size < 0 || first != x->attempt_start) {
+            snprintf(x->attempt_err, sizeof x->attempt_err, "206 answer with unusable Content-Range \"%s\"",
+                     r->content_range);
+            return -1;
+        }
+    } else if (r->status == 200) {
+        size = r->content_length;
+        x->skip = x->attempt_start; /* the upstream ignored our Range: drop what we have */
+    } else {
+        snprintf(x->attempt_err, sizeof x->attempt_err, "unexpected status %ld", r->status);
+        return -1;
+    }
+    pthread_mutex_lock(&x->mu);
+    if (!x->ready) {
+        x->ready = 1;
+        x->size = size;
+        pthread_cond_broadcast(&x->cv);
+    } else if (size >= 0 && x->size >= 0 && size != x->size) {
+        pthread_mutex_unlock(&x->mu);
+        snprintf(x->attempt_err, sizeof x->attempt_err, "size changed between attempts (%lld, then %lld)",
+                 (long long)x->size, (long long)size);
+        return -1;
+    }
+    pthread_mutex_unlock(&x->mu);
+    return 0;
+}
+
+static int on_body(void *ud, const char *data, size_t len) {
+    fetch *x = ud;
+    if (x->skip > 0) {
+        size_t drop = len < x->skip ? len : (size_t)x->skip;
+        x->skip -= drop;
+        data += drop;
+        len -= drop;
+        if (len == 0) return 0;
+    }
+    if (x->size >= 0 && x->written + len > (uint64_t)x->size) {
+        snprintf(x->attempt_err, sizeof x->attempt_err, "upstream sent more than the %lld bytes it announced",
+                 (long long)x->size);
+        return -1;
+    }
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(x->spool.fd, data + done, len - done, (off_t)(x->written + done));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            snprintf(x->attempt_err, sizeof x->attempt_err, "writing spool %s: %s", x->spool.path, strerror(errno));
+            return -1;
+        }
+        done += (size_t)n;
+    }
+    if (digest_update(x->dg, data, len) != 0) {
+        snprintf(x->attempt_err, sizeof x->attempt_err, "sha256 update failed");
+        return -1;
+    }
+    pthread_mutex_lock(&x->mu);
+    x->written += len;
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
+    return 0;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+/* Backoff before attempt n (1-based): base * 2^(n-1), with +-50% jitter. */
+static long backoff_for(const fetch_options *o, int n) {
+    long base = o->backoff_ms << (n - 1 < 10 ? n - 1 : 10);
+    unsigned seed = (unsigned)time(NULL) ^ (unsigned)(uintptr_t)&n;
+    return base / 2 + (long)(rand_r(&seed) % (unsigned long)(base + 1));
+}
+
+/* One attempt. Returns 0 when the whole body is in the spool, 1 to retry,
+ * -1 on a final failure (x->err set). */
+static int fetch_attempt(fetch *x) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/blobs/%s", x->repository, x->digest);
+    upstream_request req = {
+        .method = "GET",
+        .repository = x->repository,
+        .path = path,
+        .accept = NULL,
+        .range_start = x->written,
+        .on_headers = on_headers,
+        .on_body = on_body,
+        .ud = x,
+    };
+    upstream_response resp;
+    char err[1024] = "";
+    x->attempt_start = x->written;
+    x->attempt_err[0] = '\0';
+    upstream_result r = upstream_perform(x->u, &req, &resp, err, sizeof err);
+    const char *name = upstream_name(x->u);
+    if (r == UPSTREAM_OK) {
+        if (resp.status == 200 || resp.status == 206) {
+            if (x->size >= 0 && x->written < (uint64_t)x->size) {
+                snprintf(x->attempt_err, sizeof x->attempt_err, "body ended at %llu of %lld bytes",
+                         (unsigned long long)x->written, (long long)x->size);
+                return 1;
+            }
+            return 0;
+        }
+        if (resp.status == 404) {
+            set_error(&x->err, 404, "BLOB_UNKNOWN", "blob %s is unknown to upstream %s (repository %s)", x->digest,
+                      name, x->repository);
+            return -1;
+        }
+        if (resp.status == 401 || resp.status == 403) {
+            set_error(&x->err, 403, "DENIED", "upstream %s refused access to %s (status %ld)", name, x->repository,
+                      resp.status);
+            return -1;
+        }
+        if (resp.status == 429) {
+            set_error(&x->err, 429, "TOOMANYREQUESTS", "upstream %s is rate-limiting (429) the blob %s", name,
+                      x->digest);
+            snprintf(x->err.retry_after, sizeof x->err.retry_after, "%s", resp.retry_after);
+            return 1;
+        }
+        if (resp.status == 416 && x->written > 0) {
+            snprintf(x->attempt_err, sizeof x->attempt_err, "upstream refused to resume at %llu",
+                     (unsigned long long)x->written);
+            return 1;
+        }
+        if (resp.status >= 500) {
+            set_error(&x->err, 502, "UNKNOWN", "upstream %s answered %ld for blob %s", name, resp.status, x->digest);
+            return 1;
+        }
+        set_error(&x->err, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for blob %s", name,
+                  resp.status, x->digest);
+        return -1;
+    }
+    if (r == UPSTREAM_ERR_ABORTED) {
+        set_error(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", name, x->digest, x->attempt_err);
+        return x->attempt_err[0] && strstr(x->attempt_err, "spool") ? -1 : 1;
+    }
+    set_error(&x->err, r == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
+    return upstream_result_retryable(r) ? 1 : -1;
+}
+
+static void *fetch_thread(void *arg) {
+    fetch *x = arg;
+    fetcher *f = x->owner;
+    int rc = 1;
+    for (int attempt = 0; attempt <= f->opts.retries && rc == 1; attempt++) {
+        if (attempt > 0) {
+            log_warn("blob %s from upstream %s: attempt %d failed (%s); retrying from byte %llu", x->digest,
+                     upstream_name(x->u), attempt, x->attempt_err[0] ? x->attempt_err : x->err.message,
+                     (unsigned long long)x->written);
+            sleep_ms(backoff_for(&f->opts, attempt));
+        }
+        rc = fetch_attempt(x);
+    }
+    char got[DIGEST_STRING_LEN] = "";
+    char err[1024];
+    if (rc == 0) {
+        if (digest_final(x->dg, got) != 0) {
+            set_error(&x->err, 502, "UNKNOWN", "sha256 of blob %s failed", x->digest);
+            rc = -1;
+        } else if (strcmp(got, x->digest) != 0) {
+            set_error(&x->err, 502, "DIGEST_INVALID",
+                      "upstream %s sent bytes with digest %s for blob %s (%llu bytes); not cached",
+                      upstream_name(x->u), got, x->digest, (unsigned long long)x->written);
+            rc = -1;
+        } else if (store_spool_commit(f->st, &x->spool, x->digest, err, sizeof err) != 0) {
+            /* Verified bytes can still be served from the spool; only caching failed. */
+            log_error("blob %s: %s", x->digest, err);
+            store_spool_discard(f->st, &x->spool);
+        }
+    }
+    if (rc != 0) {
+        if (rc == 1 && !x->err.code)
+            set_error(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", upstream_name(x->u), x->digest,
+                      x->attempt_err);
+        store_spool_discard(f->st, &x->spool);
+        log_error("blob %s from upstream %s failed: %s", x->digest, upstream_name(x->u), x->err.message);
+    }
+
+    pthread_mutex_lock(&f->lock);
+    /* Leave the running list after the commit, so a newcomer finds the blob
+     * either here or in the store. */
+    for (fetch **pp = &f->running; *pp; pp = &(*pp)->next)
+        if (*pp == x) {
+            *pp = x->next;
+            break;
+        }
+    if (rc != 0) f->stats.failed++;
+    pthread_mutex_unlock(&f->lock);
+
+    pthread_mutex_lock(&x->mu);
+    x->state = rc == 0 ? FETCH_DONE : FETCH_FAILED;
+    if (rc == 0 && !x->ready) {
+        x->ready = 1;
+        x->size = (int64_t)x->written;
+    }
+    if (rc == 0) x->size = (int64_t)x->written;
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
+
+    fetch_release(x);
+    pthread_mutex_lock(&f->lock);
+    if (--f->threads == 0) pthread_cond_broadcast(&f->idle);
+    pthread_mutex_unlock(&f->lock);
+    return NULL;
+}
+
+fetch *fetch_blob(fetcher *f, upstream *u, const char *repository, const char *digest, int *now_cached,
+                  char *err, size_t errlen) {
+    *now_cached = 0;
+    pthread_mutex_lock(&f->lock);
+    for (fetch *x = f->running; x; x = x->next) {
+        if (strcmp(x->digest, digest) == 0) {
+            x->refs++;
+            f->stats.coalesced++;
+            pthread_mutex_unlock(&f->lock);
+            return x;
+        }
+    }
+    if (store_blob_exists(f->st, digest)) {
+        pthread_mutex_unlock(&f->lock);
+        *now_cached = 1;
+        return NULL;
+    }
+    fetch *x = calloc(1, sizeof *x);
+    if (!x || !(x->dg = digest_new())) {
+        free(x);
+        pthread_mutex_unlock(&f->lock);
+        snprintf(err, errlen, "fetch %s: out of memory", digest);
+        return NULL;
+    }
+    x->owner = f;
+    x->u = u;
+    snprintf(x->repository, sizeof x->repository, "%s", repository);
+    snprintf(x->digest, sizeof x->digest, "%s", digest);
+    x->size = -1;
+    x->spool.fd = -1;
+    pthread_mutex_init(&x->mu, NULL);
+    pthread_cond_init(&x->cv, NULL);
+    if (store_spool_create(f->st, &x->spool, err, errlen) != 0) {
+        pthread_mutex_unlock(&f->lock);
+        fetch_destroy(x);
+        return NULL;
+    }
+    x->refs = 2; /* the caller's and the thread's */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    pthread_t tid;
+    int rc = pthread_create(&tid, &attr, fetch_thread, x);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        pthread_mutex_unlock(&f->lock);
+        store_spool_discard(f->st, &x->spool);
+        fetch_destroy(x);
+        snprintf(err, errlen, "fetch %s: cannot start a thread: %s", digest, strerror(rc));
+        return NULL;
+    }
+    x->next = f->running;
+    f->running = x;
+    f->threads++;
+    f->stats.started++;
+    pthread_mutex_unlock(&f->lock);
+    return x;
+}
+
+int fetch_wait_ready(fetch *x, int64_t *size, fetch_error *e) {
+    pthread_mutex_lock(&x->mu);
+    while (!x->ready && x->state == FETCH_RUNNING) pthread_cond_wait(&x->cv, &x->mu);
+    int rc = 0;
+    if (x->ready && x->state != FETCH_FAILED) {
+        *size = x->size;
+    } else {
+        *e = x->err;
+        rc = -1;
+    }
+    pthread_mutex_unlock(&x->mu);
+    return rc;
+}
+
+int fetch_wait_done(fetch *x, fetch_error *e) {
+    pthread_mutex_lock(&x->mu);
+    while (x->state == FETCH_RUNNING) pthread_cond_wait(&x->cv, &x->mu);
+    int rc = x->state == FETCH_DONE ? 0 : -1;
+    if (rc != 0) *e = x->err;
+    pthread_mutex_unlock(&x->mu);
+    return rc;
+}
+
+ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len) {
+    pthread_mutex_lock(&x->mu);
+    for (;;) {
+        /* Until the digest is verified, the last byte is held back. */
+        uint64_t avail = x->written;
+        if (x->state != FETCH_DONE && avail > 0) avail--;
+        if (x->state == FETCH_FAILED) {
+            pthread_mutex_unlock(&x->mu);
+            return -1;
+        }
+        if (off < avail) {
+            size_t n = avail - off < len ? (size_t)(avail - off) : len;
+            int fd = x->spool.fd;
+            pthread_mutex_unlock(&x->mu);
+            ssize_t got = pread(fd, buf, n, (off_t)off);
+            return got > 0 ? got : -1;
+        }
+        if (x->state == FETCH_DONE) {
+            pthread_mutex_unlock(&x->mu);
+            return 0;
+        }
+        pthread_cond_wait(&x->cv, &x->mu);
+    }
+}

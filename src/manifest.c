@@ -1,0 +1,338 @@
+#include "regfacade/manifest.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "regfacade/digest.h"
+#include "regfacade/json.h"
+#include "regfacade/log.h"
+#include "regfacade/ref.h"
+
+static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    e->http_status = status;
+    e->code = code;
+    e->retry_after[0] = '\0';
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+}
+
+void manifest_clear(manifest *m) {
+    free(m->data);
+    memset(m, 0, sizeof *m);
+}
+
+static bool is_schema1(const char *mt) {
+    return strcmp(mt, MT_DOCKER_SCHEMA1) == 0 || strcmp(mt, MT_DOCKER_SCHEMA1_SIGNED) == 0;
+}
+
+static bool is_supported(const char *mt) {
+    return strcmp(mt, MT_OCI_MANIFEST) == 0 || strcmp(mt, MT_OCI_INDEX) == 0 || strcmp(mt, MT_DOCKER_MANIFEST) == 0 ||
+           strcmp(mt, MT_DOCKER_LIST) == 0;
+}
+
+int manifest_media_type(const char *data, size_t len, const char *content_type, char *out, size_t outlen,
+                        fetch_error *e) {
+    char jerr[256];
+    json_value *v = json_parse(data, len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+    if (!v || v->type != JSON_OBJECT) {
+        set_error(e, 502, "MANIFEST_INVALID", "the manifest is not a JSON object (%s)", v ? "wrong type" : jerr);
+        json_free(v);
+        return -1;
+    }
+    const char *mt = json_object_get_string(v, "mediaType");
+    int64_t schema = 0;
+    json_get_int64(json_object_get(v, "schemaVersion"), &schema);
+    int rc = 0;
+    if ((mt && is_schema1(mt)) || schema == 1 || (!mt && content_type && is_schema1(content_type))) {
+        set_error(e, 415, "UNSUPPORTED",
+                  "Docker schema1 manifests are not supported (the image must be pushed as Docker schema2 or OCI)");
+        rc = -1;
+    } else if (mt) {
+        if (!is_supported(mt)) {
+            set_error(e, 502, "MANIFEST_INVALID", "unsupported manifest mediaType \"%s\"", mt);
+            rc = -1;
+        } else {
+            snprintf(out, outlen, "%s", mt);
+        }
+    } else if (content_type && is_supported(content_type)) {
+        snprintf(out, outlen, "%s", content_type);
+    } else {
+        /* OCI allows mediaType to be absent: tell by the shape. */
+        snprintf(out, outlen, "%s", json_object_get(v, "manifests") ? MT_OCI_INDEX : MT_OCI_MANIFEST);
+    }
+    json_free(v);
+    return rc;
+}
+
+/* Does one Accept entry (type without parameters) admit mt? */
+static bool accept_entry_matches(const char *entry, size_t n, const char *mt) {
+    if (n == 3 && strncmp(entry, "*/*", 3) == 0) return true;
+    if (n == 1 && entry[0] == '*') return true;
+    return strlen(mt) == n && strncasecmp(entry, mt, n) == 0;
+}
+
+/* Calls fn on each Accept entry (trimmed, parameters removed); stops when
+ * fn returns true. */
+static bool accept_each(const char *accept, bool (*fn)(const char *, size_t, const void *), const void *ud) {
+    const char *p = accept;
+    while (*p) {
+        size_t n = strcspn(p, ",");
+        const char *s = p;
+        size_t m = strcspn(s, ";,");
+        while (m > 0 && (*s == ' ' || *s == '\t')) s++, m--;
+        while (m > 0 && (s[m - 1] == ' ' || s[m - 1] == '\t')) m--;
+        if (m > 0 && fn(s, m, ud)) return true;
+        p += n;
+        if (*p == ',') p++;
+    }
+    return false;
+}
+
+static bool match_mt(const char *s, size_t n, const void *ud) { return accept_entry_matches(s, n, ud); }
+
+bool manifest_accepts(const char *accept, const char *mt) {
+    if (!accept || !*accept) return true;
+    return accept_each(accept, match_mt, mt);
+}
+
+static bool not_schema1(const char *s, size_t n, const void *ud) {
+    (void)ud;
+    return !((n == strlen(MT_DOCKER_SCHEMA1) && strncasecmp(s, MT_DOCKER_SCHEMA1, n) == 0) ||
+             (n == strlen(MT_DOCKER_SCHEMA1_SIGNED) && strncasecmp(s, MT_DOCKER_SCHEMA1_SIGNED, n) == 0));
+}
+
+bool manifest_accepts_only_schema1(const char *accept) {
+    if (!accept || !*accept) return false;
+    return !accept_each(accept, not_schema1, NULL);
+}
+
+/* Buffering a manifest body under the size cap. */
+typedef struct {
+    char *buf;
+    size_t len, cap, max;
+    bool too_big;
+} body_buf;
+
+static int buf_headers(void *ud, const upstream_response *r) {
+    body_buf *b = ud;
+    if (r->content_length > 0 && (uint64_t)r->content_length > b->max) {
+        b->too_big = true;
+        return -1;
+    }
+    return 0;
+}
+
+static int buf_body(void *ud, const char *data, size_t len) {
+    body_buf *b = ud;
+    if (b->len + len > b->max) {
+        b->too_big = true;
+        return -1;
+    }
+    if (b->len + len + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 16384;
+        while (cap < b->len + len + 1) cap *= 2;
+        char *n = realloc(b->buf, cap);
+        if (!n) return -1;
+        b->buf = n;
+        b->cap = cap;
+    }
+    memcpy(b->buf + b->len, data, len);
+    b->len += len;
+    b->buf[b->len] = '\0';
+    return 0;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Map a final upstream answer that is not 2xx. */
+static void map_status(fetch_error *e, const upstream_response *r, upstream *u, const char *what) {
+    if (r->status == 404)
+        set_error(e, 404, "MANIFEST_UNKNOWN", "manifest %s is unknown to upstream %s", what, upstream_name(u));
+    else if (r->status == 401 || r->status == 403)
+        set_error(e, 403, "DENIED", "upstream %s refused access to %s (status %ld)", upstream_name(u), what,
+                  r->status);
+    else if (r->status == 429) {
+        set_error(e, 429, "TOOMANYREQUESTS", "upstream %s is rate-limiting (429) manifest %s", upstream_name(u),
+                  what);
+        snprintf(e->retry_after, sizeof e->retry_after, "%s", r->retry_after);
+    } else
+        set_error(e, 502, "UNKNOWN", "upstream %s answered %ld for manifest %s", upstream_name(u), r->status, what);
+}
+
+/* One upstream request with retries for transport errors and 5xx. Returns
+ * 0 with resp filled (any status), -1 with e set. */
+static int perform_retry(const manifest_env *env, upstream *u, upstream_request *req, upstream_response *resp,
+                         body_buf *b, const char *what, fetch_error *e) {
+    char err[1024];
+    for (int attempt = 0;; attempt++) {
+        if (b) b->len = 0;
+        upstream_result r = upstream_perform(u, req, resp, err, sizeof err);
+        bool retry;
+        if (r == UPSTREAM_OK) {
+            if (resp->status < 500) return 0;
+            retry = true;
+            map_status(e, resp, u, what);
+        } else if (r == UPSTREAM_ERR_ABORTED && b && b->too_big) {
+            set_error(e, 502, "MANIFEST_INVALID", "manifest %s from upstream %s exceeds the %zu-byte limit "
+                      "(limits.manifest_max_bytes)", what, upstream_name(u), b->max);
+            return -1;
+        } else {
+            retry = upstream_result_retryable(r);
+            set_error(e, r == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
+        }
+        if (!retry || attempt >= env->cfg->upstream_retries) return -1;
+        log_warn("manifest %s: %s; retrying", what, e->message);
+        sleep_ms(100L << attempt);
+    }
+}
+
+/* GET the manifest named by reference; verify against want_digest when
+ * given. 0 with out filled, -1 with e. */
+static int fetch_manifest(const manifest_env *env, upstream *u, const char *repository, const char *reference,
+                          const char *want_digest, manifest *out, fetch_error *e) {
+    char path[600], what[600];
+    snprintf(path, sizeof path, "%s/manifests/%s", repository, reference);
+    snprintf(what, sizeof what, "%s:%s", repository, reference);
+    body_buf b = {.max = env->cfg->manifest_max_bytes};
+    upstream_request req = {.method = "GET", .repository = repository, .path = path,
+                            .accept = MANIFEST_ACCEPT_ALL, .on_headers = buf_headers, .on_body = buf_body, .ud = &b};
+    upstream_response resp;
+    if (perform_retry(env, u, &req, &resp, &b, what, e) != 0) {
+        free(b.buf);
+        return -1;
+    }
+    if (resp.status != 200) {
+        map_status(e, &resp, u, what);
+        free(b.buf);
+        return -1;
+    }
+    if (!b.buf) b.buf = calloc(1, 1);
+    char got[DIGEST_STRING_LEN];
+    if (!b.buf || digest_bytes(b.buf, b.len, got) != 0) {
+        free(b.buf);
+        set_error(e, 500, "UNKNOWN", "out of memory hashing manifest %s", what);
+        return -1;
+    }
+    const char *expect = want_digest ? want_digest : (ref_is_sha256_digest(resp.digest) ? resp.digest : NULL);
+    if (expect && strcmp(expect, got) != 0) {
+        set_error(e, 502, "DIGEST_INVALID", "upstream %s sent manifest %s with digest %s, expected %s; not cached",
+                  upstream_name(u), what, got, expect);
+        free(b.buf);
+        return -1;
+    }
+    if (manifest_media_type(b.buf, b.len, resp.content_type, out->media_type, sizeof out->media_type, e) != 0) {
+        char m[sizeof e->message];
+        snprintf(m, sizeof m, "upstream %s, manifest %s: %s", upstream_name(u), what, e->message);
+        snprintf(e->message, sizeof e->message, "%s", m);
+        free(b.buf);
+        return -1;
+    }
+    char err[512];
+    if (store_put(env->st, got, b.buf, b.len, err, sizeof err) != 0) log_error("manifest %s: %s", what, err);
+    out->data = b.buf;
+    out->len = b.len;
+    snprintf(out->digest, sizeof out->digest, "%s", got);
+    return 0;
+}
+
+static int from_store(const manifest_env *env, const char *digest, manifest *out, fetch_error *e) {
+    char err[512];
+    char *data = NULL;
+    size_t len = 0;
+    int rc = store_blob_read(env->st, digest, env->cfg->manifest_max_bytes, &data, &len, err, sizeof err);
+    if (rc <= 0) {
+        if (rc < 0) set_error(e, 500, "UNKNOWN", "%s", err);
+        return rc;
+    }
+    if (manifest_media_type(data, len, NULL, out->media_type, sizeof out->media_type, e) != 0) {
+        free(data);
+        return -1;
+    }
+    out->data = data;
+    out->len = len;
+    snprintf(out->digest, sizeof out->digest, "%s", digest);
+    return 1;
+}
+
+static void remember_tag(const manifest_env *env, upstream *u, const char *repository, const char *tag,
+                         const manifest *m) {
+    store_tag t;
+    snprintf(t.digest, sizeof t.digest, "%s", m->digest);
+    snprintf(t.media_type, sizeof t.media_type, "%s", m->media_type);
+    t.fetched = time(NULL);
+    char err[512];
+    if (store_tag_put(env->st, upstream_name(u), repository, tag, &t, err, sizeof err) != 0)
+        log_error("tag %s:%s: %s", repository, tag, err);
+}
+
+int manifest_get(const manifest_env *env, upstream *u, const char *repository, const char *reference,
+                 manifest *out, fetch_error *e) {
+    memset(out, 0, sizeof *out);
+    if (ref_is_sha256_digest(reference)) {
+        int rc = from_store(env, reference, out, e);
+        if (rc != 0) return rc > 0 ? 0 : -1;
+        return fetch_manifest(env, u, repository, reference, reference, out, e);
+    }
+    if (ref_valid_digest(reference)) {
+        set_error(e, 400, "DIGEST_INVALID", "only sha256 digests are supported, got %s", reference);
+        return -1;
+    }
+
+    store_tag known;
+    int have_known = store_tag_get(env->st, upstream_name(u), repository, reference, &known) == 1;
+    time_t now = time(NULL);
+    if (have_known && now - known.fetched < env->cfg->tag_ttl_seconds) {
+        int rc = from_store(env, known.digest, out, e);
+        if (rc > 0) return 0;
+        if (rc < 0) return -1;
+    }
+
+    /* HEAD first: cheap, and not counted as a pull by Docker Hub. */
+    char path[600], what[600];
+    snprintf(path, sizeof path, "%s/manifests/%s", repository, reference);
+    snprintf(what, sizeof what, "%s:%s", repository, reference);
+    upstream_request req = {.method = "HEAD", .repository = repository, .path = path, .accept = MANIFEST_ACCEPT_ALL};
+    upstream_response resp;
+    int rc = perform_retry(env, u, &req, &resp, NULL, what, e);
+    if (rc == 0 && resp.status == 200 && ref_is_sha256_digest(resp.digest)) {
+        int got = from_store(env, resp.digest, out, e);
+        if (got < 0) return -1;
+        if (got == 0 && fetch_manifest(env, u, repository, resp.digest, resp.digest, out, e) != 0) return -1;
+        remember_tag(env, u, repository, reference, out);
+        return 0;
+    }
+    if (rc == 0 && resp.status == 404) {
+        map_status(e, &resp, u, what);
+        return -1;
+    }
+    if (rc == 0 && (resp.status == 200 || resp.status == 405 || resp.status == 400)) {
+        /* No digest on HEAD, or HEAD not allowed: GET the tag. */
+        if (fetch_manifest(env, u, repository, reference, NULL, out, e) != 0) return -1;
+        remember_tag(env, u, repository, reference, out);
+        return 0;
+    }
+    if (rc == 0) map_status(e, &resp, u, what);
+    /* The upstream failed: a known resolution is better than no answer. */
+    if (have_known && e->http_status != 404 && e->http_status != 403) {
+        fetch_error e2;
+        if (from_store(env, known.digest, out, &e2) > 0) {
+            snprintf(out->warning, sizeof out->warning,
+                     "299 - \"served from cache: upstream %s failed to resolve %s (%.200s)\"", upstream_name(u),
+                     what, e->message);
+            log_warn("tag %s served stale from cache: %s", what, e->message);
+            return 0;
+        }
+    }
+    return -1;
+}

@@ -1,0 +1,699 @@
+#include "regfacade/server.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "regfacade/fetch.h"
+#include "regfacade/json.h"
+#include "regfacade/log.h"
+#include "regfacade/manifest.h"
+#include "regfacade/oci_error.h"
+#include "regfacade/policy.h"
+#include "regfacade/ref.h"
+#include "regfacade/store.h"
+#include "regfacade/upstream.h"
+
+#define MAX_URL_BYTES 4096
+#define TAGS_MAX_BYTES (4 * 1024 * 1024)
+
+struct server {
+    const config *cfg;
+    store *st;
+    fetcher *fetches;
+    policy *pol;
+    upstream **ups; /* parallel to cfg->upstreams */
+    struct MHD_Daemon *daemon;
+};
+
+/* Everything one request needs, on the connection thread's stack. */
+typedef struct {
+    server *srv;
+    struct MHD_Connection *conn;
+    const char *method;
+    bool head;
+    char ns[256];          /* decoded ?ns=, "" when absent */
+    char repository[REF_NAME_MAX + 1];
+    char reference[REF_DIGEST_MAX + 1];
+    const char *kind;
+} request;
+
+/* ---------- responses ---------- */
+
+static void add_common_headers(request *r, struct MHD_Response *resp) {
+    MHD_add_response_header(resp, "Docker-Distribution-API-Version", "registry/2.0");
+    if (r->ns[0]) MHD_add_response_header(resp, "OCI-Namespace", r->ns);
+}
+
+static enum MHD_Result queue(request *r, unsigned status, struct MHD_Response *resp) {
+    if (!resp) return MHD_NO;
+    add_common_headers(r, resp);
+    enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
+static enum MHD_Result send_error(request *r, unsigned status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static enum MHD_Result send_error(request *r, unsigned status, const char *code, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    size_t len = 0;
+    char *body = oci_error_body(code, msg, NULL, &len);
+    if (!body) return MHD_NO;
+    if (status >= 500) log_warn("%s %s: %u %s: %s", r->method, r->repository[0] ? r->repository : "-", status, code, msg);
+    struct MHD_Response *resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    return queue(r, status, resp);
+}
+
+static enum MHD_Result send_fetch_error(request *r, const fetch_error *e) {
+    if (e->http_status == 429 || e->http_status == 503) {
+        size_t len = 0;
+        char *body = oci_error_body(e->code ? e->code : "TOOMANYREQUESTS", e->message, NULL, &len);
+        if (!body) return MHD_NO;
+        struct MHD_Response *resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+        if (!resp) {
+            free(body);
+            return MHD_NO;
+        }
+        MHD_add_response_header(resp, "Content-Type", "application/json");
+        MHD_add_response_header(resp, "Retry-After", e->retry_after[0] ? e->retry_after : "10");
+        return queue(r, (unsigned)e->http_status, resp);
+    }
+    return send_error(r, (unsigned)(e->http_status ? e->http_status : 502), e->code ? e->code : "UNKNOWN", "%s",
+                      e->message);
+}
+
+/* ---------- request helpers ---------- */
+
+static int hexval(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decode a query value (MHD is told not to unescape). -1 on bad
+ * escapes, control characters or overflow. */
+static int query_decode(const char *in, char *out, size_t outlen) {
+    size_t o = 0;
+    for (const char *p = in; *p; p++) {
+        int c = (unsigned char)*p;
+        if (c == '%') {
+            int h = hexval(p[1]), l = h >= 0 ? hexval(p[2]) : -1;
+            if (h < 0 || l < 0) return -1;
+            c = h * 16 + l;
+            p += 2;
+        } else if (c == '+') {
+            c = ' ';
+        }
+        if (c < 0x21 || c == 0x7f || o + 1 >= outlen) return -1;
+        out[o++] = (char)c;
+    }
+    out[o] = '\0';
+    return 0;
+}
+
+/* Keep the URL as sent: names never need escapes, so a '%' anywhere in the
+ * path is refused instead of decoded into a '/' or "..". */
+static size_t no_unescape(void *cls, struct MHD_Connection *c, char *s) {
+    (void)cls;
+    (void)c;
+    return strlen(s);
+}
+
+static upstream *find_upstream(server *s, const char *name) {
+    for (size_t i = 0; i < s->cfg->n_upstreams; i++)
+        if (strcmp(s->cfg->upstreams[i].name, name) == 0) return s->ups[i];
+    return NULL;
+}
+
+static int run_resolve(request *r, policy_resolution *res) {
+    const char *host = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Host");
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    char ip[INET6_ADDRSTRLEN] = "";
+    if (ci && ci->client_addr) {
+        const struct sockaddr *sa = ci->client_addr;
+        if (sa->sa_family == AF_INET)
+            inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, ip, sizeof ip);
+        else if (sa->sa_family == AF_INET6)
+            inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, ip, sizeof ip);
+    }
+    policy_request pr = {
+        .method = r->method,
+        .kind = r->kind,
+        .repository = r->repository,
+        .reference = r->reference[0] ? r->reference : NULL,
+        .ns = r->ns[0] ? r->ns : NULL,
+        .host = host,
+        .client_ip = ip,
+    };
+    policy_error e;
+    if (policy_resolve(r->srv->pol, &pr, res, &e) != 0) {
+        send_error(r, (unsigned)e.status, e.code, "%s", e.message);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------- handlers ---------- */
+
+static enum MHD_Result handle_ping(request *r) {
+    struct MHD_Response *resp = MHD_create_response_from_buffer(2, (void *)"{}", MHD_RESPMEM_PERSISTENT);
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    return queue(r, MHD_HTTP_OK, resp);
+}
+
+static enum MHD_Result handle_manifest(request *r) {
+    if (!ref_valid_tag(r->reference) && !ref_valid_digest(r->reference)) {
+        if (strchr(r->reference, ':'))
+            return send_error(r, 400, "DIGEST_INVALID", "\"%s\" is not a valid digest", r->reference);
+        return send_error(r, 400, "MANIFEST_INVALID", "\"%s\" is not a valid tag", r->reference);
+    }
+    if (ref_valid_digest(r->reference) && !ref_is_sha256_digest(r->reference))
+        return send_error(r, 400, "DIGEST_INVALID", "only sha256 digests are supported, got \"%s\"", r->reference);
+    const char *accept = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Accept");
+    if (manifest_accepts_only_schema1(accept))
+        return send_error(r, 415, "UNSUPPORTED",
+                          "Docker schema1 manifests are not supported; accept %s or %s", MT_DOCKER_MANIFEST,
+                          MT_OCI_MANIFEST);
+    policy_resolution res;
+    if (run_resolve(r, &res) != 0) return MHD_YES;
+    upstream *u = find_upstream(r->srv, res.upstream);
+    manifest_env env = {r->srv->st, r->srv->cfg};
+    manifest m;
+    fetch_error e = {0};
+    if (manifest_get(&env, u, res.repository, res.reference, &m, &e) != 0) return send_fetch_error(r, &e);
+    if (!manifest_accepts(accept, m.media_type)) {
+        send_error(r, 404, "MANIFEST_UNKNOWN",
+                   "manifest %s:%s is %s, which the request's Accept header does not include", r->repository,
+                   r->reference, m.media_type);
+        manifest_clear(&m);
+        return MHD_YES;
+    }
+    struct MHD_Response *resp = MHD_create_response_from_buffer(m.len, m.data, MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        manifest_clear(&m);
+        return MHD_NO;
+    }
+    m.data = NULL; /* owned by the response now */
+    char etag[100];
+    snprintf(etag, sizeof etag, "\"%s\"", m.digest);
+    MHD_add_response_header(resp, "Content-Type", m.media_type);
+    MHD_add_response_header(resp, "Docker-Content-Digest", m.digest);
+    MHD_add_response_header(resp, "ETag", etag);
+    if (m.warning[0]) MHD_add_response_header(resp, "Warning", m.warning);
+    manifest_clear(&m);
+    return queue(r, MHD_HTTP_OK, resp);
+}
+
+/* Range handling shared by cached and cold blobs. Returns 0 with [start,end]
+ * set (is_partial tells 206), or -1 after queueing a 416. */
+static int blob_range(request *r, uint64_t size, uint64_t *start, uint64_t *end, bool *is_partial) {
+    const char *h = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Range");
+    range_spec spec;
+    *is_partial = false;
+    *start = 0;
+    *end = size ? size - 1 : 0;
+    range_parse_result pr = range_parse(h, &spec);
+    if (pr == RANGE_NONE) return 0;
+    char cr[64];
+    snprintf(cr, sizeof cr, "bytes */%llu", (unsigned long long)size);
+    if (pr == RANGE_INVALID || !range_resolve(&spec, size, start, end)) {
+        size_t len = 0;
+        char msg[256];
+        if (pr == RANGE_INVALID)
+            snprintf(msg, sizeof msg, "Range \"%.100s\" is malformed or asks for several ranges; ask for one", h);
+        else
+            snprintf(msg, sizeof msg, "Range \"%.100s\" is not satisfiable for a blob of %llu bytes", h,
+                     (unsigned long long)size);
+        char *body = oci_error_body(pr == RANGE_INVALID ? "UNSUPPORTED" : "SIZE_INVALID", msg, NULL, &len);
+        struct MHD_Response *resp = body ? MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE) : NULL;
+        if (!resp) {
+            free(body);
+            return -1;
+        }
+        MHD_add_response_header(resp, "Content-Type", "application/json");
+        MHD_add_response_header(resp, "Content-Range", cr);
+        queue(r, 416, resp);
+        return -1;
+    }
+    *is_partial = true;
+    return 0;
+}
+
+static void blob_headers(struct MHD_Response *resp, const char *digest, uint64_t size, uint64_t start, uint64_t end,
+                         bool partial) {
+    MHD_add_response_header(resp, "Content-Type", "application/octet-stream");
+    MHD_add_response_header(resp, "Docker-Content-Digest", digest);
+    MHD_add_response_header(resp, "Accept-Ranges", "bytes");
+    char etag[100];
+    snprintf(etag, sizeof etag, "\"%s\"", digest);
+    MHD_add_response_header(resp, "ETag", etag);
+    if (partial) {
+        char cr[128];
+        snprintf(cr, sizeof cr, "bytes %llu-%llu/%llu", (unsigned long long)start, (unsigned long long)end,
+                 (unsigned long long)size);
+        MHD_add_response_header(resp, "Content-Range", cr);
+    }
+}
+
+static enum MHD_Result serve_cached_blob(request *r, const char *digest, int fd, uint64_t size) {
+    uint64_t start, end;
+    bool partial;
+    if (blob_range(r, size, &start, &end, &partial) != 0) {
+        close(fd);
+        return MHD_YES;
+    }
+    uint64_t len = size ? end - start + 1 : 0;
+    /* from_fd: MHD sends it with sendfile and closes fd when done. */
+    struct MHD_Response *resp = MHD_create_response_from_fd_at_offset64(len, fd, start);
+    if (!resp) {
+        close(fd);
+        return MHD_NO;
+    }
+    blob_headers(resp, digest, size, start, end, partial);
+    return queue(r, partial ? 206 : 200, resp);
+}
+
+typedef struct {
+    fetch *x;
+    uint64_t start;
+} spool_reader;
+
+static ssize_t read_spool(void *cls, uint64_t pos, char *buf, size_t max) {
+    spool_reader *sr = cls;
+    ssize_t n = fetch_read(sr->x, sr->start + pos, buf, max);
+    if (n > 0) return n;
+    return n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
+}
+
+static void free_spool_reader(void *cls) {
+    spool_reader *sr = cls;
+    fetch_release(sr->x);
+    free(sr);
+}
+
+/* HEAD of a blob that is not cached: ask the upstream, start nothing. */
+static enum MHD_Result head_cold_blob(request *r, upstream *u, const policy_resolution *res) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/blobs/%s", res->repository, r->reference);
+    upstream_request req = {.method = "HEAD", .repository = res->repository, .path = path};
+    upstream_response resp;
+    char err[1024];
+    upstream_result ur = upstream_perform(u, &req, &resp, err, sizeof err);
+    if (ur != UPSTREAM_OK)
+        return send_error(r, ur == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
+    if (resp.status == 404)
+        return send_error(r, 404, "BLOB_UNKNOWN", "blob %s is unknown to upstream %s", r->reference, res->upstream);
+    if (resp.status != 200 || resp.content_length < 0)
+        return send_error(r, 502, "UNKNOWN", "upstream %s answered %ld without a size for HEAD of blob %s",
+                          res->upstream, resp.status, r->reference);
+    struct MHD_Response *mr = MHD_create_response_from_callback((uint64_t)resp.content_length, 4096, read_spool,
+                                                                NULL, NULL);
+    if (!mr) return MHD_NO;
+    blob_headers(mr, r->reference, (uint64_t)resp.content_length, 0, 0, false);
+    return queue(r, 200, mr);
+}
+
+static enum MHD_Result handle_blob(request *r) {
+    if (!ref_valid_digest(r->reference))
+        return send_error(r, 400, "DIGEST_INVALID", "\"%s\" is not a valid digest", r->reference);
+    if (!ref_is_sha256_digest(r->reference))
+        return send_error(r, 400, "DIGEST_INVALID", "only sha256 digests are supported, got \"%s\"", r->reference);
+    policy_resolution res;
+    if (run_resolve(r, &res) != 0) return MHD_YES;
+    const char *digest = r->reference;
+    char err[1024];
+    int fd;
+    uint64_t size;
+    int rc = store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err);
+    if (rc < 0) return send_error(r, 500, "UNKNOWN", "%s", err);
+    if (rc == 1) return serve_cached_blob(r, digest, fd, size);
+
+    upstream *u = find_upstream(r->srv, res.upstream);
+    if (r->head) return head_cold_blob(r, u, &res);
+    int now_cached = 0;
+    fetch *x = fetch_blob(r->srv->fetches, u, res.repository, digest, &now_cached, err, sizeof err);
+    if (!x) {
+        if (!now_cached) return send_error(r, 500, "UNKNOWN", "%s", err);
+        rc = store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err);
+        if (rc == 1) return serve_cached_blob(r, digest, fd, size);
+        return send_error(r, 500, "UNKNOWN", "blob %s vanished from the cache: %s", digest, rc < 0 ? err : "");
+    }
+    int64_t announced;
+    fetch_error e = {0};
+    if (fetch_wait_ready(x, &announced, &e) != 0) {
+        fetch_release(x);
+        return send_fetch_error(r, &e);
+    }
+    /* Small blobs, and answers without a size, are verified whole before the
+     * first byte: a wrong one becomes a clean 502 instead of a cut stream. */
+    if (announced < 0 || (uint64_t)announced <= r->srv->cfg->verify_before_send_bytes) {
+        int done = fetch_wait_done(x, &e);
+        if (done != 0) {
+            fetch_release(x);
+            return send_fetch_error(r, &e);
+        }
+        announced = -1;
+        rc = store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err);
+        if (rc == 1) {
+            fetch_release(x);
+            return serve_cached_blob(r, digest, fd, size);
+        }
+    }
+    int64_t total = announced;
+    if (total < 0) {
+        /* Verified but not cached (the store failed): the spool still serves. */
+        if (fetch_wait_ready(x, &total, &e) != 0 || total < 0) {
+            fetch_release(x);
+            return send_error(r, 502, "UNKNOWN", "blob %s: size unknown", digest);
+        }
+    }
+    uint64_t start, end;
+    bool partial;
+    if (blob_range(r, (uint64_t)total, &start, &end, &partial) != 0) {
+        fetch_release(x);
+        return MHD_YES;
+    }
+    spool_reader *sr = calloc(1, sizeof *sr);
+    if (!sr) {
+        fetch_release(x);
+        return MHD_NO;
+    }
+    sr->x = x;
+    sr->start = start;
+    uint64_t len = total ? end - start + 1 : 0;
+    struct MHD_Response *resp = MHD_create_response_from_callback(len, 64 * 1024, read_spool, sr, free_spool_reader);
+    if (!resp) {
+        free_spool_reader(sr);
+        return MHD_NO;
+    }
+    blob_headers(resp, digest, (uint64_t)total, start, end, partial);
+    return queue(r, partial ? 206 : 200, resp);
+}
+
+/* Collects the upstream's tags/list answer. */
+typedef struct {
+    char *buf;
+    size_t len, cap;
+} grow_buf;
+
+static int tags_body(void *ud, const char *data, size_t len) {
+    grow_buf *b = ud;
+    if (b->len + len > TAGS_MAX_BYTES) return -1;
+    if (b->len + len + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 8192;
+        while (cap < b->len + len + 1) cap *= 2;
+        char *n = realloc(b->buf, cap);
+        if (!n) return -1;
+        b->buf = n;
+        b->cap = cap;
+    }
+    memcpy(b->buf + b->len, data, len);
+    b->len += len;
+    return 0;
+}
+
+static enum MHD_Result handle_tags(request *r) {
+    const char *n = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "n");
+    const char *last = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "last");
+    if (n && (!*n || strspn(n, "0123456789") != strlen(n) || strlen(n) > 9))
+        return send_error(r, 400, "UNSUPPORTED", "n=\"%.64s\" must be a non-negative integer", n);
+    char last_dec[REF_TAG_MAX + 8] = "";
+    if (last && (query_decode(last, last_dec, sizeof last_dec) != 0 || !ref_valid_tag(last_dec)))
+        return send_error(r, 400, "UNSUPPORTED", "last=\"%.64s\" must be a tag", last);
+    policy_resolution res;
+    if (run_resolve(r, &res) != 0) return MHD_YES;
+    upstream *u = find_upstream(r->srv, res.upstream);
+    char path[800];
+    int pl = snprintf(path, sizeof path, "%s/tags/list", res.repository);
+    if (n || last)
+        snprintf(path + pl, sizeof path - (size_t)pl, "?%s%s%s%s%s", n ? "n=" : "", n ? n : "", n && last ? "&" : "",
+                 last ? "last=" : "", last ? last_dec : "");
+    grow_buf b = {0};
+    upstream_request req = {.method = "GET", .repository = res.repository, .path = path, .on_body = tags_body,
+                            .ud = &b};
+    upstream_response resp;
+    char err[1024];
+    upstream_result ur = upstream_perform(u, &req, &resp, err, sizeof err);
+    if (ur != UPSTREAM_OK) {
+        free(b.buf);
+        return send_error(r, ur == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
+    }
+    if (resp.status != 200) {
+        free(b.buf);
+        if (resp.status == 404)
+            return send_error(r, 404, "NAME_UNKNOWN", "repository %s is unknown to upstream %s", res.repository,
+                              res.upstream);
+        if (resp.status == 429) {
+            fetch_error e = {.http_status = 429, .code = "TOOMANYREQUESTS"};
+            snprintf(e.message, sizeof e.message, "upstream %s is rate-limiting (429)", res.upstream);
+            snprintf(e.retry_after, sizeof e.retry_after, "%s", resp.retry_after);
+            return send_fetch_error(r, &e);
+        }
+        return send_error(r, 502, "UNKNOWN", "upstream %s answered %ld for the tags of %s", res.upstream, resp.status,
+                          res.repository);
+    }
+    char jerr[256];
+    json_value *v = json_parse(b.buf ? b.buf : "", b.len, 8, jerr, sizeof jerr);
+    free(b.buf);
+    if (!v || v->type != JSON_OBJECT) {
+        json_free(v);
+        return send_error(r, 502, "UNKNOWN", "upstream %s sent an invalid tag list: %s", res.upstream,
+                          v ? "not an object" : jerr);
+    }
+    /* The client asked under its own name; answer under it. */
+    if (json_object_set(v, "name", json_new_string(r->repository)) != 0) {
+        json_free(v);
+        return MHD_NO;
+    }
+    size_t len;
+    char *out = json_serialize(v, &len);
+    json_free(v);
+    if (!out) return MHD_NO;
+    struct MHD_Response *mr = MHD_create_response_from_buffer(len, out, MHD_RESPMEM_MUST_FREE);
+    if (!mr) {
+        free(out);
+        return MHD_NO;
+    }
+    MHD_add_response_header(mr, "Content-Type", "application/json");
+    if (resp.link[0]) {
+        /* </v2/UPSTREAM-REPO/tags/list?...>; rel="next" -> our path. */
+        const char *q = strstr(resp.link, "/tags/list");
+        if (q) {
+            char link[2600];
+            snprintf(link, sizeof link, "</v2/%s%s", r->repository, q);
+            MHD_add_response_header(mr, "Link", link);
+        }
+    }
+    return queue(r, 200, mr);
+}
+
+/* ---------- routing ---------- */
+
+static bool has_suffix(const char *s, size_t n, const char *suf) {
+    size_t m = strlen(suf);
+    return n >= m && memcmp(s + n - m, suf, m) == 0;
+}
+
+/* Find the last "/<word>/" in path; returns its offset or -1. */
+static long last_segment(const char *path, const char *word) {
+    char pat[32];
+    snprintf(pat, sizeof pat, "/%s/", word);
+    long found = -1;
+    for (const char *p = path; (p = strstr(p, pat)) != NULL; p++) found = p - path;
+    return found;
+}
+
+static bool method_allowed(request *r) {
+    return strcmp(r->method, "GET") == 0 || strcmp(r->method, "HEAD") == 0;
+}
+
+static enum MHD_Result route(request *r, const char *url) {
+    char path[MAX_URL_BYTES];
+    size_t ulen = strlen(url);
+    if (ulen >= sizeof path) return send_error(r, 414, "NAME_INVALID", "URL longer than %d bytes", MAX_URL_BYTES);
+
+    /* /<upstream>/v2/... is the same as /v2/<upstream>/... (mirror URLs with a path). */
+    if (url[0] == '/' && strncmp(url, "/v2", 3) != 0) {
+        const char *slash = strchr(url + 1, '/');
+        size_t n = slash ? (size_t)(slash - url - 1) : 0;
+        char name[128];
+        if (slash && n < sizeof name && strncmp(slash, "/v2", 3) == 0 && (slash[3] == '/' || slash[3] == '\0')) {
+            memcpy(name, url + 1, n);
+            name[n] = '\0';
+            if (config_find_upstream(r->srv->cfg, name)) {
+                const char *rest = slash + 3; /* "" or "/..." */
+                if (!*rest || strcmp(rest, "/") == 0) snprintf(path, sizeof path, "/v2/");
+                else snprintf(path, sizeof path, "/v2/%s%s", name, rest);
+                url = path;
+                ulen = strlen(url);
+            }
+        }
+    }
+
+    if (strcmp(url, "/v2/") == 0 || strcmp(url, "/v2") == 0) {
+        r->kind = "ping";
+        if (!method_allowed(r))
+            return send_error(r, 405, "UNSUPPORTED", "%s is not supported on /v2/ (read-only registry)", r->method);
+        return handle_ping(r);
+    }
+    if (strncmp(url, "/v2/", 4) != 0)
+        return send_error(r, 404, "UNSUPPORTED", "not an OCI distribution endpoint: only /v2/ is served");
+    if (strchr(url, '%'))
+        return send_error(r, 400, "NAME_INVALID", "percent-encoded characters are not allowed in the path");
+
+    const char *rest = url + 4;
+    size_t rlen = ulen - 4;
+    char name[MAX_URL_BYTES];
+    const char *endpoint = NULL;
+    long at;
+    if (has_suffix(rest, rlen, "/tags/list")) {
+        r->kind = "tags";
+        endpoint = "tags";
+        snprintf(name, sizeof name, "%.*s", (int)(rlen - 10), rest);
+    } else if ((at = last_segment(rest, "manifests")) >= 0) {
+        r->kind = "manifest";
+        endpoint = "manifests";
+        snprintf(name, sizeof name, "%.*s", (int)at, rest);
+        const char *ref = rest + at + strlen("/manifests/");
+        if (strlen(ref) > REF_DIGEST_MAX || !*ref || strchr(ref, '/'))
+            return send_error(r, 400, strchr(ref, ':') ? "DIGEST_INVALID" : "MANIFEST_INVALID",
+                              "invalid manifest reference in the path");
+        snprintf(r->reference, sizeof r->reference, "%s", ref);
+    } else if ((at = last_segment(rest, "blobs")) >= 0) {
+        r->kind = "blob";
+        endpoint = "blobs";
+        snprintf(name, sizeof name, "%.*s", (int)at, rest);
+        const char *dg = rest + at + strlen("/blobs/");
+        if (strncmp(dg, "uploads", 7) == 0 && (dg[7] == '/' || dg[7] == '\0'))
+            return send_error(r, 405, "UNSUPPORTED", "pushing is not supported: regfacade is a read-only facade");
+        if (strlen(dg) > REF_DIGEST_MAX || !*dg || strchr(dg, '/'))
+            return send_error(r, 400, "DIGEST_INVALID", "invalid digest in the path");
+        snprintf(r->reference, sizeof r->reference, "%s", dg);
+    } else {
+        return send_error(r, 404, "UNSUPPORTED", "unknown endpoint %.200s (only manifests, blobs and tags/list)", url);
+    }
+    if (!ref_valid_name(name))
+        return send_error(r, 400, "NAME_INVALID", "invalid repository name \"%.300s\"", name);
+    snprintf(r->repository, sizeof r->repository, "%s", name);
+    if (!method_allowed(r) || (strcmp(endpoint, "tags") == 0 && r->head && 0))
+        return send_error(r, 405, "UNSUPPORTED", "%s is not supported on %s (read-only registry)", r->method,
+                          endpoint);
+    if (strcmp(endpoint, "manifests") == 0) return handle_manifest(r);
+    if (strcmp(endpoint, "blobs") == 0) return handle_blob(r);
+    return handle_tags(r);
+}
+
+static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                      const char *version, const char *upload_data, size_t *upload_data_size,
+                                      void **con_cls) {
+    (void)version;
+    (void)upload_data;
+    /* First call: headers only. Bodies are never accepted; answer at once. */
+    if (*con_cls == NULL && *upload_data_size != 0) *upload_data_size = 0;
+    *con_cls = (void *)1;
+    request r = {.srv = cls, .conn = conn, .method = method, .head = strcmp(method, "HEAD") == 0};
+    const char *ns = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "ns");
+    if (ns && query_decode(ns, r.ns, sizeof r.ns) != 0) {
+        r.ns[0] = '\0';
+        return send_error(&r, 400, "UNSUPPORTED", "the ns query parameter is not a host name");
+    }
+    return route(&r, url);
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+    (void)cls;
+    char msg[1024];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    msg[strcspn(msg, "\n")] = '\0';
+    log_warn("libmicrohttpd: %s", msg);
+}
+
+server *server_start(const config *c, char *err, size_t errlen) {
+    server *s = calloc(1, sizeof *s);
+    if (!s) {
+        snprintf(err, errlen, "server: out of memory");
+        return NULL;
+    }
+    s->cfg = c;
+    s->st = store_open(c->cache_dir, c->cache_max_bytes, err, errlen);
+    if (!s->st) goto fail;
+    fetch_options fo = {.retries = c->upstream_retries, .backoff_ms = 200};
+    s->fetches = fetcher_new(s->st, &fo);
+    s->ups = calloc(c->n_upstreams, sizeof *s->ups);
+    if (!s->fetches || !s->ups) {
+        snprintf(err, errlen, "server: out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < c->n_upstreams; i++) {
+        const config_upstream *cu = &c->upstreams[i];
+        upstream_options uo = {
+            .name = cu->name,
+            .url = cu->url,
+            .username = cu->username,
+            .password = cu->password,
+            .ca_file = cu->ca_file,
+            .tls_verify = cu->tls_verify,
+            .connect_timeout_ms = c->upstream_connect_timeout_ms,
+            .low_speed_limit = c->upstream_low_speed_limit,
+            .low_speed_time_s = c->upstream_low_speed_time_s,
+        };
+        s->ups[i] = upstream_new(&uo, err, errlen);
+        if (!s->ups[i]) goto fail;
+    }
+    s->pol = policy_new(c, err, errlen);
+    if (!s->pol) goto fail;
+
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)c->listen_port)};
+    if (inet_pton(AF_INET, c->listen_host, &sa.sin_addr) != 1) {
+        snprintf(err, errlen, "listen: \"%s\" is not an IPv4 address", c->listen_host);
+        goto fail;
+    }
+    s->daemon = MHD_start_daemon(
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL,
+        access_handler, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
+        NULL, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)c->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned int)c->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
+        MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024), MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
+        MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
+    if (!s->daemon) {
+        snprintf(err, errlen, "listen %s:%d: cannot start the HTTP server (port in use?)", c->listen_host,
+                 c->listen_port);
+        goto fail;
+    }
+    return s;
+fail:
+    server_stop(s);
+    return NULL;
+}
+
+void server_stop(server *s) {
+    if (!s) return;
+    if (s->daemon) MHD_stop_daemon(s->daemon);
+    fetcher_free(s->fetches);
+    policy_free(s->pol);
+    if (s->ups)
+        for (size_t i = 0; i < s->cfg->n_upstreams; i++) upstream_free(s->ups[i]);
+    free(s->ups);
+    store_close(s->st);
+    free(s);
+}
