@@ -608,9 +608,17 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
                                       void **con_cls) {
     (void)version;
     (void)upload_data;
-    /* First call: headers only. Bodies are never accepted; answer at once. */
-    if (*con_cls == NULL && *upload_data_size != 0) *upload_data_size = 0;
-    *con_cls = (void *)1;
+    /* The first call brings the headers; answering there would make MHD
+     * close the connection, so the answer comes on the next call. Request
+     * bodies are never used: they are consumed and dropped. */
+    if (*con_cls == NULL) {
+        *con_cls = (void *)1;
+        return MHD_YES;
+    }
+    if (*upload_data_size != 0) {
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
     request r = {.srv = cls, .conn = conn, .method = method, .head = strcmp(method, "HEAD") == 0};
     const char *ns = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "ns");
     if (ns && query_decode(ns, r.ns, sizeof r.ns) != 0) {
@@ -670,10 +678,10 @@ server *server_start(const config *c, char *err, size_t errlen) {
     }
     s->daemon = MHD_start_daemon(
         MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-        access_handler, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
+        access_handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
         NULL, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)c->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned int)c->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
-        MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024), MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
+        MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024),
         MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
     if (!s->daemon) {
         snprintf(err, errlen, "listen %s:%d: cannot start the HTTP server (port in use?)", c->listen_host,
