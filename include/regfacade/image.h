@@ -1,0 +1,65 @@
+/*
+ * image: assembling an image from an upstream image plus added layers, on
+ * JSON trees (json.h), with no I/O. Pure and deterministic: the same inputs
+ * give byte-identical manifest and config in every process.
+ *
+ * The layer stack lists the final layers in order; an entry with
+ * is_base set stands for all of the base image's layers (in their order).
+ * A stack without a base entry builds an image of the listed layers alone on
+ * the base's config.
+ *
+ * What changes: manifest "layers" and config "rootfs.diff_ids" follow the
+ * stack exactly; config "history" gets one entry per added layer at its
+ * position (the base's own entries, empty_layer ones included, stay where
+ * they were relative to the base layers; without "base", the base's
+ * non-empty entries are dropped and its empty_layer entries kept first);
+ * added layers' media types are converted to the manifest's family (Docker
+ * schema2 <-> OCI; gzip, zstd and uncompressed kept apart); the manifest's
+ * "config" descriptor gets the new config's digest and size. Everything
+ * else keeps its place and its bytes: key order, unknown fields, empty
+ * arrays, exact numbers.
+ */
+#ifndef REGFACADE_IMAGE_H
+#define REGFACADE_IMAGE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "regfacade/json.h"
+
+typedef struct {
+    bool is_base;            /* stands for the base image's layers; other fields unused */
+    const char *media_type;  /* as the source gives it (any family) */
+    const char *digest;      /* "sha256:..." of the blob */
+    uint64_t size;
+    const char *diff_id;     /* "sha256:..." of the uncompressed tar */
+    const json_value *urls;        /* optional array of strings, copied */
+    const json_value *annotations; /* optional object, copied */
+    const char *created_by;  /* history entry; NULL: "regfacade: added layer <digest>" */
+    const char *comment;     /* history entry comment; may be NULL */
+} image_layer;
+
+/* Assemble. base_manifest is an OCI image manifest or Docker schema2
+ * manifest (not an index); base_config its config. On success returns 0 and
+ * two new trees (*out_manifest, *out_config; caller frees). The manifest's
+ * config descriptor is NOT yet updated: call image_finish() after any
+ * further edits to the config (the rewrite hook). -1 with "what: why" in
+ * err on a malformed input (missing layers array, diff_ids count not
+ * matching layers, bad descriptor). */
+int image_assemble(const json_value *base_manifest, const json_value *base_config, const image_layer *stack,
+                   size_t n, json_value **out_manifest, json_value **out_config, char *err, size_t errlen);
+
+/* Serialize the config, put its digest and size into the manifest's config
+ * descriptor, and serialize the manifest. Both outputs malloc'd (caller
+ * frees), with their sha256 digests. 0 on success, -1 with err. */
+int image_finish(json_value *manifest, const json_value *config, char **config_bytes, size_t *config_len,
+                 char config_digest[80], char **manifest_bytes, size_t *manifest_len, char manifest_digest[80],
+                 char *err, size_t errlen);
+
+/* Media type of a layer converted to the family of manifest_media_type
+ * (Docker schema2 or OCI). Returns a static string; the input itself when
+ * no conversion applies (unknown types pass through). */
+const char *image_layer_media_type_for(const char *manifest_media_type, const char *layer_media_type);
+
+#endif
