@@ -269,7 +269,8 @@ static config *config_new_defaults(void) {
 
 static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     static const char *const top[] = {"listen", "cache", "policy", "upstreams", "default_upstream",
-                                      "docker_config", "limits", "upstream_client", NULL};
+                                      "docker_config", "limits", "upstream_client", "metrics", "tls",
+                                      "blobserve", "admin", "specs", "layers", NULL};
     static const char *const cache_keys[] = {"dir", "max_bytes", "tag_ttl_seconds", NULL};
     static const char *const policy_keys[] = {"file", "options", NULL};
     static const char *const limit_keys[] = {"manifest_max_bytes", "verify_before_send_bytes", "max_connections",
@@ -342,6 +343,15 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
         if (get_u64(lc, limits, "client_timeout_seconds", "limits", 1, 86400, &v) != 0) return -1;
         c->client_timeout_s = (unsigned)v;
     }
+    /* Sections validated by the modules that own them. */
+    static const char *const owned[] = {"metrics", "tls", "blobserve", "admin", "specs", "layers", NULL};
+    json_value **slots[] = {&c->metrics, &c->tls, &c->blobserve, &c->admin, &c->specs, &c->layers};
+    for (size_t i = 0; owned[i]; i++) {
+        json_value *v = json_object_get(root, owned[i]);
+        if (!v) continue;
+        if (v->type != JSON_OBJECT) return fail(lc, "%s: must be an object", owned[i]);
+        if (!(*slots[i] = json_clone(v))) return fail(lc, "%s: out of memory", owned[i]);
+    }
     json_value *client = json_object_get(root, "upstream_client");
     if (client) {
         if (check_keys(lc, client, "upstream_client", client_keys) != 0) return -1;
@@ -387,8 +397,9 @@ config *config_load(const char *path, char *err, size_t errlen) {
         return NULL;
     }
     c->path = strdup(abs);
-    if (!c->path || load_tree(&lc, root, c) != 0) {
-        if (!c->path) snprintf(err, errlen, "%s: out of memory", path);
+    c->dir = strdup(lc.dir);
+    if (!c->path || !c->dir || load_tree(&lc, root, c) != 0) {
+        if (!c->path || !c->dir) snprintf(err, errlen, "%s: out of memory", path);
         json_free(root);
         config_free(c);
         return NULL;
@@ -415,8 +426,8 @@ config *config_default(char *err, size_t errlen) {
     }
     load_ctx lc = {"(embedded default)", cwd, err, errlen};
     config *c = config_new_defaults();
-    if (!c || !(c->path = strdup("(embedded default)")) || load_tree(&lc, root, c) != 0) {
-        if (c && !c->path) snprintf(err, errlen, "embedded default: out of memory");
+    if (!c || !(c->path = strdup("(embedded default)")) || !(c->dir = strdup(cwd)) || load_tree(&lc, root, c) != 0) {
+        if (c && (!c->path || !c->dir)) snprintf(err, errlen, "embedded default: out of memory");
         json_free(root);
         config_free(c);
         return NULL;
@@ -443,6 +454,13 @@ void config_free(config *c) {
     free(c->cache_dir);
     free(c->policy_file);
     json_free(c->policy_options);
+    json_free(c->metrics);
+    json_free(c->tls);
+    json_free(c->blobserve);
+    json_free(c->admin);
+    json_free(c->specs);
+    json_free(c->layers);
+    free(c->dir);
     free(c->default_upstream);
     free(c->docker_config);
     free(c);

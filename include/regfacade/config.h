@@ -46,6 +46,15 @@ typedef struct {
     int upstream_retries;              /* default 3 */
     unsigned max_connections;          /* default 1024 */
     unsigned client_timeout_s;         /* idle client timeout, default 300 */
+    char *dir;                         /* the config file's folder (relative paths resolve here) */
+    /* Sections owned and validated by their own modules (NULL when absent):
+     * each module parses its section with its own *_config_parse(). */
+    json_value *metrics;    /* metrics.c */
+    json_value *tls;        /* server TLS */
+    json_value *blobserve;  /* blobserve.c */
+    json_value *admin;      /* admin API (spec providers) */
+    json_value *specs;      /* spec providers */
+    json_value *layers;     /* named layer sources (layers.c) */
 } config;
 
 /* Load and validate. NULL on error with "FILE: KEY: why" in err. */
