@@ -38,6 +38,10 @@ typedef struct {
     const json_value *annotations; /* optional object, copied */
     const char *created_by;  /* history entry; NULL: "regfacade: added layer <digest>" */
     const char *comment;     /* history entry comment; may be NULL */
+    /* For the rewrite hook's img.layers only (assembly ignores them): */
+    const char *source;      /* "file", "image", "blob" (NULL for base entries) */
+    const char *name;        /* the config name or the inline source (file path, image ref), or NULL */
+    const json_value *source_config; /* config of the image the layer came from (env modifiers), or NULL */
 } image_layer;
 
 /* Assemble. base_manifest is an OCI image manifest or Docker schema2
