@@ -256,7 +256,9 @@ static int fetch_attempt(fetch *x) {
         set_error(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", name, x->digest, x->attempt_err);
         return x->attempt_err[0] && strstr(x->attempt_err, "spool") ? -1 : 1;
     }
-    set_error(&x->err, r == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
+    const char *code;
+    int status = upstream_result_http_status(r, &code);
+    set_error(&x->err, status, code, "%s", err);
     return upstream_result_retryable(r) ? 1 : -1;
 }
 
@@ -432,4 +434,30 @@ ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len) {
         }
         pthread_cond_wait(&x->cv, &x->mu);
     }
+}
+
+int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, size_t max,
+                     char **data, size_t *len, fetch_error *e) {
+    char err[1024];
+    for (int round = 0; round < 2; round++) {
+        int rc = store_blob_read(f->st, digest, max, data, len, err, sizeof err);
+        if (rc == 1) return 0;
+        if (rc < 0) {
+            set_error(e, 502, "UNKNOWN", "%s", err);
+            return -1;
+        }
+        if (round == 1) break;
+        int now_cached = 0;
+        fetch *x = fetch_blob(f, u, repository, digest, &now_cached, err, sizeof err);
+        if (!x) {
+            if (now_cached) continue;
+            set_error(e, 500, "UNKNOWN", "%s", err);
+            return -1;
+        }
+        int done = fetch_wait_done(x, e);
+        fetch_release(x);
+        if (done != 0) return -1;
+    }
+    set_error(e, 502, "UNKNOWN", "blob %s was fetched but is not in the cache", digest);
+    return -1;
 }

@@ -189,7 +189,9 @@ static int perform_retry(const manifest_env *env, upstream *u, upstream_request 
             return -1;
         } else {
             retry = upstream_result_retryable(r);
-            set_error(e, r == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
+            const char *code;
+            int status = upstream_result_http_status(r, &code);
+            set_error(e, status, code, "%s", err);
         }
         if (!retry || attempt >= env->cfg->upstream_retries) return -1;
         log_warn("manifest %s: %s; retrying", what, e->message);

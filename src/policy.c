@@ -1,5 +1,6 @@
 #include "regfacade/policy.h"
 
+#include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
@@ -10,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "regfacade/digest.h"
 #include "regfacade/log.h"
 #include "regfacade/lua_embedded.h"
 #include "regfacade/ref.h"
@@ -19,6 +21,7 @@
 
 struct policy {
     const config *cfg;
+    char fingerprint[65];
     pthread_mutex_t lock;
     lua_State **idle;
     size_t n_idle, cap;
@@ -244,6 +247,54 @@ static void state_free(lua_State *L) {
     free(rc);
 }
 
+/* sha256 of the policy source (or the embedded default's name and
+ * version) and the options. */
+static int compute_fingerprint(const config *c, char out[65], char *err, size_t errlen) {
+    digest_ctx *d = digest_new();
+    if (!d) {
+        snprintf(err, errlen, "policy: out of memory");
+        return -1;
+    }
+    int rc = 0;
+    if (c->policy_file) {
+        FILE *f = fopen(c->policy_file, "rb");
+        if (!f) {
+            snprintf(err, errlen, "policy %s: cannot open: %s", c->policy_file, strerror(errno));
+            rc = -1;
+        } else {
+            char buf[8192];
+            size_t n;
+            while ((n = fread(buf, 1, sizeof buf, f)) > 0) digest_update(d, buf, n);
+            fclose(f);
+        }
+    } else {
+        digest_update(d, "embedded:" REGFACADE_VERSION, strlen("embedded:" REGFACADE_VERSION));
+    }
+    size_t olen = 0;
+    char *opts = json_serialize(c->policy_options, &olen);
+    if (opts) digest_update(d, opts, olen);
+    free(opts);
+    char full[DIGEST_STRING_LEN];
+    if (rc == 0 && digest_final(d, full) == 0) snprintf(out, 65, "%s", full + 7);
+    digest_free(d);
+    return rc;
+}
+
+const char *policy_fingerprint(const policy *p) { return p->fingerprint; }
+
+void policy_resolution_clear(policy_resolution *r) {
+    for (size_t i = 0; i < r->n_layers; i++) layer_spec_clear(&r->layers[i]);
+    free(r->layers);
+    for (size_t i = 0; i < r->n_platforms; i++) free(r->platforms[i]);
+    free(r->platforms);
+    free(r->fingerprint);
+    r->layers = NULL;
+    r->platforms = NULL;
+    r->fingerprint = NULL;
+    r->n_layers = r->n_platforms = 0;
+    r->has_layers = false;
+}
+
 policy *policy_new(const config *c, char *err, size_t errlen) {
     policy *p = calloc(1, sizeof *p);
     if (!p) {
@@ -252,6 +303,10 @@ policy *policy_new(const config *c, char *err, size_t errlen) {
     }
     p->cfg = c;
     pthread_mutex_init(&p->lock, NULL);
+    if (compute_fingerprint(c, p->fingerprint, err, errlen) != 0) {
+        policy_free(p);
+        return NULL;
+    }
     /* Compile once now so a broken policy is reported before any traffic. */
     lua_State *L = state_new(c, err, errlen);
     if (!L) {
@@ -305,6 +360,174 @@ static void release(policy *p, lua_State *L, int broken) {
     }
     /* A state that overran its budget may hold anything: rebuild it. */
     if (L) state_free(L);
+}
+
+static void error_set(policy_error *e, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* A Lua value from a resolve answer as JSON: strings, integers, booleans,
+ * arrays (sequences) and string-keyed tables (keys sorted, so the same
+ * answer gives the same text). NULL with err on anything else. */
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+static json_value *lua_to_json(lua_State *L, int idx, int depth, char *err, size_t errlen) {
+    idx = lua_absindex(L, idx);
+    if (depth > 16) {
+        snprintf(err, errlen, "nested too deeply");
+        return NULL;
+    }
+    switch (lua_type(L, idx)) {
+    case LUA_TSTRING: {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        return json_new_stringn(s, n);
+    }
+    case LUA_TBOOLEAN: return json_new_bool(lua_toboolean(L, idx));
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx)) return json_new_int64((int64_t)lua_tointeger(L, idx));
+        snprintf(err, errlen, "a number that is not an integer");
+        return NULL;
+    case LUA_TTABLE: break;
+    default:
+        snprintf(err, errlen, "a %s value", luaL_typename(L, idx));
+        return NULL;
+    }
+    lua_Integer len = (lua_Integer)lua_rawlen(L, idx);
+    if (len > 0) {
+        json_value *arr = json_new_array();
+        for (lua_Integer i = 1; arr && i <= len; i++) {
+            lua_rawgeti(L, idx, i);
+            json_value *item = lua_to_json(L, -1, depth + 1, err, errlen);
+            lua_pop(L, 1);
+            if (!item || json_array_append(arr, item) != 0) {
+                json_free(arr);
+                return NULL;
+            }
+        }
+        return arr;
+    }
+    size_t n = 0, cap = 8;
+    char **keys = malloc(cap * sizeof *keys);
+    lua_pushnil(L);
+    while (keys && lua_next(L, idx) != 0) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            snprintf(err, errlen, "a table with a %s key", luaL_typename(L, -1));
+            lua_pop(L, 1);
+            for (size_t i = 0; i < n; i++) free(keys[i]);
+            free(keys);
+            return NULL;
+        }
+        if (n == cap) {
+            char **nk = realloc(keys, (cap *= 2) * sizeof *nk);
+            if (!nk) break;
+            keys = nk;
+        }
+        keys[n++] = strdup(lua_tostring(L, -1));
+    }
+    json_value *obj = keys ? json_new_object() : NULL;
+    if (keys) qsort(keys, n, sizeof *keys, cmp_str);
+    for (size_t i = 0; i < n; i++) {
+        if (obj && keys[i]) {
+            lua_getfield(L, idx, keys[i]);
+            json_value *v = lua_to_json(L, -1, depth + 1, err, errlen);
+            lua_pop(L, 1);
+            if (!v || json_object_set(obj, keys[i], v) != 0) {
+                json_free(obj);
+                obj = NULL;
+            }
+        }
+        free(keys[i]);
+    }
+    free(keys);
+    return obj;
+}
+
+/* The `layers` and `platforms` of a resolve answer (table at t). 0, or -1
+ * with e set. */
+static int read_layers(policy *p, lua_State *L, int t, policy_resolution *out, policy_error *e) {
+    lua_getfield(L, t, "layers");
+    int has = !lua_isnil(L, -1);
+    if (has && !lua_istable(L, -1)) {
+        error_set(e, 500, "UNKNOWN", "policy resolve: layers must be a list, got %s", luaL_typename(L, -1));
+        lua_pop(L, 1);
+        return -1;
+    }
+    char err[600];
+    json_value *fp = json_new_array();
+    if (has) {
+        size_t n = lua_rawlen(L, -1);
+        out->has_layers = true;
+        out->layers = calloc(n ? n : 1, sizeof *out->layers);
+        if (!out->layers || !fp) {
+            error_set(e, 500, "UNKNOWN", "policy resolve: out of memory");
+            lua_pop(L, 1);
+            json_free(fp);
+            return -1;
+        }
+        for (size_t i = 0; i < n; i++) {
+            lua_rawgeti(L, -1, (lua_Integer)i + 1);
+            err[0] = '\0';
+            json_value *v = lua_to_json(L, -1, 0, err, sizeof err);
+            lua_pop(L, 1);
+            char where[64];
+            snprintf(where, sizeof where, "layers[%zu]", i + 1);
+            if (!v) {
+                error_set(e, 500, "UNKNOWN", "policy resolve: %s: %s", where, err[0] ? err : "out of memory");
+                lua_pop(L, 1);
+                json_free(fp);
+                return -1;
+            }
+            int rc = layer_spec_parse(v, p->cfg->dir, where, &out->layers[i], err, sizeof err);
+            if (rc == 0) {
+                char *f = layer_spec_fingerprint(&out->layers[i]);
+                json_array_append(fp, f ? json_new_string(f) : json_new_null());
+                free(f);
+            }
+            json_free(v);
+            if (rc != 0) {
+                error_set(e, 500, "UNKNOWN", "policy resolve: %s", err);
+                lua_pop(L, 1);
+                json_free(fp);
+                return -1;
+            }
+            out->n_layers = i + 1;
+        }
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, t, "platforms");
+    if (!lua_isnil(L, -1)) {
+        if (!lua_istable(L, -1)) {
+            error_set(e, 500, "UNKNOWN", "policy resolve: platforms must be a list of \"os/arch[/variant]\"");
+            lua_pop(L, 1);
+            json_free(fp);
+            return -1;
+        }
+        size_t n = lua_rawlen(L, -1);
+        out->platforms = calloc(n ? n : 1, sizeof *out->platforms);
+        json_value *pl = json_new_array();
+        for (size_t i = 0; out->platforms && i < n; i++) {
+            lua_rawgeti(L, -1, (lua_Integer)i + 1);
+            const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+            if (!s || !strchr(s, '/')) {
+                lua_pop(L, 2);
+                json_free(pl);
+                json_free(fp);
+                error_set(e, 500, "UNKNOWN", "policy resolve: platforms[%zu] must be \"os/arch[/variant]\"", i + 1);
+                return -1;
+            }
+            out->platforms[i] = strdup(s);
+            out->n_platforms = i + 1;
+            json_array_append(pl, json_new_string(s));
+            lua_pop(L, 1);
+        }
+        json_array_append(fp, pl);
+    }
+    lua_pop(L, 1);
+    size_t len;
+    out->fingerprint = fp ? json_serialize(fp, &len) : NULL;
+    json_free(fp);
+    return 0;
 }
 
 static void set_field_string(lua_State *L, const char *k, const char *v) {
@@ -369,6 +592,7 @@ static void policy_refusal(lua_State *L, int idx, policy_error *e) {
 
 int policy_resolve(policy *p, const policy_request *req, policy_resolution *out, policy_error *e) {
     char err[1024];
+    memset(out, 0, sizeof *out);
     lua_State *L = acquire(p, err, sizeof err);
     if (!L) {
         error_set(e, 500, "UNKNOWN", "%s", err);
@@ -436,7 +660,8 @@ int policy_resolve(policy *p, const policy_request *req, policy_resolution *out,
             snprintf(out->upstream, sizeof out->upstream, "%s", up);
             snprintf(out->repository, sizeof out->repository, "%s", repo);
             snprintf(out->reference, sizeof out->reference, "%s", ref ? ref : "");
-            rc = 0;
+            rc = read_layers(p, L, t, out, e);
+            if (rc != 0) policy_resolution_clear(out);
         }
     }
     release(p, L, broken);

@@ -16,6 +16,7 @@
 #include "regfacade/json.h"
 #include "regfacade/log.h"
 #include "regfacade/manifest.h"
+#include "regfacade/metrics.h"
 #include "regfacade/oci_error.h"
 #include "regfacade/policy.h"
 #include "regfacade/ref.h"
@@ -32,6 +33,7 @@ struct server {
     policy *pol;
     upstream **ups; /* parallel to cfg->upstreams */
     struct MHD_Daemon *daemon;
+    metrics_server *metrics; /* the metrics listener, NULL without a "metrics" section */
 };
 
 /* Everything one request needs, on the connection thread's stack. */
@@ -44,6 +46,8 @@ typedef struct {
     char repository[REF_NAME_MAX + 1];
     char reference[REF_DIGEST_MAX + 1];
     const char *kind;
+    metrics_access *acc;   /* access log record and metrics of this request */
+    bool cold;             /* a blob that was not cached: its bytes count as upstream */
 } request;
 
 /* ---------- responses ---------- */
@@ -55,6 +59,10 @@ static void add_common_headers(request *r, struct MHD_Response *resp) {
 
 static enum MHD_Result queue(request *r, unsigned status, struct MHD_Response *resp) {
     if (!resp) return MHD_NO;
+    if (r->acc) {
+        r->acc->status = status;
+        if (r->kind) r->acc->route = r->kind;
+    }
     add_common_headers(r, resp);
     enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
@@ -98,6 +106,12 @@ static enum MHD_Result send_fetch_error(request *r, const fetch_error *e) {
     }
     return send_error(r, (unsigned)(e->http_status ? e->http_status : 502), e->code ? e->code : "UNKNOWN", "%s",
                       e->message);
+}
+
+static enum MHD_Result send_upstream_failure(request *r, upstream_result ur, const char *err) {
+    const char *code;
+    int status = upstream_result_http_status(ur, &code);
+    return send_error(r, (unsigned)status, code, "%s", err);
 }
 
 /* ---------- request helpers ---------- */
@@ -172,6 +186,30 @@ static int run_resolve(request *r, policy_resolution *res) {
     return 0;
 }
 
+typedef struct {
+    const char *name;
+    char *buf;
+    size_t len, cap;
+} header_join;
+
+static enum MHD_Result join_one(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    (void)kind;
+    header_join *j = cls;
+    if (!value || strcasecmp(key, j->name) != 0) return MHD_YES;
+    int n = snprintf(j->buf + j->len, j->cap - j->len, "%s%s", j->len ? ", " : "", value);
+    if (n > 0 && (size_t)n < j->cap - j->len) j->len += (size_t)n;
+    return MHD_YES;
+}
+
+/* All lines of a repeated header joined with ", " (skopeo and podman send
+ * one Accept line per media type). NULL when absent. */
+static const char *joined_header(request *r, const char *name, char *buf, size_t cap) {
+    header_join j = {name, buf, 0, cap};
+    buf[0] = '\0';
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, join_one, &j);
+    return j.len ? buf : NULL;
+}
+
 /* ---------- handlers ---------- */
 
 static enum MHD_Result handle_ping(request *r) {
@@ -189,7 +227,8 @@ static enum MHD_Result handle_manifest(request *r) {
     }
     if (ref_valid_digest(r->reference) && !ref_is_sha256_digest(r->reference))
         return send_error(r, 400, "DIGEST_INVALID", "only sha256 digests are supported, got \"%s\"", r->reference);
-    const char *accept = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Accept");
+    char accept_buf[4096];
+    const char *accept = joined_header(r, "Accept", accept_buf, sizeof accept_buf);
     if (manifest_accepts_only_schema1(accept))
         return send_error(r, 415, "UNSUPPORTED",
                           "Docker schema1 manifests are not supported; accept %s or %s", MT_DOCKER_MANIFEST,
@@ -319,8 +358,7 @@ static enum MHD_Result head_cold_blob(request *r, upstream *u, const policy_reso
     upstream_response resp;
     char err[1024];
     upstream_result ur = upstream_perform(u, &req, &resp, err, sizeof err);
-    if (ur != UPSTREAM_OK)
-        return send_error(r, ur == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
+    if (ur != UPSTREAM_OK) return send_upstream_failure(r, ur, err);
     if (resp.status == 404)
         return send_error(r, 404, "BLOB_UNKNOWN", "blob %s is unknown to upstream %s", r->reference, res->upstream);
     if (resp.status != 200 || resp.content_length < 0)
@@ -456,7 +494,7 @@ static enum MHD_Result handle_tags(request *r) {
     upstream_result ur = upstream_perform(u, &req, &resp, err, sizeof err);
     if (ur != UPSTREAM_OK) {
         free(b.buf);
-        return send_error(r, ur == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
+        return send_upstream_failure(r, ur, err);
     }
     if (resp.status != 200) {
         free(b.buf);

@@ -59,7 +59,8 @@ store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
     }
     s->max_bytes = max_bytes;
     pthread_mutex_init(&s->lock, NULL);
-    static const char *const subdirs[] = {"", "/blobs", "/blobs/sha256", "/tmp", "/tags", NULL};
+    static const char *const subdirs[] = {"", "/blobs", "/blobs/sha256", "/tmp", "/tags", "/origins", "/generated",
+                                          NULL};
     for (const char *const *sd = subdirs; *sd; sd++) {
         char p[PATH_MAX];
         snprintf(p, sizeof p, "%s%s", dir, *sd);
@@ -303,4 +304,80 @@ int store_tag_put(store *s, const char *upstream, const char *repository, const 
     }
     free(text);
     return rc;
+}
+
+/* Small records: write temp, fsync, rename; read whole. */
+static int record_write(store *s, const char *path, const char *text, char *err, size_t errlen) {
+    store_spool sp;
+    if (store_spool_create(s, &sp, err, errlen) != 0) return -1;
+    size_t len = strlen(text);
+    int rc = 0;
+    if (write(sp.fd, text, len) != (ssize_t)len || fsync(sp.fd) != 0 || rename(sp.path, path) != 0) {
+        snprintf(err, errlen, "store: write %s: %s", path, strerror(errno));
+        unlink(sp.path);
+        rc = -1;
+    }
+    close(sp.fd);
+    return rc;
+}
+
+static int record_read(const char *path, char *buf, size_t len) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, len - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = '\0';
+    return 1;
+}
+
+int store_origin_put(store *s, const char *digest, const char *upstream, const char *repository, char *err,
+                     size_t errlen) {
+    if (!ref_is_sha256_digest(digest)) {
+        snprintf(err, errlen, "store: origin of %s: not a sha256 digest", digest);
+        return -1;
+    }
+    char p[PATH_MAX], text[600];
+    snprintf(p, sizeof p, "%s/origins/%s", s->dir, digest + 7);
+    snprintf(text, sizeof text, "%s\n%s\n", upstream, repository);
+    char old[600];
+    if (record_read(p, old, sizeof old) && strcmp(old, text) == 0) return 0;
+    return record_write(s, p, text, err, errlen);
+}
+
+int store_origin_get(store *s, const char *digest, char *upstream, size_t ulen, char *repository, size_t rlen) {
+    if (!ref_is_sha256_digest(digest)) return 0;
+    char p[PATH_MAX], text[600];
+    snprintf(p, sizeof p, "%s/origins/%s", s->dir, digest + 7);
+    if (!record_read(p, text, sizeof text)) return 0;
+    char *nl = strchr(text, '\n');
+    if (!nl) return 0;
+    *nl = '\0';
+    char *repo = nl + 1;
+    repo[strcspn(repo, "\n")] = '\0';
+    if (!*text || !ref_valid_name(repo)) return 0;
+    snprintf(upstream, ulen, "%s", text);
+    snprintf(repository, rlen, "%s", repo);
+    return 1;
+}
+
+int store_generated_put(store *s, const char *key, const char *digest, char *err, size_t errlen) {
+    char p[PATH_MAX];
+    if (strlen(key) != 64 || strspn(key, "0123456789abcdef") != 64) {
+        snprintf(err, errlen, "store: bad generated key");
+        return -1;
+    }
+    snprintf(p, sizeof p, "%s/generated/%s", s->dir, key);
+    return record_write(s, p, digest, err, errlen);
+}
+
+int store_generated_get(store *s, const char *key, char *digest, size_t dlen) {
+    char p[PATH_MAX], text[200];
+    if (strlen(key) != 64 || strspn(key, "0123456789abcdef") != 64) return 0;
+    snprintf(p, sizeof p, "%s/generated/%s", s->dir, key);
+    if (!record_read(p, text, sizeof text)) return 0;
+    text[strcspn(text, "\n")] = '\0';
+    if (!ref_is_sha256_digest(text)) return 0;
+    snprintf(digest, dlen, "%s", text);
+    return 1;
 }

@@ -259,6 +259,7 @@ const char *upstream_result_name(upstream_result r)
     case UPSTREAM_ERR_TIMEOUT: return "timeout";
     case UPSTREAM_ERR_TRANSFER: return "transfer";
     case UPSTREAM_ERR_AUTH: return "auth";
+    case UPSTREAM_ERR_DENIED: return "denied";
     case UPSTREAM_ERR_ABORTED: return "aborted";
     case UPSTREAM_ERR_INTERNAL: return "internal";
     }
@@ -1110,6 +1111,7 @@ static int fetch_token(upstream *u, CURL *h, const www_authenticate *chal, const
         set_err(err, errlen, "upstream %s: token request GET %s: HTTP status %ld%s", u->name,
                 realm_shown, t.status,
                 t.status == 401 || t.status == 403 ? " (credentials refused?)" : "");
+        if (t.status == 401 || t.status == 403) ret = -2; /* refused, not broken */
         goto out;
     }
 
@@ -1286,8 +1288,9 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
             set_basic_known(u, false);
             free_secret(token);
             token = NULL;
-            if (fetch_token(u, h, &x.chal, scope, scope, &token, err, errlen) != 0) {
-                res = UPSTREAM_ERR_AUTH;
+            int tr = fetch_token(u, h, &x.chal, scope, scope, &token, err, errlen);
+            if (tr != 0) {
+                res = tr == -2 ? UPSTREAM_ERR_DENIED : UPSTREAM_ERR_AUTH;
                 goto out;
             }
             how = SEND_BEARER;
@@ -1317,4 +1320,12 @@ out:
     free(url);
     free(scope);
     return res;
+}
+
+int upstream_result_http_status(upstream_result r, const char **code) {
+    switch (r) {
+    case UPSTREAM_ERR_DENIED: *code = "DENIED"; return 403;
+    case UPSTREAM_ERR_TIMEOUT: *code = "UNKNOWN"; return 504;
+    default: *code = "UNKNOWN"; return 502;
+    }
 }

@@ -60,6 +60,12 @@ ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len);
 
 void fetch_release(fetch *x);
 
+/* A small blob (an image config) whole in memory: from the store, or
+ * fetched (single flight, verified, cached) and then read. 0 with *data
+ * malloc'd (caller frees); -1 with e filled. */
+int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, size_t max,
+                     char **data, size_t *len, fetch_error *e);
+
 /* Counters for metrics and tests. */
 typedef struct {
     unsigned long started;   /* upstream fetches started */

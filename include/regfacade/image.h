@@ -28,6 +28,25 @@
 
 #include "regfacade/json.h"
 
+/* Manifest media types (the two image manifest families and their lists). */
+#define IMAGE_MT_OCI_MANIFEST "application/vnd.oci.image.manifest.v1+json"
+#define IMAGE_MT_OCI_INDEX "application/vnd.oci.image.index.v1+json"
+#define IMAGE_MT_DOCKER_MANIFEST "application/vnd.docker.distribution.manifest.v2+json"
+#define IMAGE_MT_DOCKER_LIST "application/vnd.docker.distribution.manifest.list.v2+json"
+
+/* Layer media types image_layer_media_type_for() converts between. Docker
+ * has no zstd type (an OCI zstd layer stays OCI in a Docker manifest) and
+ * one "foreign" type for every OCI nondistributable variant. */
+#define IMAGE_MT_DOCKER_LAYER_GZIP "application/vnd.docker.image.rootfs.diff.tar.gzip"
+#define IMAGE_MT_DOCKER_LAYER_TAR "application/vnd.docker.image.rootfs.diff.tar"
+#define IMAGE_MT_DOCKER_LAYER_FOREIGN "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+#define IMAGE_MT_OCI_LAYER_TAR "application/vnd.oci.image.layer.v1.tar"
+#define IMAGE_MT_OCI_LAYER_GZIP "application/vnd.oci.image.layer.v1.tar+gzip"
+#define IMAGE_MT_OCI_LAYER_ZSTD "application/vnd.oci.image.layer.v1.tar+zstd"
+#define IMAGE_MT_OCI_LAYER_ND_TAR "application/vnd.oci.image.layer.nondistributable.v1.tar"
+#define IMAGE_MT_OCI_LAYER_ND_GZIP "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+#define IMAGE_MT_OCI_LAYER_ND_ZSTD "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+
 typedef struct {
     bool is_base;            /* stands for the base image's layers; other fields unused */
     const char *media_type;  /* as the source gives it (any family) */

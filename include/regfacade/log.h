@@ -22,4 +22,9 @@ void log_msg(log_level level, const char *fmt, ...) __attribute__((format(printf
  * the new length, never writing past outlen-1. */
 size_t log_json_escape(char *out, size_t outlen, size_t used, const char *s);
 
+/* Like log_msg, with extra members appended to the object: fields is a
+ * JSON object body without braces ("\"status\":200,\"path\":\"/v2/\""), its
+ * strings already escaped with log_json_escape. The access log uses it. */
+void log_fields(log_level level, const char *msg, const char *fields);
+
 #endif

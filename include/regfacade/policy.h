@@ -14,6 +14,7 @@
 #include <stddef.h>
 
 #include "regfacade/config.h"
+#include "regfacade/layers.h"
 
 typedef struct policy policy;
 
@@ -47,12 +48,28 @@ typedef struct {
     char upstream[128];
     char repository[256];
     char reference[192];
+    /* The layer stack, when resolve returned `layers` (else has_layers is
+     * false and the upstream image is served as it is). */
+    bool has_layers;
+    layer_spec *layers;
+    size_t n_layers;
+    /* `platforms`: for an index, the platforms to keep (NULL: all). */
+    char **platforms;
+    size_t n_platforms;
+    /* Canonical text of the decision (layers and platforms), for keys. */
+    char *fingerprint;
 } policy_resolution;
+
+void policy_resolution_clear(policy_resolution *r);
 
 /* Compile and check the policy named by c (or the embedded default).
  * NULL with "FILE:LINE: why" in err. */
 policy *policy_new(const config *c, char *err, size_t errlen);
 void policy_free(policy *p);
+
+/* A sha256 hex of the policy's source and options: part of every generated
+ * image's key, so a changed policy gives new images. */
+const char *policy_fingerprint(const policy *p);
 
 /* Run resolve. 0: out filled and validated (the upstream exists, the
  * repository and reference are valid); -1: e filled (a refusal by the

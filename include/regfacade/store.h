@@ -4,6 +4,8 @@
  *   DIR/blobs/sha256/ab/abcd...  verified blobs and manifests, immutable
  *   DIR/tmp/                     spools being written; removed at start
  *   DIR/tags/<sha256(key)>       tag -> digest resolutions with their time
+ *   DIR/origins/<hex>            upstream and repository a blob comes from
+ *   DIR/generated/<key>          decision key -> generated manifest digest
  *
  * Nothing enters blobs/ unless its sha256 was verified; every write is temp
  * file, fsync, rename, so a crash leaves either the whole file or nothing.
@@ -59,5 +61,17 @@ typedef struct {
 int store_tag_get(store *s, const char *upstream, const char *repository, const char *tag, store_tag *out);
 int store_tag_put(store *s, const char *upstream, const char *repository, const char *tag, const store_tag *t,
                   char *err, size_t errlen);
+
+/* Where a blob can be fetched from when a client asks for it under another
+ * repository (layers added from other images): DIR/origins/<hex>. */
+int store_origin_put(store *s, const char *digest, const char *upstream, const char *repository, char *err,
+                     size_t errlen);
+/* 1 found (upstream, repository filled), 0 not known. */
+int store_origin_get(store *s, const char *digest, char *upstream, size_t ulen, char *repository, size_t rlen);
+
+/* Generated images: a decision key (sha256 hex of everything that decided
+ * the image) -> the generated manifest's digest. DIR/generated/<key>. */
+int store_generated_put(store *s, const char *key, const char *digest, char *err, size_t errlen);
+int store_generated_get(store *s, const char *key, char *digest, size_t dlen);
 
 #endif

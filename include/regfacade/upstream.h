@@ -72,6 +72,7 @@ typedef enum {
     UPSTREAM_ERR_TIMEOUT,     /* connect timeout or low-speed timeout */
     UPSTREAM_ERR_TRANSFER,    /* answer broken midway (reset, truncated body) */
     UPSTREAM_ERR_AUTH,        /* the token request failed or the challenge was unusable */
+    UPSTREAM_ERR_DENIED,      /* the token endpoint refused our credentials (401/403) */
     UPSTREAM_ERR_ABORTED,     /* a callback returned -1 */
     UPSTREAM_ERR_INTERNAL,    /* allocation or libcurl setup failure */
 } upstream_result;
@@ -94,6 +95,10 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req,
 
 /* A short stable name for a result ("connect", "tls", "timeout", ...). */
 const char *upstream_result_name(upstream_result r);
+
+/* The one mapping of a failed request to the client's answer: 403 DENIED
+ * for refused credentials, 504 for timeouts, 502 otherwise. */
+int upstream_result_http_status(upstream_result r, const char **code);
 
 /* True for results worth retrying (connect, tls, timeout, transfer). */
 bool upstream_result_retryable(upstream_result r);

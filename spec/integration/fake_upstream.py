@@ -21,6 +21,8 @@ Misbehaviour kinds (misbehave(path_or_paths, kind, times=None, **kw)):
                   manifests: a space inserted after the first '{', still valid JSON); headers
                   (Docker-Content-Digest) still claim the registered digest
     body          body=bytes [content_type=...] [digest=...]: serve exactly this
+    (invalid_json, too_big, schema1 and body bodies are then also served by their own digest,
+    as a consistent upstream would, until behave())
     hang          seconds=S (default 60): stall before answering, until release() or stop()
     cut           after=N (default: half of the body): announce the full Content-Length, send
                   N bytes, close the connection
@@ -223,6 +225,7 @@ class FakeUpstream:
         self._lock = threading.Lock()
         self._repos = {}
         self._misbehave = {}
+        self._shadow = {}  # (repo, digest) -> (body, type) of bodies a misbehaviour served
         self._counts = {}
         self.requests = []  # dicts: method, path, query, headers
         self._server = None
@@ -401,6 +404,7 @@ class FakeUpstream:
     def behave(self, paths=None):
         """Clear misbehaviour for paths (all when None) and release hangs."""
         with self._lock:
+            self._shadow.clear()
             if paths is None:
                 self._misbehave.clear()
             else:
@@ -552,6 +556,9 @@ class FakeUpstream:
                 digest = r.tags.get(ref, ref)
                 if digest in r.manifests:
                     body, ctype = r.manifests[digest]
+            if body is None and (name, ref) in self._shadow:
+                body, ctype = self._shadow[(name, ref)]
+                digest = ref
         kind = mb.kind if mb else None
         if kind == "invalid_json":
             body, ctype = self.invalid_json_body(), MT_OCI_MANIFEST
@@ -566,6 +573,10 @@ class FakeUpstream:
             body = mb.kw["body"]
             ctype = mb.kw.get("content_type", MT_OCI_MANIFEST)
             digest = mb.kw.get("digest", sha256_digest(body))
+        if kind in ("invalid_json", "too_big", "schema1", "body"):
+            # a consistent upstream: what it served by tag it also serves by digest
+            with self._lock:
+                self._shadow[(name, digest)] = (body, ctype)
         if body is None:
             return self._error(h, 404, "MANIFEST_UNKNOWN", f"manifest {name}:{ref} not known")
         if kind == "corrupt":

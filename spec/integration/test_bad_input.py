@@ -269,13 +269,16 @@ def test_upstream_invalid_json_manifest(env, by):
     assert r.status == 200 and r.body == img.manifest, r
 
 
-def test_upstream_invalid_json_manifest_per_path(env):
-    """The same through a per-path misbehaviour (the tag path and the digest path)."""
+@pytest.mark.parametrize("kind,status,code", [("invalid_json", 502, "MANIFEST_INVALID"),
+                                              ("too_big", 502, "MANIFEST_INVALID"),
+                                              ("schema1", 415, "UNSUPPORTED")])
+def test_upstream_bad_manifest_per_path(env, kind, status, code):
+    """Bad manifests through a per-path misbehaviour of the tag path."""
     img = env.fake.add_image("bad/app", "v1")
-    paths = ["/v2/bad/app/manifests/v1", f"/v2/bad/app/manifests/{img.digest}"]
-    env.fake.misbehave(paths, "invalid_json")
+    paths = ["/v2/bad/app/manifests/v1"]
+    env.fake.misbehave(paths, kind)
     before = env.snapshot()
-    assert_oci_error(env.get("/v2/bad/app/manifests/v1"), 502, "MANIFEST_INVALID")
+    assert_oci_error(env.get("/v2/bad/app/manifests/v1"), status, code)
     env.assert_unchanged(before)
     env.fake.behave(paths)
     r = env.get("/v2/bad/app/manifests/v1")
@@ -326,6 +329,21 @@ def test_upstream_wrong_bytes_small_blob(env, size):
     env.fake.put_blob("bad/app", good)
     r = env.get(f"/v2/bad/app/blobs/{d}")
     assert r.status == 200 and r.body == good, r
+
+
+def test_upstream_corrupt_blob_per_path(env):
+    img = env.fake.add_image("bad/app", "v1", layer_sizes=[3000])
+    lay = img.layers[0]
+    path = f"/v2/bad/app/blobs/{lay.digest}"
+    env.fake.misbehave(path, "corrupt")
+    before = env.snapshot()
+    assert_oci_error(env.get(path), 502, "DIGEST_INVALID")
+    env.assert_unchanged(before)
+    assert_not_cached(env, lay.digest)
+    env.fake.behave(path)
+    r = env.get(path)
+    assert r.status == 200 and r.body == lay.data, r
+    env.assert_healthy()
 
 
 def test_upstream_wrong_bytes_big_blob_is_cut(env):

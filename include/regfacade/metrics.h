@@ -1,0 +1,132 @@
+/*
+ * metrics: process-wide counters, gauges and histograms in the Prometheus
+ * text format, the health checks (/healthz, /readyz), the per-request
+ * access record behind the JSON access log, and the second HTTP listener
+ * that serves /metrics, /healthz and /readyz on its own address.
+ *
+ * Every recording function is thread-safe and cheap (relaxed atomics; a
+ * mutex only the first time a new upstream or hook name is seen), callable
+ * from any module without a handle. Label sets are fixed (routes, sources,
+ * hooks) or bounded (at most METRICS_MAX_UPSTREAMS upstream names; later
+ * ones are folded into "other").
+ *
+ * Config section (config.c keeps it raw in config->metrics):
+ *   "metrics": { "listen": "127.0.0.1:9090", "access_log": true }
+ * Without the section there is no metrics listener (the counters still run
+ * and /healthz, /readyz still answer on the main listener).
+ * Names, labels and semantics are documented in docs/observability.md.
+ */
+#ifndef REGFACADE_METRICS_H
+#define REGFACADE_METRICS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "regfacade/json.h"
+
+struct MHD_Connection;
+struct fetcher;
+
+#define METRICS_MAX_UPSTREAMS 32
+
+/* ---------- config ---------- */
+
+typedef struct {
+    bool enabled;          /* the section is present: run the metrics listener */
+    char listen_host[64];  /* "127.0.0.1" (IPv4, or IPv6 given as "[::1]:9090") */
+    int listen_port;       /* 9090 */
+    bool access_log;       /* one JSON line per request on stderr; default true */
+} metrics_config;
+
+/* Validate the raw "metrics" section (NULL: absent, defaults apply). 0 on
+ * success; -1 with "metrics.KEY: why" in err. */
+int metrics_config_parse(const json_value *section, metrics_config *out, char *err, size_t errlen);
+
+/* ---------- recording ---------- */
+
+/* Where response bytes came from. */
+typedef enum { METRICS_SRC_CACHE, METRICS_SRC_UPSTREAM, METRICS_SRC_GENERATED } metrics_source;
+
+/* A blob or manifest lookup: kind is "manifest" or "blob". */
+void metrics_cache_lookup(const char *kind, bool hit);
+/* An object entered the cache (after its commit). */
+void metrics_cache_put(uint64_t bytes);
+/* An object left the cache by eviction (store.c's LRU calls this). */
+void metrics_cache_evicted(uint64_t bytes);
+/* Set the cache gauges from a scan of DIR/blobs (done once at start). */
+void metrics_cache_scan(const char *cache_dir);
+
+/* One upstream_perform() ended: status is the final HTTP status when
+ * result_name is NULL (an answer arrived), else the transport failure's
+ * short name ("connect", "timeout", ...). */
+void metrics_upstream_request(const char *upstream, long status, const char *result_name);
+/* A retry of a failed upstream transfer; what is "blob" or "manifest". */
+void metrics_upstream_retry(const char *upstream, const char *what);
+/* Docker Hub's ratelimit-remaining, last value seen per upstream. */
+void metrics_upstream_ratelimit(const char *upstream, long remaining);
+
+/* One policy hook call: hook is "authorize", "resolve", "rewrite" or "log";
+ * outcome "ok", "refused", "error" or "budget" (killed by its time or
+ * instruction budget). */
+void metrics_policy_hook(const char *hook, double seconds, const char *outcome);
+
+/* Fetch counters (fetch.h's fetcher_stats) are read at scrape time. */
+void metrics_watch_fetcher(struct fetcher *f);
+
+/* ---------- per-request access record (server.c) ---------- */
+
+typedef struct {
+    struct timespec start;     /* CLOCK_MONOTONIC */
+    char method[12];
+    char path[512];            /* URL path, never the query string */
+    char client_ip[48];
+    char upstream[64];         /* "" until the policy picked one */
+    const char *route;         /* "ping", "manifest", "blob", "tags", "health", "other" */
+    unsigned status;           /* 0 until a response is queued */
+    metrics_source source;
+    uint64_t body_len;         /* fixed-size body (bytes it will send when complete) */
+    bool streaming;            /* the body is produced by a callback: count streamed */
+    uint64_t streamed;         /* bytes the callback produced */
+} metrics_access;
+
+/* A new record for a request that just arrived (NULL on allocation
+ * failure). */
+metrics_access *metrics_access_begin(struct MHD_Connection *conn, const char *method, const char *url);
+/* Set what the response will send. */
+void metrics_access_body(metrics_access *a, metrics_source src, uint64_t len, bool streaming);
+/* The request ended (MHD's completion callback): count request and bytes,
+ * write the access log line, free a. completed_ok: the whole response went
+ * out. */
+void metrics_access_end(metrics_access *a, bool completed_ok);
+/* Turn the access log on or off (metrics.access_log). */
+void metrics_set_access_log(bool on);
+
+/* ---------- health ---------- */
+
+/* Readiness callback: 0 ready; -1 with a reason. */
+typedef int (*metrics_ready_fn)(void *ud, char *why, size_t whylen);
+
+/* 0 when DIR/tmp accepts a new file (created and removed again); -1 with
+ * why otherwise. */
+int metrics_cache_writable(const char *cache_dir, char *why, size_t whylen);
+
+/* The answer to a health path: returns the HTTP status (200 or 503; 0 when
+ * path is neither /healthz nor /readyz) and writes a small JSON body. */
+unsigned metrics_health_answer(const char *path, metrics_ready_fn ready, void *ud, char *body, size_t bodylen);
+
+/* ---------- exposition and listener ---------- */
+
+/* The whole exposition text (malloc'd, caller frees); NULL on allocation
+ * failure. */
+char *metrics_render(size_t *len);
+
+typedef struct metrics_server metrics_server;
+
+/* Start the metrics listener (cfg->enabled must be true). NULL with err. */
+metrics_server *metrics_server_start(const metrics_config *cfg, metrics_ready_fn ready, void *ud, char *err,
+                                     size_t errlen);
+void metrics_server_stop(metrics_server *m);
+
+#endif
