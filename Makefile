@@ -8,12 +8,14 @@ BUILD ?= build
 SANITIZE ?=
 
 BUILD_PKGS := gcc make pkg-config libmicrohttpd-dev libcurl4-openssl-dev libssl-dev \
-              zlib1g-dev liblua5.4-dev lua5.4 lua-cjson
+              zlib1g-dev liblua5.4-dev lua5.4 lua-cjson libarchive-dev
 TEST_PKGS  := lua-busted docker-registry skopeo containerd runc podman umoci busybox-static \
-              apache2-utils python3 python3-pytest python3-cryptography python3-jwt openssl curl
+              apache2-utils python3 python3-pytest python3-cryptography python3-jwt openssl curl zstd
+# `make bench` (bench/bench.py): the peers and load tools it runs side by side.
+BENCH_PKGS := nginx wrk docker-registry skopeo containerd runc curl python3 procps
 
-PKG_CFLAGS := $(shell pkg-config --cflags lua5.4 libmicrohttpd libcurl 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs lua5.4 libmicrohttpd libcurl 2>/dev/null) -lcrypto -lz -lpthread -lm
+PKG_CFLAGS := $(shell pkg-config --cflags lua5.4 libmicrohttpd libcurl libarchive 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs lua5.4 libmicrohttpd libcurl libarchive 2>/dev/null) -lcrypto -lz -lpthread -lm
 
 CFLAGS ?= -O2 -g
 CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wno-unused-parameter -Wno-format-truncation \
@@ -33,7 +35,7 @@ UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 
 BUSTED := LUA_PATH_5_4="lua/?.lua;lua/?/init.lua;spec/?.lua;/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua;;" lua5.4 /usr/bin/busted --ignore-lua
 
-.PHONY: all deps test-deps test test-unit test-lua test-integration run clean
+.PHONY: all deps test-deps test test-unit test-lua test-integration run clean bench
 
 all: deps $(BUILD)/regfacade
 
@@ -65,7 +67,7 @@ $(BUILD)/obj $(BUILD)/tests:
 $(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS) tests/unit/unit.h | $(BUILD)/tests
 	$(CC) $(CFLAGS) -Itests/unit $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(PKG_LIBS)
 
-test: test-deps $(BUILD)/regfacade test-unit test-lua test-integration
+test: test-deps $(BUILD)/regfacade test-unit test-fuzz-regressions test-lua test-integration
 
 test-unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do $$t; done
@@ -79,5 +81,14 @@ test-integration: $(BUILD)/regfacade
 run: all
 	$(BUILD)/regfacade serve
 
+# Side-by-side benchmark on loopback (regfacade, distribution as a pull-through
+# cache, nginx, the upstream itself); writes bench/RESULTS.md. Run by hand.
+bench: all
+	@./tools/ensure-packages $(BENCH_PKGS)
+	/usr/bin/python3 bench/bench.py --regfacade $(CURDIR)/$(BUILD)/regfacade --out bench/RESULTS.md
+
 clean:
 	rm -rf $(BUILD)
+
+# `make fuzz` (libFuzzer, clang) and test-fuzz-regressions (part of `make test`).
+include fuzz/fuzz.mk

@@ -168,9 +168,33 @@ static int read_secret(load_ctx *lc, const char *path, const char *where, char *
     return 0;
 }
 
+/* upstreams.NAME.mirrors: an array of http(s) base URLs (at most 15). */
+static int load_mirrors(load_ctx *lc, const json_value *obj, const char *where, config_upstream *u) {
+    json_value *m = json_object_get(obj, "mirrors");
+    if (!m) return 0;
+    if (m->type != JSON_ARRAY || m->count > 15)
+        return fail(lc, "%s.mirrors: must be an array of at most 15 URLs", where);
+    if (m->count == 0) return 0;
+    u->mirrors = calloc(m->count, sizeof *u->mirrors);
+    if (!u->mirrors) return fail(lc, "%s.mirrors: out of memory", where);
+    for (size_t i = 0; i < m->count; i++) {
+        json_value *v = m->items[i];
+        char host[256];
+        if (v->type != JSON_STRING || strlen(v->str) != v->len || url_host(v->str, host, sizeof host) != 0 ||
+            strpbrk(v->str, "?# \t"))
+            return fail(lc, "%s.mirrors[%zu]: must be an http:// or https:// URL with a host (and no credentials, "
+                        "query or spaces)", where, i);
+        if (!(u->mirrors[i] = strdup(v->str))) return fail(lc, "%s.mirrors: out of memory", where);
+        u->n_mirrors = i + 1;
+        size_t n = strlen(u->mirrors[i]);
+        while (n > 0 && u->mirrors[i][n - 1] == '/') u->mirrors[i][--n] = '\0';
+    }
+    return 0;
+}
+
 static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, config_upstream *u) {
     static const char *const keys[] = {"url", "username", "password_file", "ca_file", "tls_verify",
-                                       "library_prefix", NULL};
+                                       "library_prefix", "mirrors", NULL};
     char where[300];
     snprintf(where, sizeof where, "upstreams.%s", name);
     if (!ref_valid_name(name) || strchr(name, '/'))
@@ -205,6 +229,7 @@ static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, 
         return fail(lc, "%s.ca_file: cannot read %s: %s", where, u->ca_file, strerror(errno));
     if (get_bool(lc, obj, "tls_verify", where, &u->tls_verify) != 0) return -1;
     if (get_bool(lc, obj, "library_prefix", where, &u->library_prefix) != 0) return -1;
+    if (load_mirrors(lc, obj, where, u) != 0) return -1;
     return 0;
 }
 
@@ -258,8 +283,14 @@ static config *config_new_defaults(void) {
     c->upstream_low_speed_time_s = 30;
     c->upstream_low_speed_limit = 1024;
     c->upstream_retries = 3;
+    c->upstream_retry_budget_s = 30;
+    c->upstream_max_concurrent_fetches = 64;
+    c->stale_max_seconds = 86400;
     c->max_connections = 1024;
     c->client_timeout_s = 300;
+    c->header_max_bytes = 64 * 1024;
+    c->url_max_bytes = 4096;
+    c->header_timeout_s = 30;
     if (!c->listen_host || !c->policy_options) {
         config_free(c);
         return NULL;
@@ -267,16 +298,40 @@ static config *config_new_defaults(void) {
     return c;
 }
 
+/* Client-facing limits (docs/security.md). */
+static int load_client_limits(load_ctx *lc, const json_value *limits, config *c) {
+    struct {
+        const char *key;
+        unsigned *field;
+        uint64_t min, max;
+    } keys[] = {
+        {"header_max_bytes", &c->header_max_bytes, 8 * 1024, 1024 * 1024},
+        {"url_max_bytes", &c->url_max_bytes, 256, 8192},
+        {"connections_per_ip", &c->connections_per_ip, 0, 1000000},
+        {"requests_per_second", &c->requests_per_second, 0, 1000000},
+        {"request_burst", &c->request_burst, 0, 10000000},
+        {"header_timeout_seconds", &c->header_timeout_s, 0, 3600},
+    };
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        uint64_t v = *keys[i].field;
+        if (get_u64(lc, limits, keys[i].key, "limits", keys[i].min, keys[i].max, &v) != 0) return -1;
+        *keys[i].field = (unsigned)v;
+    }
+    return 0;
+}
+
 static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     static const char *const top[] = {"listen", "cache", "policy", "upstreams", "default_upstream",
                                       "docker_config", "limits", "upstream_client", "metrics", "tls",
-                                      "blobserve", "admin", "specs", "layers", NULL};
-    static const char *const cache_keys[] = {"dir", "max_bytes", "tag_ttl_seconds", NULL};
+                                      "blobserve", "admin", "specs", "layers", "user", NULL};
+    static const char *const cache_keys[] = {"dir", "max_bytes", "tag_ttl_seconds", "stale_max_seconds", NULL};
     static const char *const policy_keys[] = {"file", "options", NULL};
     static const char *const limit_keys[] = {"manifest_max_bytes", "verify_before_send_bytes", "max_connections",
-                                             "client_timeout_seconds", NULL};
+                                             "client_timeout_seconds", "header_max_bytes", "url_max_bytes",
+                                             "connections_per_ip", "requests_per_second", "request_burst",
+                                             "header_timeout_seconds", NULL};
     static const char *const client_keys[] = {"connect_timeout_ms", "low_speed_seconds", "low_speed_bytes",
-                                              "retries", NULL};
+                                              "retries", "retry_budget_seconds", "max_concurrent_fetches", NULL};
     if (check_keys(lc, root, "config", top) != 0) return -1;
 
     char *listen = NULL;
@@ -294,6 +349,7 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     if (!c->cache_dir) return fail(lc, "cache.dir: required");
     if (get_u64(lc, cache, "max_bytes", "cache", 1024 * 1024, UINT64_MAX / 2, &c->cache_max_bytes) != 0) return -1;
     if (get_long(lc, cache, "tag_ttl_seconds", "cache", 0, 365L * 86400, &c->tag_ttl_seconds) != 0) return -1;
+    if (get_long(lc, cache, "stale_max_seconds", "cache", 0, 365L * 86400, &c->stale_max_seconds) != 0) return -1;
 
     json_value *policy = json_object_get(root, "policy");
     if (policy) {
@@ -342,7 +398,9 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
         v = c->client_timeout_s;
         if (get_u64(lc, limits, "client_timeout_seconds", "limits", 1, 86400, &v) != 0) return -1;
         c->client_timeout_s = (unsigned)v;
+        if (load_client_limits(lc, limits, c) != 0) return -1;
     }
+    if (get_string(lc, root, "user", "config", &c->user) != 0) return -1;
     /* Sections validated by the modules that own them. */
     static const char *const owned[] = {"metrics", "tls", "blobserve", "admin", "specs", "layers", NULL};
     json_value **slots[] = {&c->metrics, &c->tls, &c->blobserve, &c->admin, &c->specs, &c->layers};
@@ -364,6 +422,11 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
         long r = c->upstream_retries;
         if (get_long(lc, client, "retries", "upstream_client", 0, 20, &r)) return -1;
         c->upstream_retries = (int)r;
+        if (get_long(lc, client, "retry_budget_seconds", "upstream_client", 1, 3600, &c->upstream_retry_budget_s))
+            return -1;
+        uint64_t mc = c->upstream_max_concurrent_fetches;
+        if (get_u64(lc, client, "max_concurrent_fetches", "upstream_client", 1, 100000, &mc)) return -1;
+        c->upstream_max_concurrent_fetches = (unsigned)mc;
     }
     return 0;
 }
@@ -447,6 +510,8 @@ void config_free(config *c) {
         if (u->password) memset(u->password, 0, strlen(u->password));
         free(u->password);
         free(u->ca_file);
+        for (size_t j = 0; j < u->n_mirrors; j++) free(u->mirrors[j]);
+        free(u->mirrors);
     }
     free(c->upstreams);
     free(c->path);
@@ -463,6 +528,7 @@ void config_free(config *c) {
     free(c->dir);
     free(c->default_upstream);
     free(c->docker_config);
+    free(c->user);
     free(c);
 }
 

@@ -11,6 +11,7 @@
 
 #include "regfacade/digest.h"
 #include "regfacade/log.h"
+#include "regfacade/metrics.h"
 
 typedef enum { FETCH_RUNNING, FETCH_DONE, FETCH_FAILED } fetch_state;
 
@@ -35,7 +36,10 @@ struct fetch {
     digest_ctx *dg;
     uint64_t attempt_start; /* offset this attempt asked for */
     uint64_t skip;          /* bytes of this answer to drop (200 to a Range request) */
+    int no_range;           /* the upstream refused a Range (416): ask for everything, skip what we have */
+    int committed;          /* the spool is the cached blob now: its fd pins it until destroyed */
     char attempt_err[512];
+    char retry_after[64];   /* Retry-After of the last failed attempt's answer */
 };
 
 struct fetcher {
@@ -43,6 +47,8 @@ struct fetcher {
     fetch_options opts;
     pthread_mutex_t lock;
     pthread_cond_t idle;
+    pthread_cond_t slot;    /* signalled when a transfer slot frees up */
+    unsigned active;        /* transfers in progress (at most opts.max_concurrent) */
     fetch *running;
     int threads;
     fetch_stats stats;
@@ -53,9 +59,10 @@ fetcher *fetcher_new(store *s, const fetch_options *opts) {
     if (!f) return NULL;
     f->st = s;
     f->opts = *opts;
-    if (f->opts.backoff_ms <= 0) f->opts.backoff_ms = 200;
+    if (f->opts.max_concurrent == 0) f->opts.max_concurrent = FETCH_DEFAULT_MAX_CONCURRENT;
     pthread_mutex_init(&f->lock, NULL);
     pthread_cond_init(&f->idle, NULL);
+    pthread_cond_init(&f->slot, NULL);
     return f;
 }
 
@@ -66,6 +73,7 @@ void fetcher_free(fetcher *f) {
     pthread_mutex_unlock(&f->lock);
     pthread_mutex_destroy(&f->lock);
     pthread_cond_destroy(&f->idle);
+    pthread_cond_destroy(&f->slot);
     free(f);
 }
 
@@ -76,7 +84,8 @@ void fetcher_stats(fetcher *f, fetch_stats *out) {
 }
 
 static void fetch_destroy(fetch *x) {
-    if (x->spool.fd >= 0) close(x->spool.fd);
+    if (x->committed) store_blob_close(x->owner->st, x->digest, x->spool.fd); /* unpin: no reader is left */
+    else if (x->spool.fd >= 0) close(x->spool.fd);
     digest_free(x->dg);
     pthread_mutex_destroy(&x->mu);
     pthread_cond_destroy(&x->cv);
@@ -180,17 +189,21 @@ static int on_body(void *ud, const char *data, size_t len) {
     return 0;
 }
 
-static void sleep_ms(long ms) {
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
+/* A transfer slot: at most opts.max_concurrent fetches talk to upstreams
+ * at once; the others wait here (their clients wait for the first byte). */
+static void slot_acquire(fetcher *f) {
+    pthread_mutex_lock(&f->lock);
+    while (f->active >= f->opts.max_concurrent) pthread_cond_wait(&f->slot, &f->lock);
+    f->active++;
+    if (f->active > f->stats.max_active) f->stats.max_active = f->active;
+    pthread_mutex_unlock(&f->lock);
 }
 
-/* Backoff before attempt n (1-based): base * 2^(n-1), with +-50% jitter. */
-static long backoff_for(const fetch_options *o, int n) {
-    long base = o->backoff_ms << (n - 1 < 10 ? n - 1 : 10);
-    unsigned seed = (unsigned)time(NULL) ^ (unsigned)(uintptr_t)&n;
-    return base / 2 + (long)(rand_r(&seed) % (unsigned long)(base + 1));
+static void slot_release(fetcher *f) {
+    pthread_mutex_lock(&f->lock);
+    f->active--;
+    pthread_cond_signal(&f->slot);
+    pthread_mutex_unlock(&f->lock);
 }
 
 /* One attempt. Returns 0 when the whole body is in the spool, 1 to retry,
@@ -203,7 +216,7 @@ static int fetch_attempt(fetch *x) {
         .repository = x->repository,
         .path = path,
         .accept = NULL,
-        .range_start = x->written,
+        .range_start = x->no_range ? 0 : x->written,
         .on_headers = on_headers,
         .on_body = on_body,
         .ud = x,
@@ -212,6 +225,8 @@ static int fetch_attempt(fetch *x) {
     char err[1024] = "";
     x->attempt_start = x->written;
     x->attempt_err[0] = '\0';
+    x->retry_after[0] = '\0';
+    memset(&x->err, 0, sizeof x->err);
     upstream_result r = upstream_perform(x->u, &req, &resp, err, sizeof err);
     const char *name = upstream_name(x->u);
     if (r == UPSTREAM_OK) {
@@ -237,15 +252,18 @@ static int fetch_attempt(fetch *x) {
             set_error(&x->err, 429, "TOOMANYREQUESTS", "upstream %s is rate-limiting (429) the blob %s", name,
                       x->digest);
             snprintf(x->err.retry_after, sizeof x->err.retry_after, "%s", resp.retry_after);
+            snprintf(x->retry_after, sizeof x->retry_after, "%s", resp.retry_after);
             return 1;
         }
-        if (resp.status == 416 && x->written > 0) {
-            snprintf(x->attempt_err, sizeof x->attempt_err, "upstream refused to resume at %llu",
-                     (unsigned long long)x->written);
+        if (resp.status == 416 && x->written > 0 && !x->no_range) {
+            snprintf(x->attempt_err, sizeof x->attempt_err, "upstream refused to resume at %llu; asking for the "
+                     "whole blob and skipping what arrived", (unsigned long long)x->written);
+            x->no_range = 1;
             return 1;
         }
         if (resp.status >= 500) {
             set_error(&x->err, 502, "UNKNOWN", "upstream %s answered %ld for blob %s", name, resp.status, x->digest);
+            snprintf(x->retry_after, sizeof x->retry_after, "%s", resp.retry_after);
             return 1;
         }
         set_error(&x->err, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for blob %s", name,
@@ -265,15 +283,28 @@ static int fetch_attempt(fetch *x) {
 static void *fetch_thread(void *arg) {
     fetch *x = arg;
     fetcher *f = x->owner;
-    int rc = 1;
-    for (int attempt = 0; attempt <= f->opts.retries && rc == 1; attempt++) {
-        if (attempt > 0) {
-            log_warn("blob %s from upstream %s: attempt %d failed (%s); retrying from byte %llu", x->digest,
-                     upstream_name(x->u), attempt, x->attempt_err[0] ? x->attempt_err : x->err.message,
-                     (unsigned long long)x->written);
-            sleep_ms(backoff_for(&f->opts, attempt));
-        }
+    int rc;
+    char gave_up[400] = "";
+    upstream_retry rt;
+    upstream_retry_init(&rt);
+    for (int attempt = 1;; attempt++) {
+        uint64_t before = x->written;
+        slot_acquire(f);
         rc = fetch_attempt(x);
+        slot_release(f);
+        if (rc != 1) break;
+        if (x->written > before) upstream_retry_progress(&rt); /* progress: the budget starts again */
+        long delay = upstream_retry_delay(x->u, &rt, x->retry_after, gave_up, sizeof gave_up);
+        const char *why = x->attempt_err[0] ? x->attempt_err : x->err.message;
+        if (delay < 0) {
+            log_warn("blob %s from upstream %s: attempt %d failed (%s); not retrying: %s", x->digest,
+                     upstream_name(x->u), attempt, why, gave_up);
+            break;
+        }
+        log_warn("blob %s from upstream %s: attempt %d failed (%s); retrying from byte %llu in %ld ms", x->digest,
+                 upstream_name(x->u), attempt, why, (unsigned long long)x->written, delay);
+        metrics_upstream_retry(upstream_name(x->u), "blob");
+        upstream_sleep_ms(delay);
     }
     char got[DIGEST_STRING_LEN] = "";
     char err[1024];
@@ -290,12 +321,20 @@ static void *fetch_thread(void *arg) {
             /* Verified bytes can still be served from the spool; only caching failed. */
             log_error("blob %s: %s", x->digest, err);
             store_spool_discard(f->st, &x->spool);
+        } else {
+            x->committed = 1;
+            metrics_cache_put(x->written);
         }
     }
     if (rc != 0) {
         if (rc == 1 && !x->err.code)
             set_error(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", upstream_name(x->u), x->digest,
                       x->attempt_err);
+        if (rc == 1 && gave_up[0]) {
+            size_t ml = strlen(x->err.message);
+            if (ml < sizeof x->err.message - 1)
+                snprintf(x->err.message + ml, sizeof x->err.message - ml, " (gave up: %s)", gave_up);
+        }
         store_spool_discard(f->st, &x->spool);
         log_error("blob %s from upstream %s failed: %s", x->digest, upstream_name(x->u), x->err.message);
     }

@@ -143,9 +143,11 @@ static int check_base_layer(const json_value *d, size_t i, char *err, size_t err
     return 0;
 }
 
-/* Checks stack entry i (an added layer). */
+/* Checks stack entry i (an added layer). Messages count stack entries from
+ * 1, as the policy's Lua array does; JSON arrays count from 0. */
 static int check_added_layer(const image_layer *l, size_t i, char *err, size_t errlen)
 {
+    i++;
     if (!l->media_type || !l->media_type[0]) {
         seterr(err, errlen, "stack[%zu]: media_type is missing", i);
         return -1;
@@ -361,7 +363,7 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
     for (size_t i = 0; i < n; i++) {
         if (stack[i].is_base) {
             if (base_at != SIZE_MAX) {
-                seterr(err, errlen, "stack[%zu]: \"base\" appears twice (first at stack[%zu])", i, base_at);
+                seterr(err, errlen, "stack[%zu]: \"base\" appears twice (first at stack[%zu])", i + 1, base_at + 1);
                 return -1;
             }
             base_at = i;

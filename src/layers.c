@@ -785,3 +785,47 @@ int layers_resolve(const layer_env *env, const layer_spec *specs, size_t n, cons
     }
     return 0;
 }
+
+static int key_one(const layer_env *env, const layer_spec *spec, digest_ctx *key, int depth, fetch_error *e) {
+    char *fp = layer_spec_fingerprint(spec);
+    if (!fp) {
+        set_error(e, 500, "UNKNOWN", "out of memory");
+        return -1;
+    }
+    digest_update(key, fp, strlen(fp) + 1);
+    free(fp);
+    if (spec->kind == LAYER_NAMED && depth == 0) {
+        const layer_spec *named = catalog_find(env->cat, spec->name);
+        if (!named) {
+            set_error(e, 500, "UNKNOWN", "layer \"%s\" is not defined in the config's layers", spec->name);
+            return -1;
+        }
+        return key_one(env, named, key, depth + 1, e);
+    }
+    if (spec->kind == LAYER_IMAGE) {
+        char up[128], repo[300], ref[200];
+        if (parse_image_ref(env->cfg, spec->image, up, sizeof up, repo, sizeof repo, ref, sizeof ref) != 0) {
+            set_error(e, 500, "UNKNOWN", "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
+                      "configured upstream", spec->image);
+            return -1;
+        }
+        manifest_env menv = {env->st, env->cfg};
+        manifest m;
+        if (manifest_get(&menv, env->find_upstream(env->ud, up), repo, ref, &m, e) != 0) {
+            char msg[sizeof e->message];
+            snprintf(msg, sizeof msg, "layer image %s: %s", spec->image, e->message);
+            snprintf(e->message, sizeof e->message, "%s", msg);
+            if (e->http_status == 404) e->http_status = 502;
+            return -1;
+        }
+        digest_update(key, m.digest, strlen(m.digest) + 1);
+        manifest_clear(&m);
+    }
+    return 0;
+}
+
+int layers_key(const layer_env *env, const layer_spec *specs, size_t n, digest_ctx *key, fetch_error *e) {
+    for (size_t i = 0; i < n; i++)
+        if (key_one(env, &specs[i], key, 0, e) != 0) return -1;
+    return 0;
+}

@@ -5,10 +5,14 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "regfacade/blobserve.h"
 #include "regfacade/config.h"
+#include "regfacade/hardening.h"
 #include "regfacade/log.h"
+#include "regfacade/metrics.h"
 #include "regfacade/policy.h"
 #include "regfacade/server.h"
+#include "regfacade/tls.h"
 #include "regfacade/upstream.h"
 
 static void usage(FILE *f) {
@@ -31,6 +35,29 @@ static int cmd_check(const char *path) {
     config *c = load(path);
     if (!c) return 1;
     char err[2048];
+    metrics_config mc;
+    if (metrics_config_parse(c->metrics, &mc, err, sizeof err) != 0) {
+        fprintf(stderr, "regfacade: %s: %s\n", c->path, err);
+        config_free(c);
+        return 1;
+    }
+    tls_config *tls = NULL;
+    uid_t uid;
+    gid_t gid;
+    if (tls_config_load(c, &tls, err, sizeof err) != 0 ||
+        (c->user && hardening_user_lookup(c->user, &uid, &gid, err, sizeof err) != 0)) {
+        fprintf(stderr, "regfacade: %s\n", err);
+        config_free(c);
+        return 1;
+    }
+    tls_config_free(tls);
+    blobserve_config *bc = NULL;
+    if (blobserve_config_parse(c, &bc, err, sizeof err) != 0) {
+        fprintf(stderr, "regfacade: %s\n", err);
+        config_free(c);
+        return 1;
+    }
+    blobserve_config_free(bc);
     policy *p = policy_new(c, err, sizeof err);
     if (!p) {
         fprintf(stderr, "regfacade: %s\n", err);

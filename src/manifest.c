@@ -1,5 +1,6 @@
 #include "regfacade/manifest.h"
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 #include "regfacade/digest.h"
 #include "regfacade/json.h"
 #include "regfacade/log.h"
+#include "regfacade/metrics.h"
 #include "regfacade/ref.h"
 
 static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...)
@@ -150,11 +152,6 @@ static int buf_body(void *ud, const char *data, size_t len) {
     return 0;
 }
 
-static void sleep_ms(long ms) {
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 /* Map a final upstream answer that is not 2xx. */
 static void map_status(fetch_error *e, const upstream_response *r, upstream *u, const char *what) {
     if (r->status == 404)
@@ -170,18 +167,26 @@ static void map_status(fetch_error *e, const upstream_response *r, upstream *u, 
         set_error(e, 502, "UNKNOWN", "upstream %s answered %ld for manifest %s", upstream_name(u), r->status, what);
 }
 
-/* One upstream request with retries for transport errors and 5xx. Returns
- * 0 with resp filled (any status), -1 with e set. */
+/* One upstream request, retried on transport errors, 5xx and 429, paced by
+ * upstream_retry_delay() (backoff with jitter, Retry-After, retries and
+ * budget). quick: a stale answer is at hand, so no retry is waited for.
+ * Returns 0 with resp filled (a status below 500 other than 429), -1 with
+ * e set. */
 static int perform_retry(const manifest_env *env, upstream *u, upstream_request *req, upstream_response *resp,
-                         body_buf *b, const char *what, fetch_error *e) {
+                         body_buf *b, const char *what, bool quick, fetch_error *e) {
+    (void)env;
     char err[1024];
-    for (int attempt = 0;; attempt++) {
+    upstream_retry rt;
+    upstream_retry_init(&rt);
+    for (;;) {
         if (b) b->len = 0;
         upstream_result r = upstream_perform(u, req, resp, err, sizeof err);
         bool retry;
+        const char *retry_after = NULL;
         if (r == UPSTREAM_OK) {
-            if (resp->status < 500) return 0;
+            if (resp->status < 500 && resp->status != 429) return 0;
             retry = true;
+            retry_after = resp->retry_after;
             map_status(e, resp, u, what);
         } else if (r == UPSTREAM_ERR_ABORTED && b && b->too_big) {
             set_error(e, 502, "MANIFEST_INVALID", "manifest %s from upstream %s exceeds the %zu-byte limit "
@@ -193,24 +198,33 @@ static int perform_retry(const manifest_env *env, upstream *u, upstream_request 
             int status = upstream_result_http_status(r, &code);
             set_error(e, status, code, "%s", err);
         }
-        if (!retry || attempt >= env->cfg->upstream_retries) return -1;
-        log_warn("manifest %s: %s; retrying", what, e->message);
-        sleep_ms(100L << attempt);
+        if (!retry || quick) return -1;
+        char why[400];
+        long delay = upstream_retry_delay(u, &rt, retry_after, why, sizeof why);
+        if (delay < 0) {
+            size_t ml = strlen(e->message);
+            if (ml < sizeof e->message - 1) snprintf(e->message + ml, sizeof e->message - ml, " (gave up: %s)", why);
+            return -1;
+        }
+        log_warn("manifest %s: %s; retrying in %ld ms", what, e->message, delay);
+        metrics_upstream_retry(upstream_name(u), "manifest");
+        upstream_sleep_ms(delay);
     }
 }
 
 /* GET the manifest named by reference; verify against want_digest when
  * given. 0 with out filled, -1 with e. */
 static int fetch_manifest(const manifest_env *env, upstream *u, const char *repository, const char *reference,
-                          const char *want_digest, manifest *out, fetch_error *e) {
+                          const char *want_digest, bool quick, manifest *out, fetch_error *e) {
     char path[600], what[600];
     snprintf(path, sizeof path, "%s/manifests/%s", repository, reference);
     snprintf(what, sizeof what, "%s:%s", repository, reference);
     body_buf b = {.max = env->cfg->manifest_max_bytes};
+    metrics_cache_lookup("manifest", false);
     upstream_request req = {.method = "GET", .repository = repository, .path = path,
                             .accept = MANIFEST_ACCEPT_ALL, .on_headers = buf_headers, .on_body = buf_body, .ud = &b};
     upstream_response resp;
-    if (perform_retry(env, u, &req, &resp, &b, what, e) != 0) {
+    if (perform_retry(env, u, &req, &resp, &b, what, quick, e) != 0) {
         free(b.buf);
         return -1;
     }
@@ -241,9 +255,12 @@ static int fetch_manifest(const manifest_env *env, upstream *u, const char *repo
         return -1;
     }
     char err[512];
+    bool was_cached = store_blob_exists(env->st, got);
     if (store_put(env->st, got, b.buf, b.len, err, sizeof err) != 0) log_error("manifest %s: %s", what, err);
+    else if (!was_cached) metrics_cache_put(b.len);
     out->data = b.buf;
     out->len = b.len;
+    out->source = "upstream";
     snprintf(out->digest, sizeof out->digest, "%s", got);
     return 0;
 }
@@ -263,6 +280,8 @@ static int from_store(const manifest_env *env, const char *digest, manifest *out
     }
     out->data = data;
     out->len = len;
+    out->source = "cache";
+    metrics_cache_lookup("manifest", true);
     snprintf(out->digest, sizeof out->digest, "%s", digest);
     return 1;
 }
@@ -278,17 +297,20 @@ static void remember_tag(const manifest_env *env, upstream *u, const char *repos
         log_error("tag %s:%s: %s", repository, tag, err);
 }
 
-int manifest_get(const manifest_env *env, upstream *u, const char *repository, const char *reference,
-                 manifest *out, fetch_error *e) {
-    memset(out, 0, sizeof *out);
+/* Failures of the upstream (not answers about the image) that a known tag
+ * resolution may stand in for. */
+static bool upstream_failed(const fetch_error *e) {
+    return e->http_status == 429 || e->http_status >= 500;
+}
+
+/* The part of manifest_get that may ask the upstream: run once per
+ * (upstream, repository, reference) at a time (see manifest_get). */
+static int get_from_upstream(const manifest_env *env, upstream *u, const char *repository, const char *reference,
+                             manifest *out, fetch_error *e) {
     if (ref_is_sha256_digest(reference)) {
         int rc = from_store(env, reference, out, e);
         if (rc != 0) return rc > 0 ? 0 : -1;
-        return fetch_manifest(env, u, repository, reference, reference, out, e);
-    }
-    if (ref_valid_digest(reference)) {
-        set_error(e, 400, "DIGEST_INVALID", "only sha256 digests are supported, got %s", reference);
-        return -1;
+        return fetch_manifest(env, u, repository, reference, reference, false, out, e);
     }
 
     store_tag known;
@@ -299,6 +321,11 @@ int manifest_get(const manifest_env *env, upstream *u, const char *repository, c
         if (rc > 0) return 0;
         if (rc < 0) return -1;
     }
+    /* May the known resolution stand in when the upstream fails? Then the
+     * upstream gets no waited-for retries: the stale answer is quicker. */
+    long age = have_known ? (long)(now - known.fetched) : 0;
+    bool stale_ok = have_known && env->cfg->stale_max_seconds > 0 && age <= env->cfg->stale_max_seconds &&
+                    store_blob_exists(env->st, known.digest);
 
     /* HEAD first: cheap, and not counted as a pull by Docker Hub. */
     char path[600], what[600];
@@ -306,35 +333,159 @@ int manifest_get(const manifest_env *env, upstream *u, const char *repository, c
     snprintf(what, sizeof what, "%s:%s", repository, reference);
     upstream_request req = {.method = "HEAD", .repository = repository, .path = path, .accept = MANIFEST_ACCEPT_ALL};
     upstream_response resp;
-    int rc = perform_retry(env, u, &req, &resp, NULL, what, e);
+    int rc = perform_retry(env, u, &req, &resp, NULL, what, stale_ok, e);
     if (rc == 0 && resp.status == 200 && ref_is_sha256_digest(resp.digest)) {
         int got = from_store(env, resp.digest, out, e);
-        if (got < 0) return -1;
-        if (got == 0 && fetch_manifest(env, u, repository, resp.digest, resp.digest, out, e) != 0) return -1;
-        remember_tag(env, u, repository, reference, out);
-        return 0;
-    }
-    if (rc == 0 && resp.status == 404) {
+        if (got > 0 ||
+            (got == 0 && fetch_manifest(env, u, repository, resp.digest, resp.digest, stale_ok, out, e) == 0)) {
+            remember_tag(env, u, repository, reference, out);
+            return 0;
+        }
+    } else if (rc == 0 && resp.status == 404) {
         map_status(e, &resp, u, what);
         return -1;
-    }
-    if (rc == 0 && (resp.status == 200 || resp.status == 405 || resp.status == 400)) {
+    } else if (rc == 0 && (resp.status == 200 || resp.status == 405 || resp.status == 400)) {
         /* No digest on HEAD, or HEAD not allowed: GET the tag. */
-        if (fetch_manifest(env, u, repository, reference, NULL, out, e) != 0) return -1;
-        remember_tag(env, u, repository, reference, out);
-        return 0;
+        if (fetch_manifest(env, u, repository, reference, NULL, stale_ok, out, e) == 0) {
+            remember_tag(env, u, repository, reference, out);
+            return 0;
+        }
+    } else if (rc == 0) {
+        map_status(e, &resp, u, what);
     }
-    if (rc == 0) map_status(e, &resp, u, what);
-    /* The upstream failed: a known resolution is better than no answer. */
-    if (have_known && e->http_status != 404 && e->http_status != 403) {
+    /* The upstream failed or rate-limited us: a known resolution, within
+     * cache.stale_max_seconds, is better than no answer. */
+    if (stale_ok && upstream_failed(e)) {
         fetch_error e2;
+        manifest_clear(out);
         if (from_store(env, known.digest, out, &e2) > 0) {
             snprintf(out->warning, sizeof out->warning,
-                     "299 - \"served from cache: upstream %s failed to resolve %s (%.200s)\"", upstream_name(u),
-                     what, e->message);
-            log_warn("tag %s served stale from cache: %s", what, e->message);
+                     "299 - \"served from cache: upstream %s failed to resolve %s; this resolution is %lds old "
+                     "(%.200s)\"", upstream_name(u), what, age, e->message);
+            log_warn("tag %s served stale from cache (%lds old): %s", what, age, e->message);
             return 0;
         }
     }
     return -1;
+}
+
+/* ---------- coalescing ---------- */
+
+/* One upstream resolution in progress; everyone asking the same
+ * (store, upstream, repository, reference) meanwhile waits for it and gets
+ * a copy of its result. Process-wide, like the upstreams and the store. */
+typedef struct flight flight;
+struct flight {
+    flight *next;
+    const store *st;
+    const upstream *u;
+    char *repository, *reference;
+    int refs;      /* guarded by flights_mu */
+    bool done;
+    int rc;
+    manifest m;
+    fetch_error e;
+};
+
+static pthread_mutex_t flights_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t flights_cv = PTHREAD_COND_INITIALIZER;
+static flight *flights;
+static manifest_flight_stats flight_counts;
+
+void manifest_get_flight_stats(manifest_flight_stats *out) {
+    pthread_mutex_lock(&flights_mu);
+    *out = flight_counts;
+    pthread_mutex_unlock(&flights_mu);
+}
+
+static void flight_unref(flight *f) {
+    /* called with flights_mu held */
+    if (--f->refs > 0) return;
+    manifest_clear(&f->m);
+    free(f->repository);
+    free(f->reference);
+    free(f);
+}
+
+static int copy_result(const flight *f, manifest *out, fetch_error *e) {
+    if (f->rc != 0) {
+        *e = f->e;
+        return -1;
+    }
+    *out = f->m;
+    out->data = malloc(f->m.len + 1);
+    if (!out->data) {
+        memset(out, 0, sizeof *out);
+        set_error(e, 500, "UNKNOWN", "out of memory copying manifest");
+        return -1;
+    }
+    memcpy(out->data, f->m.data, f->m.len);
+    out->data[f->m.len] = '\0';
+    return 0;
+}
+
+int manifest_get(const manifest_env *env, upstream *u, const char *repository, const char *reference,
+                 manifest *out, fetch_error *e) {
+    memset(out, 0, sizeof *out);
+    if (ref_is_sha256_digest(reference)) {
+        int rc = from_store(env, reference, out, e);
+        if (rc != 0) return rc > 0 ? 0 : -1;
+    } else if (ref_valid_digest(reference)) {
+        set_error(e, 400, "DIGEST_INVALID", "only sha256 digests are supported, got %s", reference);
+        return -1;
+    } else {
+        store_tag known;
+        if (store_tag_get(env->st, upstream_name(u), repository, reference, &known) == 1 &&
+            time(NULL) - known.fetched < env->cfg->tag_ttl_seconds) {
+            int rc = from_store(env, known.digest, out, e);
+            if (rc != 0) return rc > 0 ? 0 : -1;
+        }
+    }
+
+    /* Not answered from the cache: one upstream resolution per key. */
+    pthread_mutex_lock(&flights_mu);
+    flight *f = flights;
+    while (f && !(f->st == env->st && f->u == u && strcmp(f->repository, repository) == 0 &&
+                  strcmp(f->reference, reference) == 0))
+        f = f->next;
+    if (f) {
+        f->refs++;
+        flight_counts.coalesced++;
+        while (!f->done) pthread_cond_wait(&flights_cv, &flights_mu);
+        int rc = copy_result(f, out, e);
+        flight_unref(f);
+        pthread_mutex_unlock(&flights_mu);
+        return rc;
+    }
+    f = calloc(1, sizeof *f);
+    if (!f || !(f->repository = strdup(repository)) || !(f->reference = strdup(reference))) {
+        if (f) free(f->repository);
+        free(f);
+        pthread_mutex_unlock(&flights_mu);
+        set_error(e, 500, "UNKNOWN", "out of memory");
+        return -1;
+    }
+    f->st = env->st;
+    f->u = u;
+    f->refs = 1;
+    f->next = flights;
+    flights = f;
+    flight_counts.started++;
+    pthread_mutex_unlock(&flights_mu);
+
+    int rc = get_from_upstream(env, u, repository, reference, &f->m, &f->e);
+
+    pthread_mutex_lock(&flights_mu);
+    for (flight **pp = &flights; *pp; pp = &(*pp)->next)
+        if (*pp == f) {
+            *pp = f->next;
+            break;
+        }
+    f->rc = rc;
+    f->done = true;
+    pthread_cond_broadcast(&flights_cv);
+    rc = copy_result(f, out, e);
+    flight_unref(f);
+    pthread_mutex_unlock(&flights_mu);
+    return rc;
 }

@@ -12,8 +12,10 @@
 #include <time.h>
 
 #include "regfacade/digest.h"
+#include "regfacade/image_rewrite.h"
 #include "regfacade/log.h"
 #include "regfacade/lua_embedded.h"
+#include "regfacade/metrics.h"
 #include "regfacade/ref.h"
 
 #define POLICY_HOOK_BUDGET_MS 250   /* wall time one hook call may take */
@@ -530,6 +532,26 @@ static int read_layers(policy *p, lua_State *L, int t, policy_resolution *out, p
     return 0;
 }
 
+/* Arm the per-call time budget before a hook runs. */
+static void arm_budget(lua_State *L) {
+    run_ctx *ctx = ctx_of(L);
+    clock_gettime(CLOCK_MONOTONIC, &ctx->deadline);
+    ctx->deadline.tv_nsec += (long)POLICY_HOOK_BUDGET_MS * 1000000L;
+    ctx->deadline.tv_sec += ctx->deadline.tv_nsec / 1000000000L;
+    ctx->deadline.tv_nsec %= 1000000000L;
+    ctx->tripped = 0;
+}
+
+/* Disarm it after the call; returns 1 when it tripped (the state must then
+ * be rebuilt: the hook was cut at an arbitrary point). */
+static int disarm_budget(lua_State *L) {
+    run_ctx *ctx = ctx_of(L);
+    ctx->deadline.tv_sec = 0;
+    if (!ctx->tripped) return 0;
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, POLICY_COUNT_HOOK_EVERY);
+    return 1;
+}
+
 static void set_field_string(lua_State *L, const char *k, const char *v) {
     if (!v) return;
     lua_pushstring(L, v);
@@ -615,18 +637,15 @@ int policy_resolve(policy *p, const policy_request *req, policy_resolution *out,
         return rc;
     }
     push_request(L, req);
-    run_ctx *ctx = ctx_of(L);
-    clock_gettime(CLOCK_MONOTONIC, &ctx->deadline);
-    ctx->deadline.tv_nsec += (long)POLICY_HOOK_BUDGET_MS * 1000000L;
-    ctx->deadline.tv_sec += ctx->deadline.tv_nsec / 1000000000L;
-    ctx->deadline.tv_nsec %= 1000000000L;
-    ctx->tripped = 0;
+    arm_budget(L);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     int status = lua_pcall(L, 1, 2, 1);
-    ctx->deadline.tv_sec = 0;
-    if (ctx->tripped) {
-        broken = 1;
-        lua_sethook(L, budget_hook, LUA_MASKCOUNT, POLICY_COUNT_HOOK_EVERY);
-    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    int tripped = ctx_of(L)->tripped;
+    metrics_policy_hook("resolve", (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9,
+                        tripped ? "budget" : status != LUA_OK ? "error" : lua_isnil(L, -2) ? "refused" : "ok");
+    broken = disarm_budget(L);
     if (status != LUA_OK) {
         const char *msg = lua_tostring(L, -1);
         log_error("policy resolve failed for %s: %s", req->repository, msg ? msg : "(non-string error)");
@@ -663,6 +682,54 @@ int policy_resolve(policy *p, const policy_request *req, policy_resolution *out,
             rc = read_layers(p, L, t, out, e);
             if (rc != 0) policy_resolution_clear(out);
         }
+    }
+    release(p, L, broken);
+    return rc;
+}
+
+bool policy_has_rewrite(policy *p) {
+    char err[256];
+    lua_State *L = acquire(p, err, sizeof err);
+    if (!L) return false;
+    lua_getfield(L, LUA_REGISTRYINDEX, "regfacade.hooks");
+    lua_getfield(L, -1, "rewrite");
+    bool has = lua_isfunction(L, -1);
+    release(p, L, 0);
+    return has;
+}
+
+int policy_rewrite(policy *p, const policy_request *req, json_value **manifest, json_value **config,
+                   const image_layer *stack, size_t n, policy_error *e) {
+    char err[1024];
+    lua_State *L = acquire(p, err, sizeof err);
+    if (!L) {
+        error_set(e, 500, "UNKNOWN", "%s", err);
+        return -1;
+    }
+    lua_getfield(L, LUA_REGISTRYINDEX, "regfacade.hooks");
+    lua_getfield(L, -1, "rewrite");
+    if (lua_isnil(L, -1)) {
+        release(p, L, 0);
+        return 0;
+    }
+    int fn = lua_gettop(L);
+    push_request(L, req);
+    int rq = lua_gettop(L);
+    arm_budget(L);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int rc = image_rewrite_run(L, fn, rq, manifest, config, stack, n, err, sizeof err);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    int tripped = ctx_of(L)->tripped;
+    metrics_policy_hook("rewrite", (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9,
+                        tripped ? "budget" : rc != 0 ? "error" : "ok");
+    int broken = disarm_budget(L);
+    if (rc != 0) {
+        log_error("policy rewrite failed for %s: %s", req->repository, err);
+        char first[768];
+        snprintf(first, sizeof first, "%s", err);
+        first[strcspn(first, "\n")] = '\0';
+        error_set(e, 500, "UNKNOWN", "policy %s", first);
     }
     release(p, L, broken);
     return rc;

@@ -12,7 +12,13 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "regfacade/blobserve.h"
+#include "regfacade/client_auth.h"
 #include "regfacade/fetch.h"
+#include "regfacade/generate.h"
+#include "regfacade/guard.h"
+#include "regfacade/hardening.h"
+#include "regfacade/tls.h"
 #include "regfacade/json.h"
 #include "regfacade/log.h"
 #include "regfacade/manifest.h"
@@ -23,7 +29,7 @@
 #include "regfacade/store.h"
 #include "regfacade/upstream.h"
 
-#define MAX_URL_BYTES 4096
+#define MAX_URL_BYTES 8192 /* buffer size; the limit is limits.url_max_bytes (at most this) */
 #define TAGS_MAX_BYTES (4 * 1024 * 1024)
 
 struct server {
@@ -34,6 +40,12 @@ struct server {
     upstream **ups; /* parallel to cfg->upstreams */
     struct MHD_Daemon *daemon;
     metrics_server *metrics; /* the metrics listener, NULL without a "metrics" section */
+    layer_catalog *layers;   /* the config's named layers and file layer digests */
+    generate_env gen;        /* what image generation needs */
+    guard *guard;            /* header deadline and per-IP rate limit */
+    tls_config *tls;         /* NULL: plain HTTP */
+    int listen_fd;           /* bound before the privilege drop; MHD's once started */
+    blobserve *blobserve;    /* the blobserve listener, NULL without a "blobserve" section */
 };
 
 /* Everything one request needs, on the connection thread's stack. */
@@ -48,6 +60,9 @@ typedef struct {
     const char *kind;
     metrics_access *acc;   /* access log record and metrics of this request */
     bool cold;             /* a blob that was not cached: its bytes count as upstream */
+    char client_ip[64];
+    policy_request preq;   /* what resolve saw; valid after run_resolve */
+    client_credentials cred; /* from Authorization; secrets, wiped when the request is done, never logged */
 } request;
 
 /* ---------- responses ---------- */
@@ -87,6 +102,7 @@ static enum MHD_Result send_error(request *r, unsigned status, const char *code,
         return MHD_NO;
     }
     MHD_add_response_header(resp, "Content-Type", "application/json");
+    metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
     return queue(r, status, resp);
 }
 
@@ -102,6 +118,7 @@ static enum MHD_Result send_fetch_error(request *r, const fetch_error *e) {
         }
         MHD_add_response_header(resp, "Content-Type", "application/json");
         MHD_add_response_header(resp, "Retry-After", e->retry_after[0] ? e->retry_after : "10");
+        metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
         return queue(r, (unsigned)e->http_status, resp);
     }
     return send_error(r, (unsigned)(e->http_status ? e->http_status : 502), e->code ? e->code : "UNKNOWN", "%s",
@@ -158,6 +175,8 @@ static upstream *find_upstream(server *s, const char *name) {
     return NULL;
 }
 
+static upstream *upstream_by_name(void *ud, const char *name) { return find_upstream(ud, name); }
+
 static int run_resolve(request *r, policy_resolution *res) {
     const char *host = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Host");
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
@@ -177,12 +196,20 @@ static int run_resolve(request *r, policy_resolution *res) {
         .ns = r->ns[0] ? r->ns : NULL,
         .host = host,
         .client_ip = ip,
+        .user = r->cred.kind == CLIENT_AUTH_BASIC ? r->cred.user : NULL,
+        .password = r->cred.kind == CLIENT_AUTH_BASIC ? r->cred.password : NULL,
+        .token = r->cred.kind == CLIENT_AUTH_BEARER ? r->cred.token : NULL,
     };
     policy_error e;
     if (policy_resolve(r->srv->pol, &pr, res, &e) != 0) {
         send_error(r, (unsigned)e.status, e.code, "%s", e.message);
         return -1;
     }
+    /* Kept for the rewrite hook, which sees the same req. */
+    snprintf(r->client_ip, sizeof r->client_ip, "%s", ip);
+    r->preq = pr;
+    r->preq.client_ip = r->client_ip;
+    if (r->acc) snprintf(r->acc->upstream, sizeof r->acc->upstream, "%s", res->upstream);
     return 0;
 }
 
@@ -216,6 +243,7 @@ static enum MHD_Result handle_ping(request *r) {
     struct MHD_Response *resp = MHD_create_response_from_buffer(2, (void *)"{}", MHD_RESPMEM_PERSISTENT);
     if (!resp) return MHD_NO;
     MHD_add_response_header(resp, "Content-Type", "application/json");
+    metrics_access_body(r->acc, METRICS_SRC_GENERATED, 2, false);
     return queue(r, MHD_HTTP_OK, resp);
 }
 
@@ -239,7 +267,18 @@ static enum MHD_Result handle_manifest(request *r) {
     manifest_env env = {r->srv->st, r->srv->cfg};
     manifest m;
     fetch_error e = {0};
-    if (manifest_get(&env, u, res.repository, res.reference, &m, &e) != 0) return send_fetch_error(r, &e);
+    int got = manifest_get(&env, u, res.repository, res.reference, &m, &e);
+    if (got == 0 && !ref_is_sha256_digest(r->reference) && generate_needed(&r->srv->gen, &res)) {
+        /* A tag: serve the image the policy assembles on this base. (A
+         * digest names exact bytes, generated or not: served as they are.) */
+        manifest built;
+        got = generate_image(&r->srv->gen, &r->preq, &res, u, &m, &built, &e);
+        manifest_clear(&m);
+        m = built;
+        if (got == 0) m.source = "generated";
+    }
+    policy_resolution_clear(&res);
+    if (got != 0) return send_fetch_error(r, &e);
     if (!manifest_accepts(accept, m.media_type)) {
         send_error(r, 404, "MANIFEST_UNKNOWN",
                    "manifest %s:%s is %s, which the request's Accept header does not include", r->repository,
@@ -252,6 +291,11 @@ static enum MHD_Result handle_manifest(request *r) {
         manifest_clear(&m);
         return MHD_NO;
     }
+    metrics_access_body(r->acc,
+                        !m.source || strcmp(m.source, "generated") == 0 ? METRICS_SRC_GENERATED
+                        : strcmp(m.source, "cache") == 0                ? METRICS_SRC_CACHE
+                                                                        : METRICS_SRC_UPSTREAM,
+                        m.len, false);
     m.data = NULL; /* owned by the response now */
     char etag[100];
     snprintf(etag, sizeof etag, "\"%s\"", m.digest);
@@ -291,6 +335,7 @@ static int blob_range(request *r, uint64_t size, uint64_t *start, uint64_t *end,
         }
         MHD_add_response_header(resp, "Content-Type", "application/json");
         MHD_add_response_header(resp, "Content-Range", cr);
+        metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
         queue(r, 416, resp);
         return -1;
     }
@@ -329,17 +374,20 @@ static enum MHD_Result serve_cached_blob(request *r, const char *digest, int fd,
         return MHD_NO;
     }
     blob_headers(resp, digest, size, start, end, partial);
+    metrics_access_body(r->acc, r->cold ? METRICS_SRC_UPSTREAM : METRICS_SRC_CACHE, len, false);
     return queue(r, partial ? 206 : 200, resp);
 }
 
 typedef struct {
     fetch *x;
     uint64_t start;
+    metrics_access *acc; /* counts the bytes produced */
 } spool_reader;
 
 static ssize_t read_spool(void *cls, uint64_t pos, char *buf, size_t max) {
     spool_reader *sr = cls;
     ssize_t n = fetch_read(sr->x, sr->start + pos, buf, max);
+    if (n > 0 && sr->acc) sr->acc->streamed += (uint64_t)n;
     if (n > 0) return n;
     return n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
 }
@@ -378,15 +426,25 @@ static enum MHD_Result handle_blob(request *r) {
         return send_error(r, 400, "DIGEST_INVALID", "only sha256 digests are supported, got \"%s\"", r->reference);
     policy_resolution res;
     if (run_resolve(r, &res) != 0) return MHD_YES;
+    policy_resolution_clear(&res); /* only the upstream and repository are used */
     const char *digest = r->reference;
     char err[1024];
     int fd;
     uint64_t size;
     int rc = store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err);
     if (rc < 0) return send_error(r, 500, "UNKNOWN", "%s", err);
+    metrics_cache_lookup("blob", rc == 1);
     if (rc == 1) return serve_cached_blob(r, digest, fd, size);
 
+    /* A layer added from another image lives in that image's repository. */
+    char origin_up[128], origin_repo[REF_NAME_MAX + 1];
+    if (store_origin_get(r->srv->st, digest, origin_up, sizeof origin_up, origin_repo, sizeof origin_repo) == 1 &&
+        find_upstream(r->srv, origin_up)) {
+        snprintf(res.upstream, sizeof res.upstream, "%s", origin_up);
+        snprintf(res.repository, sizeof res.repository, "%s", origin_repo);
+    }
     upstream *u = find_upstream(r->srv, res.upstream);
+    r->cold = true;
     if (r->head) return head_cold_blob(r, u, &res);
     int now_cached = 0;
     fetch *x = fetch_blob(r->srv->fetches, u, res.repository, digest, &now_cached, err, sizeof err);
@@ -438,7 +496,9 @@ static enum MHD_Result handle_blob(request *r) {
     }
     sr->x = x;
     sr->start = start;
+    sr->acc = r->acc;
     uint64_t len = total ? end - start + 1 : 0;
+    metrics_access_body(r->acc, METRICS_SRC_UPSTREAM, len, true);
     struct MHD_Response *resp = MHD_create_response_from_callback(len, 64 * 1024, read_spool, sr, free_spool_reader);
     if (!resp) {
         free_spool_reader(sr);
@@ -480,6 +540,7 @@ static enum MHD_Result handle_tags(request *r) {
         return send_error(r, 400, "UNSUPPORTED", "last=\"%.64s\" must be a tag", last);
     policy_resolution res;
     if (run_resolve(r, &res) != 0) return MHD_YES;
+    policy_resolution_clear(&res);
     upstream *u = find_upstream(r->srv, res.upstream);
     char path[800];
     int pl = snprintf(path, sizeof path, "%s/tags/list", res.repository);
@@ -533,6 +594,7 @@ static enum MHD_Result handle_tags(request *r) {
         return MHD_NO;
     }
     MHD_add_response_header(mr, "Content-Type", "application/json");
+    metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
     if (resp.link[0]) {
         /* </v2/UPSTREAM-REPO/tags/list?...>; rel="next" -> our path. */
         const char *q = strstr(resp.link, "/tags/list");
@@ -543,6 +605,31 @@ static enum MHD_Result handle_tags(request *r) {
         }
     }
     return queue(r, 200, mr);
+}
+
+/* Ready: the cache takes a new file and the policy is loaded. Never asks
+ * an upstream. */
+static int server_ready(void *ud, char *why, size_t whylen) {
+    server *s = ud;
+    if (!s->pol) {
+        snprintf(why, whylen, "no policy loaded");
+        return -1;
+    }
+    return metrics_cache_writable(store_dir(s->st), why, whylen);
+}
+
+/* /healthz and /readyz, also served on the metrics listener. */
+static enum MHD_Result handle_health(request *r, const char *url) {
+    r->kind = "health";
+    char body[768];
+    unsigned status = metrics_health_answer(url, server_ready, r->srv, body, sizeof body);
+    size_t len = strlen(body);
+    struct MHD_Response *resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_COPY);
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    MHD_add_response_header(resp, "Cache-Control", "no-store");
+    metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
+    return queue(r, status, resp);
 }
 
 /* ---------- routing ---------- */
@@ -568,7 +655,9 @@ static bool method_allowed(request *r) {
 static enum MHD_Result route(request *r, const char *url) {
     char path[MAX_URL_BYTES];
     size_t ulen = strlen(url);
-    if (ulen >= sizeof path) return send_error(r, 414, "NAME_INVALID", "URL longer than %d bytes", MAX_URL_BYTES);
+    if (ulen >= sizeof path || ulen > r->srv->cfg->url_max_bytes)
+        return send_error(r, 414, "NAME_INVALID", "URL longer than %u bytes (limits.url_max_bytes)",
+                          r->srv->cfg->url_max_bytes);
 
     /* /<upstream>/v2/... is the same as /v2/<upstream>/... (mirror URLs with a path). */
     if (url[0] == '/' && strncmp(url, "/v2", 3) != 0) {
@@ -588,6 +677,7 @@ static enum MHD_Result route(request *r, const char *url) {
         }
     }
 
+    if (strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0) return handle_health(r, url);
     if (strcmp(url, "/v2/") == 0 || strcmp(url, "/v2") == 0) {
         r->kind = "ping";
         if (!method_allowed(r))
@@ -641,6 +731,43 @@ static enum MHD_Result route(request *r, const char *url) {
     return handle_tags(r);
 }
 
+/* ---------- client protections (guard.h) ---------- */
+
+static guard_conn *conn_guard(struct MHD_Connection *conn) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return ci ? ci->socket_context : NULL;
+}
+
+static void notify_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                              enum MHD_ConnectionNotificationCode toe) {
+    server *s = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        *socket_context = ci ? guard_conn_open(s->guard, ci->connect_fd) : NULL;
+    } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
+        guard_conn_close(s->guard, *socket_context);
+        *socket_context = NULL;
+    }
+}
+
+static enum MHD_Result send_rate_limited(request *r, unsigned retry_after) {
+    char msg[160], ra[16];
+    snprintf(msg, sizeof msg, "too many requests from this client (limits.requests_per_second is %u); retry in %u s",
+             r->srv->cfg->requests_per_second, retry_after);
+    snprintf(ra, sizeof ra, "%u", retry_after);
+    size_t len = 0;
+    char *body = oci_error_body("TOOMANYREQUESTS", msg, NULL, &len);
+    struct MHD_Response *resp = body ? MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE) : NULL;
+    if (!resp) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    MHD_add_response_header(resp, "Retry-After", ra);
+    metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
+    return queue(r, 429, resp);
+}
+
 static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                       const char *version, const char *upload_data, size_t *upload_data_size,
                                       void **con_cls) {
@@ -650,20 +777,41 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
      * close the connection, so the answer comes on the next call. Request
      * bodies are never used: they are consumed and dropped. */
     if (*con_cls == NULL) {
-        *con_cls = (void *)1;
-        return MHD_YES;
+        /* Headers complete: the slow-header deadline no longer applies. */
+        guard_conn_headers_done(((server *)cls)->guard, conn_guard(conn));
+        /* The request's access record; request_completed logs and frees it. */
+        *con_cls = metrics_access_begin(conn, method, url);
+        return *con_cls ? MHD_YES : MHD_NO;
     }
     if (*upload_data_size != 0) {
         *upload_data_size = 0;
         return MHD_YES;
     }
-    request r = {.srv = cls, .conn = conn, .method = method, .head = strcmp(method, "HEAD") == 0};
+    request r = {.srv = cls, .conn = conn, .method = method, .head = strcmp(method, "HEAD") == 0, .acc = *con_cls};
+    const union MHD_ConnectionInfo *peer = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    unsigned retry_after = 0;
+    /* Health probes are never rate-limited (a 429 would get the pod restarted). */
+    bool probe = strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0;
+    if (!probe && !guard_rate_allow(r.srv->guard, peer ? peer->client_addr : NULL, &retry_after))
+        return send_rate_limited(&r, retry_after);
     const char *ns = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "ns");
     if (ns && query_decode(ns, r.ns, sizeof r.ns) != 0) {
         r.ns[0] = '\0';
         return send_error(&r, 400, "UNSUPPORTED", "the ns query parameter is not a host name");
     }
-    return route(&r, url);
+    client_auth_parse(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION), &r.cred);
+    enum MHD_Result ret = route(&r, url);
+    client_credentials_wipe(&r.cred);
+    return ret;
+}
+
+/* MHD's end of a request (sent, failed or cut): count it, log it. */
+static void request_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                              enum MHD_RequestTerminationCode toe) {
+    metrics_access_end(*con_cls, toe == MHD_REQUEST_TERMINATED_COMPLETED_OK);
+    *con_cls = NULL;
+    /* Kept alive: the next request's headers have a deadline again. */
+    if (cls) guard_conn_request_done(((server *)cls)->guard, conn_guard(conn));
 }
 
 static void mhd_log(void *cls, const char *fmt, va_list ap) {
@@ -674,6 +822,29 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
     log_warn("libmicrohttpd: %s", msg);
 }
 
+/* Before anything else is opened: TLS material (already read at config
+ * load), the listening socket, then the switch to the configured user, so
+ * the store, the upstream clients and the policy run unprivileged. */
+static int server_harden(server *s, const config *c, char *err, size_t errlen) {
+    if (tls_config_load(c, &s->tls, err, errlen) != 0) return -1;
+    if (s->tls && s->tls->expired) log_warn("tls: the certificate %s expired on %s", s->tls->subject, s->tls->not_after);
+    hardening_raise_nofile();
+    if (hardening_listen(c->listen_host, c->listen_port, 1024, &s->listen_fd, err, errlen) != 0) return -1;
+    if (c->user) {
+        uid_t uid;
+        gid_t gid;
+        if (hardening_user_lookup(c->user, &uid, &gid, err, errlen) != 0) return -1;
+        if (geteuid() == 0 && hardening_prepare_dir(c->cache_dir, uid, gid, err, errlen) != 0) return -1;
+        if (hardening_drop_privileges(c->user, uid, gid, err, errlen) != 0) return -1;
+        log_info("running as user %s (uid %u, gid %u)", c->user, (unsigned)uid, (unsigned)gid);
+    }
+    guard_options go = {.header_timeout_s = c->header_timeout_s,
+                        .requests_per_second = c->requests_per_second,
+                        .burst = c->request_burst};
+    s->guard = guard_new(&go, err, errlen);
+    return s->guard ? 0 : -1;
+}
+
 server *server_start(const config *c, char *err, size_t errlen) {
     server *s = calloc(1, sizeof *s);
     if (!s) {
@@ -681,10 +852,21 @@ server *server_start(const config *c, char *err, size_t errlen) {
         return NULL;
     }
     s->cfg = c;
+    s->listen_fd = -1;
+    if (server_harden(s, c, err, errlen) != 0) goto fail;
+    metrics_config mc;
+    char merr[512];
+    if (metrics_config_parse(c->metrics, &mc, merr, sizeof merr) != 0) {
+        snprintf(err, errlen, "%s: %s", c->path, merr);
+        goto fail;
+    }
+    metrics_set_access_log(mc.access_log);
     s->st = store_open(c->cache_dir, c->cache_max_bytes, err, errlen);
     if (!s->st) goto fail;
-    fetch_options fo = {.retries = c->upstream_retries, .backoff_ms = 200};
+    metrics_cache_scan(c->cache_dir);
+    fetch_options fo = {.max_concurrent = c->upstream_max_concurrent_fetches};
     s->fetches = fetcher_new(s->st, &fo);
+    metrics_watch_fetcher(s->fetches);
     s->ups = calloc(c->n_upstreams, sizeof *s->ups);
     if (!s->fetches || !s->ups) {
         snprintf(err, errlen, "server: out of memory");
@@ -702,29 +884,59 @@ server *server_start(const config *c, char *err, size_t errlen) {
             .connect_timeout_ms = c->upstream_connect_timeout_ms,
             .low_speed_limit = c->upstream_low_speed_limit,
             .low_speed_time_s = c->upstream_low_speed_time_s,
+            .mirrors = (const char *const *)cu->mirrors,
+            .n_mirrors = cu->n_mirrors,
+            .retries = c->upstream_retries,
+            .retry_budget_ms = c->upstream_retry_budget_s * 1000,
         };
         s->ups[i] = upstream_new(&uo, err, errlen);
         if (!s->ups[i]) goto fail;
     }
     s->pol = policy_new(c, err, errlen);
     if (!s->pol) goto fail;
+    s->layers = layer_catalog_new(c, err, errlen);
+    if (!s->layers) goto fail;
+    s->gen = (generate_env){.cfg = c, .st = s->st, .fetches = s->fetches, .pol = s->pol,
+                            .layers = {.cfg = c, .st = s->st, .fetches = s->fetches, .cat = s->layers,
+                                       .find_upstream = upstream_by_name, .ud = s}};
 
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)c->listen_port)};
-    if (inet_pton(AF_INET, c->listen_host, &sa.sin_addr) != 1) {
-        snprintf(err, errlen, "listen: \"%s\" is not an IPv4 address", c->listen_host);
+    /* TLS and the per-IP connection limit go in as an option array (they
+     * are optional). */
+    struct MHD_OptionItem extra[8];
+    size_t ne = 0;
+    if (s->tls) {
+        extra[ne++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls->cert_pem};
+        extra[ne++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls->key_pem};
+        extra[ne++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)s->tls->priorities};
+        if (s->tls->key_password)
+            extra[ne++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_KEY_PASSWORD, 0, s->tls->key_password};
+    }
+    if (c->connections_per_ip)
+        extra[ne++] = (struct MHD_OptionItem){MHD_OPTION_PER_IP_CONNECTION_LIMIT, (intptr_t)c->connections_per_ip, NULL};
+    extra[ne] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
+    s->daemon = MHD_start_daemon(
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG |
+            (s->tls ? MHD_USE_TLS : 0),
+        0, NULL, NULL, access_handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_LISTEN_SOCKET,
+        s->listen_fd, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
+        NULL, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)c->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned int)c->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)c->header_max_bytes,
+        MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024), MHD_OPTION_NOTIFY_COMPLETED, request_completed, s,
+        MHD_OPTION_NOTIFY_CONNECTION, notify_connection, s, MHD_OPTION_ARRAY, extra, MHD_OPTION_END);
+    if (!s->daemon) {
+        snprintf(err, errlen, "listen %s:%d: cannot start the HTTP%s server (see the libmicrohttpd message above)",
+                 c->listen_host, c->listen_port, s->tls ? "S" : "");
         goto fail;
     }
-    s->daemon = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-        access_handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
-        NULL, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)c->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned int)c->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
-        MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024),
-        MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
-    if (!s->daemon) {
-        snprintf(err, errlen, "listen %s:%d: cannot start the HTTP server (port in use?)", c->listen_host,
-                 c->listen_port);
-        goto fail;
+    s->listen_fd = -1; /* closed by MHD_stop_daemon */
+    if (s->tls)
+        log_info("serving HTTPS with %s (expires %s)", s->tls->subject, s->tls->not_after);
+    if (mc.enabled && !(s->metrics = metrics_server_start(&mc, server_ready, s, err, errlen))) goto fail;
+    if (c->blobserve) {
+        blobserve_config *bc = NULL;
+        if (blobserve_config_parse(c, &bc, err, errlen) != 0) goto fail;
+        blobserve_env be = {.cfg = c, .st = s->st, .fetches = s->fetches, .pol = s->pol, .ups = s->ups};
+        if (!(s->blobserve = blobserve_start(&be, bc, err, errlen))) goto fail;
     }
     return s;
 fail:
@@ -734,12 +946,19 @@ fail:
 
 void server_stop(server *s) {
     if (!s) return;
+    metrics_server_stop(s->metrics);
+    blobserve_stop(s->blobserve); /* before the fetcher, store and policy it borrows */
     if (s->daemon) MHD_stop_daemon(s->daemon);
+    metrics_watch_fetcher(NULL);
     fetcher_free(s->fetches);
     policy_free(s->pol);
+    layer_catalog_free(s->layers);
     if (s->ups)
         for (size_t i = 0; i < s->cfg->n_upstreams; i++) upstream_free(s->ups[i]);
     free(s->ups);
     store_close(s->st);
+    guard_free(s->guard);
+    tls_config_free(s->tls);
+    if (s->listen_fd >= 0) close(s->listen_fd);
     free(s);
 }

@@ -14,13 +14,262 @@
 #include "regfacade/digest.h"
 #include "regfacade/json.h"
 #include "regfacade/ref.h"
+#include "regfacade/log.h"
+#include "regfacade/metrics.h"
+
+/* A reader of a cached blob: an open fd of the blob's file. The pin holds
+ * while that fd still refers to that file (same device and inode), so a
+ * reader that closes its fd without store_blob_unpin() (libmicrohttpd
+ * closes a sendfile response's fd itself) releases the pin all the same;
+ * stale pins are pruned whenever the entry's pins are looked at. */
+typedef struct blob_pin blob_pin;
+struct blob_pin {
+    blob_pin *next;
+    int fd;
+    dev_t dev;
+    ino_t ino;
+};
+
+/* One blob in blobs/: its size and place in the LRU list. */
+typedef struct blob_entry blob_entry;
+struct blob_entry {
+    blob_entry *hnext;         /* hash chain */
+    blob_entry *newer, *older; /* LRU list: s->newest ... s->oldest */
+    uint64_t size;
+    blob_pin *pins;
+    char hex[65];
+};
 
 struct store {
     char *dir;
     uint64_t max_bytes;
     pthread_mutex_t lock;
     unsigned long spool_seq;
+    /* The index of blobs/, guarded by lock: built by a scan at open,
+     * updated by commits, opens and evictions. */
+    blob_entry **buckets;
+    size_t nbuckets, nentries;
+    blob_entry *newest, *oldest;
+    uint64_t total; /* bytes of every indexed blob */
+    store_stats stats;
 };
+
+/* ---------- the index ---------- */
+
+static size_t hex_hash(const char *hex) {
+    size_t h = 0;
+    for (int i = 0; i < 12 && hex[i]; i++) h = h * 16 + (size_t)(hex[i] <= '9' ? hex[i] - '0' : hex[i] - 'a' + 10);
+    return h;
+}
+
+static blob_entry *index_find(store *s, const char *hex) {
+    if (!s->nbuckets) return NULL;
+    for (blob_entry *e = s->buckets[hex_hash(hex) % s->nbuckets]; e; e = e->hnext)
+        if (strcmp(e->hex, hex) == 0) return e;
+    return NULL;
+}
+
+static void lru_unlink(store *s, blob_entry *e) {
+    if (e->newer) e->newer->older = e->older;
+    else s->newest = e->older;
+    if (e->older) e->older->newer = e->newer;
+    else s->oldest = e->newer;
+    e->newer = e->older = NULL;
+}
+
+static void lru_push_newest(store *s, blob_entry *e) {
+    e->older = s->newest;
+    e->newer = NULL;
+    if (s->newest) s->newest->newer = e;
+    s->newest = e;
+    if (!s->oldest) s->oldest = e;
+}
+
+static void index_touch(store *s, blob_entry *e) {
+    if (s->newest == e) return;
+    lru_unlink(s, e);
+    lru_push_newest(s, e);
+}
+
+static int index_grow(store *s) {
+    size_t n = s->nbuckets ? s->nbuckets * 2 : 1024;
+    blob_entry **b = calloc(n, sizeof *b);
+    if (!b) return -1;
+    for (size_t i = 0; i < s->nbuckets; i++) {
+        for (blob_entry *e = s->buckets[i], *next; e; e = next) {
+            next = e->hnext;
+            size_t k = hex_hash(e->hex) % n;
+            e->hnext = b[k];
+            b[k] = e;
+        }
+    }
+    free(s->buckets);
+    s->buckets = b;
+    s->nbuckets = n;
+    return 0;
+}
+
+/* The entry of hex, added as the newest when new (size updated when
+ * known). NULL on allocation failure. */
+static blob_entry *index_add(store *s, const char *hex, uint64_t size) {
+    blob_entry *e = index_find(s, hex);
+    if (e) {
+        s->total = s->total - e->size + size;
+        e->size = size;
+        index_touch(s, e);
+        return e;
+    }
+    if (s->nentries >= s->nbuckets && index_grow(s) != 0) return NULL;
+    e = calloc(1, sizeof *e);
+    if (!e) return NULL;
+    snprintf(e->hex, sizeof e->hex, "%s", hex);
+    e->size = size;
+    size_t k = hex_hash(hex) % s->nbuckets;
+    e->hnext = s->buckets[k];
+    s->buckets[k] = e;
+    lru_push_newest(s, e);
+    s->nentries++;
+    s->total += size;
+    return e;
+}
+
+static void index_remove(store *s, blob_entry *e) {
+    blob_entry **pp = &s->buckets[hex_hash(e->hex) % s->nbuckets];
+    while (*pp && *pp != e) pp = &(*pp)->hnext;
+    if (*pp) *pp = e->hnext;
+    lru_unlink(s, e);
+    s->nentries--;
+    s->total -= e->size;
+    for (blob_pin *p = e->pins, *next; p; p = next) {
+        next = p->next;
+        free(p);
+    }
+    free(e);
+}
+
+/* Drop the pins whose fd no longer refers to the pinned file; true when a
+ * live one is left. */
+static bool pins_prune(blob_entry *e) {
+    for (blob_pin **pp = &e->pins; *pp;) {
+        struct stat st;
+        blob_pin *p = *pp;
+        if (fstat(p->fd, &st) == 0 && st.st_dev == p->dev && st.st_ino == p->ino) {
+            pp = &p->next;
+        } else {
+            *pp = p->next;
+            free(p);
+        }
+    }
+    return e->pins != NULL;
+}
+
+static void pin_add(blob_entry *e, int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return;
+    pins_prune(e);
+    blob_pin *p = calloc(1, sizeof *p);
+    if (!p) return; /* unpinned: at worst it may be evicted while read (the open fd still reads it whole) */
+    p->fd = fd;
+    p->dev = st.st_dev;
+    p->ino = st.st_ino;
+    p->next = e->pins;
+    e->pins = p;
+}
+
+static int blob_path_hex(const store *s, const char *hex, char *out, size_t outlen) {
+    int n = snprintf(out, outlen, "%s/blobs/sha256/%.2s/%s", s->dir, hex, hex);
+    return n > 0 && (size_t)n < outlen ? 0 : -1;
+}
+
+/* Remove least recently used blobs until the total fits max_bytes; pinned
+ * blobs (being read) are skipped. Called with the lock held. */
+static void evict_locked(store *s) {
+    blob_entry *e = s->oldest;
+    while (s->total > s->max_bytes && e) {
+        blob_entry *newer = e->newer;
+        if (!pins_prune(e)) {
+            char p[PATH_MAX];
+            uint64_t size = e->size;
+            if (blob_path_hex(s, e->hex, p, sizeof p) == 0 && unlink(p) != 0 && errno != ENOENT)
+                log_error("store: evicting %s: %s", p, strerror(errno));
+            index_remove(s, e);
+            s->stats.evicted++;
+            s->stats.evicted_bytes += size;
+            metrics_cache_evicted(size);
+        }
+        e = newer;
+    }
+}
+
+static bool is_hex64(const char *s) { return strlen(s) == 64 && strspn(s, "0123456789abcdef") == 64; }
+
+typedef struct {
+    char hex[65];
+    uint64_t size;
+    time_t used;
+} scan_item;
+
+static int by_used(const void *a, const void *b) {
+    const scan_item *x = a, *y = b;
+    return x->used < y->used ? -1 : x->used > y->used ? 1 : strcmp(x->hex, y->hex);
+}
+
+/* Index every blob in blobs/sha256/xx/, oldest use (atime or mtime, the
+ * later) first, so the LRU order survives a restart as far as the
+ * filesystem kept it. */
+static int index_scan(store *s, char *err, size_t errlen) {
+    char top[PATH_MAX];
+    snprintf(top, sizeof top, "%s/blobs/sha256", s->dir);
+    DIR *d = opendir(top);
+    if (!d) {
+        snprintf(err, errlen, "store: open %s: %s", top, strerror(errno));
+        return -1;
+    }
+    scan_item *items = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *de;
+    int rc = 0;
+    while (rc == 0 && (de = readdir(d)) != NULL) {
+        if (strlen(de->d_name) != 2 || strspn(de->d_name, "0123456789abcdef") != 2) continue;
+        char sub[PATH_MAX];
+        snprintf(sub, sizeof sub, "%s/%s", top, de->d_name);
+        DIR *d2 = opendir(sub);
+        if (!d2) continue;
+        struct dirent *f;
+        while ((f = readdir(d2)) != NULL) {
+            if (!is_hex64(f->d_name) || strncmp(f->d_name, de->d_name, 2) != 0) continue;
+            char p[PATH_MAX];
+            struct stat st;
+            snprintf(p, sizeof p, "%s/%s", sub, f->d_name);
+            if (lstat(p, &st) != 0 || !S_ISREG(st.st_mode)) continue;
+            if (n == cap) {
+                size_t nc = cap ? cap * 2 : 256;
+                scan_item *ni = realloc(items, nc * sizeof *ni);
+                if (!ni) {
+                    snprintf(err, errlen, "store: out of memory scanning %s", top);
+                    rc = -1;
+                    break;
+                }
+                items = ni;
+                cap = nc;
+            }
+            snprintf(items[n].hex, sizeof items[n].hex, "%s", f->d_name);
+            items[n].size = (uint64_t)st.st_size;
+            items[n].used = st.st_atime > st.st_mtime ? st.st_atime : st.st_mtime;
+            n++;
+        }
+        closedir(d2);
+    }
+    closedir(d);
+    if (rc == 0 && n) qsort(items, n, sizeof *items, by_used);
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        if (!index_add(s, items[i].hex, items[i].size)) {
+            snprintf(err, errlen, "store: out of memory indexing %s", top);
+            rc = -1;
+        }
+    free(items);
+    return rc;
+}
 
 static int mkdir_0700(const char *path, char *err, size_t errlen) {
     if (mkdir(path, 0700) == 0) return 0;
@@ -72,11 +321,20 @@ store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
     char tmp[PATH_MAX];
     snprintf(tmp, sizeof tmp, "%s/tmp", dir);
     clear_tmp(tmp); /* partial spools of an earlier run are never trusted */
+    if (index_scan(s, err, errlen) != 0) {
+        store_close(s);
+        return NULL;
+    }
+    pthread_mutex_lock(&s->lock);
+    evict_locked(s); /* the cap may have been lowered since the last run */
+    pthread_mutex_unlock(&s->lock);
     return s;
 }
 
 void store_close(store *s) {
     if (!s) return;
+    while (s->oldest) index_remove(s, s->oldest);
+    free(s->buckets);
     pthread_mutex_destroy(&s->lock);
     free(s->dir);
     free(s);
@@ -97,21 +355,71 @@ int store_blob_open(store *s, const char *digest, int *fd, uint64_t *size, char 
         snprintf(err, errlen, "store: %s is not a sha256 digest", digest);
         return -1;
     }
+    /* Open and pin under the lock, so an eviction cannot come between. */
+    pthread_mutex_lock(&s->lock);
     int f = open(p, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (f < 0) {
-        if (errno == ENOENT) return 0;
-        snprintf(err, errlen, "store: open %s: %s", p, strerror(errno));
+        int e = errno;
+        pthread_mutex_unlock(&s->lock);
+        if (e == ENOENT) return 0;
+        snprintf(err, errlen, "store: open %s: %s", p, strerror(e));
         return -1;
     }
     struct stat st;
     if (fstat(f, &st) != 0 || !S_ISREG(st.st_mode)) {
+        pthread_mutex_unlock(&s->lock);
         close(f);
         snprintf(err, errlen, "store: %s is not a regular file", p);
         return -1;
     }
+    blob_entry *e = index_add(s, digest + 7, (uint64_t)st.st_size);
+    if (e) pin_add(e, f);
+    pthread_mutex_unlock(&s->lock);
     *fd = f;
     *size = (uint64_t)st.st_size;
     return 1;
+}
+
+void store_blob_unpin(store *s, const char *digest, int fd) {
+    if (!ref_is_sha256_digest(digest)) return;
+    pthread_mutex_lock(&s->lock);
+    blob_entry *e = index_find(s, digest + 7);
+    if (e) {
+        for (blob_pin **pp = &e->pins; *pp; pp = &(*pp)->next) {
+            if ((*pp)->fd == fd) {
+                blob_pin *p = *pp;
+                *pp = p->next;
+                free(p);
+                break;
+            }
+        }
+        if (s->total > s->max_bytes) evict_locked(s);
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+void store_blob_close(store *s, const char *digest, int fd) {
+    if (fd < 0) return;
+    store_blob_unpin(s, digest, fd);
+    close(fd);
+}
+
+bool store_blob_pinned(store *s, const char *digest) {
+    if (!ref_is_sha256_digest(digest)) return false;
+    pthread_mutex_lock(&s->lock);
+    blob_entry *e = index_find(s, digest + 7);
+    bool pinned = e && pins_prune(e);
+    pthread_mutex_unlock(&s->lock);
+    return pinned;
+}
+
+void store_get_stats(store *s, store_stats *out) {
+    pthread_mutex_lock(&s->lock);
+    *out = s->stats;
+    out->blobs = s->nentries;
+    out->bytes = s->total;
+    out->max_bytes = s->max_bytes;
+    pthread_mutex_unlock(&s->lock);
 }
 
 bool store_blob_exists(store *s, const char *digest) {
@@ -126,14 +434,14 @@ int store_blob_read(store *s, const char *digest, size_t max, char **data, size_
     int rc = store_blob_open(s, digest, &fd, &size, err, errlen);
     if (rc <= 0) return rc;
     if (size > max) {
-        close(fd);
+        store_blob_close(s, digest, fd);
         snprintf(err, errlen, "store: %s is %llu bytes, over the %zu-byte limit", digest,
                  (unsigned long long)size, max);
         return -1;
     }
     char *buf = malloc(size + 1);
     if (!buf) {
-        close(fd);
+        store_blob_close(s, digest, fd);
         snprintf(err, errlen, "store: out of memory reading %s", digest);
         return -1;
     }
@@ -143,13 +451,13 @@ int store_blob_read(store *s, const char *digest, size_t max, char **data, size_
         if (n <= 0) {
             if (n < 0 && errno == EINTR) continue;
             free(buf);
-            close(fd);
+            store_blob_close(s, digest, fd);
             snprintf(err, errlen, "store: read %s: %s", digest, n < 0 ? strerror(errno) : "short file");
             return -1;
         }
         got += (size_t)n;
     }
-    close(fd);
+    store_blob_close(s, digest, fd);
     buf[size] = '\0';
     *data = buf;
     *len = size;
@@ -189,10 +497,24 @@ int store_spool_commit(store *s, store_spool *sp, const char *digest, char *err,
         snprintf(err, errlen, "store: fsync %s: %s", sp->path, strerror(errno));
         return -1;
     }
+    /* Rename, index and pin under the lock: an eviction sees the blob
+     * either absent or indexed, never a file it does not know. The spool's
+     * fd pins the blob for as long as it stays open (fetch readers). */
+    struct stat st;
+    pthread_mutex_lock(&s->lock);
     if (rename(sp->path, p) != 0) {
-        snprintf(err, errlen, "store: rename %s to %s: %s", sp->path, p, strerror(errno));
+        int e = errno;
+        pthread_mutex_unlock(&s->lock);
+        snprintf(err, errlen, "store: rename %s to %s: %s", sp->path, p, strerror(e));
         return -1;
     }
+    if (fstat(sp->fd, &st) == 0) {
+        blob_entry *e = index_add(s, digest + 7, (uint64_t)st.st_size);
+        if (e) pin_add(e, sp->fd);
+        s->stats.committed++;
+        evict_locked(s);
+    }
+    pthread_mutex_unlock(&s->lock);
     if (fsync_dir(d) != 0) {
         snprintf(err, errlen, "store: fsync %s: %s", d, strerror(errno));
         return -1;
@@ -223,8 +545,12 @@ int store_put(store *s, const char *digest, const void *data, size_t len, char *
         done += (size_t)n;
     }
     int rc = store_spool_commit(s, &sp, digest, err, errlen);
-    if (rc != 0) store_spool_discard(s, &sp);
-    close(sp.fd);
+    if (rc != 0) {
+        store_spool_discard(s, &sp);
+        close(sp.fd);
+    } else {
+        store_blob_close(s, digest, sp.fd);
+    }
     return rc;
 }
 

@@ -21,6 +21,7 @@
 #include "regfacade/upstream.h"
 
 #include "regfacade/json.h"
+#include "regfacade/metrics.h"
 #include "regfacade/ref.h"
 
 #include <ctype.h>
@@ -52,6 +53,13 @@
 #define TOKEN_DEFAULT_TTL_S 60            /* when expires_in is absent (token spec) */
 #define TOKEN_EARLY_EXPIRY_S 10           /* treat a token as expired this early */
 #define TOKEN_CACHE_MAX 256               /* entries per upstream */
+#define UPSTREAM_MAX_BASES 16             /* url plus mirrors */
+#define UPSTREAM_BASE_DOWN_MS 10000L      /* a failed base URL is skipped this long */
+#define UPSTREAM_BASE_DOWN_MAX_MS 300000L /* longest skip a Retry-After may ask */
+#define UPSTREAM_DEFAULT_RETRIES 3
+#define UPSTREAM_DEFAULT_BUDGET_MS 30000L
+#define UPSTREAM_DEFAULT_BACKOFF_MS 200L
+#define UPSTREAM_BACKOFF_MAX_MS 10000L    /* longest backoff between two attempts */
 
 /* ------------------------------------------------------------------ */
 /* small helpers */
@@ -122,6 +130,13 @@ static int64_t now_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* true when s holds a byte that must never reach a header or a URL */
@@ -195,6 +210,17 @@ struct upstream {
     long connect_timeout_ms;
     long low_speed_limit;
     long low_speed_time_s;
+
+    /* base URLs: bases[0] == url, then the mirrors; down_until[i] is the
+     * monotonic ms until which base i is skipped (guarded by pool_mu) */
+    char *bases[UPSTREAM_MAX_BASES];
+    size_t nbases;
+    int64_t down_until[UPSTREAM_MAX_BASES];
+
+    /* retry pacing (upstream_retry_delay) */
+    int retries;
+    long retry_budget_ms;
+    long backoff_ms;
 
     /* idle easy handles; each one keeps its own connection cache, so a
      * handle taken from here usually finds a live keep-alive connection. */
@@ -299,11 +325,61 @@ void upstream_free(upstream *u)
     }
     free(u->name);
     free(u->url);
+    for (size_t i = 1; i < u->nbases; i++) /* bases[0] is url */
+        free(u->bases[i]);
     free(u->username);
     free_secret(u->password);
     free(u->ca_file);
     free(u->user_agent);
     free(u);
+}
+
+/* A base URL: http(s), a host, no credentials, query or fragment. Returns
+ * 1 for https, 0 for http, -1 with err set. */
+static int check_base_url(const char *name, const char *what, const char *url, char *err, size_t errlen)
+{
+    if (!url || !*url) {
+        set_err(err, errlen, "upstream %s: %s is required", name, what);
+        return -1;
+    }
+    bool https = strncasecmp(url, "https://", 8) == 0;
+    if (!https && strncasecmp(url, "http://", 7) != 0) {
+        set_err(err, errlen, "upstream %s: %s must start with http:// or https://", name, what);
+        return -1;
+    }
+    if (has_ctl_or_space(url)) {
+        set_err(err, errlen, "upstream %s: %s contains spaces or control characters", name, what);
+        return -1;
+    }
+    const char *auth = url + (https ? 8 : 7);
+    size_t authlen = strcspn(auth, "/?#");
+    if (authlen == 0) {
+        set_err(err, errlen, "upstream %s: %s has no host", name, what);
+        return -1;
+    }
+    if (memchr(auth, '@', authlen)) {
+        /* Credentials in the URL would end up in logs and error messages. */
+        set_err(err, errlen, "upstream %s: %s must not contain credentials; use username and password",
+                name, what);
+        return -1;
+    }
+    if (strpbrk(auth, "?#")) {
+        set_err(err, errlen, "upstream %s: %s must not have a query or fragment", name, what);
+        return -1;
+    }
+    return https ? 1 : 0;
+}
+
+/* A copy of url without trailing slashes; NULL on allocation failure. */
+static char *base_dup(const char *url)
+{
+    char *b = xstrdup(url);
+    if (b) {
+        size_t n = strlen(b);
+        while (n > 0 && b[n - 1] == '/')
+            b[--n] = '\0';
+    }
+    return b;
 }
 
 upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
@@ -318,33 +394,19 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
         return NULL;
     }
     const char *url = opts->url;
-    if (!url || !*url) {
-        set_err(err, errlen, "upstream %s: url is required", name);
+    int https_rc = check_base_url(name, "url", url, err, errlen);
+    if (https_rc < 0)
+        return NULL;
+    bool https = https_rc == 1;
+    if (opts->n_mirrors + 1 > UPSTREAM_MAX_BASES || (opts->n_mirrors && !opts->mirrors)) {
+        set_err(err, errlen, "upstream %s: at most %d mirrors", name, UPSTREAM_MAX_BASES - 1);
         return NULL;
     }
-    bool https = strncasecmp(url, "https://", 8) == 0;
-    if (!https && strncasecmp(url, "http://", 7) != 0) {
-        set_err(err, errlen, "upstream %s: url must start with http:// or https://", name);
-        return NULL;
-    }
-    if (has_ctl_or_space(url)) {
-        set_err(err, errlen, "upstream %s: url contains spaces or control characters", name);
-        return NULL;
-    }
-    const char *auth = url + (https ? 8 : 7);
-    size_t authlen = strcspn(auth, "/?#");
-    if (authlen == 0) {
-        set_err(err, errlen, "upstream %s: url has no host", name);
-        return NULL;
-    }
-    if (memchr(auth, '@', authlen)) {
-        /* Credentials in the URL would end up in logs and error messages. */
-        set_err(err, errlen, "upstream %s: url must not contain credentials; use username and password",
-                name);
-        return NULL;
-    }
-    if (strpbrk(auth, "?#")) {
-        set_err(err, errlen, "upstream %s: url must not have a query or fragment", name);
+    for (size_t i = 0; i < opts->n_mirrors; i++)
+        if (check_base_url(name, "mirror", opts->mirrors[i], err, errlen) < 0)
+            return NULL;
+    if (opts->retry_budget_ms < 0 || opts->backoff_ms < 0) {
+        set_err(err, errlen, "upstream %s: retry budget and backoff must not be negative", name);
         return NULL;
     }
     if (opts->password && !opts->username) {
@@ -398,6 +460,19 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
     u->connect_timeout_ms = opts->connect_timeout_ms ? opts->connect_timeout_ms : UPSTREAM_DEFAULT_CONNECT_MS;
     u->low_speed_limit = opts->low_speed_limit ? opts->low_speed_limit : UPSTREAM_DEFAULT_LOW_SPEED;
     u->low_speed_time_s = opts->low_speed_time_s ? opts->low_speed_time_s : UPSTREAM_DEFAULT_LOW_SPEED_S;
+    u->retries = opts->retries < 0 ? UPSTREAM_DEFAULT_RETRIES : opts->retries;
+    u->retry_budget_ms = opts->retry_budget_ms ? opts->retry_budget_ms : UPSTREAM_DEFAULT_BUDGET_MS;
+    u->backoff_ms = opts->backoff_ms ? opts->backoff_ms : UPSTREAM_DEFAULT_BACKOFF_MS;
+    u->bases[0] = u->url;
+    u->nbases = 1;
+    for (size_t i = 0; i < opts->n_mirrors; i++) {
+        if (!(u->bases[u->nbases] = base_dup(opts->mirrors[i]))) {
+            set_err(err, errlen, "upstream %s: out of memory", name);
+            upstream_free(u);
+            return NULL;
+        }
+        u->nbases++;
+    }
 
     u->share = curl_share_init();
     if (!u->share || curl_share_setopt(u->share, CURLSHOPT_LOCKFUNC, share_lock) != CURLSHE_OK ||
@@ -609,6 +684,7 @@ typedef struct {
     int redirects;         /* redirects seen in this transfer */
     bool final_seen;       /* the headers of a final response are complete */
     bool aborted;          /* a callback of the caller returned -1 */
+    bool delivered;        /* on_headers was called: the caller saw this answer */
     auth_plan plan;
     www_authenticate chal;
     char plan_err[256];
@@ -704,6 +780,7 @@ static bool headers_complete(xfer *x)
     }
     if (st >= 200 && st < 300) {
         x->ph = strcmp(x->req->method, "HEAD") == 0 ? PH_DONE : PH_DELIVER;
+        x->delivered = true;
         if (x->req->on_headers && x->req->on_headers(x->req->ud, x->resp) != 0) {
             x->aborted = true;
             return false;
@@ -1166,9 +1243,12 @@ out:
 
 typedef enum { SEND_NONE, SEND_BEARER, SEND_BASIC } send_auth;
 
-upstream_result upstream_perform(upstream *u, const upstream_request *req, upstream_response *resp,
-                                 char *err, size_t errlen)
+/* One request to base URL number bi. *delivered: on_headers was called (the
+ * caller saw an answer), so another base must not be tried for it. */
+static upstream_result perform_base(upstream *u, size_t bi, const upstream_request *req,
+                                    upstream_response *resp, bool *delivered, char *err, size_t errlen)
 {
+    *delivered = false;
     if (err && errlen)
         err[0] = '\0';
     if (resp)
@@ -1203,19 +1283,21 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
     upstream_request rq = *req;
     rq.method = method;
 
-    char *url = xasprintf("%s/v2/%s", u->url, path);
+    char *url = xasprintf("%s/v2/%s", u->bases[bi], path);
     char *scope = repo[0] ? xasprintf("repository:%s:pull", repo) : xstrdup("");
+    /* tokens are cached per base URL: a mirror's realm is not the main's */
+    char *cscope = bi == 0 ? xstrdup(scope ? scope : "") : xasprintf("%zu|%s", bi, scope ? scope : "");
     CURL *h = pool_get(u);
     upstream_result res = UPSTREAM_ERR_INTERNAL;
     char *token = NULL;
-    if (!url || !scope || !h) {
+    if (!url || !scope || !cscope || !h) {
         set_err(err, errlen, "upstream %s: out of memory or libcurl init failure", u->name);
         goto out;
     }
 
     bool creds = u->username != NULL;
     send_auth how = SEND_NONE;
-    token = token_cache_get(u, scope, creds);
+    token = token_cache_get(u, cscope, creds);
     if (token)
         how = SEND_BEARER;
     else if (creds && basic_known(u))
@@ -1270,6 +1352,7 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
         /* libcurl keeps no pointer to the list after perform */
         curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
         slist_free_wiped(hdrs);
+        *delivered = x.delivered;
 
         if (rc != CURLE_OK) {
             res = map_curl_error(rc, &x);
@@ -1284,11 +1367,11 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
         }
         if (x.plan == AUTH_BEARER) {
             if (how == SEND_BEARER)
-                token_cache_drop(u, scope, creds, token); /* refused: do not reuse it */
+                token_cache_drop(u, cscope, creds, token); /* refused: do not reuse it */
             set_basic_known(u, false);
             free_secret(token);
             token = NULL;
-            int tr = fetch_token(u, h, &x.chal, scope, scope, &token, err, errlen);
+            int tr = fetch_token(u, h, &x.chal, scope, cscope, &token, err, errlen);
             if (tr != 0) {
                 res = tr == -2 ? UPSTREAM_ERR_DENIED : UPSTREAM_ERR_AUTH;
                 goto out;
@@ -1298,7 +1381,7 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
         }
         if (x.plan == AUTH_BASIC) {
             if (how == SEND_BEARER)
-                token_cache_drop(u, scope, creds, token); /* the upstream moved to Basic */
+                token_cache_drop(u, cscope, creds, token); /* the upstream moved to Basic */
             set_basic_known(u, true);
             how = SEND_BASIC;
             continue;
@@ -1306,20 +1389,192 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
         if (resp->status == 401 && x.may_retry_auth && resp->www_authenticate[0] == '\0' &&
             how == SEND_BEARER) {
             /* refused without a new challenge: forget the token anyway */
-            token_cache_drop(u, scope, creds, token);
+            token_cache_drop(u, cscope, creds, token);
         }
         res = UPSTREAM_OK;
         break;
     }
 
 out:
+    metrics_upstream_request(u->name, resp->status, res == UPSTREAM_OK ? NULL : upstream_result_name(res));
+    metrics_upstream_ratelimit(u->name, resp->ratelimit_remaining);
     if (token)
         free_secret(token);
     if (h)
         pool_put(u, h);
     free(url);
     free(scope);
+    free(cscope);
     return res;
+}
+
+size_t upstream_base_count(const upstream *u)
+{
+    return u ? u->nbases : 0;
+}
+
+/* Whether a failure of a base, before anything was delivered, sends the
+ * request on to the next base. */
+static bool base_failed(upstream_result res, const upstream_response *resp)
+{
+    if (res == UPSTREAM_OK)
+        return resp->status >= 500 || resp->status == 429;
+    return res == UPSTREAM_ERR_CONNECT || res == UPSTREAM_ERR_TLS || res == UPSTREAM_ERR_TIMEOUT ||
+           res == UPSTREAM_ERR_TRANSFER;
+}
+
+static void base_mark_down(upstream *u, size_t bi, const upstream_response *resp)
+{
+    long ms = UPSTREAM_BASE_DOWN_MS;
+    if (resp->status == 429) {
+        long ra = upstream_parse_retry_after(resp->retry_after);
+        if (ra > ms)
+            ms = ra < UPSTREAM_BASE_DOWN_MAX_MS ? ra : UPSTREAM_BASE_DOWN_MAX_MS;
+    }
+    pthread_mutex_lock(&u->pool_mu);
+    u->down_until[bi] = now_ms() + ms;
+    pthread_mutex_unlock(&u->pool_mu);
+}
+
+upstream_result upstream_perform(upstream *u, const upstream_request *req, upstream_response *resp,
+                                 char *err, size_t errlen)
+{
+    if (!u || !req || !resp || u->nbases <= 1) {
+        bool delivered;
+        return perform_base(u, 0, req, resp, &delivered, err, errlen);
+    }
+    /* The order: bases not skipped, in configured order; then the skipped
+     * ones, so a request is never refused without trying. */
+    size_t order[UPSTREAM_MAX_BASES], n = 0;
+    int64_t now = now_ms();
+    pthread_mutex_lock(&u->pool_mu);
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t i = 0; i < u->nbases; i++)
+            if ((u->down_until[i] <= now) == (pass == 0))
+                order[n++] = i;
+    pthread_mutex_unlock(&u->pool_mu);
+
+    char tried[600] = "";
+    upstream_result res = UPSTREAM_ERR_INTERNAL;
+    for (size_t k = 0; k < n; k++) {
+        size_t bi = order[k];
+        bool delivered = false;
+        res = perform_base(u, bi, req, resp, &delivered, err, errlen);
+        bool failed = base_failed(res, resp);
+        if (failed)
+            base_mark_down(u, bi, resp);
+        else if (res == UPSTREAM_OK) {
+            pthread_mutex_lock(&u->pool_mu);
+            u->down_until[bi] = 0; /* it answers again */
+            pthread_mutex_unlock(&u->pool_mu);
+        }
+        if (!failed || delivered || k + 1 == n)
+            break;
+        /* Next base; remember this one for the final message. */
+        char shown[300];
+        url_for_message(u->bases[bi], shown, sizeof shown, false);
+        size_t tl = strlen(tried);
+        if (tl < sizeof tried - 1)
+            snprintf(tried + tl, sizeof tried - tl, "%s%s: %s", tl ? ", " : "", shown,
+                     res == UPSTREAM_OK ? (resp->status == 429 ? "429" : "5xx") : upstream_result_name(res));
+    }
+    if (tried[0] && res != UPSTREAM_OK && err && errlen) {
+        size_t el = strlen(err);
+        if (el < errlen - 1)
+            snprintf(err + el, errlen - el, " (tried before: %s)", tried);
+    }
+    return res;
+}
+
+/* ------------------------------------------------------------------ */
+/* retry pacing */
+
+static uint32_t jitter_u32(void)
+{
+    return arc4random();
+}
+
+void upstream_sleep_ms(long ms)
+{
+    if (ms <= 0)
+        return;
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+long upstream_parse_retry_after(const char *v)
+{
+    if (!v)
+        return -1;
+    while (*v == ' ' || *v == '\t')
+        v++;
+    if (!*v)
+        return -1;
+    if (*v >= '0' && *v <= '9') {
+        int64_t n = 0;
+        const char *p = v;
+        for (; *p >= '0' && *p <= '9'; p++) {
+            if (n > 100000000)
+                return -1;
+            n = n * 10 + (*p - '0');
+        }
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (*p)
+            return -1;
+        return (long)(n * 1000);
+    }
+    time_t when = curl_getdate(v, NULL);
+    if (when == (time_t)-1)
+        return -1;
+    time_t now = time(NULL);
+    if (when <= now)
+        return 0;
+    int64_t d = (int64_t)(when - now);
+    return d > 100000000 ? 100000000L * 1000 : (long)(d * 1000);
+}
+
+void upstream_retry_init(upstream_retry *r)
+{
+    r->failures = 0;
+    r->start_ms = now_ms();
+}
+
+void upstream_retry_progress(upstream_retry *r)
+{
+    upstream_retry_init(r);
+}
+
+long upstream_retry_delay(const upstream *u, upstream_retry *r, const char *retry_after, char *why, size_t whylen)
+{
+    r->failures++;
+    if (r->failures > u->retries) {
+        set_err(why, whylen, "%d retr%s spent (upstream_client.retries)", u->retries, u->retries == 1 ? "y" : "ies");
+        return -1;
+    }
+    long base = u->backoff_ms;
+    for (int i = 1; i < r->failures && base < UPSTREAM_BACKOFF_MAX_MS; i++)
+        base *= 2;
+    if (base > UPSTREAM_BACKOFF_MAX_MS)
+        base = UPSTREAM_BACKOFF_MAX_MS;
+    long delay = base / 2 + (long)(jitter_u32() % (uint32_t)(base + 1));
+    long ra = upstream_parse_retry_after(retry_after);
+    int64_t left = r->start_ms + u->retry_budget_ms - now_ms();
+    if (ra >= 0 && ra > left) {
+        set_err(why, whylen, "the upstream asks to wait %lds (Retry-After), more than the %llds left of the "
+                "retry budget (upstream_client.retry_budget_seconds)", (ra + 999) / 1000,
+                (long long)(left > 0 ? left / 1000 : 0));
+        return -1;
+    }
+    if (ra > delay)
+        delay = ra;
+    if (delay > left) {
+        set_err(why, whylen, "the retry budget of %lds is spent (upstream_client.retry_budget_seconds)",
+                u->retry_budget_ms / 1000);
+        return -1;
+    }
+    return delay;
 }
 
 int upstream_result_http_status(upstream_result r, const char **code) {

@@ -23,6 +23,8 @@ typedef struct {
     char *ca_file;       /* NULL: system CAs */
     bool tls_verify;     /* default true */
     bool library_prefix; /* default: true for Docker Hub hosts */
+    char **mirrors;      /* more base URLs tried in order when one fails; NULL when none */
+    size_t n_mirrors;
 } config_upstream;
 
 typedef struct {
@@ -32,6 +34,8 @@ typedef struct {
     char *cache_dir;        /* absolute */
     uint64_t cache_max_bytes;
     long tag_ttl_seconds;   /* default 60 */
+    long stale_max_seconds; /* a known tag resolution is served this long past its last confirmation when the
+                               upstream fails; default 86400, 0: never served stale */
     char *policy_file;      /* NULL: the embedded default mirror policy */
     json_value *policy_options; /* an object, never NULL */
     config_upstream *upstreams;
@@ -44,8 +48,18 @@ typedef struct {
     long upstream_low_speed_time_s;    /* default 30 */
     long upstream_low_speed_limit;     /* bytes/s, default 1024 */
     int upstream_retries;              /* default 3 */
+    long upstream_retry_budget_s;      /* total time retries of one request may take, default 30 */
+    unsigned upstream_max_concurrent_fetches; /* blob transfers at once; more wait for a slot; default 64 */
     unsigned max_connections;          /* default 1024 */
     unsigned client_timeout_s;         /* idle client timeout, default 300 */
+    /* Client-facing limits (docs/security.md). */
+    unsigned header_max_bytes;         /* per-connection memory for request line + headers, default 64 KiB */
+    unsigned url_max_bytes;            /* request path, default 4096 */
+    unsigned connections_per_ip;       /* concurrent connections per client IP, 0 (default): no limit */
+    unsigned requests_per_second;      /* per client IP, 0 (default): no limit */
+    unsigned request_burst;            /* token bucket size, 0 (default): 2 x requests_per_second */
+    unsigned header_timeout_s;         /* complete request headers within this, default 30; 0: off */
+    char *user;                        /* drop privileges to this user after binding; NULL: stay */
     char *dir;                         /* the config file's folder (relative paths resolve here) */
     /* Sections owned and validated by their own modules (NULL when absent):
      * each module parses its section with its own *_config_parse(). */

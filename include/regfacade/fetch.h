@@ -32,9 +32,13 @@ typedef struct {
     char message[1024];
 } fetch_error;
 
+/* A broken transfer is retried, resumed with Range, paced by the
+ * upstream's retry settings (upstream_retry_delay: backoff with jitter,
+ * Retry-After, retries and budget; progress restarts the budget). */
+#define FETCH_DEFAULT_MAX_CONCURRENT 64
 typedef struct {
-    int retries;          /* extra attempts after a failure (resumed) */
-    long backoff_ms;      /* first backoff; doubles, with jitter */
+    unsigned max_concurrent; /* transfers at once (upstream_client.max_concurrent_fetches); more wait for a
+                                slot, they do not fail; 0: FETCH_DEFAULT_MAX_CONCURRENT */
 } fetch_options;
 
 fetcher *fetcher_new(store *s, const fetch_options *opts);
@@ -71,6 +75,7 @@ typedef struct {
     unsigned long started;   /* upstream fetches started */
     unsigned long coalesced; /* requests that joined a running fetch */
     unsigned long failed;
+    unsigned max_active;     /* most transfers that were in progress at once */
 } fetch_stats;
 void fetcher_stats(fetcher *f, fetch_stats *out);
 

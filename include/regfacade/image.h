@@ -69,13 +69,32 @@ typedef struct {
  * config descriptor is NOT yet updated: call image_finish() after any
  * further edits to the config (the rewrite hook). -1 with "what: why" in
  * err on a malformed input (missing layers array, diff_ids count not
- * matching layers, bad descriptor). */
+ * matching layers, bad descriptor). The inputs are never changed.
+ *
+ * Details:
+ *  - An added layer's descriptor has mediaType, size and digest in the
+ *    order the base's first layer descriptor uses (else its config
+ *    descriptor's; else that order), then urls and annotations when given.
+ *    Sizes above 2^63-1 are refused (OCI sizes are int64).
+ *  - A history entry is added per added layer only when the base config
+ *    has a "history" array: {"created": <the base config's "created", when
+ *    present, so output depends on inputs only>, "created_by": ...,
+ *    "comment": ... (when given)}. With "base" in the stack the base's
+ *    history stays one block in place (even when its non-empty entries do
+ *    not match the base layers), the added entries before or after it as
+ *    their layers are.
+ *  - Errors: "base manifest: layers[2].digest ...", "base config has 3
+ *    diff_ids for 2 layers", "stack[4] (layer sha256:...): diff_id ...".
+ *    Stack entries count from 1 (as the policy's Lua array), JSON arrays
+ *    from 0. "base" may appear once. */
 int image_assemble(const json_value *base_manifest, const json_value *base_config, const image_layer *stack,
                    size_t n, json_value **out_manifest, json_value **out_config, char *err, size_t errlen);
 
 /* Serialize the config, put its digest and size into the manifest's config
  * descriptor, and serialize the manifest. Both outputs malloc'd (caller
- * frees), with their sha256 digests. 0 on success, -1 with err. */
+ * frees), with their sha256 digests. 0 on success, -1 with err. The config
+ * descriptor keeps its key order; its "urls" and "data" members, which
+ * would describe the old config's bytes, are removed. */
 int image_finish(json_value *manifest, const json_value *config, char **config_bytes, size_t *config_len,
                  char config_digest[80], char **manifest_bytes, size_t *manifest_len, char manifest_digest[80],
                  char *err, size_t errlen);

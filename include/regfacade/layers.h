@@ -27,6 +27,7 @@
 #include <stdint.h>
 
 #include "regfacade/config.h"
+#include "regfacade/digest.h"
 #include "regfacade/fetch.h"
 #include "regfacade/image.h"
 #include "regfacade/json.h"
@@ -96,6 +97,12 @@ typedef struct {
 int layers_resolve(const layer_env *env, const layer_spec *specs, size_t n, const char *platform,
                    const char *base_upstream, const char *base_repository, layer_stack *out, fetch_error *e);
 void layer_stack_clear(layer_stack *s);
+
+/* Feed into key what decides the layers of specs: their canonical text,
+ * named layers' definitions, and the current manifest digest of every image
+ * source (through the tag cache), so a moved tag gives a new key. 0, or -1
+ * with e filled. */
+int layers_key(const layer_env *env, const layer_spec *specs, size_t n, digest_ctx *key, fetch_error *e);
 
 /* True when platform matches one of the filter entries ("linux/arm64"
  * matches "linux/arm64" and "linux/arm64/v8"). */

@@ -36,6 +36,7 @@ typedef struct {
     char digest[80];
     char media_type[128];
     char warning[512];    /* non-empty when served stale: the Warning header value */
+    const char *source;   /* where the bytes came from, for metrics: "cache", "upstream" or "generated" */
 } manifest;
 
 typedef struct {
@@ -44,9 +45,25 @@ typedef struct {
 } manifest_env;
 
 /* Get (upstream u, repository, reference). 0 with *out filled (free with
- * manifest_clear); -1 with e filled. */
+ * manifest_clear); -1 with e filled.
+ *
+ * Coalesced: while one call asks the upstream for a (u, repository,
+ * reference), the same calls from other threads wait for it and get a copy
+ * of its result (the same bytes, or the same error), so N clients of a
+ * cold tag cause one HEAD and one GET upstream. Answers from the cache are
+ * not coalesced. Upstream requests are retried per upstream_retry_delay().
+ * When the upstream fails (5xx, transport errors) or rate-limits (429) a
+ * tag resolution, the last known one is served with a Warning: 299 header
+ * if it was confirmed at most cache.stale_max_seconds ago (0: never); with
+ * such a fallback at hand, failed requests are not retried. */
 int manifest_get(const manifest_env *env, upstream *u, const char *repository, const char *reference,
                  manifest *out, fetch_error *e);
+
+typedef struct {
+    unsigned long started;   /* upstream resolutions run */
+    unsigned long coalesced; /* calls that waited for one already running */
+} manifest_flight_stats;
+void manifest_get_flight_stats(manifest_flight_stats *out);
 void manifest_clear(manifest *m);
 
 /* Media type of manifest bytes: the mediaType field, else inferred from the

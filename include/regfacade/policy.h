@@ -11,6 +11,7 @@
 #ifndef REGFACADE_POLICY_H
 #define REGFACADE_POLICY_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "regfacade/config.h"
@@ -76,5 +77,14 @@ const char *policy_fingerprint(const policy *p);
  * policy, or a policy failure as 500). Without a resolve hook, the request
  * maps to default_upstream unchanged. */
 int policy_resolve(policy *p, const policy_request *req, policy_resolution *out, policy_error *e);
+
+/* True when the policy has a rewrite hook. */
+bool policy_has_rewrite(policy *p);
+
+/* Run the rewrite hook on an assembled image: *manifest and *config are
+ * replaced by the hook's result. stack describes the layers (img.layers).
+ * 0 on success (or when there is no rewrite hook); -1 with e filled. */
+int policy_rewrite(policy *p, const policy_request *req, json_value **manifest, json_value **config,
+                   const image_layer *stack, size_t n, policy_error *e);
 
 #endif

@@ -27,9 +27,36 @@ void store_close(store *s);
 const char *store_dir(const store *s);
 
 /* Open a cached blob for reading: 1 found (fd and size set; caller closes),
- * 0 not cached, -1 error (err set). digest must be a valid sha256 digest. */
+ * 0 not cached, -1 error (err set). digest must be a valid sha256 digest.
+ * The open marks the blob most recently used and pins it: it is not
+ * evicted while fd stays open and refers to it. Close with
+ * store_blob_close(), or close(fd) (libmicrohttpd's sendfile responses
+ * close it themselves): a pin whose fd was closed is dropped lazily. */
 int store_blob_open(store *s, const char *digest, int *fd, uint64_t *size, char *err, size_t errlen);
+/* Release the pin of fd on digest (the fd stays open), then evict if the
+ * cache is over its cap. */
+void store_blob_unpin(store *s, const char *digest, int fd);
+/* store_blob_unpin() and close(fd). */
+void store_blob_close(store *s, const char *digest, int fd);
+/* True while some reader holds digest open (tests, metrics). */
+bool store_blob_pinned(store *s, const char *digest);
 bool store_blob_exists(store *s, const char *digest);
+
+/* The size cap: blobs/ (verified blobs and manifests, generated ones too)
+ * is kept under max_bytes by evicting the least recently used blobs (last
+ * open or commit; at start, the order of the files' access/modify times),
+ * never one that is pinned; a blob that is in use is skipped and the next
+ * is taken. tags/, origins/ and generated/ hold small records and are not
+ * counted; spools in tmp/ are not counted until committed. */
+typedef struct {
+    size_t blobs;               /* blobs in the index */
+    uint64_t bytes;             /* their total size */
+    uint64_t max_bytes;
+    unsigned long committed;    /* commits since open */
+    unsigned long evicted;      /* blobs evicted since open */
+    uint64_t evicted_bytes;
+} store_stats;
+void store_get_stats(store *s, store_stats *out);
 
 /* Read a whole cached blob of at most max bytes (manifests): 1 found (*data
  * malloc'd, caller frees), 0 not cached, -1 error. */
@@ -43,7 +70,9 @@ typedef struct {
 
 int store_spool_create(store *s, store_spool *sp, char *err, size_t errlen);
 /* fsync, verify nothing (the caller verified the digest), rename into
- * place, fsync the folder. Closes nothing: the fd stays open for readers. */
+ * place, fsync the folder. Closes nothing: the fd stays open for readers,
+ * and pins the blob while it does (see store_blob_open). May evict older
+ * blobs to stay under the cap. */
 int store_spool_commit(store *s, store_spool *sp, const char *digest, char *err, size_t errlen);
 /* Remove the spool file (the fd stays open for readers). */
 void store_spool_discard(store *s, store_spool *sp);

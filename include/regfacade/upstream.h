@@ -7,8 +7,9 @@
  * expires). Redirects (a blob's 307 to a CDN) are followed without sending
  * Authorization to another host. Bodies are streamed to callbacks; nothing
  * is buffered whole. One upstream_perform() is one logical request: it may
- * make a token request and retry once after a 401, but it does not retry
- * transport errors (the caller decides that).
+ * make a token request and retry once after a 401, and move on to a mirror
+ * when a base URL fails before answering, but it does not wait and retry
+ * (the caller decides that, paced by upstream_retry_delay()).
  *
  * Thread safety: an upstream may be used from many threads at once.
  */
@@ -32,6 +33,14 @@ typedef struct {
     long low_speed_limit;    /* bytes/s; 0: default 1024 */
     long low_speed_time_s;   /* 0: default 30 */
     const char *user_agent;  /* NULL: "regfacade/VERSION" */
+    /* Mirrors: more base URLs serving the same content, tried in order
+     * when the one before fails (see upstream_perform). */
+    const char *const *mirrors;
+    size_t n_mirrors;
+    /* Retry pacing for callers that repeat a request (upstream_retry_*). */
+    int retries;             /* extra attempts after a failure; < 0: default 3 (0 is "none") */
+    long retry_budget_ms;    /* total time retries may take; 0: default 30000 */
+    long backoff_ms;         /* first backoff, doubled per failure, with jitter; 0: default 200 */
 } upstream_options;
 
 typedef struct {
@@ -89,9 +98,48 @@ const char *upstream_name(const upstream *u);
 const char *upstream_url(const upstream *u);
 
 /* Perform one request. resp is always filled as far as known. On anything
- * but UPSTREAM_OK, err holds "what failed, where (URL), why". */
+ * but UPSTREAM_OK, err holds "what failed, where (URL), why".
+ *
+ * With mirrors, the base URLs are tried in order (url first) as long as a
+ * base fails before delivering anything to the caller: a connect, TLS or
+ * timeout failure before the answer's headers, or an answer of 5xx or 429.
+ * A base that failed so is skipped for a short while (UPSTREAM_BASE_DOWN_MS,
+ * or the Retry-After of a 429) unless every base is skipped. A transfer that
+ * broke after on_headers was called is returned as it is (the caller
+ * resumes it; the broken base is skipped on that retry). Tokens are cached
+ * per base URL. */
 upstream_result upstream_perform(upstream *u, const upstream_request *req,
                                  upstream_response *resp, char *err, size_t errlen);
+
+/* How many base URLs (url plus mirrors) the upstream has. */
+size_t upstream_base_count(const upstream *u);
+
+/* Retry pacing, shared by every caller that repeats a failed request:
+ * exponential backoff with jitter (first backoff_ms, doubled per failure,
+ * each wait drawn from [d/2, 3d/2] and at most 10 s), at most `retries`
+ * retries, all within `retry_budget_ms` counted from upstream_retry_init()
+ * (or the last upstream_retry_progress()). A Retry-After (seconds or an
+ * HTTP-date) is honoured: the wait is at least that long, and when it does
+ * not fit in what is left of the budget no retry is made (the caller passes
+ * the 429 and its Retry-After on). */
+typedef struct {
+    int failures;     /* failed attempts so far */
+    int64_t start_ms; /* CLOCK_MONOTONIC milliseconds when the budget started */
+} upstream_retry;
+
+void upstream_retry_init(upstream_retry *r);
+/* A transfer made progress (bytes arrived): the count and the budget start
+ * again, so a long transfer broken several times still resumes. */
+void upstream_retry_progress(upstream_retry *r);
+/* After a failed attempt: the milliseconds to wait before the next one, or
+ * -1 when no retry is left (why says which limit). retry_after is the
+ * answer's raw Retry-After header, "" or NULL when none. */
+long upstream_retry_delay(const upstream *u, upstream_retry *r, const char *retry_after, char *why, size_t whylen);
+/* Sleep ms milliseconds (EINTR-safe). */
+void upstream_sleep_ms(long ms);
+/* Retry-After as milliseconds from now: delta-seconds or an HTTP-date; 0
+ * for a date in the past; -1 when absent or malformed. */
+long upstream_parse_retry_after(const char *v);
 
 /* A short stable name for a result ("connect", "tls", "timeout", ...). */
 const char *upstream_result_name(upstream_result r);

@@ -508,7 +508,7 @@ class FakeUpstream:
             if body is not None:
                 self._send(h, st, body, hdrs)
             else:
-                code = {404: "MANIFEST_UNKNOWN", 429: "TOOMANYREQUESTS", 401: "UNAUTHORIZED",
+                code = {404: "BLOB_UNKNOWN" if "/blobs/" in path else "MANIFEST_UNKNOWN", 429: "TOOMANYREQUESTS", 401: "UNAUTHORIZED",
                         403: "DENIED"}.get(st, "UNKNOWN")
                 self._error(h, st, code, f"fake upstream says {st}", hdrs)
             return

@@ -1,0 +1,63 @@
+/*
+ * guard: per-client protections that libmicrohttpd does not give by itself.
+ *
+ * - Header deadline (slowloris): a connection must deliver complete request
+ *   headers within header_timeout_s of being accepted, and again within
+ *   header_timeout_s of its previous response finishing (which also bounds
+ *   how long an idle keep-alive connection is kept). libmicrohttpd's own
+ *   timeout is an idle timeout, reset by every byte, so a client trickling
+ *   one header byte at a time would otherwise hold its thread forever. A
+ *   watchdog thread shuts the socket down when the deadline passes; it works
+ *   on its own dup() of the socket, so it can never touch a reused fd.
+ * - Request rate per client IP: a token bucket (requests_per_second, burst).
+ *   An empty bucket means 429 TOOMANYREQUESTS with Retry-After.
+ *
+ * Thread-safe. Every function takes NULL for g (or a NULL conn) and then
+ * does nothing / allows everything.
+ */
+#ifndef REGFACADE_GUARD_H
+#define REGFACADE_GUARD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+typedef struct guard guard;
+typedef struct guard_conn guard_conn;
+
+typedef struct {
+    unsigned header_timeout_s;    /* 0: no header deadline */
+    unsigned requests_per_second; /* 0: no rate limit */
+    unsigned burst;               /* bucket size; 0: 2 x requests_per_second */
+    size_t max_tracked_ips;       /* rate-limit table size; 0: 65536 */
+} guard_options;
+
+typedef struct {
+    uint64_t header_timeouts; /* connections cut for slow headers */
+    uint64_t rate_limited;    /* requests answered 429 */
+} guard_stats;
+
+/* NULL with err on failure (thread creation). */
+guard *guard_new(const guard_options *o, char *err, size_t errlen);
+/* Stops the watchdog; connections still registered are forgotten. */
+void guard_free(guard *g);
+
+/* A new connection on socket fd (the guard keeps its own dup). Arms the
+ * header deadline. NULL when the deadline is off or on failure (then the
+ * connection is simply not watched). */
+guard_conn *guard_conn_open(guard *g, int fd);
+/* Headers complete: disarm. */
+void guard_conn_headers_done(guard *g, guard_conn *c);
+/* Response finished, connection kept alive: arm for the next request. */
+void guard_conn_request_done(guard *g, guard_conn *c);
+/* Connection closed: forget it (frees c). */
+void guard_conn_close(guard *g, guard_conn *c);
+
+/* Take one token for the client address. true: go on; false: refuse, with
+ * *retry_after_s (>= 1) set. */
+bool guard_rate_allow(guard *g, const struct sockaddr *peer, unsigned *retry_after_s);
+
+guard_stats guard_get_stats(guard *g);
+
+#endif

@@ -1,0 +1,456 @@
+--[[
+regfacade.testing: the front door for busted specs of policies.
+
+A policy is a pure function of its request, so a spec builds a request and
+a fake upstream image, runs the policy through the same C assembly the
+server runs (regfacade.core, a Lua C module built by `make lua-core` into
+build/lua/regfacade/core.so), and asserts on the manifest and config that
+come out.
+
+  local testing = require "regfacade.testing"
+  local policy = require "examples.workspace.policy"     -- your policy module
+
+  local base = testing.oci_image{ layers = 2, env = { "PATH=/usr/bin" } }
+  local out = testing.run(policy, testing.request{ repository = "acme/app" }, base,
+                          { supervisor = testing.layer("supervisor") })
+  assert.are.equal("PATH=/ide/bin:/usr/bin", out.config.config.Env[1])
+
+Provided:
+  testing.request{...}        a req table as hooks receive it
+  testing.layer{...}          a layer descriptor (stack entry)
+  testing.oci_image{...}      a fake upstream OCI image
+  testing.docker_image{...}   a fake upstream Docker schema2 image
+  testing.run(policy, req, base [, layers])   resolve + assembly + rewrite
+  testing.core, testing.json  regfacade.core and regfacade.json
+
+Every function checks its option keys: an unknown one is an error naming the
+function and the key. Everything is deterministic: the same arguments give
+the same bytes.
+
+The C module is found through package.cpath: this module puts
+"<build>/lua/?.so" in front, <build> being $REGFACADE_BUILD or "build"
+(run busted from the repository root).
+]]
+
+local testing = {}
+
+do
+    local build = os.getenv("REGFACADE_BUILD")
+    if build == nil or build == "" then
+        build = "build"
+    end
+    local entry = build .. "/lua/?.so"
+    if not package.cpath:find(entry, 1, true) then
+        package.cpath = entry .. ";" .. package.cpath
+    end
+end
+
+local core = require "regfacade.core"
+local json = core.json
+
+testing.core = core
+testing.json = json
+
+local OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+local OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+local OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+local DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+local DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+local DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+-- Errors for unknown option keys (sorted, so the message is stable).
+local function check_options(fn, opts, known)
+    if opts == nil then
+        return {}
+    end
+    if type(opts) ~= "table" then
+        error(string.format("testing.%s: options must be a table, got %s", fn, type(opts)), 3)
+    end
+    for k in pairs(opts) do
+        if not known[k] then
+            local names = {}
+            for name in pairs(known) do
+                names[#names + 1] = name
+            end
+            table.sort(names)
+            error(string.format("testing.%s: unknown option %q (known: %s)", fn, tostring(k),
+                table.concat(names, ", ")), 3)
+        end
+    end
+    return opts
+end
+
+local function set_of(list)
+    local s = {}
+    for _, v in ipairs(list) do
+        s[v] = true
+    end
+    return s
+end
+
+local function copy(t)
+    local c = {}
+    for k, v in pairs(t or {}) do
+        c[k] = v
+    end
+    return c
+end
+
+--[[
+testing.request{ method =, kind =, repository =, reference =, ns =, host =,
+                 client =, headers = }
+
+A request table as the hooks get it. Defaults: method "GET", kind
+"manifest", repository "library/alpine", reference "latest", client {},
+headers {} (header names are lowercased, as the server gives them); ns and
+host stay nil unless given.
+Example:
+  local req = testing.request{ repository = "acme/app", client = { user = "ci" } }
+  --> req.method == "GET", req.reference == "latest"
+]]
+local REQUEST_KEYS = set_of { "method", "kind", "repository", "reference", "ns", "host", "client", "headers" }
+
+function testing.request(opts)
+    opts = check_options("request", opts, REQUEST_KEYS)
+    local headers = {}
+    for k, v in pairs(opts.headers or {}) do
+        headers[type(k) == "string" and k:lower() or k] = v
+    end
+    return {
+        method = opts.method or "GET",
+        kind = opts.kind or "manifest",
+        repository = opts.repository or "library/alpine",
+        reference = opts.reference or "latest",
+        ns = opts.ns,
+        host = opts.host,
+        client = copy(opts.client),
+        headers = headers,
+    }
+end
+
+--[[
+testing.layer(name) or testing.layer{ name =, media_type =, digest =, size =,
+                                      diff_id =, urls =, annotations =,
+                                      created_by =, comment = }
+
+A layer descriptor, the stack entry regfacade.core takes. What is not given
+is made up from name (default "layer"): digest = sha256 of "blob of NAME",
+diff_id = sha256 of "tar of NAME", size = 1000 + #NAME, media_type OCI
+tar+gzip.
+Example:
+  local sup = testing.layer("supervisor")
+  --> sup.digest == testing.core.digest("blob of supervisor")
+]]
+local LAYER_KEYS = set_of { "name", "media_type", "digest", "size", "diff_id", "urls", "annotations",
+    "created_by", "comment" }
+
+function testing.layer(opts)
+    if type(opts) == "string" then
+        opts = { name = opts }
+    end
+    opts = check_options("layer", opts, LAYER_KEYS)
+    local name = opts.name or "layer"
+    return {
+        media_type = opts.media_type or OCI_GZIP,
+        digest = opts.digest or core.digest("blob of " .. name),
+        size = opts.size or 1000 + #name,
+        diff_id = opts.diff_id or core.digest("tar of " .. name),
+        urls = opts.urls,
+        annotations = opts.annotations,
+        created_by = opts.created_by,
+        comment = opts.comment,
+    }
+end
+
+local IMAGE_KEYS = set_of { "layers", "history", "empty_layers", "env", "extra_config_fields", "created",
+    "architecture", "os", "annotations", "labels" }
+
+-- The parts both image builders share: layers, history, diff_ids.
+local function image_parts(fn, opts, layer_type)
+    local layers = opts.layers
+    if layers == nil then
+        layers = 1
+    end
+    local list = {}
+    if type(layers) == "number" then
+        for i = 1, layers do
+            list[i] = testing.layer { name = fn .. " base layer " .. i, media_type = layer_type }
+        end
+    elseif type(layers) == "table" then
+        for i, l in ipairs(layers) do
+            list[i] = l
+        end
+    else
+        error(string.format("testing.%s: layers must be a count or a list of layers, got %s", fn, type(layers)), 3)
+    end
+    local created = opts.created or "2024-01-01T00:00:00Z"
+    local diff_ids = json.array()
+    for i, l in ipairs(list) do
+        diff_ids[i] = l.diff_id
+    end
+    local history = nil
+    if opts.history ~= false then
+        history = json.array()
+        local function add_empties()
+            for k = 1, opts.empty_layers or 0 do
+                history[#history + 1] = json.object({
+                    created = created,
+                    created_by = "/bin/sh -c #(nop)  ENV STEP=" .. k,
+                    empty_layer = true,
+                }, { "created", "created_by", "empty_layer" })
+            end
+        end
+        if #list == 0 then
+            add_empties()
+        end
+        for i, l in ipairs(list) do
+            history[#history + 1] = json.object({
+                created = created,
+                created_by = l.created_by or ("/bin/sh -c #(nop) ADD file:" .. l.diff_id:sub(8, 19) .. " in / "),
+            }, { "created", "created_by" })
+            if i == 1 then -- the empty_layer entries (ENV, CMD...) go after the first layer's
+                add_empties()
+            end
+        end
+    end
+    local env = json.array()
+    for i, e in ipairs(opts.env or { "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" }) do
+        env[i] = e
+    end
+    return list, created, diff_ids, history, env
+end
+
+-- extra_config_fields go last, in bytewise key order.
+local function add_extra(cfg, order, extra)
+    local keys = {}
+    for k in pairs(extra or {}) do
+        keys[#keys + 1] = k
+    end
+    table.sort(keys)
+    for _, k in ipairs(keys) do
+        cfg[k] = extra[k]
+        order[#order + 1] = k
+    end
+end
+
+local function finish_image(manifest, config, list)
+    local config_text = json.encode(config)
+    manifest.config.digest = core.digest(config_text)
+    manifest.config.size = #config_text
+    local manifest_text = json.encode(manifest)
+    return {
+        manifest_text = manifest_text,
+        config_text = config_text,
+        manifest = json.decode(manifest_text),
+        config = json.decode(config_text),
+        layers = list,
+        digest = core.digest(manifest_text),
+    }
+end
+
+--[[
+testing.oci_image{ layers = N or { testing.layer{...}, ... }, history = true,
+                   empty_layers = K, env = { "K=V", ... },
+                   extra_config_fields = { name = value, ... },
+                   created =, architecture =, os =, annotations =, labels = }
+
+A fake upstream OCI image: { manifest_text =, config_text =, manifest =,
+config = (both decoded), layers = { descriptors }, digest = }. Defaults: one
+layer, history on (one entry per layer, then K empty_layer entries after the
+first layer's), env PATH only, created 2024-01-01T00:00:00Z, amd64/linux.
+history = false leaves "history" out. extra_config_fields are added last (in
+bytewise key order) so a spec can check they survive.
+Example:
+  local img = testing.oci_image{ layers = 3, empty_layers = 2 }
+  --> #img.manifest.layers == 3, #img.config.history == 5
+]]
+function testing.oci_image(opts)
+    opts = check_options("oci_image", opts, IMAGE_KEYS)
+    local list, created, diff_ids, history, env = image_parts("oci_image", opts, OCI_GZIP)
+    local labels = opts.labels and json.object(copy(opts.labels)) or nil
+    local order = { "created", "architecture", "os", "config", "rootfs", "history" }
+    local config = {
+        created = created,
+        architecture = opts.architecture or "amd64",
+        os = opts.os or "linux",
+        config = json.object({ Env = env, Cmd = json.array { "/bin/sh" }, WorkingDir = "/", Labels = labels },
+            { "Env", "Cmd", "WorkingDir", "Labels" }),
+        rootfs = json.object({ type = "layers", diff_ids = diff_ids }, { "type", "diff_ids" }),
+        history = history,
+    }
+    add_extra(config, order, opts.extra_config_fields)
+    json.object(config, order)
+    local layers = json.array()
+    for i, l in ipairs(list) do
+        layers[i] = json.object({ mediaType = l.media_type, digest = l.digest, size = l.size },
+            { "mediaType", "digest", "size" })
+    end
+    local manifest = json.object({
+        schemaVersion = 2,
+        mediaType = OCI_MANIFEST,
+        config = json.object({ mediaType = OCI_CONFIG, digest = "", size = 0 }, { "mediaType", "digest", "size" }),
+        layers = layers,
+        annotations = opts.annotations and json.object(copy(opts.annotations)) or nil,
+    }, { "schemaVersion", "mediaType", "config", "layers", "annotations" })
+    return finish_image(manifest, config, list)
+end
+
+--[[
+testing.docker_image{...}
+
+The same options as testing.oci_image, for a Docker schema2 image: Docker
+media types, descriptors in Docker's key order (mediaType, size, digest), and
+a config with Docker's extra fields (container, container_config,
+docker_version, Labels null unless labels are given).
+Example:
+  local img = testing.docker_image{ layers = 2 }
+  --> img.manifest.mediaType == "application/vnd.docker.distribution.manifest.v2+json"
+]]
+function testing.docker_image(opts)
+    opts = check_options("docker_image", opts, IMAGE_KEYS)
+    local list, created, diff_ids, history, env = image_parts("docker_image", opts, DOCKER_GZIP)
+    local function container_config(cmd)
+        return json.object({
+            Hostname = "", Domainname = "", User = "", AttachStdin = false, AttachStdout = false,
+            AttachStderr = false, Tty = false, OpenStdin = false, StdinOnce = false, Env = env, Cmd = cmd,
+            Image = "", Volumes = json.null, WorkingDir = "", Entrypoint = json.null, OnBuild = json.null,
+            Labels = opts.labels and json.object(copy(opts.labels)) or json.null,
+        }, { "Hostname", "Domainname", "User", "AttachStdin", "AttachStdout", "AttachStderr", "Tty", "OpenStdin",
+            "StdinOnce", "Env", "Cmd", "Image", "Volumes", "WorkingDir", "Entrypoint", "OnBuild", "Labels" })
+    end
+    local order = { "architecture", "config", "container", "container_config", "created", "docker_version",
+        "history", "os", "rootfs" }
+    local config = {
+        architecture = opts.architecture or "amd64",
+        config = container_config(json.array { "/bin/sh" }),
+        container = core.digest("container of " .. created):sub(8),
+        container_config = container_config(json.array { "/bin/sh", "-c", "#(nop) ", 'CMD ["/bin/sh"]' }),
+        created = created,
+        docker_version = "20.10.23",
+        history = history,
+        os = opts.os or "linux",
+        rootfs = json.object({ type = "layers", diff_ids = diff_ids }, { "type", "diff_ids" }),
+    }
+    add_extra(config, order, opts.extra_config_fields)
+    json.object(config, order)
+    local layers = json.array()
+    for i, l in ipairs(list) do
+        layers[i] = json.object({ mediaType = l.media_type, size = l.size, digest = l.digest },
+            { "mediaType", "size", "digest" })
+    end
+    local manifest = json.object({
+        schemaVersion = 2,
+        mediaType = DOCKER_MANIFEST,
+        config = json.object({ mediaType = DOCKER_CONFIG, size = 0, digest = "" }, { "mediaType", "size", "digest" }),
+        layers = layers,
+    }, { "schemaVersion", "mediaType", "config", "layers" })
+    return finish_image(manifest, config, list)
+end
+
+-- Stack entries for one entry of a decision's layers (see testing.run).
+local function expand(entry, i, layers, out)
+    local function from_table(name, what, skip)
+        local v = layers and layers[name]
+        if v == nil then
+            error(string.format("testing.run: layers[%d] names %s %q, which is not in the layers table given to run",
+                i, what, tostring(name)), 4)
+        end
+        if v.digest ~= nil or v.blob ~= nil then
+            v = { v }
+        end
+        for k = (skip or 0) + 1, #v do
+            expand(v[k], i, nil, out)
+        end
+    end
+    if entry == "base" then
+        out[#out + 1] = "base"
+    elseif type(entry) == "string" then
+        from_table(entry, "layer", nil)
+    elseif type(entry) ~= "table" then
+        error(string.format("testing.run: layers[%d] is a %s, expected \"base\", a name or a table", i,
+            type(entry)), 3)
+    elseif entry.file ~= nil then
+        from_table(entry.file, "file", nil)
+    elseif entry.image ~= nil then
+        from_table(entry.image, "image", entry.skip)
+    elseif entry.blob ~= nil then
+        local d = copy(entry)
+        d.digest, d.blob = entry.blob, nil
+        out[#out + 1] = d
+    else
+        out[#out + 1] = entry
+    end
+end
+
+--[[
+testing.run(policy, req, base [, layers])
+
+Runs a policy as the server does: policy.resolve(req) decides the layer
+stack, regfacade.core assembles it on base's manifest and config, and
+policy.rewrite(img, req) edits the result, all through the server's C code.
+Arguments:
+  policy  the table a policy module returns (resolve and rewrite optional)
+  req     a request (testing.request{...}; nil means testing.request())
+  base    an image from testing.oci_image / testing.docker_image, or any
+          { manifest_text =, config_text = }
+  layers  optional map from names to descriptors (testing.layer) or lists of
+          them. An entry of the decision's `layers` may be
+            "base"                        the base image's layers
+            "name"                        layers[name]
+            { file = F }                  layers[F]
+            { image = I, skip = N }       layers[I], its first N dropped
+            { blob = D, size =, media_type =, diff_id =, urls = }
+                                          that descriptor
+            a descriptor as testing.layer makes
+Returns:
+  { manifest =, config = (decoded), manifest_text =, config_text =,
+    manifest_digest =, config_digest =, decision = (resolve's table),
+    stack = (what was assembled) }
+  or nil, refusal when resolve returns nil (and its second value).
+Errors from the policy or the assembly are raised ("regfacade.core: ...").
+Example:
+  local out = testing.run({ resolve = function(req) return { layers = { "base", "tools" } } end },
+                          nil, testing.oci_image{}, { tools = testing.layer("tools") })
+  --> #out.manifest.layers == 2
+]]
+function testing.run(policy, req, base, layers)
+    if type(policy) ~= "table" then
+        error("testing.run: policy must be a table of hooks, got " .. type(policy), 2)
+    end
+    req = req or testing.request()
+    if type(base) ~= "table" or type(base.manifest_text) ~= "string" or type(base.config_text) ~= "string" then
+        error("testing.run: base must be an image from testing.oci_image or testing.docker_image", 2)
+    end
+    local decision = {}
+    if policy.resolve ~= nil then
+        local d, refusal = policy.resolve(req)
+        if d == nil then
+            return nil, refusal
+        end
+        if type(d) ~= "table" then
+            error("testing.run: resolve returned a " .. type(d) .. ", expected a table or nil", 2)
+        end
+        decision = d
+    end
+    local entries = decision.layers
+    if entries == nil then
+        entries = { "base" }
+    end
+    local stack = {}
+    for i, entry in ipairs(entries) do
+        expand(entry, i, layers, stack)
+    end
+    local mt, ct, md, cd = core.assemble_rewrite(base.manifest_text, base.config_text, stack, policy.rewrite, req)
+    return {
+        manifest = json.decode(mt),
+        config = json.decode(ct),
+        manifest_text = mt,
+        config_text = ct,
+        manifest_digest = md,
+        config_digest = cd,
+        decision = decision,
+        stack = stack,
+    }
+end
+
+return testing

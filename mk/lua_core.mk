@@ -1,0 +1,27 @@
+# regfacade.core as a Lua C module for busted: build/lua/regfacade/core.so,
+# found by `require "regfacade.core"` with package.cpath "build/lua/?.so"
+# (lua/regfacade/testing.lua adds it). Not build/regfacade/core.so: that
+# path is taken by the server binary build/regfacade.
+#
+# Included by the Makefile (`include mk/lua_core.mk`); uses its CC, CFLAGS
+# (SANITIZE=1 included), LDFLAGS and BUILD. Objects are compiled again with
+# -fPIC into $(BUILD)/pic/. liblua is NOT linked: the interpreter that
+# loads the module provides the Lua symbols. Target: lua-core.
+
+LUA_CORE_SRCS := src/lua_core.c src/lua_json.c src/image_rewrite.c src/image.c src/json.c src/digest.c src/ref.c
+LUA_CORE_OBJS := $(patsubst src/%.c,$(BUILD)/pic/%.o,$(LUA_CORE_SRCS))
+LUA_CORE_SO := $(BUILD)/lua/regfacade/core.so
+
+.PHONY: lua-core
+lua-core: $(LUA_CORE_SO)
+
+# busted specs load the module: build it first.
+test-lua: $(LUA_CORE_SO)
+
+$(LUA_CORE_SO): $(LUA_CORE_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) -shared $(LDFLAGS) -o $@ $(LUA_CORE_OBJS) -lcrypto
+
+$(BUILD)/pic/%.o: src/%.c $(wildcard include/regfacade/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fPIC -c -o $@ $<

@@ -1,0 +1,686 @@
+"""blobserve (issue 9): files from inside image layers over HTTP.
+
+A real docker-registry holds images this module writes itself (a small OCI
+layout writer, then `skopeo copy`):
+
+  bs/web:v1     two gzip layers of web assets; the upper one overrides
+                index.html, deletes old.txt by whiteout, makes static/ opaque,
+                whites out docs/guide/ and adds a symlink
+  bs/web-v2s2   the same image as Docker schema2 (skopeo --format v2s2)
+  bs/multi:v1   an index: linux/amd64 -> bs/web's manifest, linux/arm64 -> another
+  bs/zstd:v1    one tar+zstd layer
+  bs/evil:v1    a hostile layer: ../ entries, absolute and escaping symlinks,
+                hard links out of the tree, a file through a symlinked folder
+  bs/cold:v1    two bigger layers (for 20 concurrent cold requests)
+  bs/big1, bs/big2  one 20 MiB layer each (eviction under a small cap)
+
+Requests go through curl (GET, HEAD, Range, If-None-Match) or, for raw
+paths curl would normalise, through http.client. Every process is started
+through a ProcessGroup and stopped by PID.
+"""
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tarfile
+import threading
+import time
+
+import pytest
+
+import harness
+import registries
+from harness import ProcessGroup, Regfacade, free_port, wait_http
+
+ORIGIN_PLACEHOLDER = b"ORIGIN_PLACEHOLDER"
+ORIGIN = b"https://ide.example.test"
+BIG = 20 * 1024 * 1024
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+LAYER_TYPES = {
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    None: "application/vnd.oci.image.layer.v1.tar",
+}
+
+
+def sha256(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def rbytes(n, seed):
+    return random.Random(seed).randbytes(n)
+
+
+# ---------------------------------------------------------------------------
+# A small OCI layout writer
+# ---------------------------------------------------------------------------
+
+def F(name, data):
+    return {"name": name, "type": tarfile.REGTYPE, "data": data}
+
+
+def D(name):
+    return {"name": name, "type": tarfile.DIRTYPE}
+
+
+def L(name, target):
+    return {"name": name, "type": tarfile.SYMTYPE, "target": target}
+
+
+def H(name, target):
+    return {"name": name, "type": tarfile.LNKTYPE, "target": target}
+
+
+def tar_bytes(entries):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for e in entries:
+            ti = tarfile.TarInfo(e["name"])
+            ti.type = e["type"]
+            ti.mtime = 1700000000
+            ti.mode = 0o755 if e["type"] == tarfile.DIRTYPE else 0o644
+            if e["type"] in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                ti.linkname = e["target"]
+            if e["type"] == tarfile.CHRTYPE:
+                ti.devmajor, ti.devminor = 1, 3
+            data = e.get("data")
+            if data is not None:
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+            else:
+                tf.addfile(ti)
+    return buf.getvalue()
+
+
+def compress(raw, how):
+    if how == "gzip":
+        return gzip.compress(raw, compresslevel=1, mtime=0)
+    if how == "zstd":
+        return subprocess.run(["zstd", "-q", "-c", "-3"], input=raw, capture_output=True, check=True).stdout
+    return raw
+
+
+class Layout:
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(os.path.join(path, "blobs", "sha256"), exist_ok=True)
+        with open(os.path.join(path, "oci-layout"), "w") as f:
+            json.dump({"imageLayoutVersion": "1.0.0"}, f)
+        self.refs = []
+
+    def blob(self, data):
+        d = sha256(data)
+        with open(os.path.join(self.path, "blobs", "sha256", d[7:]), "wb") as f:
+            f.write(data)
+        return {"digest": d, "size": len(data)}
+
+    def manifest(self, layers, arch="amd64"):
+        """layers: [(entries, compression)], bottom first. Returns
+        (descriptor, [layer digests])."""
+        descs, diff_ids = [], []
+        for entries, how in layers:
+            raw = tar_bytes(entries)
+            diff_ids.append(sha256(raw))
+            d = self.blob(compress(raw, how))
+            d["mediaType"] = LAYER_TYPES[how]
+            descs.append(d)
+        cfg = {"architecture": arch, "os": "linux", "config": {},
+               "rootfs": {"type": "layers", "diff_ids": diff_ids},
+               "history": [{"created_by": "test_blobserve"} for _ in layers]}
+        c = self.blob(json.dumps(cfg, separators=(",", ":")).encode())
+        c["mediaType"] = OCI_CONFIG
+        m = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": c,
+             "layers": [{"mediaType": d["mediaType"], "digest": d["digest"], "size": d["size"]}
+                        for d in descs]}
+        md = self.blob(json.dumps(m, separators=(",", ":")).encode())
+        md["mediaType"] = OCI_MANIFEST
+        return md, [d["digest"] for d in descs]
+
+    def index(self, entries):
+        idx = {"schemaVersion": 2, "mediaType": OCI_INDEX,
+               "manifests": [dict(desc, platform={"os": "linux", "architecture": arch})
+                             for desc, arch in entries]}
+        d = self.blob(json.dumps(idx, separators=(",", ":")).encode())
+        d["mediaType"] = OCI_INDEX
+        return d
+
+    def tag(self, name, desc):
+        self.refs.append(dict(desc, annotations={"org.opencontainers.image.ref.name": name}))
+        with open(os.path.join(self.path, "index.json"), "w") as f:
+            json.dump({"schemaVersion": 2, "manifests": self.refs}, f)
+
+
+def push(layout, tag, host, repo, extra=()):
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *extra,
+                    f"oci:{layout.path}:{tag}", f"docker://{host}/{repo}"],
+                   check=True, capture_output=True, timeout=300)
+
+
+WEB_LOWER = [
+    F("index.html", b"<html>lower index</html>\n"),
+    F("app.js", b"console.log('app');\n"),
+    F("style.css", b"body { color: black; }\n"),
+    F("old.txt", b"to be deleted by a whiteout\n"),
+    F("data.bin", rbytes(65536, 1)),
+    D("static"),
+    F("static/logo.svg", b"<svg>lower logo</svg>\n"),
+    D("docs"),
+    F("docs/index.html", b"docs index\n"),
+    F("docs/guide/page.html", b"guide page\n"),
+    F("deep/" + "d" * 120 + "/long-" + "x" * 150 + ".txt", b"a long name through PAX\n"),
+    F("caf\u00e9.txt", b"non-ASCII name\n"),
+    L("assets", "/static"),
+    F("/abs.txt", b"an absolute name, confined\n"),
+]
+WEB_UPPER = [
+    F("index.html", b"<html><base href=\"ORIGIN_PLACEHOLDER/\">upper index ORIGIN_PLACEHOLDER</html>\n"),
+    F(".wh.old.txt", b""),
+    F("static/.wh..wh..opq", b""),
+    F("static/new.svg", b"<svg>upper logo</svg>\n"),
+    F("docs/.wh.guide", b""),
+    L("latest.js", "app.js"),
+]
+ARM_LAYER = [F("index.html", b"arm64 index\n")]
+ZSTD_LAYER = [F("hello.txt", b"hello from a zstd layer\n"), F("index.html", b"zstd index\n")]
+COLD_LOWER = [F("blob.bin", rbytes(6 * 1024 * 1024, 2)), F("index.html", b"cold index\n")]
+COLD_UPPER = [F("app.js", b"cold app\n"), F("more.bin", rbytes(4 * 1024 * 1024, 3))]
+
+
+def evil_layer(host_dir):
+    return [
+        D("etc"),
+        F("etc/passwd", b"image passwd\n"),
+        L("abs-link", "/etc/passwd"),
+        L("rel-escape", "../../../../../../../../etc/passwd"),
+        L("dir-escape", "../../../../../../../../etc"),
+        F("../escape.txt", b"escaped!\n"),
+        F("../../escape-dir/x.txt", b"escaped!\n"),
+        H("hl-out", "../../../../etc/passwd"),
+        H("hl-abs", "/etc/passwd"),
+        L("outdir", host_dir),
+        F("outdir/pwned.txt", b"pwned\n"),
+        L("loop1", "loop2"),
+        L("loop2", "loop1"),
+        {"name": "dev-null", "type": tarfile.CHRTYPE},
+        F("ok.txt", b"ok\n"),
+    ]
+
+
+class Images:
+    """What the registry holds: digests and expected contents."""
+
+
+@pytest.fixture(scope="module")
+def bs_registry(tmp_path_factory):
+    """A docker-registry seeded with the blobserve images; stopped (by PID)
+    when the module ends."""
+    work = str(tmp_path_factory.mktemp("bs-registry"))
+    group = ProcessGroup(work)
+    try:
+        reg = registries.start_registry(group, os.path.join(work, "registry"), name="bs-registry")
+        host_dir = str(tmp_path_factory.mktemp("bs-host-target"))
+        lay = Layout(os.path.join(work, "layout"))
+        im = Images()
+        im.registry = reg
+        im.host_dir = host_dir
+        web, im.web_layers = lay.manifest([(WEB_LOWER, "gzip"), (WEB_UPPER, "gzip")])
+        im.web_digest = web["digest"]
+        lay.tag("web", web)
+        arm, _ = lay.manifest([(ARM_LAYER, "gzip")], arch="arm64")
+        lay.tag("multi", lay.index([(web, "amd64"), (arm, "arm64")]))
+        z, im.zstd_layers = lay.manifest([(ZSTD_LAYER, "zstd")])
+        lay.tag("zstd", z)
+        e, im.evil_layers = lay.manifest([(evil_layer(host_dir), "gzip")])
+        lay.tag("evil", e)
+        cold, im.cold_layers = lay.manifest([(COLD_LOWER, "gzip"), (COLD_UPPER, "gzip")])
+        lay.tag("cold", cold)
+        im.big = {}
+        for n in (1, 2):
+            data = rbytes(BIG, 10 + n)
+            m, layers = lay.manifest([([F("big.bin", data), F("small.txt", b"small %d\n" % n)], "gzip")])
+            lay.tag(f"big{n}", m)
+            im.big[n] = {"sha": hashlib.sha256(data).hexdigest(), "layer": layers[0]}
+        push(lay, "web", reg.host, "bs/web:v1")
+        push(lay, "web", reg.host, "bs/web-v2s2:v1", ["--format", "v2s2"])
+        push(lay, "multi", reg.host, "bs/multi:v1", ["--all"])
+        push(lay, "zstd", reg.host, "bs/zstd:v1")
+        push(lay, "evil", reg.host, "bs/evil:v1")
+        push(lay, "cold", reg.host, "bs/cold:v1")
+        push(lay, "big1", reg.host, "bs/big1:v1")
+        push(lay, "big2", reg.host, "bs/big2:v1")
+        yield im
+    finally:
+        group.stop_all()
+
+
+class Blobserve:
+    def __init__(self, rf, port, cache_dir):
+        self.rf = rf
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.cache_dir = cache_dir
+
+    def stats(self):
+        return json.loads(curl(self.url + "/_stats")[2])
+
+    def layer_dirs(self):
+        d = os.path.join(self.cache_dir, "layers")
+        return set(os.listdir(d)) if os.path.isdir(d) else set()
+
+    def log(self):
+        with open(self.rf.proc.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+
+@pytest.fixture
+def blobserve(procs, tmp_path, bs_registry):
+    """Factory: start regfacade with a blobserve section (merged over the
+    defaults below); returns a Blobserve. Its log is printed on failure."""
+    started = []
+
+    def start(name="bs", wait_ready=False, cache_dir=None, **section):
+        port = free_port()
+        cache = cache_dir or os.path.join(str(tmp_path), f"{name}-cache")
+        bs = {"listen": f"127.0.0.1:{port}",
+              "repositories": ["bs/web", "bs/web-v2s2", "bs/multi", "bs/zstd", "bs/evil", "bs/cold",
+                               "bs/big1", "bs/big2"],
+              "replacements": {"bs/web": [{"path": "/index.html", "search": ORIGIN_PLACEHOLDER.decode(),
+                                           "replacement": ORIGIN.decode()}]}}
+        bs.update(section)
+        cfg = {"cache": {"dir": cache}, "upstreams": {"reg": {"url": bs_registry.registry.url}},
+               "blobserve": bs}
+        rf = Regfacade(procs, str(tmp_path), cfg, name=name)
+        started.append(rf)
+        rf.start()
+        b = Blobserve(rf, port, bs.get("cache", {}).get("dir", os.path.join(cache, "blobserve")))
+        wait_http(b.url + "/readyz", timeout=60 if wait_ready else 20, ok=(200,) if wait_ready else (200, 503))
+        return b
+
+    yield start
+    for rf in started:
+        print(f"----- {rf.name} log tail -----\n{harness.log_tail(rf.proc, 6000) if rf.proc else ''}")
+
+
+def curl(url, *args, method=None):
+    """(status, headers {lowercase: value}, body bytes) via the curl CLI."""
+    import tempfile
+    with tempfile.NamedTemporaryFile(prefix="bs-curl-") as out:
+        argv = ["curl", "-sS", "--path-as-is", "-D", "-", "-o", out.name, "--max-time", "120"]
+        if method == "HEAD":
+            argv.append("-I")  # curl writes the headers to -o as well: use the status and headers only
+        p = subprocess.run(argv + list(args) + [url], capture_output=True, timeout=180)
+        assert p.returncode == 0, f"curl {url}: {p.stderr.decode(errors='replace')}"
+        body = open(out.name, "rb").read()
+    head = p.stdout.decode("latin-1")
+    blocks = [b for b in head.split("\r\n\r\n") if b.strip()]
+    lines = blocks[-1].split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    return status, headers, body
+
+
+def raw_get(port, path, method="GET"):
+    """A request with the path exactly as given (no client normalisation)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        c.putrequest(method, path, skip_accept_encoding=True)
+        c.endheaders()
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------
+
+def test_files_resolve_through_both_layers(blobserve, bs_registry):
+    b = blobserve()
+    u = b.url + "/bs/web:v1"
+    st, h, body = curl(u + "/index.html")
+    assert st == 200
+    # the upper layer's index.html, with the replacement applied at extraction
+    assert body == b"<html><base href=\"" + ORIGIN + b"/\">upper index " + ORIGIN + b"</html>\n"
+    assert h["content-type"].startswith("text/html")
+    assert h["content-length"] == str(len(body))
+    st, h, body = curl(u + "/")
+    assert st == 200 and b"upper index" in body  # a folder serves its index.html
+    st, h, body = curl(u + "/app.js")
+    assert (st, body) == (200, b"console.log('app');\n")
+    assert h["content-type"].startswith("text/javascript")
+    st, h, _ = curl(u + "/style.css")
+    assert st == 200 and h["content-type"].startswith("text/css")
+    st, _, body = curl(u + "/latest.js")  # a relative symlink of the upper layer
+    assert (st, body) == (200, b"console.log('app');\n")
+    # whiteout: old.txt is gone; opaque static/: the lower logo is hidden
+    assert curl(u + "/old.txt")[0] == 404
+    assert curl(u + "/static/logo.svg")[0] == 404
+    st, h, body = curl(u + "/static/new.svg")
+    assert (st, body) == (200, b"<svg>upper logo</svg>\n") and h["content-type"] == "image/svg+xml"
+    # an absolute symlink of the lower layer resolves inside the image
+    st, _, body = curl(u + "/assets/new.svg")
+    assert (st, body) == (200, b"<svg>upper logo</svg>\n")
+    # a whited-out folder, and its still-visible parent
+    assert curl(u + "/docs/guide/page.html")[0] == 404
+    st, _, body = curl(u + "/docs/")
+    assert (st, body) == (200, b"docs index\n")
+    # a folder without the trailing slash redirects to it
+    st, h, _ = curl(u + "/docs")
+    assert st == 301 and h["location"] == "/bs/web:v1/docs/"
+    st, h, _ = curl(u)
+    assert st == 301 and h["location"] == "/bs/web:v1/"
+    # PAX long names and a non-ASCII name
+    long = "deep/" + "d" * 120 + "/long-" + "x" * 150 + ".txt"
+    assert curl(u + "/" + long)[2] == b"a long name through PAX\n"
+    assert curl(u + "/caf%C3%A9.txt")[2] == b"non-ASCII name\n"
+    assert curl(u + "/abs.txt")[2] == b"an absolute name, confined\n"
+    assert curl(u + "/missing.txt")[0] == 404
+    assert curl(u + "/app.js/x")[0] == 404
+    # by digest: the same files
+    st, h, body = curl(f"{b.url}/bs/web@{bs_registry.web_digest}/app.js")
+    assert (st, body) == (200, b"console.log('app');\n")
+
+
+def test_head_range_and_conditional_get(blobserve, bs_registry):
+    b = blobserve()
+    data = WEB_LOWER[4]["data"]
+    tag_url = b.url + "/bs/web:v1/data.bin"
+    dig_url = f"{b.url}/bs/web@{bs_registry.web_digest}/data.bin"
+    st, h, body = curl(tag_url)
+    assert st == 200 and body == data
+    assert h["content-type"] == "application/octet-stream"
+    assert h["accept-ranges"] == "bytes"
+    etag = h["etag"]
+    assert etag.startswith('"') and len(etag) == 34
+    assert h["cache-control"] == "public, max-age=60"
+    st, h2, body = curl(dig_url)
+    assert st == 200 and body == data
+    assert h2["cache-control"] == "public, max-age=31536000, immutable"
+    assert h2["etag"] == etag  # layer digest + path, whatever the URL named
+
+    st, h, _ = curl(tag_url, method="HEAD")
+    assert st == 200
+    assert h["content-length"] == str(len(data)) and h["etag"] == etag
+    # on the wire: the headers and nothing after them
+    with socket.create_connection(("127.0.0.1", b.port), timeout=30) as s:
+        s.sendall(b"HEAD /bs/web:v1/data.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and rest == b""
+
+    st, h, body = curl(tag_url, "-H", "Range: bytes=100-199")
+    assert st == 206 and body == data[100:200]
+    assert h["content-range"] == f"bytes 100-199/{len(data)}"
+    st, h, body = curl(tag_url, "-H", "Range: bytes=-10")
+    assert st == 206 and body == data[-10:]
+    st, h, body = curl(tag_url, "-H", "Range: bytes=65000-")
+    assert st == 206 and body == data[65000:]
+    st, h, _ = curl(tag_url, "-H", f"Range: bytes={len(data)}-")
+    assert st == 416 and h["content-range"] == f"bytes */{len(data)}"
+    # several ranges: ignored, the whole file
+    st, _, body = curl(tag_url, "-H", "Range: bytes=0-1,5-6")
+    assert st == 200 and body == data
+    # If-Range naming another version: the whole file
+    st, _, body = curl(tag_url, "-H", "Range: bytes=0-9", "-H", 'If-Range: "other"')
+    assert st == 200 and body == data
+    st, _, body = curl(tag_url, "-H", "Range: bytes=0-9", "-H", f"If-Range: {etag}")
+    assert st == 206 and body == data[:10]
+
+    st, h, body = curl(tag_url, "-H", f"If-None-Match: {etag}")
+    assert st == 304 and body == b"" and h["etag"] == etag
+    st, _, _ = curl(tag_url, "-H", f'If-None-Match: "nope", W/{etag}')
+    assert st == 304
+    st, _, body = curl(tag_url, "-H", 'If-None-Match: "nope"')
+    assert st == 200 and body == data
+    # another file of the same layer has another ETag
+    assert curl(b.url + "/bs/web:v1/app.js")[1]["etag"] != etag
+
+
+def test_url_grammar_and_traversal_refused(blobserve):
+    b = blobserve(repositories=["bs/web"])
+    host_passwd = open("/etc/passwd", "rb").read()
+    for path, want in [
+        ("/bs/web/index.html", 400),             # neither tag nor digest
+        ("/bs/web:v!/index.html", 400),          # bad tag
+        ("/bs/web@sha256:abc/index.html", 400),  # bad digest
+        ("/bs/Web:v1/index.html", 400),          # bad repository name
+        ("/bs/other:v1/index.html", 403),        # not in blobserve.repositories
+        ("/bs/web:v1/../../../../etc/passwd", 400),
+        ("/bs/web:v1/static/../../../../etc/passwd", 400),
+        ("/bs/web:v1/%2e%2e/%2e%2e/%2e%2e/etc/passwd", 400),
+        ("/bs/web:v1/.%2e/.%2E/etc/passwd", 400),
+        ("/bs/web:v1/static%2F..%2F..%2Fetc%2Fpasswd", 400),
+        ("/bs/web:v1/..%2f..%2fetc%2fpasswd", 400),
+        ("/bs/web:v1/a%5c..%5c..%5cetc%5cpasswd", 400),
+        ("/bs/web:v1/index.html%00.txt", 400),
+        ("/bs/web:v1/./index.html", 400),
+        ("/../bs/web:v1/index.html", 400),
+        ("/bs/web:v1/.wh.old.txt", 404),         # whiteout markers are not files
+        ("/bs/web:v1/static/.wh..wh..opq", 404),
+        ("/bs/web:v1/%2e%2e", 400),
+    ]:
+        st, body = raw_get(b.port, path)
+        assert st == want, (path, st, body)
+        assert b"root:" not in body and host_passwd not in body
+    st, _ = raw_get(b.port, "/bs/web:v1/index.html", method="POST")
+    assert st == 405
+    # a well-formed request still works after all that
+    assert raw_get(b.port, "/bs/web:v1/app.js") == (200, b"console.log('app');\n")
+
+
+def test_tar_traversal_confined(blobserve, bs_registry):
+    b = blobserve()
+    u = b.url + "/bs/evil:v1"
+    assert curl(u + "/ok.txt")[2] == b"ok\n"
+    # absolute and escaping symlinks resolve inside the image: the image's
+    # /etc/passwd, never the host's
+    for link in ("abs-link", "rel-escape", "dir-escape/passwd", "hl-abs"):
+        st, _, body = curl(f"{u}/{link}")
+        assert (st, body) == (200, b"image passwd\n"), link
+    # ../ entries and a hard link out of the tree were refused at extraction
+    for p in ("hl-out", "escape.txt", "escape-dir/x.txt", "outdir/pwned.txt", "loop1", "dev-null"):
+        assert curl(f"{u}/{p}")[0] == 404, p
+    # nothing was written outside the extraction tree
+    assert os.listdir(bs_registry.host_dir) == []
+    root = os.path.dirname(b.cache_dir)
+    for dirpath, _, files in os.walk(root):
+        assert "escape.txt" not in files and "pwned.txt" not in files, dirpath
+    assert not os.path.exists(os.path.join(b.cache_dir, "escape-dir"))
+    s = b.stats()
+    assert s["refused_entries"] >= 4, s  # ../escape.txt, ../../escape-dir/x.txt, hl-out, outdir/pwned.txt
+    assert s["extractions"] == 1 and s["extraction_failures"] == 0
+
+
+def test_concurrent_cold_requests_one_extraction(blobserve, bs_registry):
+    b = blobserve(name="cold")
+    want = COLD_LOWER[0]["data"]
+    results = [None] * 20
+    gate = threading.Barrier(20)
+
+    def worker(i):
+        gate.wait()
+        results[i] = curl(b.url + "/bs/cold:v1/blob.bin")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for st, h, body in results:
+        assert st == 200 and body == want
+    s = b.stats()
+    assert s["extractions"] == 2, s            # one per layer, not one per request
+    assert s["blob_fetches_started"] == 2, s   # one download per layer
+    assert s["extraction_failures"] == 0
+    assert s["waits"] + s["hits"] == 20 * 2 - 2, s
+    assert s["waits"] >= 1, s                  # some requests really waited
+    assert b.log().count("extracted layer") == 2
+    assert b.layer_dirs() == {d[7:] for d in bs_registry.cold_layers}
+
+
+def read_slowly_start(port, path):
+    """Open a GET, read the headers and the first bytes, and stop reading:
+    the server is left in the middle of sending the file."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(4096)
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    while len(rest) < 64 * 1024:
+        rest += s.recv(65536)
+    return s, rest
+
+
+def test_eviction_under_small_cap_while_reading(blobserve, bs_registry):
+    cap = 30 * 1024 * 1024  # one 20 MiB layer fits, two do not
+    b = blobserve(name="evict", cache={"max_bytes": cap})
+    big1, big2 = bs_registry.big[1], bs_registry.big[2]
+    key1, key2 = big1["layer"][7:], big2["layer"][7:]
+
+    sock, got = read_slowly_start(b.port, "/bs/big1:v1/big.bin")
+    try:
+        # While big1 is being read, big2 is extracted and served: the cap is
+        # exceeded, and the held big1 must not be the one evicted.
+        st, _, body = curl(b.url + "/bs/big2:v1/big.bin")
+        assert st == 200 and hashlib.sha256(body).hexdigest() == big2["sha"]
+        s = b.stats()
+        assert s["evictions"] == 1 and s["held"] == 1, s
+        assert b.layer_dirs() == {key1}, "the layer being read was evicted"
+        assert s["bytes"] <= cap
+        # finish reading big1: whole and correct
+        sock.settimeout(60)
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        sock.close()
+    assert len(got) == BIG and hashlib.sha256(got).hexdigest() == big1["sha"]
+    # big1 is released now: asking for big2 again evicts it instead
+    deadline = time.time() + 10
+    while b.stats()["held"] != 0 and time.time() < deadline:
+        time.sleep(0.05)
+    st, _, body = curl(b.url + "/bs/big2:v1/small.txt")
+    assert (st, body) == (200, b"small 2\n")
+    s = b.stats()
+    assert s["extractions"] == 3 and s["evictions"] == 2, s
+    assert b.layer_dirs() == {key2}
+    assert s["bytes"] <= cap and s["held"] == 0
+
+
+def test_prepull_and_readyz(blobserve, bs_registry):
+    # A pre-pull that cannot finish keeps /readyz at 503 and says which.
+    b = blobserve(name="pp-bad", prepull=["bs/web:v1", "bs/web:nope"], wait_for_prepull=True)
+    deadline = time.time() + 30
+    while b.stats()["extractions"] < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert b.stats()["extractions"] == 2
+    st, _, body = curl(b.url + "/readyz")
+    assert st == 503 and b"bs/web:nope" in body and b"bs/web:v1" not in body
+
+    # One that can: /readyz turns 200 with the layers already extracted.
+    b2 = blobserve(name="pp-good", prepull=["bs/web:v1", f"bs/web@{bs_registry.web_digest}"],
+                   wait_for_prepull=True, wait_ready=True)
+    s = b2.stats()
+    assert s["extractions"] == 2 and s["prepull_pending"] == 0, s
+    assert curl(b2.url + "/bs/web:v1/app.js")[0] == 200
+    assert b2.stats()["extractions"] == 2  # served from the pre-pulled layers
+
+    # Without wait_for_prepull, ready at once.
+    b3 = blobserve(name="pp-nowait", prepull=["bs/web:nope"])
+    assert curl(b3.url + "/readyz")[0] == 200
+
+
+def test_index_zstd_and_schema2(blobserve):
+    b = blobserve()
+    # an index: the linux/amd64 entry (bs/web), not arm64
+    st, _, body = curl(b.url + "/bs/multi:v1/app.js")
+    assert (st, body) == (200, b"console.log('app');\n")
+    st, _, body = curl(b.url + "/bs/multi:v1/index.html")
+    assert st == 200 and b"upper index ORIGIN_PLACEHOLDER" in body  # no replacements for bs/multi
+    st, _, body = curl(b.url + "/bs/zstd:v1/hello.txt")
+    assert (st, body) == (200, b"hello from a zstd layer\n")
+    st, _, body = curl(b.url + "/bs/web-v2s2:v1/static/new.svg")
+    assert (st, body) == (200, b"<svg>upper logo</svg>\n")
+    b_arm = blobserve(name="arm", platform="linux/arm64")
+    assert curl(b_arm.url + "/bs/multi:v1/index.html")[2] == b"arm64 index\n"
+
+
+def test_restart_reuses_extracted_layers(blobserve, bs_registry, tmp_path):
+    cache = os.path.join(str(tmp_path), "shared-cache")
+    b = blobserve(name="first", cache_dir=cache)
+    assert curl(b.url + "/bs/web:v1/app.js")[0] == 200
+    assert b.stats()["extractions"] == 2
+    b.rf.stop()
+    b2 = blobserve(name="second", cache_dir=cache)
+    st, _, body = curl(b2.url + "/bs/web:v1/index.html")
+    assert st == 200 and ORIGIN in body
+    s = b2.stats()
+    assert s["extractions"] == 0 and s["layers"] == 2, s
+
+
+def test_any_repository_and_unknown_image(blobserve):
+    b = blobserve(repositories=[], any_repository=True)
+    assert curl(b.url + "/bs/zstd:v1/index.html")[2] == b"zstd index\n"
+    st, _, body = curl(b.url + "/bs/nothere:v1/index.html")
+    assert st == 404, body
+    st, _, _ = curl(b.url + "/bs/web:missing/index.html")
+    assert st == 404
+
+
+def check(tmp_path, section, name="check"):
+    cfg = {"cache": {"dir": str(tmp_path / "c")}, "upstreams": {"reg": {"url": "http://127.0.0.1:1"}},
+           "blobserve": section}
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps(cfg))
+    return subprocess.run([harness.REGFACADE, "check", "--config", str(p)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("section,needle", [
+    ({"listen": "127.0.0.1:5080", "repositories": ["a"], "bogus": 1}, "blobserve.bogus: unknown key"),
+    ({"repositories": ["a"]}, "blobserve.listen: required"),
+    ({"listen": "127.0.0.1:5080"}, "blobserve.repositories: required"),
+    ({"listen": "127.0.0.1:5080", "repositories": ["A"]}, "blobserve.repositories[0]"),
+    ({"listen": "127.0.0.1:5080", "repositories": ["a"], "prepull": ["a"]}, "blobserve.prepull[0]"),
+    ({"listen": "127.0.0.1:5080", "repositories": ["a"], "prepull": ["b:v1"]}, "not in blobserve.repositories"),
+    ({"listen": "127.0.0.1:5080", "repositories": ["a"],
+      "replacements": {"a": [{"path": "../x", "search": "s", "replacement": "r"}]}}, "replacements.a[0].path"),
+    ({"listen": "127.0.0.1:5080", "repositories": ["a"],
+      "replacements": {"a": [{"path": "x", "search": "s", "replacement": "r", "extra": 1}]}},
+     "replacements.a[0].extra: unknown key"),
+    ({"listen": "127.0.0.1:5080", "repositories": ["a"], "cache": {"max_bytes": 10}}, "blobserve.cache.max_bytes"),
+    ({"listen": "127.0.0.1:5080", "repositories": ["a"], "platform": "amd64"}, "blobserve.platform"),
+])
+def test_config_errors(tmp_path, section, needle):
+    r = check(tmp_path, section)
+    assert r.returncode != 0 and needle in r.stderr, r.stderr
+
+
+def test_config_ok(tmp_path):
+    r = check(tmp_path, {"listen": "127.0.0.1:5080", "repositories": ["ide/web"], "prepull": ["ide/web:1.2"],
+                         "wait_for_prepull": True, "cache": {"dir": "bs", "max_bytes": 1 << 30},
+                         "replacements": {"ide/web": [{"path": "/index.html", "search": "a",
+                                                        "replacement": "b"}]}})
+    assert r.returncode == 0, r.stderr

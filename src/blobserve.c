@@ -1,0 +1,781 @@
+/* blobserve: the second listener. URL -> image (policy resolve, manifest,
+ * platform) -> layers (extraction cache) -> file (lookup) -> response
+ * (sendfile, ETag, Range, conditional GET). Also /readyz, /_stats and the
+ * pre-pull thread. */
+#include "regfacade/blobserve.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "regfacade/blobserve_cache.h"
+#include "regfacade/blobserve_fs.h"
+#include "regfacade/digest.h"
+#include "regfacade/json.h"
+#include "regfacade/log.h"
+#include "regfacade/manifest.h"
+
+#define IMAGE_CACHE_MAX 256   /* resolved images kept in memory */
+#define DIGEST_IMAGE_TTL_S (24 * 3600)
+#define MAX_URL_BYTES 8192
+
+/* A resolved image: where it comes from and its layers, bottom first. */
+typedef struct image {
+    char key[REF_NAME_MAX + REF_DIGEST_MAX + 2]; /* "repo:tag" / "repo@digest" as requested */
+    char upstream[128];
+    char repository[256];      /* upstream repository */
+    char manifest_digest[80];  /* of the platform manifest */
+    size_t n_layers;
+    char layers[BS_FS_MAX_LAYERS][DIGEST_STRING_LEN];
+    time_t expires;
+    uint64_t used;
+    struct image *next;
+} image;
+
+struct blobserve {
+    blobserve_env env;
+    blobserve_config *bc;
+    bs_cache *cache;
+    struct MHD_Daemon *daemon;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;         /* wakes the pre-pull thread on stop */
+    bool stopping;
+    image *images;
+    size_t n_images;
+    uint64_t image_clock;
+
+    pthread_t prepull_thread;
+    bool prepull_running;
+    bool *prepull_done;        /* per bc->prepull entry */
+    char prepull_error[512];
+
+    atomic_ulong requests;
+};
+
+/* Per request: the layer the served file lives in, held until the
+ * response has been sent (MHD_OPTION_NOTIFY_COMPLETED). */
+typedef struct {
+    bs_layer *held;
+} req_ctx;
+
+/* ---------- small responses ---------- */
+
+static enum MHD_Result send_text(struct MHD_Connection *conn, unsigned status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static enum MHD_Result send_text(struct MHD_Connection *conn, unsigned status, const char *fmt, ...) {
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) n = 0;
+    if ((size_t)n > sizeof msg - 2) n = (int)sizeof msg - 2;
+    msg[n++] = '\n';
+    msg[n] = '\0';
+    struct MHD_Response *r = MHD_create_response_from_buffer((size_t)n, msg, MHD_RESPMEM_MUST_COPY);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, "Content-Type", "text/plain; charset=utf-8");
+    MHD_add_response_header(r, "Cache-Control", "no-store");
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    if (status == 405) MHD_add_response_header(r, "Allow", "GET, HEAD");
+    enum MHD_Result ret = MHD_queue_response(conn, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result send_redirect(struct MHD_Connection *conn, const char *url) {
+    char loc[MAX_URL_BYTES + 2];
+    snprintf(loc, sizeof loc, "%s/", url);
+    struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, "Location", loc);
+    MHD_add_response_header(r, "Cache-Control", "no-store");
+    enum MHD_Result ret = MHD_queue_response(conn, 301, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+/* ---------- content types ---------- */
+
+static const struct {
+    const char *ext;
+    const char *type;
+} mime_types[] = {
+    {"html", "text/html; charset=utf-8"},    {"htm", "text/html; charset=utf-8"},
+    {"css", "text/css; charset=utf-8"},      {"js", "text/javascript; charset=utf-8"},
+    {"mjs", "text/javascript; charset=utf-8"}, {"cjs", "text/javascript; charset=utf-8"},
+    {"json", "application/json"},           {"map", "application/json"},
+    {"webmanifest", "application/manifest+json"},
+    {"txt", "text/plain; charset=utf-8"},    {"md", "text/markdown; charset=utf-8"},
+    {"xml", "application/xml"},             {"svg", "image/svg+xml"},
+    {"png", "image/png"},                   {"jpg", "image/jpeg"},
+    {"jpeg", "image/jpeg"},                 {"gif", "image/gif"},
+    {"webp", "image/webp"},                 {"avif", "image/avif"},
+    {"ico", "image/vnd.microsoft.icon"},    {"bmp", "image/bmp"},
+    {"woff", "font/woff"},                  {"woff2", "font/woff2"},
+    {"ttf", "font/ttf"},                    {"otf", "font/otf"},
+    {"eot", "application/vnd.ms-fontobject"}, {"wasm", "application/wasm"},
+    {"pdf", "application/pdf"},             {"zip", "application/zip"},
+    {"gz", "application/gzip"},             {"tar", "application/x-tar"},
+    {"mp4", "video/mp4"},                   {"webm", "video/webm"},
+    {"mp3", "audio/mpeg"},                  {"wav", "audio/wav"},
+    {"ogg", "audio/ogg"},                   {"csv", "text/csv; charset=utf-8"},
+    {"yaml", "application/yaml"},           {"yml", "application/yaml"},
+};
+
+static const char *content_type(const char *path) {
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    const char *dot = strrchr(base, '.');
+    if (!dot || dot == base) return "application/octet-stream";
+    for (size_t i = 0; i < sizeof mime_types / sizeof mime_types[0]; i++)
+        if (strcasecmp(dot + 1, mime_types[i].ext) == 0) return mime_types[i].type;
+    return "application/octet-stream";
+}
+
+/* ---------- images ---------- */
+
+static bool is_layer_type(const char *mt) {
+    return mt && strstr(mt, "tar") && (strstr(mt, ".layer.") || strstr(mt, ".rootfs."));
+}
+
+/* The platform's entry of an index: os/arch(/variant) as configured, else
+ * the first entry that is not an attestation ("unknown/unknown"). */
+static const char *pick_platform(const blobserve_config *bc, const json_value *idx, char *why, size_t whylen) {
+    const json_value *ms = json_object_get(idx, "manifests");
+    if (!ms || ms->type != JSON_ARRAY || ms->count == 0) {
+        snprintf(why, whylen, "the image index lists no manifests");
+        return NULL;
+    }
+    const char *first = NULL;
+    for (size_t i = 0; i < ms->count; i++) {
+        const json_value *d = ms->items[i];
+        const char *dg = json_object_get_string(d, "digest");
+        if (!dg || !ref_is_sha256_digest(dg)) continue;
+        const json_value *pl = json_object_get(d, "platform");
+        const char *os = json_object_get_string(pl, "os");
+        const char *arch = json_object_get_string(pl, "architecture");
+        const char *var = json_object_get_string(pl, "variant");
+        if (os && arch && strcmp(os, bc->platform_os) == 0 && strcmp(arch, bc->platform_arch) == 0 &&
+            (!bc->platform_variant || (var && strcmp(var, bc->platform_variant) == 0)))
+            return dg;
+        if (!first && !(os && strcmp(os, "unknown") == 0)) first = dg;
+    }
+    if (!first) snprintf(why, whylen, "the image index has no usable manifest");
+    return first;
+}
+
+static void set_why(int *status, char *why, size_t whylen, int st, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static void set_why(int *status, char *why, size_t whylen, int st, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, whylen, fmt, ap);
+    va_end(ap);
+    *status = st;
+}
+
+static upstream *find_upstream(blobserve *b, const char *name) {
+    for (size_t i = 0; i < b->env.cfg->n_upstreams; i++)
+        if (strcmp(b->env.cfg->upstreams[i].name, name) == 0) return b->env.ups[i];
+    return NULL;
+}
+
+static int map_fetch_status(int s) {
+    if (s == 404 || s == 403 || s == 429 || s == 503 || s == 504) return s;
+    return 502;
+}
+
+/* Resolve (repository, reference) as the URL names them into *out, from
+ * the in-memory cache or by policy + manifests. 0, or -1 with status/why. */
+static int resolve_image(blobserve *b, const char *repository, const char *reference, bool by_digest, image *out,
+                         int *status, char *why, size_t whylen) {
+    char key[sizeof out->key];
+    snprintf(key, sizeof key, "%s%c%s", repository, by_digest ? '@' : ':', reference);
+    time_t now = time(NULL);
+    pthread_mutex_lock(&b->mu);
+    for (image *im = b->images; im; im = im->next)
+        if (strcmp(im->key, key) == 0 && im->expires > now) {
+            im->used = ++b->image_clock;
+            memcpy(out, im, sizeof *out);
+            pthread_mutex_unlock(&b->mu);
+            return 0;
+        }
+    pthread_mutex_unlock(&b->mu);
+
+    /* The same decision the registry listener makes for a manifest request. */
+    policy_request pr = {.method = "GET", .kind = "manifest", .repository = repository, .reference = reference};
+    policy_resolution res;
+    policy_error pe;
+    if (policy_resolve(b->env.pol, &pr, &res, &pe) != 0) {
+        set_why(status, why, whylen, pe.status, "%s: %s", key, pe.message);
+        return -1;
+    }
+    upstream *u = find_upstream(b, res.upstream);
+    if (!u) {
+        set_why(status, why, whylen, 500, "%s: upstream %s is not configured", key, res.upstream);
+        return -1;
+    }
+    manifest_env env = {b->env.st, b->env.cfg};
+    manifest m;
+    fetch_error fe = {0};
+    if (manifest_get(&env, u, res.repository, res.reference, &m, &fe) != 0) {
+        set_why(status, why, whylen, map_fetch_status(fe.http_status), "%s: %s", key, fe.message);
+        return -1;
+    }
+    char jerr[256];
+    json_value *v = json_parse(m.data, m.len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+    if (v && (strcmp(m.media_type, MT_OCI_INDEX) == 0 || strcmp(m.media_type, MT_DOCKER_LIST) == 0)) {
+        char w[256];
+        const char *child = pick_platform(b->bc, v, w, sizeof w);
+        if (!child) {
+            json_free(v);
+            manifest_clear(&m);
+            set_why(status, why, whylen, 404, "%s: %s", key, w);
+            return -1;
+        }
+        char cd[DIGEST_STRING_LEN];
+        snprintf(cd, sizeof cd, "%s", child);
+        json_free(v);
+        manifest_clear(&m);
+        if (manifest_get(&env, u, res.repository, cd, &m, &fe) != 0) {
+            set_why(status, why, whylen, map_fetch_status(fe.http_status), "%s: %s", key, fe.message);
+            return -1;
+        }
+        v = json_parse(m.data, m.len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+    }
+    const json_value *layers = v ? json_object_get(v, "layers") : NULL;
+    int rc = -1;
+    if (!v || !layers || layers->type != JSON_ARRAY) {
+        set_why(status, why, whylen, 502, "%s: manifest %s is not an image manifest with layers", key, m.digest);
+    } else if (layers->count == 0 || layers->count > BS_FS_MAX_LAYERS) {
+        set_why(status, why, whylen, 502, "%s: the image has %zu layers (1 to %d are served)", key, layers->count,
+                BS_FS_MAX_LAYERS);
+    } else {
+        memset(out, 0, sizeof *out);
+        rc = 0;
+        for (size_t i = 0; i < layers->count; i++) {
+            const char *dg = json_object_get_string(layers->items[i], "digest");
+            const char *mt = json_object_get_string(layers->items[i], "mediaType");
+            if (!dg || !ref_is_sha256_digest(dg)) {
+                set_why(status, why, whylen, 502, "%s: layer %zu has no sha256 digest", key, i);
+                rc = -1;
+                break;
+            }
+            if (!is_layer_type(mt)) {
+                set_why(status, why, whylen, 415, "%s: layer %zu has media type %s, which is not a tar layer", key,
+                        i, mt ? mt : "(none)");
+                rc = -1;
+                break;
+            }
+            snprintf(out->layers[i], sizeof out->layers[i], "%s", dg);
+        }
+        if (rc == 0) {
+            out->n_layers = layers->count;
+            snprintf(out->key, sizeof out->key, "%s", key);
+            snprintf(out->upstream, sizeof out->upstream, "%s", res.upstream);
+            snprintf(out->repository, sizeof out->repository, "%s", res.repository);
+            snprintf(out->manifest_digest, sizeof out->manifest_digest, "%s", m.digest);
+            /* Tags are looked up again after the tag TTL; digests never change. */
+            out->expires = now + (by_digest ? DIGEST_IMAGE_TTL_S : b->env.cfg->tag_ttl_seconds);
+        }
+    }
+    json_free(v);
+    manifest_clear(&m);
+    if (rc != 0 || out->expires <= now) return rc;
+
+    image *copy = malloc(sizeof *copy);
+    if (!copy) return 0;
+    memcpy(copy, out, sizeof *copy);
+    pthread_mutex_lock(&b->mu);
+    /* Replace an older entry for the key; drop the least used when full. */
+    for (image **pp = &b->images; *pp; pp = &(*pp)->next)
+        if (strcmp((*pp)->key, key) == 0) {
+            image *old = *pp;
+            *pp = old->next;
+            free(old);
+            b->n_images--;
+            break;
+        }
+    if (b->n_images >= IMAGE_CACHE_MAX) {
+        image **victim = &b->images;
+        for (image **pp = &b->images; *pp; pp = &(*pp)->next)
+            if ((*pp)->used < (*victim)->used) victim = pp;
+        image *old = *victim;
+        *victim = old->next;
+        free(old);
+        b->n_images--;
+    }
+    copy->used = ++b->image_clock;
+    copy->next = b->images;
+    b->images = copy;
+    b->n_images++;
+    pthread_mutex_unlock(&b->mu);
+    return 0;
+}
+
+/* Acquire every layer of im (bottom first), starting the downloads of all
+ * missing ones at once. 0 with held[] filled; -1 with status/why (nothing
+ * held). */
+static int acquire_layers(blobserve *b, const image *im, const char *url_repository, bs_layer **held, int *status,
+                          char *why, size_t whylen) {
+    const blobserve_repo_edits *re = blobserve_config_edits(b->bc, url_repository);
+    bs_edit edits[64];
+    size_t n_edits = 0;
+    if (re)
+        for (size_t i = 0; i < re->n && n_edits < sizeof edits / sizeof edits[0]; i++)
+            edits[n_edits++] = (bs_edit){re->items[i].path, re->items[i].search, re->items[i].search_len,
+                                         re->items[i].replacement, re->items[i].replacement_len};
+    bs_source src = {b->env.st, b->env.fetches, find_upstream(b, im->upstream), im->repository};
+    if (!src.u) {
+        set_why(status, why, whylen, 500, "upstream %s is not configured", im->upstream);
+        return -1;
+    }
+    bs_layer_spec specs[BS_FS_MAX_LAYERS];
+    for (size_t i = 0; i < im->n_layers; i++) {
+        specs[i] = (bs_layer_spec){im->layers[i], re ? re->variant : "", edits, n_edits,
+                                   b->bc->max_replace_file_bytes};
+        if (im->n_layers > 1) bs_cache_prefetch(b->cache, &specs[i], &src);
+    }
+    for (size_t i = 0; i < im->n_layers; i++) {
+        char e[1024];
+        held[i] = bs_cache_acquire(b->cache, &specs[i], &src, status, e, sizeof e);
+        if (!held[i]) {
+            snprintf(why, whylen, "%s: %s", im->key, e);
+            for (size_t j = 0; j < i; j++) bs_cache_release(b->cache, held[j]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---------- serving a file ---------- */
+
+/* Does an If-None-Match / If-Range list name etag? Weak comparison when
+ * weak_ok (If-None-Match), strong otherwise. */
+static bool etag_listed(const char *header, const char *etag, bool weak_ok) {
+    const char *p = header;
+    size_t el = strlen(etag);
+    while (*p) {
+        while (*p == ' ' || *p == '\t' || *p == ',') p++;
+        if (!*p) break;
+        size_t n = strcspn(p, ",");
+        size_t m = n;
+        while (m > 0 && (p[m - 1] == ' ' || p[m - 1] == '\t')) m--;
+        if (m == 1 && p[0] == '*') return true;
+        const char *t = p;
+        if (m > 2 && strncmp(t, "W/", 2) == 0) {
+            if (!weak_ok) {
+                p += n;
+                continue;
+            }
+            t += 2;
+            m -= 2;
+        }
+        if (m == el && memcmp(t, etag, el) == 0) return true;
+        p += n;
+    }
+    return false;
+}
+
+static void make_etag(const char *layer_key, const char *path, char *out, size_t outlen) {
+    char buf[BS_FS_PATH_MAX + 128];
+    int n = snprintf(buf, sizeof buf, "%s\n%s", layer_key, path);
+    char d[DIGEST_STRING_LEN];
+    if (n < 0 || digest_bytes(buf, (size_t)n, d) != 0) snprintf(d, sizeof d, "sha256:unknown");
+    snprintf(out, outlen, "\"%.32s\"", d + 7);
+}
+
+static enum MHD_Result serve_file(blobserve *b, struct MHD_Connection *conn, int fd, const bs_fs_entry *e,
+                                  const char *layer_key, bool by_digest) {
+    char etag[48], cc[96];
+    make_etag(layer_key, e->path, etag, sizeof etag);
+    if (by_digest) snprintf(cc, sizeof cc, "public, max-age=31536000, immutable");
+    else snprintf(cc, sizeof cc, "public, max-age=%ld", b->bc->tag_max_age_s);
+    uint64_t size = (uint64_t)e->st.st_size;
+
+    const char *inm = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "If-None-Match");
+    if (inm && etag_listed(inm, etag, true)) {
+        close(fd);
+        struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+        if (!r) return MHD_NO;
+        MHD_add_response_header(r, "ETag", etag);
+        MHD_add_response_header(r, "Cache-Control", cc);
+        enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_NOT_MODIFIED, r);
+        MHD_destroy_response(r);
+        return ret;
+    }
+
+    uint64_t start = 0, end = size ? size - 1 : 0;
+    bool partial = false;
+    const char *rh = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Range");
+    const char *ifr = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "If-Range");
+    range_spec spec;
+    /* A malformed or multi-part Range is ignored (RFC 9110 allows it): the
+     * whole file is the answer. So is any Range when If-Range names
+     * another version. */
+    if (rh && (!ifr || etag_listed(ifr, etag, false)) && range_parse(rh, &spec) == RANGE_OK) {
+        if (!range_resolve(&spec, size, &start, &end)) {
+            close(fd);
+            char cr[64];
+            snprintf(cr, sizeof cr, "bytes */%llu", (unsigned long long)size);
+            struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+            if (!r) return MHD_NO;
+            MHD_add_response_header(r, "Content-Range", cr);
+            MHD_add_response_header(r, "ETag", etag);
+            enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_RANGE_NOT_SATISFIABLE, r);
+            MHD_destroy_response(r);
+            return ret;
+        }
+        partial = true;
+    }
+    uint64_t len = size ? end - start + 1 : 0;
+    /* MHD sends it with sendfile and closes fd when the response is done. */
+    struct MHD_Response *r = MHD_create_response_from_fd_at_offset64(len, fd, start);
+    if (!r) {
+        close(fd);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, "Content-Type", content_type(e->path));
+    MHD_add_response_header(r, "ETag", etag);
+    MHD_add_response_header(r, "Cache-Control", cc);
+    MHD_add_response_header(r, "Accept-Ranges", "bytes");
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    if (partial) {
+        char cr[128];
+        snprintf(cr, sizeof cr, "bytes %llu-%llu/%llu", (unsigned long long)start, (unsigned long long)end,
+                 (unsigned long long)size);
+        MHD_add_response_header(r, "Content-Range", cr);
+    }
+    enum MHD_Result ret = MHD_queue_response(conn, partial ? MHD_HTTP_PARTIAL_CONTENT : MHD_HTTP_OK, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result handle_file(blobserve *b, struct MHD_Connection *conn, req_ctx *ctx, const char *url) {
+    bs_url u;
+    char why[1024];
+    int st = bs_url_parse(url, &u, why, sizeof why);
+    if (st != 0) return send_text(conn, (unsigned)st, "%s", why);
+    if (!blobserve_config_allows(b->bc, u.repository))
+        return send_text(conn, 403, "repository %s is not served here (blobserve.repositories)", u.repository);
+    if (!u.has_slash) return send_redirect(conn, url); /* "/repo:tag" is the folder "/repo:tag/" */
+
+    image *im = malloc(sizeof *im);
+    if (!im) return MHD_NO;
+    int status = 500;
+    if (resolve_image(b, u.repository, u.reference, u.by_digest, im, &status, why, sizeof why) != 0) {
+        free(im);
+        if (status >= 500) log_warn("blobserve: %s", why);
+        return send_text(conn, (unsigned)status, "%s", why);
+    }
+    bs_layer *held[BS_FS_MAX_LAYERS];
+    if (acquire_layers(b, im, u.repository, held, &status, why, sizeof why) != 0) {
+        free(im);
+        log_warn("blobserve: %s", why);
+        return send_text(conn, (unsigned)status, "%s", why);
+    }
+    size_t n = im->n_layers;
+    free(im);
+    int roots[BS_FS_MAX_LAYERS];
+    for (size_t i = 0; i < n; i++) roots[i] = bs_layer_rootfd(held[i]);
+
+    enum MHD_Result ret;
+    bs_fs_entry e;
+    int fd = -1;
+    int rc = bs_fs_lookup(roots, n, u.path, &e);
+    if (rc == 0 && S_ISDIR(e.st.st_mode)) {
+        if (u.path[0] && !u.trailing_slash) {
+            ret = send_redirect(conn, url);
+            goto done;
+        }
+        char idx[BS_FS_PATH_MAX + 16];
+        snprintf(idx, sizeof idx, "%s%sindex.html", e.path, e.path[0] ? "/" : "");
+        rc = bs_fs_lookup(roots, n, idx, &e);
+        if (rc == 0 && S_ISDIR(e.st.st_mode)) {
+            rc = -1;
+            errno = ENOENT;
+        }
+    }
+    if (rc == 0) fd = bs_fs_open(roots, &e);
+    if (rc != 0 || fd < 0) {
+        int err = errno;
+        if (err == ENOENT || err == ENOTDIR || err == ELOOP || err == EISDIR || err == ENAMETOOLONG)
+            ret = send_text(conn, 404, "%s not found in %s%c%s", u.path[0] ? u.path : "/", u.repository,
+                            u.by_digest ? '@' : ':', u.reference);
+        else
+            ret = send_text(conn, 500, "reading %s: %s", u.path, strerror(err));
+        goto done;
+    }
+    /* Hold the file's layer until the response is sent: eviction skips it. */
+    ctx->held = held[e.layer];
+    held[e.layer] = NULL;
+    ret = serve_file(b, conn, fd, &e, bs_layer_key(ctx->held), u.by_digest);
+done:
+    for (size_t i = 0; i < n; i++)
+        if (held[i]) bs_cache_release(b->cache, held[i]);
+    return ret;
+}
+
+/* ---------- /readyz, /_stats ---------- */
+
+static enum MHD_Result handle_readyz(blobserve *b, struct MHD_Connection *conn) {
+    if (!b->bc->wait_for_prepull || b->bc->n_prepull == 0) return send_text(conn, 200, "ready");
+    char pending[1500] = "";
+    size_t np = 0;
+    pthread_mutex_lock(&b->mu);
+    for (size_t i = 0; i < b->bc->n_prepull; i++)
+        if (!b->prepull_done[i]) {
+            np++;
+            strncat(pending, " ", sizeof pending - strlen(pending) - 1);
+            strncat(pending, b->bc->prepull[i], sizeof pending - strlen(pending) - 1);
+        }
+    char last[512];
+    snprintf(last, sizeof last, "%s", b->prepull_error);
+    pthread_mutex_unlock(&b->mu);
+    if (np == 0) return send_text(conn, 200, "ready");
+    return send_text(conn, 503, "pre-pulling %zu image%s:%s%s%s", np, np == 1 ? "" : "s", pending,
+                     last[0] ? "; last error: " : "", last);
+}
+
+static enum MHD_Result handle_stats(blobserve *b, struct MHD_Connection *conn) {
+    bs_cache_stats cs;
+    bs_cache_get_stats(b->cache, &cs);
+    fetch_stats fs;
+    fetcher_stats(b->env.fetches, &fs);
+    size_t pending = 0;
+    pthread_mutex_lock(&b->mu);
+    for (size_t i = 0; i < b->bc->n_prepull; i++)
+        if (!b->prepull_done[i]) pending++;
+    size_t images = b->n_images;
+    pthread_mutex_unlock(&b->mu);
+    char body[1024];
+    int n = snprintf(body, sizeof body,
+                     "{\"requests\":%lu,\"extractions\":%lu,\"extraction_failures\":%lu,\"waits\":%lu,"
+                     "\"hits\":%lu,\"evictions\":%lu,\"refused_entries\":%lu,\"layers\":%lu,\"held\":%lu,"
+                     "\"bytes\":%llu,\"max_bytes\":%llu,\"images\":%zu,\"prepull_pending\":%zu,"
+                     "\"blob_fetches_started\":%lu,\"blob_fetches_coalesced\":%lu}\n",
+                     atomic_load(&b->requests), cs.extractions, cs.extraction_failures, cs.waits, cs.hits,
+                     cs.evictions, cs.refused_entries, cs.layers, cs.held, (unsigned long long)cs.bytes,
+                     (unsigned long long)cs.max_bytes, images, pending, fs.started, fs.coalesced);
+    struct MHD_Response *r = MHD_create_response_from_buffer((size_t)n, body, MHD_RESPMEM_MUST_COPY);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, "Content-Type", "application/json");
+    MHD_add_response_header(r, "Cache-Control", "no-store");
+    enum MHD_Result ret = MHD_queue_response(conn, 200, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+/* ---------- MHD glue ---------- */
+
+static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                      const char *version, const char *upload_data, size_t *upload_data_size,
+                                      void **con_cls) {
+    (void)version;
+    (void)upload_data;
+    blobserve *b = cls;
+    /* First call: headers only. Answering on the second call keeps the
+     * connection alive (as in server.c). */
+    if (*con_cls == NULL) {
+        req_ctx *ctx = calloc(1, sizeof *ctx);
+        if (!ctx) return MHD_NO;
+        *con_cls = ctx;
+        return MHD_YES;
+    }
+    if (*upload_data_size != 0) {
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    req_ctx *ctx = *con_cls;
+    atomic_fetch_add(&b->requests, 1);
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
+        return send_text(conn, 405, "%s is not supported: blobserve serves GET and HEAD", method);
+    if (strlen(url) >= MAX_URL_BYTES) return send_text(conn, 414, "URL longer than %d bytes", MAX_URL_BYTES);
+    if (strcmp(url, "/readyz") == 0) return handle_readyz(b, conn);
+    if (strcmp(url, "/_stats") == 0) return handle_stats(b, conn);
+    return handle_file(b, conn, ctx, url);
+}
+
+static void request_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                              enum MHD_RequestTerminationCode toe) {
+    (void)conn;
+    (void)toe;
+    blobserve *b = cls;
+    req_ctx *ctx = *con_cls;
+    if (!ctx) return;
+    if (ctx->held) bs_cache_release(b->cache, ctx->held);
+    free(ctx);
+    *con_cls = NULL;
+}
+
+/* Keep the URL as sent: bs_url_parse decodes, and refuses encoded '/'. */
+static size_t no_unescape(void *cls, struct MHD_Connection *c, char *s) {
+    (void)cls;
+    (void)c;
+    return strlen(s);
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+    (void)cls;
+    char msg[1024];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    msg[strcspn(msg, "\n")] = '\0';
+    log_warn("blobserve: libmicrohttpd: %s", msg);
+}
+
+/* ---------- pre-pull ---------- */
+
+static int prepull_one(blobserve *b, const char *ref, char *why, size_t whylen) {
+    char url[1024];
+    snprintf(url, sizeof url, "/%s/", ref);
+    bs_url u;
+    if (bs_url_parse(url, &u, why, whylen) != 0) return -1;
+    image *im = malloc(sizeof *im);
+    if (!im) {
+        snprintf(why, whylen, "out of memory");
+        return -1;
+    }
+    int status;
+    bs_layer *held[BS_FS_MAX_LAYERS];
+    int rc = resolve_image(b, u.repository, u.reference, u.by_digest, im, &status, why, whylen);
+    if (rc == 0) rc = acquire_layers(b, im, u.repository, held, &status, why, whylen);
+    if (rc == 0)
+        for (size_t i = 0; i < im->n_layers; i++) bs_cache_release(b->cache, held[i]);
+    free(im);
+    return rc;
+}
+
+static void *prepull_main(void *arg) {
+    blobserve *b = arg;
+    long backoff_ms = 1000;
+    for (;;) {
+        bool all = true;
+        for (size_t i = 0; i < b->bc->n_prepull; i++) {
+            pthread_mutex_lock(&b->mu);
+            bool done = b->prepull_done[i], stop = b->stopping;
+            pthread_mutex_unlock(&b->mu);
+            if (stop) return NULL;
+            if (done) continue;
+            char why[1024];
+            if (prepull_one(b, b->bc->prepull[i], why, sizeof why) == 0) {
+                log_info("blobserve: pre-pulled %s", b->bc->prepull[i]);
+                pthread_mutex_lock(&b->mu);
+                b->prepull_done[i] = true;
+                pthread_mutex_unlock(&b->mu);
+            } else {
+                all = false;
+                log_warn("blobserve: pre-pull of %s failed (retrying): %s", b->bc->prepull[i], why);
+                pthread_mutex_lock(&b->mu);
+                snprintf(b->prepull_error, sizeof b->prepull_error, "%.500s", why);
+                pthread_mutex_unlock(&b->mu);
+            }
+        }
+        if (all) {
+            log_info("blobserve: pre-pull complete (%zu image%s)", b->bc->n_prepull, b->bc->n_prepull == 1 ? "" : "s");
+            return NULL;
+        }
+        /* Wait before the next round; a stop wakes us at once. */
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += backoff_ms / 1000;
+        until.tv_nsec += (backoff_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&b->mu);
+        while (!b->stopping && pthread_cond_timedwait(&b->cv, &b->mu, &until) != ETIMEDOUT) {
+        }
+        bool stop = b->stopping;
+        pthread_mutex_unlock(&b->mu);
+        if (stop) return NULL;
+        if (backoff_ms < 60000) backoff_ms *= 2;
+    }
+}
+
+/* ---------- lifecycle ---------- */
+
+blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char *err, size_t errlen) {
+    blobserve *b = calloc(1, sizeof *b);
+    if (!b) {
+        blobserve_config_free(bc);
+        snprintf(err, errlen, "blobserve: out of memory");
+        return NULL;
+    }
+    b->env = *env;
+    b->bc = bc;
+    pthread_mutex_init(&b->mu, NULL);
+    pthread_cond_init(&b->cv, NULL);
+    b->prepull_done = calloc(bc->n_prepull ? bc->n_prepull : 1, sizeof *b->prepull_done);
+    if (!b->prepull_done) {
+        snprintf(err, errlen, "blobserve: out of memory");
+        goto fail;
+    }
+    b->cache = bs_cache_open(bc->cache_dir, bc->cache_max_bytes, err, errlen);
+    if (!b->cache) goto fail;
+
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)bc->listen_port)};
+    if (inet_pton(AF_INET, bc->listen_host, &sa.sin_addr) != 1) {
+        snprintf(err, errlen, "blobserve.listen: \"%s\" is not an IPv4 address", bc->listen_host);
+        goto fail;
+    }
+    b->daemon = MHD_start_daemon(
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL,
+        access_handler, b, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
+        (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape, NULL, MHD_OPTION_NOTIFY_COMPLETED,
+        request_completed, b, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)env->cfg->max_connections,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)env->cfg->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        (size_t)(64 * 1024), MHD_OPTION_THREAD_STACK_SIZE, (size_t)(1024 * 1024),
+        MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
+    if (!b->daemon) {
+        snprintf(err, errlen, "blobserve.listen %s:%d: cannot start the HTTP server (port in use?)", bc->listen_host,
+                 bc->listen_port);
+        goto fail;
+    }
+    if (bc->n_prepull) {
+        if (pthread_create(&b->prepull_thread, NULL, prepull_main, b) != 0) {
+            snprintf(err, errlen, "blobserve: cannot start the pre-pull thread");
+            goto fail;
+        }
+        b->prepull_running = true;
+    }
+    log_info("blobserve serving on %s:%d (cache %s, cap %llu bytes, %s)", bc->listen_host, bc->listen_port,
+             bc->cache_dir, (unsigned long long)bc->cache_max_bytes,
+             bc->any_repository ? "any repository" : "listed repositories");
+    return b;
+fail:
+    blobserve_stop(b);
+    return NULL;
+}
+
+void blobserve_stop(blobserve *b) {
+    if (!b) return;
+    pthread_mutex_lock(&b->mu);
+    b->stopping = true;
+    pthread_cond_broadcast(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+    if (b->prepull_running) pthread_join(b->prepull_thread, NULL);
+    if (b->daemon) MHD_stop_daemon(b->daemon);
+    bs_cache_close(b->cache);
+    for (image *im = b->images, *next; im; im = next) {
+        next = im->next;
+        free(im);
+    }
+    free(b->prepull_done);
+    blobserve_config_free(b->bc);
+    pthread_mutex_destroy(&b->mu);
+    pthread_cond_destroy(&b->cv);
+    free(b);
+}

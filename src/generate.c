@@ -1,0 +1,270 @@
+#include "regfacade/generate.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "regfacade/digest.h"
+#include "regfacade/image.h"
+#include "regfacade/json.h"
+#include "regfacade/log.h"
+#include "regfacade/ref.h"
+
+#define CONFIG_BLOB_MAX (16 * 1024 * 1024)
+
+static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    e->http_status = status;
+    e->code = code;
+    e->retry_after[0] = '\0';
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+}
+
+/* The stack the decision asks for ({"base"} when resolve gave none). */
+static const layer_spec *stack_of(const policy_resolution *res, size_t *n) {
+    static const layer_spec base_only = {.kind = LAYER_BASE};
+    if (res->has_layers) {
+        *n = res->n_layers;
+        return res->layers;
+    }
+    *n = 1;
+    return &base_only;
+}
+
+bool generate_needed(const generate_env *env, const policy_resolution *res) {
+    if (policy_has_rewrite(env->pol) || res->n_platforms > 0) return true;
+    if (!res->has_layers) return false;
+    return !(res->n_layers == 1 && res->layers[0].kind == LAYER_BASE && res->layers[0].n_platforms == 0);
+}
+
+static bool is_index(const char *mt) { return strcmp(mt, MT_OCI_INDEX) == 0 || strcmp(mt, MT_DOCKER_LIST) == 0; }
+
+static void platform_of_config(const json_value *cfg, char *out, size_t outlen) {
+    const char *os = json_object_get_string(cfg, "os"), *arch = json_object_get_string(cfg, "architecture");
+    const char *variant = json_object_get_string(cfg, "variant");
+    snprintf(out, outlen, "%s/%s%s%s", os ? os : "linux", arch ? arch : "amd64", variant ? "/" : "",
+             variant ? variant : "");
+}
+
+static void platform_of_entry(const json_value *entry, char *out, size_t outlen) {
+    const json_value *p = json_object_get(entry, "platform");
+    const char *os = json_object_get_string(p, "os"), *arch = json_object_get_string(p, "architecture");
+    const char *variant = json_object_get_string(p, "variant");
+    snprintf(out, outlen, "%s/%s%s%s", os ? os : "unknown", arch ? arch : "unknown", variant ? "/" : "",
+             variant ? variant : "");
+}
+
+/* Assemble one image manifest (not an index) and store it. On success
+ * out_digest/out_size/out_mt describe the stored manifest. */
+static int assemble_one(const generate_env *env, const policy_request *req, const policy_resolution *res,
+                        upstream *u, const char *base_bytes, size_t base_len, const char *base_mt,
+                        char out_digest[80], uint64_t *out_size, manifest *keep, fetch_error *e) {
+    char jerr[256], err[1024];
+    json_value *base = json_parse(base_bytes, base_len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+    if (!base) {
+        set_error(e, 502, "MANIFEST_INVALID", "base manifest of %s: %s", res->repository, jerr);
+        return -1;
+    }
+    const char *cfg_digest = json_object_get_string(json_object_get(base, "config"), "digest");
+    if (!cfg_digest || !ref_is_sha256_digest(cfg_digest)) {
+        json_free(base);
+        set_error(e, 502, "MANIFEST_INVALID", "base manifest of %s has no config digest", res->repository);
+        return -1;
+    }
+    char *cfg_bytes = NULL;
+    size_t cfg_len = 0;
+    if (fetch_blob_bytes(env->fetches, u, res->repository, cfg_digest, CONFIG_BLOB_MAX, &cfg_bytes, &cfg_len, e) !=
+        0) {
+        json_free(base);
+        return -1;
+    }
+    json_value *cfg = json_parse(cfg_bytes, cfg_len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+    free(cfg_bytes);
+    if (!cfg) {
+        json_free(base);
+        set_error(e, 502, "MANIFEST_INVALID", "config %s of %s: %s", cfg_digest, res->repository, jerr);
+        return -1;
+    }
+    char platform[128];
+    platform_of_config(cfg, platform, sizeof platform);
+    size_t n;
+    const layer_spec *specs = stack_of(res, &n);
+    layer_stack stack;
+    if (layers_resolve(&env->layers, specs, n, platform, res->upstream, res->repository, &stack, e) != 0) {
+        json_free(base);
+        json_free(cfg);
+        return -1;
+    }
+    json_value *man_out = NULL, *cfg_out = NULL;
+    int rc = -1;
+    char *cb = NULL, *mb = NULL;
+    size_t cl = 0, ml = 0;
+    char cd[80], md[80];
+    if (image_assemble(base, cfg, stack.items, stack.n, &man_out, &cfg_out, err, sizeof err) != 0) {
+        set_error(e, 502, "MANIFEST_INVALID", "assembling %s for %s: %s", res->repository, platform, err);
+        goto out;
+    }
+    policy_error pe;
+    if (policy_rewrite(env->pol, req, &man_out, &cfg_out, stack.items, stack.n, &pe) != 0) {
+        set_error(e, pe.status, pe.code[0] ? pe.code : "UNKNOWN", "%s", pe.message);
+        goto out;
+    }
+    if (image_finish(man_out, cfg_out, &cb, &cl, cd, &mb, &ml, md, err, sizeof err) != 0) {
+        set_error(e, 500, "UNKNOWN", "finishing %s for %s: %s", res->repository, platform, err);
+        goto out;
+    }
+    if (ml > env->cfg->manifest_max_bytes) {
+        set_error(e, 500, "MANIFEST_INVALID", "the assembled manifest is %zu bytes, over limits.manifest_max_bytes",
+                  ml);
+        goto out;
+    }
+    if (store_put(env->st, cd, cb, cl, err, sizeof err) != 0 || store_put(env->st, md, mb, ml, err, sizeof err) != 0) {
+        set_error(e, 500, "UNKNOWN", "storing the assembled image: %s", err);
+        goto out;
+    }
+    snprintf(out_digest, 80, "%s", md);
+    *out_size = ml;
+    if (keep) {
+        keep->data = mb;
+        keep->len = ml;
+        snprintf(keep->digest, sizeof keep->digest, "%s", md);
+        snprintf(keep->media_type, sizeof keep->media_type, "%s", base_mt);
+        mb = NULL;
+    }
+    rc = 0;
+out:
+    free(cb);
+    free(mb);
+    json_free(man_out);
+    json_free(cfg_out);
+    json_free(base);
+    json_free(cfg);
+    layer_stack_clear(&stack);
+    return rc;
+}
+
+static int assemble_index(const generate_env *env, const policy_request *req, const policy_resolution *res,
+                          upstream *u, const manifest *base, manifest *out, fetch_error *e) {
+    char jerr[256], err[512];
+    json_value *idx = json_parse(base->data, base->len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+    json_value *list = idx ? json_object_get(idx, "manifests") : NULL;
+    if (!list || list->type != JSON_ARRAY) {
+        json_free(idx);
+        set_error(e, 502, "MANIFEST_INVALID", "index of %s: %s", res->repository, idx ? "no manifests array" : jerr);
+        return -1;
+    }
+    manifest_env menv = {env->st, env->cfg};
+    for (size_t i = 0; i < list->count;) {
+        json_value *entry = list->items[i];
+        char platform[128];
+        platform_of_entry(entry, platform, sizeof platform);
+        if (res->n_platforms && !layers_platform_matches(res->platforms, res->n_platforms, platform)) {
+            /* Dropped by the policy: remove from the index. */
+            json_free(entry);
+            memmove(&list->items[i], &list->items[i + 1], (list->count - i - 1) * sizeof *list->items);
+            list->count--;
+            continue;
+        }
+        const char *child_digest = json_object_get_string(entry, "digest");
+        if (strcmp(platform, "unknown/unknown") == 0 || !child_digest) {
+            i++; /* attestations and the like stay as they are */
+            continue;
+        }
+        manifest child;
+        if (manifest_get(&menv, u, res->repository, child_digest, &child, e) != 0) {
+            json_free(idx);
+            return -1;
+        }
+        if (is_index(child.media_type)) {
+            manifest_clear(&child);
+            i++;
+            continue;
+        }
+        char nd[80];
+        uint64_t ns = 0;
+        int rc = assemble_one(env, req, res, u, child.data, child.len, child.media_type, nd, &ns, NULL, e);
+        manifest_clear(&child);
+        if (rc != 0) {
+            json_free(idx);
+            return -1;
+        }
+        if (json_object_set(entry, "digest", json_new_string(nd)) != 0 ||
+            json_object_set(entry, "size", json_new_uint64(ns)) != 0) {
+            json_free(idx);
+            set_error(e, 500, "UNKNOWN", "out of memory");
+            return -1;
+        }
+        i++;
+    }
+    if (list->count == 0) {
+        json_free(idx);
+        set_error(e, 404, "MANIFEST_UNKNOWN", "the policy's platforms leave no manifest in the index of %s",
+                  res->repository);
+        return -1;
+    }
+    size_t len;
+    char *bytes = json_serialize(idx, &len);
+    json_free(idx);
+    char d[DIGEST_STRING_LEN];
+    if (!bytes || digest_bytes(bytes, len, d) != 0 || store_put(env->st, d, bytes, len, err, sizeof err) != 0) {
+        free(bytes);
+        set_error(e, 500, "UNKNOWN", "storing the assembled index: %s", bytes ? err : "out of memory");
+        return -1;
+    }
+    out->data = bytes;
+    out->len = len;
+    snprintf(out->digest, sizeof out->digest, "%s", d);
+    snprintf(out->media_type, sizeof out->media_type, "%s", base->media_type);
+    return 0;
+}
+
+/* Everything that decides the generated image, hashed. */
+static int decision_key(const generate_env *env, const policy_resolution *res, const manifest *base, char key[65],
+                        fetch_error *e) {
+    digest_ctx *d = digest_new();
+    if (!d) {
+        set_error(e, 500, "UNKNOWN", "out of memory");
+        return -1;
+    }
+    const char *parts[] = {"regfacade-generate-v1", base->digest, policy_fingerprint(env->pol), res->upstream,
+                           res->repository, res->fingerprint ? res->fingerprint : ""};
+    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) digest_update(d, parts[i], strlen(parts[i]) + 1);
+    size_t n;
+    const layer_spec *specs = stack_of(res, &n);
+    int rc = layers_key(&env->layers, specs, n, d, e);
+    char full[DIGEST_STRING_LEN];
+    if (rc == 0 && digest_final(d, full) == 0) snprintf(key, 65, "%s", full + 7);
+    digest_free(d);
+    return rc;
+}
+
+int generate_image(const generate_env *env, const policy_request *req, const policy_resolution *res, upstream *u,
+                   const manifest *base, manifest *out, fetch_error *e) {
+    memset(out, 0, sizeof *out);
+    char key[65], digest[100], err[512];
+    if (decision_key(env, res, base, key, e) != 0) return -1;
+    if (store_generated_get(env->st, key, digest, sizeof digest) == 1) {
+        manifest_env menv = {env->st, env->cfg};
+        if (ref_is_sha256_digest(digest) && store_blob_exists(env->st, digest) &&
+            manifest_get(&menv, u, res->repository, digest, out, e) == 0)
+            return 0;
+    }
+    int rc;
+    if (is_index(base->media_type)) {
+        rc = assemble_index(env, req, res, u, base, out, e);
+    } else {
+        uint64_t size;
+        rc = assemble_one(env, req, res, u, base->data, base->len, base->media_type, digest, &size, out, e);
+    }
+    if (rc != 0) {
+        log_error("generating %s from %s@%s failed: %s", req->repository, res->repository, base->digest, e->message);
+        return -1;
+    }
+    if (store_generated_put(env->st, key, out->digest, err, sizeof err) != 0) log_error("%s", err);
+    return 0;
+}
