@@ -29,7 +29,8 @@ endif
 SRCS := $(wildcard src/*.c)
 OBJS := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRCS)) $(BUILD)/obj/lua_embedded.o
 LIB_OBJS := $(filter-out $(BUILD)/obj/main.o,$(OBJS))
-LUA_FILES := $(sort $(wildcard lua/regfacade/*.lua))
+# testing.lua is for busted only (it needs the regfacade.core module).
+LUA_FILES := $(sort $(filter-out lua/regfacade/testing.lua,$(wildcard lua/regfacade/*.lua)))
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 
@@ -92,3 +93,5 @@ clean:
 
 # `make fuzz` (libFuzzer, clang) and test-fuzz-regressions (part of `make test`).
 include fuzz/fuzz.mk
+
+include mk/lua_core.mk

@@ -8,6 +8,14 @@
 # -fPIC into $(BUILD)/pic/. liblua is NOT linked: the interpreter that
 # loads the module provides the Lua symbols. Target: lua-core.
 
+# Include it after BUILD and CFLAGS are set (e.g. at the end of the
+# Makefile): rule targets are expanded when read. It never becomes the
+# default goal.
+ifeq ($(strip $(BUILD)),)
+$(error mk/lua_core.mk: include it after BUILD is set)
+endif
+LUA_CORE_SAVED_GOAL := $(.DEFAULT_GOAL)
+
 LUA_CORE_SRCS := src/lua_core.c src/lua_json.c src/image_rewrite.c src/image.c src/json.c src/digest.c src/ref.c
 LUA_CORE_OBJS := $(patsubst src/%.c,$(BUILD)/pic/%.o,$(LUA_CORE_SRCS))
 LUA_CORE_SO := $(BUILD)/lua/regfacade/core.so
@@ -25,3 +33,5 @@ $(LUA_CORE_SO): $(LUA_CORE_OBJS)
 $(BUILD)/pic/%.o: src/%.c $(wildcard include/regfacade/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -fPIC -c -o $@ $<
+
+.DEFAULT_GOAL := $(LUA_CORE_SAVED_GOAL)

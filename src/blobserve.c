@@ -222,6 +222,9 @@ static int resolve_image(blobserve *b, const char *repository, const char *refer
         set_why(status, why, whylen, pe.status, "%s: %s", key, pe.message);
         return -1;
     }
+    /* Only where the image comes from is used: blobserve serves the
+     * upstream image's files, not layers the policy adds for pulls. */
+    policy_resolution_clear(&res);
     upstream *u = find_upstream(b, res.upstream);
     if (!u) {
         set_why(status, why, whylen, 500, "%s: upstream %s is not configured", key, res.upstream);

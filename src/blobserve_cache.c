@@ -755,7 +755,7 @@ static void load_layers(bs_cache *c) {
         n++;
     }
     closedir(d);
-    qsort(list, n, sizeof *list, cmp_loaded);
+    if (n) qsort(list, n, sizeof *list, cmp_loaded);
     for (size_t i = 0; i < n; i++) {
         list[i].l->last_used = ++c->clock; /* extraction order stands for use order */
         list[i].l->next = c->layers;

@@ -14,6 +14,7 @@
 #include "regfacade/digest.h"
 #include "regfacade/image_rewrite.h"
 #include "regfacade/log.h"
+#include "regfacade/lua_json.h"
 #include "regfacade/lua_embedded.h"
 #include "regfacade/metrics.h"
 #include "regfacade/ref.h"
@@ -144,6 +145,11 @@ static int open_regfacade(lua_State *L) {
     lua_setfield(L, -2, "config");
     lua_pushcfunction(L, l_log);
     lua_setfield(L, -2, "log");
+    /* The one JSON codec, and its null, as regfacade.json / regfacade.null. */
+    luaL_requiref(L, "regfacade.json", luaopen_regfacade_json, 0);
+    lua_setfield(L, -2, "json");
+    lua_json_push_null(L);
+    lua_setfield(L, -2, "null");
     lua_pushstring(L, REGFACADE_VERSION);
     lua_setfield(L, -2, "version");
     return 1;
@@ -186,6 +192,8 @@ static lua_State *state_new(const config *c, char *err, size_t errlen) {
     lua_rawseti(L, -2, 2);
     lua_pop(L, 1);
     lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, luaopen_regfacade_json);
+    lua_setfield(L, -2, "regfacade.json");
     lua_pushlightuserdata(L, (void *)c);
     lua_pushcclosure(L, open_regfacade, 1);
     lua_setfield(L, -2, "regfacade");

@@ -24,6 +24,9 @@ def start_with_metrics(fake_facade, **kw):
     config["metrics"] = dict({"listen": f"127.0.0.1:{port}"}, **config.get("metrics", {}))
     rf = fake_facade(config=config, **kw)
     rf.metrics_host = f"127.0.0.1:{port}"
+    # The harness's /v2/ probe is counted when that request ends, which may
+    # be just after its answer arrived: let it settle before any baseline.
+    assert wait_until(lambda: val(scrape(rf), "regfacade_requests_total", route="ping", status="200") >= 1)
     return rf
 
 
