@@ -4,7 +4,7 @@
 Starts, each on a free 127.0.0.1 port and stopped by PID at the end:
   upstream      Debian's docker-registry (CNCF distribution 2.8), holding
                 bench/big:v1, an OCI image whose one layer is a 256 MiB
-                uncompressed tar of random bytes (built here, pushed with skopeo)
+                uncompressed tar of random bytes (built here, pushed with the registry API)
   regfacade     in front of upstream (embedded default policy: the mirror's
                 resolve hook runs on every request)
   distribution  docker-registry as a pull-through cache (proxy.remoteurl) of upstream
@@ -222,6 +222,45 @@ def build_image(layout):
              "annotations": {"org.opencontainers.image.ref.name": TAG}}]}, f)
     return {"layer": layer_digest, "layer_path": layer_path, "manifest": mdig, "manifest_size": msize,
             "config": cdig}
+
+
+def push_image(host, layout, img):
+    """Push the layout's blobs and manifest with the registry API (monolithic
+    uploads). skopeo would compress the uncompressed layer on the way."""
+    import http.client
+    import urllib.parse
+
+    def upload(digest, path):
+        c = http.client.HTTPConnection(*host.split(":"), timeout=300)
+        c.request("POST", f"/v2/{REPO}/blobs/uploads/", headers={"Content-Length": "0"})
+        r = c.getresponse()
+        r.read()
+        if r.status != 202:
+            raise RuntimeError(f"upload start for {digest}: {r.status}")
+        loc = urllib.parse.urlsplit(r.getheader("Location"))
+        q = (loc.query + "&" if loc.query else "") + "digest=" + urllib.parse.quote(digest)
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            c.request("PUT", f"{loc.path}?{q}", body=f,
+                      headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+            r = c.getresponse()
+            r.read()
+        c.close()
+        if r.status != 201:
+            raise RuntimeError(f"upload of {digest}: {r.status}")
+
+    blobs = os.path.join(layout, "blobs", "sha256")
+    for d in (img["config"], img["layer"]):
+        upload(d, os.path.join(blobs, d.split(":", 1)[1]))
+    with open(os.path.join(blobs, img["manifest"].split(":", 1)[1]), "rb") as f:
+        body = f.read()
+    c = http.client.HTTPConnection(*host.split(":"), timeout=60)
+    c.request("PUT", f"/v2/{REPO}/manifests/{TAG}", body=body, headers={"Content-Type": OCI_MANIFEST})
+    r = c.getresponse()
+    r.read()
+    c.close()
+    if r.status != 201:
+        raise RuntimeError(f"manifest PUT: {r.status}")
 
 
 # ---------------------------------------------------------------- peers
@@ -754,8 +793,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.img = build_image(os.path.join(self.work, "layout"))
         self.start_upstream()
         log("pushing it into the upstream registry")
-        run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{os.path.join(self.work, 'layout')}:{TAG}",
-             f"docker://127.0.0.1:{self.up_port}/{REPO}:{TAG}"], timeout=300)
+        push_image(f"127.0.0.1:{self.up_port}", os.path.join(self.work, "layout"), self.img)
         self.start_regfacade()
         self.start_distribution()
         self.start_nginx()

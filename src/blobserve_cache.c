@@ -42,6 +42,8 @@ struct bs_layer {
 struct bs_cache {
     char *dir;
     uint64_t max_bytes;
+    char boot_id[64];  /* this boot's id; "" when unknown (then every extraction is synced) */
+    bool opened;       /* fully opened: close records a clean sync */
     pthread_mutex_t mu;
     pthread_cond_t cv; /* broadcast whenever an extraction ends */
     bs_layer *layers;
@@ -100,6 +102,30 @@ static void victims_delete(victims *v) {
     free(v->paths);
     v->paths = NULL;
     v->n = v->cap = 0;
+}
+
+/* The first line of a small file, without the newline; "" on failure. */
+static void read_line(const char *path, char *out, size_t outlen) {
+    out[0] = '\0';
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    if (!fgets(out, (int)outlen, f)) out[0] = '\0';
+    fclose(f);
+    out[strcspn(out, "\n")] = '\0';
+}
+
+/* Write path atomically and durably (temp file, fsync, rename). */
+static int write_small_file(const char *path, const char *text) {
+    char tmp[PATHBUF];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) return -1;
+    size_t n = strlen(text);
+    int rc = write(fd, text, n) == (ssize_t)n && fsync(fd) == 0 ? 0 : -1;
+    close(fd);
+    if (rc == 0) rc = rename(tmp, path);
+    if (rc != 0) unlink(tmp);
+    return rc;
 }
 
 static int make_key(const bs_layer_spec *s, char *out, size_t outlen) {
@@ -631,13 +657,17 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     char meta[PATHBUF];
     snprintf(meta, sizeof meta, "%s/meta", tmp);
     FILE *mf = fopen(meta, "w");
-    if (!mf || fprintf(mf, "bytes %llu\nentries %lu\nrefused %lu\n", (unsigned long long)x.bytes, x.entries,
-                       x.refused) < 0 || fclose(mf) != 0) {
+    if (!mf || fprintf(mf, "bytes %llu\nentries %lu\nrefused %lu\nboot %s\n", (unsigned long long)x.bytes,
+                       x.entries, x.refused, c->boot_id[0] ? c->boot_id : "-") < 0 || fclose(mf) != 0) {
         *status = 500;
         seterr(err, errlen, "blobserve: write %s: %s", meta, strerror(errno));
         goto out;
     }
-    syncfs(x.rootfd); /* the tree is durable before it is published */
+    /* Durability: a tree stamped with this boot's id is trusted after a
+     * restart in the same boot (the page cache survives a process crash);
+     * after a reboot only if a clean close synced it (load_layers). Without
+     * a boot id, sync each tree before it is published. */
+    if (!c->boot_id[0]) syncfs(x.rootfd);
     char final[PATHBUF];
     snprintf(final, sizeof final, "%s/layers/%s", c->dir, key);
     if (rename(tmp, final) != 0) {
@@ -708,7 +738,9 @@ static bool valid_key(const char *k) {
 
 /* Take in the layers an earlier run published. */
 static void load_layers(bs_cache *c) {
-    char p[PATHBUF];
+    char p[PATHBUF], synced_boot[64];
+    snprintf(p, sizeof p, "%s/synced-boot", c->dir);
+    read_line(p, synced_boot, sizeof synced_boot);
     snprintf(p, sizeof p, "%s/layers", c->dir);
     DIR *d = opendir(p);
     if (!d) return;
@@ -721,10 +753,31 @@ static void load_layers(bs_cache *c) {
         snprintf(lp, sizeof lp, "%s/%s", p, e->d_name);
         snprintf(mp, sizeof mp, "%s/meta", lp);
         unsigned long long bytes = 0;
+        unsigned long entries = 0, refused = 0;
+        char boot[64] = "";
         struct stat st;
         FILE *f = valid_key(e->d_name) ? fopen(mp, "r") : NULL;
-        bool ok = f && fscanf(f, "bytes %llu", &bytes) == 1 && fstat(fileno(f), &st) == 0;
+        bool ok = f && fscanf(f, "bytes %llu entries %lu refused %lu boot %63s", &bytes, &entries, &refused, boot) == 4 &&
+                  fstat(fileno(f), &st) == 0;
         if (f) fclose(f);
+        /* Trusted: written in this boot, or synced by a clean close before
+         * the reboot (then stamped with this boot). Anything else may have
+         * lost data in a crash of the machine: extracted again. */
+        bool this_boot = ok && c->boot_id[0] && strcmp(boot, c->boot_id) == 0;
+        bool synced = ok && synced_boot[0] && strcmp(boot, synced_boot) == 0;
+        bool unknown = ok && !c->boot_id[0] && strcmp(boot, "-") == 0; /* synced when published */
+        if (ok && !this_boot && !synced && !unknown) {
+            log_warn("blobserve: layer %s was extracted before a restart of the machine and never synced; "
+                     "removed", e->d_name);
+            ok = false;
+        }
+        if (ok && synced && !this_boot) {
+            char text[256];
+            snprintf(text, sizeof text, "bytes %llu\nentries %lu\nrefused %lu\nboot %s\n", bytes, entries, refused,
+                     c->boot_id);
+            if (write_small_file(mp, text) != 0) ok = false;
+            else stat(mp, &st);
+        }
         bs_layer *l = ok ? calloc(1, sizeof *l) : NULL;
         if (l) {
             snprintf(lp + strlen(lp), sizeof lp - strlen(lp), "/root");
@@ -787,6 +840,8 @@ bs_cache *bs_cache_open(const char *dir, uint64_t max_bytes, char *err, size_t e
     }
     c->max_bytes = max_bytes;
     c->stats.max_bytes = max_bytes;
+    read_line("/proc/sys/kernel/random/boot_id", c->boot_id, sizeof c->boot_id);
+    if (strspn(c->boot_id, "0123456789abcdef-") != strlen(c->boot_id)) c->boot_id[0] = '\0';
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv, NULL);
     char p[PATHBUF];
@@ -815,11 +870,22 @@ bs_cache *bs_cache_open(const char *dir, uint64_t max_bytes, char *err, size_t e
     evict_locked(c, &v);
     pthread_mutex_unlock(&c->mu);
     victims_delete(&v);
+    c->opened = true;
     return c;
 }
 
 void bs_cache_close(bs_cache *c) {
     if (!c) return;
+    /* A clean close: everything extracted in this boot reaches the disk,
+     * and the record says so (load_layers trusts it after a reboot). */
+    if (c->opened && c->boot_id[0]) {
+        int fd = open(c->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        char p[PATHBUF];
+        snprintf(p, sizeof p, "%s/synced-boot", c->dir);
+        if (fd < 0 || syncfs(fd) != 0 || write_small_file(p, c->boot_id) != 0)
+            log_warn("blobserve: could not sync the extraction cache %s: %s", c->dir, strerror(errno));
+        if (fd >= 0) close(fd);
+    }
     for (bs_layer *l = c->layers, *next; l; l = next) {
         next = l->next;
         if (l->refs > 0) log_warn("blobserve: layer %s still held at close", l->key);

@@ -288,6 +288,7 @@ static config *config_new_defaults(void) {
     c->stale_max_seconds = 86400;
     c->max_connections = 1024;
     c->client_timeout_s = 300;
+    c->shutdown_grace_seconds = 30;
     c->header_max_bytes = 64 * 1024;
     c->url_max_bytes = 4096;
     c->header_timeout_s = 30;
@@ -329,7 +330,7 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     static const char *const limit_keys[] = {"manifest_max_bytes", "verify_before_send_bytes", "max_connections",
                                              "client_timeout_seconds", "header_max_bytes", "url_max_bytes",
                                              "connections_per_ip", "requests_per_second", "request_burst",
-                                             "header_timeout_seconds", NULL};
+                                             "header_timeout_seconds", "shutdown_grace_seconds", NULL};
     static const char *const client_keys[] = {"connect_timeout_ms", "low_speed_seconds", "low_speed_bytes",
                                               "retries", "retry_budget_seconds", "max_concurrent_fetches", NULL};
     if (check_keys(lc, root, "config", top) != 0) return -1;
@@ -398,6 +399,9 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
         v = c->client_timeout_s;
         if (get_u64(lc, limits, "client_timeout_seconds", "limits", 1, 86400, &v) != 0) return -1;
         c->client_timeout_s = (unsigned)v;
+        v = (uint64_t)c->shutdown_grace_seconds;
+        if (get_u64(lc, limits, "shutdown_grace_seconds", "limits", 0, 3600, &v) != 0) return -1;
+        c->shutdown_grace_seconds = (int)v;
         if (load_client_limits(lc, limits, c) != 0) return -1;
     }
     if (get_string(lc, root, "user", "config", &c->user) != 0) return -1;

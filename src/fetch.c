@@ -253,7 +253,8 @@ static int fetch_attempt(fetch *x) {
                       x->digest);
             snprintf(x->err.retry_after, sizeof x->err.retry_after, "%s", resp.retry_after);
             snprintf(x->retry_after, sizeof x->retry_after, "%s", resp.retry_after);
-            return 1;
+            /* Without a Retry-After, a rate limit is not waited out: the client gets the 429. */
+            return upstream_parse_retry_after(resp.retry_after) >= 0 ? 1 : -1;
         }
         if (resp.status == 416 && x->written > 0 && !x->no_range) {
             snprintf(x->attempt_err, sizeof x->attempt_err, "upstream refused to resume at %llu; asking for the "

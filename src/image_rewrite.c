@@ -69,6 +69,18 @@ static void push_layers(lua_State *L, const rewrite_ctx *c)
             set_string(L, "diff_id", id && id->type == JSON_STRING ? id->str : NULL);
             lua_pushboolean(L, c->stack[i].is_base);
             lua_setfield(L, -2, "base");
+            /* Where an added layer came from (image.h), so a hook can apply
+             * an added image's env modifiers (image.apply_env_modifiers). */
+            if (!c->stack[i].is_base) {
+                set_string(L, "source", c->stack[i].source);
+                set_string(L, "name", c->stack[i].name);
+                if (c->stack[i].source_config) {
+                    if (lua_json_push(L, c->stack[i].source_config) != 0)
+                        luaL_error(L, "rewrite: the config of layer source %s nests deeper than %d",
+                                   c->stack[i].name ? c->stack[i].name : "?", LUA_JSON_MAX_DEPTH);
+                    lua_setfield(L, -2, "config");
+                }
+            }
             lua_rawseti(L, -2, (lua_Integer)at + 1);
         }
     }

@@ -593,8 +593,8 @@ static void platform_string(const json_value *p, char *out, size_t outlen) {
 }
 
 /* The layers of another image, for one platform. */
-static int image_layers(const layer_env *env, const layer_spec *spec, const char *platform, layer_stack *out,
-                        fetch_error *e) {
+static int image_layers(const layer_env *env, const layer_spec *spec, const char *label, const char *platform,
+                        layer_stack *out, fetch_error *e) {
     char up[128], repo[300], ref[200];
     if (parse_image_ref(env->cfg, spec->image, up, sizeof up, repo, sizeof repo, ref, sizeof ref) != 0) {
         set_error(e, 500, "UNKNOWN", "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
@@ -693,7 +693,7 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
         it->size = size;
         it->diff_id = keep_string(out, diff);
         it->source = "image";
-        it->name = keep_string(out, spec->image);
+        it->name = keep_string(out, label ? label : spec->image); /* as for files: the config name first */
         it->source_config = kept_cfg;
         it->created_by = keep_string(out, spec->created_by);
         it->comment = keep_string(out, spec->comment);
@@ -746,7 +746,7 @@ static int resolve_one(const layer_env *env, const layer_spec *spec, const char 
         return it->digest && it->diff_id ? 0 : -1;
     }
     case LAYER_IMAGE:
-        return image_layers(env, spec, platform, out, e);
+        return image_layers(env, spec, label, platform, out, e);
     case LAYER_BLOB: {
         image_layer *it = push_item(out);
         if (!it) break;

@@ -16,7 +16,8 @@
  *
  * stack is an array of "base" or layer tables
  *   { media_type =, digest =, size =, diff_id =,            (required)
- *     urls = {...}, annotations = {...}, created_by =, comment = }
+ *     urls = {...}, annotations = {...}, created_by =, comment =,
+ *     source =, name =, config = {...} }   (the last three: img.layers only)
  * Unknown keys are errors. Errors are raised as "regfacade.core: ...".
  */
 #include <lauxlib.h>
@@ -81,8 +82,8 @@ static scratch *scratch_new(lua_State *L)
     return s;
 }
 
-static const char *const LAYER_KEYS[] = {"media_type", "digest",      "size",       "diff_id",
-                                         "urls",       "annotations", "created_by", "comment", NULL};
+static const char *const LAYER_KEYS[] = {"media_type", "digest",      "size",       "diff_id", "urls",   "annotations",
+                                         "created_by", "comment",     "source",     "name",    "config", NULL};
 
 /* The string at t[k] (NULL when absent). Raw access, so the string stays
  * anchored in t after the pop. */
@@ -115,7 +116,7 @@ static void read_layer(lua_State *L, int t, lua_Integer i, scratch *s, image_lay
             const char *name = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1);
             luaL_error(L,
                        "regfacade.core: stack[%d]: unknown key \"%s\" (known: media_type, digest, size, diff_id, "
-                       "urls, annotations, created_by, comment)",
+                       "urls, annotations, created_by, comment, source, name, config)",
                        (int)i, name);
         }
     }
@@ -124,6 +125,8 @@ static void read_layer(lua_State *L, int t, lua_Integer i, scratch *s, image_lay
     l->diff_id = field_string(L, t, "diff_id", i, true);
     l->created_by = field_string(L, t, "created_by", i, false);
     l->comment = field_string(L, t, "comment", i, false);
+    l->source = field_string(L, t, "source", i, false);
+    l->name = field_string(L, t, "name", i, false);
 
     lua_getfield(L, t, "size");
     int isnum = 0;
@@ -134,8 +137,8 @@ static void read_layer(lua_State *L, int t, lua_Integer i, scratch *s, image_lay
     l->size = (uint64_t)size;
     lua_pop(L, 1);
 
-    static const char *const trees[] = {"urls", "annotations"};
-    for (int k = 0; k < 2; k++) {
+    static const char *const trees[] = {"urls", "annotations", "config"};
+    for (int k = 0; k < 3; k++) {
         lua_getfield(L, t, trees[k]);
         if (!lua_isnil(L, -1)) {
             char root[64], err[512];
@@ -146,8 +149,10 @@ static void read_layer(lua_State *L, int t, lua_Integer i, scratch *s, image_lay
             s->owned[s->n_owned++] = v;
             if (k == 0)
                 l->urls = v;
-            else
+            else if (k == 1)
                 l->annotations = v;
+            else
+                l->source_config = v;
         }
         lua_pop(L, 1);
     }
@@ -160,7 +165,7 @@ static void read_stack(lua_State *L, int idx, scratch *s)
     lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
     if (n > 0) {
         s->layers = calloc((size_t)n, sizeof(*s->layers));
-        s->owned = calloc((size_t)n * 2, sizeof(*s->owned));
+        s->owned = calloc((size_t)n * 3, sizeof(*s->owned));
         if (!s->layers || !s->owned)
             luaL_error(L, "regfacade.core: out of memory");
     }

@@ -102,12 +102,26 @@ static int cmd_serve(const char *path) {
         int sig = 0;
         if (sigwait(&set, &sig) != 0) continue;
         if (sig == SIGHUP) {
-            log_warn("SIGHUP: reload is not supported yet; keeping the running configuration");
+            /* Reload: a bad new config is rejected and the old one keeps serving. */
+            char rerr[2048];
+            config *nc = path ? config_load(path, rerr, sizeof rerr) : NULL;
+            if (!path) {
+                log_warn("SIGHUP: running the embedded default; nothing to reload");
+            } else if (!nc) {
+                log_error("SIGHUP: reload rejected, still serving the old configuration: %s", rerr);
+            } else if (server_reload(s, nc, rerr, sizeof rerr) != 0) {
+                log_error("SIGHUP: reload rejected, still serving the old configuration: %s", rerr);
+                config_free(nc);
+            } else {
+                log_info("SIGHUP: reloaded %s", nc->path);
+            }
             continue;
         }
         log_info("signal %d: shutting down", sig);
         break;
     }
+    /* Let transfers in flight finish, up to the grace period. */
+    server_drain(s, c->shutdown_grace_seconds);
     server_stop(s);
     config_free(c);
     upstream_global_cleanup();

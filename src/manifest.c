@@ -185,7 +185,8 @@ static int perform_retry(const manifest_env *env, upstream *u, upstream_request 
         const char *retry_after = NULL;
         if (r == UPSTREAM_OK) {
             if (resp->status < 500 && resp->status != 429) return 0;
-            retry = true;
+            /* A rate limit is waited out only when the upstream says how long. */
+            retry = resp->status != 429 || upstream_parse_retry_after(resp->retry_after) >= 0;
             retry_after = resp->retry_after;
             map_status(e, resp, u, what);
         } else if (r == UPSTREAM_ERR_ABORTED && b && b->too_big) {

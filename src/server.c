@@ -5,11 +5,13 @@
 #include <errno.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "regfacade/blobserve.h"
@@ -32,6 +34,23 @@
 #define MAX_URL_BYTES 8192 /* buffer size; the limit is limits.url_max_bytes (at most this) */
 #define TAGS_MAX_BYTES (4 * 1024 * 1024)
 
+/* One configuration generation: what a SIGHUP reload replaces. A request
+ * holds the generation it started on until its handler returns, so requests
+ * in flight finish on the old one. Upstream clients and configs of retired
+ * generations live until the server stops (fetch threads may still use
+ * them); policies and layer catalogs are freed when their last request is
+ * done. */
+typedef struct served {
+    config *cfg;
+    bool owns_cfg;          /* false for the first (the caller's) */
+    upstream **ups;         /* parallel to cfg->upstreams */
+    policy *pol;
+    layer_catalog *layers;  /* the config's named layers and file layer digests */
+    generate_env gen;       /* what image generation needs */
+    int refs;
+    struct served *next_retired;
+} served;
+
 struct server {
     const config *cfg;
     store *st;
@@ -46,11 +65,16 @@ struct server {
     tls_config *tls;         /* NULL: plain HTTP */
     int listen_fd;           /* bound before the privilege drop; MHD's once started */
     blobserve *blobserve;    /* the blobserve listener, NULL without a "blobserve" section */
+    pthread_mutex_t gen_lock;
+    served *current;         /* the generation new requests get */
+    served *first;           /* the one started with (cfg, pol, ups, layers above are its) */
+    served *retired;         /* replaced generations, freed at stop */
 };
 
 /* Everything one request needs, on the connection thread's stack. */
 typedef struct {
     server *srv;
+    served *sv;            /* the configuration generation of this request */
     struct MHD_Connection *conn;
     const char *method;
     bool head;
@@ -169,13 +193,129 @@ static size_t no_unescape(void *cls, struct MHD_Connection *c, char *s) {
     return strlen(s);
 }
 
-static upstream *find_upstream(server *s, const char *name) {
+static upstream *find_upstream(served *s, const char *name) {
     for (size_t i = 0; i < s->cfg->n_upstreams; i++)
         if (strcmp(s->cfg->upstreams[i].name, name) == 0) return s->ups[i];
     return NULL;
 }
 
 static upstream *upstream_by_name(void *ud, const char *name) { return find_upstream(ud, name); }
+
+/* Free a generation's policy and layers (always) and, with all, its
+ * upstream clients and config too (only at stop: fetch threads may still
+ * use the clients of a retired generation). */
+static void served_free(served *g, bool all) {
+    if (!g) return;
+    policy_free(g->pol);
+    g->pol = NULL;
+    layer_catalog_free(g->layers);
+    g->layers = NULL;
+    if (!all) return;
+    if (g->ups)
+        for (size_t i = 0; i < g->cfg->n_upstreams; i++) upstream_free(g->ups[i]);
+    free(g->ups);
+    if (g->owns_cfg) config_free(g->cfg);
+    free(g);
+}
+
+/* Build a generation for config c: upstream clients, policy, layers. */
+static served *served_build(server *s, config *c, bool owns_cfg, char *err, size_t errlen) {
+    served *g = calloc(1, sizeof *g);
+    if (!g || !(g->ups = calloc(c->n_upstreams, sizeof *g->ups))) {
+        free(g);
+        snprintf(err, errlen, "server: out of memory");
+        return NULL;
+    }
+    g->cfg = c;
+    for (size_t i = 0; i < c->n_upstreams; i++) {
+        const config_upstream *cu = &c->upstreams[i];
+        upstream_options uo = {
+            .name = cu->name,
+            .url = cu->url,
+            .username = cu->username,
+            .password = cu->password,
+            .ca_file = cu->ca_file,
+            .tls_verify = cu->tls_verify,
+            .connect_timeout_ms = c->upstream_connect_timeout_ms,
+            .low_speed_limit = c->upstream_low_speed_limit,
+            .low_speed_time_s = c->upstream_low_speed_time_s,
+            .mirrors = (const char *const *)cu->mirrors,
+            .n_mirrors = cu->n_mirrors,
+            .retries = c->upstream_retries,
+            .retry_budget_ms = c->upstream_retry_budget_s * 1000,
+        };
+        g->ups[i] = upstream_new(&uo, err, errlen);
+        if (!g->ups[i]) goto fail;
+    }
+    g->pol = policy_new(c, err, errlen);
+    if (!g->pol) goto fail;
+    g->layers = layer_catalog_new(c, err, errlen);
+    if (!g->layers) goto fail;
+    g->gen = (generate_env){.cfg = c, .st = s->st, .fetches = s->fetches, .pol = g->pol,
+                            .layers = {.cfg = c, .st = s->st, .fetches = s->fetches, .cat = g->layers,
+                                       .find_upstream = upstream_by_name, .ud = g}};
+    g->owns_cfg = owns_cfg;
+    return g;
+fail:
+    g->owns_cfg = false; /* on failure the caller keeps its config */
+    served_free(g, true);
+    return NULL;
+}
+
+static served *served_acquire(server *s) {
+    pthread_mutex_lock(&s->gen_lock);
+    served *g = s->current;
+    g->refs++;
+    pthread_mutex_unlock(&s->gen_lock);
+    return g;
+}
+
+static void served_release(server *s, served *g) {
+    pthread_mutex_lock(&s->gen_lock);
+    bool done = --g->refs == 0;
+    pthread_mutex_unlock(&s->gen_lock);
+    /* The last request of a retired generation frees its Lua states (not the
+     * first generation's: other listeners borrow its policy). */
+    if (done && g != s->first) served_free(g, false);
+}
+
+/* A section that a reload cannot change (it is bound at start). */
+static bool same_section(const json_value *a, const json_value *b) {
+    if (!a || !b) return a == b;
+    size_t la, lb;
+    char *ta = json_serialize(a, &la), *tb = json_serialize(b, &lb);
+    bool same = ta && tb && la == lb && memcmp(ta, tb, la) == 0;
+    free(ta);
+    free(tb);
+    return same;
+}
+
+int server_reload(server *s, config *c, char *err, size_t errlen) {
+    const config *old = s->cfg;
+    const char *fixed = NULL;
+    if (strcmp(old->listen_host, c->listen_host) != 0 || old->listen_port != c->listen_port) fixed = "listen";
+    else if (strcmp(old->cache_dir, c->cache_dir) != 0) fixed = "cache.dir";
+    else if (!same_section(old->tls, c->tls)) fixed = "tls";
+    else if (!same_section(old->metrics, c->metrics)) fixed = "metrics";
+    else if (!same_section(old->blobserve, c->blobserve)) fixed = "blobserve";
+    else if (!same_section(old->admin, c->admin)) fixed = "admin";
+    else if (!same_section(old->specs, c->specs)) fixed = "specs";
+    if (fixed) {
+        snprintf(err, errlen, "%s: \"%s\" cannot change on reload (restart to change it)", c->path, fixed);
+        return -1;
+    }
+    served *g = served_build(s, c, true, err, errlen);
+    if (!g) return -1;
+    g->refs = 1;
+    pthread_mutex_lock(&s->gen_lock);
+    served *prev = s->current;
+    s->current = g;
+    prev->next_retired = s->retired;
+    s->retired = prev;
+    pthread_mutex_unlock(&s->gen_lock);
+    served_release(s, prev); /* drop its "current" reference */
+    return 0;
+}
 
 static int run_resolve(request *r, policy_resolution *res) {
     const char *host = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Host");
@@ -201,7 +341,7 @@ static int run_resolve(request *r, policy_resolution *res) {
         .token = r->cred.kind == CLIENT_AUTH_BEARER ? r->cred.token : NULL,
     };
     policy_error e;
-    if (policy_resolve(r->srv->pol, &pr, res, &e) != 0) {
+    if (policy_resolve(r->sv->pol, &pr, res, &e) != 0) {
         send_error(r, (unsigned)e.status, e.code, "%s", e.message);
         return -1;
     }
@@ -263,16 +403,16 @@ static enum MHD_Result handle_manifest(request *r) {
                           MT_OCI_MANIFEST);
     policy_resolution res;
     if (run_resolve(r, &res) != 0) return MHD_YES;
-    upstream *u = find_upstream(r->srv, res.upstream);
-    manifest_env env = {r->srv->st, r->srv->cfg};
+    upstream *u = find_upstream(r->sv, res.upstream);
+    manifest_env env = {r->srv->st, r->sv->cfg};
     manifest m;
     fetch_error e = {0};
     int got = manifest_get(&env, u, res.repository, res.reference, &m, &e);
-    if (got == 0 && !ref_is_sha256_digest(r->reference) && generate_needed(&r->srv->gen, &res)) {
+    if (got == 0 && !ref_is_sha256_digest(r->reference) && generate_needed(&r->sv->gen, &res)) {
         /* A tag: serve the image the policy assembles on this base. (A
          * digest names exact bytes, generated or not: served as they are.) */
         manifest built;
-        got = generate_image(&r->srv->gen, &r->preq, &res, u, &m, &built, &e);
+        got = generate_image(&r->sv->gen, &r->preq, &res, u, &m, &built, &e);
         manifest_clear(&m);
         m = built;
         if (got == 0) m.source = "generated";
@@ -439,11 +579,11 @@ static enum MHD_Result handle_blob(request *r) {
     /* A layer added from another image lives in that image's repository. */
     char origin_up[128], origin_repo[REF_NAME_MAX + 1];
     if (store_origin_get(r->srv->st, digest, origin_up, sizeof origin_up, origin_repo, sizeof origin_repo) == 1 &&
-        find_upstream(r->srv, origin_up)) {
+        find_upstream(r->sv, origin_up)) {
         snprintf(res.upstream, sizeof res.upstream, "%s", origin_up);
         snprintf(res.repository, sizeof res.repository, "%s", origin_repo);
     }
-    upstream *u = find_upstream(r->srv, res.upstream);
+    upstream *u = find_upstream(r->sv, res.upstream);
     r->cold = true;
     if (r->head) return head_cold_blob(r, u, &res);
     int now_cached = 0;
@@ -462,7 +602,7 @@ static enum MHD_Result handle_blob(request *r) {
     }
     /* Small blobs, and answers without a size, are verified whole before the
      * first byte: a wrong one becomes a clean 502 instead of a cut stream. */
-    if (announced < 0 || (uint64_t)announced <= r->srv->cfg->verify_before_send_bytes) {
+    if (announced < 0 || (uint64_t)announced <= r->sv->cfg->verify_before_send_bytes) {
         int done = fetch_wait_done(x, &e);
         if (done != 0) {
             fetch_release(x);
@@ -541,7 +681,7 @@ static enum MHD_Result handle_tags(request *r) {
     policy_resolution res;
     if (run_resolve(r, &res) != 0) return MHD_YES;
     policy_resolution_clear(&res);
-    upstream *u = find_upstream(r->srv, res.upstream);
+    upstream *u = find_upstream(r->sv, res.upstream);
     char path[800];
     int pl = snprintf(path, sizeof path, "%s/tags/list", res.repository);
     if (n || last)
@@ -655,9 +795,9 @@ static bool method_allowed(request *r) {
 static enum MHD_Result route(request *r, const char *url) {
     char path[MAX_URL_BYTES];
     size_t ulen = strlen(url);
-    if (ulen >= sizeof path || ulen > r->srv->cfg->url_max_bytes)
+    if (ulen >= sizeof path || ulen > r->sv->cfg->url_max_bytes)
         return send_error(r, 414, "NAME_INVALID", "URL longer than %u bytes (limits.url_max_bytes)",
-                          r->srv->cfg->url_max_bytes);
+                          r->sv->cfg->url_max_bytes);
 
     /* /<upstream>/v2/... is the same as /v2/<upstream>/... (mirror URLs with a path). */
     if (url[0] == '/' && strncmp(url, "/v2", 3) != 0) {
@@ -667,7 +807,7 @@ static enum MHD_Result route(request *r, const char *url) {
         if (slash && n < sizeof name && strncmp(slash, "/v2", 3) == 0 && (slash[3] == '/' || slash[3] == '\0')) {
             memcpy(name, url + 1, n);
             name[n] = '\0';
-            if (config_find_upstream(r->srv->cfg, name)) {
+            if (config_find_upstream(r->sv->cfg, name)) {
                 const char *rest = slash + 3; /* "" or "/..." */
                 if (!*rest || strcmp(rest, "/") == 0) snprintf(path, sizeof path, "/v2/");
                 else snprintf(path, sizeof path, "/v2/%s%s", name, rest);
@@ -753,7 +893,7 @@ static void notify_connection(void *cls, struct MHD_Connection *conn, void **soc
 static enum MHD_Result send_rate_limited(request *r, unsigned retry_after) {
     char msg[160], ra[16];
     snprintf(msg, sizeof msg, "too many requests from this client (limits.requests_per_second is %u); retry in %u s",
-             r->srv->cfg->requests_per_second, retry_after);
+             r->sv->cfg->requests_per_second, retry_after);
     snprintf(ra, sizeof ra, "%u", retry_after);
     size_t len = 0;
     char *body = oci_error_body("TOOMANYREQUESTS", msg, NULL, &len);
@@ -800,7 +940,9 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
         return send_error(&r, 400, "UNSUPPORTED", "the ns query parameter is not a host name");
     }
     client_auth_parse(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION), &r.cred);
+    r.sv = served_acquire(r.srv);
     enum MHD_Result ret = route(&r, url);
+    served_release(r.srv, r.sv);
     client_credentials_wipe(&r.cred);
     return ret;
 }
@@ -867,38 +1009,19 @@ server *server_start(const config *c, char *err, size_t errlen) {
     fetch_options fo = {.max_concurrent = c->upstream_max_concurrent_fetches};
     s->fetches = fetcher_new(s->st, &fo);
     metrics_watch_fetcher(s->fetches);
-    s->ups = calloc(c->n_upstreams, sizeof *s->ups);
-    if (!s->fetches || !s->ups) {
+    if (!s->fetches) {
         snprintf(err, errlen, "server: out of memory");
         goto fail;
     }
-    for (size_t i = 0; i < c->n_upstreams; i++) {
-        const config_upstream *cu = &c->upstreams[i];
-        upstream_options uo = {
-            .name = cu->name,
-            .url = cu->url,
-            .username = cu->username,
-            .password = cu->password,
-            .ca_file = cu->ca_file,
-            .tls_verify = cu->tls_verify,
-            .connect_timeout_ms = c->upstream_connect_timeout_ms,
-            .low_speed_limit = c->upstream_low_speed_limit,
-            .low_speed_time_s = c->upstream_low_speed_time_s,
-            .mirrors = (const char *const *)cu->mirrors,
-            .n_mirrors = cu->n_mirrors,
-            .retries = c->upstream_retries,
-            .retry_budget_ms = c->upstream_retry_budget_s * 1000,
-        };
-        s->ups[i] = upstream_new(&uo, err, errlen);
-        if (!s->ups[i]) goto fail;
-    }
-    s->pol = policy_new(c, err, errlen);
-    if (!s->pol) goto fail;
-    s->layers = layer_catalog_new(c, err, errlen);
-    if (!s->layers) goto fail;
-    s->gen = (generate_env){.cfg = c, .st = s->st, .fetches = s->fetches, .pol = s->pol,
-                            .layers = {.cfg = c, .st = s->st, .fetches = s->fetches, .cat = s->layers,
-                                       .find_upstream = upstream_by_name, .ud = s}};
+    pthread_mutex_init(&s->gen_lock, NULL);
+    s->first = served_build(s, (config *)c, false, err, errlen);
+    if (!s->first) goto fail;
+    s->current = s->first;
+    s->first->refs = 1; /* the current generation's own reference */
+    s->ups = s->first->ups;
+    s->pol = s->first->pol;
+    s->layers = s->first->layers;
+    s->gen = s->first->gen;
 
     /* TLS and the per-IP connection limit go in as an option array (they
      * are optional). */
@@ -915,7 +1038,7 @@ server *server_start(const config *c, char *err, size_t errlen) {
         extra[ne++] = (struct MHD_OptionItem){MHD_OPTION_PER_IP_CONNECTION_LIMIT, (intptr_t)c->connections_per_ip, NULL};
     extra[ne] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     s->daemon = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG |
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC |
             (s->tls ? MHD_USE_TLS : 0),
         0, NULL, NULL, access_handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_LISTEN_SOCKET,
         s->listen_fd, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
@@ -944,6 +1067,30 @@ fail:
     return NULL;
 }
 
+int server_drain(server *s, int seconds) {
+    if (!s->daemon) return 0;
+    /* Stop accepting: the listening socket is closed, connections stay. */
+    MHD_socket fd = MHD_quiesce_daemon(s->daemon);
+    if (fd != MHD_INVALID_SOCKET) {
+        close(fd);
+        if (fd == s->listen_fd) s->listen_fd = -1;
+    }
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
+        unsigned left = di ? di->num_connections : 0;
+        if (left == 0) return 0;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec - start.tv_sec >= seconds) {
+            log_warn("shutdown: %u connection(s) still open after %d s; closing them", left, seconds);
+            return (int)left;
+        }
+        struct timespec ts = {0, 50 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 void server_stop(server *s) {
     if (!s) return;
     metrics_server_stop(s->metrics);
@@ -951,11 +1098,15 @@ void server_stop(server *s) {
     if (s->daemon) MHD_stop_daemon(s->daemon);
     metrics_watch_fetcher(NULL);
     fetcher_free(s->fetches);
-    policy_free(s->pol);
-    layer_catalog_free(s->layers);
-    if (s->ups)
-        for (size_t i = 0; i < s->cfg->n_upstreams; i++) upstream_free(s->ups[i]);
-    free(s->ups);
+    if (s->current && s->current != s->first) served_free(s->current, true);
+    for (served *g = s->retired, *next; g; g = next) {
+        next = g->next_retired;
+        if (g != s->first) served_free(g, true);
+    }
+    if (s->first) {
+        served_free(s->first, true);
+        pthread_mutex_destroy(&s->gen_lock);
+    }
     store_close(s->st);
     guard_free(s->guard);
     tls_config_free(s->tls);

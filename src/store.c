@@ -233,8 +233,14 @@ static int index_scan(store *s, char *err, size_t errlen) {
         if (strlen(de->d_name) != 2 || strspn(de->d_name, "0123456789abcdef") != 2) continue;
         char sub[PATH_MAX];
         snprintf(sub, sizeof sub, "%s/%s", top, de->d_name);
-        DIR *d2 = opendir(sub);
-        if (!d2) continue;
+        /* O_NOFOLLOW: a symlink in place of blobs/sha256/xx is never
+         * followed (eviction would unlink files wherever it pointed). */
+        int sfd = open(sub, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        DIR *d2 = sfd >= 0 ? fdopendir(sfd) : NULL;
+        if (!d2) {
+            if (sfd >= 0) close(sfd);
+            continue;
+        }
         struct dirent *f;
         while ((f = readdir(d2)) != NULL) {
             if (!is_hex64(f->d_name) || strncmp(f->d_name, de->d_name, 2) != 0) continue;
@@ -280,8 +286,19 @@ static int mkdir_0700(const char *path, char *err, size_t errlen) {
     struct stat st;
     /* lstat: a symlink where a cache folder belongs is refused, never followed. */
     if (lstat(path, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        snprintf(err, errlen, "store: %s exists and is not a folder", path);
+        snprintf(err, errlen, "store: %s exists and is not a folder (a symlink is not followed)", path);
         return -1;
+    }
+    /* An existing folder of ours is made private too: the cache holds
+     * images that need not be public. */
+    if (st.st_uid == geteuid() && (st.st_mode & 0077)) {
+        int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0 || fchmod(fd, 0700) != 0) {
+            snprintf(err, errlen, "store: chmod 0700 %s: %s", path, strerror(errno));
+            if (fd >= 0) close(fd);
+            return -1;
+        }
+        close(fd);
     }
     return 0;
 }
@@ -478,7 +495,7 @@ int store_spool_create(store *s, store_spool *sp, char *err, size_t errlen) {
 }
 
 static int fsync_dir(const char *path) {
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return -1;
     int rc = fsync(fd);
     close(fd);

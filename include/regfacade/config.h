@@ -60,6 +60,7 @@ typedef struct {
     unsigned request_burst;            /* token bucket size, 0 (default): 2 x requests_per_second */
     unsigned header_timeout_s;         /* complete request headers within this, default 30; 0: off */
     char *user;                        /* drop privileges to this user after binding; NULL: stay */
+    int shutdown_grace_seconds;        /* SIGTERM: how long transfers in flight may finish, default 30 */
     char *dir;                         /* the config file's folder (relative paths resolve here) */
     /* Sections owned and validated by their own modules (NULL when absent):
      * each module parses its section with its own *_config_parse(). */

@@ -9,7 +9,11 @@
  *        img = { manifest = <table>, config = <table>, layers = <array> }
  *      where img.layers describes the final layers in order, one table per
  *      manifest layer: { media_type =, digest =, size =, diff_id =,
- *      base = true|false } (information only: changing it changes nothing);
+ *      base = true|false }, and for an added layer source = "file" |
+ *      "image" | "blob", name = (the config name, or the inline file path
+ *      or image reference) and, for a layer from an image, config = (that
+ *      image's config, e.g. for image.apply_env_modifiers) (information
+ *      only: changing it changes nothing);
  *   3. the hook edits img in place (it may also replace img.manifest or
  *      img.config, or return a table used instead of img);
  *   4. img.manifest and img.config become JSON trees again

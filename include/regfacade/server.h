@@ -17,6 +17,18 @@ typedef struct server server;
 /* Build everything the config names (store, upstream clients, policy) and
  * start listening. NULL with err on failure. */
 server *server_start(const config *c, char *err, size_t errlen);
+/* Replace the configuration (upstreams, credentials, policy, layers, limits)
+ * without dropping a connection: requests in flight finish on the old one.
+ * Takes ownership of c on success; on failure (a setting that needs a
+ * restart changed, or the new policy does not load) nothing changes and
+ * err says why. */
+int server_reload(server *s, config *c, char *err, size_t errlen);
+
+/* Stop accepting connections and wait up to seconds for the open ones to
+ * finish (idle keep-alive connections count until the client closes them
+ * or client_timeout_seconds passes). Returns how many were left. */
+int server_drain(server *s, int seconds);
+
 /* Stop accepting, let requests in flight finish, free everything. */
 void server_stop(server *s);
 

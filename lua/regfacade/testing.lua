@@ -131,18 +131,22 @@ end
 --[[
 testing.layer(name) or testing.layer{ name =, media_type =, digest =, size =,
                                       diff_id =, urls =, annotations =,
-                                      created_by =, comment = }
+                                      created_by =, comment =, source =,
+                                      config = }
 
 A layer descriptor, the stack entry regfacade.core takes. What is not given
 is made up from name (default "layer"): digest = sha256 of "blob of NAME",
 diff_id = sha256 of "tar of NAME", size = 1000 + #NAME, media_type OCI
-tar+gzip.
+tar+gzip. source ("file", "image", "blob") and config (the config table of
+the image the layer comes from) are what the rewrite hook sees in
+img.layers[i].source and img.layers[i].config (testing.run fills in source
+and name from the decision's entry when the descriptor has none).
 Example:
   local sup = testing.layer("supervisor")
   --> sup.digest == testing.core.digest("blob of supervisor")
 ]]
 local LAYER_KEYS = set_of { "name", "media_type", "digest", "size", "diff_id", "urls", "annotations",
-    "created_by", "comment" }
+    "created_by", "comment", "source", "config" }
 
 function testing.layer(opts)
     if type(opts) == "string" then
@@ -159,6 +163,8 @@ function testing.layer(opts)
         annotations = opts.annotations,
         created_by = opts.created_by,
         comment = opts.comment,
+        source = opts.source,
+        config = opts.config,
     }
 end
 
@@ -359,7 +365,22 @@ local function expand(entry, i, layers, out)
             v = { v }
         end
         for k = (skip or 0) + 1, #v do
+            local before = #out
             expand(v[k], i, nil, out)
+            -- What img.layers[i] says of the layer's origin, as the server
+            -- gives it: the config name or the inline file path or image ref.
+            for j = before + 1, #out do
+                if type(out[j]) == "table" then
+                    local d = copy(out[j])
+                    if what == "layer" then -- a config name wins, as in the server
+                        d.name = name
+                    else
+                        d.name = d.name or name
+                    end
+                    d.source = d.source or (what ~= "layer" and what or nil)
+                    out[j] = d
+                end
+            end
         end
     end
     if entry == "base" then
@@ -376,6 +397,9 @@ local function expand(entry, i, layers, out)
     elseif entry.blob ~= nil then
         local d = copy(entry)
         d.digest, d.blob = entry.blob, nil
+        d.upstream, d.repository = nil, nil -- where the server fetches it from
+        d.source = d.source or "blob"
+        d.name = d.name or entry.blob
         out[#out + 1] = d
     else
         out[#out + 1] = entry

@@ -80,10 +80,41 @@ class ProcessGroup:
                 p.wait(timeout=timeout)
         if p in self.procs:
             self.procs.remove(p)
+        check_sanitizer_report(p)
 
     def stop_all(self):
+        failures = []
         for p in reversed(list(self.procs)):
-            self.stop(p)
+            try:
+                self.stop(p)
+            except AssertionError as e:
+                failures.append(e)
+        if failures:
+            raise failures[0]
+
+
+# What AddressSanitizer, LeakSanitizer and UndefinedBehaviorSanitizer print
+# (`make test SANITIZE=1` builds regfacade with them).
+SANITIZER_MARKERS = (b"ERROR: AddressSanitizer", b"ERROR: LeakSanitizer", b"runtime error:",
+                     b"WARNING: ThreadSanitizer", b"SUMMARY: UndefinedBehaviorSanitizer")
+
+
+def check_sanitizer_report(p):
+    """Fail when a stopped regfacade's log holds a sanitizer report (a bug
+    that may not have broken the test's own checks)."""
+    if not getattr(p, "log_path", None) or os.path.basename(p.args[0]) != os.path.basename(REGFACADE):
+        return
+    try:
+        with open(p.log_path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return
+    for m in SANITIZER_MARKERS:
+        i = data.find(m)
+        if i >= 0:
+            start = max(0, data.rfind(b"\n", 0, max(0, i - 200)))
+            raise AssertionError(f"{p.name}: sanitizer report in {p.log_path}:\n"
+                                 f"{data[start:start + 6000].decode('utf-8', 'replace')}")
 
 
 def log_tail(p, n=4000):
