@@ -510,6 +510,9 @@ static enum MHD_Result handle_file(blobserve *b, struct MHD_Connection *conn, re
             rc = -1;
             errno = ENOENT;
         }
+    } else if (rc == 0 && u.trailing_slash) {
+        rc = -1; /* "file/" names a folder that is not there */
+        errno = ENOTDIR;
     }
     if (rc == 0) fd = bs_fs_open(roots, &e);
     if (rc != 0 || fd < 0) {

@@ -59,6 +59,16 @@ static void platform_of_entry(const json_value *entry, char *out, size_t outlen)
              variant ? variant : "");
 }
 
+/* Same JSON text (the serializer is deterministic)? */
+static bool same_tree(const json_value *a, const json_value *b) {
+    size_t la = 0, lb = 0;
+    char *sa = json_serialize(a, &la), *sb = json_serialize(b, &lb);
+    bool same = sa && sb && la == lb && memcmp(sa, sb, la) == 0;
+    free(sa);
+    free(sb);
+    return same;
+}
+
 /* Assemble one image manifest (not an index) and store it. On success
  * out_digest/out_size/out_mt describe the stored manifest. */
 static int assemble_one(const generate_env *env, const policy_request *req, const policy_resolution *res,
@@ -114,7 +124,18 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
         set_error(e, pe.status, pe.code[0] ? pe.code : "UNKNOWN", "%s", pe.message);
         goto out;
     }
-    if (image_finish(man_out, cfg_out, &cb, &cl, cd, &mb, &ml, md, err, sizeof err) != 0) {
+    /* Nothing changed (a stack of "base" alone, left as it was by the
+     * rewrite hook): the upstream's own bytes, so a mirrored image keeps its
+     * digest (serializing again may differ, e.g. by a trailing newline). */
+    bool unchanged = same_tree(man_out, base) && same_tree(cfg_out, cfg);
+    if (unchanged) {
+        if (!(mb = malloc(base_len ? base_len : 1)) || digest_bytes(base_bytes, base_len, md) != 0) {
+            set_error(e, 500, "UNKNOWN", "out of memory");
+            goto out;
+        }
+        memcpy(mb, base_bytes, base_len);
+        ml = base_len;
+    } else if (image_finish(man_out, cfg_out, &cb, &cl, cd, &mb, &ml, md, err, sizeof err) != 0) {
         set_error(e, 500, "UNKNOWN", "finishing %s for %s: %s", res->repository, platform, err);
         goto out;
     }
@@ -123,7 +144,8 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
                   ml);
         goto out;
     }
-    if (store_put(env->st, cd, cb, cl, err, sizeof err) != 0 || store_put(env->st, md, mb, ml, err, sizeof err) != 0) {
+    if ((!unchanged && store_put(env->st, cd, cb, cl, err, sizeof err) != 0) ||
+        store_put(env->st, md, mb, ml, err, sizeof err) != 0) {
         set_error(e, 500, "UNKNOWN", "storing the assembled image: %s", err);
         goto out;
     }
@@ -159,6 +181,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         return -1;
     }
     manifest_env menv = {env->st, env->cfg};
+    bool changed = false; /* any entry dropped or rewritten */
     for (size_t i = 0; i < list->count;) {
         json_value *entry = list->items[i];
         char platform[128];
@@ -168,6 +191,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
             json_free(entry);
             memmove(&list->items[i], &list->items[i + 1], (list->count - i - 1) * sizeof *list->items);
             list->count--;
+            changed = true;
             continue;
         }
         const char *child_digest = json_object_get_string(entry, "digest");
@@ -193,6 +217,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
             json_free(idx);
             return -1;
         }
+        if (strcmp(nd, child_digest) != 0) changed = true;
         if (json_object_set(entry, "digest", json_new_string(nd)) != 0 ||
             json_object_set(entry, "size", json_new_uint64(ns)) != 0) {
             json_free(idx);
@@ -208,7 +233,13 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         return -1;
     }
     size_t len;
-    char *bytes = json_serialize(idx, &len);
+    char *bytes = NULL;
+    if (!changed) { /* every child as it was: the upstream's index bytes as they are */
+        len = base->len;
+        if ((bytes = malloc(len ? len : 1))) memcpy(bytes, base->data, len);
+    } else {
+        bytes = json_serialize(idx, &len);
+    }
     json_free(idx);
     char d[DIGEST_STRING_LEN];
     if (!bytes || digest_bytes(bytes, len, d) != 0 || store_put(env->st, d, bytes, len, err, sizeof err) != 0) {

@@ -162,7 +162,7 @@ static int traceback(lua_State *L) {
     return 1;
 }
 
-static const char *const hook_names[] = {"authorize", "resolve", "rewrite", "log", NULL};
+static const char *const hook_names[] = {"authorize", "resolve", "rewrite", "log", "spec", NULL};
 
 /* A new state with the policy loaded and its hooks table at registry key
  * "regfacade.hooks". NULL with err on failure. */
@@ -583,6 +583,8 @@ static void push_request(lua_State *L, const policy_request *r) {
     lua_newtable(L);
     for (size_t i = 0; i < r->n_headers; i++) set_field_string(L, r->headers[i].name, r->headers[i].value);
     lua_setfield(L, -2, "headers");
+    /* req.spec: the spec the spec hook named (specs.h), in regfacade.json's shape. */
+    if (r->spec && lua_json_push(L, r->spec) == 0) lua_setfield(L, -2, "spec");
 }
 
 static void error_set(policy_error *e, int status, const char *code, const char *fmt, ...)
@@ -648,7 +650,13 @@ int policy_resolve(policy *p, const policy_request *req, policy_resolution *out,
     arm_budget(L);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    int status = lua_pcall(L, 1, 2, 1);
+    /* resolve(req, spec): the same table as req.spec, when there is one. */
+    int nargs = 1;
+    if (req->spec) {
+        lua_getfield(L, -1, "spec");
+        nargs = 2;
+    }
+    int status = lua_pcall(L, nargs, 2, 1);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     int tripped = ctx_of(L)->tripped;
     metrics_policy_hook("resolve", (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9,
@@ -689,6 +697,64 @@ int policy_resolve(policy *p, const policy_request *req, policy_resolution *out,
             snprintf(out->reference, sizeof out->reference, "%s", ref ? ref : "");
             rc = read_layers(p, L, t, out, e);
             if (rc != 0) policy_resolution_clear(out);
+        }
+    }
+    release(p, L, broken);
+    return rc;
+}
+
+int policy_spec_lookup(policy *p, const policy_request *req, char *provider, size_t plen, char *id, size_t idlen,
+                       policy_error *e) {
+    char err[1024];
+    lua_State *L = acquire(p, err, sizeof err);
+    if (!L) {
+        error_set(e, 500, "UNKNOWN", "%s", err);
+        return -1;
+    }
+    lua_pushcfunction(L, traceback);
+    lua_getfield(L, LUA_REGISTRYINDEX, "regfacade.hooks");
+    lua_getfield(L, -1, "spec");
+    if (lua_isnil(L, -1)) {
+        release(p, L, 0);
+        return 0;
+    }
+    push_request(L, req);
+    arm_budget(L);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int status = lua_pcall(L, 1, 2, 1);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    int tripped = ctx_of(L)->tripped;
+    metrics_policy_hook("spec", (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9,
+                        tripped ? "budget" : status != LUA_OK ? "error"
+                                         : lua_isnil(L, -2) && !lua_isnil(L, -1) ? "refused" : "ok");
+    int broken = disarm_budget(L);
+    int rc = -1;
+    if (status != LUA_OK) {
+        const char *msg = lua_tostring(L, -1);
+        log_error("policy spec failed for %s: %s", req->repository, msg ? msg : "(non-string error)");
+        char first[512];
+        snprintf(first, sizeof first, "%s", msg ? msg : "(non-string error)");
+        first[strcspn(first, "\n")] = '\0';
+        error_set(e, 500, "UNKNOWN", "policy spec failed: %s", first);
+        broken = broken || status == LUA_ERRMEM;
+    } else if (lua_isnil(L, -2)) {
+        if (lua_isnil(L, -1)) rc = 0; /* no spec: resolve(req) as without specs */
+        else policy_refusal(L, lua_gettop(L), e);
+    } else if (!lua_istable(L, -2)) {
+        error_set(e, 500, "UNKNOWN", "policy spec must return { provider = NAME, id = ID } or nil; got %s",
+                  luaL_typename(L, -2));
+    } else {
+        int t = lua_gettop(L) - 1;
+        const char *pv = table_string(L, t, "provider");
+        const char *iv = table_string(L, t, "id");
+        if (!pv || !*pv || !iv) {
+            error_set(e, 500, "UNKNOWN", "policy spec must return { provider = NAME, id = ID }: %s is not a string",
+                      !pv || !*pv ? "provider" : "id");
+        } else {
+            snprintf(provider, plen, "%s", pv);
+            snprintf(id, idlen, "%s", iv);
+            rc = 1;
         }
     }
     release(p, L, broken);

@@ -407,7 +407,11 @@ static enum MHD_Result handle_manifest(request *r) {
     manifest_env env = {r->srv->st, r->sv->cfg};
     manifest m;
     fetch_error e = {0};
-    int got = manifest_get(&env, u, res.repository, res.reference, &m, &e);
+    /* A digest names exact bytes: those, whatever reference the policy
+     * answered (a policy that pins a tag must not turn a request for a
+     * generated digest into its base). */
+    const char *want = ref_is_sha256_digest(r->reference) ? r->reference : res.reference;
+    int got = manifest_get(&env, u, res.repository, want, &m, &e);
     if (got == 0 && !ref_is_sha256_digest(r->reference) && generate_needed(&r->sv->gen, &res)) {
         /* A tag: serve the image the policy assembles on this base. (A
          * digest names exact bytes, generated or not: served as they are.) */
@@ -474,7 +478,7 @@ static int blob_range(request *r, uint64_t size, uint64_t *start, uint64_t *end,
             return -1;
         }
         MHD_add_response_header(resp, "Content-Type", "application/json");
-        MHD_add_response_header(resp, "Content-Range", cr);
+        if (size != UINT64_MAX) MHD_add_response_header(resp, "Content-Range", cr); /* unknown size: none */
         metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
         queue(r, 416, resp);
         return -1;
@@ -585,6 +589,16 @@ static enum MHD_Result handle_blob(request *r) {
     }
     upstream *u = find_upstream(r->sv, res.upstream);
     r->cold = true;
+    {
+        /* A malformed Range is refused before anything is fetched. */
+        range_spec spec;
+        if (range_parse(MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Range"), &spec) == RANGE_INVALID) {
+            uint64_t st, en;
+            bool partial;
+            blob_range(r, UINT64_MAX, &st, &en, &partial); /* size unknown */
+            return MHD_YES;
+        }
+    }
     if (r->head) return head_cold_blob(r, u, &res);
     int now_cached = 0;
     fetch *x = fetch_blob(r->srv->fetches, u, res.repository, digest, &now_cached, err, sizeof err);
@@ -639,7 +653,7 @@ static enum MHD_Result handle_blob(request *r) {
     sr->acc = r->acc;
     uint64_t len = total ? end - start + 1 : 0;
     metrics_access_body(r->acc, METRICS_SRC_UPSTREAM, len, true);
-    struct MHD_Response *resp = MHD_create_response_from_callback(len, 64 * 1024, read_spool, sr, free_spool_reader);
+    struct MHD_Response *resp = MHD_create_response_from_callback(len, 256 * 1024, read_spool, sr, free_spool_reader);
     if (!resp) {
         free_spool_reader(sr);
         return MHD_NO;
@@ -828,6 +842,11 @@ static enum MHD_Result route(request *r, const char *url) {
         return send_error(r, 404, "UNSUPPORTED", "not an OCI distribution endpoint: only /v2/ is served");
     if (strchr(url, '%'))
         return send_error(r, 400, "NAME_INVALID", "percent-encoded characters are not allowed in the path");
+    /* Dot segments and empty segments never name anything: refuse them
+     * whole, whichever part of the path they are in. */
+    if (strstr(url, "/../") || strstr(url, "/./") || strstr(url, "//") || has_suffix(url, strlen(url), "/..") ||
+        has_suffix(url, strlen(url), "/."))
+        return send_error(r, 400, "NAME_INVALID", "\".\" and \"..\" segments and empty segments are not allowed in the path");
 
     const char *rest = url + 4;
     size_t rlen = ulen - 4;

@@ -37,6 +37,9 @@ typedef struct {
     const char *token;      /* Bearer token, or NULL */
     const policy_header *headers;
     size_t n_headers;
+    /* The image spec named by the spec hook (specs.h), or NULL: resolve's
+     * second argument, and req.spec in every hook. Borrowed. */
+    const json_value *spec;
 } policy_request;
 
 typedef struct {
@@ -77,6 +80,14 @@ const char *policy_fingerprint(const policy *p);
  * policy, or a policy failure as 500). Without a resolve hook, the request
  * maps to default_upstream unchanged. */
 int policy_resolve(policy *p, const policy_request *req, policy_resolution *out, policy_error *e);
+
+/* Run the spec hook: which spec (provider and id) a request's image is
+ * made from. 1: provider and id filled; 0: no spec (no spec hook, or it
+ * returned nil); -1: e filled (the policy's refusal, `nil, err`, or a
+ * policy failure as 500). The core then looks the spec up (specs.h) and
+ * passes it to policy_resolve in req->spec. */
+int policy_spec_lookup(policy *p, const policy_request *req, char *provider, size_t plen, char *id, size_t idlen,
+                       policy_error *e);
 
 /* True when the policy has a rewrite hook. */
 bool policy_has_rewrite(policy *p);

@@ -94,11 +94,12 @@ class Layout:
         return {"digest": d, "size": len(data)}
 
     def manifest(self, layers, arch="amd64"):
-        """layers: [(entries, compression)], bottom first. Returns
+        """layers: [(entries, compression)], bottom first; entries is a list
+        of F/D/L/H entries, or the bytes of a ready-made tar. Returns
         (descriptor, [layer digests])."""
         descs, diff_ids = [], []
         for entries, how in layers:
-            raw = tar_bytes(entries)
+            raw = entries if isinstance(entries, bytes) else tar_bytes(entries)
             diff_ids.append(sha256(raw))
             d = self.blob(compress(raw, how))
             d["mediaType"] = LAYER_TYPES[how]

@@ -9,6 +9,7 @@ layout writer, then `skopeo copy`):
   bs/web-v2s2   the same image as Docker schema2 (skopeo --format v2s2)
   bs/multi:v1   an index: linux/amd64 -> bs/web's manifest, linux/arm64 -> another
   bs/zstd:v1    one tar+zstd layer
+  bs/sparse:v1  a GNU sparse file (pax 1.0) with a 3 MiB hole
   bs/evil:v1    a hostile layer: ../ entries, absolute and escaping symlinks,
                 hard links out of the tree, a file through a symlinked folder
   bs/cold:v1    two bigger layers (for 20 concurrent cold requests)
@@ -90,6 +91,22 @@ def evil_layer(host_dir):
     ]
 
 
+SPARSE_SIZE = 4 * 1024 * 1024
+
+
+def sparse_tar(d):
+    """A GNU tar (pax sparse 1.0) of a 4 MiB file with a hole: "HEAD" at 0,
+    "TAIL" at 3 MiB, zeros elsewhere."""
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "sparse.bin"), "wb") as f:
+        f.write(b"HEAD")
+        f.seek(3 * 1024 * 1024)
+        f.write(b"TAIL")
+        f.truncate(SPARSE_SIZE)
+    return subprocess.run(["tar", "--sparse", "--format=pax", "-cf", "-", "-C", d, "sparse.bin"],
+                          capture_output=True, check=True).stdout
+
+
 class Images:
     """What the registry holds: digests and expected contents."""
 
@@ -114,6 +131,8 @@ def bs_registry(tmp_path_factory):
         lay.tag("multi", lay.index([(web, "amd64"), (arm, "arm64")]))
         z, im.zstd_layers = lay.manifest([(ZSTD_LAYER, "zstd")])
         lay.tag("zstd", z)
+        sp, _ = lay.manifest([(sparse_tar(os.path.join(work, "sparse")), "gzip")])
+        lay.tag("sparse", sp)
         e, im.evil_layers = lay.manifest([(evil_layer(host_dir), "gzip")])
         lay.tag("evil", e)
         cold, im.cold_layers = lay.manifest([(COLD_LOWER, "gzip"), (COLD_UPPER, "gzip")])
@@ -128,6 +147,7 @@ def bs_registry(tmp_path_factory):
         push(lay, "web", reg.host, "bs/web-v2s2:v1", ["--format", "v2s2"])
         push(lay, "multi", reg.host, "bs/multi:v1", ["--all"])
         push(lay, "zstd", reg.host, "bs/zstd:v1")
+        push(lay, "sparse", reg.host, "bs/sparse:v1")
         push(lay, "evil", reg.host, "bs/evil:v1")
         push(lay, "cold", reg.host, "bs/cold:v1")
         push(lay, "big1", reg.host, "bs/big1:v1")
@@ -166,8 +186,8 @@ def blobserve(procs, tmp_path, bs_registry):
         port = free_port()
         cache = cache_dir or os.path.join(str(tmp_path), f"{name}-cache")
         bs = {"listen": f"127.0.0.1:{port}",
-              "repositories": ["bs/web", "bs/web-v2s2", "bs/multi", "bs/zstd", "bs/evil", "bs/cold",
-                               "bs/big1", "bs/big2"],
+              "repositories": ["bs/web", "bs/web-v2s2", "bs/multi", "bs/zstd", "bs/sparse", "bs/evil",
+                               "bs/cold", "bs/big1", "bs/big2"],
               "replacements": {"bs/web": [{"path": "/index.html", "search": ORIGIN_PLACEHOLDER.decode(),
                                            "replacement": ORIGIN.decode()}]}}
         bs.update(section)
@@ -263,6 +283,7 @@ def test_files_resolve_through_both_layers(blobserve, bs_registry):
     assert curl(u + "/abs.txt")[2] == b"an absolute name, confined\n"
     assert curl(u + "/missing.txt")[0] == 404
     assert curl(u + "/app.js/x")[0] == 404
+    assert curl(u + "/app.js/")[0] == 404
     # by digest: the same files
     st, h, body = curl(f"{b.url}/bs/web@{bs_registry.web_digest}/app.js")
     assert (st, body) == (200, b"console.log('app');\n")
@@ -465,6 +486,24 @@ def test_eviction_under_small_cap_while_reading(blobserve, bs_registry):
     assert s["bytes"] <= cap and s["held"] == 0
 
 
+def test_limits_layer_over_cap_and_replace_file_size(blobserve):
+    # A layer that unpacks to more than cache.max_bytes is refused, leaves
+    # nothing behind, and is tried again by the next request.
+    b = blobserve(name="tiny", cache={"max_bytes": 1024 * 1024})
+    for attempt in (1, 2):
+        st, _, body = curl(b.url + "/bs/big1:v1/small.txt")
+        assert st == 502 and b"blobserve.cache.max_bytes" in body, body
+        s = b.stats()
+        assert s["extraction_failures"] == attempt and s["extractions"] == 0 and s["layers"] == 0, s
+    assert os.listdir(os.path.join(b.cache_dir, "tmp")) == [] and b.layer_dirs() == set()
+    assert curl(b.url + "/bs/zstd:v1/hello.txt")[0] == 200  # a small layer still fits
+    # A file bigger than max_replace_file_bytes is served unedited.
+    b2 = blobserve(name="noedit", max_replace_file_bytes=16)
+    st, _, body = curl(b2.url + "/bs/web:v1/index.html")
+    assert st == 200 and ORIGIN_PLACEHOLDER in body and ORIGIN not in body
+    assert "over max_replace_file_bytes" in b2.log()
+
+
 def test_prepull_and_readyz(blobserve, bs_registry):
     # A pre-pull that cannot finish keeps /readyz at 503 and says which.
     b = blobserve(name="pp-bad", prepull=["bs/web:v1", "bs/web:nope"], wait_for_prepull=True)
@@ -488,7 +527,7 @@ def test_prepull_and_readyz(blobserve, bs_registry):
     assert curl(b3.url + "/readyz")[0] == 200
 
 
-def test_index_zstd_and_schema2(blobserve):
+def test_layer_formats_index_zstd_sparse_schema2(blobserve):
     b = blobserve()
     # an index: the linux/amd64 entry (bs/web), not arm64
     st, _, body = curl(b.url + "/bs/multi:v1/app.js")
@@ -497,6 +536,11 @@ def test_index_zstd_and_schema2(blobserve):
     assert st == 200 and b"upper index ORIGIN_PLACEHOLDER" in body  # no replacements for bs/multi
     st, _, body = curl(b.url + "/bs/zstd:v1/hello.txt")
     assert (st, body) == (200, b"hello from a zstd layer\n")
+    st, _, body = curl(b.url + "/bs/sparse:v1/sparse.bin")
+    want = bytearray(SPARSE_SIZE)
+    want[0:4] = b"HEAD"
+    want[3 * 1024 * 1024:3 * 1024 * 1024 + 4] = b"TAIL"
+    assert st == 200 and body == bytes(want)
     st, _, body = curl(b.url + "/bs/web-v2s2:v1/static/new.svg")
     assert (st, body) == (200, b"<svg>upper logo</svg>\n")
     b_arm = blobserve(name="arm", platform="linux/arm64")
@@ -509,11 +553,27 @@ def test_restart_reuses_extracted_layers(blobserve, bs_registry, tmp_path):
     assert curl(b.url + "/bs/web:v1/app.js")[0] == 200
     assert b.stats()["extractions"] == 2
     b.rf.stop()
+    # a clean stop synced the trees and recorded this boot
+    boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+    assert open(os.path.join(b.cache_dir, "synced-boot")).read().strip() == boot
     b2 = blobserve(name="second", cache_dir=cache)
     st, _, body = curl(b2.url + "/bs/web:v1/index.html")
     assert st == 200 and ORIGIN in body
     s = b2.stats()
     assert s["extractions"] == 0 and s["layers"] == 2, s
+    b2.rf.stop()
+    # A tree written in another boot that was never synced (a machine
+    # crash) is not trusted: removed at start, extracted again.
+    key = sorted(b2.layer_dirs())[0]
+    meta = os.path.join(b2.cache_dir, "layers", key, "meta")
+    text = open(meta).read()
+    open(meta, "w").write(text.replace(boot, "00000000-0000-0000-0000-000000000000"))
+    b3 = blobserve(name="third", cache_dir=cache)
+    assert key not in b3.layer_dirs() and len(b3.layer_dirs()) == 1
+    st, _, body = curl(b3.url + "/bs/web:v1/index.html")
+    assert st == 200 and ORIGIN in body
+    s = b3.stats()
+    assert s["extractions"] == 1 and s["layers"] == 2, s
 
 
 def test_any_repository_and_unknown_image(blobserve):

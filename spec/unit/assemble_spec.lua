@@ -242,7 +242,7 @@ describe("regfacade.core.assemble", function()
 
         it("name the stack entry and the field", function()
             fails('regfacade.core: stack[2]: unknown key "blob" (known: media_type, digest, size, diff_id, urls, ' ..
-                'annotations, created_by, comment)', OCI_M, OCI_C, { "base", { blob = IDE.digest } })
+                'annotations, created_by, comment, source, name, config)', OCI_M, OCI_C, { "base", { blob = IDE.digest } })
             fails('regfacade.core: stack[1] is "bsae"; the only string entry is "base"', OCI_M, OCI_C, { "bsae" })
             fails('regfacade.core: stack[1] is a number, expected "base" or a layer table', OCI_M, OCI_C, { 7 })
             fails("regfacade.core: stack[1].digest is missing, expected a string", OCI_M, OCI_C,
