@@ -24,13 +24,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_http(url, timeout=20.0, ok=(200, 401)):
-    """Poll url until it answers with a status in ok; raise on timeout."""
+def wait_http(url, timeout=20.0, ok=(200, 401), insecure=False):
+    """Poll url until it answers with a status in ok; raise on timeout.
+    insecure: accept any TLS certificate (a test's own self-signed one)."""
+    import ssl
+    ctx = ssl._create_unverified_context() if insecure else None
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
                 if r.status in ok:
                     return
                 last = r.status
@@ -142,6 +145,7 @@ class Regfacade:
             self.port = int(self.config["listen"].rsplit(":", 1)[1])
         self.config.setdefault("cache", {"dir": os.path.join(workdir, "cache")})
         self.config_path = os.path.join(workdir, f"{name}.json")
+        os.makedirs(workdir, exist_ok=True)
         with open(self.config_path, "w") as f:
             json.dump(self.config, f, indent=2)
         self.proc = None

@@ -26,7 +26,8 @@ class Registry:
     """One docker-registry process. `mode` is "plain", "htpasswd" or "token"."""
 
     def __init__(self, group, workdir, name="registry", mode="plain", username=None,
-                 password=None, token_server=None):
+                 password=None, token_server=None, tls=None):
+        self.tls = tls  # (certificate_file, key_file) to serve https
         self.group = group
         self.workdir = workdir
         self.name = name
@@ -48,7 +49,7 @@ class Registry:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def creds(self):
@@ -69,6 +70,8 @@ class Registry:
             },
             "http": {"addr": self.host, "secret": "regfacade-test-secret"},
         }
+        if self.tls:
+            cfg["http"]["tls"] = {"certificate": self.tls[0], "key": self.tls[1]}
         if self.mode == "htpasswd":
             htpasswd_path = os.path.join(self.workdir, "htpasswd")
             subprocess.run(["htpasswd", "-Bbc", htpasswd_path, self.username, self.password],
@@ -90,7 +93,7 @@ class Registry:
     def start(self, timeout=20):
         self.proc = self.group.start(self.name, [REGISTRY_BIN, "serve", self.config_path])
         try:
-            wait_http(self.url + "/v2/", timeout=timeout, ok=(200, 401))
+            wait_http(self.url + "/v2/", timeout=timeout, ok=(200, 401), insecure=bool(self.tls))
         except TimeoutError:
             raise RuntimeError(f"{self.name} did not start:\n{log_tail(self.proc)}")
         return self
@@ -115,6 +118,7 @@ class Registry:
         other.username = self.username
         other.password = self.password
         other.token_server = self.token_server
+        other.tls = getattr(self, "tls", None)
         other.port = free_port()
         other.proc = None
         os.makedirs(workdir, exist_ok=True)
