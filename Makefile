@@ -24,7 +24,7 @@ TEST_PKGS  := lua-busted docker-registry skopeo containerd runc podman umoci bus
 BENCH_PKGS := nginx wrk docker-registry skopeo containerd runc curl python3 procps
 
 PKG_CFLAGS := $(shell pkg-config --cflags lua5.4 libmicrohttpd libcurl libarchive 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs lua5.4 libmicrohttpd libcurl libarchive 2>/dev/null) -lcrypto -lz -lpthread -lm
+PKG_LIBS   := $(shell pkg-config --libs lua5.4 libmicrohttpd libcurl libarchive 2>/dev/null) -lcrypto -lcrypt -lz -lpthread -lm
 
 CFLAGS ?= -O2 -g
 CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wno-unused-parameter -Wno-format-truncation \

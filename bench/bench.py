@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -263,6 +264,79 @@ def push_image(host, layout, img):
         raise RuntimeError(f"manifest PUT: {r.status}")
 
 
+class ThrottleProxy:
+    """A TCP relay on 127.0.0.1 in front of the upstream that models a shared
+    WAN link: every byte from the upstream to its clients passes one token
+    bucket of `rate` bytes/s (requests go through unthrottled). A thread per
+    direction per connection; stopped with stop()."""
+
+    def __init__(self, upstream_port, rate):
+        self.upstream_port = upstream_port
+        self.rate = float(rate)
+        self.lock = threading.Lock()
+        self.next_free = time.monotonic()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stopped = threading.Event()
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _take(self, n):
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_free)
+            self.next_free = start + n / self.rate
+            wait = self.next_free - now
+        if wait > 0:
+            time.sleep(wait)
+
+    def _pipe(self, src, dst, throttle):
+        try:
+            while not self.stopped.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if throttle:
+                    self._take(len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _accept(self):
+        while not self.stopped.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                c.close()
+                continue
+            self.conns += [c, u]
+            threading.Thread(target=self._pipe, args=(c, u, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, True), daemon=True).start()
+
+    def stop(self):
+        self.stopped.set()
+        self.sock.close()
+        for s in self.conns:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
 # ---------------------------------------------------------------- peers
 
 def registry_config(path, storage, host, proxy_of=None, accesslog=True):
@@ -321,7 +395,7 @@ class Bench:
         return last
 
     # --- regfacade ---
-    def start_regfacade(self, fresh=True):
+    def start_regfacade(self, fresh=True, upstream_url=None):
         if self.rf is not None:
             self.procs.stop(self.rf)
             self.rf = None
@@ -333,7 +407,7 @@ class Bench:
         if not getattr(self, "rf_port", None):
             self.rf_port, self.rf_metrics_port = free_port(), free_port()
         cfg = {"listen": f"127.0.0.1:{self.rf_port}", "cache": {"dir": cache},
-               "upstreams": {"up": {"url": self.up_url}},
+               "upstreams": {"up": {"url": upstream_url or self.up_url}},
                "metrics": {"listen": f"127.0.0.1:{self.rf_metrics_port}"}}
         path = os.path.join(d, "config.json")
         with open(path, "w") as f:
@@ -523,31 +597,53 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for name, _ in urls:
             self.record(f"cached_blob_mibps_{name}", [BLOB_SIZE / MIB / t for t in times[name]], "MiB/s")
 
+    def cpu_pull(self, url, pids):
+        """One curl GET; returns (wall s, {name: CPU s}) with the CPU time
+        each named process (and curl itself) spent on it."""
+        def cpu(pid):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before = {n: cpu(p) for n, p in pids.items()}
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = self.curl(url, expect_size=BLOB_SIZE)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = {n: cpu(p) - before[n] for n, p in pids.items()}
+        used["curl"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        return wall, used
+
     def c_cold_pull(self):
         log("(c) cold pull of the 256 MiB blob vs a direct pull from upstream")
         n = 2 if self.args.quick else 5
         rf, dist, direct = [], [], []
+        cpu_direct, cpu_rf = [], []
         for _ in range(n):
             self.check_deadline()
-            direct.append(self.curl(self.blob_path(self.up_url), expect_size=BLOB_SIZE))
+            w, used = self.cpu_pull(self.blob_path(self.up_url), {"upstream": self.up.pid})
+            direct.append(w)
+            cpu_direct.append(used)
             self.start_regfacade(fresh=True)
-            rf.append(self.curl(self.blob_path(self.rf_url), expect_size=BLOB_SIZE))
+            w, used = self.cpu_pull(self.blob_path(self.rf_url), {"upstream": self.up.pid, "regfacade": self.rf.pid})
+            rf.append(w)
+            cpu_rf.append(used)
             self.start_distribution(fresh=True)
             dist.append(self.curl(self.blob_path(self.dist_url), expect_size=BLOB_SIZE))
+        for label, runs in (("direct", cpu_direct), ("regfacade", cpu_rf)):
+            for who in runs[0]:
+                self.record(f"cold_pull_cpu_s_{label}_{who}", [r[who] for r in runs], "CPU s")
         self.record("cold_pull_s_direct", direct, "s")
         self.record("cold_pull_s_regfacade", rf, "s")
         self.record("cold_pull_s_distribution", dist, "s")
         for k, v in (("direct", direct), ("regfacade", rf), ("distribution", dist)):
             self.results[f"cold_pull_mibps_{k}"] = BLOB_SIZE / MIB / statistics.median(v)
 
-    def concurrent(self, name, base, n_clients=32):
-        """n_clients cold pulls at once; returns (wall seconds, upstream GETs,
-        peak RSS MiB or None, extra)."""
+    def concurrent(self, name, url, pid, n_clients=32):
+        """n_clients pulls of url at once; returns (wall seconds, upstream
+        GETs, peak RSS MiB (VmHWM) or None, max polled VmRSS MiB)."""
         before = self.wait_upstream_log_settled()
-        url = self.blob_path(base)
         peak = {"rss": 0}
         stop = threading.Event()
-        pid = self.rf.pid if name == "regfacade" else self.dist.pid
 
         def poll_rss():
             while not stop.is_set():
@@ -586,23 +682,25 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     def d_concurrent(self):
         log("(d) 32 concurrent cold pulls; (e) regfacade's peak RSS")
         n = 1 if self.args.quick else 3
-        walls, gets, hwms, rsss, fetches, coalesced = [], [], [], [], [], []
+        walls, gets, hwms, rsss, fetches, coalesced, retries = [], [], [], [], [], [], []
         for _ in range(n):
             self.check_deadline()
             self.start_regfacade(fresh=True)
-            w, g, hwm, rss = self.concurrent("regfacade", self.rf_url)
+            w, g, hwm, rss = self.concurrent("regfacade", self.blob_path(self.rf_url), self.rf.pid)
             walls.append(w)
             gets.append(g)
             hwms.append(hwm)
             rsss.append(rss)
             fetches.append(self.rf_metric("regfacade_blob_fetches_total"))
             coalesced.append(self.rf_metric("regfacade_blob_fetch_coalesced_total"))
+            retries.append(self.rf_metric("regfacade_upstream_retries_total"))
         self.record("concurrent32_s_regfacade", walls, "s")
         self.record("concurrent32_upstream_gets_regfacade", gets, "GETs")
         self.record("peak_rss_mib_regfacade", hwms, "MiB (VmHWM)")
         self.record("polled_rss_mib_regfacade", rsss, "MiB (VmRSS polled every 5 ms)")
         self.results["concurrent32_metrics_regfacade"] = (
-            f"regfacade_blob_fetches_total {fetches}, regfacade_blob_fetch_coalesced_total {coalesced}")
+            f"regfacade_blob_fetches_total {fetches}, regfacade_blob_fetch_coalesced_total {coalesced}, "
+            f"regfacade_upstream_retries_total {retries}")
         # A single cold pull measured right here too (same conditions).
         singles = []
         for _ in range(n):
@@ -614,7 +712,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for _ in range(1 if self.args.quick else 2):
             self.check_deadline()
             self.start_distribution(fresh=True)
-            w, g, _, _ = self.concurrent("distribution", self.dist_url)
+            w, g, _, _ = self.concurrent("distribution", self.blob_path(self.dist_url), self.dist.pid)
             dwalls.append(w)
             dgets.append(g)
         self.record("concurrent32_s_distribution", dwalls, "s")
@@ -629,6 +727,45 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.curl(self.blob_path(self.rf_url), expect_size=BLOB_SIZE)
         self.start_distribution(fresh=False)
         self.curl(self.blob_path(self.dist_url), expect_size=BLOB_SIZE)
+        # The machine's floor for 32 x 256 MiB to 32 curl processes: the same
+        # 32 pulls from caches that are already warm (nginx and regfacade
+        # by sendfile), and one warm pull each.
+        for name, url, pid in (("nginx", self.nginx_url, self.nginx.pid),
+                               ("regfacade_warm", self.blob_path(self.rf_url), self.rf.pid)):
+            ws, ones = [], []
+            for _ in range(1 if self.args.quick else 2):
+                self.check_deadline()
+                ws.append(self.concurrent(name, url, pid)[0])
+                ones.append(self.curl(url, expect_size=BLOB_SIZE))
+            self.record(f"concurrent32_s_{name}", ws, "s")
+            self.record(f"single_s_{name}", ones, "s")
+        if self.args.link_mibps > 0:
+            self.d_link_limited()
+
+    def d_link_limited(self):
+        """(d) again with the upstream behind a shared link of --link-mibps
+        (a remote registry): what coalescing is for."""
+        rate = self.args.link_mibps
+        log(f"(d') 32 concurrent cold pulls over a {rate} MiB/s upstream link")
+        proxy = ThrottleProxy(self.up_port, rate * MIB)
+        try:
+            singles, walls, gets, hwms = [], [], [], []
+            for _ in range(1 if self.args.quick else 2):
+                self.check_deadline()
+                self.start_regfacade(fresh=True, upstream_url=proxy.url)
+                singles.append(self.curl(self.blob_path(self.rf_url), expect_size=BLOB_SIZE))
+                self.start_regfacade(fresh=True, upstream_url=proxy.url)
+                w, g, hwm, _ = self.concurrent("regfacade", self.blob_path(self.rf_url), self.rf.pid)
+                walls.append(w)
+                gets.append(g)
+                hwms.append(hwm)
+            self.record("link_single_cold_s_regfacade", singles, "s")
+            self.record("link_concurrent32_s_regfacade", walls, "s")
+            self.record("link_concurrent32_upstream_gets_regfacade", gets, "GETs")
+            self.record("link_peak_rss_mib_regfacade", hwms, "MiB (VmHWM)")
+        finally:
+            proxy.stop()
+            self.start_regfacade(fresh=False)
 
     def f_clients(self):
         log("(f) skopeo copy and ctr pull of the whole image through each")
@@ -730,7 +867,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 f"upstream GETs: {gets:.0f}",
                 f"{ratio:.2f}x", f"<= {TARGETS['concurrent_time_ratio']}x, 1 GET",
                 ratio <= TARGETS["concurrent_time_ratio"] and gets == TARGETS["concurrent_upstream_gets"])
-            peak = max(self.samples["peak_rss_mib_regfacade"][0])
+            if "link_concurrent32_s_regfacade" in R:
+                lratio = R["link_concurrent32_s_regfacade"] / R["link_single_cold_s_regfacade"]
+                lgets = max(self.samples["link_concurrent32_upstream_gets_regfacade"][0])
+                row(f"(d') the same over a {self.args.link_mibps:g} MiB/s upstream link",
+                    f"{R['link_concurrent32_s_regfacade']:.2f} s vs {R['link_single_cold_s_regfacade']:.2f} s; "
+                    f"upstream GETs: {lgets:.0f}",
+                    f"{lratio:.2f}x", f"<= {TARGETS['concurrent_time_ratio']}x, 1 GET",
+                    lratio <= TARGETS["concurrent_time_ratio"] and lgets == TARGETS["concurrent_upstream_gets"])
+            peak = max(self.samples["peak_rss_mib_regfacade"][0] +
+                       self.samples.get("link_peak_rss_mib_regfacade", ([], ""))[0])
             row("(e) regfacade peak RSS during (d)", f"{peak:.1f} MiB", "-", f"<= {TARGETS['peak_rss_mib']:.0f} MiB",
                 peak <= TARGETS["peak_rss_mib"])
         return rows
@@ -822,6 +968,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer and shorter runs (a smoke test)")
     ap.add_argument("--only", default="", help="comma-separated workloads among a,b,c,d,f")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--link-mibps", type=float, default=32,
+                    help="(d') also run (d) with the upstream behind a link of this many MiB/s (0: skip)")
     ap.add_argument("--deadline", type=int, default=900, help="seconds before everything is stopped")
     args = ap.parse_args()
     args.regfacade = os.path.abspath(args.regfacade)

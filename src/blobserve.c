@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,9 @@
 #define IMAGE_CACHE_MAX 256   /* resolved images kept in memory */
 #define DIGEST_IMAGE_TTL_S (24 * 3600)
 #define MAX_URL_BYTES 8192
+/* Per-connection buffer for request headers and response headers (MHD
+ * clears it per request, so it is kept modest; browsers' cookies fit). */
+#define BS_CONNECTION_MEMORY (32 * 1024)
 
 /* A resolved image: where it comes from and its layers, bottom first. */
 typedef struct image {
@@ -35,11 +39,11 @@ typedef struct image {
     char upstream[128];
     char repository[256];      /* upstream repository */
     char manifest_digest[80];  /* of the platform manifest */
-    size_t n_layers;
-    char layers[BS_FS_MAX_LAYERS][DIGEST_STRING_LEN];
     time_t expires;
     uint64_t used;
     struct image *next;
+    size_t n_layers;
+    char layers[BS_FS_MAX_LAYERS][DIGEST_STRING_LEN]; /* last: copies stop at n_layers */
 } image;
 
 struct blobserve {
@@ -208,7 +212,9 @@ static int resolve_image(blobserve *b, const char *repository, const char *refer
     for (image *im = b->images; im; im = im->next)
         if (strcmp(im->key, key) == 0 && im->expires > now) {
             im->used = ++b->image_clock;
-            memcpy(out, im, sizeof *out);
+            /* The fixed part, then only the digests in use (not all 256 slots). */
+            memcpy(out, im, offsetof(image, layers));
+            memcpy(out->layers, im->layers, im->n_layers * sizeof im->layers[0]);
             pthread_mutex_unlock(&b->mu);
             return 0;
         }
@@ -743,7 +749,7 @@ blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char 
         (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape, NULL, MHD_OPTION_NOTIFY_COMPLETED,
         request_completed, b, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)env->cfg->max_connections,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)env->cfg->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)(64 * 1024), MHD_OPTION_THREAD_STACK_SIZE, (size_t)(1024 * 1024),
+        (size_t)BS_CONNECTION_MEMORY, MHD_OPTION_THREAD_STACK_SIZE, (size_t)(1024 * 1024),
         MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
     if (!b->daemon) {
         snprintf(err, errlen, "blobserve.listen %s:%d: cannot start the HTTP server (port in use?)", bc->listen_host,

@@ -326,7 +326,9 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
                                       "docker_config", "limits", "upstream_client", "metrics", "tls",
                                       "blobserve", "admin", "specs", "layers", "user", NULL};
     static const char *const cache_keys[] = {"dir", "max_bytes", "tag_ttl_seconds", "stale_max_seconds", NULL};
-    static const char *const policy_keys[] = {"file", "options", NULL};
+    /* file and options are read here; the limits by policy.c (policy_section). */
+    static const char *const policy_keys[] = {"file", "options", "hook_time_ms", "hook_instructions", "memory_bytes",
+                                              "shared_bytes", "data_files", "data_dir", "watch", "idle_states", NULL};
     static const char *const limit_keys[] = {"manifest_max_bytes", "verify_before_send_bytes", "max_connections",
                                              "client_timeout_seconds", "header_max_bytes", "url_max_bytes",
                                              "connections_per_ip", "requests_per_second", "request_burst",
@@ -355,6 +357,7 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     json_value *policy = json_object_get(root, "policy");
     if (policy) {
         if (check_keys(lc, policy, "policy", policy_keys) != 0) return -1;
+        if (!(c->policy_section = json_clone(policy))) return fail(lc, "policy: out of memory");
         if (get_path(lc, policy, "file", "policy", &c->policy_file) != 0) return -1;
         json_value *opts = json_object_get(policy, "options");
         if (opts) {
@@ -529,6 +532,7 @@ void config_free(config *c) {
     json_free(c->admin);
     json_free(c->specs);
     json_free(c->layers);
+    json_free(c->policy_section);
     free(c->dir);
     free(c->default_upstream);
     free(c->docker_config);

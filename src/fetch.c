@@ -14,6 +14,9 @@
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
 
+/* An attempt that brought at least this much restarts the retry budget. */
+#define FETCH_PROGRESS_BYTES (1024 * 1024)
+
 typedef enum { FETCH_RUNNING, FETCH_DONE, FETCH_FAILED } fetch_state;
 
 struct fetch {
@@ -300,7 +303,8 @@ static void *fetch_thread(void *arg) {
         rc = fetch_attempt(x);
         slot_release(f);
         if (rc != 1) break;
-        if (x->written > before) upstream_retry_progress(&rt); /* progress: the budget starts again */
+        /* Real progress (not a trickle) starts the retry count and budget again. */
+        if (x->written >= before + FETCH_PROGRESS_BYTES) upstream_retry_progress(&rt);
         long delay = upstream_retry_delay(x->u, &rt, x->retry_after, gave_up, sizeof gave_up);
         const char *why = x->attempt_err[0] ? x->attempt_err : x->err.message;
         if (delay < 0) {

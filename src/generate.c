@@ -59,6 +59,56 @@ static void platform_of_entry(const json_value *entry, char *out, size_t outlen)
              variant ? variant : "");
 }
 
+/* The OCI error code c as a static string (fetch_error.code is not copied);
+ * "UNKNOWN" when it is none of the spec's codes. */
+static const char *static_code(const char *c) {
+    static const char *const codes[] = {"BLOB_UNKNOWN",   "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN",
+                                        "DIGEST_INVALID", "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID",
+                                        "MANIFEST_UNKNOWN", "NAME_INVALID",        "NAME_UNKNOWN",
+                                        "SIZE_INVALID",   "UNAUTHORIZED",        "DENIED",
+                                        "UNSUPPORTED",    "TOOMANYREQUESTS",     NULL};
+    for (const char *const *k = codes; *k; k++)
+        if (strcmp(c, *k) == 0) return *k;
+    return "UNKNOWN";
+}
+
+/* Blobs of an index's children, stored only once the whole index is
+ * assembled: a platform that fails leaves nothing half-built behind. */
+typedef struct {
+    char digest[80];
+    char *bytes;
+    size_t len;
+} pending_blob;
+typedef struct {
+    pending_blob *items;
+    size_t n;
+} pending;
+
+/* Takes *bytes (sets it NULL). 0, or -1 when out of memory. */
+static int pending_add(pending *p, const char *digest, char **bytes, size_t len) {
+    pending_blob *n = realloc(p->items, (p->n + 1) * sizeof *n);
+    if (!n) return -1;
+    p->items = n;
+    snprintf(n[p->n].digest, sizeof n[p->n].digest, "%s", digest);
+    n[p->n].bytes = *bytes;
+    n[p->n].len = len;
+    p->n++;
+    *bytes = NULL;
+    return 0;
+}
+
+static void pending_clear(pending *p) {
+    for (size_t i = 0; i < p->n; i++) free(p->items[i].bytes);
+    free(p->items);
+    memset(p, 0, sizeof *p);
+}
+
+static int pending_store(store *st, const pending *p, char *err, size_t errlen) {
+    for (size_t i = 0; i < p->n; i++)
+        if (store_put(st, p->items[i].digest, p->items[i].bytes, p->items[i].len, err, errlen) != 0) return -1;
+    return 0;
+}
+
 /* Same JSON text (the serializer is deterministic)? */
 static bool same_tree(const json_value *a, const json_value *b) {
     size_t la = 0, lb = 0;
@@ -69,11 +119,12 @@ static bool same_tree(const json_value *a, const json_value *b) {
     return same;
 }
 
-/* Assemble one image manifest (not an index) and store it. On success
- * out_digest/out_size/out_mt describe the stored manifest. */
+/* Assemble one image manifest (not an index) and store it (or, with pend,
+ * leave its config and manifest in pend for the caller to store). On
+ * success out_digest/out_size/out_mt describe the stored manifest. */
 static int assemble_one(const generate_env *env, const policy_request *req, const policy_resolution *res,
                         upstream *u, const char *base_bytes, size_t base_len, const char *base_mt,
-                        char out_digest[80], uint64_t *out_size, manifest *keep, fetch_error *e) {
+                        char out_digest[80], uint64_t *out_size, manifest *keep, pending *pend, fetch_error *e) {
     char jerr[256], err[1024];
     json_value *base = json_parse(base_bytes, base_len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     if (!base) {
@@ -121,7 +172,8 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     }
     policy_error pe;
     if (policy_rewrite(env->pol, req, &man_out, &cfg_out, stack.items, stack.n, &pe) != 0) {
-        set_error(e, pe.status, pe.code[0] ? pe.code : "UNKNOWN", "%s", pe.message);
+        /* e->code must outlive pe (a local): a static string. */
+        set_error(e, pe.status, static_code(pe.code), "%s", pe.message);
         goto out;
     }
     /* Nothing changed (a stack of "base" alone, left as it was by the
@@ -144,13 +196,18 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
                   ml);
         goto out;
     }
-    if ((!unchanged && store_put(env->st, cd, cb, cl, err, sizeof err) != 0) ||
-        store_put(env->st, md, mb, ml, err, sizeof err) != 0) {
+    snprintf(out_digest, 80, "%s", md);
+    *out_size = ml;
+    if (pend) {
+        if ((!unchanged && pending_add(pend, cd, &cb, cl) != 0) || pending_add(pend, md, &mb, ml) != 0) {
+            set_error(e, 500, "UNKNOWN", "out of memory");
+            goto out;
+        }
+    } else if ((!unchanged && store_put(env->st, cd, cb, cl, err, sizeof err) != 0) ||
+               store_put(env->st, md, mb, ml, err, sizeof err) != 0) {
         set_error(e, 500, "UNKNOWN", "storing the assembled image: %s", err);
         goto out;
     }
-    snprintf(out_digest, 80, "%s", md);
-    *out_size = ml;
     if (keep) {
         keep->data = mb;
         keep->len = ml;
@@ -182,6 +239,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
     }
     manifest_env menv = {env->st, env->cfg};
     bool changed = false; /* any entry dropped or rewritten */
+    pending pend = {0};   /* the children's blobs, stored once all are built */
     for (size_t i = 0; i < list->count;) {
         json_value *entry = list->items[i];
         char platform[128];
@@ -202,6 +260,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         manifest child;
         if (manifest_get(&menv, u, res->repository, child_digest, &child, e) != 0) {
             json_free(idx);
+            pending_clear(&pend);
             return -1;
         }
         if (is_index(child.media_type)) {
@@ -211,16 +270,18 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         }
         char nd[80];
         uint64_t ns = 0;
-        int rc = assemble_one(env, req, res, u, child.data, child.len, child.media_type, nd, &ns, NULL, e);
+        int rc = assemble_one(env, req, res, u, child.data, child.len, child.media_type, nd, &ns, NULL, &pend, e);
         manifest_clear(&child);
         if (rc != 0) {
             json_free(idx);
+            pending_clear(&pend);
             return -1;
         }
         if (strcmp(nd, child_digest) != 0) changed = true;
         if (json_object_set(entry, "digest", json_new_string(nd)) != 0 ||
             json_object_set(entry, "size", json_new_uint64(ns)) != 0) {
             json_free(idx);
+            pending_clear(&pend);
             set_error(e, 500, "UNKNOWN", "out of memory");
             return -1;
         }
@@ -228,6 +289,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
     }
     if (list->count == 0) {
         json_free(idx);
+        pending_clear(&pend);
         set_error(e, 404, "MANIFEST_UNKNOWN", "the policy's platforms leave no manifest in the index of %s",
                   res->repository);
         return -1;
@@ -242,7 +304,11 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
     }
     json_free(idx);
     char d[DIGEST_STRING_LEN];
-    if (!bytes || digest_bytes(bytes, len, d) != 0 || store_put(env->st, d, bytes, len, err, sizeof err) != 0) {
+    err[0] = '\0';
+    int stored = bytes ? pending_store(env->st, &pend, err, sizeof err) : -1;
+    pending_clear(&pend);
+    if (!bytes || stored != 0 || digest_bytes(bytes, len, d) != 0 ||
+        store_put(env->st, d, bytes, len, err, sizeof err) != 0) {
         free(bytes);
         set_error(e, 500, "UNKNOWN", "storing the assembled index: %s", bytes ? err : "out of memory");
         return -1;
@@ -290,7 +356,7 @@ int generate_image(const generate_env *env, const policy_request *req, const pol
         rc = assemble_index(env, req, res, u, base, out, e);
     } else {
         uint64_t size;
-        rc = assemble_one(env, req, res, u, base->data, base->len, base->media_type, digest, &size, out, e);
+        rc = assemble_one(env, req, res, u, base->data, base->len, base->media_type, digest, &size, out, NULL, e);
     }
     if (rc != 0) {
         log_error("generating %s from %s@%s failed: %s", req->repository, res->repository, base->digest, e->message);

@@ -608,7 +608,10 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
         char msg[sizeof e->message];
         snprintf(msg, sizeof msg, "layer image %s: %s", spec->image, e->message);
         snprintf(e->message, sizeof e->message, "%s", msg);
-        if (e->http_status == 404) e->http_status = 502; /* the image asked for exists; its layer source does not */
+        if (e->http_status == 404) { /* the image asked for exists; its layer source does not */
+            e->http_status = 502;
+            e->code = "UNKNOWN"; /* not MANIFEST_UNKNOWN: that would say the requested image is unknown */
+        }
         return -1;
     }
     char jerr[256];
@@ -815,7 +818,10 @@ static int key_one(const layer_env *env, const layer_spec *spec, digest_ctx *key
             char msg[sizeof e->message];
             snprintf(msg, sizeof msg, "layer image %s: %s", spec->image, e->message);
             snprintf(e->message, sizeof e->message, "%s", msg);
-            if (e->http_status == 404) e->http_status = 502;
+            if (e->http_status == 404) {
+                e->http_status = 502;
+                e->code = "UNKNOWN";
+            }
             return -1;
         }
         digest_update(key, m.digest, strlen(m.digest) + 1);

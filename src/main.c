@@ -12,6 +12,7 @@
 #include "regfacade/metrics.h"
 #include "regfacade/policy.h"
 #include "regfacade/server.h"
+#include "regfacade/specs.h"
 #include "regfacade/tls.h"
 #include "regfacade/upstream.h"
 
@@ -58,6 +59,11 @@ static int cmd_check(const char *path) {
         return 1;
     }
     blobserve_config_free(bc);
+    if (specs_check_config(c, err, sizeof err) != 0) {
+        fprintf(stderr, "regfacade: %s\n", err);
+        config_free(c);
+        return 1;
+    }
     policy *p = policy_new(c, err, sizeof err);
     if (!p) {
         fprintf(stderr, "regfacade: %s\n", err);

@@ -35,8 +35,8 @@ static const char *const error_reasons[] = {"connect", "tls", "timeout", "transf
 #define N_REASONS 9
 static const char *const retry_whats[] = {"blob", "manifest"};
 #define N_WHATS 2
-static const char *const hook_names[] = {"authorize", "resolve", "rewrite", "log", "other"};
-#define N_HOOKS 5
+static const char *const hook_names[] = {"authorize", "resolve", "rewrite", "spec", "log", "other"};
+#define N_HOOKS 6
 static const char *const outcome_names[] = {"ok", "refused", "error", "budget"};
 #define N_OUTCOMES 4
 /* Policy hook latency buckets, seconds. */

@@ -28,6 +28,7 @@
 #include "regfacade/oci_error.h"
 #include "regfacade/policy.h"
 #include "regfacade/ref.h"
+#include "regfacade/specs.h"
 #include "regfacade/store.h"
 #include "regfacade/upstream.h"
 
@@ -65,6 +66,7 @@ struct server {
     tls_config *tls;         /* NULL: plain HTTP */
     int listen_fd;           /* bound before the privilege drop; MHD's once started */
     blobserve *blobserve;    /* the blobserve listener, NULL without a "blobserve" section */
+    specs *specs;            /* image specs from outside (specs.h), NULL without "specs"/"admin" sections */
     pthread_mutex_t gen_lock;
     served *current;         /* the generation new requests get */
     served *first;           /* the one started with (cfg, pol, ups, layers above are its) */
@@ -87,6 +89,7 @@ typedef struct {
     char client_ip[64];
     policy_request preq;   /* what resolve saw; valid after run_resolve */
     client_credentials cred; /* from Authorization; secrets, wiped when the request is done, never logged */
+    json_value *spec;      /* the image spec resolve got (preq.spec), freed when the request is done */
 } request;
 
 /* ---------- responses ---------- */
@@ -341,7 +344,7 @@ static int run_resolve(request *r, policy_resolution *res) {
         .token = r->cred.kind == CLIENT_AUTH_BEARER ? r->cred.token : NULL,
     };
     policy_error e;
-    if (policy_resolve(r->sv->pol, &pr, res, &e) != 0) {
+    if (specs_resolve(r->srv->specs, r->sv->pol, &pr, res, &r->spec, &e) != 0) {
         send_error(r, (unsigned)e.status, e.code, "%s", e.message);
         return -1;
     }
@@ -963,6 +966,7 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
     enum MHD_Result ret = route(&r, url);
     served_release(r.srv, r.sv);
     client_credentials_wipe(&r.cred);
+    json_free(r.spec); /* after the rewrite hook, which saw it as req.spec */
     return ret;
 }
 
@@ -1014,6 +1018,8 @@ server *server_start(const config *c, char *err, size_t errlen) {
     }
     s->cfg = c;
     s->listen_fd = -1;
+    /* Spec providers first: the admin token is read before privileges drop. */
+    if (specs_new(c, &s->specs, err, errlen) != 0) goto fail;
     if (server_harden(s, c, err, errlen) != 0) goto fail;
     metrics_config mc;
     char merr[512];
@@ -1041,6 +1047,8 @@ server *server_start(const config *c, char *err, size_t errlen) {
     s->pol = s->first->pol;
     s->layers = s->first->layers;
     s->gen = s->first->gen;
+    /* Pushed specs loaded and the admin API up before the registry serves. */
+    if (specs_start(s->specs, s->st, err, errlen) != 0) goto fail;
 
     /* TLS and the per-IP connection limit go in as an option array (they
      * are optional). */
@@ -1115,6 +1123,7 @@ void server_stop(server *s) {
     metrics_server_stop(s->metrics);
     blobserve_stop(s->blobserve); /* before the fetcher, store and policy it borrows */
     if (s->daemon) MHD_stop_daemon(s->daemon);
+    specs_free(s->specs); /* its admin listener first; after the registry's requests */
     metrics_watch_fetcher(NULL);
     fetcher_free(s->fetches);
     if (s->current && s->current != s->first) served_free(s->current, true);

@@ -70,6 +70,7 @@ typedef struct {
     json_value *admin;      /* admin API (spec providers) */
     json_value *specs;      /* spec providers */
     json_value *layers;     /* named layer sources (layers.c) */
+    json_value *policy_section; /* the whole "policy" object: its limits are policy.c's to parse */
 } config;
 
 /* Load and validate. NULL on error with "FILE: KEY: why" in err. */

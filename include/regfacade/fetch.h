@@ -34,7 +34,8 @@ typedef struct {
 
 /* A broken transfer is retried, resumed with Range, paced by the
  * upstream's retry settings (upstream_retry_delay: backoff with jitter,
- * Retry-After, retries and budget; progress restarts the budget). */
+ * Retry-After, retries and budget; an attempt that brought at least 1 MiB
+ * restarts the count and the budget, a trickle does not). */
 #define FETCH_DEFAULT_MAX_CONCURRENT 64
 typedef struct {
     unsigned max_concurrent; /* transfers at once (upstream_client.max_concurrent_fetches); more wait for a

@@ -17,7 +17,7 @@
  *             (writes raise; pairs, ipairs and # work; their metatables are
  *             protected);
  *   require   package.preload-style modules given in the options, the
- *             embedded lua/regfacade/*.lua modules, cjson (Debian's
+ *             embedded lua/regfacade/NAME.lua modules, cjson (Debian's
  *             lua-cjson, if installed) and NAME.lua from module_dir (text
  *             chunks only). There is no `package` table, no C loader;
  *   load      text chunks only (mode "t"); the default environment is the
@@ -59,6 +59,7 @@ typedef enum {
     SB_PHASE_LOAD,      /* the policy's top-level code */
     SB_PHASE_SELF_CHECK,
     SB_PHASE_AUTHORIZE,
+    SB_PHASE_SPEC,
     SB_PHASE_RESOLVE,
     SB_PHASE_REWRITE,
     SB_PHASE_LOG,
@@ -67,8 +68,8 @@ typedef enum {
 
 #define SB_PHASE_BIT(p) (1u << (p))
 #define SB_PHASES_HOOKS                                                                                   \
-    (SB_PHASE_BIT(SB_PHASE_SELF_CHECK) | SB_PHASE_BIT(SB_PHASE_AUTHORIZE) | SB_PHASE_BIT(SB_PHASE_RESOLVE) | \
-     SB_PHASE_BIT(SB_PHASE_REWRITE) | SB_PHASE_BIT(SB_PHASE_LOG))
+    (SB_PHASE_BIT(SB_PHASE_SELF_CHECK) | SB_PHASE_BIT(SB_PHASE_AUTHORIZE) | SB_PHASE_BIT(SB_PHASE_SPEC) | \
+     SB_PHASE_BIT(SB_PHASE_RESOLVE) | SB_PHASE_BIT(SB_PHASE_REWRITE) | SB_PHASE_BIT(SB_PHASE_LOG))
 #define SB_PHASES_ALL (SB_PHASES_HOOKS | SB_PHASE_BIT(SB_PHASE_LOAD))
 
 /* How a call ended. */

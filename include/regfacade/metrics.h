@@ -67,7 +67,7 @@ void metrics_upstream_retry(const char *upstream, const char *what);
 /* Docker Hub's ratelimit-remaining, last value seen per upstream. */
 void metrics_upstream_ratelimit(const char *upstream, long remaining);
 
-/* One policy hook call: hook is "authorize", "resolve", "rewrite" or "log";
+/* One policy hook call: hook is "authorize", "resolve", "rewrite", "spec" or "log";
  * outcome "ok", "refused", "error" or "budget" (killed by its time or
  * instruction budget). */
 void metrics_policy_hook(const char *hook, double seconds, const char *outcome);

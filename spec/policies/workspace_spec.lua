@@ -1,0 +1,211 @@
+-- examples/workspace/policy.lua with the options of examples/workspace/config.json,
+-- run the way the server runs it (regfacade.testing: resolve, then the
+-- server's own assembly and rewrite code through regfacade.core).
+local testing = require "regfacade.testing"
+local json = testing.json
+
+local DIR = "examples/workspace/"
+local OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+local DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+local BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+local function read(path)
+    local f = assert(io.open(path, "rb"))
+    local s = f:read("a")
+    f:close()
+    return s
+end
+
+local shipped = json.decode(read(DIR .. "config.json"))
+
+-- A deep copy of a decoded JSON value as plain tables.
+local function plain(v)
+    if type(v) ~= "table" then
+        return v
+    end
+    local t = {}
+    for k, x in pairs(v) do
+        t[k] = plain(x)
+    end
+    return t
+end
+
+-- regfacade.config as the server gives it for the shipped config.
+local function config(options)
+    return {
+        upstreams = { ["local"] = { url = "http://127.0.0.1:5001", host = "127.0.0.1:5001", library_prefix = false } },
+        default_upstream = "local",
+        options = options or plain(shipped.policy.options),
+    }
+end
+
+-- Loads the policy as the core does: a chunk that sees only what the
+-- sandbox offers, so a stray global fails here.
+local function load_policy(cfg)
+    package.loaded["regfacade"] = { config = cfg or config(), log = function() end }
+    package.loaded["regfacade.mirror"] = nil
+    package.loaded["regfacade.image"] = nil
+    local env = { require = require, ipairs = ipairs, pairs = pairs, error = error, type = type,
+                  tostring = tostring, string = string, table = table }
+    local chunk = assert(loadfile(DIR .. "policy.lua", "t", env))
+    return chunk()
+end
+
+-- The IDE image: its own rootfs layer (dropped by skip = 1), then /ide; its
+-- config carries the model system's env modifiers.
+local IDE_CONFIG = testing.oci_image {
+    env = { "PATH=/bin", "GITPOD_ENV_SET_EDITOR=/ide/bin/code", "GITPOD_ENV_PREPEND_PATH=/ide/bin/remote-cli:" },
+}.config
+local SUPERVISOR = testing.layer { name = "supervisor", created_by = "regfacade: supervisor" }
+local IDE_ROOTFS = testing.layer { name = "ide rootfs", config = IDE_CONFIG }
+local IDE = testing.layer { name = "ide", config = IDE_CONFIG }
+
+local function sources(extra)
+    local t = { supervisor = SUPERVISOR, ["local/acme/ide:1.2"] = { IDE_ROOTFS, IDE } }
+    for k, v in pairs(extra or {}) do
+        t[k] = v
+    end
+    return t
+end
+
+local function digests(m)
+    local out = {}
+    for i, l in ipairs(m.layers) do
+        out[i] = l.digest
+    end
+    return out
+end
+
+local function non_empty(history)
+    local n = 0
+    for _, h in ipairs(history) do
+        if h.empty_layer ~= true then
+            n = n + 1
+        end
+    end
+    return n
+end
+
+local function env_value(cfg, name)
+    for _, e in ipairs(cfg.config.Env) do
+        local v = e:match("^" .. name .. "=(.*)$")
+        if v then
+            return v
+        end
+    end
+end
+
+describe("examples/workspace/policy.lua", function()
+    local policy
+
+    before_each(function()
+        policy = load_policy()
+    end)
+
+    after_each(function()
+        package.loaded["regfacade"] = nil
+        package.loaded["regfacade.mirror"] = nil
+        package.loaded["regfacade.image"] = nil
+    end)
+
+    it("runs on Lua 5.4 and the shipped config passes its options", function()
+        assert.are.equal("Lua 5.4", _VERSION)
+        assert.are.equal("local/acme/app:1.0", shipped.policy.options.workspaces.demo.image)
+        assert.are.equal("layers/supervisor.tar.gz", shipped.layers.supervisor.file)
+    end)
+
+    it("resolves a workspace to its base image, the supervisor and the IDE's layers", function()
+        local d = policy.resolve(testing.request { repository = "remote/demo", reference = "latest" })
+        assert.are.same({
+            upstream = "local",
+            repository = "acme/app",
+            reference = "1.0",
+            layers = { "base", "supervisor",
+                       { image = "local/acme/ide:1.2", skip = 1, created_by = "regfacade: IDE local/acme/ide:1.2" } },
+        }, d)
+    end)
+
+    it("passes a digest through (the digest a tag answered)", function()
+        local dg = "sha256:" .. string.rep("ab", 32)
+        local d = policy.resolve(testing.request { repository = "remote/demo", reference = dg })
+        assert.are.equal(dg, d.reference)
+    end)
+
+    it("refuses an unknown workspace with NAME_UNKNOWN and mirrors everything else", function()
+        local d, refusal = policy.resolve(testing.request { repository = "remote/nope" })
+        assert.is_nil(d)
+        assert.are.same({ status = 404, code = "NAME_UNKNOWN", message = 'no workspace "nope"' }, refusal)
+        assert.are.same({ upstream = "local", repository = "acme/app", reference = "1.0" },
+            policy.resolve(testing.request { repository = "local/acme/app", reference = "1.0" }))
+    end)
+
+    it("assembles base + supervisor + IDE (minus its first layer), PATH prepended, env modifiers applied", function()
+        local base = testing.oci_image { layers = 2, empty_layers = 1, env = { "PATH=" .. BASE_PATH, "HOME=/root" } }
+        local out = testing.run(policy, testing.request { repository = "remote/demo" }, base, sources())
+        local want = digests(base.manifest)
+        want[#want + 1] = SUPERVISOR.digest
+        want[#want + 1] = IDE.digest
+        assert.are.same(want, digests(out.manifest))
+        for _, l in ipairs(out.manifest.layers) do
+            assert.are.equal(OCI_GZIP, l.mediaType)
+        end
+        -- config follows: diff_ids, history (one entry per added layer, empty ones kept)
+        assert.are.same({ base.config.rootfs.diff_ids[1], base.config.rootfs.diff_ids[2], SUPERVISOR.diff_id,
+                          IDE.diff_id }, out.config.rootfs.diff_ids)
+        assert.are.equal(#base.config.history + 2, #out.config.history)
+        assert.are.equal(4, non_empty(out.config.history))
+        assert.are.equal("regfacade: supervisor", out.config.history[#out.config.history - 1].created_by)
+        assert.are.equal("regfacade: IDE local/acme/ide:1.2", out.config.history[#out.config.history].created_by)
+        -- env_prepend first, then the IDE config's GITPOD_ENV_PREPEND_PATH; EDITOR set; HOME kept
+        assert.are.equal("/ide/bin/remote-cli:/ide/bin:" .. BASE_PATH, env_value(out.config, "PATH"))
+        assert.are.equal("/ide/bin/code", env_value(out.config, "EDITOR"))
+        assert.are.same({ "PATH=/ide/bin/remote-cli:/ide/bin:" .. BASE_PATH, "HOME=/root", "EDITOR=/ide/bin/code" },
+            out.config.config.Env)
+        assert.are.equal("demo", out.manifest.annotations["io.regfacade.workspace.id"])
+        assert.are.equal("local/acme/app:1.0", out.manifest.annotations["io.regfacade.workspace.image"])
+        -- what the server will serve: the digest of these bytes
+        assert.are.equal(testing.core.digest(out.manifest_text), out.manifest_digest)
+        assert.are.equal(out.config_digest, out.manifest.config.digest)
+    end)
+
+    it("is deterministic: the same decision gives the same bytes", function()
+        local base = testing.oci_image { layers = 1 }
+        local a = testing.run(policy, testing.request { repository = "remote/demo" }, base, sources())
+        local b = testing.run(load_policy(), testing.request { repository = "remote/demo" }, base, sources())
+        assert.are.equal(a.manifest_text, b.manifest_text)
+        assert.are.equal(a.config_text, b.config_text)
+    end)
+
+    it("keeps a Docker schema2 base Docker (added layers' media types converted)", function()
+        local base = testing.docker_image { layers = 1, env = { "PATH=" .. BASE_PATH } }
+        local out = testing.run(policy, testing.request { repository = "remote/demo" }, base, sources())
+        assert.are.equal("application/vnd.docker.distribution.manifest.v2+json", out.manifest.mediaType)
+        for _, l in ipairs(out.manifest.layers) do
+            assert.are.equal(DOCKER_GZIP, l.mediaType)
+        end
+        assert.are.equal("/ide/bin/remote-cli:/ide/bin:" .. BASE_PATH, env_value(out.config, "PATH"))
+        -- Docker's own config fields survive
+        assert.are.equal("20.10.23", out.config.docker_version)
+        assert.is_table(out.config.container_config)
+    end)
+
+    it("uses a workspace's own IDE, and an IDE without modifiers only gets PATH", function()
+        local options = plain(shipped.policy.options)
+        options.workspaces.other = { image = "local/acme/app:2.0", ide = "local/acme/ide-plain:3" }
+        policy = load_policy(config(options))
+        local plain_ide = testing.layer { name = "plain ide", config = testing.oci_image {}.config }
+        local base = testing.oci_image { layers = 1, env = { "PATH=/bin" } }
+        local out = testing.run(policy, testing.request { repository = "remote/other" }, base,
+            sources { ["local/acme/ide-plain:3"] = { IDE_ROOTFS, plain_ide } })
+        assert.are.equal(plain_ide.digest, out.manifest.layers[#out.manifest.layers].digest)
+        assert.are.same({ "PATH=/ide/bin:/bin" }, out.config.config.Env)
+        assert.are.equal("2.0", out.decision.reference)
+    end)
+
+    it("leaves mirrored images exactly as they are", function()
+        local base = testing.oci_image { layers = 2 }
+        local out = testing.run(policy, testing.request { repository = "local/acme/app", reference = "1.0" }, base)
+        assert.are.equal(base.manifest_text, out.manifest_text)
+        assert.are.equal(base.digest, out.manifest_digest)
+    end)
+end)
