@@ -19,7 +19,8 @@ BUILD ?= build
 BUILD_PKGS := gcc make pkg-config libmicrohttpd-dev libcurl4-openssl-dev libssl-dev \
               zlib1g-dev liblua5.4-dev lua5.4 lua-cjson libarchive-dev
 TEST_PKGS  := lua-busted docker-registry skopeo containerd runc podman umoci busybox-static \
-              apache2-utils python3 python3-pytest python3-cryptography python3-jwt openssl curl zstd
+              apache2-utils python3 python3-pytest python3-cryptography python3-jwt openssl curl zstd \
+              python3-yaml binutils
 # `make bench` (bench/bench.py): the peers and load tools it runs side by side.
 BENCH_PKGS := nginx wrk docker-registry skopeo containerd runc curl python3 procps
 
@@ -91,6 +92,8 @@ test-integration: $(BUILD)/regfacade
 run: all
 	$(BUILD)/regfacade serve
 
+example-layers: ; ./examples/workspace/build.sh  # examples/workspace: supervisor layer and images (offline)
+
 # Side-by-side benchmark on loopback (regfacade, distribution as a pull-through
 # cache, nginx, the upstream itself); writes bench/RESULTS.md. Run by hand.
 bench: all
@@ -104,3 +107,4 @@ clean:
 include fuzz/fuzz.mk
 
 include mk/lua_core.mk
+include mk/lua_sandbox.mk

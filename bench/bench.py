@@ -379,16 +379,20 @@ class Bench:
         self.up_url = f"http://127.0.0.1:{self.up_port}"
         wait_up(self.up_url + "/v2/", self.up)
 
-    def upstream_blob_gets(self):
-        """GETs of the big blob in upstream's access log so far."""
-        pat = re.compile(r'"GET /v2/' + re.escape(REPO) + r'/blobs/' + re.escape(self.img["layer"]) + r' ')
+    def upstream_blob_gets(self, agent=""):
+        """GETs of the big blob in upstream's access log so far, by clients
+        whose User-Agent starts with agent (regfacade/..., Go-http-client/...
+        for distribution): distribution's proxy logs a late second GET of its
+        own (it fetches once for the client and once more to store)."""
+        pat = re.compile(r'"GET /v2/' + re.escape(REPO) + r'/blobs/' + re.escape(self.img["layer"]) +
+                         r' .*"' + re.escape(agent) + r'[^"]*"$')
         with open(self.up.log_path, "rb") as f:
             return sum(1 for line in f.read().decode("utf-8", "replace").splitlines() if pat.search(line))
 
-    def wait_upstream_log_settled(self):
+    def wait_upstream_log_settled(self, agent=""):
         last, stable = -1, 0
         while stable < 3:
-            n = self.upstream_blob_gets()
+            n = self.upstream_blob_gets(agent)
             stable = stable + 1 if n == last else 0
             last = n
             time.sleep(0.1)
@@ -641,7 +645,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     def concurrent(self, name, url, pid, n_clients=32):
         """n_clients pulls of url at once; returns (wall seconds, upstream
         GETs, peak RSS MiB (VmHWM) or None, max polled VmRSS MiB)."""
-        before = self.wait_upstream_log_settled()
+        agent = {"regfacade": "regfacade/", "distribution": "Go-http-client/"}.get(name, "")
+        before = self.wait_upstream_log_settled(agent)
         peak = {"rss": 0}
         stop = threading.Event()
 
@@ -676,7 +681,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                         hwm = int(line.split()[1]) / 1024
         except OSError:
             pass
-        gets = self.wait_upstream_log_settled() - before
+        gets = self.wait_upstream_log_settled(agent) - before
         return wall, gets, hwm, peak["rss"] / 1024
 
     def d_concurrent(self):
@@ -935,6 +940,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.t0 = time.time()
         started = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M")
         log(f"work folder {self.work}")
+        # Run a private copy: a rebuild of build/regfacade during the run
+        # must not change (or remove) the binary under test.
+        copy = os.path.join(self.work, "regfacade-under-test")
+        shutil.copy2(self.args.regfacade, copy)
+        self.args.regfacade = copy
         log("building the 256 MiB image")
         self.img = build_image(os.path.join(self.work, "layout"))
         self.start_upstream()

@@ -44,14 +44,18 @@ FUZZ_HDRS := $(wildcard include/regfacade/*.h) fuzz/fuzz.h
 fuzz-deps:
 	@./tools/ensure-packages $(FUZZ_PKGS)
 
-.SECONDEXPANSION:
-$(BUILD)/fuzz/%: fuzz/%.c $$(FUZZ_SRCS_$$*) $(FUZZ_HDRS)
-	@mkdir -p $(dir $@)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(FUZZ_SRCS_$*) $(FUZZ_LIBS)
+# One pair of rules per target (explicit, so no .SECONDEXPANSION leaks into
+# the makefiles included after this one).
+define FUZZ_RULES
+$(BUILD)/fuzz/$(1): fuzz/$(1).c $(FUZZ_SRCS_$(1)) $(FUZZ_HDRS)
+	@mkdir -p $(BUILD)/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $$@ fuzz/$(1).c $(FUZZ_SRCS_$(1)) $(FUZZ_LIBS)
 
-$(BUILD)/fuzz-regress/%: fuzz/%.c fuzz/driver.c $$(FUZZ_SRCS_$$*) $(FUZZ_HDRS)
-	@mkdir -p $(dir $@)
-	$(CC) $(REGR_FLAGS) -o $@ $< fuzz/driver.c $(FUZZ_SRCS_$*) $(FUZZ_LIBS)
+$(BUILD)/fuzz-regress/$(1): fuzz/$(1).c fuzz/driver.c $(FUZZ_SRCS_$(1)) $(FUZZ_HDRS)
+	@mkdir -p $(BUILD)/fuzz-regress
+	$(CC) $(REGR_FLAGS) -o $$@ fuzz/$(1).c fuzz/driver.c $(FUZZ_SRCS_$(1)) $(FUZZ_LIBS)
+endef
+$(foreach t,$(FUZZ_TARGETS),$(eval $(call FUZZ_RULES,$(t))))
 
 fuzz-build: fuzz-deps $(addprefix $(BUILD)/fuzz/,$(FUZZ_TARGETS))
 

@@ -262,6 +262,9 @@ static enum MHD_Result route(admin_server *a, struct MHD_Connection *conn, const
         }
         return send_error(conn, method, url, 500, "UNKNOWN", "%s", msg);
     }
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0 && strcmp(method, "DELETE") != 0)
+        return send_error(conn, method, url, 405, "UNSUPPORTED", "%s is not supported on /specs/<id> (PUT, GET, "
+                          "DELETE)", method);
     if (ctx->len)
         return send_error(conn, method, url, 400, "UNSUPPORTED", "%s /specs/<id> takes no body", method);
     if (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0) {

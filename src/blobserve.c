@@ -53,11 +53,14 @@ struct blobserve {
     struct MHD_Daemon *daemon;
 
     pthread_mutex_t mu;
-    pthread_cond_t cv;         /* wakes the pre-pull thread on stop */
+    pthread_cond_t cv;         /* wakes the pre-pull thread on stop, and stop when workers end */
     bool stopping;
     image *images;
     size_t n_images;
     uint64_t image_clock;
+
+    bs_edit **edits;           /* per bc->edits entry: its edits as the cache takes them */
+    unsigned workers;          /* slow-path threads running (guarded by mu; stop waits for 0) */
 
     pthread_t prepull_thread;
     bool prepull_running;
@@ -67,10 +70,26 @@ struct blobserve {
     atomic_ulong requests;
 };
 
+/* A request that cannot be answered from what is ready (an image to
+ * resolve, a layer to download or extract): its connection is suspended
+ * while a thread of its own does that work, then resumed. */
+typedef struct {
+    blobserve *b;
+    struct MHD_Connection *conn;
+    bs_url u;
+    size_t n;
+    bs_layer *held[BS_FS_MAX_LAYERS]; /* when status is 0 */
+    int status;                       /* 0, or the error to answer */
+    char why[1024];
+    bool done;
+} slow_req;
+
 /* Per request: the layer the served file lives in, held until the
- * response has been sent (MHD_OPTION_NOTIFY_COMPLETED). */
+ * response has been sent (MHD_OPTION_NOTIFY_COMPLETED), and the slow-path
+ * work while it runs. */
 typedef struct {
     bs_layer *held;
+    slow_req *slow;
 } req_ctx;
 
 /* ---------- small responses ---------- */
@@ -203,11 +222,15 @@ static int map_fetch_status(int s) {
 
 /* Resolve (repository, reference) as the URL names them into *out, from
  * the in-memory cache or by policy + manifests. 0, or -1 with status/why. */
-static int resolve_image(blobserve *b, const char *repository, const char *reference, bool by_digest, image *out,
-                         int *status, char *why, size_t whylen) {
-    char key[sizeof out->key];
-    snprintf(key, sizeof key, "%s%c%s", repository, by_digest ? '@' : ':', reference);
+static void image_key(const char *repository, const char *reference, bool by_digest, char *key, size_t keylen) {
+    snprintf(key, keylen, "%s%c%s", repository, by_digest ? '@' : ':', reference);
+}
+
+/* The in-memory resolution of key when it is still fresh: true with *out
+ * filled. Never blocks on anything but the mutex. */
+static bool image_cached(blobserve *b, const char *key, image *out) {
     time_t now = time(NULL);
+    bool found = false;
     pthread_mutex_lock(&b->mu);
     for (image *im = b->images; im; im = im->next)
         if (strcmp(im->key, key) == 0 && im->expires > now) {
@@ -215,10 +238,19 @@ static int resolve_image(blobserve *b, const char *repository, const char *refer
             /* The fixed part, then only the digests in use (not all 256 slots). */
             memcpy(out, im, offsetof(image, layers));
             memcpy(out->layers, im->layers, im->n_layers * sizeof im->layers[0]);
-            pthread_mutex_unlock(&b->mu);
-            return 0;
+            found = true;
+            break;
         }
     pthread_mutex_unlock(&b->mu);
+    return found;
+}
+
+static int resolve_image(blobserve *b, const char *repository, const char *reference, bool by_digest, image *out,
+                         int *status, char *why, size_t whylen) {
+    char key[sizeof out->key];
+    image_key(repository, reference, by_digest, key, sizeof key);
+    if (image_cached(b, key, out)) return 0;
+    time_t now = time(NULL);
 
     /* The same decision the registry listener makes for a manifest request. */
     policy_request pr = {.method = "GET", .kind = "manifest", .repository = repository, .reference = reference};
@@ -334,18 +366,37 @@ static int resolve_image(blobserve *b, const char *repository, const char *refer
     return 0;
 }
 
+/* Layer i of im as the cache keys it: with the edits (and their variant)
+ * of the repository the URL names. */
+static bs_layer_spec layer_spec_for(blobserve *b, const image *im, size_t i, const char *url_repository) {
+    bs_layer_spec spec = {im->layers[i], "", NULL, 0, b->bc->max_replace_file_bytes};
+    for (size_t r = 0; r < b->bc->n_edits; r++)
+        if (strcmp(b->bc->edits[r].repository, url_repository) == 0) {
+            spec.variant = b->bc->edits[r].variant;
+            spec.edits = b->edits[r];
+            spec.n_edits = b->bc->edits[r].n;
+        }
+    return spec;
+}
+
+/* The fast path: every layer of im ready now. true with held[] filled;
+ * false with nothing held. */
+static bool try_acquire_all(blobserve *b, const image *im, const char *url_repository, bs_layer **held) {
+    for (size_t i = 0; i < im->n_layers; i++) {
+        bs_layer_spec spec = layer_spec_for(b, im, i, url_repository);
+        if (!(held[i] = bs_cache_try_acquire(b->cache, &spec))) {
+            for (size_t j = 0; j < i; j++) bs_cache_release(b->cache, held[j]);
+            return false;
+        }
+    }
+    return true;
+}
+
 /* Acquire every layer of im (bottom first), starting the downloads of all
- * missing ones at once. 0 with held[] filled; -1 with status/why (nothing
- * held). */
+ * missing ones at once; may block for as long as downloads and extractions
+ * take. 0 with held[] filled; -1 with status/why (nothing held). */
 static int acquire_layers(blobserve *b, const image *im, const char *url_repository, bs_layer **held, int *status,
                           char *why, size_t whylen) {
-    const blobserve_repo_edits *re = blobserve_config_edits(b->bc, url_repository);
-    bs_edit edits[64];
-    size_t n_edits = 0;
-    if (re)
-        for (size_t i = 0; i < re->n && n_edits < sizeof edits / sizeof edits[0]; i++)
-            edits[n_edits++] = (bs_edit){re->items[i].path, re->items[i].search, re->items[i].search_len,
-                                         re->items[i].replacement, re->items[i].replacement_len};
     bs_source src = {b->env.st, b->env.fetches, find_upstream(b, im->upstream), im->repository};
     if (!src.u) {
         set_why(status, why, whylen, 500, "upstream %s is not configured", im->upstream);
@@ -353,8 +404,7 @@ static int acquire_layers(blobserve *b, const image *im, const char *url_reposit
     }
     bs_layer_spec specs[BS_FS_MAX_LAYERS];
     for (size_t i = 0; i < im->n_layers; i++) {
-        specs[i] = (bs_layer_spec){im->layers[i], re ? re->variant : "", edits, n_edits,
-                                   b->bc->max_replace_file_bytes};
+        specs[i] = layer_spec_for(b, im, i, url_repository);
         if (im->n_layers > 1) bs_cache_prefetch(b->cache, &specs[i], &src);
     }
     for (size_t i = 0; i < im->n_layers; i++) {
@@ -398,12 +448,25 @@ static bool etag_listed(const char *header, const char *etag, bool weak_ok) {
     return false;
 }
 
+/* "\"<16 hex of the layer digest>-<16 hex FNV-1a of layer key and path>\"".
+ * An ETag is compared only with the one cached for the same URL, so it
+ * needs to change when the content can (another layer, another edit
+ * variant), not to be a cryptographic hash: FNV-1a is per request cheap. */
 static void make_etag(const char *layer_key, const char *path, char *out, size_t outlen) {
-    char buf[BS_FS_PATH_MAX + 128];
-    int n = snprintf(buf, sizeof buf, "%s\n%s", layer_key, path);
-    char d[DIGEST_STRING_LEN];
-    if (n < 0 || digest_bytes(buf, (size_t)n, d) != 0) snprintf(d, sizeof d, "sha256:unknown");
-    snprintf(out, outlen, "\"%.32s\"", d + 7);
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (const char *p = layer_key; *p; p++) h = (h ^ (unsigned char)*p) * 0x100000001b3ULL;
+    h = (h ^ '\n') * 0x100000001b3ULL;
+    for (const char *p = path; *p; p++) h = (h ^ (unsigned char)*p) * 0x100000001b3ULL;
+    static const char hex[] = "0123456789abcdef";
+    char buf[40];
+    size_t o = 0;
+    buf[o++] = '"';
+    for (size_t i = 0; i < 16 && layer_key[i]; i++) buf[o++] = layer_key[i];
+    buf[o++] = '-';
+    for (int i = 15; i >= 0; i--) buf[o++] = hex[(h >> (i * 4)) & 15];
+    buf[o++] = '"';
+    buf[o] = '\0';
+    snprintf(out, outlen, "%s", buf);
 }
 
 static enum MHD_Result serve_file(blobserve *b, struct MHD_Connection *conn, int fd, const bs_fs_entry *e,
@@ -450,11 +513,38 @@ static enum MHD_Result serve_file(blobserve *b, struct MHD_Connection *conn, int
         partial = true;
     }
     uint64_t len = size ? end - start + 1 : 0;
-    /* MHD sends it with sendfile and closes fd when the response is done. */
-    struct MHD_Response *r = MHD_create_response_from_fd_at_offset64(len, fd, start);
-    if (!r) {
+    struct MHD_Response *r;
+    if (len <= b->bc->inline_max_bytes) {
+        /* Small: one pread, and the body leaves with the headers in one
+         * write (sendfile would make it a second send and a second TCP
+         * segment; bench/BLOBSERVE.md measured the difference). */
+        char *buf = malloc(len ? len : 1);
+        ssize_t got = 0;
+        while (buf && (uint64_t)got < len) {
+            ssize_t n = pread(fd, buf + got, len - (uint64_t)got, (off_t)(start + (uint64_t)got));
+            if (n <= 0) {
+                if (n < 0 && errno == EINTR) continue;
+                break;
+            }
+            got += n;
+        }
         close(fd);
-        return MHD_NO;
+        if (!buf || (uint64_t)got != len) {
+            free(buf);
+            return send_text(conn, 500, "reading %s failed", e->path);
+        }
+        r = MHD_create_response_from_buffer(len, buf, MHD_RESPMEM_MUST_FREE);
+        if (!r) {
+            free(buf);
+            return MHD_NO;
+        }
+    } else {
+        /* MHD sends it with sendfile and closes fd when the response is done. */
+        r = MHD_create_response_from_fd_at_offset64(len, fd, start);
+        if (!r) {
+            close(fd);
+            return MHD_NO;
+        }
     }
     MHD_add_response_header(r, "Content-Type", content_type(e->path));
     MHD_add_response_header(r, "ETag", etag);
@@ -472,40 +562,19 @@ static enum MHD_Result serve_file(blobserve *b, struct MHD_Connection *conn, int
     return ret;
 }
 
-static enum MHD_Result handle_file(blobserve *b, struct MHD_Connection *conn, req_ctx *ctx, const char *url) {
-    bs_url u;
-    char why[1024];
-    int st = bs_url_parse(url, &u, why, sizeof why);
-    if (st != 0) return send_text(conn, (unsigned)st, "%s", why);
-    if (!blobserve_config_allows(b->bc, u.repository))
-        return send_text(conn, 403, "repository %s is not served here (blobserve.repositories)", u.repository);
-    if (!u.has_slash) return send_redirect(conn, url); /* "/repo:tag" is the folder "/repo:tag/" */
-
-    image *im = malloc(sizeof *im);
-    if (!im) return MHD_NO;
-    int status = 500;
-    if (resolve_image(b, u.repository, u.reference, u.by_digest, im, &status, why, sizeof why) != 0) {
-        free(im);
-        if (status >= 500) log_warn("blobserve: %s", why);
-        return send_text(conn, (unsigned)status, "%s", why);
-    }
-    bs_layer *held[BS_FS_MAX_LAYERS];
-    if (acquire_layers(b, im, u.repository, held, &status, why, sizeof why) != 0) {
-        free(im);
-        log_warn("blobserve: %s", why);
-        return send_text(conn, (unsigned)status, "%s", why);
-    }
-    size_t n = im->n_layers;
-    free(im);
+/* Look u's path up through the held layers (bottom first) and answer.
+ * Releases every layer but the served file's, which ctx keeps until the
+ * response is sent (eviction skips it). */
+static enum MHD_Result serve_path(blobserve *b, struct MHD_Connection *conn, req_ctx *ctx, const char *url,
+                                  const bs_url *u, bs_layer **held, size_t n) {
     int roots[BS_FS_MAX_LAYERS];
     for (size_t i = 0; i < n; i++) roots[i] = bs_layer_rootfd(held[i]);
-
     enum MHD_Result ret;
     bs_fs_entry e;
     int fd = -1;
-    int rc = bs_fs_lookup(roots, n, u.path, &e);
+    int rc = bs_fs_lookup(roots, n, u->path, &e);
     if (rc == 0 && S_ISDIR(e.st.st_mode)) {
-        if (u.path[0] && !u.trailing_slash) {
+        if (u->path[0] && !u->trailing_slash) {
             ret = send_redirect(conn, url);
             goto done;
         }
@@ -516,7 +585,7 @@ static enum MHD_Result handle_file(blobserve *b, struct MHD_Connection *conn, re
             rc = -1;
             errno = ENOENT;
         }
-    } else if (rc == 0 && u.trailing_slash) {
+    } else if (rc == 0 && u->trailing_slash) {
         rc = -1; /* "file/" names a folder that is not there */
         errno = ENOTDIR;
     }
@@ -524,20 +593,109 @@ static enum MHD_Result handle_file(blobserve *b, struct MHD_Connection *conn, re
     if (rc != 0 || fd < 0) {
         int err = errno;
         if (err == ENOENT || err == ENOTDIR || err == ELOOP || err == EISDIR || err == ENAMETOOLONG)
-            ret = send_text(conn, 404, "%s not found in %s%c%s", u.path[0] ? u.path : "/", u.repository,
-                            u.by_digest ? '@' : ':', u.reference);
+            ret = send_text(conn, 404, "%s not found in %s%c%s", u->path[0] ? u->path : "/", u->repository,
+                            u->by_digest ? '@' : ':', u->reference);
         else
-            ret = send_text(conn, 500, "reading %s: %s", u.path, strerror(err));
+            ret = send_text(conn, 500, "reading %s: %s", u->path, strerror(err));
         goto done;
     }
-    /* Hold the file's layer until the response is sent: eviction skips it. */
     ctx->held = held[e.layer];
     held[e.layer] = NULL;
-    ret = serve_file(b, conn, fd, &e, bs_layer_key(ctx->held), u.by_digest);
+    ret = serve_file(b, conn, fd, &e, bs_layer_key(ctx->held), u->by_digest);
 done:
     for (size_t i = 0; i < n; i++)
         if (held[i]) bs_cache_release(b->cache, held[i]);
     return ret;
+}
+
+/* The slow path's thread: resolve the image and acquire its layers
+ * (downloading and extracting what is missing), then resume the
+ * connection, whose handler answers from s. */
+static void *slow_main(void *arg) {
+    slow_req *s = arg;
+    blobserve *b = s->b;
+    image *im = malloc(sizeof *im);
+    int status = 500;
+    if (!im) {
+        s->status = 500;
+        snprintf(s->why, sizeof s->why, "blobserve: out of memory");
+    } else if (resolve_image(b, s->u.repository, s->u.reference, s->u.by_digest, im, &status, s->why,
+                             sizeof s->why) != 0 ||
+               acquire_layers(b, im, s->u.repository, s->held, &status, s->why, sizeof s->why) != 0) {
+        s->status = status;
+        if (status >= 500) log_warn("blobserve: %s", s->why);
+    } else {
+        s->n = im->n_layers;
+        s->status = 0;
+    }
+    free(im);
+    s->done = true;
+    MHD_resume_connection(s->conn); /* s belongs to the connection from here on */
+    pthread_mutex_lock(&b->mu);
+    if (--b->workers == 0) pthread_cond_broadcast(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+    return NULL;
+}
+
+static void slow_free(blobserve *b, slow_req *s) {
+    if (!s) return;
+    if (s->done && s->status == 0)
+        for (size_t i = 0; i < s->n; i++)
+            if (s->held[i]) bs_cache_release(b->cache, s->held[i]);
+    free(s);
+}
+
+static enum MHD_Result handle_file(blobserve *b, struct MHD_Connection *conn, req_ctx *ctx, const char *url) {
+    slow_req *s = ctx->slow;
+    if (s) {
+        /* Resumed: the slow path is done. */
+        ctx->slow = NULL;
+        enum MHD_Result ret;
+        if (s->status != 0) {
+            ret = send_text(conn, (unsigned)s->status, "%s", s->why);
+        } else {
+            ret = serve_path(b, conn, ctx, url, &s->u, s->held, s->n);
+            s->n = 0; /* serve_path released or kept them */
+        }
+        slow_free(b, s);
+        return ret;
+    }
+    bs_url u;
+    char why[1024];
+    int st = bs_url_parse(url, &u, why, sizeof why);
+    if (st != 0) return send_text(conn, (unsigned)st, "%s", why);
+    if (!blobserve_config_allows(b->bc, u.repository))
+        return send_text(conn, 403, "repository %s is not served here (blobserve.repositories)", u.repository);
+    if (!u.has_slash) return send_redirect(conn, url); /* "/repo:tag" is the folder "/repo:tag/" */
+
+    /* The fast path: the image is resolved and every layer is ready. This
+     * thread serves many connections, so it never waits for more. */
+    image im; /* on the stack: image_cached copies only the digests in use */
+    char key[sizeof im.key];
+    image_key(u.repository, u.reference, u.by_digest, key, sizeof key);
+    bs_layer *held[BS_FS_MAX_LAYERS];
+    if (image_cached(b, key, &im) && try_acquire_all(b, &im, u.repository, held))
+        return serve_path(b, conn, ctx, url, &u, held, im.n_layers);
+
+    /* The slow path, off this thread. */
+    s = calloc(1, sizeof *s);
+    if (!s) return MHD_NO;
+    s->b = b;
+    s->conn = conn;
+    s->u = u;
+    ctx->slow = s;
+    pthread_mutex_lock(&b->mu);
+    b->workers++;
+    pthread_mutex_unlock(&b->mu);
+    MHD_suspend_connection(conn);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 1024 * 1024);
+    pthread_t t;
+    if (pthread_create(&t, &attr, slow_main, s) != 0) slow_main(s); /* no thread: do it here */
+    pthread_attr_destroy(&attr);
+    return MHD_YES;
 }
 
 /* ---------- /readyz, /_stats ---------- */
@@ -628,6 +786,9 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
     req_ctx *ctx = *con_cls;
     if (!ctx) return;
     if (ctx->held) bs_cache_release(b->cache, ctx->held);
+    /* A slow path whose answer was never sent (the connection closed). Its
+     * thread has finished: the connection was resumed. */
+    slow_free(b, ctx->slow);
     free(ctx);
     *con_cls = NULL;
 }
@@ -735,6 +896,21 @@ blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char 
         snprintf(err, errlen, "blobserve: out of memory");
         goto fail;
     }
+    b->edits = calloc(bc->n_edits ? bc->n_edits : 1, sizeof *b->edits);
+    if (!b->edits) {
+        snprintf(err, errlen, "blobserve: out of memory");
+        goto fail;
+    }
+    for (size_t r = 0; r < bc->n_edits; r++) {
+        const blobserve_repo_edits *re = &bc->edits[r];
+        if (!(b->edits[r] = calloc(re->n, sizeof *b->edits[r]))) {
+            snprintf(err, errlen, "blobserve: out of memory");
+            goto fail;
+        }
+        for (size_t i = 0; i < re->n; i++)
+            b->edits[r][i] = (bs_edit){re->items[i].path, re->items[i].search, re->items[i].search_len,
+                                       re->items[i].replacement, re->items[i].replacement_len};
+    }
     b->cache = bs_cache_open(bc->cache_dir, bc->cache_max_bytes, err, errlen);
     if (!b->cache) goto fail;
 
@@ -743,9 +919,15 @@ blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char 
         snprintf(err, errlen, "blobserve.listen: \"%s\" is not an IPv4 address", bc->listen_host);
         goto fail;
     }
+    /* Event-driven, one thread per CPU, like nginx's workers: answers come
+     * from ready layers without blocking; anything that has to wait
+     * (resolving an image, downloading, extracting) runs on a thread of its
+     * own while the connection is suspended. */
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned pool = ncpu < 1 ? 1 : ncpu > 16 ? 16 : (unsigned)ncpu;
     b->daemon = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-        access_handler, b, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
+        MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG, 0, NULL, NULL,
+        access_handler, b, MHD_OPTION_THREAD_POOL_SIZE, pool, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
         (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape, NULL, MHD_OPTION_NOTIFY_COMPLETED,
         request_completed, b, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)env->cfg->max_connections,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)env->cfg->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
@@ -777,6 +959,8 @@ void blobserve_stop(blobserve *b) {
     pthread_mutex_lock(&b->mu);
     b->stopping = true;
     pthread_cond_broadcast(&b->cv);
+    /* Suspended connections must be resumed before the daemon stops. */
+    while (b->workers > 0) pthread_cond_wait(&b->cv, &b->mu);
     pthread_mutex_unlock(&b->mu);
     if (b->prepull_running) pthread_join(b->prepull_thread, NULL);
     if (b->daemon) MHD_stop_daemon(b->daemon);
@@ -786,6 +970,9 @@ void blobserve_stop(blobserve *b) {
         free(im);
     }
     free(b->prepull_done);
+    if (b->edits)
+        for (size_t r = 0; r < b->bc->n_edits; r++) free(b->edits[r]);
+    free(b->edits);
     blobserve_config_free(b->bc);
     pthread_mutex_destroy(&b->mu);
     pthread_cond_destroy(&b->cv);

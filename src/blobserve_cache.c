@@ -981,6 +981,22 @@ bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_sour
     return l;
 }
 
+bs_layer *bs_cache_try_acquire(bs_cache *c, const bs_layer_spec *spec) {
+    char key[96];
+    if (make_key(spec, key, sizeof key) != 0) return NULL;
+    pthread_mutex_lock(&c->mu);
+    bs_layer *l = find_locked(c, key);
+    if (l && l->state == L_READY) {
+        l->refs++;
+        l->last_used = ++c->clock;
+        c->stats.hits++;
+    } else {
+        l = NULL;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return l;
+}
+
 void bs_cache_release(bs_cache *c, bs_layer *l) {
     if (!l) return;
     victims v = {0};

@@ -12,6 +12,7 @@
 
 #define DEFAULT_MAX_BYTES (2ULL * 1024 * 1024 * 1024)
 #define DEFAULT_MAX_REPLACE_BYTES (16ULL * 1024 * 1024)
+#define DEFAULT_INLINE_MAX_BYTES (16ULL * 1024)
 
 typedef struct {
     const config *c;
@@ -224,7 +225,7 @@ static int parse_platform(pctx *p, const char *s, blobserve_config *bc) {
 int blobserve_config_parse(const config *c, blobserve_config **out, char *err, size_t errlen) {
     static const char *const top[] = {"listen", "repositories", "any_repository", "platform", "cache", "prepull",
                                       "wait_for_prepull", "tag_max_age_seconds", "max_replace_file_bytes",
-                                      "replacements", NULL};
+                                      "inline_max_bytes", "replacements", NULL};
     static const char *const cache_keys[] = {"dir", "max_bytes", NULL};
     *out = NULL;
     const json_value *sec = c->blobserve;
@@ -242,6 +243,7 @@ int blobserve_config_parse(const config *c, blobserve_config **out, char *err, s
     bc->cache_max_bytes = DEFAULT_MAX_BYTES;
     bc->tag_max_age_s = 60;
     bc->max_replace_file_bytes = DEFAULT_MAX_REPLACE_BYTES;
+    bc->inline_max_bytes = DEFAULT_INLINE_MAX_BYTES;
     int rc = -1;
     if (check_keys(&p, sec, "", top) != 0) goto out;
 
@@ -308,6 +310,8 @@ int blobserve_config_parse(const config *c, blobserve_config **out, char *err, s
     bc->tag_max_age_s = (long)age;
     if (get_u64(&p, sec, "max_replace_file_bytes", "max_replace_file_bytes", 1, 1024ULL * 1024 * 1024,
                 &bc->max_replace_file_bytes) != 0)
+        goto out;
+    if (get_u64(&p, sec, "inline_max_bytes", "inline_max_bytes", 0, 1024 * 1024, &bc->inline_max_bytes) != 0)
         goto out;
     if (get_bool(&p, sec, "wait_for_prepull", &bc->wait_for_prepull) != 0) goto out;
 

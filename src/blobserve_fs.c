@@ -28,7 +28,9 @@ static int refuse(char *why, size_t whylen, int status, const char *msg) {
 }
 
 int bs_url_parse(const char *raw, bs_url *out, char *why, size_t whylen) {
-    memset(out, 0, sizeof *out);
+    /* Field by field: the path buffer is large and needs no clearing. */
+    out->repository[0] = out->reference[0] = out->path[0] = '\0';
+    out->by_digest = out->has_slash = out->trailing_slash = false;
     if (raw[0] != '/') return refuse(why, whylen, 400, "the URL path must start with '/'");
     const char *p = raw + 1;
     size_t rn = strcspn(p, ":@");
@@ -240,7 +242,9 @@ int bs_fs_lookup(const int *roots, size_t n, const char *path, bs_fs_entry *out)
         errno = EINVAL;
         return -1;
     }
-    walk w = {.roots = roots, .n = n};
+    walk w; /* not zero-initialized: its buffers are large; walk_root sets what is read */
+    w.roots = roots;
+    w.n = n;
     walk_root(&w);
     char rest[BS_FS_PATH_MAX];
     if (snprintf(rest, sizeof rest, "%s", path) >= (int)sizeof rest) {

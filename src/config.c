@@ -194,7 +194,7 @@ static int load_mirrors(load_ctx *lc, const json_value *obj, const char *where, 
 
 static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, config_upstream *u) {
     static const char *const keys[] = {"url", "username", "password_file", "ca_file", "tls_verify",
-                                       "library_prefix", "mirrors", NULL};
+                                       "library_prefix", "mirrors", "credentials", NULL};
     char where[300];
     snprintf(where, sizeof where, "upstreams.%s", name);
     if (!ref_valid_name(name) || strchr(name, '/'))
@@ -230,6 +230,68 @@ static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, 
     if (get_bool(lc, obj, "tls_verify", where, &u->tls_verify) != 0) return -1;
     if (get_bool(lc, obj, "library_prefix", where, &u->library_prefix) != 0) return -1;
     if (load_mirrors(lc, obj, where, u) != 0) return -1;
+    return 0;
+}
+
+/* upstreams.NAME.credentials: { SET: { "username", "password_file" } }.
+ * Each set becomes an upstream "NAME@SET" with NAME's URL and settings and
+ * its own account. Only a policy selects it (authorize or resolve answering
+ * credentials = SET, policy.h): '@' is never part of a requested name. */
+static int load_credential_sets(load_ctx *lc, const json_value *ups, config *c) {
+    static const char *const set_keys[] = {"username", "password_file", NULL};
+    size_t base = c->n_upstreams, extra = 0;
+    for (size_t i = 0; i < base; i++) {
+        json_value *cr = json_object_get(ups->items[i], "credentials");
+        if (!cr) continue;
+        if (cr->type != JSON_OBJECT)
+            return fail(lc, "upstreams.%s.credentials: must be an object of credential sets", c->upstreams[i].name);
+        extra += cr->count;
+    }
+    if (extra == 0) return 0;
+    config_upstream *all = realloc(c->upstreams, (base + extra) * sizeof *all);
+    if (!all) return fail(lc, "upstreams: out of memory");
+    c->upstreams = all;
+    memset(all + base, 0, extra * sizeof *all);
+    for (size_t i = 0; i < base; i++) {
+        json_value *cr = json_object_get(ups->items[i], "credentials");
+        for (size_t j = 0; cr && j < cr->count; j++) {
+            const config_upstream *b = &c->upstreams[i];
+            const char *set = cr->keys[j];
+            char where[400];
+            snprintf(where, sizeof where, "upstreams.%s.credentials.%s", b->name, set);
+            size_t sl = strlen(set);
+            if (sl == 0 || sl > 63 || strspn(set, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != sl)
+                return fail(lc, "%s: a credential set name is 1 to 63 of [A-Za-z0-9._-]", where);
+            if (check_keys(lc, cr->items[j], where, set_keys) != 0) return -1;
+            config_upstream *u = &c->upstreams[c->n_upstreams++];
+            size_t nl = strlen(b->name) + sl + 2;
+            if (!(u->name = malloc(nl))) return fail(lc, "%s: out of memory", where);
+            snprintf(u->name, nl, "%s@%s", b->name, set);
+            u->url = strdup(b->url);
+            u->host = strdup(b->host);
+            u->ca_file = b->ca_file ? strdup(b->ca_file) : NULL;
+            u->tls_verify = b->tls_verify;
+            u->library_prefix = b->library_prefix;
+            if (!u->url || !u->host || (b->ca_file && !u->ca_file)) return fail(lc, "%s: out of memory", where);
+            if (b->n_mirrors) {
+                if (!(u->mirrors = calloc(b->n_mirrors, sizeof *u->mirrors))) return fail(lc, "%s: out of memory", where);
+                for (size_t m = 0; m < b->n_mirrors; m++) {
+                    if (!(u->mirrors[m] = strdup(b->mirrors[m]))) return fail(lc, "%s: out of memory", where);
+                    u->n_mirrors = m + 1;
+                }
+            }
+            if (get_string(lc, cr->items[j], "username", where, &u->username) != 0) return -1;
+            char *password_file = NULL;
+            if (get_path(lc, cr->items[j], "password_file", where, &password_file) != 0) return -1;
+            if (!u->username || !password_file) {
+                free(password_file);
+                return fail(lc, "%s: username and password_file are required", where);
+            }
+            int rc = read_secret(lc, password_file, where, &u->password);
+            free(password_file);
+            if (rc != 0) return -1;
+        }
+    }
     return 0;
 }
 
@@ -387,6 +449,7 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
 
     if (get_path(lc, root, "docker_config", "config", &c->docker_config) != 0) return -1;
     if (c->docker_config && apply_docker_config(lc, c) != 0) return -1;
+    if (load_credential_sets(lc, ups, c) != 0) return -1;
 
     json_value *limits = json_object_get(root, "limits");
     if (limits) {

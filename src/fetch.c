@@ -31,7 +31,6 @@ struct fetch {
     pthread_cond_t cv;
     fetch_state state;
     int ready;           /* the upstream answered: size is known or -1 */
-    int verified;        /* the digest matched: readers may have the last byte (the commit may still run) */
     int64_t size;
     uint64_t written;    /* bytes in the spool */
     fetch_error err;
@@ -328,21 +327,13 @@ static void *fetch_thread(void *arg) {
                       "upstream %s sent bytes with digest %s for blob %s (%llu bytes); not cached",
                       upstream_name(x->u), got, x->digest, (unsigned long long)x->written);
             rc = -1;
+        } else if (store_spool_commit(f->st, &x->spool, x->digest, err, sizeof err) != 0) {
+            /* Verified bytes can still be served from the spool; only caching failed. */
+            log_error("blob %s: %s", x->digest, err);
+            store_spool_discard(f->st, &x->spool);
         } else {
-            /* Verified: release the last byte now; the commit's fsync of a
-             * big blob can take longer than the rest of the transfer. */
-            pthread_mutex_lock(&x->mu);
-            x->verified = 1;
-            pthread_cond_broadcast(&x->cv);
-            pthread_mutex_unlock(&x->mu);
-            if (store_spool_commit(f->st, &x->spool, x->digest, err, sizeof err) != 0) {
-                /* Verified bytes can still be served from the spool; only caching failed. */
-                log_error("blob %s: %s", x->digest, err);
-                store_spool_discard(f->st, &x->spool);
-            } else {
-                x->committed = 1;
-                metrics_cache_put(x->written);
-            }
+            x->committed = 1;
+            metrics_cache_put(x->written);
         }
     }
     if (rc != 0) {
@@ -474,7 +465,7 @@ ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len) {
     for (;;) {
         /* Until the digest is verified, the last byte is held back. */
         uint64_t avail = x->written;
-        if (x->state != FETCH_DONE && !x->verified && avail > 0) avail--;
+        if (x->state != FETCH_DONE && avail > 0) avail--;
         if (x->state == FETCH_FAILED) {
             pthread_mutex_unlock(&x->mu);
             return -1;
@@ -486,7 +477,7 @@ ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len) {
             ssize_t got = pread(fd, buf, n, (off_t)off);
             return got > 0 ? got : -1;
         }
-        if (x->state == FETCH_DONE || x->verified) {
+        if (x->state == FETCH_DONE) {
             pthread_mutex_unlock(&x->mu);
             return 0;
         }

@@ -321,15 +321,19 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
 }
 
 /* Everything that decides the generated image, hashed. */
-static int decision_key(const generate_env *env, const policy_resolution *res, const manifest *base, char key[65],
-                        fetch_error *e) {
+/* The rewrite hook sees req: the name and tag the client asked for are part
+ * of the key, so two names never share an image the hook told apart. (Hooks
+ * must not make images depend on the client: that would not be cacheable.) */
+static int decision_key(const generate_env *env, const policy_request *req, const policy_resolution *res,
+                        const manifest *base, char key[65], fetch_error *e) {
     digest_ctx *d = digest_new();
     if (!d) {
         set_error(e, 500, "UNKNOWN", "out of memory");
         return -1;
     }
     const char *parts[] = {"regfacade-generate-v1", base->digest, policy_fingerprint(env->pol), res->upstream,
-                           res->repository, res->fingerprint ? res->fingerprint : ""};
+                           res->repository, res->fingerprint ? res->fingerprint : "", req->repository,
+                           req->reference ? req->reference : ""};
     for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) digest_update(d, parts[i], strlen(parts[i]) + 1);
     size_t n;
     const layer_spec *specs = stack_of(res, &n);
@@ -344,7 +348,7 @@ int generate_image(const generate_env *env, const policy_request *req, const pol
                    const manifest *base, manifest *out, fetch_error *e) {
     memset(out, 0, sizeof *out);
     char key[65], digest[100], err[512];
-    if (decision_key(env, res, base, key, e) != 0) return -1;
+    if (decision_key(env, req, res, base, key, e) != 0) return -1;
     if (store_generated_get(env->st, key, digest, sizeof digest) == 1) {
         manifest_env menv = {env->st, env->cfg};
         if (ref_is_sha256_digest(digest) && store_blob_exists(env->st, digest) &&

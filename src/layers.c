@@ -380,10 +380,23 @@ static int describe_file(store *st, const char *path, file_entry *fe, char *err,
         if (gz) {
             zs.next_in = in;
             zs.avail_in = (uInt)n;
-            while (zs.avail_in > 0 && !z_done) {
+            /* Until this input is used up and no output is pending. After a
+             * member's end, more input is another gzip member (a .gz made by
+             * `cat a.gz b.gz` or pigz -i): read as gunzip and containerd do,
+             * so the diff_id covers the whole tar. */
+            bool more = true;
+            while (more) {
+                if (z_done) {
+                    if (inflateReset(&zs) != Z_OK) {
+                        snprintf(err, errlen, "layer file %s: zlib reset failed", path);
+                        goto out;
+                    }
+                    z_done = false;
+                }
                 zs.next_out = out;
                 zs.avail_out = 65536;
                 int zr = inflate(&zs, Z_NO_FLUSH);
+                if (zr == Z_BUF_ERROR && zs.avail_out == 65536) break; /* needs the next read */
                 if (zr != Z_OK && zr != Z_STREAM_END) {
                     snprintf(err, errlen, "layer file %s: corrupt gzip data (%s)", path, zs.msg ? zs.msg : "inflate failed");
                     goto out;
@@ -392,6 +405,7 @@ static int describe_file(store *st, const char *path, file_entry *fe, char *err,
                 digest_update(tar_dg, out, got);
                 for (size_t i = 0; i < got && head_len < 512; i++) head[head_len++] = out[i];
                 if (zr == Z_STREAM_END) z_done = true;
+                more = zs.avail_in > 0 || (!z_done && zs.avail_out == 0);
             }
             plain_len = 0;
         } else {

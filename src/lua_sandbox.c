@@ -36,6 +36,7 @@ typedef struct {
     lua_sandbox_outcome tripped;
     bool broken;
     char where[200]; /* the last source position the count hook saw */
+    char defined[200]; /* where the function the call runs was defined */
     /* require and io */
     char *module_dir, *base_dir, *data_dir;
     char **data_files;
@@ -143,6 +144,7 @@ static void arm(sb_ctx *c, lua_sandbox_phase ph) {
     c->instr = 0;
     c->tripped = SB_OK;
     c->where[0] = '\0';
+    c->defined[0] = '\0';
     clock_gettime(CLOCK_MONOTONIC, &c->deadline);
     c->deadline.tv_nsec += (long)(c->time_ms % 1000) * 1000000L;
     c->deadline.tv_sec += c->time_ms / 1000 + c->deadline.tv_nsec / 1000000000L;
@@ -178,6 +180,7 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
     if (c->broken) {
         lua_settop(L, fn - 1);
         first_line(err, errlen, "policy: this Lua state was stopped before and cannot run again");
+        if (trace && tracelen) snprintf(trace, tracelen, "policy: this Lua state was stopped before and cannot run again");
         return SB_ERROR;
     }
     if (!lua_checkstack(L, 4)) {
@@ -207,10 +210,15 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
     const char *msg = st == LUA_OK ? NULL : lua_tostring(L, -1);
     char buf[512];
     if (out == SB_MEMORY) {
-        if (c->cap)
-            snprintf(buf, sizeof buf, "%s%spolicy %s exceeded its memory cap (%zu bytes, policy.memory_bytes)",
-                     c->where[0] ? c->where : "", c->where[0] ? ": (near) " : "", lua_sandbox_phase_name(ph),
-                     c->cap);
+        if (c->cap && c->where[0])
+            snprintf(buf, sizeof buf, "%s: policy %s exceeded its memory cap (%zu bytes, policy.memory_bytes) "
+                     "(at or after this line)", c->where, lua_sandbox_phase_name(ph), c->cap);
+        else if (c->cap && c->defined[0])
+            snprintf(buf, sizeof buf, "%s: policy %s exceeded its memory cap (%zu bytes, policy.memory_bytes) "
+                     "(in the function defined at this line)", c->defined, lua_sandbox_phase_name(ph), c->cap);
+        else if (c->cap)
+            snprintf(buf, sizeof buf, "policy %s exceeded its memory cap (%zu bytes, policy.memory_bytes)",
+                     lua_sandbox_phase_name(ph), c->cap);
         else
             snprintf(buf, sizeof buf, "policy %s: out of memory", lua_sandbox_phase_name(ph));
         msg = buf;
@@ -225,6 +233,14 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
 }
 
 bool lua_sandbox_broken(lua_State *L) { return ctx_of(L)->broken; }
+
+void lua_sandbox_note_function(lua_State *L, int idx) {
+    sb_ctx *c = ctx_of(L);
+    lua_Debug ar;
+    lua_pushvalue(L, idx);
+    if (lua_getinfo(L, ">S", &ar) && ar.linedefined > 0)
+        snprintf(c->defined, sizeof c->defined, "%s:%d", ar.short_src, ar.linedefined);
+}
 
 lua_sandbox_phase lua_sandbox_current_phase(lua_State *L) {
     sb_ctx *c = sandbox_of(L);
@@ -334,6 +350,21 @@ static void freeze(lua_State *L, int idx, bool deep, bool global) {
 }
 
 void lua_sandbox_freeze(lua_State *L, int idx, bool deep) { freeze(L, idx, deep, false); }
+
+void lua_sandbox_contents(lua_State *L, int idx) {
+    idx = lua_absindex(L, idx);
+    if (lua_type(L, idx) == LUA_TTABLE && lua_getmetatable(L, idx)) {
+        if (lua_rawgetp(L, -1, &FROZEN_KEY) == LUA_TBOOLEAN) {
+            lua_pop(L, 1);
+            lua_pushliteral(L, "__index");
+            lua_rawget(L, -2);
+            lua_remove(L, -2);
+            return;
+        }
+        lua_pop(L, 2);
+    }
+    lua_pushvalue(L, idx);
+}
 
 bool lua_sandbox_is_frozen(lua_State *L, int idx) {
     if (!lua_getmetatable(L, idx)) return false;
@@ -455,12 +486,14 @@ static int sb_str_rep(lua_State *L) {
     luaL_checklstring(L, 1, &l);
     lua_Integer n = luaL_checkinteger(L, 2);
     luaL_optlstring(L, 3, "", &lsep);
+    /* A result larger than the whole cap can never be made: refused here,
+     * with the caller's line (a memory error would carry none). Smaller
+     * ones are up to the allocator (and the garbage it can free). */
     if (n > 0 && c->cap) {
-        size_t left = c->used < c->cap ? c->cap - c->used : 0;
         size_t unit = l + lsep;
-        if (unit > 0 && (lua_Unsigned)n > left / unit)
-            return luaL_error(L, "string.rep: a result of about %I x %I bytes exceeds the memory left to the "
-                                 "policy (policy.memory_bytes)", n, (lua_Integer)unit);
+        if (unit > 0 && (lua_Unsigned)n > c->cap / unit)
+            return luaL_error(L, "string.rep: a result of about %I x %I bytes is larger than the policy's memory "
+                                 "cap (policy.memory_bytes)", n, (lua_Integer)unit);
     }
     lua_pushvalue(L, lua_upvalueindex(2));
     lua_insert(L, 1);
@@ -533,14 +566,19 @@ int lua_sandbox_read_file(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     if (!c) return luaL_error(L, "regfacade.read_file: not in a policy sandbox");
     char real[PATH_MAX];
-    if (data_path(L, c, path, real) != 0) return lua_error(L);
+    if (data_path(L, c, path, real) != 0) {
+        luaL_where(L, 1);
+        lua_insert(L, -2);
+        lua_concat(L, 2);
+        return lua_error(L);
+    }
     FILE *f = fopen(real, "rb");
     if (!f) return luaL_error(L, "regfacade.read_file: %s: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fileno(f), &st) != 0 || (uint64_t)st.st_size > SB_READ_FILE_MAX ||
-        (c->cap && (size_t)st.st_size > (c->used < c->cap ? c->cap - c->used : 0))) {
+        (c->cap && (size_t)st.st_size > c->cap)) {
         fclose(f);
-        return luaL_error(L, "regfacade.read_file: %s is larger than the memory left to the policy", path);
+        return luaL_error(L, "regfacade.read_file: %s is larger than the policy's memory cap (or 64 MiB)", path);
     }
     /* The buffer is a userdata: a memory error leaks nothing but the FILE,
      * closed before anything can raise. */

@@ -8,6 +8,7 @@
 #include "regfacade/blobserve.h"
 #include "regfacade/config.h"
 #include "regfacade/hardening.h"
+#include "regfacade/layers.h"
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
 #include "regfacade/policy.h"
@@ -64,6 +65,14 @@ static int cmd_check(const char *path) {
         config_free(c);
         return 1;
     }
+    /* Named layers (config "layers"): each parses, and its file exists. */
+    layer_catalog *cat = layer_catalog_new(c, err, sizeof err);
+    if (!cat) {
+        fprintf(stderr, "regfacade: %s\n", err);
+        config_free(c);
+        return 1;
+    }
+    layer_catalog_free(cat);
     policy *p = policy_new(c, err, sizeof err);
     if (!p) {
         fprintf(stderr, "regfacade: %s\n", err);

@@ -146,6 +146,9 @@ int metrics_config_parse(const json_value *section, metrics_config *out, char *e
                 }
                 s++;
                 hl -= 2;
+            } else if (memchr(s, ':', hl)) {
+                snprintf(err, errlen, "metrics.listen: \"%.100s\": an IPv6 host must be written [ADDR]:PORT", s);
+                return -1;
             }
             if (hl >= sizeof host) {
                 snprintf(err, errlen, "metrics.listen: host \"%.100s\" is too long", v->str);

@@ -324,9 +324,60 @@ static int fingerprint(const policy *p, const generation *g, char out[65]) {
     return rc;
 }
 
-/* A new state running generation g: the policy loaded, its hooks table
- * checked, frozen and kept at registry[&HOOKS_KEY]. record: fill g->has
- * (the generation's first state). */
+/* Runs protected, on the table the policy returned (argument 2): checks
+ * the hooks' types, records which exist (record), freezes the table and
+ * keeps it at registry[&HOOKS_KEY]. */
+typedef struct {
+    policy *p;
+    generation *g;
+    bool record;
+    char err[512];
+} inspect_ctx;
+
+static int inspect_fn(lua_State *L) {
+    inspect_ctx *ic = lua_touserdata(L, 1);
+    const char *what = policy_what(ic->p);
+    if (!lua_istable(L, 2)) {
+        snprintf(ic->err, sizeof ic->err, "policy %s: the module must return a table of hooks, got %s", what,
+                 luaL_typename(L, 2));
+        return 0;
+    }
+    lua_sandbox_contents(L, 2); /* 3: a module table is frozen by require already */
+    for (int h = 0; h < H_COUNT; h++) {
+        lua_pushstring(L, HOOKS[h]);
+        int type = lua_rawget(L, 3);
+        lua_pop(L, 1);
+        if (type != LUA_TNIL && type != LUA_TFUNCTION) {
+            snprintf(ic->err, sizeof ic->err, "policy %s: hook \"%s\" must be a function, got %s", what, HOOKS[h],
+                     lua_typename(L, type));
+            return 0;
+        }
+        if (ic->record) ic->g->has[h] = type == LUA_TFUNCTION;
+    }
+    if (ic->record) {
+        /* A function under a name that is no hook is most likely a typo. */
+        lua_pushnil(L);
+        while (lua_next(L, 3) != 0) {
+            bool fn = lua_type(L, -1) == LUA_TFUNCTION;
+            lua_pop(L, 1);
+            if (!fn || lua_type(L, -1) != LUA_TSTRING) continue;
+            const char *k = lua_tostring(L, -1);
+            bool known = false;
+            for (int h = 0; h < H_COUNT && !known; h++) known = strcmp(k, HOOKS[h]) == 0;
+            if (!known)
+                log_warn("policy %s: \"%s\" is a function but not a hook (hooks: self_check, authorize, spec, "
+                         "resolve, rewrite, log); regfacade never calls it", what, k);
+        }
+    }
+    /* The hooks table is read-only: no request can swap a hook for the next. */
+    lua_sandbox_freeze(L, 2, false);
+    lua_pushvalue(L, 2);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &HOOKS_KEY);
+    return 0;
+}
+
+/* A new state running generation g: the policy loaded and inspected.
+ * record: fill g->has (the generation's first state). */
 static lua_State *state_new(policy *p, generation *g, bool record, char *err, size_t errlen) {
     lua_State *L = lua_sandbox_new(&p->sbo, err, errlen);
     if (!L) return NULL;
@@ -335,7 +386,12 @@ static lua_State *state_new(policy *p, generation *g, bool record, char *err, si
     const char *src = DEFAULT_SRC;
     size_t len = sizeof DEFAULT_SRC - 1;
     if (g->source) {
-        snprintf(chunk, sizeof chunk, "@%s", p->cfg->policy_file);
+        /* Relative to the config's folder when inside it: Lua shortens long
+         * chunk names in messages, and "policy.lua:12:" reads better. */
+        const char *name = p->cfg->policy_file;
+        size_t dl = p->cfg->dir ? strlen(p->cfg->dir) : 0;
+        if (dl && strncmp(name, p->cfg->dir, dl) == 0 && name[dl] == '/') name += dl + 1;
+        snprintf(chunk, sizeof chunk, "@%s", name);
         src = g->source;
         len = g->len;
     } else {
@@ -347,46 +403,21 @@ static lua_State *state_new(policy *p, generation *g, bool record, char *err, si
         lua_sandbox_close(L);
         return NULL;
     }
-    if (!lua_istable(L, -1)) {
-        snprintf(err, errlen, "policy %s: the module must return a table of hooks, got %s", policy_what(p),
-                 luaL_typename(L, -1));
+    inspect_ctx ic = {.p = p, .g = g, .record = record};
+    lua_pushcfunction(L, inspect_fn);
+    lua_pushlightuserdata(L, &ic);
+    lua_pushvalue(L, -3);
+    if (lua_sandbox_call(L, SB_PHASE_LOAD, 2, 0, msg, sizeof msg, NULL, 0) != SB_OK) {
+        snprintf(err, errlen, "policy %s: %s", policy_what(p), msg);
         lua_sandbox_close(L);
         return NULL;
     }
-    int t = lua_gettop(L);
-    for (int h = 0; h < H_COUNT; h++) {
-        lua_pushstring(L, HOOKS[h]);
-        int type = lua_rawget(L, t);
-        lua_pop(L, 1);
-        if (type != LUA_TNIL && type != LUA_TFUNCTION) {
-            snprintf(err, errlen, "policy %s: hook \"%s\" must be a function, got %s", policy_what(p), HOOKS[h],
-                     lua_typename(L, type));
-            lua_sandbox_close(L);
-            return NULL;
-        }
-        if (record) g->has[h] = type == LUA_TFUNCTION;
-    }
-    if (record) {
-        /* A function under a name that is no hook is most likely a typo. */
-        lua_pushnil(L);
-        while (lua_next(L, t) != 0) {
-            lua_pop(L, 1);
-            if (lua_type(L, -1) != LUA_TSTRING) continue;
-            const char *k = lua_tostring(L, -1);
-            lua_pushvalue(L, -1);
-            bool fn = lua_rawget(L, t) == LUA_TFUNCTION;
-            lua_pop(L, 1);
-            bool known = false;
-            for (int h = 0; h < H_COUNT && !known; h++) known = strcmp(k, HOOKS[h]) == 0;
-            if (fn && !known)
-                log_warn("policy %s: \"%s\" is a function but not a hook (hooks: self_check, authorize, spec, "
-                         "resolve, rewrite, log); it is never called by regfacade", policy_what(p), k);
-        }
-    }
-    /* The hooks table is read-only: no request can swap a hook for the next. */
-    lua_sandbox_freeze(L, t, false);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &HOOKS_KEY);
     lua_settop(L, 0);
+    if (ic.err[0]) {
+        snprintf(err, errlen, "%s", ic.err);
+        lua_sandbox_close(L);
+        return NULL;
+    }
     return L;
 }
 
@@ -724,7 +755,14 @@ static void push_request(lua_State *L, const policy_request *r, bool secrets) {
     }
     lua_setfield(L, t, "client");
     lua_createtable(L, 0, (int)(r->n_headers < 64 ? r->n_headers : 64));
-    for (size_t i = 0; i < r->n_headers; i++) set_field_string(L, lua_gettop(L), r->headers[i].name, r->headers[i].value);
+    for (size_t i = 0; i < r->n_headers; i++) {
+        char name[128];
+        size_t n = 0;
+        for (const char *q = r->headers[i].name; *q && n + 1 < sizeof name; q++)
+            name[n++] = (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q);
+        name[n] = '\0';
+        set_field_string(L, lua_gettop(L), name, r->headers[i].value);
+    }
     lua_setfield(L, t, "headers");
     if (r->state && r->state->ctx && lua_json_push(L, r->state->ctx) == 0) lua_setfield(L, t, "ctx");
     else {
@@ -839,11 +877,22 @@ static void policy_refusal(lua_State *L, int idx, hook_call *c) {
     }
 }
 
+/* Answers at 2 and 3 read with raw accesses: a frozen table (a module's,
+ * or regfacade.config's) is replaced by the table holding its contents. */
+static void answers_readable(lua_State *L) {
+    for (int i = 2; i <= 3; i++) {
+        if (lua_type(L, i) != LUA_TTABLE) continue;
+        lua_sandbox_contents(L, i);
+        lua_replace(L, i);
+    }
+}
+
 /* Pushes hooks[name] (a function: the generation has it). */
 static void push_hook(lua_State *L, hook_id h) {
     lua_rawgetp(L, LUA_REGISTRYINDEX, &HOOKS_KEY);
     lua_getfield(L, -1, HOOKS[h]); /* the table is frozen: its __index is a plain table */
     lua_remove(L, -2);
+    lua_sandbox_note_function(L, -1);
 }
 
 /* "(at FILE:LINE)" from a Lua message "FILE:LINE: why", or "". */
@@ -936,11 +985,11 @@ static bool challenge_ok(const char *s) {
 static int authorize_fn(lua_State *L) {
     hook_call *c = lua_touserdata(L, 1);
     lua_settop(L, 0);
-    push_hook(L, H_AUTHORIZE);       /* 1 */
-    push_request(L, c->req, true);   /* 2 */
-    lua_pushvalue(L, 2);
-    lua_call(L, 1, 2);               /* 2: req, 3: answer, 4: message */
-    lua_remove(L, 1);                /* 1: req, 2: answer, 3: message */
+    push_request(L, c->req, true);   /* 1 */
+    push_hook(L, H_AUTHORIZE);
+    lua_pushvalue(L, 1);
+    lua_call(L, 1, 2);               /* 1: req, 2: answer, 3: message */
+    answers_readable(L);
     int ans = 2;
     const char *msg = lua_type(L, 3) == LUA_TSTRING ? lua_tostring(L, 3) : NULL;
     int type = lua_type(L, ans);
@@ -1019,6 +1068,7 @@ static int spec_fn(lua_State *L) {
     push_hook(L, H_SPEC);
     lua_pushvalue(L, 1);
     lua_call(L, 1, 2); /* 2: answer, 3: error */
+    answers_readable(L);
     if (lua_isnil(L, 2)) {
         if (lua_isnil(L, 3)) s->found = 0; /* no spec: resolve(req) as without specs */
         else policy_refusal(L, 3, c);
@@ -1057,6 +1107,8 @@ static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *
 /* A Lua value from a resolve answer as JSON: strings, integers, booleans,
  * arrays (sequences) and string-keyed tables (keys sorted, so the same
  * answer gives the same text). Raw accesses only. NULL with err. */
+static json_value *table_to_json(lua_State *L, int idx, int depth, char *err, size_t errlen);
+
 static json_value *lua_to_json(lua_State *L, int idx, int depth, char *err, size_t errlen) {
     idx = lua_absindex(L, idx);
     if (depth > 16) {
@@ -1079,6 +1131,13 @@ static json_value *lua_to_json(lua_State *L, int idx, int depth, char *err, size
         snprintf(err, errlen, "a %s value", luaL_typename(L, idx));
         return NULL;
     }
+    lua_sandbox_contents(L, idx);
+    json_value *out = table_to_json(L, lua_gettop(L), depth, err, errlen);
+    lua_pop(L, 1);
+    return out;
+}
+
+static json_value *table_to_json(lua_State *L, int idx, int depth, char *err, size_t errlen) {
     lua_Integer len = (lua_Integer)lua_rawlen(L, idx);
     if (len > 0) {
         json_value *arr = json_new_array();
@@ -1152,6 +1211,10 @@ static int read_layers(hook_call *c, lua_State *L, int t, policy_resolution *out
         return -1;
     }
     if (lt == LUA_TTABLE) {
+        /* A list taken from regfacade.config (frozen: a proxy whose raw
+         * length is 0) is read through its contents, not as empty. */
+        lua_sandbox_contents(L, -1);
+        lua_replace(L, -2);
         size_t n = lua_rawlen(L, -1);
         out->has_layers = true;
         out->layers = calloc(n ? n : 1, sizeof *out->layers);
@@ -1200,6 +1263,8 @@ static int read_layers(hook_call *c, lua_State *L, int t, policy_resolution *out
             json_free(fp);
             return -1;
         }
+        lua_sandbox_contents(L, -1); /* as for layers: a frozen list reads through its contents */
+        lua_replace(L, -2);
         size_t n = lua_rawlen(L, -1);
         out->platforms = calloc(n ? n : 1, sizeof *out->platforms);
         json_value *pl = json_new_array();
@@ -1265,6 +1330,7 @@ static int resolve_fn(lua_State *L) {
         nargs = 2;
     }
     lua_call(L, nargs, 2); /* 2: answer, 3: error */
+    answers_readable(L);
     if (lua_isnil(L, 2)) {
         policy_refusal(L, 3, c);
     } else if (!lua_istable(L, 2)) {

@@ -90,7 +90,16 @@ typedef struct {
     policy_request preq;   /* what resolve saw; valid after run_resolve */
     client_credentials cred; /* from Authorization; secrets, wiped when the request is done, never logged */
     json_value *spec;      /* the image spec resolve got (preq.spec), freed when the request is done */
+    policy_state pstate;   /* what the request's hooks share (req.ctx, authorize's credential set) */
+    policy_header hdrs[32]; /* req.headers (without Authorization and Cookie) */
+    bool preq_ready;       /* preq filled (fill_preq) */
 } request;
+
+/* What lives from a request's headers to its completion (con_cls). */
+typedef struct {
+    metrics_access *acc;
+    policy_log_entry *plog; /* the policy's log hook, run once the response is done */
+} request_life;
 
 /* ---------- responses ---------- */
 
@@ -317,41 +326,89 @@ int server_reload(server *s, config *c, char *err, size_t errlen) {
     s->retired = prev;
     pthread_mutex_unlock(&s->gen_lock);
     served_release(s, prev); /* drop its "current" reference */
+    specs_set_config(s->specs, c); /* specs are checked against the new upstreams and layers */
     return 0;
 }
 
-static int run_resolve(request *r, policy_resolution *res) {
+static enum MHD_Result collect_header(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    (void)kind;
+    request *r = cls;
+    if (!value || strcasecmp(key, "Authorization") == 0 || strcasecmp(key, "Proxy-Authorization") == 0 ||
+        strcasecmp(key, "Cookie") == 0)
+        return MHD_YES;
+    size_t n = r->preq.n_headers;
+    if (n >= sizeof r->hdrs / sizeof r->hdrs[0]) return MHD_NO;
+    r->hdrs[n].name = key; /* MHD keeps it until the request ends; lowercased in the Lua table */
+    r->hdrs[n].value = value;
+    r->preq.n_headers = n + 1;
+    return MHD_YES;
+}
+
+/* r->preq: the request as every policy hook sees it (filled once). */
+static void fill_preq(request *r) {
+    if (r->preq_ready) return;
+    r->preq_ready = true;
     const char *host = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Host");
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-    char ip[INET6_ADDRSTRLEN] = "";
+    r->client_ip[0] = '\0';
     if (ci && ci->client_addr) {
         const struct sockaddr *sa = ci->client_addr;
         if (sa->sa_family == AF_INET)
-            inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, ip, sizeof ip);
+            inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, r->client_ip, sizeof r->client_ip);
         else if (sa->sa_family == AF_INET6)
-            inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, ip, sizeof ip);
+            inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, r->client_ip, sizeof r->client_ip);
     }
-    policy_request pr = {
+    r->preq = (policy_request){
         .method = r->method,
         .kind = r->kind,
-        .repository = r->repository,
+        .repository = r->repository[0] ? r->repository : NULL,
         .reference = r->reference[0] ? r->reference : NULL,
         .ns = r->ns[0] ? r->ns : NULL,
         .host = host,
-        .client_ip = ip,
+        .client_ip = r->client_ip,
         .user = r->cred.kind == CLIENT_AUTH_BASIC ? r->cred.user : NULL,
         .password = r->cred.kind == CLIENT_AUTH_BASIC ? r->cred.password : NULL,
         .token = r->cred.kind == CLIENT_AUTH_BEARER ? r->cred.token : NULL,
+        .headers = r->hdrs,
+        .state = &r->pstate,
     };
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, collect_header, r);
+}
+
+/* The authorize hook, before anything else is done for the request: a
+ * refusal is answered here (a 401 with its WWW-Authenticate challenge). */
+static int run_authorize(request *r) {
+    fill_preq(r);
+    policy_error e;
+    if (policy_authorize(r->sv->pol, &r->preq, &e) == 0) return 0;
+    if (e.status != 401 || !e.challenge[0]) {
+        send_error(r, (unsigned)e.status, e.code, "%s", e.message);
+        return -1;
+    }
+    size_t len = 0;
+    char *body = oci_error_body(e.code, e.message, NULL, &len);
+    struct MHD_Response *resp = body ? MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE) : NULL;
+    if (!resp) {
+        free(body);
+        return -1;
+    }
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    MHD_add_response_header(resp, "WWW-Authenticate", e.challenge);
+    metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
+    queue(r, 401, resp);
+    return -1;
+}
+
+static int run_resolve(request *r, policy_resolution *res) {
+    fill_preq(r);
+    policy_request pr = r->preq;
     policy_error e;
     if (specs_resolve(r->srv->specs, r->sv->pol, &pr, res, &r->spec, &e) != 0) {
         send_error(r, (unsigned)e.status, e.code, "%s", e.message);
         return -1;
     }
     /* Kept for the rewrite hook, which sees the same req. */
-    snprintf(r->client_ip, sizeof r->client_ip, "%s", ip);
     r->preq = pr;
-    r->preq.client_ip = r->client_ip;
     if (r->acc) snprintf(r->acc->upstream, sizeof r->acc->upstream, "%s", res->upstream);
     return 0;
 }
@@ -768,7 +825,10 @@ static enum MHD_Result handle_tags(request *r) {
  * an upstream. */
 static int server_ready(void *ud, char *why, size_t whylen) {
     server *s = ud;
-    if (!s->pol) {
+    pthread_mutex_lock(&s->gen_lock);
+    bool loaded = s->current && s->current->pol; /* the generation new requests get */
+    pthread_mutex_unlock(&s->gen_lock);
+    if (!loaded) {
         snprintf(why, whylen, "no policy loaded");
         return -1;
     }
@@ -839,6 +899,7 @@ static enum MHD_Result route(request *r, const char *url) {
         r->kind = "ping";
         if (!method_allowed(r))
             return send_error(r, 405, "UNSUPPORTED", "%s is not supported on /v2/ (read-only registry)", r->method);
+        if (run_authorize(r) != 0) return MHD_YES;
         return handle_ping(r);
     }
     if (strncmp(url, "/v2/", 4) != 0)
@@ -888,6 +949,7 @@ static enum MHD_Result route(request *r, const char *url) {
     if (!method_allowed(r) || (strcmp(endpoint, "tags") == 0 && r->head && 0))
         return send_error(r, 405, "UNSUPPORTED", "%s is not supported on %s (read-only registry)", r->method,
                           endpoint);
+    if (run_authorize(r) != 0) return MHD_YES; /* before resolve: who may pull at all */
     if (strcmp(endpoint, "manifests") == 0) return handle_manifest(r);
     if (strcmp(endpoint, "blobs") == 0) return handle_blob(r);
     return handle_tags(r);
@@ -914,8 +976,10 @@ static void notify_connection(void *cls, struct MHD_Connection *conn, void **soc
 
 static enum MHD_Result send_rate_limited(request *r, unsigned retry_after) {
     char msg[160], ra[16];
+    /* r->sv is not acquired yet here: the guard runs on the startup config
+     * (listener limits change with a restart, not a reload). */
     snprintf(msg, sizeof msg, "too many requests from this client (limits.requests_per_second is %u); retry in %u s",
-             r->sv->cfg->requests_per_second, retry_after);
+             r->srv->cfg->requests_per_second, retry_after);
     snprintf(ra, sizeof ra, "%u", retry_after);
     size_t len = 0;
     char *body = oci_error_body("TOOMANYREQUESTS", msg, NULL, &len);
@@ -942,14 +1006,21 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
         /* Headers complete: the slow-header deadline no longer applies. */
         guard_conn_headers_done(((server *)cls)->guard, conn_guard(conn));
         /* The request's access record; request_completed logs and frees it. */
-        *con_cls = metrics_access_begin(conn, method, url);
-        return *con_cls ? MHD_YES : MHD_NO;
+        request_life *life = calloc(1, sizeof *life);
+        if (!life) return MHD_NO;
+        if (!(life->acc = metrics_access_begin(conn, method, url))) {
+            free(life);
+            return MHD_NO;
+        }
+        *con_cls = life;
+        return MHD_YES;
     }
     if (*upload_data_size != 0) {
         *upload_data_size = 0;
         return MHD_YES;
     }
-    request r = {.srv = cls, .conn = conn, .method = method, .head = strcmp(method, "HEAD") == 0, .acc = *con_cls};
+    request_life *life = *con_cls;
+    request r = {.srv = cls, .conn = conn, .method = method, .head = strcmp(method, "HEAD") == 0, .acc = life->acc};
     const union MHD_ConnectionInfo *peer = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
     unsigned retry_after = 0;
     /* Health probes are never rate-limited (a 429 would get the pod restarted). */
@@ -964,6 +1035,11 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
     client_auth_parse(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION), &r.cred);
     r.sv = served_acquire(r.srv);
     enum MHD_Result ret = route(&r, url);
+    /* The log hook runs when the response is done (request_completed);
+     * what it sees is copied now (no password or token). */
+    fill_preq(&r);
+    life->plog = policy_log_begin(r.sv->pol, &r.preq, &life->acc->start);
+    policy_state_clear(&r.pstate);
     served_release(r.srv, r.sv);
     client_credentials_wipe(&r.cred);
     json_free(r.spec); /* after the rewrite hook, which saw it as req.spec */
@@ -973,7 +1049,17 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
 /* MHD's end of a request (sent, failed or cut): count it, log it. */
 static void request_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                               enum MHD_RequestTerminationCode toe) {
-    metrics_access_end(*con_cls, toe == MHD_REQUEST_TERMINATED_COMPLETED_OK);
+    request_life *life = *con_cls;
+    if (life) {
+        bool ok = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK;
+        if (life->plog) {
+            const metrics_access *a = life->acc;
+            uint64_t bytes = a->streaming ? a->streamed : ok ? a->body_len : 0;
+            policy_log_end(life->plog, a->status, bytes, ok, a->upstream);
+        }
+        metrics_access_end(life->acc, ok);
+        free(life);
+    }
     *con_cls = NULL;
     /* Kept alive: the next request's headers have a deadline again. */
     if (cls) guard_conn_request_done(((server *)cls)->guard, conn_guard(conn));
@@ -984,6 +1070,28 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
     char msg[1024];
     vsnprintf(msg, sizeof msg, fmt, ap);
     msg[strcspn(msg, "\n")] = '\0';
+    /* A connection flood makes libmicrohttpd say the same thing once per
+     * refused connection: the same message within a second is counted, not
+     * repeated. */
+    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    static char last[1024];
+    static time_t last_at;
+    static unsigned repeats;
+    time_t now = time(NULL);
+    pthread_mutex_lock(&lock);
+    if (now == last_at && strcmp(msg, last) == 0) {
+        repeats++;
+        pthread_mutex_unlock(&lock);
+        return;
+    }
+    unsigned n = repeats;
+    char prev[1024];
+    snprintf(prev, sizeof prev, "%s", last);
+    snprintf(last, sizeof last, "%s", msg);
+    last_at = now;
+    repeats = 0;
+    pthread_mutex_unlock(&lock);
+    if (n) log_warn("libmicrohttpd: %s (%u more times)", prev, n);
     log_warn("libmicrohttpd: %s", msg);
 }
 

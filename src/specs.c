@@ -57,7 +57,7 @@ typedef struct {
 } provider;
 
 struct specs {
-    const config *cfg;
+    const config *cfg; /* the running configuration (specs_set_config on reload); atomic loads */
     provider *provs;
     size_t n;
     size_t max_bytes;
@@ -248,8 +248,14 @@ static int check_file(const specs *sp, const char *where, const char *path, vctx
 }
 
 /* One entry of "layers". */
+static const config *current_config(const specs *sp) { return __atomic_load_n(&sp->cfg, __ATOMIC_ACQUIRE); }
+
+void specs_set_config(specs *sp, const config *c) {
+    if (sp) __atomic_store_n(&sp->cfg, c, __ATOMIC_RELEASE);
+}
+
 static int check_layer(const specs *sp, const json_value *l, size_t i, bool has_base, int *bases, vctx *v) {
-    const config *c = sp->cfg;
+    const config *c = current_config(sp);
     char where[64];
     snprintf(where, sizeof where, "layers[%zu]", i);
     if (l->type == JSON_STRING) {
@@ -337,7 +343,7 @@ int specs_validate(const specs *sp, const json_value *spec, char *err, size_t er
     bool has_base = base && base->type != JSON_NULL;
     if (has_base) {
         if (!plain_string(base)) return bad(&v, "base: must be \"UPSTREAM/REPOSITORY[:TAG|@sha256:HEX]\" or null");
-        if (check_image_ref(sp->cfg, "base", base->str, &v) != 0) return -1;
+        if (check_image_ref(current_config(sp), "base", base->str, &v) != 0) return -1;
     }
     const json_value *platform = json_object_get(spec, "platform");
     if (platform) {

@@ -62,8 +62,9 @@ end
 
 -- The workspace a request is for: id and its options, or nil.
 local function workspace_of(req)
-    local id = req.repository:sub(1, #WORKSPACE_PREFIX) == WORKSPACE_PREFIX
-        and req.repository:sub(#WORKSPACE_PREFIX + 1) or nil
+    local repository = req.repository or ""
+    local id = repository:sub(1, #WORKSPACE_PREFIX) == WORKSPACE_PREFIX
+        and repository:sub(#WORKSPACE_PREFIX + 1) or nil
     if not id then
         return nil
     end
@@ -91,8 +92,9 @@ return {
         end
         local upstream, repository, reference = split_ref(ws.image)
         -- A request by digest names bytes regfacade already generated (the
-        -- digest a tag request answered): pass it through.
-        if req.reference:match("^sha256:") then
+        -- digest a tag request answered): pass it through. (regfacade serves
+        -- a requested digest as it is anyway; this keeps the answer honest.)
+        if req.reference and req.reference:match("^sha256:") then
             reference = req.reference
         end
         local ide = ide_options()

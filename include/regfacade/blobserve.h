@@ -15,6 +15,11 @@
  * (blobserve_cache.h) and a path resolves through the layers in order, with
  * whiteouts and confined links (blobserve_fs.h). See docs/blobserve.md.
  *
+ * The listener is event-driven (epoll, one thread per CPU): a request whose
+ * image is resolved and whose layers are extracted is answered at once; any
+ * other is suspended while a thread of its own resolves, downloads and
+ * extracts, then resumed.
+ *
  * Config section (config.c keeps it raw in config->blobserve):
  *   "blobserve": {
  *     "listen": "127.0.0.1:5080",
@@ -25,6 +30,7 @@
  *     "wait_for_prepull": false,
  *     "tag_max_age_seconds": 60,
  *     "max_replace_file_bytes": 16777216,
+ *     "inline_max_bytes": 16384,
  *     "replacements": { "ide/web": [ { "path": "/index.html",
  *                                      "search": "…", "replacement": "…" } ] }
  *   }
@@ -75,6 +81,8 @@ typedef struct {
     bool wait_for_prepull; /* default false */
     long tag_max_age_s;    /* Cache-Control max-age for tag URLs; default 60 */
     uint64_t max_replace_file_bytes; /* a file to edit may be at most this big; default 16 MiB */
+    uint64_t inline_max_bytes;       /* bodies up to this size are sent with the headers in one
+                                        write; larger ones by sendfile. Default 16 KiB, 0: always sendfile */
     blobserve_repo_edits *edits;
     size_t n_edits;
 } blobserve_config;

@@ -92,6 +92,10 @@ bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_sour
                            char *err, size_t errlen);
 void bs_cache_release(bs_cache *c, bs_layer *l);
 
+/* The layer if it is ready now (held until bs_cache_release), else NULL
+ * at once: never waits, downloads or extracts. */
+bs_layer *bs_cache_try_acquire(bs_cache *c, const bs_layer_spec *spec);
+
 /* Start the download of a layer that is neither extracted nor cached as a
  * blob, without waiting (the fetch goes on by itself). */
 void bs_cache_prefetch(bs_cache *c, const bs_layer_spec *spec, const bs_source *src);

@@ -128,6 +128,11 @@ lua_sandbox_outcome lua_sandbox_load(lua_State *L, const char *src, size_t len, 
 lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nargs, int nresults, char *err,
                                      size_t errlen, char *trace, size_t tracelen);
 
+/* Note the Lua function at idx as the one the running call is about to
+ * run: a memory error, which carries no position, is reported at its
+ * definition when no closer position is known. */
+void lua_sandbox_note_function(lua_State *L, int idx);
+
 /* True once a call was stopped by a budget or a memory error: the state
  * may hold anything and must be closed, not reused. */
 bool lua_sandbox_broken(lua_State *L);
@@ -147,6 +152,9 @@ void lua_sandbox_check_phase(lua_State *L, const char *fname, unsigned mask);
 void lua_sandbox_freeze(lua_State *L, int idx, bool deep);
 /* True when the table at idx was frozen by lua_sandbox_freeze. */
 bool lua_sandbox_is_frozen(lua_State *L, int idx);
+/* Push the table that holds the contents of the table at idx: its hidden
+ * table when frozen, else the table itself (for raw reads by C code). */
+void lua_sandbox_contents(lua_State *L, int idx);
 
 /* Bytes the state's allocator holds now, and its cap. */
 size_t lua_sandbox_memory(lua_State *L, size_t *cap);

@@ -75,6 +75,11 @@ int specs_start(specs *sp, store *st, char *err, size_t errlen);
 /* Stop the admin listener, free everything. NULL is fine. */
 void specs_free(specs *sp);
 
+/* A reload's new configuration: specs are checked against its upstreams
+ * and named layers from now on (it must live until specs_free; the
+ * "specs" and "admin" sections themselves cannot change on reload). */
+void specs_set_config(specs *sp, const config *c);
+
 /* Check the sections without starting anything (regfacade check). */
 int specs_check_config(const config *c, char *err, size_t errlen);
 

@@ -22,6 +22,17 @@ Provided:
   testing.docker_image{...}   a fake upstream Docker schema2 image
   testing.run(policy, req, base [, layers])   resolve + assembly + rewrite
   testing.core, testing.json  regfacade.core and regfacade.json
+  testing.host{...}           a stand-in `regfacade` module (config, log
+                              capture, digest, json, shared, crypt_verify,
+                              read_file) put in package.loaded
+  testing.load_policy(path)   loads a policy file as the server does (text
+                              only, globals read-only, undefined globals
+                              are errors)
+  testing.authorize(policy, req)  runs authorize; its answer as the server
+                              reads it ({ allowed, status, code, message,
+                              challenge, credentials })
+  testing.log(policy, req [, res])  runs the log hook as the server does
+  testing.sandbox{...}        the server's own sandbox (regfacade.sandbox)
 
 Every function checks its option keys: an unknown one is an error naming the
 function and the key. Everything is deterministic: the same arguments give
@@ -108,7 +119,8 @@ Example:
   local req = testing.request{ repository = "acme/app", client = { user = "ci" } }
   --> req.method == "GET", req.reference == "latest"
 ]]
-local REQUEST_KEYS = set_of { "method", "kind", "repository", "reference", "ns", "host", "client", "headers" }
+local REQUEST_KEYS = set_of { "method", "kind", "repository", "reference", "ns", "host", "client", "headers",
+    "ctx", "credentials" }
 
 function testing.request(opts)
     opts = check_options("request", opts, REQUEST_KEYS)
@@ -125,6 +137,8 @@ function testing.request(opts)
         host = opts.host,
         client = copy(opts.client),
         headers = headers,
+        ctx = copy(opts.ctx),
+        credentials = opts.credentials,
     }
 end
 
@@ -378,6 +392,10 @@ local function expand(entry, i, layers, out)
                         d.name = d.name or name
                     end
                     d.source = d.source or (what ~= "layer" and what or nil)
+                    if type(entry) == "table" then -- the entry's history text wins, as in the server
+                        d.created_by = entry.created_by or d.created_by
+                        d.comment = entry.comment or d.comment
+                    end
                     out[j] = d
                 end
             end
@@ -475,6 +493,266 @@ function testing.run(policy, req, base, layers)
         decision = decision,
         stack = stack,
     }
+end
+
+--[[
+testing.host{ config =, options =, phase =, data_files =, data_dir = }
+
+Puts a stand-in for `require "regfacade"` into package.loaded (and
+"regfacade.shared", "regfacade.json") and returns it. What it holds:
+  config        { upstreams =, default_upstream =, options = } (defaults:
+                one upstream "hub" = Docker Hub, default_upstream "hub",
+                options from `options`)
+  log(level, message)  recorded in host.logs as { level =, message = }
+  digest(s)     sha256, the server's C code (regfacade.core)
+  json, null    regfacade.json
+  shared        the server's C dictionary (regfacade.sandbox.shared), fresh
+                for each host
+  crypt_verify(password, hash)  the server's C code (libcrypt)
+  read_file(path)  reads path when it is one of data_files or under
+                data_dir (as the server's rule), else raises
+  phase()       host.phase (default "resolve"; set it to test phase checks)
+Call testing.reset() (or testing.host again) in before_each: modules are
+loaded fresh.
+Example:
+  local host = testing.host{ options = { allow = { "acme/" } } }
+  local policy = testing.load_policy("examples/auth.lua")
+  --> host.logs == {} and require("regfacade") == host
+]]
+local HOST_KEYS = set_of { "config", "options", "phase", "data_files", "data_dir" }
+
+local sandbox_ok, sandbox_mod = pcall(require, "regfacade.sandbox")
+
+local function real_path(p)
+    local f = io.popen("realpath -m -- '" .. p:gsub("'", "'\\''") .. "' 2>/dev/null")
+    local r = f and f:read("l")
+    if f then f:close() end
+    return r or p
+end
+
+function testing.host(opts)
+    opts = check_options("host", opts, HOST_KEYS)
+    testing.reset()
+    local config = opts.config or {
+        upstreams = { hub = { url = "https://registry-1.docker.io", host = "registry-1.docker.io:443",
+                              library_prefix = true, credentials = {} } },
+        default_upstream = "hub",
+    }
+    config.options = config.options or opts.options or {}
+    local host = { config = config, logs = {}, phase_name = opts.phase or "resolve", json = json, null = json.null,
+                   version = "test" }
+    function host.log(level, message)
+        host.logs[#host.logs + 1] = { level = level, message = message }
+    end
+    host.digest = core.digest
+    host.phase = function() return host.phase_name end
+    if sandbox_ok then
+        host.shared = sandbox_mod.shared()
+        host.crypt_verify = sandbox_mod.crypt_verify
+    end
+    local allowed = {}
+    for _, f in ipairs(opts.data_files or {}) do
+        allowed[real_path(f)] = true
+    end
+    local dir = opts.data_dir and real_path(opts.data_dir)
+    function host.read_file(path)
+        local rp = real_path(path)
+        if not allowed[rp] and not (dir and rp:sub(1, #dir + 1) == dir .. "/") then
+            error(path .. ": not a data file this policy may read (config policy.data_files, policy.data_dir)", 2)
+        end
+        local f = assert(io.open(rp, "rb"))
+        local s = f:read("a")
+        f:close()
+        return s
+    end
+    package.loaded["regfacade"] = host
+    package.loaded["regfacade.shared"] = host.shared
+    package.loaded["regfacade.json"] = json
+    return host
+end
+
+--[[
+testing.reset()
+
+Forgets the stand-in host and the policy modules loaded by specs (every
+"regfacade.*" module but testing and core, and what load_policy loaded), so
+the next require loads them fresh.
+]]
+local loaded_by_policy = {}
+
+function testing.reset()
+    for name in pairs(package.loaded) do
+        if (name == "regfacade" or name:match("^regfacade%.")) and name ~= "regfacade.testing"
+            and name ~= "regfacade.core" and name ~= "regfacade.sandbox" then
+            package.loaded[name] = nil
+        end
+    end
+    for name in pairs(loaded_by_policy) do
+        package.loaded[name] = nil
+        loaded_by_policy[name] = nil
+    end
+end
+
+--[[
+testing.load_policy(path)
+
+Loads a policy file the way the server does: a text chunk whose globals are
+read-only (assigning one is an error) and where reading an undefined global
+is an error, so a stray global fails in the spec as it would in the server.
+Modules it requires come from package.path (and the policy's own folder).
+Returns the hooks table. For the whole sandbox (io, os, memory and time
+limits), use testing.sandbox.
+Example:
+  local policy = testing.load_policy("examples/mirror.lua")
+  --> type(policy.resolve) == "function"
+]]
+function testing.load_policy(path)
+    if type(path) ~= "string" then
+        error("testing.load_policy: path must be a string, got " .. type(path), 2)
+    end
+    local dir = path:match("^(.*)/[^/]*$") or "."
+    local entry = dir .. "/?.lua"
+    if not package.path:find(entry, 1, true) then
+        package.path = entry .. ";" .. package.path
+    end
+    local env = setmetatable({}, {
+        __index = function(_, k)
+            local v = _G[k]
+            if v == nil then
+                error("undefined global '" .. tostring(k) .. "'", 2)
+            end
+            return v
+        end,
+        __newindex = function(_, k)
+            error("assignment to global '" .. tostring(k) .. "': globals are read-only in a policy", 2)
+        end,
+    })
+    local chunk, err = loadfile(path, "t", env)
+    if not chunk then
+        error("testing.load_policy: " .. err, 2)
+    end
+    local policy = chunk()
+    if type(policy) ~= "table" then
+        error("testing.load_policy: " .. path .. " must return a table of hooks, got " .. type(policy), 2)
+    end
+    for _, h in ipairs { "self_check", "authorize", "spec", "resolve", "rewrite", "log" } do
+        if policy[h] ~= nil and type(policy[h]) ~= "function" then
+            error(string.format("testing.load_policy: %s: hook %q must be a function, got %s", path, h,
+                type(policy[h])), 2)
+        end
+    end
+    return policy
+end
+
+--[[
+testing.authorize(policy, req)
+
+Runs policy.authorize(req) and reads its answer as the server does:
+  true, "allow"                      { allowed = true }
+  { credentials = SET }              { allowed = true, credentials = SET }
+  false, nil, "deny" [, message]     { allowed = false, status = 403, code = "DENIED", message = }
+  { status = 401 [, challenge =, code =, message =] }
+                                     { allowed = false, status = 401, code = "UNAUTHORIZED",
+                                       challenge = (default 'Basic realm="regfacade"'), message = }
+  { status = N [, code =, message =] }  { allowed = false, status = N, code = (default "DENIED"), message = }
+Without an authorize hook: { allowed = true }. A malformed answer raises
+(the server answers 500 for it). req.ctx as the hook left it is in .ctx.
+Example:
+  local a = testing.authorize({ authorize = function() return { status = 401 } end })
+  --> a.status == 401 and a.challenge == 'Basic realm="regfacade"'
+]]
+function testing.authorize(policy, req)
+    req = req or testing.request()
+    if type(policy) ~= "table" then
+        error("testing.authorize: policy must be a table of hooks", 2)
+    end
+    if policy.authorize == nil then
+        return { allowed = true, ctx = req.ctx }
+    end
+    local v, msg = policy.authorize(req)
+    local out = { ctx = req.ctx }
+    if v == true or v == "allow" then
+        out.allowed = true
+    elseif v == nil or v == false or v == "deny" then
+        out.allowed, out.status, out.code = false, 403, "DENIED"
+        out.message = type(msg) == "string" and msg or "access denied by policy"
+    elseif type(v) == "table" then
+        if v.status == nil then
+            if v.credentials ~= nil and (type(v.credentials) ~= "string" or not v.credentials:match("^[%w._-]+$")
+                    or #v.credentials > 63) then
+                error("testing.authorize: authorize returned credentials that are not a credential set name", 2)
+            end
+            out.allowed, out.credentials = true, v.credentials
+        else
+            if math.type(v.status) ~= "integer" or v.status < 400 or v.status > 599 then
+                error("testing.authorize: authorize returned a status that is not an integer from 400 to 599", 2)
+            end
+            out.allowed, out.status = false, v.status
+            out.code = v.code or (v.status == 401 and "UNAUTHORIZED" or "DENIED")
+            out.message = v.message or (type(msg) == "string" and msg)
+                or (v.status == 401 and "authentication required" or "access denied by policy")
+            if v.status == 401 then
+                out.challenge = v.challenge or 'Basic realm="regfacade"'
+                if type(out.challenge) ~= "string" or out.challenge:find("[%c]") or #out.challenge >= 500 then
+                    error("testing.authorize: authorize returned a challenge with control characters or over 500 bytes", 2)
+                end
+            end
+        end
+    else
+        error("testing.authorize: authorize must return true, false, \"allow\", \"deny\" or a table; got "
+            .. type(v), 2)
+    end
+    return out
+end
+
+--[[
+testing.log(policy, req [, res])
+
+Runs policy.log(req, res) as the server does after a response: req without
+client.password and client.token, res = { status = 200, bytes = 0,
+completed = true, duration = 0, upstream = nil } overlaid with res. Returns
+what the hook returned (the server ignores it); errors are raised here (the
+server only logs them).
+Example:
+  testing.log(policy, testing.request{}, { status = 404 })
+]]
+local RES_KEYS = set_of { "status", "bytes", "completed", "duration", "upstream" }
+
+function testing.log(policy, req, res)
+    res = check_options("log", res, RES_KEYS)
+    if type(policy) ~= "table" or type(policy.log) ~= "function" then
+        error("testing.log: the policy has no log hook", 2)
+    end
+    req = req or testing.request()
+    local r = copy(req)
+    r.client = copy(req.client)
+    r.client.password, r.client.token = nil, nil
+    local full = { status = 200, bytes = 0, completed = true, duration = 0 }
+    for k, v in pairs(res) do
+        full[k] = v
+    end
+    return policy.log(r, full)
+end
+
+--[[
+testing.sandbox{ file = PATH or source = TEXT, config =, memory_bytes =,
+                 hook_instructions =, hook_time_ms =, data_files =, data_dir = }
+
+The server's own sandbox (regfacade.sandbox, build/lua/regfacade/sandbox.so):
+the policy runs in a separate locked-down Lua state with the real limits.
+sb:call(hook, args...) returns true, results... or false, outcome
+("error", "time", "instructions", "memory"), message. Arguments and results
+are copied as JSON data.
+Example:
+  local sb = testing.sandbox{ source = "return { resolve = function(req) while true do end end }" }
+  local ok, outcome = sb:call("resolve", testing.request())
+  --> ok == false and outcome == "instructions"
+]]
+function testing.sandbox(opts)
+    if not sandbox_ok then
+        error("testing.sandbox: regfacade.sandbox is not built (make lua-sandbox): " .. tostring(sandbox_mod), 2)
+    end
+    return sandbox_mod.new(opts)
 end
 
 return testing

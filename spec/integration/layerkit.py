@@ -135,6 +135,7 @@ class LayerFiles:
     OVERRIDE_TEXT = b"overridden by an added layer\n"
     ARM_TEXT = b"only on arm64\n"
     EXTRA_TEXT = b"an extra layer\n"
+    MULTI_TEXT = b"from a gzip of two members\n"
 
     def __init__(self, d):
         os.makedirs(d, exist_ok=True)
@@ -146,6 +147,16 @@ class LayerFiles:
                                     {images.TEST_FILE.lstrip("/"): self.OVERRIDE_TEXT}, compress=False)
         self.arm = write_layer(os.path.join(d, "arm.tar.gz"), {"etc/arm-only.txt": self.ARM_TEXT})
         self.extra = write_layer(os.path.join(d, "extra.tar.gz"), {"opt/extra.txt": self.EXTRA_TEXT})
+        # a .tar.gz of two gzip members (as `cat a.gz b.gz`, pigz -i, ... make):
+        # the tar is split across them; gunzip and containerd read both.
+        tar = tar_bytes({"opt/multi/a.txt": self.MULTI_TEXT, "opt/multi/b.bin": os.urandom(200000)})
+        half = len(tar) // 2
+        data = gzip.compress(tar[:half], mtime=0) + gzip.compress(tar[half:], mtime=0)
+        path = os.path.join(d, "multi-member.tar.gz")
+        with open(path, "wb") as f:
+            f.write(data)
+        self.multi = {"path": path, "digest": sha256(data), "diff_id": sha256(tar), "size": len(data),
+                      "media_type": OCI_LAYER_GZIP}
 
 
 class WorkspaceBuild:
@@ -214,7 +225,7 @@ def write_policy(workdir):
 
 
 def start_layers_facade(procs, workdir, upstream_url, variants, name="regfacade", cache_dir=None,
-                        layers=None, upstreams=None, start=True):
+                        layers=None, upstreams=None, start=True, tag_ttl=3600):
     """A regfacade in workdir with LAYER_POLICY and these variants; upstream
     "up" is upstream_url. .cache_dir is set."""
     os.makedirs(workdir, exist_ok=True)
@@ -222,7 +233,7 @@ def start_layers_facade(procs, workdir, upstream_url, variants, name="regfacade"
     ups = {"up": {"url": upstream_url}}
     ups.update(upstreams or {})
     cfg = {
-        "cache": {"dir": cache_dir, "tag_ttl_seconds": 3600},
+        "cache": {"dir": cache_dir, "tag_ttl_seconds": tag_ttl},
         "policy": {"file": write_policy(workdir), "options": {"variants": variants}},
         "upstreams": ups,
         "default_upstream": "up",

@@ -23,6 +23,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import tarfile
@@ -299,7 +300,8 @@ def test_head_range_and_conditional_get(blobserve, bs_registry):
     assert h["content-type"] == "application/octet-stream"
     assert h["accept-ranges"] == "bytes"
     etag = h["etag"]
-    assert etag.startswith('"') and len(etag) == 34
+    layer_hex = bs_registry.web_layers[0][7:]  # data.bin is in the lower layer
+    assert re.fullmatch(r'"[0-9a-f]{16}-[0-9a-f]{16}"', etag) and etag[1:17] == layer_hex[:16], etag
     assert h["cache-control"] == "public, max-age=60"
     st, h2, body = curl(dig_url)
     assert st == 200 and body == data
@@ -347,6 +349,15 @@ def test_head_range_and_conditional_get(blobserve, bs_registry):
     assert st == 200 and body == data
     # another file of the same layer has another ETag
     assert curl(b.url + "/bs/web:v1/app.js")[1]["etag"] != etag
+    # a small file (sent with the headers, not by sendfile) honours Range too
+    js = b"console.log('app');\n"
+    st, h, body = curl(b.url + "/bs/web:v1/app.js", "-H", "Range: bytes=8-10")
+    assert (st, body, h["content-range"]) == (206, js[8:11], f"bytes 8-10/{len(js)}")
+    # ... and with inline_max_bytes 0 every file goes by sendfile, the same bytes
+    b0 = blobserve(name="sendfile-only", inline_max_bytes=0)
+    st, h, body = curl(b0.url + "/bs/web:v1/app.js", "-H", "Range: bytes=8-10")
+    assert (st, body) == (206, js[8:11])
+    assert curl(b0.url + "/bs/web:v1/data.bin")[2] == data
 
 
 def test_url_grammar_and_traversal_refused(blobserve):
@@ -607,6 +618,7 @@ def check(tmp_path, section, name="check"):
      "replacements.a[0].extra: unknown key"),
     ({"listen": "127.0.0.1:5080", "repositories": ["a"], "cache": {"max_bytes": 10}}, "blobserve.cache.max_bytes"),
     ({"listen": "127.0.0.1:5080", "repositories": ["a"], "platform": "amd64"}, "blobserve.platform"),
+    ({"listen": "127.0.0.1:5080", "repositories": ["a"], "inline_max_bytes": 2097152}, "blobserve.inline_max_bytes"),
 ])
 def test_config_errors(tmp_path, section, needle):
     r = check(tmp_path, section)

@@ -43,7 +43,7 @@ BASE_PATH = images.IMAGE_PATH
 
 
 @pytest.fixture(scope="module")
-def kit(plain_registry, tmp_path_factory):
+def kit(plain_registry, built_images, tmp_path_factory):
     """Layer files, the workspace example's images (pushed), the odd image."""
     d = tmp_path_factory.mktemp("layers-kit")
 
@@ -54,6 +54,10 @@ def kit(plain_registry, tmp_path_factory):
     k.files = layerkit.LayerFiles(str(d / "files"))
     k.ws = layerkit.WorkspaceBuild(str(d / "workspace"), plain_registry.host)
     k.odd_manifest, k.odd_config = layerkit.build_odd_image(str(d / "odd"), plain_registry.host)
+    # the multi-platform index again, as a Docker manifest list
+    clients.skopeo_copy(built_images.oci_ref("multi"), f"docker://{plain_registry.host}/rf-layers/multi-s2:v1",
+                        all_images=True, extra=["--format", "v2s2"])
+    k.list_s2 = images.describe(plain_registry.host, "rf-layers/multi-s2", "v1")
     k.reg = plain_registry
     k.oci = plain_registry.images["oci"]
     k.schema2 = plain_registry.images["schema2"]
@@ -178,6 +182,24 @@ def test_ctr_orders(order, kit, procs, tmp_path, containerd):
         containerd.remove_namespace(ns)
 
 
+def test_multi_member_gzip_file_layer(kit, procs, tmp_path, containerd):
+    """A .tar.gz of two gzip members: its diff_id covers the whole tar (the
+    unpack checks it)."""
+    f = kit.files
+    rf = start_layers_facade(procs, str(tmp_path), kit.reg.url, {
+        "mm": {"repository": kit.oci["repo"], "layers": ["base", {"file": f.multi["path"]}]}})
+    _, m, _ = manifest_ok(rf, "v/mm")
+    _, cfg = config_of(rf, "v/mm", m)
+    assert m["layers"][-1]["digest"] == f.multi["digest"]
+    assert cfg["rootfs"]["diff_ids"][-1] == f.multi["diff_id"]
+    ns = containerd.new_namespace()
+    try:
+        out = ctr_pull_run(containerd, rf, f"{rf.host}/v/mm:v1", "cat /opt/multi/a.txt; wc -c < /opt/multi/b.bin", ns)
+        assert out.split() == f.MULTI_TEXT.decode().split() + ["200000"]
+    finally:
+        containerd.remove_namespace(ns)
+
+
 def test_ctr_runs_blob_layer_by_descriptor(kit, procs, tmp_path, containerd, fake_upstream):
     """{blob=, size=, media_type=, diff_id=, upstream=, repository=}: the
     manifest names the descriptor, the blob comes from that upstream."""
@@ -207,13 +229,15 @@ def test_ctr_runs_blob_layer_by_descriptor(kit, procs, tmp_path, containerd, fak
 # indexes: skopeo --all, platforms filter, per-platform layers
 # ---------------------------------------------------------------------------
 
-def test_skopeo_copies_assembled_index_and_platform_filters(kit, procs, tmp_path):
+def test_skopeo_copies_assembled_index_and_platform_filters(kit, procs, tmp_path, containerd):
     f = kit.files
     variants = {
         "multi": {"repository": kit.index["repo"], "layers": [
             "base", {"file": f.tools["path"]}, {"file": f.arm["path"], "platforms": ["linux/arm64"]}]},
         "multi-amd64": {"repository": kit.index["repo"], "platforms": ["linux/amd64"],
                         "layers": ["base", {"file": f.tools["path"]}]},
+        "list-s2": {"repository": "rf-layers/multi-s2", "layers": [
+            "base", {"file": f.tools["path"]}, {"file": f.arm["path"], "platforms": ["linux/arm64"]}]},
     }
     rf = start_layers_facade(procs, str(tmp_path), kit.reg.url, variants)
     _, idx, idx_digest = manifest_ok(rf, "v/multi")
@@ -257,6 +281,26 @@ def test_skopeo_copies_assembled_index_and_platform_filters(kit, procs, tmp_path
     assert r.returncode == 0, f"{r.stderr}\n{diag(rf)}"
     copied1 = json.loads(images.Layout(out1).read_blob(images.Layout(out1).descriptor("v1")["digest"]))
     assert [d["platform"]["architecture"] for d in copied1["manifests"]] == ["amd64"]
+
+    # a Docker manifest list stays a Docker list of Docker manifests
+    r = get_manifest(rf, "v/list-s2", "v1")
+    assert r.status == 200 and r.headers["Content-Type"] == images.DOCKER_LIST, r
+    lst = json.loads(r.body)
+    assert lst["mediaType"] == images.DOCKER_LIST
+    for d in lst["manifests"]:
+        assert d["mediaType"] == DOCKER_MANIFEST
+        body, m, _ = manifest_ok(rf, "v/list-s2", d["digest"])
+        assert d["size"] == len(body) and m["mediaType"] == DOCKER_MANIFEST
+        arch = d["platform"]["architecture"]
+        assert len(m["layers"]) == len(kit.list_s2["children"][arch]["layers"]) + (2 if arch == "arm64" else 1)
+        assert {l["mediaType"] for l in m["layers"]} == {DOCKER_LAYER_GZIP}
+    ns = containerd.new_namespace()
+    try:
+        out = ctr_pull_run(containerd, rf, f"{rf.host}/v/list-s2:v1",
+                           "cat /opt/tools/hello.txt; ls /etc/arm-only.txt 2>/dev/null || echo no-arm", ns)
+        assert out == f.TOOLS_TEXT.decode() + "no-arm\n"
+    finally:
+        containerd.remove_namespace(ns)
 
 
 # ---------------------------------------------------------------------------
@@ -428,6 +472,29 @@ def test_changed_decision_gives_new_digest(kit, procs, tmp_path):
     # what was served before is still served by digest
     assert manifest_ok(rf3, "v/ws", d1)[2] == d1
     assert manifest_ok(rf3, "v/ws", d2)[2] == d2
+
+
+def test_moved_tags_give_new_digests(kit, procs, tmp_path, built_images):
+    """A new upstream digest, of the base or of an added image, is a new
+    decision: a new image (tag_ttl_seconds 0: every request asks upstream)."""
+    host = kit.reg.host
+    suffix = f"{os.getpid()}-{tmp_path.name[-10:]}"
+    base_repo, ide_repo = f"rf-layers/moving-base-{suffix}", f"rf-layers/moving-ide-{suffix}"
+    clients.skopeo_copy(built_images.oci_ref("small"), f"docker://{host}/{base_repo}:v1")
+    clients.skopeo_copy(f"oci:{kit.ws.layout}:ide", f"docker://{host}/{ide_repo}:1.2")
+    variants = {"mv": {"repository": base_repo, "layers": ["base", {"image": f"up/{ide_repo}:1.2", "skip": 1}]}}
+    rf = start_layers_facade(procs, str(tmp_path), kit.reg.url, variants, tag_ttl=0)
+    _, m1, d1 = manifest_ok(rf, "v/mv")
+    assert manifest_ok(rf, "v/mv")[2] == d1  # nothing moved: the same image
+    # the base tag moves (same layers, another config)
+    clients.skopeo_copy(built_images.oci_ref("small-arm64"), f"docker://{host}/{base_repo}:v1")
+    _, m2, d2 = manifest_ok(rf, "v/mv")
+    assert d2 != d1 and m2["config"]["digest"] != m1["config"]["digest"]
+    # the IDE tag moves (the app image: other layers)
+    clients.skopeo_copy(f"oci:{kit.ws.layout}:app", f"docker://{host}/{ide_repo}:1.2")
+    _, m3, d3 = manifest_ok(rf, "v/mv")
+    assert d3 not in (d1, d2)
+    assert m3["layers"][-1]["digest"] == kit.ws.app["layers"][-1]["digest"]
 
 
 # ---------------------------------------------------------------------------

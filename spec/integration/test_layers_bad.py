@@ -102,8 +102,8 @@ def variants_for(bad, kit_oci_repo):
 EXTRA_CASES = {
     "stack_string": ["layers must be a list", "string"],
     "platforms_string": ["platforms must be a list"],
-    "answer_string": ["resolve must return a table or nil", "string"],
-    "answer_number": ["resolve must return a table or nil", "number"],
+    "answer_string": ["resolve must return a table", "string"],
+    "answer_number": ["resolve must return a table", "number"],
     "rewrite_raises": ["rewrite", "rewrite refused this image"],
 }
 
@@ -192,6 +192,24 @@ def test_missing_file_is_loaded_later(facade, bad_files):
     r = get_manifest(rf, "v/missing_file", "v1")
     assert r.status == 500, r
     assert manifest_ok(rf, "v/missing_file", digest)[2] == digest
+
+
+def test_missing_image_is_loaded_later(procs, tmp_path, plain_registry, built_images):
+    """An {image=} that is not upstream yet: an error naming it; pushed,
+    the next request assembles the image (no restart, nothing remembered)."""
+    repo = f"rf-layers/later-{os.getpid()}-{tmp_path.name[-8:]}"
+    variants = {"later": {"repository": plain_registry.images["oci"]["repo"],
+                          "layers": ["base", {"image": f"up/{repo}:v1"}]}}
+    rf = start_layers_facade(procs, str(tmp_path), plain_registry.url, variants)
+    r = get_manifest(rf, "v/later", "v1")
+    assert r.status == 502, f"{r!r}\n{diag(rf)}"
+    code, msg = error_message(r)
+    assert code == "UNKNOWN" and f"up/{repo}:v1" in msg and "unknown" in msg, (code, msg)
+    assert generated_entries(rf.cache_dir) == []
+    clients.skopeo_copy(built_images.oci_ref("small"), f"docker://{plain_registry.host}/{repo}:v1")
+    _, m, _ = manifest_ok(rf, "v/later")
+    base = plain_registry.images["oci"]["layers"]
+    assert len(m["layers"]) == 2 * len(base)
 
 
 def test_half_built_index_is_not_kept(procs, tmp_path, plain_registry, bad_files):

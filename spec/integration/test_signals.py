@@ -46,7 +46,9 @@ def test_sighup_reloads_without_dropping_connections(procs, tmp_path):
         write(policy, ALLOW)
         rf = Regfacade(procs, str(tmp_path), {
             "upstreams": {"fake": {"url": fake.url}},
-            "policy": {"file": "policy.lua"},
+            # SIGHUP only: the policy file watch (test_policy_sandbox.py) would
+            # pick up the policy edits below by itself.
+            "policy": {"file": "policy.lua", "watch": False},
             "cache": {"dir": str(tmp_path / "cache"), "tag_ttl_seconds": 0},
         }).start()
         conn = http.client.HTTPConnection("127.0.0.1", rf.port, timeout=10)

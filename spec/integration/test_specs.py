@@ -37,7 +37,8 @@ class SpecService:
     per id; `delay` seconds before answering; `fail_status` answers that
     status instead; `token` (when set) must come as a Bearer token."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, tls=None):
+        self.tls = tls  # an ssl.SSLContext to serve HTTPS with
         self.specs = {}
         self.raw = {}  # id -> bytes served as they are
         self.counts = Counter()
@@ -52,7 +53,7 @@ class SpecService:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self):
         svc = self
@@ -91,6 +92,8 @@ class SpecService:
         ThreadingHTTPServer.allow_reuse_address = True
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
+        if self.tls:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         return self
@@ -562,6 +565,45 @@ def test_pulled_provider_sends_its_token(fake_facade, tmp_path, app, spec_servic
     assert "service-token-1" not in rf.log()
 
 
+def test_pulled_provider_over_mutual_tls(fake_facade, tmp_path, app):
+    import ssl
+    from tlsutil import _openssl, make_pki
+    pki = make_pki(str(tmp_path / "pki"))
+    ck, csr, crt, ext = (str(tmp_path / n) for n in ("client.key", "client.csr", "client.crt", "client.ext"))
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", ck,
+             "-out", csr, "-subj", "/CN=regfacade")
+    with open(ext, "w") as f:
+        f.write("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    _openssl("x509", "-req", "-in", csr, "-CA", pki.ca, "-CAkey", pki.ca_key, "-CAcreateserial", "-out", crt,
+             "-days", "2", "-extfile", ext)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.cert, pki.key)
+    ctx.load_verify_locations(pki.ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    svc = SpecService(tls=ctx).start()
+    try:
+        svc.specs["ws-1"] = {"base": "fake/acme/app:v1"}
+        url = svc.url + "/specs/{id}"
+        providers = {
+            "ws": {"type": "pulled", "url": url, "ca_file": pki.ca, "client_cert_file": crt,
+                   "client_key_file": ck, "retries": 0},
+            "nocert": {"type": "pulled", "url": url, "ca_file": pki.ca, "retries": 0},
+            "noca": {"type": "pulled", "url": url, "client_cert_file": crt, "client_key_file": ck, "retries": 0},
+        }
+        rf = fake_facade(config=specs_config(tmp_path, providers, admin=False))
+        r = manifest(rf, "remote/ws-1")
+        assert r.status == 200, (r, rf.log())
+        assert svc.counts["ws-1"] == 1
+        for name in ("nocert", "noca"):
+            cfg = specs_config(tmp_path, providers, admin=False, policy_options={"spec_provider": name})
+            rf2 = fake_facade(config=cfg, name=f"rf-{name}")
+            r = manifest(rf2, "remote/ws-1")
+            assert r.status == 503, (name, r)
+            assert f"spec provider {name} is unavailable" in r.json()["errors"][0]["message"], r
+    finally:
+        svc.stop()
+
+
 def test_pulled_base_url_form(fake_facade, tmp_path, app, spec_service):
     spec_service.specs["ws-1"] = {"base": "fake/acme/app:v1"}
     rf = fake_facade(config=specs_config(tmp_path, {"ws": {"type": "pulled", "url": spec_service.url + "/specs"}},
@@ -603,7 +645,7 @@ def test_fixed_provider_is_reloaded_when_the_file_changes(fake_facade, tmp_path,
     write_json(f, {"ws-1": {"base": "nope/x:1"}})
     time.sleep(0.3)
     assert manifest(rf, "remote/ws-2").status == 200
-    assert wait_until(lambda: '"nope" is not a configured upstream' in rf.log()), rf.log()
+    assert wait_until(lambda: 'nope\\" is not a configured upstream' in rf.log()), rf.log()
     # fixed again, without ws-2
     write_json(f, {"ws-1": {"base": "fake/acme/app:v1"}})
     assert wait_until(lambda: manifest(rf, "remote/ws-2").status == 404, timeout=5)
@@ -643,13 +685,32 @@ def test_spec_hook_answers_and_failures(fake_facade, tmp_path, app):
     r = manifest(rf, "x/ok")
     assert r.status == 200 and r.header("Docker-Content-Digest") == app.digest, r  # no rewrite: the base itself
     r = manifest(rf, "x/boom")
-    assert r.status == 500 and "policy spec failed" in r.json()["errors"][0]["message"], r
+    assert r.status == 500 and "spec hook failed" in r.json()["errors"][0]["message"], r
     assert_oci_error(manifest(rf, "x/no"), 403, "DENIED")
     r = manifest(rf, "x/elsewhere")
     assert r.status == 500 and 'provider "nope", which is not configured' in r.json()["errors"][0]["message"], r
     r = manifest(rf, "x/weird")
     assert r.status == 500 and "provider = NAME, id = ID" in r.json()["errors"][0]["message"], r
     assert manifest(rf, "acme/app", "v1").status == 200  # no spec: resolve(req)
+
+
+def test_reload_checks_specs_against_the_new_config(fake_facade, tmp_path, app, fake_upstream):
+    import signal
+    rf = fake_facade(config=specs_config(tmp_path, {"ws": {"type": "pushed"}}))
+    spec = {"base": "other/acme/app:v1"}
+    msg = admin_error(admin(rf, "PUT", "/specs/ws-1", spec), 400, "SPEC_INVALID")
+    assert '"other" is not a configured upstream' in msg
+    cfg = dict(rf.config)
+    cfg["upstreams"] = dict(cfg["upstreams"], other={"url": fake_upstream.url})
+    cfg["default_upstream"] = "fake"
+    with open(rf.config_path, "w") as f:
+        json.dump(cfg, f)
+    rf.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "SIGHUP: reloaded" in rf.log(), timeout=10), rf.log()
+    assert admin(rf, "PUT", "/specs/ws-1", spec).status == 201
+    r = manifest(rf, "remote/ws-1")
+    assert r.status == 200, (r, rf.log())
+    assert [l["digest"] for l in json.loads(r.body)["layers"]] == [l.digest for l in app.layers]
 
 
 def check(tmp_path, cfg):
@@ -666,12 +727,14 @@ def test_check_validates_the_sections(tmp_path):
     short.write_text("abc\n")
     fixed = tmp_path / "fixed.json"
     fixed.write_text('{"ws-1": {"base": "nope/x:1"}}')
+    fixed_ok = tmp_path / "fixed-ok.json"
+    fixed_ok.write_text('{"ws-1": {"base": "fake/x:1"}}')
     admin = {"listen": "127.0.0.1:5999", "token_file": tok}
     pushed = {"ws": {"type": "pushed"}}
     bad = [
         ({"specs": {"providers": pushed}}, 'needs the "admin" section'),
         ({"admin": admin}, 'add a "specs" section'),
-        ({"specs": {"providers": {"ws": {"type": "fixed", "file": str(fixed)}}}, "admin": admin},
+        ({"specs": {"providers": {"ws": {"type": "fixed", "file": str(fixed_ok)}}}, "admin": admin},
          'no provider in specs.providers is of type "pushed"'),
         ({"specs": {"providers": pushed, "colour": 1}, "admin": admin}, "specs.colour: unknown key"),
         ({"specs": {"providers": {"ws": {"type": "magic"}}}}, "specs.providers.ws.type"),

@@ -413,10 +413,10 @@ describe("regfacade.testing", function()
     it("builds requests with defaults and checks option names", function()
         local req = testing.request { repository = "acme/app", headers = { ["User-Agent"] = "containerd/1.6" } }
         assert.are.same({ method = "GET", kind = "manifest", repository = "acme/app", reference = "latest",
-                          client = {}, headers = { ["user-agent"] = "containerd/1.6" } }, req)
+                          client = {}, headers = { ["user-agent"] = "containerd/1.6" }, ctx = {} }, req)
         assert.has_error(function() testing.request { repo = "x" } end,
-            'testing.request: unknown option "repo" (known: client, headers, host, kind, method, ns, reference, ' ..
-            'repository)')
+            'testing.request: unknown option "repo" (known: client, credentials, ctx, headers, host, kind, method, ' ..
+            'ns, reference, repository)')
     end)
 
     it("builds OCI and Docker images whose history lines up", function()

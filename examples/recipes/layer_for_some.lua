@@ -1,0 +1,37 @@
+--[[
+examples/recipes/layer_for_some.lua: an extra layer for some repositories only.
+
+Options: with_tools = { "acme/" }: repository prefixes that get the layer
+named "tools" (config "layers": { "tools": { "file": "tools.tar.gz" } })
+on top of their own layers, and /opt/tools/bin in front of PATH. Other
+repositories are served as the upstream has them.
+Tested by spec/policies/recipes_spec.lua.
+]]
+local regfacade = require "regfacade"
+local mirror = require "regfacade.mirror"
+local image = require "regfacade.image"
+
+local function wants_tools(repository)
+    for _, prefix in ipairs(regfacade.config.options.with_tools or {}) do
+        if repository:sub(1, #prefix) == prefix then
+            return true
+        end
+    end
+    return false
+end
+
+return {
+    resolve = function(req)
+        local where, err = mirror.resolve(req)
+        if where and wants_tools(req.repository) then
+            where.layers = { "base", "tools" }
+        end
+        return where, err
+    end,
+
+    rewrite = function(img, req)
+        if wants_tools(req.repository) then
+            image.env_prepend(img.config, "PATH", "/opt/tools/bin:")
+        end
+    end,
+}
