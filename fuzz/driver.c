@@ -79,7 +79,7 @@ int main(int argc, char **argv) {
             names[nn++] = strdup(e->d_name);
         }
         closedir(d);
-        qsort(names, nn, sizeof *names, cmp);
+        if (nn) qsort(names, nn, sizeof *names, cmp);
         for (size_t j = 0; j < nn; j++) {
             char p[4096];
             snprintf(p, sizeof p, "%s/%s", argv[i], names[j]);

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""The cost of the policy on a cached manifest GET (issue 5, "Measure").
+
+Starts, on free 127.0.0.1 ports and stopped by PID at the end, a fake
+upstream (spec/integration/fake_upstream.py, in this process) holding
+acme/app:v1, and regfacade in front of it, once per variant:
+
+  no-hooks   a policy file that returns {} (no hook: authorize skipped,
+             resolve maps to default_upstream in C): the policy-free path
+  default    no policy file: the embedded default, regfacade.mirror's
+             resolve hook runs on every request (what `make run` serves)
+  all-hooks  authorize (reads client fields, writes req.ctx), resolve
+             (regfacade.mirror) and a log hook (reads ctx and res): three
+             hook calls per request and the ctx carried between them
+  auth       examples/auth/policy.lua with Basic credentials (bcrypt
+             remembered in regfacade.shared after the first request)
+
+The manifest is fetched once (cache warm, cache.tag_ttl_seconds long), then
+wrk -t2 -cC -dDs with the Accept header, ROUNDS times per variant,
+interleaved, so drift hits every variant alike. Writes bench/POLICY.md with
+every sample, the medians and the ratio to no-hooks (target: default at most
+10% slower). The access log is off (metrics.access_log: false) in every
+variant: it is not what is measured.
+
+Usage: policy_bench.py --regfacade build/regfacade [--out bench/POLICY.md]
+       [--rounds 5] [--duration 8] [--connections 32]
+"""
+import argparse
+import base64
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "spec", "integration"))
+from fake_upstream import ALL_MANIFEST_TYPES, FakeUpstream  # noqa: E402
+
+ACCEPT = ", ".join(ALL_MANIFEST_TYPES)
+
+ALL_HOOKS = """
+local regfacade = require "regfacade"
+local mirror = require "regfacade.mirror"
+return {
+    authorize = function(req)
+        req.ctx.who = req.client.user or req.client.ip
+        return true
+    end,
+    resolve = function(req)
+        return mirror.resolve(req)
+    end,
+    log = function(req, res)
+        if res.status >= 500 then
+            regfacade.log("warn", (req.ctx.who or "?") .. " got " .. res.status)
+        end
+    end,
+}
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def start(binary, workdir, name, upstream_url, policy=None, options=None, data_files=None):
+    port = free_port()
+    cfg = {
+        "listen": f"127.0.0.1:{port}",
+        "cache": {"dir": os.path.join(workdir, name + "-cache"), "tag_ttl_seconds": 86400},
+        "upstreams": {"fake": {"url": upstream_url}},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}", "access_log": False},
+    }
+    if policy:
+        cfg["policy"] = {"file": policy, "options": options or {}}
+        if data_files:
+            cfg["policy"]["data_files"] = data_files
+    path = os.path.join(workdir, name + ".json")
+    import json
+    write(path, json.dumps(cfg))
+    log = open(os.path.join(workdir, name + ".log"), "ab")
+    p = subprocess.Popen([binary, "serve", "--config", path], stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.05)
+    p.port = port
+    return p
+
+
+def stop(p):
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def warm(port, headers):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/acme/app/manifests/v1",
+                                 headers=dict({"Accept": ACCEPT}, **headers))
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+        r.read()
+
+
+def wrk(port, duration, connections, headers):
+    args = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-H", f"Accept: {ACCEPT}"]
+    for k, v in headers.items():
+        args += ["-H", f"{k}: {v}"]
+    args.append(f"http://127.0.0.1:{port}/v2/acme/app/manifests/v1")
+    out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    lat = re.search(r"Latency\s+([\d.]+\w+)", out)
+    return rps, int(non2xx.group(1)) if non2xx else 0, lat.group(1) if lat else "?"
+
+
+def median(xs):
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--regfacade", default=os.path.join(ROOT, "build", "regfacade"))
+    ap.add_argument("--out", default=os.path.join(HERE, "POLICY.md"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=32)
+    a = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    work = tempfile.mkdtemp(prefix="rf-policy-bench-")
+    fake = FakeUpstream().start()
+    fake.add_image("acme/app", "v1")
+    procs = {}
+    try:
+        write(os.path.join(work, "no-hooks.lua"), "return {}\n")
+        write(os.path.join(work, "all-hooks.lua"), ALL_HOOKS)
+        shutil.copy(os.path.join(ROOT, "examples", "auth", "policy.lua"), os.path.join(work, "auth.lua"))
+        shutil.copy(os.path.join(ROOT, "examples", "auth", "htpasswd"), os.path.join(work, "htpasswd"))
+        auth = {"Authorization": "Basic " + base64.b64encode(b"alice:alice-password").decode()}
+        variants = [
+            ("no-hooks", dict(policy="no-hooks.lua"), {}),
+            ("default", dict(), {}),
+            ("all-hooks", dict(policy="all-hooks.lua"), {}),
+            ("auth", dict(policy="auth.lua", options={"htpasswd": "htpasswd"}, data_files=["htpasswd"]), auth),
+        ]
+        for name, kw, headers in variants:
+            procs[name] = start(a.regfacade, work, name, fake.url, **kw)
+            warm(procs[name].port, headers)
+        samples = {name: [] for name, _, _ in variants}
+        for r in range(a.rounds):
+            for name, _, headers in variants:
+                rps, bad, lat = wrk(procs[name].port, a.duration, a.connections, headers)
+                samples[name].append((rps, bad, lat))
+                print(f"round {r + 1} {name}: {rps:.0f} req/s, non-2xx {bad}, latency avg {lat}", flush=True)
+    finally:
+        for p in procs.values():
+            stop(p)
+        fake.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    base = median([s[0] for s in samples["no-hooks"]])
+    lines = [
+        "# Policy overhead on cached manifest GETs",
+        "",
+        f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by "
+        "`bench/policy_bench.py` (not a timed test: numbers depend on the machine).",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; wrk and regfacade share it.",
+        f"Load: `wrk -t2 -c{a.connections} -d{a.duration}s` on `GET /v2/acme/app/manifests/v1` (Accept: all manifest "
+        f"types), manifest cached (tag TTL 1 day), access log off; {a.rounds} rounds, variants interleaved.",
+        "",
+        "| variant | hooks run per request | median req/s | vs no-hooks | samples (req/s) | non-2xx |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    what = {"no-hooks": "none (policy-free path)", "default": "resolve (regfacade.mirror)",
+            "all-hooks": "authorize, resolve, log (+ req.ctx)", "auth": "authorize (Basic, remembered bcrypt), resolve, log"}
+    for name, _, _ in variants:
+        rps = [s[0] for s in samples[name]]
+        m = median(rps)
+        lines.append(f"| {name} | {what[name]} | {m:.0f} | {100 * (m / base - 1):+.1f}% | "
+                     f"{', '.join(f'{x:.0f}' for x in rps)} | {sum(s[1] for s in samples[name])} |")
+    d = median([s[0] for s in samples["default"]])
+    lines += [
+        "",
+        f"**Target** (issue 5): the default policy at most 10% slower than the policy-free path: "
+        f"{100 * (1 - d / base):.1f}% slower — {'met' if d >= 0.9 * base else 'NOT met'}.",
+        "",
+    ]
+    notes = os.path.join(HERE, "POLICY-notes.md")
+    if os.path.exists(notes):
+        lines.append(open(notes).read())
+    write(a.out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
