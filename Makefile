@@ -87,7 +87,7 @@ test-lua:
 	$(BUSTED)
 
 test-integration: $(BUILD)/regfacade
-	cd spec/integration && REGFACADE_BIN=$(CURDIR)/$(BUILD)/regfacade /usr/bin/python3 -m pytest -q -p no:cacheprovider .
+	cd spec/integration && REGFACADE_BIN=$(abspath $(BUILD)/regfacade) /usr/bin/python3 -m pytest -q -p no:cacheprovider .
 
 run: all
 	$(BUILD)/regfacade serve

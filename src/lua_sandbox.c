@@ -21,6 +21,7 @@
 static const char SB_KEY = 'S';      /* registry[&SB_KEY] = ctx (light userdata): "this is a sandbox" */
 static const char LOADED_KEY = 'L';  /* the sandbox's own package.loaded */
 static const char FROZEN_KEY = 'F';  /* marks a frozen table's metatable */
+static const char NOTED_KEY = 'N';   /* the function lua_sandbox_note_function noted */
 
 typedef struct {
     /* allocator */
@@ -139,6 +140,7 @@ static void sb_hook(lua_State *L, lua_Debug *ar) {
 }
 
 static void arm(sb_ctx *c, lua_sandbox_phase ph) {
+    /* (the noted function is replaced by the next call's note) */
     c->armed = true;
     c->phase = ph;
     c->instr = 0;
@@ -170,6 +172,8 @@ static void first_line(char *out, size_t outlen, const char *msg) {
     snprintf(out, outlen, "%s", msg);
     out[strcspn(out, "\n")] = '\0';
 }
+
+static void noted_position(lua_State *L, sb_ctx *c);
 
 lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nargs, int nresults, char *err,
                                      size_t errlen, char *trace, size_t tracelen) {
@@ -210,6 +214,7 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
     const char *msg = st == LUA_OK ? NULL : lua_tostring(L, -1);
     char buf[512];
     if (out == SB_MEMORY) {
+        if (!c->where[0]) noted_position(L, c);
         if (c->cap && c->where[0])
             snprintf(buf, sizeof buf, "%s: policy %s exceeded its memory cap (%zu bytes, policy.memory_bytes) "
                      "(at or after this line)", c->where, lua_sandbox_phase_name(ph), c->cap);
@@ -235,10 +240,20 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
 bool lua_sandbox_broken(lua_State *L) { return ctx_of(L)->broken; }
 
 void lua_sandbox_note_function(lua_State *L, int idx) {
-    sb_ctx *c = ctx_of(L);
-    lua_Debug ar;
+    /* Only kept: its position is looked up when a memory error needs it. */
     lua_pushvalue(L, idx);
-    if (lua_getinfo(L, ">S", &ar) && ar.linedefined > 0)
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &NOTED_KEY);
+}
+
+/* c->defined from the noted function (after a memory error: the stack is
+ * unwound, the registry is intact). */
+static void noted_position(lua_State *L, sb_ctx *c) {
+    lua_Debug ar;
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &NOTED_KEY) != LUA_TFUNCTION) {
+        lua_pop(L, 1);
+        return;
+    }
+    if (lua_getinfo(L, ">S", &ar) && ar.linedefined > 0) /* pops the function */
         snprintf(c->defined, sizeof c->defined, "%s:%d", ar.short_src, ar.linedefined);
 }
 

@@ -1198,6 +1198,20 @@ static json_value *table_to_json(lua_State *L, int idx, int depth, char *err, si
 static int read_layers(hook_call *c, lua_State *L, int t, policy_resolution *out) {
     lua_pushliteral(L, "layers");
     int lt = lua_rawget(L, t);
+    if (lt == LUA_TNIL) {
+        lua_pushliteral(L, "platforms");
+        int pt = lua_rawget(L, t);
+        lua_pop(L, 1);
+        if (pt == LUA_TNIL) {
+            /* The common answer (where from, nothing added): the fingerprint
+             * of an empty decision, without building it. */
+            lua_pop(L, 1);
+            out->fingerprint = strdup("[]");
+            if (out->fingerprint) return 0;
+            invalid_answer(c, "resolve: out of memory");
+            return -1;
+        }
+    }
     if (lt != LUA_TNIL && lt != LUA_TTABLE) {
         invalid_answer(c, "resolve: layers must be a list, got %s", luaL_typename(L, -1));
         lua_pop(L, 1);
