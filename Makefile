@@ -22,7 +22,7 @@ TEST_PKGS  := lua-busted docker-registry skopeo containerd runc podman umoci bus
               apache2-utils python3 python3-pytest python3-cryptography python3-jwt openssl curl zstd \
               python3-yaml binutils
 # `make bench` (bench/bench.py): the peers and load tools it runs side by side.
-BENCH_PKGS := nginx wrk docker-registry skopeo containerd runc curl python3 procps
+BENCH_PKGS := nginx wrk docker-registry skopeo containerd curl python3
 
 PKG_CFLAGS := $(shell pkg-config --cflags lua5.4 libmicrohttpd libcurl libarchive 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs lua5.4 libmicrohttpd libcurl libarchive 2>/dev/null) -lcrypto -lcrypt -lz -lpthread -lm

@@ -835,6 +835,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             ("memory", meminfo()),
             ("CPU", cpu()),
             ("kernel", platform.release()),
+            ("load average (1 min) at start / end", f"{self.load0:.1f} / {os.getloadavg()[0]:.1f}"
+             " (other work on the machine shows here; the ratios come from interleaved runs)"),
             ("regfacade", ver([self.args.regfacade, "--version"])),
             ("distribution", ver(["/usr/bin/docker-registry", "--version"])),
             ("nginx", ver(["/usr/sbin/nginx", "-v"])),
@@ -938,6 +940,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     def main(self):
         self.t0 = time.time()
+        self.load0 = os.getloadavg()[0]
         started = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M")
         log(f"work folder {self.work}")
         # Run a private copy: a rebuild of build/regfacade during the run

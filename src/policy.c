@@ -42,6 +42,9 @@ static const lua_sandbox_phase PHASE_OF[H_COUNT] = {SB_PHASE_SELF_CHECK, SB_PHAS
 
 /* Registry keys (addresses). */
 static const char HOOKS_KEY = 'H';
+static const char REQ_KEY = 'R';     /* the req table of the running call */
+static const char REQ_PTR_KEY = 'P'; /* its policy_request (light userdata) */
+static const char REQ_MT_KEY = 'M';  /* req's metatable */
 
 /* One compiled version of the policy. Its states are tagged by living in
  * its pool; a state in use holds a reference. */
@@ -104,6 +107,14 @@ static void error_set(policy_error *e, int status, const char *code, const char 
     vsnprintf(e->message, sizeof e->message, fmt, ap);
     e->challenge[0] = '\0';
     va_end(ap);
+}
+
+/* strlcpy (snprintf "%s" costs more, and this runs per request). */
+static void copy_str(char *dst, size_t size, const char *src) {
+    size_t n = strlen(src);
+    if (n >= size) n = size - 1;
+    memcpy(dst, src, n);
+    dst[n] = '\0';
 }
 
 static int64_t mono_ns(void) {
@@ -734,41 +745,89 @@ static void set_field_string(lua_State *L, int t, const char *k, const char *v) 
     lua_setfield(L, t, k);
 }
 
-/* Push req. secrets: client.password and client.token (not for log). */
-static void push_request(lua_State *L, const policy_request *r, bool secrets) {
+/* req.headers, req.client and req.ctx, built on first use (most hooks
+ * read few of them; building them for every call costs): from the
+ * request when t is the running call's req, else (a req kept from an
+ * earlier call) empty. Each is stored in t, so it is built once. */
+static void build_headers(lua_State *L, const policy_request *r) {
+    size_t n = r ? r->n_headers : 0;
+    lua_createtable(L, 0, (int)(n < 64 ? n : 64));
+    for (size_t i = 0; i < n; i++) {
+        char name[128];
+        size_t k = 0;
+        for (const char *q = r->headers[i].name; *q && k + 1 < sizeof name; q++)
+            name[k++] = (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q);
+        name[k] = '\0';
+        if (r->headers[i].value) {
+            lua_pushstring(L, r->headers[i].value);
+            lua_setfield(L, -2, name);
+        }
+    }
+}
+
+static void build_client(lua_State *L, const policy_request *r) {
+    lua_createtable(L, 0, 4);
+    if (!r) return;
+    set_field_string(L, lua_gettop(L), "ip", r->client_ip);
+    set_field_string(L, lua_gettop(L), "user", r->user);
+    set_field_string(L, lua_gettop(L), "password", r->password); /* NULL in a log entry */
+    set_field_string(L, lua_gettop(L), "token", r->token);
+}
+
+static void build_ctx(lua_State *L, const policy_request *r) {
+    if (!r || !r->state || !r->state->ctx || lua_json_push(L, r->state->ctx) != 0) lua_newtable(L);
+}
+
+static int req_index(lua_State *L) {
+    if (lua_type(L, 2) != LUA_TSTRING) return 0;
+    const char *k = lua_tostring(L, 2);
+    void (*build)(lua_State *, const policy_request *) = strcmp(k, "headers") == 0  ? build_headers
+                                                          : strcmp(k, "client") == 0 ? build_client
+                                                          : strcmp(k, "ctx") == 0    ? build_ctx
+                                                                                     : NULL;
+    if (!build) return 0;
+    const policy_request *r = NULL;
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &REQ_KEY);
+    if (lua_rawequal(L, -1, 1)) {
+        lua_rawgetp(L, LUA_REGISTRYINDEX, &REQ_PTR_KEY);
+        r = lua_touserdata(L, -1);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    build(L, r);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, 1);
+    return 1;
+}
+
+/* Push req (client, headers and ctx come on first use, req_index). A log
+ * entry's request has no password or token. */
+static void push_request(lua_State *L, const policy_request *r) {
     luaL_checkstack(L, 8, "policy request");
-    lua_createtable(L, 0, 12);
+    lua_createtable(L, 0, 8);
     int t = lua_gettop(L);
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &REQ_MT_KEY) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        lua_createtable(L, 0, 2);
+        lua_pushcfunction(L, req_index);
+        lua_setfield(L, -2, "__index");
+        lua_pushboolean(L, 0);
+        lua_setfield(L, -2, "__metatable");
+        lua_pushvalue(L, -1);
+        lua_rawsetp(L, LUA_REGISTRYINDEX, &REQ_MT_KEY);
+    }
+    lua_setmetatable(L, t);
+    lua_pushvalue(L, t);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &REQ_KEY);
+    lua_pushlightuserdata(L, (void *)r);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &REQ_PTR_KEY);
     set_field_string(L, t, "method", r->method);
     set_field_string(L, t, "kind", r->kind);
     set_field_string(L, t, "repository", r->repository);
     set_field_string(L, t, "reference", r->reference);
     set_field_string(L, t, "ns", r->ns);
     set_field_string(L, t, "host", r->host);
-    lua_createtable(L, 0, 4);
-    int c = lua_gettop(L);
-    set_field_string(L, c, "ip", r->client_ip);
-    set_field_string(L, c, "user", r->user);
-    if (secrets) {
-        set_field_string(L, c, "password", r->password);
-        set_field_string(L, c, "token", r->token);
-    }
-    lua_setfield(L, t, "client");
-    lua_createtable(L, 0, (int)(r->n_headers < 64 ? r->n_headers : 64));
-    for (size_t i = 0; i < r->n_headers; i++) {
-        char name[128];
-        size_t n = 0;
-        for (const char *q = r->headers[i].name; *q && n + 1 < sizeof name; q++)
-            name[n++] = (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q);
-        name[n] = '\0';
-        set_field_string(L, lua_gettop(L), name, r->headers[i].value);
-    }
-    lua_setfield(L, t, "headers");
-    if (r->state && r->state->ctx && lua_json_push(L, r->state->ctx) == 0) lua_setfield(L, t, "ctx");
-    else {
-        lua_newtable(L);
-        lua_setfield(L, t, "ctx");
-    }
     if (r->state && r->state->credentials[0]) set_field_string(L, t, "credentials", r->state->credentials);
     /* req.spec: the spec the spec hook named (specs.h), in regfacade.json's shape. */
     if (r->spec && lua_json_push(L, r->spec) == 0) lua_setfield(L, t, "spec");
@@ -805,8 +864,7 @@ static void save_ctx(lua_State *L, int req, hook_call *c, const char *hook) {
     lua_pushliteral(L, "ctx");
     int type = lua_rawget(L, req);
     if (type == LUA_TNIL) {
-        json_free(st->ctx);
-        st->ctx = NULL;
+        /* never looked at (it is built on first use): unchanged */
     } else if (type != LUA_TTABLE) {
         invalid_answer(c, "the policy's %s hook set req.ctx to a %s (it must stay a table)", hook,
                        luaL_typename(L, -1));
@@ -985,7 +1043,7 @@ static bool challenge_ok(const char *s) {
 static int authorize_fn(lua_State *L) {
     hook_call *c = lua_touserdata(L, 1);
     lua_settop(L, 0);
-    push_request(L, c->req, true);   /* 1 */
+    push_request(L, c->req);   /* 1 */
     push_hook(L, H_AUTHORIZE);
     lua_pushvalue(L, 1);
     lua_call(L, 1, 2);               /* 1: req, 2: answer, 3: message */
@@ -1064,7 +1122,7 @@ static int spec_fn(lua_State *L) {
     spec_call *s = lua_touserdata(L, 1);
     hook_call *c = &s->c;
     lua_settop(L, 0);
-    push_request(L, c->req, true); /* 1 */
+    push_request(L, c->req); /* 1 */
     push_hook(L, H_SPEC);
     lua_pushvalue(L, 1);
     lua_call(L, 1, 2); /* 2: answer, 3: error */
@@ -1333,7 +1391,7 @@ static int resolve_fn(lua_State *L) {
     const policy_request *req = c->req;
     policy_resolution *out = rc->out;
     lua_settop(L, 0);
-    push_request(L, req, true); /* 1 */
+    push_request(L, req); /* 1 */
     push_hook(L, H_RESOLVE);
     lua_pushvalue(L, 1);
     int nargs = 1;
@@ -1372,9 +1430,9 @@ static int resolve_fn(lua_State *L) {
         } else if (ref && !ref_valid_tag(ref) && !ref_valid_digest(ref)) {
             invalid_answer(c, "resolve returned an invalid reference \"%s\"", ref);
         } else {
-            snprintf(out->upstream, sizeof out->upstream, "%s", up);
-            snprintf(out->repository, sizeof out->repository, "%s", repo);
-            snprintf(out->reference, sizeof out->reference, "%s", ref ? ref : "");
+            copy_str(out->upstream, sizeof out->upstream, up);
+            copy_str(out->repository, sizeof out->repository, repo);
+            copy_str(out->reference, sizeof out->reference, ref ? ref : "");
             if (apply_credentials(c->p, creds, out->upstream, sizeof out->upstream, c->e) != 0) {
                 c->rc = -1;
                 c->invalid = true;
@@ -1425,7 +1483,7 @@ static int rewrite_fn(lua_State *L) {
     rewrite_call *w = lua_touserdata(L, 1);
     hook_call *c = &w->c;
     lua_settop(L, 0);
-    push_request(L, c->req, true); /* 1 */
+    push_request(L, c->req); /* 1 */
     push_hook(L, H_REWRITE);        /* 2 */
     char err[1024];
     /* image_rewrite_run calls the hook under its own pcall; a budget trip
@@ -1523,7 +1581,7 @@ static int log_fn(lua_State *L) {
     log_call *l = lua_touserdata(L, 1);
     lua_settop(L, 0);
     push_hook(L, H_LOG);
-    push_request(L, l->c.req, false);
+    push_request(L, l->c.req);
     lua_createtable(L, 0, 5);
     lua_pushinteger(L, (lua_Integer)l->status);
     lua_setfield(L, -2, "status");
