@@ -15,6 +15,7 @@
 #include <lua.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,13 +85,16 @@ struct policy {
     lua_sandbox_module modules[3];
     lua_sandbox_options sbo;
     char *module_dir;
-    pthread_mutex_t lock; /* cur, pools, refs, watch state */
+    pthread_mutex_t lock; /* pools, refs, generation refs, watch state; cur changes under it */
     pthread_mutex_t reload_lock; /* one reload at a time */
-    generation *cur, *all;
+    /* The current generation: written under lock, read without it on the
+     * per-request fast paths (is there such a hook? the fingerprint). A
+     * generation struct lives until policy_free, so a stale read is safe. */
+    _Atomic(generation *) cur;
+    generation *all;
     unsigned long next_id;
     int refs; /* the owner, plus one per log entry */
-    int64_t next_check_ns;
-    bool checking;
+    _Atomic int64_t next_check_ns; /* the watch's next look; claimed by CAS */
     bool has_rejected;
     struct timespec rejected_mtime;
     off_t rejected_size;
@@ -504,9 +508,11 @@ static void watch(policy *p);
  * 0: the generation has no such hook (nothing taken); -1: err. */
 static int acquire(policy *p, hook_id h, generation **gout, lua_State **Lout, char *err, size_t errlen) {
     watch(p);
+    /* No such hook in the current generation: nothing to take (no lock). */
+    if (!atomic_load_explicit(&p->cur, memory_order_acquire)->has[h]) return 0;
     pthread_mutex_lock(&p->lock);
-    generation *g = p->cur;
-    if (!g->has[h]) {
+    generation *g = atomic_load(&p->cur);
+    if (!g->has[h]) { /* a reload in between */
         pthread_mutex_unlock(&p->lock);
         return 0;
     }
@@ -535,7 +541,7 @@ static int acquire(policy *p, hook_id h, generation **gout, lua_State **Lout, ch
 static void release(policy *p, generation *g, lua_State *L) {
     bool keep = false;
     pthread_mutex_lock(&p->lock);
-    if (!lua_sandbox_broken(L) && g == p->cur && g->n_idle < p->lim.max_idle) {
+    if (!lua_sandbox_broken(L) && g == atomic_load(&p->cur) && g->n_idle < p->lim.max_idle) {
         g->idle[g->n_idle++] = L;
         keep = true;
     }
@@ -556,7 +562,7 @@ static int reload(policy *p, const char *why, char *err, size_t errlen) {
     if (!ng) {
         struct stat st;
         pthread_mutex_lock(&p->lock);
-        unsigned long serving = p->cur->id;
+        unsigned long serving = atomic_load(&p->cur)->id;
         if (p->cfg->policy_file && stat(p->cfg->policy_file, &st) == 0) {
             p->has_rejected = true;
             p->rejected_mtime = st.st_mtim;
@@ -569,7 +575,7 @@ static int reload(policy *p, const char *why, char *err, size_t errlen) {
         return -1;
     }
     pthread_mutex_lock(&p->lock);
-    generation *old = p->cur;
+    generation *old = atomic_load(&p->cur);
     p->has_rejected = false;
     if (old->len == ng->len && (old->source == ng->source || (old->source && ng->source &&
                                                               memcmp(old->source, ng->source, ng->len) == 0))) {
@@ -587,7 +593,7 @@ static int reload(policy *p, const char *why, char *err, size_t errlen) {
     ng->id = ++p->next_id;
     ng->next = p->all;
     p->all = ng;
-    p->cur = ng;
+    atomic_store_explicit(&p->cur, ng, memory_order_release);
     /* The old generation's idle states go; those in use are closed when
      * their calls release them. */
     lua_State **idle = old->idle;
@@ -613,14 +619,12 @@ int policy_reload(policy *p, char *err, size_t errlen) { return reload(p, "reloa
 static void watch(policy *p) {
     if (!p->lim.watch || !p->cfg->policy_file) return;
     int64_t now = mono_ns();
+    int64_t next = atomic_load_explicit(&p->next_check_ns, memory_order_relaxed);
+    /* One request per second looks (the one that wins the CAS); the others
+     * go on without a lock. */
+    if (now < next || !atomic_compare_exchange_strong(&p->next_check_ns, &next, now + POLICY_WATCH_NS)) return;
     pthread_mutex_lock(&p->lock);
-    if (p->checking || now < p->next_check_ns) {
-        pthread_mutex_unlock(&p->lock);
-        return;
-    }
-    p->checking = true;
-    p->next_check_ns = now + POLICY_WATCH_NS;
-    generation *g = p->cur;
+    generation *g = atomic_load(&p->cur);
     struct timespec m = g->mtime;
     off_t size = g->size;
     ino_t ino = g->ino;
@@ -635,9 +639,6 @@ static void watch(policy *p) {
         char err[2048];
         reload(p, "the policy file changed", err, sizeof err);
     }
-    pthread_mutex_lock(&p->lock);
-    p->checking = false;
-    pthread_mutex_unlock(&p->lock);
 }
 
 /* ---------- new / free ---------- */
@@ -705,8 +706,9 @@ policy *policy_new(const config *c, char *err, size_t errlen) {
         return NULL;
     }
     g->id = ++p->next_id;
-    p->cur = p->all = g;
-    p->next_check_ns = mono_ns() + POLICY_WATCH_NS;
+    p->all = g;
+    atomic_store(&p->cur, g);
+    atomic_store(&p->next_check_ns, mono_ns() + POLICY_WATCH_NS);
     return p;
 }
 
@@ -722,19 +724,12 @@ void policy_free(policy *p) {
 }
 
 const char *policy_fingerprint(const policy *p) {
-    policy *q = (policy *)p;
-    pthread_mutex_lock(&q->lock);
-    const char *f = q->cur->fingerprint;
-    pthread_mutex_unlock(&q->lock);
-    return f;
+    return atomic_load_explicit(&((policy *)p)->cur, memory_order_acquire)->fingerprint;
 }
 
 bool policy_has_rewrite(policy *p) {
     watch(p);
-    pthread_mutex_lock(&p->lock);
-    bool has = p->cur->has[H_REWRITE];
-    pthread_mutex_unlock(&p->lock);
-    return has;
+    return atomic_load_explicit(&p->cur, memory_order_acquire)->has[H_REWRITE];
 }
 
 /* ---------- requests as Lua values ---------- */
@@ -1530,11 +1525,10 @@ static const char *keep(policy_log_entry *e, int i, const char *s) {
 
 policy_log_entry *policy_log_begin(policy *p, const policy_request *req, const struct timespec *start) {
     if (!p || !req) return NULL;
+    if (!atomic_load_explicit(&p->cur, memory_order_acquire)->has[H_LOG]) return NULL;
     pthread_mutex_lock(&p->lock);
-    bool has = p->cur->has[H_LOG];
-    if (has) p->refs++;
+    p->refs++;
     pthread_mutex_unlock(&p->lock);
-    if (!has) return NULL;
     policy_log_entry *e = calloc(1, sizeof *e);
     if (!e) {
         policy_unref(p);

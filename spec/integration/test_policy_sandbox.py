@@ -184,7 +184,7 @@ def test_each_escape_fails_closed_while_the_server_keeps_serving(procs, tmp_path
     rf = Regfacade(procs, str(tmp_path), {
         "upstreams": {"fake": {"url": fake_upstream.url}},
         "cache": {"dir": str(tmp_path / "cache"), "tag_ttl_seconds": 3600},
-        "policy": {"file": "policy.lua", "data_dir": "data", "hook_time_ms": 3000,
+        "policy": {"file": "policy.lua", "data_dir": "data", "hook_time_ms": 20000,
                    "hook_instructions": 20000000, "memory_bytes": 32 * 1024 * 1024},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
     }).start()
