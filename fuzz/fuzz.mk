@@ -73,10 +73,12 @@ fuzz: fuzz-build
 	  grep -E "stat::number_of_executed_units|stat::new_units_added" $(BUILD)/fuzz/$$t.log | tr '\n' ' '; echo; \
 	done
 
-# Minimize the kept corpus together with what the last runs found.
+# Minimize the kept corpus together with what the last runs found. The
+# hand-written seeds (seed-*, from fuzz/seeds.py) are always kept.
 fuzz-merge: fuzz-build
 	@set -e; for t in $(FUZZ_TARGETS); do \
-	  mkdir -p $(BUILD)/fuzz/new/$$t $(BUILD)/fuzz/merged/$$t; \
+	  rm -rf $(BUILD)/fuzz/merged/$$t; mkdir -p $(BUILD)/fuzz/new/$$t $(BUILD)/fuzz/merged/$$t; \
+	  cp fuzz/corpus/$$t/seed-* $(BUILD)/fuzz/merged/$$t/ 2>/dev/null || true; \
 	  $(BUILD)/fuzz/$$t -merge=1 $(BUILD)/fuzz/merged/$$t fuzz/corpus/$$t $(BUILD)/fuzz/new/$$t 2>/dev/null; \
 	  rm -rf fuzz/corpus/$$t && mv $(BUILD)/fuzz/merged/$$t fuzz/corpus/$$t; \
 	  echo "fuzz-merge: $$t: $$(ls fuzz/corpus/$$t | wc -l) inputs"; \

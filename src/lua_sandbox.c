@@ -38,6 +38,7 @@ typedef struct {
     bool broken;
     char where[200]; /* the last source position the count hook saw */
     char defined[200]; /* where the function the call runs was defined */
+    void *user[2];     /* lua_sandbox_user */
     /* require and io */
     char *module_dir, *base_dir, *data_dir;
     char **data_files;
@@ -238,6 +239,8 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
 }
 
 bool lua_sandbox_broken(lua_State *L) { return ctx_of(L)->broken; }
+
+void **lua_sandbox_user(lua_State *L) { return ctx_of(L)->user; }
 
 void lua_sandbox_note_function(lua_State *L, int idx) {
     /* Only kept: its position is looked up when a memory error needs it. */

@@ -43,9 +43,10 @@ static const lua_sandbox_phase PHASE_OF[H_COUNT] = {SB_PHASE_SELF_CHECK, SB_PHAS
 
 /* Registry keys (addresses). */
 static const char HOOKS_KEY = 'H';
-static const char REQ_KEY = 'R';     /* the req table of the running call */
-static const char REQ_PTR_KEY = 'P'; /* its policy_request (light userdata) */
+static const char HOOKFN_KEY = 'F';  /* { [h + 1] = hook function }: the hooks without a lookup by name */
 static const char REQ_MT_KEY = 'M';  /* req's metatable */
+/* lua_sandbox_user(L): [0] the running call's req table (lua_topointer),
+ * [1] its policy_request. */
 
 /* One compiled version of the policy. Its states are tagged by living in
  * its pool; a state in use holds a reference. */
@@ -384,6 +385,14 @@ static int inspect_fn(lua_State *L) {
                          "resolve, rewrite, log); regfacade never calls it", what, k);
         }
     }
+    /* The functions, by hook number, for the calls. */
+    lua_createtable(L, H_COUNT, 0);
+    for (int h = 0; h < H_COUNT; h++) {
+        lua_pushstring(L, HOOKS[h]);
+        lua_rawget(L, 3);
+        lua_rawseti(L, -2, h + 1);
+    }
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &HOOKFN_KEY);
     /* The hooks table is read-only: no request can swap a hook for the next. */
     lua_sandbox_freeze(L, 2, false);
     lua_pushvalue(L, 2);
@@ -776,19 +785,14 @@ static void build_ctx(lua_State *L, const policy_request *r) {
 static int req_index(lua_State *L) {
     if (lua_type(L, 2) != LUA_TSTRING) return 0;
     const char *k = lua_tostring(L, 2);
+    if (k[0] != 'h' && k[0] != 'c') return 0; /* ns, spec, ...: absent, and asked often */
     void (*build)(lua_State *, const policy_request *) = strcmp(k, "headers") == 0  ? build_headers
                                                           : strcmp(k, "client") == 0 ? build_client
                                                           : strcmp(k, "ctx") == 0    ? build_ctx
                                                                                      : NULL;
     if (!build) return 0;
-    const policy_request *r = NULL;
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &REQ_KEY);
-    if (lua_rawequal(L, -1, 1)) {
-        lua_rawgetp(L, LUA_REGISTRYINDEX, &REQ_PTR_KEY);
-        r = lua_touserdata(L, -1);
-        lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
+    void **cur = lua_sandbox_user(L);
+    const policy_request *r = cur[0] == lua_topointer(L, 1) ? cur[1] : NULL;
     build(L, r);
     lua_pushvalue(L, 2);
     lua_pushvalue(L, -2);
@@ -813,10 +817,9 @@ static void push_request(lua_State *L, const policy_request *r) {
         lua_rawsetp(L, LUA_REGISTRYINDEX, &REQ_MT_KEY);
     }
     lua_setmetatable(L, t);
-    lua_pushvalue(L, t);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &REQ_KEY);
-    lua_pushlightuserdata(L, (void *)r);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &REQ_PTR_KEY);
+    void **cur = lua_sandbox_user(L);
+    cur[0] = (void *)lua_topointer(L, t);
+    cur[1] = (void *)r;
     set_field_string(L, t, "method", r->method);
     set_field_string(L, t, "kind", r->kind);
     set_field_string(L, t, "repository", r->repository);
@@ -942,8 +945,8 @@ static void answers_readable(lua_State *L) {
 
 /* Pushes hooks[name] (a function: the generation has it). */
 static void push_hook(lua_State *L, hook_id h) {
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &HOOKS_KEY);
-    lua_getfield(L, -1, HOOKS[h]); /* the table is frozen: its __index is a plain table */
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &HOOKFN_KEY);
+    lua_rawgeti(L, -1, h + 1);
     lua_remove(L, -2);
     lua_sandbox_note_function(L, -1);
 }
@@ -1251,20 +1254,6 @@ static json_value *table_to_json(lua_State *L, int idx, int depth, char *err, si
 static int read_layers(hook_call *c, lua_State *L, int t, policy_resolution *out) {
     lua_pushliteral(L, "layers");
     int lt = lua_rawget(L, t);
-    if (lt == LUA_TNIL) {
-        lua_pushliteral(L, "platforms");
-        int pt = lua_rawget(L, t);
-        lua_pop(L, 1);
-        if (pt == LUA_TNIL) {
-            /* The common answer (where from, nothing added): the fingerprint
-             * of an empty decision, without building it. */
-            lua_pop(L, 1);
-            out->fingerprint = strdup("[]");
-            if (out->fingerprint) return 0;
-            invalid_answer(c, "resolve: out of memory");
-            return -1;
-        }
-    }
     if (lt != LUA_TNIL && lt != LUA_TTABLE) {
         invalid_answer(c, "resolve: layers must be a list, got %s", luaL_typename(L, -1));
         lua_pop(L, 1);
@@ -1404,10 +1393,24 @@ static int resolve_fn(lua_State *L) {
         invalid_answer(c, "resolve must return a table, or nil and an error; got %s", luaL_typename(L, 2));
     } else {
         const config *cfg = c->p->cfg;
-        const char *up = raw_string(L, 2, "upstream");
-        const char *repo = raw_string(L, 2, "repository");
-        const char *ref = raw_string(L, 2, "reference");
-        const char *creds = raw_string(L, 2, "credentials");
+        /* One pass over the answer (strings stay anchored in it). */
+        const char *up = NULL, *repo = NULL, *ref = NULL, *creds = NULL;
+        bool creds_bad = false, more = false;
+        lua_pushnil(L);
+        while (lua_next(L, 2) != 0) {
+            if (lua_type(L, -2) == LUA_TSTRING) {
+                const char *k = lua_tostring(L, -2);
+                const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+                if (strcmp(k, "upstream") == 0) up = v;
+                else if (strcmp(k, "repository") == 0) repo = v;
+                else if (strcmp(k, "reference") == 0) ref = v;
+                else if (strcmp(k, "credentials") == 0) {
+                    creds = v;
+                    creds_bad = !v || !name_ok(v);
+                } else if (strcmp(k, "layers") == 0 || strcmp(k, "platforms") == 0) more = true;
+            }
+            lua_pop(L, 1);
+        }
         if (!up) up = cfg->default_upstream;
         if (!repo) repo = req->repository;
         if (!ref) ref = req->reference;
@@ -1417,8 +1420,7 @@ static int resolve_fn(lua_State *L) {
                               "credentials = SET", up);
         } else if (!up || !config_find_upstream(cfg, up)) {
             invalid_answer(c, "resolve returned upstream \"%s\", which is not configured", up ? up : "(none)");
-        } else if (raw_type(L, 2, "credentials") != LUA_TNIL && !(raw_string(L, 2, "credentials") &&
-                                                                  name_ok(raw_string(L, 2, "credentials")))) {
+        } else if (creds_bad) {
             invalid_answer(c, "resolve returned credentials that are not a credential set name");
         } else if (!repo || !ref_valid_name(repo)) {
             invalid_answer(c, "resolve returned an invalid repository \"%s\"", repo ? repo : "(none)");
@@ -1431,6 +1433,12 @@ static int resolve_fn(lua_State *L) {
             if (apply_credentials(c->p, creds, out->upstream, sizeof out->upstream, c->e) != 0) {
                 c->rc = -1;
                 c->invalid = true;
+            } else if (!more) {
+                /* The common answer (where from, nothing added): the
+                 * fingerprint of an empty decision, without building it. */
+                out->fingerprint = strdup("[]");
+                if (out->fingerprint) c->rc = 0;
+                else invalid_answer(c, "resolve: out of memory");
             } else if (read_layers(c, L, 2, out) == 0) {
                 c->rc = 0;
             }

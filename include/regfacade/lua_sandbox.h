@@ -133,6 +133,10 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
  * definition when no closer position is known. */
 void lua_sandbox_note_function(lua_State *L, int idx);
 
+/* Two pointers the embedder may keep in the state for its own use (the
+ * dispatcher keeps the running call's request there). Never NULL. */
+void **lua_sandbox_user(lua_State *L);
+
 /* True once a call was stopped by a budget or a memory error: the state
  * may hold anything and must be closed, not reused. */
 bool lua_sandbox_broken(lua_State *L);

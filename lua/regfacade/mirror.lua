@@ -47,12 +47,26 @@ end
 
 -- Upstream names in sorted order, so that every decision and every message
 -- is the same whatever the order of keys in the config file.
+-- In the server the configuration is read-only (its metatable is
+-- protected: getmetatable answers false), so the sorted names of one
+-- upstreams table never change and are computed once per Lua state; a
+-- plain table (busted specs change theirs between calls) is sorted afresh
+-- every time. Callers never change the list they get.
+local sorted_cache = setmetatable({}, { __mode = "k" })
+
 local function sorted_names(upstreams)
+    local cached = sorted_cache[upstreams]
+    if cached then
+        return cached
+    end
     local names = {}
     for name in pairs(upstreams) do
         names[#names + 1] = name
     end
     table.sort(names)
+    if getmetatable(upstreams) == false then
+        sorted_cache[upstreams] = names
+    end
     return names
 end
 

@@ -193,6 +193,8 @@ def test_dockerfile_runtime_packages_cover_the_binary():
     needed = subprocess.run(["readelf", "-d", REGFACADE], capture_output=True, text=True,
                             check=True).stdout
     libs = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", needed)
+    # `make test SANITIZE=1` links the sanitizer runtimes, which no image ships.
+    libs = [lib for lib in libs if not re.match(r"lib(a|ub|l|t)san\.so", lib)]
     ldd = subprocess.run(["ldd", REGFACADE], capture_output=True, text=True, check=True).stdout
     paths = dict(re.findall(r"^\s*(\S+) => (\S+)", ldd, re.M))
     missing = []
