@@ -44,7 +44,7 @@ LUA_FILES := $(sort $(filter-out lua/regfacade/testing.lua,$(wildcard lua/regfac
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 
-BUSTED := LUA_PATH_5_4="lua/?.lua;lua/?/init.lua;spec/?.lua;/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua;;" lua5.4 /usr/bin/busted --ignore-lua
+BUSTED := REGFACADE_BUILD=$(BUILD) LUA_PATH_5_4="lua/?.lua;lua/?/init.lua;spec/?.lua;/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua;;" lua5.4 /usr/bin/busted --ignore-lua
 
 .PHONY: all deps test-deps test test-unit test-lua test-integration run clean bench
 
