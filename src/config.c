@@ -71,21 +71,25 @@ static char *resolve_path(load_ctx *lc, const char *p) {
 }
 
 /* Every key of obj must be in allowed (NULL-terminated). */
-static int check_keys(load_ctx *lc, const json_value *obj, const char *where, const char *const *allowed) {
-    if (!obj || obj->type != JSON_OBJECT) return fail(lc, "%s: must be an object", where);
+const char *config_unknown_key(const json_value *obj, const char *const *allowed, char *list, size_t listlen) {
+    list[0] = '\0';
+    for (const char *const *a = allowed; *a; a++) {
+        strncat(list, *a, listlen - strlen(list) - 1);
+        if (a[1]) strncat(list, ", ", listlen - strlen(list) - 1);
+    }
     for (size_t i = 0; i < obj->count; i++) {
         bool ok = false;
-        for (const char *const *a = allowed; *a; a++)
-            if (strcmp(obj->keys[i], *a) == 0) ok = true;
-        if (!ok) {
-            char list[512] = "";
-            for (const char *const *a = allowed; *a; a++) {
-                strncat(list, *a, sizeof list - strlen(list) - 3);
-                if (a[1]) strncat(list, ", ", sizeof list - strlen(list) - 1);
-            }
-            return fail(lc, "%s: unknown key \"%s\" (allowed: %s)", where, obj->keys[i], list);
-        }
+        for (const char *const *a = allowed; *a && !ok; a++) ok = strcmp(obj->keys[i], *a) == 0;
+        if (!ok) return obj->keys[i];
     }
+    return NULL;
+}
+
+static int check_keys(load_ctx *lc, const json_value *obj, const char *where, const char *const *allowed) {
+    if (!obj || obj->type != JSON_OBJECT) return fail(lc, "%s: must be an object", where);
+    char list[512];
+    const char *bad = config_unknown_key(obj, allowed, list, sizeof list);
+    if (bad) return fail(lc, "%s: unknown key \"%s\" (allowed: %s)", where, bad, list);
     return 0;
 }
 

@@ -412,19 +412,9 @@ static int fail(pctx *p, const char *fmt, ...) {
 }
 
 static int check_keys(pctx *p, const json_value *obj, const char *where, const char *const *allowed) {
-    for (size_t i = 0; i < obj->count; i++) {
-        bool ok = false;
-        for (const char *const *a = allowed; *a; a++)
-            if (strcmp(obj->keys[i], *a) == 0) ok = true;
-        if (!ok) {
-            char list[512] = "";
-            for (const char *const *a = allowed; *a; a++) {
-                strncat(list, *a, sizeof list - strlen(list) - 3);
-                if (a[1]) strncat(list, ", ", sizeof list - strlen(list) - 1);
-            }
-            return fail(p, "%s%s%s: unknown key (allowed: %s)", where, *where ? "." : "", obj->keys[i], list);
-        }
-    }
+    char list[512];
+    const char *bad = config_unknown_key(obj, allowed, list, sizeof list);
+    if (bad) return fail(p, "%s%s%s: unknown key (allowed: %s)", where, *where ? "." : "", bad, list);
     return 0;
 }
 

@@ -82,4 +82,9 @@ void config_free(config *c);
 
 const config_upstream *config_find_upstream(const config *c, const char *name);
 
+/* The first key of obj that is not in allowed (NULL-terminated), or NULL;
+ * list gets the allowed keys, comma-separated, for the message. Every
+ * config section's parser uses it: unknown keys are errors everywhere. */
+const char *config_unknown_key(const json_value *obj, const char *const *allowed, char *list, size_t listlen);
+
 #endif
