@@ -36,9 +36,8 @@ from urllib.parse import urlsplit
 import pytest
 
 import clients
-import images
 from clients import check_copied_layout, diag
-from fake_upstream import random_bytes, request, sha256_digest, verify_cache, wait_until
+from fake_upstream import random_bytes, request, verify_cache, wait_until
 from harness import Regfacade, free_port
 
 MiB = 1024 * 1024
