@@ -105,13 +105,12 @@ void fetch_release(fetch *x) {
     if (last) fetch_destroy(x);
 }
 
-static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...) {
+void fetch_error_set(fetch_error *e, int status, const char *code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     e->http_status = status;
     e->code = code;
+    e->retry_after[0] = '\0';
     vsnprintf(e->message, sizeof e->message, fmt, ap);
     va_end(ap);
 }
@@ -247,17 +246,17 @@ static int fetch_attempt(fetch *x) {
             return 0;
         }
         if (resp.status == 404) {
-            set_error(&x->err, 404, "BLOB_UNKNOWN", "blob %s is unknown to upstream %s (repository %s)", x->digest,
+            fetch_error_set(&x->err, 404, "BLOB_UNKNOWN", "blob %s is unknown to upstream %s (repository %s)", x->digest,
                       name, x->repository);
             return -1;
         }
         if (resp.status == 401 || resp.status == 403) {
-            set_error(&x->err, 403, "DENIED", "upstream %s refused access to %s (status %ld)", name, x->repository,
+            fetch_error_set(&x->err, 403, "DENIED", "upstream %s refused access to %s (status %ld)", name, x->repository,
                       resp.status);
             return -1;
         }
         if (resp.status == 429) {
-            set_error(&x->err, 429, "TOOMANYREQUESTS", "upstream %s is rate-limiting (429) the blob %s", name,
+            fetch_error_set(&x->err, 429, "TOOMANYREQUESTS", "upstream %s is rate-limiting (429) the blob %s", name,
                       x->digest);
             snprintf(x->err.retry_after, sizeof x->err.retry_after, "%s", resp.retry_after);
             snprintf(x->retry_after, sizeof x->retry_after, "%s", resp.retry_after);
@@ -271,21 +270,21 @@ static int fetch_attempt(fetch *x) {
             return 1;
         }
         if (resp.status >= 500) {
-            set_error(&x->err, 502, "UNKNOWN", "upstream %s answered %ld for blob %s", name, resp.status, x->digest);
+            fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s answered %ld for blob %s", name, resp.status, x->digest);
             snprintf(x->retry_after, sizeof x->retry_after, "%s", resp.retry_after);
             return 1;
         }
-        set_error(&x->err, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for blob %s", name,
+        fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for blob %s", name,
                   resp.status, x->digest);
         return -1;
     }
     if (r == UPSTREAM_ERR_ABORTED) {
-        set_error(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", name, x->digest, x->attempt_err);
+        fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", name, x->digest, x->attempt_err);
         return x->attempt_err[0] && strstr(x->attempt_err, "spool") ? -1 : 1;
     }
     const char *code;
     int status = upstream_result_http_status(r, &code);
-    set_error(&x->err, status, code, "%s", err);
+    fetch_error_set(&x->err, status, code, "%s", err);
     return upstream_result_retryable(r) ? 1 : -1;
 }
 
@@ -320,10 +319,10 @@ static void *fetch_thread(void *arg) {
     char err[1024];
     if (rc == 0) {
         if (digest_final(x->dg, got) != 0) {
-            set_error(&x->err, 502, "UNKNOWN", "sha256 of blob %s failed", x->digest);
+            fetch_error_set(&x->err, 502, "UNKNOWN", "sha256 of blob %s failed", x->digest);
             rc = -1;
         } else if (strcmp(got, x->digest) != 0) {
-            set_error(&x->err, 502, "DIGEST_INVALID",
+            fetch_error_set(&x->err, 502, "DIGEST_INVALID",
                       "upstream %s sent bytes with digest %s for blob %s (%llu bytes); not cached",
                       upstream_name(x->u), got, x->digest, (unsigned long long)x->written);
             rc = -1;
@@ -338,7 +337,7 @@ static void *fetch_thread(void *arg) {
     }
     if (rc != 0) {
         if (rc == 1 && !x->err.code)
-            set_error(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", upstream_name(x->u), x->digest,
+            fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", upstream_name(x->u), x->digest,
                       x->attempt_err);
         if (rc == 1 && gave_up[0]) {
             size_t ml = strlen(x->err.message);
@@ -492,7 +491,7 @@ int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char
         int rc = store_blob_read(f->st, digest, max, data, len, err, sizeof err);
         if (rc == 1) return 0;
         if (rc < 0) {
-            set_error(e, 502, "UNKNOWN", "%s", err);
+            fetch_error_set(e, 502, "UNKNOWN", "%s", err);
             return -1;
         }
         if (round == 1) break;
@@ -500,13 +499,13 @@ int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char
         fetch *x = fetch_blob(f, u, repository, digest, &now_cached, err, sizeof err);
         if (!x) {
             if (now_cached) continue;
-            set_error(e, 500, "UNKNOWN", "%s", err);
+            fetch_error_set(e, 500, "UNKNOWN", "%s", err);
             return -1;
         }
         int done = fetch_wait_done(x, e);
         fetch_release(x);
         if (done != 0) return -1;
     }
-    set_error(e, 502, "UNKNOWN", "blob %s was fetched but is not in the cache", digest);
+    fetch_error_set(e, 502, "UNKNOWN", "blob %s was fetched but is not in the cache", digest);
     return -1;
 }

@@ -13,18 +13,6 @@
 
 #define CONFIG_BLOB_MAX (16 * 1024 * 1024)
 
-static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    e->http_status = status;
-    e->code = code;
-    e->retry_after[0] = '\0';
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-}
-
 /* The stack the decision asks for ({"base"} when resolve gave none). */
 static const layer_spec *stack_of(const policy_resolution *res, size_t *n) {
     static const layer_spec base_only = {.kind = LAYER_BASE};
@@ -128,13 +116,13 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     char jerr[256], err[1024];
     json_value *base = json_parse(base_bytes, base_len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     if (!base) {
-        set_error(e, 502, "MANIFEST_INVALID", "base manifest of %s: %s", res->repository, jerr);
+        fetch_error_set(e, 502, "MANIFEST_INVALID", "base manifest of %s: %s", res->repository, jerr);
         return -1;
     }
     const char *cfg_digest = json_object_get_string(json_object_get(base, "config"), "digest");
     if (!cfg_digest || !ref_is_sha256_digest(cfg_digest)) {
         json_free(base);
-        set_error(e, 502, "MANIFEST_INVALID", "base manifest of %s has no config digest", res->repository);
+        fetch_error_set(e, 502, "MANIFEST_INVALID", "base manifest of %s has no config digest", res->repository);
         return -1;
     }
     char *cfg_bytes = NULL;
@@ -148,7 +136,7 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     free(cfg_bytes);
     if (!cfg) {
         json_free(base);
-        set_error(e, 502, "MANIFEST_INVALID", "config %s of %s: %s", cfg_digest, res->repository, jerr);
+        fetch_error_set(e, 502, "MANIFEST_INVALID", "config %s of %s: %s", cfg_digest, res->repository, jerr);
         return -1;
     }
     char platform[128];
@@ -167,13 +155,13 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     size_t cl = 0, ml = 0;
     char cd[80], md[80];
     if (image_assemble(base, cfg, stack.items, stack.n, &man_out, &cfg_out, err, sizeof err) != 0) {
-        set_error(e, 502, "MANIFEST_INVALID", "assembling %s for %s: %s", res->repository, platform, err);
+        fetch_error_set(e, 502, "MANIFEST_INVALID", "assembling %s for %s: %s", res->repository, platform, err);
         goto out;
     }
     policy_error pe;
     if (policy_rewrite(env->pol, req, &man_out, &cfg_out, stack.items, stack.n, &pe) != 0) {
         /* e->code must outlive pe (a local): a static string. */
-        set_error(e, pe.status, static_code(pe.code), "%s", pe.message);
+        fetch_error_set(e, pe.status, static_code(pe.code), "%s", pe.message);
         goto out;
     }
     /* Nothing changed (a stack of "base" alone, left as it was by the
@@ -182,17 +170,17 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     bool unchanged = same_tree(man_out, base) && same_tree(cfg_out, cfg);
     if (unchanged) {
         if (!(mb = malloc(base_len ? base_len : 1)) || digest_bytes(base_bytes, base_len, md) != 0) {
-            set_error(e, 500, "UNKNOWN", "out of memory");
+            fetch_error_set(e, 500, "UNKNOWN", "out of memory");
             goto out;
         }
         memcpy(mb, base_bytes, base_len);
         ml = base_len;
     } else if (image_finish(man_out, cfg_out, &cb, &cl, cd, &mb, &ml, md, err, sizeof err) != 0) {
-        set_error(e, 500, "UNKNOWN", "finishing %s for %s: %s", res->repository, platform, err);
+        fetch_error_set(e, 500, "UNKNOWN", "finishing %s for %s: %s", res->repository, platform, err);
         goto out;
     }
     if (ml > env->cfg->manifest_max_bytes) {
-        set_error(e, 500, "MANIFEST_INVALID", "the assembled manifest is %zu bytes, over limits.manifest_max_bytes",
+        fetch_error_set(e, 500, "MANIFEST_INVALID", "the assembled manifest is %zu bytes, over limits.manifest_max_bytes",
                   ml);
         goto out;
     }
@@ -200,12 +188,12 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     *out_size = ml;
     if (pend) {
         if ((!unchanged && pending_add(pend, cd, &cb, cl) != 0) || pending_add(pend, md, &mb, ml) != 0) {
-            set_error(e, 500, "UNKNOWN", "out of memory");
+            fetch_error_set(e, 500, "UNKNOWN", "out of memory");
             goto out;
         }
     } else if ((!unchanged && store_put(env->st, cd, cb, cl, err, sizeof err) != 0) ||
                store_put(env->st, md, mb, ml, err, sizeof err) != 0) {
-        set_error(e, 500, "UNKNOWN", "storing the assembled image: %s", err);
+        fetch_error_set(e, 500, "UNKNOWN", "storing the assembled image: %s", err);
         goto out;
     }
     if (keep) {
@@ -234,7 +222,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
     json_value *list = idx ? json_object_get(idx, "manifests") : NULL;
     if (!list || list->type != JSON_ARRAY) {
         json_free(idx);
-        set_error(e, 502, "MANIFEST_INVALID", "index of %s: %s", res->repository, idx ? "no manifests array" : jerr);
+        fetch_error_set(e, 502, "MANIFEST_INVALID", "index of %s: %s", res->repository, idx ? "no manifests array" : jerr);
         return -1;
     }
     manifest_env menv = {env->st, env->cfg};
@@ -282,7 +270,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
             json_object_set(entry, "size", json_new_uint64(ns)) != 0) {
             json_free(idx);
             pending_clear(&pend);
-            set_error(e, 500, "UNKNOWN", "out of memory");
+            fetch_error_set(e, 500, "UNKNOWN", "out of memory");
             return -1;
         }
         i++;
@@ -290,7 +278,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
     if (list->count == 0) {
         json_free(idx);
         pending_clear(&pend);
-        set_error(e, 404, "MANIFEST_UNKNOWN", "the policy's platforms leave no manifest in the index of %s",
+        fetch_error_set(e, 404, "MANIFEST_UNKNOWN", "the policy's platforms leave no manifest in the index of %s",
                   res->repository);
         return -1;
     }
@@ -310,7 +298,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
     if (!bytes || stored != 0 || digest_bytes(bytes, len, d) != 0 ||
         store_put(env->st, d, bytes, len, err, sizeof err) != 0) {
         free(bytes);
-        set_error(e, 500, "UNKNOWN", "storing the assembled index: %s", bytes ? err : "out of memory");
+        fetch_error_set(e, 500, "UNKNOWN", "storing the assembled index: %s", bytes ? err : "out of memory");
         return -1;
     }
     out->data = bytes;
@@ -328,7 +316,7 @@ static int decision_key(const generate_env *env, const policy_request *req, cons
                         const manifest *base, char key[65], fetch_error *e) {
     digest_ctx *d = digest_new();
     if (!d) {
-        set_error(e, 500, "UNKNOWN", "out of memory");
+        fetch_error_set(e, 500, "UNKNOWN", "out of memory");
         return -1;
     }
     const char *parts[] = {"regfacade-generate-v1", base->digest, policy_fingerprint(env->pol), res->upstream,

@@ -22,18 +22,6 @@
 #define MT_OCI_LAYER "application/vnd.oci.image.layer.v1.tar"
 #define MT_OCI_LAYER_GZIP "application/vnd.oci.image.layer.v1.tar+gzip"
 
-static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    e->http_status = status;
-    e->code = code;
-    e->retry_after[0] = '\0';
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-}
-
 /* ---------- specs ---------- */
 
 void layer_spec_clear(layer_spec *s) {
@@ -457,11 +445,11 @@ out:
 static int file_layer(const layer_env *env, const char *path, file_entry *out, fetch_error *e) {
     struct stat st;
     if (stat(path, &st) != 0) {
-        set_error(e, 500, "UNKNOWN", "layer file %s: %s", path, strerror(errno));
+        fetch_error_set(e, 500, "UNKNOWN", "layer file %s: %s", path, strerror(errno));
         return -1;
     }
     if (!S_ISREG(st.st_mode)) {
-        set_error(e, 500, "UNKNOWN", "layer file %s: not a regular file", path);
+        fetch_error_set(e, 500, "UNKNOWN", "layer file %s: not a regular file", path);
         return -1;
     }
     layer_catalog *cat = env->cat;
@@ -479,12 +467,12 @@ static int file_layer(const layer_env *env, const char *path, file_entry *out, f
     file_entry fe = {.dev = st.st_dev, .ino = st.st_ino, .mtime = st.st_mtim};
     char err[1024];
     if (describe_file(env->st, path, &fe, err, sizeof err) != 0) {
-        set_error(e, 500, "UNKNOWN", "%s", err);
+        fetch_error_set(e, 500, "UNKNOWN", "%s", err);
         log_error("%s", err);
         return -1;
     }
     if (fe.size != st.st_size) {
-        set_error(e, 500, "UNKNOWN", "layer file %s changed while it was read", path);
+        fetch_error_set(e, 500, "UNKNOWN", "layer file %s changed while it was read", path);
         return -1;
     }
     file_entry *keep = malloc(sizeof *keep);
@@ -611,7 +599,7 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
                         layer_stack *out, fetch_error *e) {
     char up[128], repo[300], ref[200];
     if (parse_image_ref(env->cfg, spec->image, up, sizeof up, repo, sizeof repo, ref, sizeof ref) != 0) {
-        set_error(e, 500, "UNKNOWN", "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
+        fetch_error_set(e, 500, "UNKNOWN", "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
                   "configured upstream", spec->image);
         return -1;
     }
@@ -653,21 +641,21 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
         man = NULL;
         manifest_clear(&m);
         if (!chosen[0] || manifest_get(&menv, u, repo, chosen, &m, e) != 0) {
-            if (!chosen[0]) set_error(e, 502, "UNKNOWN", "layer image %s: an empty index", spec->image);
+            if (!chosen[0]) fetch_error_set(e, 502, "UNKNOWN", "layer image %s: an empty index", spec->image);
             return -1;
         }
         man = json_parse(m.data, m.len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     }
     manifest_clear(&m);
     if (!man) {
-        set_error(e, 502, "UNKNOWN", "layer image %s: manifest: %s", spec->image, jerr);
+        fetch_error_set(e, 502, "UNKNOWN", "layer image %s: manifest: %s", spec->image, jerr);
         return -1;
     }
     const char *cfg_digest = json_object_get_string(json_object_get(man, "config"), "digest");
     json_value *layers = json_object_get(man, "layers");
     if (!cfg_digest || !ref_is_sha256_digest(cfg_digest) || !layers || layers->type != JSON_ARRAY) {
         json_free(man);
-        set_error(e, 502, "UNKNOWN", "layer image %s: the manifest has no config or layers", spec->image);
+        fetch_error_set(e, 502, "UNKNOWN", "layer image %s: the manifest has no config or layers", spec->image);
         return -1;
     }
     char *cfg_bytes = NULL;
@@ -680,7 +668,7 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
     free(cfg_bytes);
     json_value *diff_ids = cfg ? json_object_get(json_object_get(cfg, "rootfs"), "diff_ids") : NULL;
     if (!diff_ids || diff_ids->type != JSON_ARRAY || diff_ids->count != layers->count) {
-        set_error(e, 502, "UNKNOWN", "layer image %s: its config does not list one diff_id per layer", spec->image);
+        fetch_error_set(e, 502, "UNKNOWN", "layer image %s: its config does not list one diff_id per layer", spec->image);
         json_free(cfg);
         json_free(man);
         return -1;
@@ -695,14 +683,14 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
         const char *diff = diff_ids->items[i]->type == JSON_STRING ? diff_ids->items[i]->str : NULL;
         if (!digest || !ref_is_sha256_digest(digest) || !mt || !json_get_uint64(json_object_get(d, "size"), &size) ||
             !diff) {
-            set_error(e, 502, "UNKNOWN", "layer image %s: layer %zu has a malformed descriptor", spec->image, i);
+            fetch_error_set(e, 502, "UNKNOWN", "layer image %s: layer %zu has a malformed descriptor", spec->image, i);
             rc = -1;
             break;
         }
         image_layer *it = push_item(out);
         if (!it) {
             rc = -1;
-            set_error(e, 500, "UNKNOWN", "out of memory");
+            fetch_error_set(e, 500, "UNKNOWN", "out of memory");
             break;
         }
         it->digest = keep_string(out, digest);
@@ -736,7 +724,7 @@ static int resolve_one(const layer_env *env, const layer_spec *spec, const char 
     case LAYER_NAMED: {
         const layer_spec *named = catalog_find(env->cat, spec->name);
         if (!named) {
-            set_error(e, 500, "UNKNOWN", "layer \"%s\" is not defined in the config's layers", spec->name);
+            fetch_error_set(e, 500, "UNKNOWN", "layer \"%s\" is not defined in the config's layers", spec->name);
             return -1;
         }
         if (named->kind == LAYER_NAMED || named->kind == LAYER_BASE) break;
@@ -779,7 +767,7 @@ static int resolve_one(const layer_env *env, const layer_spec *spec, const char 
         const char *up = spec->upstream ? spec->upstream : base_upstream;
         const char *repo = spec->repository ? spec->repository : base_repository;
         if (!config_find_upstream(env->cfg, up)) {
-            set_error(e, 500, "UNKNOWN", "layer %s: upstream \"%s\" is not configured", it->name, up);
+            fetch_error_set(e, 500, "UNKNOWN", "layer %s: upstream \"%s\" is not configured", it->name, up);
             return -1;
         }
         char err[512];
@@ -787,7 +775,7 @@ static int resolve_one(const layer_env *env, const layer_spec *spec, const char 
         return 0;
     }
     }
-    set_error(e, 500, "UNKNOWN", "layer %s: out of memory or invalid", label ? label : "?");
+    fetch_error_set(e, 500, "UNKNOWN", "layer %s: out of memory or invalid", label ? label : "?");
     return -1;
 }
 
@@ -806,7 +794,7 @@ int layers_resolve(const layer_env *env, const layer_spec *specs, size_t n, cons
 static int key_one(const layer_env *env, const layer_spec *spec, digest_ctx *key, int depth, fetch_error *e) {
     char *fp = layer_spec_fingerprint(spec);
     if (!fp) {
-        set_error(e, 500, "UNKNOWN", "out of memory");
+        fetch_error_set(e, 500, "UNKNOWN", "out of memory");
         return -1;
     }
     digest_update(key, fp, strlen(fp) + 1);
@@ -814,7 +802,7 @@ static int key_one(const layer_env *env, const layer_spec *spec, digest_ctx *key
     if (spec->kind == LAYER_NAMED && depth == 0) {
         const layer_spec *named = catalog_find(env->cat, spec->name);
         if (!named) {
-            set_error(e, 500, "UNKNOWN", "layer \"%s\" is not defined in the config's layers", spec->name);
+            fetch_error_set(e, 500, "UNKNOWN", "layer \"%s\" is not defined in the config's layers", spec->name);
             return -1;
         }
         return key_one(env, named, key, depth + 1, e);
@@ -822,7 +810,7 @@ static int key_one(const layer_env *env, const layer_spec *spec, digest_ctx *key
     if (spec->kind == LAYER_IMAGE) {
         char up[128], repo[300], ref[200];
         if (parse_image_ref(env->cfg, spec->image, up, sizeof up, repo, sizeof repo, ref, sizeof ref) != 0) {
-            set_error(e, 500, "UNKNOWN", "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
+            fetch_error_set(e, 500, "UNKNOWN", "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
                       "configured upstream", spec->image);
             return -1;
         }

@@ -14,18 +14,6 @@
 #include "regfacade/metrics.h"
 #include "regfacade/ref.h"
 
-static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void set_error(fetch_error *e, int status, const char *code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    e->http_status = status;
-    e->code = code;
-    e->retry_after[0] = '\0';
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-}
-
 void manifest_clear(manifest *m) {
     free(m->data);
     memset(m, 0, sizeof *m);
@@ -45,7 +33,7 @@ int manifest_media_type(const char *data, size_t len, const char *content_type, 
     char jerr[256];
     json_value *v = json_parse(data, len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     if (!v || v->type != JSON_OBJECT) {
-        set_error(e, 502, "MANIFEST_INVALID", "the manifest is not a JSON object (%s)", v ? "wrong type" : jerr);
+        fetch_error_set(e, 502, "MANIFEST_INVALID", "the manifest is not a JSON object (%s)", v ? "wrong type" : jerr);
         json_free(v);
         return -1;
     }
@@ -54,12 +42,12 @@ int manifest_media_type(const char *data, size_t len, const char *content_type, 
     json_get_int64(json_object_get(v, "schemaVersion"), &schema);
     int rc = 0;
     if ((mt && is_schema1(mt)) || schema == 1 || (!mt && content_type && is_schema1(content_type))) {
-        set_error(e, 415, "UNSUPPORTED",
+        fetch_error_set(e, 415, "UNSUPPORTED",
                   "Docker schema1 manifests are not supported (the image must be pushed as Docker schema2 or OCI)");
         rc = -1;
     } else if (mt) {
         if (!is_supported(mt)) {
-            set_error(e, 502, "MANIFEST_INVALID", "unsupported manifest mediaType \"%s\"", mt);
+            fetch_error_set(e, 502, "MANIFEST_INVALID", "unsupported manifest mediaType \"%s\"", mt);
             rc = -1;
         } else {
             snprintf(out, outlen, "%s", mt);
@@ -155,16 +143,16 @@ static int buf_body(void *ud, const char *data, size_t len) {
 /* Map a final upstream answer that is not 2xx. */
 static void map_status(fetch_error *e, const upstream_response *r, upstream *u, const char *what) {
     if (r->status == 404)
-        set_error(e, 404, "MANIFEST_UNKNOWN", "manifest %s is unknown to upstream %s", what, upstream_name(u));
+        fetch_error_set(e, 404, "MANIFEST_UNKNOWN", "manifest %s is unknown to upstream %s", what, upstream_name(u));
     else if (r->status == 401 || r->status == 403)
-        set_error(e, 403, "DENIED", "upstream %s refused access to %s (status %ld)", upstream_name(u), what,
+        fetch_error_set(e, 403, "DENIED", "upstream %s refused access to %s (status %ld)", upstream_name(u), what,
                   r->status);
     else if (r->status == 429) {
-        set_error(e, 429, "TOOMANYREQUESTS", "upstream %s is rate-limiting (429) manifest %s", upstream_name(u),
+        fetch_error_set(e, 429, "TOOMANYREQUESTS", "upstream %s is rate-limiting (429) manifest %s", upstream_name(u),
                   what);
         snprintf(e->retry_after, sizeof e->retry_after, "%s", r->retry_after);
     } else
-        set_error(e, 502, "UNKNOWN", "upstream %s answered %ld for manifest %s", upstream_name(u), r->status, what);
+        fetch_error_set(e, 502, "UNKNOWN", "upstream %s answered %ld for manifest %s", upstream_name(u), r->status, what);
 }
 
 /* One upstream request, retried on transport errors, 5xx and 429, paced by
@@ -190,14 +178,14 @@ static int perform_retry(const manifest_env *env, upstream *u, upstream_request 
             retry_after = resp->retry_after;
             map_status(e, resp, u, what);
         } else if (r == UPSTREAM_ERR_ABORTED && b && b->too_big) {
-            set_error(e, 502, "MANIFEST_INVALID", "manifest %s from upstream %s exceeds the %zu-byte limit "
+            fetch_error_set(e, 502, "MANIFEST_INVALID", "manifest %s from upstream %s exceeds the %zu-byte limit "
                       "(limits.manifest_max_bytes)", what, upstream_name(u), b->max);
             return -1;
         } else {
             retry = upstream_result_retryable(r);
             const char *code;
             int status = upstream_result_http_status(r, &code);
-            set_error(e, status, code, "%s", err);
+            fetch_error_set(e, status, code, "%s", err);
         }
         if (!retry || quick) return -1;
         char why[400];
@@ -238,12 +226,12 @@ static int fetch_manifest(const manifest_env *env, upstream *u, const char *repo
     char got[DIGEST_STRING_LEN];
     if (!b.buf || digest_bytes(b.buf, b.len, got) != 0) {
         free(b.buf);
-        set_error(e, 500, "UNKNOWN", "out of memory hashing manifest %s", what);
+        fetch_error_set(e, 500, "UNKNOWN", "out of memory hashing manifest %s", what);
         return -1;
     }
     const char *expect = want_digest ? want_digest : (ref_is_sha256_digest(resp.digest) ? resp.digest : NULL);
     if (expect && strcmp(expect, got) != 0) {
-        set_error(e, 502, "DIGEST_INVALID", "upstream %s sent manifest %s with digest %s, expected %s; not cached",
+        fetch_error_set(e, 502, "DIGEST_INVALID", "upstream %s sent manifest %s with digest %s, expected %s; not cached",
                   upstream_name(u), what, got, expect);
         free(b.buf);
         return -1;
@@ -272,7 +260,7 @@ static int from_store(const manifest_env *env, const char *digest, manifest *out
     size_t len = 0;
     int rc = store_blob_read(env->st, digest, env->cfg->manifest_max_bytes, &data, &len, err, sizeof err);
     if (rc <= 0) {
-        if (rc < 0) set_error(e, 500, "UNKNOWN", "%s", err);
+        if (rc < 0) fetch_error_set(e, 500, "UNKNOWN", "%s", err);
         return rc;
     }
     if (manifest_media_type(data, len, NULL, out->media_type, sizeof out->media_type, e) != 0) {
@@ -417,7 +405,7 @@ static int copy_result(const flight *f, manifest *out, fetch_error *e) {
     out->data = malloc(f->m.len + 1);
     if (!out->data) {
         memset(out, 0, sizeof *out);
-        set_error(e, 500, "UNKNOWN", "out of memory copying manifest");
+        fetch_error_set(e, 500, "UNKNOWN", "out of memory copying manifest");
         return -1;
     }
     memcpy(out->data, f->m.data, f->m.len);
@@ -432,7 +420,7 @@ int manifest_get(const manifest_env *env, upstream *u, const char *repository, c
         int rc = from_store(env, reference, out, e);
         if (rc != 0) return rc > 0 ? 0 : -1;
     } else if (ref_valid_digest(reference)) {
-        set_error(e, 400, "DIGEST_INVALID", "only sha256 digests are supported, got %s", reference);
+        fetch_error_set(e, 400, "DIGEST_INVALID", "only sha256 digests are supported, got %s", reference);
         return -1;
     } else {
         store_tag known;
@@ -463,7 +451,7 @@ int manifest_get(const manifest_env *env, upstream *u, const char *repository, c
         if (f) free(f->repository);
         free(f);
         pthread_mutex_unlock(&flights_mu);
-        set_error(e, 500, "UNKNOWN", "out of memory");
+        fetch_error_set(e, 500, "UNKNOWN", "out of memory");
         return -1;
     }
     f->st = env->st;

@@ -71,6 +71,11 @@ void fetch_release(fetch *x);
 int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, size_t max,
                      char **data, size_t *len, fetch_error *e);
 
+/* Fill e (status, code, printf-style message; retry_after cleared). The
+ * one constructor of fetch errors, used by every module that returns one. */
+void fetch_error_set(fetch_error *e, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
 /* Counters for metrics and tests. */
 typedef struct {
     unsigned long started;   /* upstream fetches started */
