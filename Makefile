@@ -46,7 +46,12 @@ LUA_FILES := $(sort $(filter-out lua/regfacade/testing.lua,$(wildcard lua/regfac
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 
-BUSTED := REGFACADE_BUILD=$(BUILD) LUA_PATH_5_4="lua/?.lua;lua/?/init.lua;spec/?.lua;/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua;;" lua5.4 /usr/bin/busted --ignore-lua
+# Under SANITIZE=1 the busted modules (regfacade.core, regfacade.sandbox) are
+# ASan builds: the lua5.4 interpreter must load the sanitizer runtimes first.
+ifeq ($(SANITIZE),1)
+  BUSTED_PRELOAD := LD_PRELOAD="$(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0
+endif
+BUSTED := $(BUSTED_PRELOAD) REGFACADE_BUILD=$(BUILD) LUA_PATH_5_4="lua/?.lua;lua/?/init.lua;spec/?.lua;/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua;;" lua5.4 /usr/bin/busted --ignore-lua
 
 .PHONY: all deps test-deps test test-unit test-lua test-integration run clean bench
 
