@@ -14,29 +14,7 @@
 #define DEFAULT_MAX_REPLACE_BYTES (16ULL * 1024 * 1024)
 #define DEFAULT_INLINE_MAX_BYTES (16ULL * 1024)
 
-typedef struct {
-    const config *c;
-    char *err;
-    size_t errlen;
-} pctx;
-
-static int fail(pctx *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int fail(pctx *p, const char *fmt, ...) {
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    snprintf(p->err, p->errlen, "%s: blobserve.%s", p->c->path ? p->c->path : "config", msg);
-    return -1;
-}
-
-static int check_keys(pctx *p, const json_value *obj, const char *where, const char *const *allowed) {
-    char list[512];
-    const char *bad = config_unknown_key(obj, allowed, list, sizeof list);
-    if (bad) return fail(p, "%s%s%s: unknown key (allowed: %s)", where, *where ? "." : "", bad, list);
-    return 0;
-}
+typedef config_section pctx; /* the shared section parser (config.h) */
 
 static const char *str_of(const json_value *v) {
     return v && v->type == JSON_STRING && v->len > 0 && strlen(v->str) == v->len ? v->str : NULL;
@@ -48,7 +26,7 @@ static int get_u64(pctx *p, const json_value *obj, const char *key, const char *
     if (!v) return 0;
     uint64_t n;
     if (!json_get_uint64(v, &n) || n < min || n > max)
-        return fail(p, "%s: must be an integer from %llu to %llu", where, (unsigned long long)min,
+        return config_section_fail(p, "%s: must be an integer from %llu to %llu", where, (unsigned long long)min,
                     (unsigned long long)max);
     *out = n;
     return 0;
@@ -57,7 +35,7 @@ static int get_u64(pctx *p, const json_value *obj, const char *key, const char *
 static int get_bool(pctx *p, const json_value *obj, const char *key, bool *out) {
     json_value *v = json_object_get(obj, key);
     if (!v) return 0;
-    if (v->type != JSON_TRUE && v->type != JSON_FALSE) return fail(p, "%s: must be true or false", key);
+    if (v->type != JSON_TRUE && v->type != JSON_FALSE) return config_section_fail(p, "%s: must be true or false", key);
     *out = v->type == JSON_TRUE;
     return 0;
 }
@@ -72,26 +50,26 @@ static char *resolve_path(const config *c, const char *s) {
 
 static int parse_listen(pctx *p, const char *s, blobserve_config *bc) {
     const char *colon = strrchr(s, ':');
-    if (!colon || colon == s) return fail(p, "listen: \"%s\" must be HOST:PORT", s);
+    if (!colon || colon == s) return config_section_fail(p, "listen: \"%s\" must be HOST:PORT", s);
     char *end = NULL;
     long port = strtol(colon + 1, &end, 10);
-    if (!colon[1] || *end || port < 1 || port > 65535) return fail(p, "listen: port in \"%s\" must be 1..65535", s);
+    if (!colon[1] || *end || port < 1 || port > 65535) return config_section_fail(p, "listen: port in \"%s\" must be 1..65535", s);
     bc->listen_host = strndup(s, (size_t)(colon - s));
     bc->listen_port = (int)port;
-    if (!bc->listen_host) return fail(p, "listen: out of memory");
+    if (!bc->listen_host) return config_section_fail(p, "listen: out of memory");
     if (strcmp(bc->listen_host, p->c->listen_host) == 0 && bc->listen_port == p->c->listen_port)
-        return fail(p, "listen: \"%s\" is the registry listener's address; blobserve needs its own", s);
+        return config_section_fail(p, "listen: \"%s\" is the registry listener's address; blobserve needs its own", s);
     return 0;
 }
 
 static int string_list(pctx *p, const json_value *v, const char *key, char ***out, size_t *n) {
-    if (v->type != JSON_ARRAY) return fail(p, "%s: must be an array of strings", key);
+    if (v->type != JSON_ARRAY) return config_section_fail(p, "%s: must be an array of strings", key);
     *out = calloc(v->count ? v->count : 1, sizeof **out);
-    if (!*out) return fail(p, "%s: out of memory", key);
+    if (!*out) return config_section_fail(p, "%s: out of memory", key);
     for (size_t i = 0; i < v->count; i++) {
         const char *s = str_of(v->items[i]);
-        if (!s) return fail(p, "%s[%zu]: must be a non-empty string", key, i);
-        if (!((*out)[i] = strdup(s))) return fail(p, "%s: out of memory", key);
+        if (!s) return config_section_fail(p, "%s[%zu]: must be a non-empty string", key, i);
+        if (!((*out)[i] = strdup(s))) return config_section_fail(p, "%s: out of memory", key);
         *n = i + 1;
     }
     return 0;
@@ -100,48 +78,48 @@ static int string_list(pctx *p, const json_value *v, const char *key, char ***ou
 /* A prepull entry: "repo:tag" or "repo@sha256:hex", parsed by the URL grammar. */
 static int check_ref(pctx *p, const blobserve_config *bc, const char *ref, size_t i) {
     char url[1024], why[256];
-    if (snprintf(url, sizeof url, "/%s/", ref) >= (int)sizeof url) return fail(p, "prepull[%zu]: too long", i);
+    if (snprintf(url, sizeof url, "/%s/", ref) >= (int)sizeof url) return config_section_fail(p, "prepull[%zu]: too long", i);
     bs_url u;
     if (bs_url_parse(url, &u, why, sizeof why) != 0 || u.path[0])
-        return fail(p, "prepull[%zu]: \"%s\" is not REPOSITORY:TAG or REPOSITORY@sha256:HEX (%s)", i, ref,
+        return config_section_fail(p, "prepull[%zu]: \"%s\" is not REPOSITORY:TAG or REPOSITORY@sha256:HEX (%s)", i, ref,
                     u.path[0] ? "a path is not allowed" : why);
     if (!blobserve_config_allows(bc, u.repository))
-        return fail(p, "prepull[%zu]: repository \"%s\" is not in blobserve.repositories", i, u.repository);
+        return config_section_fail(p, "prepull[%zu]: repository \"%s\" is not in blobserve.repositories", i, u.repository);
     return 0;
 }
 
 static int parse_edits(pctx *p, const json_value *v, blobserve_config *bc) {
     static const char *const keys[] = {"path", "search", "replacement", NULL};
-    if (v->type != JSON_OBJECT) return fail(p, "replacements: must be an object {REPOSITORY: [edits]}");
+    if (v->type != JSON_OBJECT) return config_section_fail(p, "replacements: must be an object {REPOSITORY: [edits]}");
     bc->edits = calloc(v->count ? v->count : 1, sizeof *bc->edits);
-    if (!bc->edits) return fail(p, "replacements: out of memory");
+    if (!bc->edits) return config_section_fail(p, "replacements: out of memory");
     for (size_t r = 0; r < v->count; r++) {
         const char *repo = v->keys[r];
         const json_value *list = v->items[r];
         char where[400];
         snprintf(where, sizeof where, "replacements.%s", repo);
-        if (!ref_valid_name(repo)) return fail(p, "%s: not a valid repository name", where);
+        if (!ref_valid_name(repo)) return config_section_fail(p, "%s: not a valid repository name", where);
         for (size_t j = 0; j < r; j++)
-            if (strcmp(bc->edits[j].repository, repo) == 0) return fail(p, "%s: given twice", where);
+            if (strcmp(bc->edits[j].repository, repo) == 0) return config_section_fail(p, "%s: given twice", where);
         if (!blobserve_config_allows(bc, repo))
-            return fail(p, "%s: repository \"%s\" is not in blobserve.repositories", where, repo);
+            return config_section_fail(p, "%s: repository \"%s\" is not in blobserve.repositories", where, repo);
         if (list->type != JSON_ARRAY || list->count == 0)
-            return fail(p, "%s: must be a non-empty array of {path, search, replacement}", where);
+            return config_section_fail(p, "%s: must be a non-empty array of {path, search, replacement}", where);
         blobserve_repo_edits *re = &bc->edits[r];
         bc->n_edits = r + 1;
         if (!(re->repository = strdup(repo)) || !(re->items = calloc(list->count, sizeof *re->items)))
-            return fail(p, "%s: out of memory", where);
+            return config_section_fail(p, "%s: out of memory", where);
         digest_ctx *d = digest_new();
-        if (!d) return fail(p, "%s: out of memory", where);
+        if (!d) return config_section_fail(p, "%s: out of memory", where);
         for (size_t i = 0; i < list->count; i++) {
             const json_value *o = list->items[i];
             char w2[420];
             snprintf(w2, sizeof w2, "%s[%zu]", where, i);
             if (o->type != JSON_OBJECT) {
                 digest_free(d);
-                return fail(p, "%s: must be an object {path, search, replacement}", w2);
+                return config_section_fail(p, "%s: must be an object {path, search, replacement}", w2);
             }
-            if (check_keys(p, o, w2, keys) != 0) {
+            if (config_section_check_keys(p, o, w2, keys) != 0) {
                 digest_free(d);
                 return -1;
             }
@@ -151,15 +129,15 @@ static int parse_edits(pctx *p, const json_value *v, blobserve_config *bc) {
             char norm[BS_FS_PATH_MAX];
             if (!path || !bs_path_normalize(path, norm, sizeof norm)) {
                 digest_free(d);
-                return fail(p, "%s.path: must name a file in the image (no \"..\")", w2);
+                return config_section_fail(p, "%s.path: must name a file in the image (no \"..\")", w2);
             }
             if (!s || s->type != JSON_STRING || s->len == 0) {
                 digest_free(d);
-                return fail(p, "%s.search: must be a non-empty string", w2);
+                return config_section_fail(p, "%s.search: must be a non-empty string", w2);
             }
             if (!rp || rp->type != JSON_STRING) {
                 digest_free(d);
-                return fail(p, "%s.replacement: must be a string", w2);
+                return config_section_fail(p, "%s.replacement: must be a string", w2);
             }
             blobserve_replacement *it = &re->items[i];
             re->n = i + 1;
@@ -168,7 +146,7 @@ static int parse_edits(pctx *p, const json_value *v, blobserve_config *bc) {
             it->replacement = malloc(rp->len + 1);
             if (!it->path || !it->search || !it->replacement) {
                 digest_free(d);
-                return fail(p, "%s: out of memory", w2);
+                return config_section_fail(p, "%s: out of memory", w2);
             }
             memcpy(it->search, s->str, s->len + 1);
             it->search_len = s->len;
@@ -194,21 +172,21 @@ static int parse_edits(pctx *p, const json_value *v, blobserve_config *bc) {
 
 static int parse_platform(pctx *p, const char *s, blobserve_config *bc) {
     char buf[128];
-    if (strlen(s) >= sizeof buf) return fail(p, "platform: too long");
+    if (strlen(s) >= sizeof buf) return config_section_fail(p, "platform: too long");
     snprintf(buf, sizeof buf, "%s", s);
     char *save = NULL;
     char *os = strtok_r(buf, "/", &save);
     char *arch = os ? strtok_r(NULL, "/", &save) : NULL;
     char *variant = arch ? strtok_r(NULL, "/", &save) : NULL;
     if (!os || !arch || strtok_r(NULL, "/", &save))
-        return fail(p, "platform: \"%s\" must be OS/ARCH or OS/ARCH/VARIANT (e.g. linux/amd64)", s);
+        return config_section_fail(p, "platform: \"%s\" must be OS/ARCH or OS/ARCH/VARIANT (e.g. linux/amd64)", s);
     free(bc->platform_os);
     free(bc->platform_arch);
     bc->platform_os = strdup(os);
     bc->platform_arch = strdup(arch);
     bc->platform_variant = variant ? strdup(variant) : NULL;
     if (!bc->platform_os || !bc->platform_arch || (variant && !bc->platform_variant))
-        return fail(p, "platform: out of memory");
+        return config_section_fail(p, "platform: out of memory");
     return 0;
 }
 
@@ -220,7 +198,7 @@ int blobserve_config_parse(const config *c, blobserve_config **out, char *err, s
     *out = NULL;
     const json_value *sec = c->blobserve;
     if (!sec) return 0;
-    pctx p = {c, err, errlen};
+    pctx p = {c, "blobserve", err, errlen};
     if (sec->type != JSON_OBJECT) {
         snprintf(err, errlen, "%s: blobserve: must be an object", c->path ? c->path : "config");
         return -1;
@@ -235,11 +213,11 @@ int blobserve_config_parse(const config *c, blobserve_config **out, char *err, s
     bc->max_replace_file_bytes = DEFAULT_MAX_REPLACE_BYTES;
     bc->inline_max_bytes = DEFAULT_INLINE_MAX_BYTES;
     int rc = -1;
-    if (check_keys(&p, sec, "", top) != 0) goto out;
+    if (config_section_check_keys(&p, sec, "", top) != 0) goto out;
 
     const char *listen = str_of(json_object_get(sec, "listen"));
     if (!listen) {
-        fail(&p, "listen: required, \"HOST:PORT\" (e.g. \"127.0.0.1:5080\")");
+        config_section_fail(&p, "listen: required, \"HOST:PORT\" (e.g. \"127.0.0.1:5080\")");
         goto out;
     }
     if (parse_listen(&p, listen, bc) != 0) goto out;
@@ -250,19 +228,19 @@ int blobserve_config_parse(const config *c, blobserve_config **out, char *err, s
         if (string_list(&p, repos, "repositories", &bc->repositories, &bc->n_repositories) != 0) goto out;
         for (size_t i = 0; i < bc->n_repositories; i++)
             if (!ref_valid_name(bc->repositories[i])) {
-                fail(&p, "repositories[%zu]: \"%s\" is not a valid repository name", i, bc->repositories[i]);
+                config_section_fail(&p, "repositories[%zu]: \"%s\" is not a valid repository name", i, bc->repositories[i]);
                 goto out;
             }
     }
     if (!bc->any_repository && bc->n_repositories == 0) {
-        fail(&p, "repositories: required (a list of repositories to serve), unless \"any_repository\": true");
+        config_section_fail(&p, "repositories: required (a list of repositories to serve), unless \"any_repository\": true");
         goto out;
     }
 
     const char *platform = "linux/amd64";
     json_value *pv = json_object_get(sec, "platform");
     if (pv && !(platform = str_of(pv))) {
-        fail(&p, "platform: must be a string such as \"linux/amd64\"");
+        config_section_fail(&p, "platform: must be a string such as \"linux/amd64\"");
         goto out;
     }
     if (parse_platform(&p, platform, bc) != 0) goto out;
@@ -270,15 +248,15 @@ int blobserve_config_parse(const config *c, blobserve_config **out, char *err, s
     json_value *cache = json_object_get(sec, "cache");
     if (cache) {
         if (cache->type != JSON_OBJECT) {
-            fail(&p, "cache: must be an object {dir, max_bytes}");
+            config_section_fail(&p, "cache: must be an object {dir, max_bytes}");
             goto out;
         }
-        if (check_keys(&p, cache, "cache", cache_keys) != 0) goto out;
+        if (config_section_check_keys(&p, cache, "cache", cache_keys) != 0) goto out;
         json_value *dv = json_object_get(cache, "dir");
         if (dv) {
             const char *d = str_of(dv);
             if (!d) {
-                fail(&p, "cache.dir: must be a non-empty string");
+                config_section_fail(&p, "cache.dir: must be a non-empty string");
                 goto out;
             }
             bc->cache_dir = resolve_path(c, d);
@@ -291,7 +269,7 @@ int blobserve_config_parse(const config *c, blobserve_config **out, char *err, s
         if ((bc->cache_dir = malloc(n))) snprintf(bc->cache_dir, n, "%s/blobserve", c->cache_dir);
     }
     if (!bc->cache_dir) {
-        fail(&p, "cache.dir: out of memory");
+        config_section_fail(&p, "cache.dir: out of memory");
         goto out;
     }
 

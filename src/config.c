@@ -612,3 +612,21 @@ const config_upstream *config_find_upstream(const config *c, const char *name) {
         if (strcmp(c->upstreams[i].name, name) == 0) return &c->upstreams[i];
     return NULL;
 }
+
+int config_section_fail(config_section *s, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    snprintf(s->err, s->errlen, "%s: %s.%s", s->c->path ? s->c->path : "config", s->section, msg);
+    return -1;
+}
+
+int config_section_check_keys(config_section *s, const json_value *obj, const char *where,
+                              const char *const *allowed) {
+    char list[512];
+    const char *bad = config_unknown_key(obj, allowed, list, sizeof list);
+    if (bad) return config_section_fail(s, "%s%s%s: unknown key (allowed: %s)", where, *where ? "." : "", bad, list);
+    return 0;
+}

@@ -394,34 +394,12 @@ static json_value *pulled_parse(void *ud, const char *text, size_t len, char *er
 
 /* ---------- config ---------- */
 
-typedef struct {
-    const config *c;
-    char *err;
-    size_t errlen;
-} pctx;
-
-static int fail(pctx *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int fail(pctx *p, const char *fmt, ...) {
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    snprintf(p->err, p->errlen, "%s: specs.%s", p->c->path ? p->c->path : "config", msg);
-    return -1;
-}
-
-static int check_keys(pctx *p, const json_value *obj, const char *where, const char *const *allowed) {
-    char list[512];
-    const char *bad = config_unknown_key(obj, allowed, list, sizeof list);
-    if (bad) return fail(p, "%s%s%s: unknown key (allowed: %s)", where, *where ? "." : "", bad, list);
-    return 0;
-}
+typedef config_section pctx; /* the shared section parser (config.h) */
 
 static int get_str(pctx *p, const json_value *obj, const char *key, const char *where, const char **out) {
     json_value *v = json_object_get(obj, key);
     if (!v) return 0;
-    if (!plain_string(v) || v->len == 0) return fail(p, "%s.%s: must be a non-empty string", where, key);
+    if (!plain_string(v) || v->len == 0) return config_section_fail(p, "%s.%s: must be a non-empty string", where, key);
     *out = v->str;
     return 0;
 }
@@ -432,7 +410,7 @@ static int get_num(pctx *p, const json_value *obj, const char *key, const char *
     if (!v) return 0;
     int64_t n;
     if (!json_get_int64(v, &n) || n < min || n > max)
-        return fail(p, "%s%s%s: must be an integer from %lld to %lld", where, *where ? "." : "", key, (long long)min,
+        return config_section_fail(p, "%s%s%s: must be an integer from %lld to %lld", where, *where ? "." : "", key, (long long)min,
                     (long long)max);
     *out = n;
     return 0;
@@ -441,7 +419,7 @@ static int get_num(pctx *p, const json_value *obj, const char *key, const char *
 static int get_bool(pctx *p, const json_value *obj, const char *key, const char *where, bool *out) {
     json_value *v = json_object_get(obj, key);
     if (!v) return 0;
-    if (v->type != JSON_TRUE && v->type != JSON_FALSE) return fail(p, "%s.%s: must be true or false", where, key);
+    if (v->type != JSON_TRUE && v->type != JSON_FALSE) return config_section_fail(p, "%s.%s: must be true or false", where, key);
     *out = v->type == JSON_TRUE;
     return 0;
 }
@@ -840,51 +818,51 @@ static int parse_provider(pctx *p, specs *sp, const char *name, const json_value
     char where[200];
     snprintf(where, sizeof where, "providers.%s", name);
     pv->name = strdup(name);
-    if (!pv->name) return fail(p, "%s: out of memory", where);
-    if (o->type != JSON_OBJECT) return fail(p, "%s: must be an object with a \"type\"", where);
+    if (!pv->name) return config_section_fail(p, "%s: out of memory", where);
+    if (o->type != JSON_OBJECT) return config_section_fail(p, "%s: must be an object with a \"type\"", where);
     const char *type = NULL;
     if (get_str(p, o, "type", where, &type) != 0) return -1;
-    if (!type) return fail(p, "%s.type: required: \"pulled\", \"pushed\" or \"fixed\"", where);
+    if (!type) return config_section_fail(p, "%s.type: required: \"pulled\", \"pushed\" or \"fixed\"", where);
     if (strcmp(type, "pushed") == 0) {
         static const char *const keys[] = {"type", "max_specs", NULL};
-        if (check_keys(p, o, where, keys) != 0) return -1;
+        if (config_section_check_keys(p, o, where, keys) != 0) return -1;
         pv->type = PROV_PUSHED;
         int64_t max = DEFAULT_MAX_SPECS;
         if (get_num(p, o, "max_specs", where, 1, 10000000, &max) != 0) return -1;
         pv->max_specs = (size_t)max;
-        if (sp->pushed) return fail(p, "%s: only one provider may be of type \"pushed\" (%s is)", where, sp->pushed->name);
+        if (sp->pushed) return config_section_fail(p, "%s: only one provider may be of type \"pushed\" (%s is)", where, sp->pushed->name);
         sp->pushed = pv;
         return 0;
     }
     if (strcmp(type, "fixed") == 0) {
         static const char *const keys[] = {"type", "file", "check_interval_ms", NULL};
-        if (check_keys(p, o, where, keys) != 0) return -1;
+        if (config_section_check_keys(p, o, where, keys) != 0) return -1;
         pv->type = PROV_FIXED;
         const char *file = NULL;
         if (get_str(p, o, "file", where, &file) != 0) return -1;
-        if (!file) return fail(p, "%s.file: required (a JSON file mapping ids to specs)", where);
+        if (!file) return config_section_fail(p, "%s.file: required (a JSON file mapping ids to specs)", where);
         int64_t ms = DEFAULT_FIXED_CHECK_MS;
         if (get_num(p, o, "check_interval_ms", where, 0, 3600000, &ms) != 0) return -1;
         pv->check_ms = (long)ms;
-        if (!(pv->file = config_path(c, file))) return fail(p, "%s: out of memory", where);
+        if (!(pv->file = config_path(c, file))) return config_section_fail(p, "%s: out of memory", where);
         return 0; /* loaded once every provider is known (it checks specs) */
     }
     if (strcmp(type, "pulled") != 0)
-        return fail(p, "%s.type: \"%s\" is not \"pulled\", \"pushed\" or \"fixed\"", where, type);
+        return config_section_fail(p, "%s.type: \"%s\" is not \"pulled\", \"pushed\" or \"fixed\"", where, type);
     static const char *const keys[] = {"type", "url", "ca_file", "tls_verify", "client_cert_file", "client_key_file",
                                        "token_file", "ttl_seconds", "cache_max_entries", "cache_max_bytes",
                                        "timeout_ms", "retries", NULL};
-    if (check_keys(p, o, where, keys) != 0) return -1;
+    if (config_section_check_keys(p, o, where, keys) != 0) return -1;
     pv->type = PROV_PULLED;
     const char *url = NULL, *ca = NULL, *cert = NULL, *key = NULL, *token_file = NULL;
     if (get_str(p, o, "url", where, &url) != 0 || get_str(p, o, "ca_file", where, &ca) != 0 ||
         get_str(p, o, "client_cert_file", where, &cert) != 0 || get_str(p, o, "client_key_file", where, &key) != 0 ||
         get_str(p, o, "token_file", where, &token_file) != 0)
         return -1;
-    if (!url) return fail(p, "%s.url: required: \"https://HOST/PATH/{id}\" or a base URL the id is appended to", where);
+    if (!url) return config_section_fail(p, "%s.url: required: \"https://HOST/PATH/{id}\" or a base URL the id is appended to", where);
     if ((strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0) || strpbrk(url, " \t\r\n#"))
-        return fail(p, "%s.url: \"%s\" must be an http:// or https:// URL without spaces or fragment", where, url);
-    if (key && !cert) return fail(p, "%s.client_key_file: needs client_cert_file", where);
+        return config_section_fail(p, "%s.url: \"%s\" must be an http:// or https:// URL without spaces or fragment", where, url);
+    if (key && !cert) return config_section_fail(p, "%s.client_key_file: needs client_cert_file", where);
     bool verify = true;
     int64_t ttl = DEFAULT_TTL_S, entries = 1024, bytes = 16 * 1024 * 1024, timeout = 10000,
             retries = c->upstream_retries;
@@ -901,7 +879,7 @@ static int parse_provider(pctx *p, specs *sp, const char *name, const json_value
     const char *fkeys[] = {"ca_file", "client_cert_file", "client_key_file"};
     for (size_t i = 0; i < 3 && rc == 0; i++)
         if (files[i] && access(files[i], R_OK) != 0)
-            rc = fail(p, "%s.%s: cannot read %s: %s", where, fkeys[i], files[i], strerror(errno));
+            rc = config_section_fail(p, "%s.%s: cannot read %s: %s", where, fkeys[i], files[i], strerror(errno));
     if (rc == 0 && token_file) {
         char *tpath = config_path(c, token_file), why[600];
         size_t len = 0;
@@ -910,9 +888,9 @@ static int parse_provider(pctx *p, specs *sp, const char *name, const json_value
         free(tpath);
         while (token && len > 0 && (token[len - 1] == '\n' || token[len - 1] == '\r' || token[len - 1] == ' '))
             token[--len] = '\0';
-        if (!token) rc = fail(p, "%s.token_file: %s", where, why);
+        if (!token) rc = config_section_fail(p, "%s.token_file: %s", where, why);
         else if (len == 0 || strlen(token) != len || strpbrk(token, "\r\n"))
-            rc = fail(p, "%s.token_file: the file is empty or holds a NUL byte or a line break", where);
+            rc = config_section_fail(p, "%s.token_file: the file is empty or holds a NUL byte or a line break", where);
     }
     if (rc == 0) {
         spec_pulled_options po = {
@@ -936,7 +914,7 @@ static int parse_provider(pctx *p, specs *sp, const char *name, const json_value
         };
         char err[600];
         pv->pulled = spec_pulled_new(&po, err, sizeof err);
-        if (!pv->pulled) rc = fail(p, "%s: %s", where, err);
+        if (!pv->pulled) rc = config_section_fail(p, "%s: %s", where, err);
     }
     free(ca_path);
     free(cert_path);
@@ -952,7 +930,7 @@ static int parse_section(pctx *p, specs *sp) {
     const config *c = p->c;
     const json_value *sec = c->specs;
     static const char *const keys[] = {"providers", "max_bytes", "max_depth", "file_roots", NULL};
-    if (check_keys(p, sec, "", keys) != 0) return -1;
+    if (config_section_check_keys(p, sec, "", keys) != 0) return -1;
     int64_t mb = SPECS_DEFAULT_MAX_BYTES, md = SPECS_DEFAULT_MAX_DEPTH;
     if (get_num(p, sec, "max_bytes", "", 64, 16 * 1024 * 1024, &mb) != 0 ||
         get_num(p, sec, "max_depth", "", 2, SPECS_HARD_MAX_DEPTH - 1, &md) != 0)
@@ -961,37 +939,37 @@ static int parse_section(pctx *p, specs *sp) {
     sp->max_depth = (int)md;
     const json_value *roots = json_object_get(sec, "file_roots");
     if (roots) {
-        if (roots->type != JSON_ARRAY) return fail(p, "file_roots: must be an array of folders");
+        if (roots->type != JSON_ARRAY) return config_section_fail(p, "file_roots: must be an array of folders");
         sp->roots = calloc(roots->count ? roots->count : 1, sizeof *sp->roots);
-        if (!sp->roots) return fail(p, "file_roots: out of memory");
+        if (!sp->roots) return config_section_fail(p, "file_roots: out of memory");
         for (size_t i = 0; i < roots->count; i++) {
             const json_value *r = roots->items[i];
-            if (!plain_string(r) || r->len == 0) return fail(p, "file_roots[%zu]: must be a non-empty string", i);
+            if (!plain_string(r) || r->len == 0) return config_section_fail(p, "file_roots[%zu]: must be a non-empty string", i);
             char *path = config_path(c, r->str), real[PATH_MAX];
             bool ok = path && realpath(path, real);
             int saved = errno;
             struct stat st;
             if (!ok || stat(real, &st) != 0 || !S_ISDIR(st.st_mode)) {
-                int rc = fail(p, "file_roots[%zu]: \"%s\" is not a folder%s%s", i, path ? path : r->str, ok ? "" : ": ",
+                int rc = config_section_fail(p, "file_roots[%zu]: \"%s\" is not a folder%s%s", i, path ? path : r->str, ok ? "" : ": ",
                               ok ? "" : strerror(saved));
                 free(path);
                 return rc;
             }
             free(path);
-            if (!(sp->roots[i] = strdup(real))) return fail(p, "file_roots: out of memory");
+            if (!(sp->roots[i] = strdup(real))) return config_section_fail(p, "file_roots: out of memory");
             sp->n_roots = i + 1;
         }
     }
     const json_value *provs = json_object_get(sec, "providers");
     if (!provs || provs->type != JSON_OBJECT || provs->count == 0)
-        return fail(p, "providers: required: an object of NAME: { \"type\": \"pulled\" | \"pushed\" | \"fixed\", ... }");
+        return config_section_fail(p, "providers: required: an object of NAME: { \"type\": \"pulled\" | \"pushed\" | \"fixed\", ... }");
     sp->provs = calloc(provs->count, sizeof *sp->provs);
-    if (!sp->provs) return fail(p, "providers: out of memory");
+    if (!sp->provs) return config_section_fail(p, "providers: out of memory");
     for (size_t i = 0; i < provs->count; i++) {
         if (!specs_valid_id(provs->keys[i]))
-            return fail(p, "providers.%s: a provider name is [A-Za-z0-9][A-Za-z0-9._-]*", provs->keys[i]);
+            return config_section_fail(p, "providers.%s: a provider name is [A-Za-z0-9][A-Za-z0-9._-]*", provs->keys[i]);
         for (size_t k = 0; k < i; k++)
-            if (strcmp(provs->keys[k], provs->keys[i]) == 0) return fail(p, "providers.%s: given twice", provs->keys[i]);
+            if (strcmp(provs->keys[k], provs->keys[i]) == 0) return config_section_fail(p, "providers.%s: given twice", provs->keys[i]);
         sp->n = i + 1;
         if (parse_provider(p, sp, provs->keys[i], provs->items[i], &sp->provs[i]) != 0) return -1;
     }
@@ -1002,7 +980,7 @@ static int parse_section(pctx *p, specs *sp) {
         struct stat st;
         memset(&st, 0, sizeof st);
         pv->map = fixed_load(sp, pv, &st, why, sizeof why);
-        if (!pv->map) return fail(p, "providers.%s.file: %s", pv->name, why);
+        if (!pv->map) return config_section_fail(p, "providers.%s.file: %s", pv->name, why);
         pv->dev = st.st_dev;
         pv->ino = st.st_ino;
         pv->size = st.st_size;
@@ -1010,7 +988,7 @@ static int parse_section(pctx *p, specs *sp) {
         pv->last_check_ms = now_ms();
     }
     if (sp->pushed && !c->admin)
-        return fail(p, "providers.%s: a pushed provider needs the \"admin\" section (the API specs are pushed to)",
+        return config_section_fail(p, "providers.%s: a pushed provider needs the \"admin\" section (the API specs are pushed to)",
                     sp->pushed->name);
     return 0;
 }
@@ -1018,7 +996,7 @@ static int parse_section(pctx *p, specs *sp) {
 int specs_new(const config *c, specs **out, char *err, size_t errlen) {
     *out = NULL;
     if (!c->specs && !c->admin) return 0;
-    pctx p = {c, err, errlen};
+    pctx p = {c, "specs", err, errlen};
     if (!c->specs) {
         snprintf(err, errlen, "%s: admin: the admin API serves pushed specs: add a \"specs\" section with a provider "
                  "of type \"pushed\"", c->path ? c->path : "config");

@@ -87,4 +87,20 @@ const config_upstream *config_find_upstream(const config *c, const char *name);
  * config section's parser uses it: unknown keys are errors everywhere. */
 const char *config_unknown_key(const json_value *obj, const char *const *allowed, char *list, size_t listlen);
 
+/* Parsing one section owned by a module (blobserve, specs, ...): errors read
+ * "FILE: SECTION.WHAT: why". */
+typedef struct {
+    const config *c;
+    const char *section; /* "blobserve" */
+    char *err;
+    size_t errlen;
+} config_section;
+
+/* Write "FILE: SECTION.<message>" into the error buffer; returns -1. */
+int config_section_fail(config_section *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* -1 (with the error written) when obj has a key outside allowed. where is
+ * the path inside the section ("" for its top). */
+int config_section_check_keys(config_section *s, const json_value *obj, const char *where,
+                              const char *const *allowed);
+
 #endif
