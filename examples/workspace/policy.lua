@@ -43,22 +43,9 @@ local function options()
     return regfacade.config.options or {}
 end
 
--- "UPSTREAM/repo:tag" or "UPSTREAM/repo@sha256:..." -> upstream, repository, reference.
-local function split_ref(ref)
-    local upstream, rest = ref:match("^([^/]+)/(.+)$")
-    if not upstream then
-        error("workspace policy: \"" .. ref .. "\" is not UPSTREAM/repository:tag", 0)
-    end
-    local repo, digest = rest:match("^(.-)@(sha256:%x+)$")
-    if repo then
-        return upstream, repo, digest
-    end
-    local r, tag = rest:match("^(.*):([%w_][%w_.-]*)$")
-    if r and not r:find(":", 1, true) then
-        return upstream, r, tag
-    end
-    return upstream, rest, "latest"
-end
+-- "UPSTREAM/repo:tag" or "UPSTREAM/repo@sha256:..." -> upstream, repository,
+-- reference: the library's parser (the spec-based policy uses the same one).
+local split_ref = require("regfacade.specs").split_ref
 
 -- The workspace a request is for: id and its options, or nil.
 local function workspace_of(req)
