@@ -13,6 +13,7 @@
 #include "regfacade/digest.h"
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
+#include "regfacade/spool_writer.h"
 
 /* An attempt that brought at least this much restarts the retry budget. */
 #define FETCH_PROGRESS_BYTES (1024 * 1024)
@@ -37,7 +38,8 @@ struct fetch {
     store_spool spool;
 
     /* Used by the fetch thread only. */
-    digest_ctx *dg;
+    digest_ctx *dg;      /* fed by sw, in order */
+    spool_writer *sw;    /* writes the body to the spool and publishes `written` */
     uint64_t attempt_start; /* offset this attempt asked for */
     uint64_t skip;          /* bytes of this answer to drop (200 to a Range request) */
     int no_range;           /* the upstream refused a Range (416): ask for everything, skip what we have */
@@ -170,30 +172,35 @@ static int on_body(void *ud, const char *data, size_t len) {
         len -= drop;
         if (len == 0) return 0;
     }
-    if (x->size >= 0 && x->written + len > (uint64_t)x->size) {
+    if (x->size >= 0 && spool_writer_end(x->sw) + len > (uint64_t)x->size) {
         snprintf(x->attempt_err, sizeof x->attempt_err, "upstream sent more than the %lld bytes it announced",
                  (long long)x->size);
         return -1;
     }
-    size_t done = 0;
-    while (done < len) {
-        ssize_t n = pwrite(x->spool.fd, data + done, len - done, (off_t)(x->written + done));
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            snprintf(x->attempt_err, sizeof x->attempt_err, "writing spool %s: %s", x->spool.path, strerror(errno));
-            return -1;
-        }
-        done += (size_t)n;
-    }
-    if (digest_update(x->dg, data, len) != 0) {
-        snprintf(x->attempt_err, sizeof x->attempt_err, "sha256 update failed");
+    if (spool_writer_put(x->sw, data, len) != 0) {
+        snprintf(x->attempt_err, sizeof x->attempt_err, "spool %s: %s", x->spool.path, spool_writer_error(x->sw));
         return -1;
     }
+    return 0;
+}
+
+/* A stalled upstream: bytes that came before the stall still reach readers. */
+static int on_tick(void *ud) {
+    fetch *x = ud;
+    if (spool_writer_tick(x->sw) != 0) {
+        snprintf(x->attempt_err, sizeof x->attempt_err, "spool %s: %s", x->spool.path, spool_writer_error(x->sw));
+        return -1;
+    }
+    return 0;
+}
+
+/* On the spool writer's thread: bytes up to end are readable now. */
+static void on_written(void *ud, uint64_t end) {
+    fetch *x = ud;
     pthread_mutex_lock(&x->mu);
-    x->written += len;
+    x->written = end;
     pthread_cond_broadcast(&x->cv);
     pthread_mutex_unlock(&x->mu);
-    return 0;
 }
 
 /* A transfer slot: at most opts.max_concurrent fetches talk to upstreams
@@ -226,6 +233,7 @@ static int fetch_attempt(fetch *x) {
         .range_start = x->no_range ? 0 : x->written,
         .on_headers = on_headers,
         .on_body = on_body,
+        .on_tick = on_tick,
         .ud = x,
     };
     upstream_response resp;
@@ -236,6 +244,13 @@ static int fetch_attempt(fetch *x) {
     memset(&x->err, 0, sizeof x->err);
     upstream_result r = upstream_perform(x->u, &req, &resp, err, sizeof err);
     const char *name = upstream_name(x->u);
+    /* Everything this attempt brought goes to the spool before anything
+     * looks at `written` (the resume offset, the digest). */
+    if (spool_writer_flush(x->sw) != 0) {
+        fetch_error_set(&x->err, 502, "UNKNOWN", "blob %s: spool %s: %s", x->digest, x->spool.path,
+                        spool_writer_error(x->sw));
+        return -1;
+    }
     if (r == UPSTREAM_OK) {
         if (resp.status == 200 || resp.status == 206) {
             if (x->size >= 0 && x->written < (uint64_t)x->size) {
@@ -291,11 +306,17 @@ static int fetch_attempt(fetch *x) {
 static void *fetch_thread(void *arg) {
     fetch *x = arg;
     fetcher *f = x->owner;
-    int rc;
+    int rc = -1;
     char gave_up[400] = "";
     upstream_retry rt;
     upstream_retry_init(&rt);
-    for (int attempt = 1;; attempt++) {
+    char err[1024];
+    x->sw = spool_writer_new(x->spool.fd, 0, x->dg, on_written, x, err, sizeof err);
+    if (!x->sw) {
+        fetch_error_set(&x->err, 500, "UNKNOWN", "blob %s: %s", x->digest, err);
+        rc = -1;
+    }
+    for (int attempt = 1; x->sw; attempt++) {
         uint64_t before = x->written;
         slot_acquire(f);
         rc = fetch_attempt(x);
@@ -315,8 +336,9 @@ static void *fetch_thread(void *arg) {
         metrics_upstream_retry(upstream_name(x->u), "blob");
         upstream_sleep_ms(delay);
     }
+    spool_writer_free(x->sw);
+    x->sw = NULL;
     char got[DIGEST_STRING_LEN] = "";
-    char err[1024];
     if (rc == 0) {
         if (digest_final(x->dg, got) != 0) {
             fetch_error_set(&x->err, 502, "UNKNOWN", "sha256 of blob %s failed", x->digest);

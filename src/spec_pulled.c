@@ -16,6 +16,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "regfacade/clock.h"
 #include "regfacade/log.h"
 
 #define DEFAULT_CONNECT_TIMEOUT_MS 10000
@@ -61,12 +62,6 @@ struct spec_pulled {
     flight *flights;
     spec_pulled_stats stats;
 };
-
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void sleep_ms(long ms) {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
@@ -216,7 +211,7 @@ static void cache_put(spec_pulled *p, const char *id, const json_value *spec) {
         return;
     }
     e->bytes = bytes;
-    e->expires_ms = now_ms() + p->ttl_s * 1000;
+    e->expires_ms = clock_monotonic_ms() + p->ttl_s * 1000;
     lru_push_front(p, e);
     p->n_entries++;
     p->cache_bytes += bytes;
@@ -334,7 +329,7 @@ static specs_result fetch_spec(spec_pulled *p, const char *id, json_value **out,
         snprintf(why, whylen, "spec provider %s: out of memory", p->name);
         return SPECS_UNAVAILABLE;
     }
-    int64_t start = now_ms();
+    int64_t start = clock_monotonic_ms();
     long backoff = FIRST_BACKOFF_MS;
     specs_result res = SPECS_UNAVAILABLE;
     for (int n = 0;; n++) {
@@ -354,7 +349,7 @@ static specs_result fetch_spec(spec_pulled *p, const char *id, json_value **out,
         if (tr == TRY_FAIL || n >= p->retries) break;
         /* Jitter: a wait in [backoff/2, 3*backoff/2]. */
         long wait = backoff / 2 + (long)((unsigned long)rand() % (unsigned long)(backoff + 1));
-        if (now_ms() - start + wait > p->retry_budget_ms) break;
+        if (clock_monotonic_ms() - start + wait > p->retry_budget_ms) break;
         sleep_ms(wait);
         backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
     }
@@ -395,7 +390,7 @@ specs_result spec_pulled_get(spec_pulled *p, const char *id, json_value **out, c
     pthread_mutex_lock(&p->mu);
     p->stats.lookups++;
     entry *e = cache_find(p, id);
-    if (e && e->expires_ms > now_ms()) {
+    if (e && e->expires_ms > clock_monotonic_ms()) {
         lru_unlink(p, e);
         lru_push_front(p, e);
         p->stats.hits++;

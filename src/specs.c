@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "regfacade/admin.h"
+#include "regfacade/clock.h"
 #include "regfacade/layers.h"
 #include "regfacade/log.h"
 #include "regfacade/ref.h"
@@ -73,12 +74,6 @@ struct specs {
     admin_config *admin_cfg;
     admin_server *admin;
 };
-
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 bool specs_valid_id(const char *id) {
     if (!id) return false;
@@ -525,7 +520,7 @@ static json_value *fixed_load(const specs *sp, const provider *pv, struct stat *
 
 /* Reload the file when it changed (at most every check_ms). Caller holds mu. */
 static void fixed_refresh(specs *sp, provider *pv) {
-    int64_t now = now_ms();
+    int64_t now = clock_monotonic_ms();
     if (now - pv->last_check_ms < pv->check_ms) return;
     pv->last_check_ms = now;
     struct stat st;
@@ -985,7 +980,7 @@ static int parse_section(pctx *p, specs *sp) {
         pv->ino = st.st_ino;
         pv->size = st.st_size;
         pv->mtime = st.st_mtim;
-        pv->last_check_ms = now_ms();
+        pv->last_check_ms = clock_monotonic_ms();
     }
     if (sp->pushed && !c->admin)
         return config_section_fail(p, "providers.%s: a pushed provider needs the \"admin\" section (the API specs are pushed to)",

@@ -20,6 +20,7 @@
 #endif
 #include "regfacade/upstream.h"
 
+#include "regfacade/clock.h"
 #include "regfacade/json.h"
 #include "regfacade/metrics.h"
 #include "regfacade/ref.h"
@@ -130,13 +131,6 @@ static int64_t now_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec;
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* true when s holds a byte that must never reach a header or a URL */
@@ -875,6 +869,17 @@ static size_t header_cb(char *buf, size_t size, size_t nitems, void *ud)
     return total;
 }
 
+static int tick_cb(void *ud, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
+{
+    (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+    xfer *x = ud;
+    if (x->ph == PH_DELIVER && x->req->on_tick && x->req->on_tick(x->req->ud) != 0) {
+        x->aborted = true;
+        return 1;
+    }
+    return 0;
+}
+
 static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
 {
     xfer *x = ud;
@@ -945,6 +950,11 @@ static CURLcode common_setup(upstream *u, CURL *h, xfer *x, const char *url)
     SET(CURLOPT_WRITEFUNCTION, write_cb);
     SET(CURLOPT_WRITEDATA, x);
     SET(CURLOPT_ERRORBUFFER, x->errbuf);
+    if (x->req->on_tick) {
+        SET(CURLOPT_XFERINFOFUNCTION, tick_cb);
+        SET(CURLOPT_XFERINFODATA, x);
+        SET(CURLOPT_NOPROGRESS, 0L);
+    }
 #undef SET
     return rc;
 }
@@ -1435,7 +1445,7 @@ static void base_mark_down(upstream *u, size_t bi, const upstream_response *resp
             ms = ra < UPSTREAM_BASE_DOWN_MAX_MS ? ra : UPSTREAM_BASE_DOWN_MAX_MS;
     }
     pthread_mutex_lock(&u->pool_mu);
-    u->down_until[bi] = now_ms() + ms;
+    u->down_until[bi] = clock_monotonic_ms() + ms;
     pthread_mutex_unlock(&u->pool_mu);
 }
 
@@ -1449,7 +1459,7 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
     /* The order: bases not skipped, in configured order; then the skipped
      * ones, so a request is never refused without trying. */
     size_t order[UPSTREAM_MAX_BASES], n = 0;
-    int64_t now = now_ms();
+    int64_t now = clock_monotonic_ms();
     pthread_mutex_lock(&u->pool_mu);
     for (int pass = 0; pass < 2; pass++)
         for (size_t i = 0; i < u->nbases; i++)
@@ -1541,7 +1551,7 @@ long upstream_parse_retry_after(const char *v)
 void upstream_retry_init(upstream_retry *r)
 {
     r->failures = 0;
-    r->start_ms = now_ms();
+    r->start_ms = clock_monotonic_ms();
 }
 
 void upstream_retry_progress(upstream_retry *r)
@@ -1563,7 +1573,7 @@ long upstream_retry_delay(const upstream *u, upstream_retry *r, const char *retr
         base = UPSTREAM_BACKOFF_MAX_MS;
     long delay = base / 2 + (long)(jitter_u32() % (uint32_t)(base + 1));
     long ra = upstream_parse_retry_after(retry_after);
-    int64_t left = r->start_ms + u->retry_budget_ms - now_ms();
+    int64_t left = r->start_ms + u->retry_budget_ms - clock_monotonic_ms();
     if (ra >= 0 && ra > left) {
         set_err(why, whylen, "the upstream asks to wait %lds (Retry-After), more than the %llds left of the "
                 "retry budget (upstream_client.retry_budget_seconds)", (ra + 999) / 1000,

@@ -3,7 +3,8 @@
  * wants it (single flight).
  *
  * The first client of a cold blob starts a fetch: a thread GETs the blob
- * from the upstream into a spool file, hashing as it goes, and retries a
+ * from the upstream into a spool file (through a spool_writer, which
+ * writes and hashes in 256 KiB chunks on threads of its own), and retries a
  * broken transfer with "Range: bytes=N-" from where it stopped. Every
  * client, the first included, reads the spool as it grows, so the first
  * byte goes out before the transfer ends and nothing is held whole in

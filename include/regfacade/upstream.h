@@ -71,6 +71,9 @@ struct upstream_request {
     /* Called with body bytes of a 2xx final response as they arrive.
      * Return 0 to go on, -1 to abort. */
     int (*on_body)(void *ud, const char *data, size_t len);
+    /* Called often (libcurl's progress callback) while the transfer runs,
+     * also when no bytes arrive. Return 0 to go on, -1 to abort. */
+    int (*on_tick)(void *ud);
     void *ud;
 };
 
