@@ -1053,7 +1053,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--link-mibps", type=float, default=32,
                     help="(d') also run (d) with the upstream behind a link of this many MiB/s (0: skip)")
-    ap.add_argument("--cold-link-mibps", type=float, default=100,
+    ap.add_argument("--cold-link-mibps", type=float, default=64,
                     help="(c') also run (c) with the upstream behind a link of this many MiB/s (0: skip)")
     ap.add_argument("--deadline", type=int, default=900, help="seconds before everything is stopped")
     args = ap.parse_args()
