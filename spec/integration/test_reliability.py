@@ -806,3 +806,55 @@ def test_trickling_upstream_is_cut_by_low_speed_limit(procs, tmp_path, fake_upst
     assert proxy.count("GET", re.escape(d)) == 2
     assert d not in blob_files(rf.cache_dir)
     assert_cache_correct(rf)
+
+
+# ---------------------------------------------------------------------------
+# streaming while the upstream stalls
+# ---------------------------------------------------------------------------
+
+def test_bytes_before_an_upstream_stall_reach_the_client_during_it(procs, tmp_path, fake_upstream,
+                                                                  proxy_factory):
+    """regfacade writes a blob to its spool in 256 KiB chunks: bytes short of
+    a chunk must still reach the client while the upstream sends nothing
+    more (a stalled or slow registry), not only when it goes on."""
+    data = random_bytes(3 * MiB, "stall mid-chunk")
+    d = fake_upstream.put_blob("acme/stall", data)
+    proxy = proxy_factory(fake_upstream.url)
+    stall_at = 300000  # 256 KiB and 37,856 bytes: one full chunk and a partial one
+    proxy.add("stall", path=re.escape(d), after=stall_at, seconds=60, times=1)
+    rf = start_rf(procs, tmp_path, {"fake": {"url": proxy.url}})
+    got = {"n": 0, "status": None, "body": b""}
+
+    def read():
+        conn = http.client.HTTPConnection(rf.host.split(":")[0], int(rf.host.split(":")[1]), timeout=90)
+        try:
+            conn.request("GET", f"/v2/acme/stall/blobs/{d}")
+            r = conn.getresponse()
+            got["status"] = r.status
+            parts = []
+            while True:
+                b = r.read1(65536)
+                if not b:
+                    break
+                parts.append(b)
+                got["n"] += len(b)
+            got["body"] = b"".join(parts)
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        # Every byte the upstream sent before it stalled, while it still stalls
+        # (but one: readers stay a byte behind the spool until the digest is
+        # checked, so the last byte of a blob always waits for it).
+        assert wait_until(lambda: got["n"] >= stall_at - 1, timeout=10), (got["n"], diag(rf))
+        assert got["n"] == stall_at - 1, got["n"]
+        assert not proxy.released.is_set()
+    finally:
+        proxy.release()
+        t.join(timeout=60)
+    assert got["status"] == 200
+    assert got["body"] == data
+    assert blob_files(rf.cache_dir).get(d) == len(data)
+    assert_cache_correct(rf)
