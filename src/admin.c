@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "regfacade/log.h"
+#include "regfacade/mhd_glue.h"
 #include "regfacade/oci_error.h"
 #include "regfacade/specs.h"
 
@@ -33,17 +34,6 @@ struct admin_server {
 };
 
 /* ---------- config ---------- */
-
-static int fail(const config *c, char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static int fail(const config *c, char *err, size_t errlen, const char *fmt, ...) {
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    snprintf(err, errlen, "%s: admin.%s", c->path ? c->path : "config", msg);
-    return -1;
-}
 
 void admin_config_free(admin_config *ac) {
     if (!ac) return;
@@ -94,35 +84,35 @@ int admin_config_parse(const config *c, admin_config **out, char *err, size_t er
     *out = NULL;
     const json_value *sec = c->admin;
     if (!sec) return 0;
-    for (size_t i = 0; i < sec->count; i++)
-        if (strcmp(sec->keys[i], "listen") != 0 && strcmp(sec->keys[i], "token_file") != 0)
-            return fail(c, err, errlen, "%s: unknown key (allowed: listen, token_file)", sec->keys[i]);
+    static const char *const keys[] = {"listen", "token_file", NULL};
+    config_section p_ = {c, "admin", err, errlen}, *p = &p_;
+    if (config_section_check_keys(p, sec, "", keys) != 0) return -1;
     const char *listen = json_object_get_string(sec, "listen");
     const char *token_file = json_object_get_string(sec, "token_file");
-    if (!listen || !*listen) return fail(c, err, errlen, "listen: required: \"IPV4:PORT\" (its own port)");
+    if (!listen || !*listen) return config_section_fail(p, "listen: required: \"IPV4:PORT\" (its own port)");
     if (!token_file || !*token_file)
-        return fail(c, err, errlen, "token_file: required: a file holding the admin API's bearer token");
+        return config_section_fail(p, "token_file: required: a file holding the admin API's bearer token");
     admin_config *ac = calloc(1, sizeof *ac);
-    if (!ac) return fail(c, err, errlen, "out of memory");
+    if (!ac) return config_section_fail(p, ": out of memory");
     const char *colon = strrchr(listen, ':');
     char *end = NULL;
     long port = colon ? strtol(colon + 1, &end, 10) : 0;
     struct in_addr a;
     if (!colon || colon == listen || !colon[1] || *end || port < 1 || port > 65535) {
         admin_config_free(ac);
-        return fail(c, err, errlen, "listen: \"%s\" must be IPV4:PORT", listen);
+        return config_section_fail(p, "listen: \"%s\" must be IPV4:PORT", listen);
     }
     ac->listen_host = strndup(listen, (size_t)(colon - listen));
     ac->listen_port = (int)port;
     if (!ac->listen_host || inet_pton(AF_INET, ac->listen_host, &a) != 1) {
         admin_config_free(ac);
-        return fail(c, err, errlen, "listen: \"%s\": the host must be an IPv4 address", listen);
+        return config_section_fail(p, "listen: \"%s\": the host must be an IPv4 address", listen);
     }
     if (ac->listen_port == c->listen_port &&
         (strcmp(ac->listen_host, c->listen_host) == 0 || strcmp(ac->listen_host, "0.0.0.0") == 0 ||
          strcmp(c->listen_host, "0.0.0.0") == 0)) {
         admin_config_free(ac);
-        return fail(c, err, errlen, "listen: \"%s\" is the registry listener's address; the admin API needs its own",
+        return config_section_fail(p, "listen: \"%s\" is the registry listener's address; the admin API needs its own",
                     listen);
     }
     char path[4096], why[600];
@@ -131,7 +121,7 @@ int admin_config_parse(const config *c, admin_config **out, char *err, size_t er
     ac->token = read_token(path, &ac->token_len, why, sizeof why);
     if (!ac->token) {
         admin_config_free(ac);
-        return fail(c, err, errlen, "token_file: %s", why);
+        return config_section_fail(p, "token_file: %s", why);
     }
     *out = ac;
     return 0;
@@ -362,21 +352,6 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
     *con_cls = NULL;
 }
 
-/* Keep the URL as sent: a '%' in an id is refused, never decoded into '/'. */
-static size_t no_unescape(void *cls, struct MHD_Connection *c, char *s) {
-    (void)cls;
-    (void)c;
-    return strlen(s);
-}
-
-static void mhd_log(void *cls, const char *fmt, va_list ap) {
-    (void)cls;
-    char msg[1024];
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    msg[strcspn(msg, "\n")] = '\0';
-    log_warn("admin: libmicrohttpd: %s", msg);
-}
-
 /* ---------- lifecycle ---------- */
 
 admin_server *admin_start(const config *c, admin_config *ac, specs *sp, char *err, size_t errlen) {
@@ -393,8 +368,8 @@ admin_server *admin_start(const config *c, admin_config *ac, specs *sp, char *er
     inet_pton(AF_INET, ac->listen_host, &sa.sin_addr);
     a->daemon = MHD_start_daemon(
         MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-        access_handler, a, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
-        MHD_OPTION_UNESCAPE_CALLBACK, no_unescape, NULL, MHD_OPTION_NOTIFY_COMPLETED, request_completed, a,
+        access_handler, a, MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)"admin", MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
+        MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url, NULL, MHD_OPTION_NOTIFY_COMPLETED, request_completed, a,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)ADMIN_MAX_CONNECTIONS, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned int)ADMIN_TIMEOUT_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
         MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);

@@ -25,6 +25,7 @@
 #include "regfacade/json.h"
 #include "regfacade/log.h"
 #include "regfacade/manifest.h"
+#include "regfacade/mhd_glue.h"
 
 #define IMAGE_CACHE_MAX 256   /* resolved images kept in memory */
 #define DIGEST_IMAGE_TTL_S (24 * 3600)
@@ -793,21 +794,6 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
     *con_cls = NULL;
 }
 
-/* Keep the URL as sent: bs_url_parse decodes, and refuses encoded '/'. */
-static size_t no_unescape(void *cls, struct MHD_Connection *c, char *s) {
-    (void)cls;
-    (void)c;
-    return strlen(s);
-}
-
-static void mhd_log(void *cls, const char *fmt, va_list ap) {
-    (void)cls;
-    char msg[1024];
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    msg[strcspn(msg, "\n")] = '\0';
-    log_warn("blobserve: libmicrohttpd: %s", msg);
-}
-
 /* ---------- pre-pull ---------- */
 
 static int prepull_one(blobserve *b, const char *ref, char *why, size_t whylen) {
@@ -927,8 +913,8 @@ blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char 
     unsigned pool = ncpu < 1 ? 1 : ncpu > 16 ? 16 : (unsigned)ncpu;
     b->daemon = MHD_start_daemon(
         MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-        access_handler, b, MHD_OPTION_THREAD_POOL_SIZE, pool, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
-        (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape, NULL, MHD_OPTION_NOTIFY_COMPLETED,
+        access_handler, b, MHD_OPTION_THREAD_POOL_SIZE, pool, MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)"blobserve", MHD_OPTION_SOCK_ADDR,
+        (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url, NULL, MHD_OPTION_NOTIFY_COMPLETED,
         request_completed, b, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)env->cfg->max_connections,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)env->cfg->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
         (size_t)BS_CONNECTION_MEMORY, MHD_OPTION_THREAD_STACK_SIZE, (size_t)(1024 * 1024),

@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "regfacade/blobserve_fs.h"
 #include "regfacade/log.h"
 #include "regfacade/ref.h"
 
@@ -252,30 +253,6 @@ static int fatal(xwriter *x, const char *fmt, ...) {
     return XW_FATAL;
 }
 
-/* A tar name as a path beneath the root: leading '/' and "./" dropped,
- * empty and "." segments dropped; -1 on ".." or an over-long name. */
-static int sanitize(const char *name, char *out, size_t outlen) {
-    size_t o = 0;
-    const char *s = name;
-    while (*s) {
-        while (*s == '/') s++;
-        if (!*s) break;
-        size_t n = strcspn(s, "/");
-        if (n == 1 && s[0] == '.') {
-            s += n;
-            continue;
-        }
-        if (n == 2 && s[0] == '.' && s[1] == '.') return -1;
-        if (n > 255 || o + n + 2 > outlen) return -1;
-        if (o) out[o++] = '/';
-        memcpy(out + o, s, n);
-        o += n;
-        s += n;
-    }
-    out[o] = '\0';
-    return 0;
-}
-
 static void forget_parent(xwriter *x) {
     if (x->pfd >= 0) close(x->pfd);
     x->pfd = -1;
@@ -477,7 +454,7 @@ static int make_file(xwriter *x, struct archive *a, struct archive_entry *e, int
 static int make_hardlink(xwriter *x, int pfd, const char *leaf, const char *name, const char *rel,
                          const char *target) {
     char trel[PATHBUF];
-    if (sanitize(target, trel, sizeof trel) != 0 || !trel[0])
+    if (bs_path_clean(target, trel, sizeof trel) < 0 || !trel[0])
         return refuse(x, name, "hard link target leaves the layer");
     if (strcmp(trel, rel) == 0) return XW_OK;
     const char *tdir;
@@ -500,7 +477,7 @@ static int make_hardlink(xwriter *x, int pfd, const char *leaf, const char *name
 static int write_entry(xwriter *x, struct archive *a, struct archive_entry *e) {
     const char *name = archive_entry_pathname(e);
     char rel[PATHBUF];
-    if (!name || sanitize(name, rel, sizeof rel) != 0) return refuse(x, name, "\"..\" in the name, or a name too long");
+    if (!name || bs_path_clean(name, rel, sizeof rel) < 0) return refuse(x, name, "\"..\" in the name, or a name too long");
     if (!rel[0]) return XW_OK; /* "./": the root itself */
     x->entries++;
     x->bytes += ENTRY_OVERHEAD;

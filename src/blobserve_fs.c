@@ -96,10 +96,10 @@ int bs_url_parse(const char *raw, bs_url *out, char *why, size_t whylen) {
     return 0;
 }
 
-bool bs_path_normalize(const char *in, char *out, size_t outlen) {
+int bs_path_clean(const char *in, char *out, size_t outlen) {
     size_t o = 0;
     const char *s = in;
-    if (outlen == 0) return false;
+    if (outlen == 0) return -1;
     out[0] = '\0';
     while (*s) {
         while (*s == '/') s++;
@@ -109,16 +109,18 @@ bool bs_path_normalize(const char *in, char *out, size_t outlen) {
             s += n;
             continue;
         }
-        if (n == 2 && s[0] == '.' && s[1] == '.') return false;
-        if (o + n + 2 >= outlen) return false;
+        if (n == 2 && s[0] == '.' && s[1] == '.') return -1;
+        if (n > BS_NAME_MAX || o + n + 2 > outlen) return -1;
         if (o) out[o++] = '/';
         memcpy(out + o, s, n);
         o += n;
         out[o] = '\0';
         s += n;
     }
-    return o > 0;
+    return (int)o;
 }
+
+bool bs_path_normalize(const char *in, char *out, size_t outlen) { return bs_path_clean(in, out, outlen) > 0; }
 
 /* ---------- lookup ---------- */
 

@@ -34,8 +34,7 @@ static int fail(load_ctx *lc, const char *fmt, ...) {
 }
 
 
-/* Reads a whole small file; NULL with errno set on failure. */
-static char *read_file(const char *path, size_t max, size_t *len) {
+char *config_read_file(const char *path, size_t max, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
     char *buf = malloc(max + 1);
@@ -47,14 +46,10 @@ static char *read_file(const char *path, size_t max, size_t *len) {
     size_t n = fread(buf, 1, max + 1, f);
     int rerr = ferror(f);
     fclose(f);
-    if (rerr) {
+    if (rerr || n > max) {
+        explicit_bzero(buf, n < max ? n : max); /* it may be a secret */
         free(buf);
-        errno = EIO;
-        return NULL;
-    }
-    if (n > max) {
-        free(buf);
-        errno = EFBIG;
+        errno = rerr ? EIO : EFBIG;
         return NULL;
     }
     buf[n] = '\0';
@@ -161,7 +156,7 @@ static bool is_docker_hub(const char *host) {
 
 static int read_secret(load_ctx *lc, const char *path, const char *where, char **out) {
     size_t len = 0;
-    char *s = read_file(path, 64 * 1024, &len);
+    char *s = config_read_file(path, 64 * 1024, &len);
     if (!s) return fail(lc, "%s: cannot read %s: %s", where, path, strerror(errno));
     while (len > 0 && (s[len - 1] == '\n' || s[len - 1] == '\r')) s[--len] = '\0';
     if (len == 0 || strlen(s) != len) {
@@ -302,7 +297,7 @@ static int load_credential_sets(load_ctx *lc, const json_value *ups, config *c) 
 /* Upstreams without their own credentials take them from docker_config. */
 static int apply_docker_config(load_ctx *lc, config *c) {
     size_t len = 0;
-    char *text = read_file(c->docker_config, 4 * 1024 * 1024, &len);
+    char *text = config_read_file(c->docker_config, 4 * 1024 * 1024, &len);
     if (!text) return fail(lc, "docker_config: cannot read %s: %s", c->docker_config, strerror(errno));
     int rc = 0;
     for (size_t i = 0; i < c->n_upstreams && rc == 0; i++) {
@@ -512,7 +507,7 @@ config *config_load(const char *path, char *err, size_t errlen) {
         return NULL;
     }
     size_t len = 0;
-    char *text = read_file(abs, CONFIG_MAX_BYTES, &len);
+    char *text = config_read_file(abs, CONFIG_MAX_BYTES, &len);
     if (!text) {
         snprintf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
         return NULL;
@@ -619,7 +614,9 @@ int config_section_fail(config_section *s, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    snprintf(s->err, s->errlen, "%s: %s.%s", s->c->path ? s->c->path : "config", s->section, msg);
+    /* A message starting with ':' is about the whole section. */
+    snprintf(s->err, s->errlen, "%s: %s%s%s", s->c->path ? s->c->path : "config", s->section, msg[0] == ':' ? "" : ".",
+             msg);
     return -1;
 }
 

@@ -30,29 +30,13 @@ size_t log_json_escape(char *out, size_t outlen, size_t used, const char *s) {
 }
 
 void log_msg(log_level level, const char *fmt, ...) {
-    static const char *names[] = {"debug", "info", "warn", "error"};
     if (level < min_level) return;
     char msg[4096];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    struct tm tm;
-    gmtime_r(&ts.tv_sec, &tm);
-    char line[8192];
-    size_t n = (size_t)snprintf(line, sizeof line,
-                                "{\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\",\"level\":\"%s\",\"msg\":\"",
-                                tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                                tm.tm_sec, ts.tv_nsec / 1000000, names[level]);
-    n = log_json_escape(line, sizeof line - 4, n, msg);
-    line[n++] = '"';
-    line[n++] = '}';
-    line[n++] = '\n';
-    /* One fwrite per line so concurrent threads do not interleave. */
-    fwrite(line, 1, n, stderr);
+    log_fields(level, msg, NULL);
 }
 
 void log_fields(log_level level, const char *msg, const char *fields) {
@@ -80,5 +64,6 @@ void log_fields(log_level level, const char *msg, const char *fields) {
     }
     line[n++] = '}';
     line[n++] = '\n';
+    /* One fwrite per line so concurrent threads do not interleave. */
     fwrite(line, 1, n, stderr);
 }

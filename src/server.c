@@ -20,6 +20,7 @@
 #include "regfacade/generate.h"
 #include "regfacade/guard.h"
 #include "regfacade/hardening.h"
+#include "regfacade/mhd_glue.h"
 #include "regfacade/tls.h"
 #include "regfacade/json.h"
 #include "regfacade/log.h"
@@ -195,14 +196,6 @@ static int query_decode(const char *in, char *out, size_t outlen) {
     }
     out[o] = '\0';
     return 0;
-}
-
-/* Keep the URL as sent: names never need escapes, so a '%' anywhere in the
- * path is refused instead of decoded into a '/' or "..". */
-static size_t no_unescape(void *cls, struct MHD_Connection *c, char *s) {
-    (void)cls;
-    (void)c;
-    return strlen(s);
 }
 
 static upstream *find_upstream(served *s, const char *name) {
@@ -1065,36 +1058,6 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
     if (cls) guard_conn_request_done(((server *)cls)->guard, conn_guard(conn));
 }
 
-static void mhd_log(void *cls, const char *fmt, va_list ap) {
-    (void)cls;
-    char msg[1024];
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    msg[strcspn(msg, "\n")] = '\0';
-    /* A connection flood makes libmicrohttpd say the same thing once per
-     * refused connection: the same message within a second is counted, not
-     * repeated. */
-    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-    static char last[1024];
-    static time_t last_at;
-    static unsigned repeats;
-    time_t now = time(NULL);
-    pthread_mutex_lock(&lock);
-    if (now == last_at && strcmp(msg, last) == 0) {
-        repeats++;
-        pthread_mutex_unlock(&lock);
-        return;
-    }
-    unsigned n = repeats;
-    char prev[1024];
-    snprintf(prev, sizeof prev, "%s", last);
-    snprintf(last, sizeof last, "%s", msg);
-    last_at = now;
-    repeats = 0;
-    pthread_mutex_unlock(&lock);
-    if (n) log_warn("libmicrohttpd: %s (%u more times)", prev, n);
-    log_warn("libmicrohttpd: %s", msg);
-}
-
 /* Before anything else is opened: TLS material (already read at config
  * load), the listening socket, then the switch to the configured user, so
  * the store, the upstream clients and the policy run unprivileged. */
@@ -1175,8 +1138,8 @@ server *server_start(const config *c, char *err, size_t errlen) {
     s->daemon = MHD_start_daemon(
         MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC |
             (s->tls ? MHD_USE_TLS : 0),
-        0, NULL, NULL, access_handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_LISTEN_SOCKET,
-        s->listen_fd, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
+        0, NULL, NULL, access_handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)"registry", MHD_OPTION_LISTEN_SOCKET,
+        s->listen_fd, MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url,
         NULL, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)c->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned int)c->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)c->header_max_bytes,
         MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024), MHD_OPTION_NOTIFY_COMPLETED, request_completed, s,

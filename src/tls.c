@@ -20,17 +20,6 @@
 #define PRIO_TLS12 "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
 #define PRIO_TLS13 "NORMAL:-VERS-ALL:+VERS-TLS1.3"
 
-static int fail(const config *c, char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static int fail(const config *c, char *err, size_t errlen, const char *fmt, ...) {
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    snprintf(err, errlen, "%s: %s", c->path ? c->path : "config", msg);
-    return -1;
-}
-
 static void wipe_free(char *s) {
     if (!s) return;
     explicit_bzero(s, strlen(s));
@@ -40,31 +29,13 @@ static void wipe_free(char *s) {
 /* Whole file, NUL-terminated; NULL with errno set. Refuses NUL bytes (PEM
  * is text, and libmicrohttpd takes C strings). */
 static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = malloc(TLS_FILE_MAX + 1);
-    if (!buf) {
-        fclose(f);
-        errno = ENOMEM;
-        return NULL;
-    }
-    size_t n = fread(buf, 1, TLS_FILE_MAX + 1, f);
-    int rerr = ferror(f);
-    fclose(f);
-    if (rerr || n > TLS_FILE_MAX) {
-        explicit_bzero(buf, n < TLS_FILE_MAX ? n : TLS_FILE_MAX);
-        free(buf);
-        errno = rerr ? EIO : EFBIG;
-        return NULL;
-    }
-    buf[n] = '\0';
-    if (strlen(buf) != n) {
-        explicit_bzero(buf, n);
+    char *buf = config_read_file(path, TLS_FILE_MAX, len);
+    if (buf && strlen(buf) != *len) {
+        explicit_bzero(buf, *len);
         free(buf);
         errno = EINVAL;
         return NULL;
     }
-    *len = n;
     return buf;
 }
 
@@ -78,12 +49,13 @@ static char *resolve(const config *c, const char *p) {
 
 static int get_path(const config *c, const json_value *sec, const char *key, char **out, char *err,
                     size_t errlen) {
+    config_section p_ = {c, "tls", err, errlen}, *p = &p_;
     json_value *v = json_object_get(sec, key);
     if (!v) return 0;
     if (v->type != JSON_STRING || v->len == 0 || strlen(v->str) != v->len)
-        return fail(c, err, errlen, "tls.%s: must be a non-empty string (a file path)", key);
+        return config_section_fail(p, "%s: must be a non-empty string (a file path)", key);
     *out = resolve(c, v->str);
-    return *out ? 0 : fail(c, err, errlen, "tls.%s: out of memory", key);
+    return *out ? 0 : config_section_fail(p, "%s: out of memory", key);
 }
 
 /* OpenSSL must never prompt on a terminal: an encrypted key without a
@@ -106,14 +78,15 @@ static void openssl_reason(char *buf, size_t len) {
 }
 
 static int check_pem(const config *c, tls_config *t, char *err, size_t errlen) {
+    config_section p_ = {c, "tls", err, errlen}, *p = &p_;
     char why[256];
     BIO *b = BIO_new_mem_buf(t->cert_pem, -1);
-    if (!b) return fail(c, err, errlen, "tls: out of memory");
+    if (!b) return config_section_fail(p, ": out of memory");
     X509 *leaf = PEM_read_bio_X509(b, NULL, pass_cb, NULL);
     if (!leaf) {
         openssl_reason(why, sizeof why);
         BIO_free(b);
-        return fail(c, err, errlen, "tls.cert_file: %s holds no PEM certificate (%s)", t->cert_file, why);
+        return config_section_fail(p, "cert_file: %s holds no PEM certificate (%s)", t->cert_file, why);
     }
     /* The rest of the file must be certificates too (the chain). */
     for (;;) {
@@ -127,7 +100,7 @@ static int check_pem(const config *c, tls_config *t, char *err, size_t errlen) {
     b = BIO_new_mem_buf(t->key_pem, -1);
     if (!b) {
         X509_free(leaf);
-        return fail(c, err, errlen, "tls: out of memory");
+        return config_section_fail(p, ": out of memory");
     }
     EVP_PKEY *key = PEM_read_bio_PrivateKey(b, NULL, pass_cb, t->key_password);
     BIO_free(b);
@@ -135,8 +108,8 @@ static int check_pem(const config *c, tls_config *t, char *err, size_t errlen) {
         openssl_reason(why, sizeof why);
         X509_free(leaf);
         if (strstr(t->key_pem, "ENCRYPTED") && !t->key_password)
-            return fail(c, err, errlen, "tls.key_file: %s is encrypted; set tls.key_password_file", t->key_file);
-        return fail(c, err, errlen, "tls.key_file: %s holds no usable PEM private key (%s)", t->key_file,
+            return config_section_fail(p, "key_file: %s is encrypted; set tls.key_password_file", t->key_file);
+        return config_section_fail(p, "key_file: %s holds no usable PEM private key (%s)", t->key_file,
                     t->key_password ? "wrong passphrase or not a key" : why);
     }
     int match = X509_check_private_key(leaf, key);
@@ -144,7 +117,7 @@ static int check_pem(const config *c, tls_config *t, char *err, size_t errlen) {
     EVP_PKEY_free(key);
     if (match != 1) {
         X509_free(leaf);
-        return fail(c, err, errlen, "tls: the key in %s does not belong to the certificate in %s", t->key_file,
+        return config_section_fail(p, ": the key in %s does not belong to the certificate in %s", t->key_file,
                     t->cert_file);
     }
     X509_NAME_oneline(X509_get_subject_name(leaf), t->subject, (int)sizeof t->subject);
@@ -161,21 +134,15 @@ static int check_pem(const config *c, tls_config *t, char *err, size_t errlen) {
 }
 
 int tls_config_load(const config *c, tls_config **out, char *err, size_t errlen) {
+    config_section p_ = {c, "tls", err, errlen}, *p = &p_;
     static const char *const keys[] = {"cert_file", "key_file", "key_password_file", "min_version", NULL};
     *out = NULL;
     const json_value *sec = c->tls;
     if (!sec) return 0;
-    if (sec->type != JSON_OBJECT) return fail(c, err, errlen, "tls: must be an object");
-    for (size_t i = 0; i < sec->count; i++) {
-        const char *const *k = keys;
-        while (*k && strcmp(*k, sec->keys[i]) != 0) k++;
-        if (!*k)
-            return fail(c, err, errlen,
-                        "tls: unknown key \"%s\" (allowed: cert_file, key_file, key_password_file, min_version)",
-                        sec->keys[i]);
-    }
+    if (sec->type != JSON_OBJECT) return config_section_fail(p, ": must be an object");
+    if (config_section_check_keys(p, sec, "", keys) != 0) return -1;
     tls_config *t = calloc(1, sizeof *t);
-    if (!t) return fail(c, err, errlen, "tls: out of memory");
+    if (!t) return config_section_fail(p, ": out of memory");
     char *pass_file = NULL;
     int rc = -1;
     size_t len = 0;
@@ -183,7 +150,7 @@ int tls_config_load(const config *c, tls_config **out, char *err, size_t errlen)
     if (get_path(c, sec, "key_file", &t->key_file, err, errlen) != 0) goto done;
     if (get_path(c, sec, "key_password_file", &pass_file, err, errlen) != 0) goto done;
     if (!t->cert_file || !t->key_file) {
-        fail(c, err, errlen, "tls: cert_file and key_file are both required");
+        config_section_fail(p, ": cert_file and key_file are both required");
         goto done;
     }
     t->priorities = PRIO_TLS12;
@@ -192,30 +159,30 @@ int tls_config_load(const config *c, tls_config **out, char *err, size_t errlen)
         if (mv->type == JSON_STRING && strcmp(mv->str, "1.2") == 0) t->priorities = PRIO_TLS12;
         else if (mv->type == JSON_STRING && strcmp(mv->str, "1.3") == 0) t->priorities = PRIO_TLS13;
         else {
-            fail(c, err, errlen, "tls.min_version: must be \"1.2\" or \"1.3\"");
+            config_section_fail(p, "min_version: must be \"1.2\" or \"1.3\"");
             goto done;
         }
     }
     if (!(t->cert_pem = slurp(t->cert_file, &len))) {
-        fail(c, err, errlen, "tls.cert_file: cannot read %s: %s", t->cert_file,
+        config_section_fail(p, "cert_file: cannot read %s: %s", t->cert_file,
              errno == EINVAL ? "holds a NUL byte" : strerror(errno));
         goto done;
     }
     if (!(t->key_pem = slurp(t->key_file, &len))) {
-        fail(c, err, errlen, "tls.key_file: cannot read %s: %s", t->key_file,
+        config_section_fail(p, "key_file: cannot read %s: %s", t->key_file,
              errno == EINVAL ? "holds a NUL byte" : strerror(errno));
         goto done;
     }
     if (pass_file) {
         if (!(t->key_password = slurp(pass_file, &len))) {
-            fail(c, err, errlen, "tls.key_password_file: cannot read %s: %s", pass_file,
+            config_section_fail(p, "key_password_file: cannot read %s: %s", pass_file,
                  errno == EINVAL ? "holds a NUL byte" : strerror(errno));
             goto done;
         }
         while (len > 0 && (t->key_password[len - 1] == '\n' || t->key_password[len - 1] == '\r'))
             t->key_password[--len] = '\0';
         if (len == 0) {
-            fail(c, err, errlen, "tls.key_password_file: %s is empty", pass_file);
+            config_section_fail(p, "key_password_file: %s is empty", pass_file);
             goto done;
         }
     }

@@ -46,8 +46,17 @@ typedef struct {
  * through a whiteout marker) with why set. */
 int bs_url_parse(const char *raw, bs_url *out, char *why, size_t whylen);
 
-/* Normalize a path named in the config (replacements): leading '/'
- * dropped, empty and "." segments dropped; false on "..". */
+/* The longest segment of a path (a file name on Linux file systems). */
+#define BS_NAME_MAX 255
+
+/* A path (a tar entry's name, a path in the config) as a path beneath the
+ * root: leading '/', empty and "." segments dropped. Returns its length (0:
+ * the root itself), or -1 on a ".." segment, a segment longer than
+ * BS_NAME_MAX, or a result that does not fit in outlen. */
+int bs_path_clean(const char *in, char *out, size_t outlen);
+
+/* bs_path_clean for a path named in the config (replacements), which must
+ * not be the root: false on "..", too long, or empty. */
 bool bs_path_normalize(const char *in, char *out, size_t outlen);
 
 /* ---------- lookup ---------- */

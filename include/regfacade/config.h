@@ -82,6 +82,11 @@ void config_free(config *c);
 
 const config_upstream *config_find_upstream(const config *c, const char *name);
 
+/* A whole small file, NUL-terminated; NULL with errno set (EFBIG: over
+ * max bytes). A failed read leaves nothing of the file in memory (config
+ * files name secrets). */
+char *config_read_file(const char *path, size_t max, size_t *len);
+
 /* The first key of obj that is not in allowed (NULL-terminated), or NULL;
  * list gets the allowed keys, comma-separated, for the message. Every
  * config section's parser uses it: unknown keys are errors everywhere. */
@@ -96,7 +101,8 @@ typedef struct {
     size_t errlen;
 } config_section;
 
-/* Write "FILE: SECTION.<message>" into the error buffer; returns -1. */
+/* Write "FILE: SECTION.<message>" into the error buffer ("FILE: SECTION<message>"
+ * for a message starting with ':', about the whole section); returns -1. */
 int config_section_fail(config_section *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* -1 (with the error written) when obj has a key outside allowed. where is
  * the path inside the section ("" for its top). */

@@ -86,7 +86,7 @@ def test_tls_config_errors(tmp_path, pki):
     body = key_text.strip().splitlines()[1]  # a line of the secret key
     cases = [
         ({"cert_file": pki.cert}, "tls: cert_file and key_file are both required"),
-        ({"cert_file": pki.cert, "key_file": pki.key, "ciphers": "x"}, 'tls: unknown key "ciphers"'),
+        ({"cert_file": pki.cert, "key_file": pki.key, "ciphers": "x"}, 'tls.ciphers: unknown key (allowed: cert_file, key_file, key_password_file, min_version)'),
         ({"cert_file": str(tmp_path / "nope.crt"), "key_file": pki.key}, "tls.cert_file: cannot read"),
         ({"cert_file": pki.key, "key_file": pki.key}, "tls.cert_file:"),
         ({"cert_file": pki.cert, "key_file": pki.other_key}, "does not belong to the certificate"),

@@ -76,6 +76,19 @@ static void test_urls(void) {
     CHECK(bs_path_normalize("a//./b/", out, sizeof out) && strcmp(out, "a/b") == 0);
     CHECK(!bs_path_normalize("a/../b", out, sizeof out));
     CHECK(!bs_path_normalize("/", out, sizeof out));
+    /* Tar entry names: the root itself is length 0, not an error. */
+    CHECK(bs_path_clean("./", out, sizeof out) == 0 && out[0] == '\0');
+    CHECK(bs_path_clean("./usr/bin/", out, sizeof out) == 7 && strcmp(out, "usr/bin") == 0);
+    CHECK(bs_path_clean("../etc/passwd", out, sizeof out) == -1);
+    CHECK(bs_path_clean("a/b/..", out, sizeof out) == -1);
+    char longseg[BS_NAME_MAX + 2];
+    memset(longseg, 'x', sizeof longseg - 1);
+    longseg[sizeof longseg - 1] = '\0';
+    char big[2 * BS_NAME_MAX];
+    CHECK(bs_path_clean(longseg, big, sizeof big) == -1); /* 256 bytes: no file system takes it */
+    longseg[BS_NAME_MAX] = '\0';
+    CHECK(bs_path_clean(longseg, big, sizeof big) == BS_NAME_MAX);
+    CHECK(bs_path_clean("abcdef", out, 6) == -1); /* does not fit */
 }
 
 /* ---------- lookup over layers made in a temp folder ---------- */
