@@ -29,7 +29,6 @@ Bounded: a hard deadline (--deadline seconds, default 900) stops everything.
 import argparse
 import datetime
 import hashlib
-import io
 import json
 import os
 import platform
@@ -49,6 +48,11 @@ import urllib.error
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The integration suite's process group and clients, as blobserve_bench.py uses them.
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "spec", "integration"))
+from clients import Containerd  # noqa: E402
+from harness import ProcessGroup, free_port  # noqa: E402
+
 MIB = 1024 * 1024
 BLOB_SIZE = 256 * MIB
 REPO = "bench/big"
@@ -75,12 +79,6 @@ def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_status(url, headers=None, method="GET", timeout=5):
     req = urllib.request.Request(url, headers=headers or {}, method=method)
     try:
@@ -96,50 +94,6 @@ def http_status(url, headers=None, method="GET", timeout=5):
 def http_text(url, timeout=10):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()
-
-
-class Procs:
-    """Every process this script starts, by PID; each in its own session so
-    its whole group is stopped with it."""
-
-    def __init__(self, workdir):
-        self.workdir = workdir
-        self.procs = []
-
-    def start(self, name, argv, env=None, cwd=None):
-        path = os.path.join(self.workdir, f"{name}.log")
-        f = open(path, "ab")
-        full = dict(os.environ)
-        full.update(env or {})
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=full, cwd=cwd or self.workdir,
-                             start_new_session=True)
-        f.close()
-        p.name, p.log_path = name, path
-        self.procs.append(p)
-        return p
-
-    def stop(self, p, timeout=20):
-        if p is None:
-            return
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(timeout=timeout)
-        if p in self.procs:
-            self.procs.remove(p)
-
-    def stop_all(self):
-        for p in reversed(list(self.procs)):
-            self.stop(p)
 
 
 def wait_up(url, proc, timeout=30, ok=(200, 401)):
@@ -366,7 +320,7 @@ class Bench:
         self.args = args
         self.work = tempfile.mkdtemp(prefix="rf-bench-")
         os.chmod(self.work, 0o755)
-        self.procs = Procs(self.work)
+        self.procs = ProcessGroup(self.work)
         self.results = {}
         self.samples = {}
         self.notes = []
@@ -493,41 +447,13 @@ http {{
 
     # --- containerd ---
     def start_containerd(self):
-        d = tempfile.mkdtemp(prefix="rfb-ctrd-")  # AF_UNIX paths are short
-        self.ctrd_dir = d
-        self.ctrd_sock = os.path.join(d, "c.sock")
-        conf = os.path.join(d, "config.toml")
-        with open(conf, "w") as f:
-            f.write(f'''version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{self.ctrd_sock}"
-[ttrpc]
-  address = ""
-[debug]
-  address = ""
-[metrics]
-  address = ""
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-''')
-        self.ctrd = self.procs.start("containerd", ["/usr/bin/containerd", "--config", conf])
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.ctrd.poll() is not None:
-                raise RuntimeError(f"containerd exited:\n{tail(self.ctrd.log_path)}")
-            if os.path.exists(self.ctrd_sock) and run(["ctr", "-a", self.ctrd_sock, "version"],
-                                                      check=False, timeout=10).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("containerd did not start")
+        self.ctrd_dir = tempfile.mkdtemp(prefix="rfb-ctrd-")  # AF_UNIX paths are short
+        self.ctrd = Containerd(self.procs, self.ctrd_dir).start()
 
     def stop_containerd(self):
         if self.ctrd is None:
             return
-        self.procs.stop(self.ctrd)
+        self.ctrd.stop()
         self.ctrd = None
         try:
             with open("/proc/self/mounts") as f:
@@ -855,11 +781,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                     ns = f"b{i}{name[:4]}"
                     ref = f"{host}/{REPO}:{TAG}"
                     t0 = time.monotonic()
-                    run(["ctr", "-a", self.ctrd_sock, "-n", ns, "images", "pull", "--plain-http", ref], timeout=300)
+                    self.ctrd.pull(ref, namespace=ns)
                     ct[name].append(time.monotonic() - t0)
-                    run(["ctr", "-a", self.ctrd_sock, "-n", ns, "images", "rm", "--sync", ref], check=False)
-                    run(["ctr", "-a", self.ctrd_sock, "-n", ns, "content", "rm", self.img["layer"],
-                         self.img["config"], self.img["manifest"]], check=False)
+                    self.ctrd.ctr("images", "rm", "--sync", ref, namespace=ns, check=False)
+                    self.ctrd.ctr("content", "rm", self.img["layer"], self.img["config"], self.img["manifest"],
+                                  namespace=ns, check=False)
             for name, _ in hosts:
                 self.record(f"skopeo_copy_s_{name}", sk[name], "s")
                 self.record(f"ctr_pull_s_{name}", ct[name], "s")
