@@ -530,6 +530,27 @@ local function real_path(p)
     return r or p
 end
 
+-- The layer digests of a manifest (a decoded table), in order: what an
+-- assertion on a policy's layer order compares.
+function testing.layer_digests(manifest)
+    local out = {}
+    for i, l in ipairs(manifest.layers) do
+        out[i] = l.digest
+    end
+    return out
+end
+
+-- The value of environment variable `name` in an image config (a decoded
+-- table), or nil when it is not set.
+function testing.env_value(config, name)
+    for _, e in ipairs((config.config or {}).Env or {}) do
+        local eq = e:find("=", 1, true)
+        if eq and e:sub(1, eq - 1) == name then
+            return e:sub(eq + 1)
+        end
+    end
+end
+
 function testing.host(opts)
     opts = check_options("host", opts, HOST_KEYS)
     testing.reset()

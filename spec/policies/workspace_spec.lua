@@ -4,76 +4,22 @@
 local testing = require "regfacade.testing"
 local json = testing.json
 
-local DIR = "examples/workspace/"
+local ws = require "policies.workspace_support"
+
 local OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 local DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-local BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+local BASE_PATH = ws.BASE_PATH
+local shipped = ws.shipped("config.json")
+local plain, sources = ws.plain, ws.sources
+local digests, env_value = testing.layer_digests, testing.env_value
+local SUPERVISOR, IDE_ROOTFS, IDE = ws.SUPERVISOR, ws.IDE_ROOTFS, ws.IDE
 
-local function read(path)
-    local f = assert(io.open(path, "rb"))
-    local s = f:read("a")
-    f:close()
-    return s
-end
-
-local shipped = json.decode(read(DIR .. "config.json"))
-
--- A deep copy of a decoded JSON value as plain tables.
-local function plain(v)
-    if type(v) ~= "table" then
-        return v
-    end
-    local t = {}
-    for k, x in pairs(v) do
-        t[k] = plain(x)
-    end
-    return t
-end
-
--- regfacade.config as the server gives it for the shipped config.
 local function config(options)
-    return {
-        upstreams = { ["local"] = { url = "http://127.0.0.1:5001", host = "127.0.0.1:5001", library_prefix = false } },
-        default_upstream = "local",
-        options = options or plain(shipped.policy.options),
-    }
+    return ws.config(shipped, options)
 end
 
--- Loads the policy as the core does: a chunk that sees only what the
--- sandbox offers, so a stray global fails here.
 local function load_policy(cfg)
-    package.loaded["regfacade"] = { config = cfg or config(), log = function() end }
-    package.loaded["regfacade.mirror"] = nil
-    package.loaded["regfacade.image"] = nil
-    local env = { require = require, ipairs = ipairs, pairs = pairs, error = error, type = type,
-                  tostring = tostring, string = string, table = table }
-    local chunk = assert(loadfile(DIR .. "policy.lua", "t", env))
-    return chunk()
-end
-
--- The IDE image: its own rootfs layer (dropped by skip = 1), then /ide; its
--- config carries the model system's env modifiers.
-local IDE_CONFIG = testing.oci_image {
-    env = { "PATH=/bin", "GITPOD_ENV_SET_EDITOR=/ide/bin/code", "GITPOD_ENV_PREPEND_PATH=/ide/bin/remote-cli:" },
-}.config
-local SUPERVISOR = testing.layer { name = "supervisor", created_by = "regfacade: supervisor" }
-local IDE_ROOTFS = testing.layer { name = "ide rootfs", config = IDE_CONFIG }
-local IDE = testing.layer { name = "ide", config = IDE_CONFIG }
-
-local function sources(extra)
-    local t = { supervisor = SUPERVISOR, ["local/acme/ide:1.2"] = { IDE_ROOTFS, IDE } }
-    for k, v in pairs(extra or {}) do
-        t[k] = v
-    end
-    return t
-end
-
-local function digests(m)
-    local out = {}
-    for i, l in ipairs(m.layers) do
-        out[i] = l.digest
-    end
-    return out
+    return ws.load_policy("policy.lua", cfg or config())
 end
 
 local function non_empty(history)
@@ -84,15 +30,6 @@ local function non_empty(history)
         end
     end
     return n
-end
-
-local function env_value(cfg, name)
-    for _, e in ipairs(cfg.config.Env) do
-        local v = e:match("^" .. name .. "=(.*)$")
-        if v then
-            return v
-        end
-    end
 end
 
 describe("examples/workspace/policy.lua", function()

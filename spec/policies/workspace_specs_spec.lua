@@ -7,50 +7,21 @@
 local testing = require "regfacade.testing"
 local json = testing.json
 
-local DIR = "examples/workspace/"
-local BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+local ws = require "policies.workspace_support"
 
-local function read(path)
-    local f = assert(io.open(path, "rb"))
-    local s = f:read("a")
-    f:close()
-    return s
-end
-
-local shipped = json.decode(read(DIR .. "config_specs.json"))
-local SPEC_TEXT = read(DIR .. "spec-ws-123.json")
-
-local function plain(v)
-    if type(v) ~= "table" then
-        return v
-    end
-    local t = {}
-    for k, x in pairs(v) do
-        t[k] = plain(x)
-    end
-    return t
-end
+local BASE_PATH = ws.BASE_PATH
+local shipped = ws.shipped("config_specs.json")
+local SPEC_TEXT = ws.read(ws.DIR .. "spec-ws-123.json")
+local SOURCES = ws.sources()
+local digests, env_value = testing.layer_digests, testing.env_value
+local SUPERVISOR, IDE = ws.SUPERVISOR, ws.IDE
 
 local function config(options)
-    return {
-        upstreams = { ["local"] = { url = "http://127.0.0.1:5001", host = "127.0.0.1:5001", library_prefix = false } },
-        default_upstream = "local",
-        options = options or plain(shipped.policy.options),
-    }
+    return ws.config(shipped, options)
 end
 
--- Loads the policy as the core does: a chunk that sees only what the
--- sandbox offers, so a stray global fails here.
 local function load_policy(cfg)
-    package.loaded["regfacade"] = { config = cfg or config(), null = json.null, log = function() end }
-    for _, m in ipairs { "regfacade.mirror", "regfacade.image", "regfacade.specs" } do
-        package.loaded[m] = nil
-    end
-    local env = { require = require, ipairs = ipairs, pairs = pairs, error = error, type = type,
-                  tostring = tostring, string = string, table = table, getmetatable = getmetatable,
-                  rawget = rawget, pcall = pcall }
-    local chunk = assert(loadfile(DIR .. "policy_specs.lua", "t", env))
-    return chunk()
+    return ws.load_policy("policy_specs.lua", cfg or config())
 end
 
 -- What the server does around the hooks: the spec the spec hook named goes
@@ -62,31 +33,6 @@ local function run(policy, req, spec, base, layers)
         rewrite = policy.rewrite,
     }
     return testing.run(server_side, req, base, layers)
-end
-
-local IDE_CONFIG = testing.oci_image {
-    env = { "PATH=/bin", "GITPOD_ENV_SET_EDITOR=/ide/bin/code", "GITPOD_ENV_PREPEND_PATH=/ide/bin/remote-cli:" },
-}.config
-local SUPERVISOR = testing.layer { name = "supervisor", created_by = "regfacade: supervisor" }
-local IDE_ROOTFS = testing.layer { name = "ide rootfs", config = IDE_CONFIG }
-local IDE = testing.layer { name = "ide", config = IDE_CONFIG }
-local SOURCES = { supervisor = SUPERVISOR, ["local/acme/ide:1.2"] = { IDE_ROOTFS, IDE } }
-
-local function digests(m)
-    local out = {}
-    for i, l in ipairs(m.layers) do
-        out[i] = l.digest
-    end
-    return out
-end
-
-local function env_value(cfg, name)
-    for _, e in ipairs(cfg.config.Env or {}) do
-        local v = e:match("^" .. name .. "=(.*)$")
-        if v then
-            return v
-        end
-    end
 end
 
 describe("examples/workspace/policy_specs.lua", function()

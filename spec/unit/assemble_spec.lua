@@ -43,13 +43,7 @@ local function non_empty_history(cfg)
     return n
 end
 
-local function digests(m)
-    local out = {}
-    for i, l in ipairs(m.layers) do
-        out[i] = l.digest
-    end
-    return out
-end
+local digests = testing.layer_digests
 
 local function assemble(mt, ct, stack)
     local m, c, md, cd = core.assemble(mt, ct, stack)
