@@ -178,7 +178,8 @@ static int on_body(void *ud, const char *data, size_t len) {
         return -1;
     }
     if (spool_writer_put(x->sw, data, len) != 0) {
-        snprintf(x->attempt_err, sizeof x->attempt_err, "spool %s: %s", x->spool.path, spool_writer_error(x->sw));
+        snprintf(x->attempt_err, sizeof x->attempt_err, "caching it failed: spool %s: %s", x->spool.path,
+                 spool_writer_error(x->sw));
         return -1;
     }
     return 0;
@@ -188,7 +189,8 @@ static int on_body(void *ud, const char *data, size_t len) {
 static int on_tick(void *ud) {
     fetch *x = ud;
     if (spool_writer_tick(x->sw) != 0) {
-        snprintf(x->attempt_err, sizeof x->attempt_err, "spool %s: %s", x->spool.path, spool_writer_error(x->sw));
+        snprintf(x->attempt_err, sizeof x->attempt_err, "caching it failed: spool %s: %s", x->spool.path,
+                 spool_writer_error(x->sw));
         return -1;
     }
     return 0;
@@ -247,7 +249,7 @@ static int fetch_attempt(fetch *x) {
     /* Everything this attempt brought goes to the spool before anything
      * looks at `written` (the resume offset, the digest). */
     if (spool_writer_flush(x->sw) != 0) {
-        fetch_error_set(&x->err, 502, "UNKNOWN", "blob %s: spool %s: %s", x->digest, x->spool.path,
+        fetch_error_set(&x->err, 502, "UNKNOWN", "caching it failed: spool %s: %s", x->spool.path,
                         spool_writer_error(x->sw));
         return -1;
     }

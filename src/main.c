@@ -98,6 +98,9 @@ static int cmd_serve(const char *path) {
     sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
+    /* Under a file-size limit (ulimit -f) a write past it fails with EFBIG,
+     * an error the spool and the store report, instead of killing the server. */
+    signal(SIGXFSZ, SIG_IGN);
     if (upstream_global_init() != 0) {
         fprintf(stderr, "regfacade: libcurl initialization failed\n");
         config_free(c);

@@ -63,7 +63,7 @@ static int write_chunk(spool_writer *w, const char *data, size_t len, uint64_t o
         ssize_t n = pwrite(w->fd, data + done, len - done, (off_t)(off + done));
         if (n < 0) {
             if (errno == EINTR) continue;
-            snprintf(err, errlen, "writing spool at byte %llu: %s", (unsigned long long)(off + done),
+            snprintf(err, errlen, "write at byte %llu: %s", (unsigned long long)(off + done),
                      strerror(errno));
             return -1;
         }

@@ -38,7 +38,7 @@ import pytest
 import clients
 from clients import check_copied_layout, diag
 from fake_upstream import random_bytes, request, verify_cache, wait_until
-from harness import Regfacade, free_port
+from harness import REGFACADE, Regfacade, free_port, wait_http
 
 MiB = 1024 * 1024
 
@@ -858,3 +858,37 @@ def test_bytes_before_an_upstream_stall_reach_the_client_during_it(procs, tmp_pa
     assert got["body"] == data
     assert blob_files(rf.cache_dir).get(d) == len(data)
     assert_cache_correct(rf)
+
+
+def test_spool_write_failure_fails_the_fetch_caches_nothing_and_serves_on(procs, tmp_path, fake_upstream):
+    """A spool that cannot be written (here: a 2 MiB file-size limit on the
+    process, so the write past it fails with EFBIG, as on a full disk): the
+    client's stream is cut, the log says which spool, where and why, nothing
+    is cached, and the server goes on serving."""
+    big = random_bytes(3 * MiB, "spool write fails")
+    small = random_bytes(300000, "spool write fine")
+    d_big = fake_upstream.put_blob("acme/full", big)
+    d_small = fake_upstream.put_blob("acme/full", small)
+    cache_dir = str(tmp_path / "cache")
+    rf = Regfacade(procs, str(tmp_path), {"cache": {"dir": cache_dir}, "upstreams": {"fake": {"url": fake_upstream.url}}})
+    rf.proc = procs.start(rf.name, ["prlimit", f"--fsize={2 * MiB}", "--", REGFACADE, "serve",
+                                    "--config", rf.config_path])
+    wait_http(rf.url + "/v2/", timeout=20)
+
+    got = {}
+    try:
+        got["r"] = stream_get(rf.host, f"/v2/acme/full/blobs/{d_big}", timeout=60)
+    except (http.client.HTTPException, OSError) as e:  # cut mid-body
+        got["error"] = e
+    assert "error" in got or got["r"][1] < len(big), got
+    assert wait_until(lambda: "write at byte 2097152: File too large" in rf.log(), timeout=10), rf.log()
+    line = next(l for l in rf.log().splitlines() if "File too large" in l)
+    # Which blob, which spool file, where in it and why.
+    assert f"blob {d_big} from upstream fake failed" in line and "caching it failed: spool /" in line, line
+    assert d_big not in blob_files(cache_dir)
+
+    r = request(rf.host, "GET", f"/v2/acme/full/blobs/{d_small}", timeout=30)
+    assert r.status == 200 and r.body == small
+    assert blob_files(cache_dir).get(d_small) == len(small)
+    assert tmp_files(cache_dir) == {}, "the failed spool is removed"
+    verify_cache(cache_dir)

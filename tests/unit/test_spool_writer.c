@@ -172,7 +172,7 @@ static void test_write_failure(void) {
     CHECK(rc == -1);
     CHECK(spool_writer_flush(f.w) == -1);
     CHECK(spool_writer_put(f.w, "x", 1) == -1 || spool_writer_flush(f.w) == -1);
-    CHECK(strstr(spool_writer_error(f.w), "writing spool at byte 0") != NULL);
+    CHECK(strstr(spool_writer_error(f.w), "write at byte 0") != NULL);
     CHECK(strstr(spool_writer_error(f.w), "Bad file descriptor") != NULL);
     CHECK(seen_end(&f.s) == 0);
     struct stat st;
