@@ -222,6 +222,39 @@ static la_ssize_t src_read(struct archive *a, void *ud, const void **out) {
     return n;
 }
 
+/* The tar stream: the blob decompressed by a libarchive reader of its own
+ * (raw format, every filter), so the tar reader knows whether the
+ * compressed stream ended cleanly (gzip or zstd end reached) or failed. */
+typedef struct {
+    struct archive *unz;
+    bool ended;    /* the decompressed stream ended cleanly */
+    bool failed;   /* decompressing failed: why says how */
+    char why[300];
+} plain_reader;
+
+static la_ssize_t plain_read(struct archive *a, void *ud, const void **out) {
+    plain_reader *p = ud;
+    if (p->ended) return 0;
+    for (;;) {
+        size_t size = 0;
+        la_int64_t off;
+        int r = archive_read_data_block(p->unz, out, &size, &off);
+        if (r == ARCHIVE_EOF) {
+            p->ended = true;
+            return 0;
+        }
+        if (r < ARCHIVE_WARN) {
+            const char *e = archive_error_string(p->unz);
+            p->failed = true;
+            snprintf(p->why, sizeof p->why, "decompressing the layer: %s",
+                     e ? e : "the compressed stream is cut short or corrupt");
+            archive_set_error(a, EIO, "%s", p->why);
+            return -1;
+        }
+        if (size > 0) return (la_ssize_t)size;
+    }
+}
+
 /* ---------- writing the tree ---------- */
 
 typedef struct {
@@ -230,6 +263,9 @@ typedef struct {
     const bs_layer_spec *spec;
     uint64_t bytes, max_bytes;
     unsigned long entries, refused;
+    const plain_reader *plain;
+    bool data_read;             /* the current entry's data was read (read_data) */
+    bool ended;                 /* the tar ended after the current entry (read_data) */
     char pdir[PATHBUF];         /* the last parent folder opened, and its descriptor */
     int pfd;
     char err[512];
@@ -406,13 +442,21 @@ static int apply_edits(xwriter *x, int fd, const char *rel) {
     return rc;
 }
 
-static int make_file(xwriter *x, struct archive *a, struct archive_entry *e, int pfd, const char *leaf,
-                     const char *rel) {
-    if (clear_name(x, pfd, leaf, false) != 0) return fatal(x, "replace %s: %s", rel, strerror(errno));
-    int fd = openat(pfd, leaf, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-    if (fd < 0) return fatal(x, "create %s: %s", rel, strerror(errno));
-    int rc = XW_OK;
+/* Read the data of entry e: written to fd at its offsets (fd < 0: read and
+ * dropped), its logical end in *end. XW_OK or XW_FATAL.
+ *
+ * A tar may stop right after its last entry's data, without the padding to
+ * 512 bytes and the two zero blocks that end an archive: umoci writes layers
+ * so. containerd, podman and runc unpack them (Go's archive/tar reads the
+ * missing padding as the end), so that is the end here too (x->ended) when
+ * the entry's data is complete and the compressed stream itself ended
+ * cleanly. An entry cut short, or a compressed stream that stops early, is
+ * still an error. */
+static int read_data(xwriter *x, struct archive *a, struct archive_entry *e, int fd, const char *rel,
+                     uint64_t *end_out) {
+    x->data_read = true;
     uint64_t end = 0;
+    int64_t want = archive_entry_size_is_set(e) ? archive_entry_size(e) : -1;
     for (;;) {
         const void *buf;
         size_t size;
@@ -420,20 +464,36 @@ static int make_file(xwriter *x, struct archive *a, struct archive_entry *e, int
         int r = archive_read_data_block(a, &buf, &size, &off);
         if (r == ARCHIVE_EOF) break;
         if (r < ARCHIVE_WARN) {
-            rc = fatal(x, "reading %s from the tar: %s", rel, archive_error_string(a));
-            break;
+            if (x->plain->failed) return fatal(x, "reading %s from the tar: %s", rel, x->plain->why);
+            if (x->plain->ended && want >= 0 && end == (uint64_t)want) {
+                x->ended = true; /* only the padding and end blocks are missing */
+                break;
+            }
+            if (x->plain->ended)
+                return fatal(x, "reading %s from the tar: the layer ends inside it, after %llu of its %lld bytes", rel,
+                             (unsigned long long)end, (long long)want);
+            return fatal(x, "reading %s from the tar: %s", rel, archive_error_string(a));
         }
-        if (off < 0 || x->bytes + (uint64_t)off + size > x->max_bytes) {
-            rc = fatal(x, "the layer unpacks to more than the cache cap (blobserve.cache.max_bytes, %llu bytes)",
-                       (unsigned long long)x->max_bytes);
-            break;
-        }
-        if (write_all(fd, buf, size, (off_t)off) != 0) {
-            rc = fatal(x, "write %s: %s", rel, strerror(errno));
-            break;
+        if (off < 0) return fatal(x, "reading %s from the tar: negative offset", rel);
+        if (fd >= 0) {
+            if (x->bytes + (uint64_t)off + size > x->max_bytes)
+                return fatal(x, "the layer unpacks to more than the cache cap (blobserve.cache.max_bytes, %llu bytes)",
+                             (unsigned long long)x->max_bytes);
+            if (write_all(fd, buf, size, (off_t)off) != 0) return fatal(x, "write %s: %s", rel, strerror(errno));
         }
         if ((uint64_t)off + size > end) end = (uint64_t)off + size;
     }
+    *end_out = end;
+    return XW_OK;
+}
+
+static int make_file(xwriter *x, struct archive *a, struct archive_entry *e, int pfd, const char *leaf,
+                     const char *rel) {
+    if (clear_name(x, pfd, leaf, false) != 0) return fatal(x, "replace %s: %s", rel, strerror(errno));
+    int fd = openat(pfd, leaf, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0) return fatal(x, "create %s: %s", rel, strerror(errno));
+    uint64_t end = 0;
+    int rc = read_data(x, a, e, fd, rel, &end);
     if (rc == XW_OK && archive_entry_size_is_set(e) && archive_entry_size(e) >= 0) {
         uint64_t size = (uint64_t)archive_entry_size(e);
         if (x->bytes + size > x->max_bytes)
@@ -549,6 +609,7 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     src_reader r = {.fd = -1};
     xwriter x = {.key = key, .rootfd = -1, .spec = spec, .max_bytes = c->max_bytes, .pfd = -1};
     struct archive *a = NULL;
+    plain_reader pr = {0};
     int rc = -1;
     char p[PATHBUF];
     snprintf(p, sizeof p, "%s/root", tmp);
@@ -593,28 +654,55 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
         }
     }
 
+    /* Two readers: one decompresses (gzip, zstd, or none), one reads the
+     * tar from what it gives (read_data says why). */
+    pr.unz = archive_read_new();
     a = archive_read_new();
-    if (!a) {
+    if (!pr.unz || !a) {
         *status = 500;
         seterr(err, errlen, "blobserve: out of memory");
         goto out;
     }
-    archive_read_support_filter_all(a);
-    archive_read_support_format_tar(a);
-    archive_read_support_format_empty(a);
-    if (archive_read_open(a, &r, NULL, src_read, NULL) != ARCHIVE_OK) {
-        seterr(err, errlen, "layer %s: not a tar archive: %s", spec->digest, archive_error_string(a));
+    archive_read_support_filter_all(pr.unz);
+    archive_read_support_format_raw(pr.unz);
+    archive_read_support_format_empty(pr.unz);
+    struct archive_entry *raw;
+    if (archive_read_open(pr.unz, &r, NULL, src_read, NULL) != ARCHIVE_OK) {
+        const char *e = archive_error_string(pr.unz);
+        seterr(err, errlen, "layer %s: cannot decompress: %s", spec->digest,
+               e ? e : "the compressed stream is cut short or corrupt");
         goto out;
     }
-    for (;;) {
+    int rh = archive_read_next_header(pr.unz, &raw);
+    if (rh == ARCHIVE_EOF) {
+        pr.ended = true; /* an empty blob: an empty tar */
+    } else if (rh < ARCHIVE_WARN) {
+        seterr(err, errlen, "layer %s: cannot decompress: %s", spec->digest, archive_error_string(pr.unz));
+        goto out;
+    }
+    archive_read_support_format_tar(a);
+    archive_read_support_format_empty(a);
+    if (archive_read_open(a, &pr, NULL, plain_read, NULL) != ARCHIVE_OK) {
+        seterr(err, errlen, "layer %s: not a tar archive: %s", spec->digest,
+               pr.failed ? pr.why : archive_error_string(a));
+        goto out;
+    }
+    x.plain = &pr;
+    while (!x.ended) {
         struct archive_entry *e;
         int h = archive_read_next_header(a, &e);
         if (h == ARCHIVE_EOF) break;
         if (h < ARCHIVE_WARN) {
-            seterr(err, errlen, "layer %s: broken tar: %s", spec->digest, archive_error_string(a));
+            seterr(err, errlen, "layer %s: broken tar: %s", spec->digest, pr.failed ? pr.why : archive_error_string(a));
             goto out;
         }
-        if (write_entry(&x, a, e) == XW_FATAL) {
+        x.data_read = false;
+        int w = write_entry(&x, a, e);
+        /* Entries not written as files still have their data read through,
+         * so that the end of the tar is found by read_data alone. */
+        uint64_t ignored;
+        if (w != XW_FATAL && !x.data_read) w = read_data(&x, a, e, -1, archive_entry_pathname(e), &ignored);
+        if (w == XW_FATAL) {
             if (strstr(x.err, "cache cap")) *status = 502;
             else if (!strstr(x.err, "from the tar")) *status = 500;
             seterr(err, errlen, "layer %s: %s", spec->digest, x.err);
@@ -684,6 +772,7 @@ out_published:
     c->stats.refused_entries += x.refused;
     pthread_mutex_unlock(&c->mu);
     if (a) archive_read_free(a);
+    if (pr.unz) archive_read_free(pr.unz);
     forget_parent(&x);
     if (x.rootfd >= 0) close(x.rootfd);
     if (r.fd >= 0) close(r.fd);

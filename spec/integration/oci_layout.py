@@ -94,14 +94,18 @@ class Layout:
         return {"digest": d, "size": len(data)}
 
     def manifest(self, layers, arch="amd64"):
-        """layers: [(entries, compression)], bottom first; entries is a list
-        of F/D/L/H entries, or the bytes of a ready-made tar. Returns
+        """layers: [(entries, compression)] or [(entries, compression, mangle)],
+        bottom first; entries is a list of F/D/L/H entries, or the bytes of a
+        ready-made tar; mangle, when given, edits the compressed blob. Returns
         (descriptor, [layer digests])."""
         descs, diff_ids = [], []
-        for entries, how in layers:
+        for entries, how, *mangle in layers:
             raw = entries if isinstance(entries, bytes) else tar_bytes(entries)
             diff_ids.append(sha256(raw))
-            d = self.blob(compress(raw, how))
+            blob = compress(raw, how)
+            if mangle:  # a function of the compressed bytes (a hostile blob: cut, corrupt)
+                blob = mangle[0](blob)
+            d = self.blob(blob)
             d["mediaType"] = LAYER_TYPES[how]
             descs.append(d)
         cfg = {"architecture": arch, "os": "linux", "config": {},

@@ -19,8 +19,10 @@ Requests go through curl (GET, HEAD, Range, If-None-Match) or, for raw
 paths curl would normalise, through http.client. Every process is started
 through a ProcessGroup and stopped by PID.
 """
+import gzip
 import hashlib
 import http.client
+import io
 import json
 import os
 import re
@@ -35,7 +37,7 @@ import pytest
 import harness
 import registries
 from harness import ProcessGroup, Regfacade, free_port, wait_http
-from oci_layout import D, F, H, L, Layout, push, rbytes
+from oci_layout import D, F, H, L, Layout, push, rbytes, tar_bytes
 
 ORIGIN_PLACEHOLDER = b"ORIGIN_PLACEHOLDER"
 ORIGIN = b"https://ide.example.test"
@@ -587,6 +589,110 @@ def test_restart_reuses_extracted_layers(blobserve, bs_registry, tmp_path):
     assert st == 200 and ORIGIN in body
     s = b3.stats()
     assert s["extractions"] == 1 and s["layers"] == 2, s
+
+
+# ---------------------------------------------------------------------------
+# Layers whose tar stops after the last entry's data, without the padding to
+# 512 bytes and the two zero blocks that end an archive. umoci writes layers
+# so; containerd, podman and runc unpack them (GNU tar and Python's tarfile
+# complain), and so does blobserve. A cut inside an entry, or a compressed
+# stream that stops early, is still refused.
+
+def tar_ends(raw):
+    """(end of the last entry's data, that end rounded up to a 512-byte block)"""
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        last = tf.getmembers()[-1]
+    end = last.offset_data + last.size
+    return end, (end + 511) // 512 * 512
+
+
+def gnu_tar_lists(raw):
+    return subprocess.run(["tar", "-tf", "-"], input=raw, capture_output=True).returncode == 0
+
+
+def layout_layer_tars(lay, tag):
+    """The decompressed tars of the layers of lay:tag."""
+    blobs = os.path.join(lay, "blobs", "sha256")
+    idx = json.load(open(os.path.join(lay, "index.json")))
+    desc = next(m for m in idx["manifests"]
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    man = json.load(open(os.path.join(blobs, desc["digest"][7:])))
+    return [gzip.decompress(open(os.path.join(blobs, d["digest"][7:]), "rb").read()) for d in man["layers"]]
+
+
+def test_umoci_layers_without_end_blocks(blobserve, bs_registry, tmp_path):
+    host = bs_registry.registry.host
+    # The plainest umoci image: the README's, one file inserted.
+    lay = str(tmp_path / "umoci")
+    hello = tmp_path / "hello.txt"
+    hello.write_text("hello\n")
+    for argv in (["init", "--layout", lay], ["new", "--image", f"{lay}:plain"],
+                 ["insert", "--image", f"{lay}:plain", str(hello), "/hello.txt"]):
+        subprocess.run(["umoci", *argv], check=True, capture_output=True, timeout=120)
+    (raw,) = layout_layer_tars(lay, "plain")
+    assert not raw.endswith(bytes(1024)) and not gnu_tar_lists(raw), "umoci wrote a complete tar: nothing to test"
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{lay}:plain",
+                    f"docker://{host}/bs/umoci:v1"], check=True, capture_output=True, timeout=300)
+    # This project's own workspace example images (umoci insert, built offline).
+    ws = str(tmp_path / "workspace")
+    build = subprocess.run([os.path.join(harness.ROOT, "examples", "workspace", "build.sh"), ws, "push", host],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    app_tars = layout_layer_tars(os.path.join(ws, "images"), "app")
+    assert not any(gnu_tar_lists(t) for t in app_tars[1:])
+
+    b = blobserve(name="umoci", repositories=["bs/umoci", "acme/app", "acme/ide"], replacements={})
+    st, _, body = curl(b.url + "/bs/umoci:v1/hello.txt")
+    assert (st, body) == (200, b"hello\n"), body
+    st, _, body = curl(b.url + "/acme/app:1.0/app/hello.txt")
+    assert (st, body) == (200, b"hello from the user's app image\n"), body
+    st, _, body = curl(b.url + "/acme/ide:1.2/ide/version.txt")
+    assert (st, body) == (200, b"ide 1.2\n"), body
+    st, _, body = curl(b.url + "/acme/ide:1.2/ide/bin/code")
+    assert st == 200 and body.startswith(b"#!/bin/sh\n"), body
+    st, _, body = curl(b.url + "/acme/app:1.0/bin/busybox")  # the big first layer, with its end blocks
+    assert st == 200 and body == open("/bin/busybox", "rb").read()
+    s = b.stats()
+    assert s["extraction_failures"] == 0 and s["extractions"] == 4, s  # app and ide share the rootfs layer
+
+
+def test_layer_ends_runtimes_accept_and_cuts_refused(blobserve, bs_registry, tmp_path):
+    data = rbytes(1000, 7)
+    full = tar_bytes([F("a.txt", b"first\n"), F("last.bin", data)])
+    end, padded = tar_ends(full)
+    assert not gnu_tar_lists(full[:end])
+    accepted = {
+        "nopad-gzip": (full[:end], "gzip"),          # what umoci writes
+        "nopad-zstd": (full[:end], "zstd"),
+        "nopad-plain": (full[:end], None),
+        "halfpad-gzip": (full[:end + 10], "gzip"),   # part of the padding
+        "noend-gzip": (full[:padded], "gzip"),       # padded, no zero blocks
+    }
+    refused = {
+        "cut-entry": (full[:end - 100], "gzip", None, "ends inside"),
+        "cut-header": (full[:padded + 100], "gzip", None, "broken tar"),
+        "cut-gzip-trailer": (full[:end], "gzip", lambda z: z[:-8], "decompress"),
+        "cut-gzip-deep": (full, "gzip", lambda z: z[:len(z) // 2], "decompress"),
+        "cut-zstd": (full[:end], "zstd", lambda z: z[:-3], "decompress"),
+    }
+    lay = Layout(str(tmp_path / "ends"))
+    digests = {}
+    for name, (raw, how, *rest) in {**accepted, **refused}.items():
+        layer = (raw, how, rest[0]) if rest and rest[0] else (raw, how)
+        m, digests[name] = lay.manifest([layer])
+        lay.tag(name, m)
+        push(lay, name, bs_registry.registry.host, f"bs/ends:{name}")
+    b = blobserve(name="ends", repositories=["bs/ends"], replacements={})
+    for name, (_, _, _, needle) in refused.items():
+        st, _, body = curl(f"{b.url}/bs/ends:{name}/a.txt")
+        assert st == 502 and needle.encode() in body, (name, st, body)
+        assert digests[name][0][7:] not in b.layer_dirs(), name  # nothing half-extracted is kept
+    for name in accepted:
+        st, _, body = curl(f"{b.url}/bs/ends:{name}/last.bin")
+        assert (st, body) == (200, data), (name, st, body[:200])
+        assert curl(f"{b.url}/bs/ends:{name}/a.txt")[2] == b"first\n"
+    s = b.stats()
+    assert s["extractions"] == len(accepted) and s["extraction_failures"] == len(refused), s
 
 
 def test_any_repository_and_unknown_image(blobserve):
