@@ -466,3 +466,82 @@ def check_copied_layout(layout_dir, tag, info, preserved):
         if preserved:  # a schema2 -> OCI conversion re-serializes the config
             assert m["config"]["digest"] == info["config_digest"]
         assert [l["digest"] for l in m["layers"]] == [l["digest"] for l in info["layers"]]
+
+
+# --------------------------------------------------------------------------
+# Docker Engine (Debian's docker.io): dockerd with its own roots and socket
+# --------------------------------------------------------------------------
+
+DOCKERD = "/usr/sbin/dockerd"
+DOCKER = "/usr/bin/docker"  # Debian's client (another `docker` may come first on PATH)
+
+
+class Dockerd:
+    """A dockerd with data root, exec root, socket and daemon.json in
+    workdir: no iptables, no bridge (containers run with --network none),
+    vfs storage. It starts its own containerd under exec_root; both are in
+    the ProcessGroup's process group and stop with it."""
+
+    def __init__(self, group, workdir, insecure=(), mirrors=(), name="dockerd"):
+        self.group = group
+        self.workdir = workdir
+        self.name = name
+        os.makedirs(workdir, exist_ok=True)
+        self.socket = os.path.join(workdir, "d.sock")
+        if len(self.socket) > 100:
+            raise ValueError(f"socket path too long for AF_UNIX: {self.socket}")
+        self.config_path = os.path.join(workdir, "daemon.json")
+        with open(self.config_path, "w") as f:
+            json.dump({"iptables": False, "ip6tables": False, "ip-forward": False, "ip-masq": False,
+                       "bridge": "none", "storage-driver": "vfs",
+                       "insecure-registries": list(insecure), "registry-mirrors": list(mirrors),
+                       "max-concurrent-downloads": 3}, f)
+        self.proc = None
+
+    def start(self, timeout=60):
+        argv = [DOCKERD, "--config-file", self.config_path,
+                "--data-root", os.path.join(self.workdir, "data"),
+                "--exec-root", os.path.join(self.workdir, "exec"),
+                "--pidfile", os.path.join(self.workdir, "dockerd.pid"),
+                "-H", f"unix://{self.socket}"]
+        self.proc = self.group.start(self.name, argv)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dockerd exited {self.proc.returncode}:\n{log_tail(self.proc)}")
+            if os.path.exists(self.socket):
+                r = subprocess.run([DOCKER, "-H", f"unix://{self.socket}", "version"],
+                                   capture_output=True, text=True, timeout=10)
+                if r.returncode == 0:
+                    return self
+            time.sleep(0.2)
+        raise RuntimeError(f"dockerd did not come up:\n{log_tail(self.proc)}")
+
+    def stop(self):
+        if self.proc is not None:
+            self.group.stop(self.proc, timeout=30)
+            self.proc = None
+        _umount_under(os.path.join(self.workdir, "data"))
+        _umount_under(os.path.join(self.workdir, "exec"))
+
+    def log(self):
+        return log_tail(self.proc, 20000) if self.proc else ""
+
+    def docker(self, *args, check=True, timeout=300):
+        # DOCKER_CONFIG: no host credentials or settings reach the test.
+        env = {"DOCKER_CONFIG": os.path.join(self.workdir, "client")}
+        os.makedirs(env["DOCKER_CONFIG"], exist_ok=True)
+        return _run([DOCKER, "-H", f"unix://{self.socket}"] + list(args), check=check, timeout=timeout,
+                    env=env)
+
+    def pull(self, ref, check=True, timeout=300):
+        return self.docker("pull", ref, check=check, timeout=timeout)
+
+    def run(self, ref, *cmd, check=True, timeout=120):
+        return self.docker("run", "--rm", "--network", "none", ref, *cmd, check=check, timeout=timeout)
+
+    def remove_images(self):
+        r = self.docker("images", "-q", "--no-trunc", check=False)
+        ids = sorted(set(r.stdout.split()))
+        if ids:
+            self.docker("rmi", "-f", *ids, check=False)
