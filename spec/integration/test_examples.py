@@ -6,6 +6,7 @@
 - containerd's hosts.toml and CRI-O/podman's registries.conf parse as TOML
   with the keys the runtimes read (both are also used for real, templated,
   by test_tls.py); Docker's daemon.json has registry-mirrors URLs;
+- the systemd unit passes `systemd-analyze verify` and is hardened;
 - the DaemonSet and compose files parse, run regfacade unprivileged, and
   name configs and ports that agree;
 - docker/Dockerfile is multi-stage on bookworm-slim, ends as a non-root user
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import tomllib
 
 import pytest
@@ -106,7 +108,9 @@ def test_daemonset_config_and_security(tmp_path, pki):
     cfg = json.loads(cm["data"]["config.json"])
     check_config_dict(cfg, str(tmp_path), pki)
     spec = ds["spec"]["template"]["spec"]
-    (c,) = spec["containers"]
+    containers = {c["name"]: c for c in spec["containers"]}
+    assert set(containers) == {"regfacade", "reloader"}
+    c = containers["regfacade"]
     port = next(p for p in c["ports"] if p["name"] == "registry")
     assert port["hostPort"] == port["containerPort"] == int(cfg["listen"].rsplit(":", 1)[1])
     sc = c["securityContext"]
@@ -116,7 +120,21 @@ def test_daemonset_config_and_security(tmp_path, pki):
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts[cfg["cache"]["dir"]]["name"] == "cache"
     assert os.path.dirname(cfg["tls"]["cert_file"]) in mounts
-    assert c["args"][-1] in mounts  # the config file
+    # The config is a mounted folder: a subPath mount never sees a changed
+    # ConfigMap, so a reload could not pick it up.
+    assert not [m for ctr in spec["containers"] + spec["initContainers"] for m in ctr.get("volumeMounts", [])
+                if "subPath" in m]
+    assert os.path.dirname(c["args"][-1]) in mounts and mounts[os.path.dirname(c["args"][-1])]["name"] == "config"
+    # The reloader watches the same file and can signal regfacade.
+    rl = containers["reloader"]
+    assert spec["shareProcessNamespace"] is True
+    assert {e["name"]: e["value"] for e in rl["env"]}["CONFIG"] == c["args"][-1]
+    assert rl["securityContext"]["runAsUser"] == sc["runAsUser"]
+    # Metrics: their own listener, on the port the scrape annotation names.
+    ann = ds["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true"
+    assert cfg["metrics"]["listen"].rsplit(":", 1)[1] == ann["prometheus.io/port"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["scheme"] == ("HTTPS" if "tls" in cfg else "HTTP")
     vols = {v["name"]: v for v in spec["volumes"]}
@@ -124,6 +142,48 @@ def test_daemonset_config_and_security(tmp_path, pki):
     # The init container hands the cache to the same uid the server runs as.
     init = spec["initContainers"][0]
     assert f"{sc['runAsUser']}:{sc['runAsGroup']}" in " ".join(init["command"])
+
+
+def test_daemonset_reloader_sends_sighup_when_the_config_changes(tmp_path):
+    """The reloader sidecar's own script, run for real beside a real
+    regfacade in a private PID namespace (as the pod's shared one): a
+    changed config file makes regfacade reload it, an unchanged one does not."""
+    if not shutil.which("unshare"):
+        pytest.fail("unshare (util-linux) is needed to give the reloader its own PID namespace")
+    _, ds = _load_daemonset()
+    spec = ds["spec"]["template"]["spec"]
+    rl = next(c for c in spec["containers"] if c["name"] == "reloader")
+    script = rl["command"][2].replace("sleep 10", "sleep 0.2")
+    cfg_path = tmp_path / "config.json"
+    cache = tmp_path / "cache"
+    from harness import free_port
+    port = free_port()
+    base = {"listen": f"127.0.0.1:{port}", "cache": {"dir": str(cache)},
+            "upstreams": {"up": {"url": "http://127.0.0.1:9"}}}
+    cfg_path.write_text(json.dumps(base))
+    log = tmp_path / "pod.log"
+    # regfacade and the reloader in one new PID namespace: the reloader can
+    # only see (and signal) this regfacade. Both die with the namespace.
+    pod = (f'"{REGFACADE}" serve --config "{cfg_path}" & '
+           f'CONFIG="{cfg_path}" sh -c \'{script}\' & wait')
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", pod],
+                         stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        from harness import wait_http
+        wait_http(f"http://127.0.0.1:{port}/v2/", timeout=20)
+        time.sleep(1)  # several reloader rounds over an unchanged file
+        assert "SIGHUP" not in log.read_text()
+        changed = dict(base, upstreams={"up": {"url": "http://127.0.0.1:9"}, "two": {"url": "http://127.0.0.1:10"}},
+                       default_upstream="up")
+        cfg_path.write_text(json.dumps(changed))
+        deadline = time.time() + 20
+        while time.time() < deadline and "reloaded" not in log.read_text():
+            time.sleep(0.1)
+        text = log.read_text()
+        assert "config changed: SIGHUP to" in text and "SIGHUP: reloaded" in text, text[-3000:]
+    finally:
+        os.killpg(p.pid, 9)
+        p.wait(timeout=10)
 
 
 def test_compose_sidecar(tmp_path, pki):
@@ -212,3 +272,43 @@ def test_dockerfile_runtime_packages_cover_the_binary():
         if owner not in runtime and owner not in SLIM_BASE:
             missing.append(f"{lib} ({owner})")
     assert not missing, f"docker/Dockerfile's runtime stage does not install: {missing}"
+
+
+SYSTEMD = os.path.join(DEPLOY, "systemd")
+
+
+def _unit_for_here(tmp_path):
+    """The example unit with the installed binary's path pointed at this
+    build (systemd-analyze checks that every command is executable)."""
+    with open(os.path.join(SYSTEMD, "regfacade.service")) as f:
+        text = f.read()
+    assert "/usr/local/bin/regfacade serve --config /etc/regfacade/config.json" in text
+    p = tmp_path / "regfacade.service"
+    p.write_text(text.replace("/usr/local/bin/regfacade", REGFACADE))
+    return text, str(p)
+
+
+def test_systemd_unit_verifies_and_is_hardened(tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.fail("systemd-analyze (Debian's systemd package) is a test package")
+    text, unit = _unit_for_here(tmp_path)
+    r = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60)
+    # verify exits 0 on settings it ignores, but prints them: nothing may be printed.
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+    settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    assert settings["DynamicUser"] == "yes" and settings["ProtectSystem"] == "strict"
+    assert settings["CacheDirectory"] == "regfacade" and settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", unit], capture_output=True, text=True,
+                       timeout=60)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout + r.stderr)
+    assert m, r.stdout[-2000:] + r.stderr
+    assert float(m.group(1)) <= 2.0, r.stdout[-4000:]
+
+
+def test_systemd_config_passes_check_and_uses_the_cache_directory(tmp_path, pki):
+    with open(os.path.join(SYSTEMD, "regfacade.json")) as f:
+        cfg = json.load(f)
+    assert cfg["cache"]["dir"] == "/var/cache/regfacade"  # the unit's CacheDirectory
+    assert "user" not in cfg  # the unit starts it unprivileged already
+    cfg["cache"]["dir"] = str(tmp_path / "cache")
+    check_config_dict(cfg, str(tmp_path), pki)
