@@ -367,8 +367,7 @@ admin_server *admin_start(const config *c, admin_config *ac, specs *sp, char *er
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)ac->listen_port)};
     inet_pton(AF_INET, ac->listen_host, &sa.sin_addr);
     a->daemon = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-        access_handler, a, MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)"admin", MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
+        MHD_GLUE_THREAD_PER_CONNECTION, 0, NULL, NULL, access_handler, a, MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)"admin", MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
         MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url, NULL, MHD_OPTION_NOTIFY_COMPLETED, request_completed, a,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)ADMIN_MAX_CONNECTIONS, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned int)ADMIN_TIMEOUT_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),

@@ -1,7 +1,6 @@
 #include "regfacade/guard.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -13,12 +12,16 @@
 #include "regfacade/log.h"
 
 #define RATE_BUCKETS 4096
+/* A connection must have waited this long for a request before it may be
+ * closed to make room: a client between connect() and its first header
+ * line is not idle. */
+#define RECLAIM_MIN_IDLE_S 1.0
 
 struct guard_conn {
     guard_conn *prev, *next;
-    int fd;          /* our dup of the connection's socket */
-    double deadline; /* monotonic seconds; 0: disarmed */
-    bool cut;
+    int fd;          /* the connection's socket (see guard_conn_open for why it cannot be reused) */
+    double since;    /* monotonic seconds the wait for a request began; 0: a request is in progress */
+    bool cut;        /* shut down, closing */
 };
 
 typedef struct rate_entry {
@@ -37,6 +40,9 @@ struct guard {
     pthread_t watchdog;
     guard_conn *conns;
     size_t n_conns;
+    size_t n_cut;                /* of n_conns, shut down and closing */
+    size_t reclaim_at;           /* open connections (not closing) from which idle ones are closed */
+    unsigned reclaimed_unlogged; /* idle connections closed at the limit since the last log line */
     rate_entry *rate[RATE_BUCKETS];
     size_t n_rate;
     guard_stats stats;
@@ -46,6 +52,34 @@ static double now_mono(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* shutdown() acts on the socket, not on the descriptor: the connection's
+ * thread sees EOF and libmicrohttpd closes the connection. Called with the
+ * lock held. */
+static void conn_cut(guard *g, guard_conn *c) {
+    shutdown(c->fd, SHUT_RDWR);
+    c->cut = true;
+    g->n_cut++;
+}
+
+/* From reclaim_at open connections on, the connection that has waited
+ * longest for a request (never `keep`, at least RECLAIM_MIN_IDLE_S) is
+ * closed, until the count is below reclaim_at again or none is idle: idle
+ * connections cannot keep everyone else out. Called with the lock held. */
+static void reclaim_idle(guard *g, const guard_conn *keep, double now) {
+    if (!g->reclaim_at) return;
+    while (g->n_conns - g->n_cut >= g->reclaim_at) {
+        guard_conn *oldest = NULL;
+        for (guard_conn *c = g->conns; c; c = c->next)
+            if (c != keep && !c->cut && c->since != 0 && now - c->since >= RECLAIM_MIN_IDLE_S &&
+                (!oldest || c->since < oldest->since))
+                oldest = c;
+        if (!oldest) return; /* every connection is busy (or just came) */
+        conn_cut(g, oldest);
+        g->stats.idle_reclaimed++;
+        g->reclaimed_unlogged++; /* logged by the watchdog's next sweep */
+    }
 }
 
 static void *watchdog_main(void *arg) {
@@ -58,24 +92,30 @@ static void *watchdog_main(void *arg) {
         pthread_cond_timedwait(&g->wake, &g->lock, &until);
         if (g->stopping) break;
         double now = now_mono();
-        unsigned cut = 0;
-        for (guard_conn *c = g->conns; c; c = c->next) {
-            if (c->cut || c->deadline == 0 || now < c->deadline) continue;
-            /* shutdown() acts on the socket, not on the descriptor: the
-             * connection's thread sees EOF and libmicrohttpd closes it. */
-            shutdown(c->fd, SHUT_RDWR);
-            c->cut = true;
+        unsigned cut = 0, t = g->o.header_timeout_s;
+        for (guard_conn *c = g->conns; t && c; c = c->next) {
+            if (c->cut || c->since == 0 || now < c->since + t) continue;
+            conn_cut(g, c);
             cut++;
         }
         g->stats.header_timeouts += cut;
-        if (cut) {
-            unsigned t = g->o.header_timeout_s;
+        /* Connections that came while the others were too fresh to close. */
+        reclaim_idle(g, NULL, now);
+        unsigned reclaimed = g->reclaimed_unlogged;
+        g->reclaimed_unlogged = 0;
+        if (cut || reclaimed) {
+            unsigned max = g->o.max_connections;
             pthread_mutex_unlock(&g->lock);
             /* One line per sweep, not per connection: a slowloris flood must
              * not become a log flood. */
-            log_warn("closed %u connection%s that sent no complete request headers within %u s "
-                     "(limits.header_timeout_seconds)",
-                     cut, cut == 1 ? "" : "s", t);
+            if (cut)
+                log_warn("closed %u connection%s that sent no complete request headers within %u s "
+                         "(limits.header_timeout_seconds)",
+                         cut, cut == 1 ? "" : "s", t);
+            if (reclaimed)
+                log_warn("closed %u idle connection%s to make room for new ones (limits.max_connections %u "
+                         "nearly reached)",
+                         reclaimed, reclaimed == 1 ? "" : "s", max);
             pthread_mutex_lock(&g->lock);
         }
     }
@@ -92,22 +132,28 @@ guard *guard_new(const guard_options *o, char *err, size_t errlen) {
     g->o = *o;
     if (g->o.requests_per_second && !g->o.burst) g->o.burst = 2 * g->o.requests_per_second;
     if (!g->o.max_tracked_ips) g->o.max_tracked_ips = 65536;
+    /* A reserve of max/32 slots (at least one) stays free for bursts of new
+     * clients while idle connections are being closed. */
+    if (g->o.max_connections) {
+        size_t reserve = g->o.max_connections / 32 ? g->o.max_connections / 32 : 1;
+        g->reclaim_at = g->o.max_connections > reserve ? g->o.max_connections - reserve : 1;
+    }
     pthread_mutex_init(&g->lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_cond_init(&g->wake, &ca);
     pthread_condattr_destroy(&ca);
-    if (g->o.header_timeout_s) {
-        int rc = pthread_create(&g->watchdog, NULL, watchdog_main, g);
-        if (rc != 0) {
-            snprintf(err, errlen, "guard: cannot start the header-deadline thread: %s", strerror(rc));
-            pthread_cond_destroy(&g->wake);
-            pthread_mutex_destroy(&g->lock);
-            free(g);
-            return NULL;
-        }
-        g->have_thread = true;
+    /* Also without a header deadline: it logs the connections closed at
+     * the limit. */
+    int rc = pthread_create(&g->watchdog, NULL, watchdog_main, g);
+    if (rc != 0) {
+        snprintf(err, errlen, "guard: cannot start the connection watchdog thread: %s", strerror(rc));
+        pthread_cond_destroy(&g->wake);
+        pthread_mutex_destroy(&g->lock);
+        free(g);
+        return NULL;
     }
+    g->have_thread = true;
     return g;
 }
 
@@ -118,9 +164,8 @@ void guard_free(guard *g) {
     pthread_cond_broadcast(&g->wake);
     pthread_mutex_unlock(&g->lock);
     if (g->have_thread) pthread_join(g->watchdog, NULL);
-    for (guard_conn *c = g->conns, *n; c; c = n) {
+    for (guard_conn *c = g->conns, *n; c; c = n) { /* their sockets belong to libmicrohttpd */
         n = c->next;
-        close(c->fd);
         free(c);
     }
     for (size_t i = 0; i < RATE_BUCKETS; i++)
@@ -134,20 +179,20 @@ void guard_free(guard *g) {
 }
 
 guard_conn *guard_conn_open(guard *g, int fd) {
-    if (!g || !g->o.header_timeout_s || fd < 0) return NULL;
+    if (!g || fd < 0) return NULL;
     guard_conn *c = calloc(1, sizeof *c);
     if (!c) return NULL;
-    c->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (c->fd < 0) {
-        free(c);
-        return NULL;
-    }
+    /* No dup of the socket: libmicrohttpd reports a connection closed
+     * (guard_conn_close, which forgets it under the lock) before it closes
+     * the socket, so while c is listed, fd is this connection's socket. */
+    c->fd = fd;
     pthread_mutex_lock(&g->lock);
-    c->deadline = now_mono() + g->o.header_timeout_s;
+    c->since = now_mono();
     c->next = g->conns;
     if (g->conns) g->conns->prev = c;
     g->conns = c;
     g->n_conns++;
+    reclaim_idle(g, c, c->since);
     pthread_mutex_unlock(&g->lock);
     return c;
 }
@@ -155,14 +200,14 @@ guard_conn *guard_conn_open(guard *g, int fd) {
 void guard_conn_headers_done(guard *g, guard_conn *c) {
     if (!g || !c) return;
     pthread_mutex_lock(&g->lock);
-    c->deadline = 0;
+    c->since = 0;
     pthread_mutex_unlock(&g->lock);
 }
 
 void guard_conn_request_done(guard *g, guard_conn *c) {
     if (!g || !c) return;
     pthread_mutex_lock(&g->lock);
-    c->deadline = now_mono() + g->o.header_timeout_s;
+    c->since = now_mono();
     pthread_mutex_unlock(&g->lock);
 }
 
@@ -173,9 +218,20 @@ void guard_conn_close(guard *g, guard_conn *c) {
     else g->conns = c->next;
     if (c->next) c->next->prev = c->prev;
     g->n_conns--;
+    if (c->cut) g->n_cut--;
     pthread_mutex_unlock(&g->lock);
-    close(c->fd);
     free(c);
+}
+
+guard_load guard_get_load(guard *g) {
+    guard_load l = {0};
+    if (!g) return l;
+    pthread_mutex_lock(&g->lock);
+    l.open = g->n_conns;
+    for (guard_conn *c = g->conns; c; c = c->next)
+        if (!c->cut && c->since != 0) l.idle++;
+    pthread_mutex_unlock(&g->lock);
+    return l;
 }
 
 /* ---------- rate limit ---------- */

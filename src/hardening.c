@@ -154,9 +154,25 @@ int hardening_drop_privileges(const char *spec, uid_t uid, gid_t gid, char *err,
     return 0;
 }
 
-void hardening_raise_nofile(void) {
+uint64_t hardening_raise_nofile(void) {
     struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max) return;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) {
+        log_warn("cannot read the open-files limit (RLIMIT_NOFILE): %s", strerror(errno));
+        return 0;
+    }
+    uint64_t was = rl.rlim_cur == RLIM_INFINITY ? UINT64_MAX : (uint64_t)rl.rlim_cur;
+    if (rl.rlim_cur >= rl.rlim_max) {
+        log_info("open-files limit: %llu (already the hard limit)", (unsigned long long)was);
+        return was;
+    }
     rl.rlim_cur = rl.rlim_max;
-    if (setrlimit(RLIMIT_NOFILE, &rl) != 0) log_warn("cannot raise the open-files limit: %s", strerror(errno));
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0) {
+        log_warn("cannot raise the open-files limit from %llu to the hard limit %llu: %s", (unsigned long long)was,
+                 (unsigned long long)rl.rlim_max, strerror(errno));
+        return was;
+    }
+    uint64_t now = rl.rlim_cur == RLIM_INFINITY ? UINT64_MAX : (uint64_t)rl.rlim_cur;
+    log_info("open-files limit raised from %llu to the hard limit %llu", (unsigned long long)was,
+             (unsigned long long)now);
+    return now;
 }

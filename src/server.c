@@ -814,8 +814,8 @@ static enum MHD_Result handle_tags(request *r) {
     return queue(r, 200, mr);
 }
 
-/* Ready: the cache takes a new file and the policy is loaded. Never asks
- * an upstream. */
+/* Ready: the cache takes a new file, the policy is loaded, and the
+ * listener has room for another client. Never asks an upstream. */
 static int server_ready(void *ud, char *why, size_t whylen) {
     server *s = ud;
     pthread_mutex_lock(&s->gen_lock);
@@ -823,6 +823,15 @@ static int server_ready(void *ud, char *why, size_t whylen) {
     pthread_mutex_unlock(&s->gen_lock);
     if (!loaded) {
         snprintf(why, whylen, "no policy loaded");
+        return -1;
+    }
+    /* Idle connections make room (guard.h); only busy ones fill it. */
+    guard_load load = guard_get_load(s->guard);
+    if (load.open >= s->cfg->max_connections && load.idle == 0) {
+        snprintf(why, whylen,
+                 "listener saturated: %zu connections open, all busy with requests (limits.max_connections %u); "
+                 "new clients wait",
+                 load.open, s->cfg->max_connections);
         return -1;
     }
     return metrics_cache_writable(store_dir(s->st), why, whylen);
@@ -1058,13 +1067,30 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
     if (cls) guard_conn_request_done(((server *)cls)->guard, conn_guard(conn));
 }
 
+/* Descriptors the configured limits can take at once: a socket per
+ * connection plus the cached blob it may be sending (registry; blobserve
+ * too when configured), the admin and metrics listeners' connections, per
+ * transfer a socket, a spool and the verified file, the upstreams' idle
+ * keep-alive connections, and a fixed reserve (store, logs, listening
+ * sockets, libmicrohttpd's wake-up pipes). Said at start when the
+ * open-files limit is lower: connections past it would be refused. */
+static void fd_budget_check(const config *c, uint64_t nofile) {
+    uint64_t need = 2 * (uint64_t)c->max_connections + (c->blobserve ? 2 * (uint64_t)c->max_connections : 0) +
+                    64 + 64 + 3 * (uint64_t)c->upstream_max_concurrent_fetches + 16 * (uint64_t)c->n_upstreams + 128;
+    if (nofile && nofile < need)
+        log_warn("the open-files limit %llu is below the %llu descriptors limits.max_connections %u (and the other "
+                 "limits) can take: connections past it will be refused; raise the hard limit (ulimit -n, "
+                 "LimitNOFILE=) or lower limits.max_connections",
+                 (unsigned long long)nofile, (unsigned long long)need, c->max_connections);
+}
+
 /* Before anything else is opened: TLS material (already read at config
  * load), the listening socket, then the switch to the configured user, so
  * the store, the upstream clients and the policy run unprivileged. */
 static int server_harden(server *s, const config *c, char *err, size_t errlen) {
     if (tls_config_load(c, &s->tls, err, errlen) != 0) return -1;
     if (s->tls && s->tls->expired) log_warn("tls: the certificate %s expired on %s", s->tls->subject, s->tls->not_after);
-    hardening_raise_nofile();
+    fd_budget_check(c, hardening_raise_nofile());
     if (hardening_listen(c->listen_host, c->listen_port, 1024, &s->listen_fd, err, errlen) != 0) return -1;
     if (c->user) {
         uid_t uid;
@@ -1076,7 +1102,8 @@ static int server_harden(server *s, const config *c, char *err, size_t errlen) {
     }
     guard_options go = {.header_timeout_s = c->header_timeout_s,
                         .requests_per_second = c->requests_per_second,
-                        .burst = c->request_burst};
+                        .burst = c->request_burst,
+                        .max_connections = c->max_connections};
     s->guard = guard_new(&go, err, errlen);
     return s->guard ? 0 : -1;
 }
@@ -1136,8 +1163,7 @@ server *server_start(const config *c, char *err, size_t errlen) {
         extra[ne++] = (struct MHD_OptionItem){MHD_OPTION_PER_IP_CONNECTION_LIMIT, (intptr_t)c->connections_per_ip, NULL};
     extra[ne] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     s->daemon = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC |
-            (s->tls ? MHD_USE_TLS : 0),
+        MHD_GLUE_THREAD_PER_CONNECTION | MHD_USE_ITC | (s->tls ? MHD_USE_TLS : 0),
         0, NULL, NULL, access_handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)"registry", MHD_OPTION_LISTEN_SOCKET,
         s->listen_fd, MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url,
         NULL, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)c->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,

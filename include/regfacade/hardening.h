@@ -11,6 +11,7 @@
 #define REGFACADE_HARDENING_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /* A listening TCP socket on an IPv4 address (SO_REUSEADDR, CLOEXEC).
@@ -31,7 +32,8 @@ int hardening_prepare_dir(const char *dir, uid_t uid, gid_t gid, char *err, size
 int hardening_drop_privileges(const char *spec, uid_t uid, gid_t gid, char *err, size_t errlen);
 
 /* Raise the soft open-files limit to the hard limit (every connection
- * holds a socket, and the header watchdog a dup of it). */
-void hardening_raise_nofile(void);
+ * holds a socket) and log what it is now. Returns the soft limit in force
+ * (UINT64_MAX: unlimited; 0: unknown). */
+uint64_t hardening_raise_nofile(void);
 
 #endif

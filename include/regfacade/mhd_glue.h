@@ -9,6 +9,14 @@
 #include <stdarg.h>
 #include <stddef.h>
 
+/* The flags of a listener with a thread per connection (the registry, the
+ * admin API). MHD_USE_POLL: without it libmicrohttpd waits with select(),
+ * which cannot watch a descriptor numbered FD_SETSIZE (1024) or more, so
+ * every connection past about a thousand open descriptors would be refused
+ * whatever limits.max_connections says. */
+#define MHD_GLUE_THREAD_PER_CONNECTION \
+    (MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_USE_ERROR_LOG)
+
 /* MHD_OPTION_UNESCAPE_CALLBACK: keep the URL as sent, so that no '%2F'
  * becomes a '/' or ".." behind a parser's back: the registry and admin
  * parsers refuse a '%' (names and ids never need one), blobserve decodes

@@ -1,0 +1,171 @@
+"""Connections cannot be exhausted cheaply (docs/security.md, "Connections"):
+
+- with the default limits, 1500 idle connections from 127.0.0.1 do not keep
+  a normal client out: the listener waits with poll(), not select(), so a
+  socket numbered 1024 or more is served, every connection holds one
+  descriptor (the header watchdog keeps no duplicate), max_connections
+  connections are really held, and at the limit the longest-idle connection
+  is closed to make room;
+- /readyz says "saturated" when max_connections connections are all busy
+  with requests (idle ones do not count: they make room), and recovers.
+"""
+import os
+import resource
+import socket
+import threading
+
+from fake_upstream import request, wait_until
+from harness import free_port
+
+REPO = "conn/app"
+FLOOD = 1500
+RECLAIMED = "to make room for new ones (limits.max_connections {} nearly reached)"
+
+
+def raise_nofile(want):
+    """The test process needs a descriptor per socket it opens."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, want), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def socket_fds(pid):
+    """(descriptors that are sockets, distinct sockets) of process pid: a
+    socket held under two descriptors counts once in the second."""
+    fds, sockets = 0, set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            fds += 1
+            sockets.add(target)
+    return fds, len(sockets)
+
+
+def open_idle(n, port):
+    """n sockets connecting to port that never send a byte."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+    return socks
+
+
+def pull(rf, img, timeout=60):
+    """/v2/, the manifest and every blob, each on a new connection."""
+    r = request(rf.host, "GET", "/v2/", timeout=timeout)
+    assert r.status == 200, r
+    r = request(rf.host, "GET", f"/v2/{REPO}/manifests/v1", timeout=timeout)
+    assert r.status == 200 and r.body == img.manifest, r
+    for b in [img.config] + img.layers:
+        r = request(rf.host, "GET", f"/v2/{REPO}/blobs/{b.digest}", timeout=timeout)
+        assert r.status == 200 and r.body == b.data, r
+
+
+def test_idle_flood_past_1024_descriptors_leaves_room_for_clients(fake_upstream, fake_facade):
+    assert raise_nofile(FLOOD + 500) >= FLOOD + 200, "the test process cannot open enough sockets"
+    img = fake_upstream.add_image(REPO, "v1", layer_sizes=[2000, 30000])
+    rf = fake_facade()  # the default limits: max_connections 1024, header_timeout_seconds 30
+    pull(rf, img)
+    pid = rf.proc.pid
+    base_fds, base_sockets = socket_fds(pid)
+    socks = open_idle(FLOOD, rf.port)
+    try:
+        # The server takes max_connections of them (select() stopped at
+        # descriptor 1024: about 500 connections with two descriptors each).
+        held = {"n": 0}
+
+        def taken():
+            held["n"] = max(held["n"], socket_fds(pid)[1] - base_sockets)
+            return held["n"] >= 1000
+
+        assert wait_until(taken, timeout=60, interval=0.2), \
+            f"the server holds only {held['n']} of {FLOOD} idle connections (limits.max_connections is 1024)"
+        fds, sockets = socket_fds(pid)
+        # One descriptor per connection: no duplicate for the watchdog.
+        assert fds - base_fds <= (sockets - base_sockets) + 8, \
+            f"{fds - base_fds} socket descriptors for {sockets - base_sockets} sockets"
+        # Connections idle for a second are closed to make room (those of
+        # the last second are not: a client may be between connect() and
+        # its request)...
+        assert wait_until(lambda: RECLAIMED.format(1024) in rf.log(), timeout=60), \
+            "no idle connection was closed to make room"
+        # ...so a normal client from the same address is served, on new
+        # connections, while the flood holds the rest.
+        pull(rf, img)
+        assert rf.proc.poll() is None
+    finally:
+        for s in socks:
+            s.close()
+    assert wait_until(lambda: socket_fds(pid)[0] <= base_fds + 8, timeout=60, interval=0.2), \
+        f"{socket_fds(pid)[0]} socket descriptors once the flood left, {base_fds} before"
+    pull(rf, img)
+
+
+def readyz(rf):
+    return request(rf.metrics_host, "GET", "/readyz", timeout=30)
+
+
+def test_readyz_saturated_only_when_every_connection_is_busy(fake_upstream, fake_facade):
+    img = fake_upstream.add_image(REPO, "v1", layer_sizes=[2000])
+    tags = [f"busy{i}" for i in range(4)]
+    for t in tags:
+        fake_upstream.tag(REPO, t, img.digest)
+    port = free_port()
+    # A header deadline far away: what makes room below is the idle
+    # connections being closed at the limit, not their deadline.
+    rf = fake_facade(config={"limits": {"max_connections": 4, "header_timeout_seconds": 600},
+                             "metrics": {"listen": f"127.0.0.1:{port}"}}, tag_ttl=0)
+    rf.metrics_host = f"127.0.0.1:{port}"
+    assert readyz(rf).status == 200
+
+    # Idle connections, more than the limit: they make room, /readyz stays 200.
+    idle = open_idle(10, rf.port)
+    try:
+        assert wait_until(lambda: RECLAIMED.format(4) in rf.log(), timeout=60), \
+            "no idle connection was closed to make room"
+        pull(rf, img)
+        r = readyz(rf)
+        assert r.status == 200, r
+    finally:
+        for s in idle:
+            s.close()
+
+    # Four requests held by a hanging upstream, started one after the
+    # other (each is busy before the next connects): every connection is busy.
+    paths = [f"/v2/{REPO}/manifests/{t}" for t in tags]
+    fake_upstream.misbehave(paths, "hang", seconds=120)
+    answers = []
+
+    def slow_pull(path):
+        answers.append(request(rf.host, "GET", path, timeout=180).status)
+
+    threads = []
+    try:
+        for path in paths:
+            threads.append(threading.Thread(target=slow_pull, args=(path,)))
+            threads[-1].start()
+            assert wait_until(lambda: fake_upstream.count(path=path) >= 1, timeout=60), f"{path} never reached upstream"
+        last = {}
+
+        def saturated():
+            last["r"] = readyz(rf)
+            return last["r"].status == 503 and b"saturated" in last["r"].body
+
+        assert wait_until(saturated, timeout=60, interval=0.2), f"/readyz never said saturated: {last.get('r')}"
+        assert b"limits.max_connections 4" in last["r"].body, last["r"]
+        # Liveness is not readiness.
+        assert request(rf.metrics_host, "GET", "/healthz").status == 200
+    finally:
+        fake_upstream.release()
+        for t in threads:
+            t.join(timeout=180)
+    assert answers == [200] * 4, answers
+    assert wait_until(lambda: readyz(rf).status == 200, timeout=60, interval=0.2), readyz(rf)
+    fake_upstream.behave()
+    pull(rf, img)
