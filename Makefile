@@ -26,8 +26,24 @@ TEST_PKGS  := lua-busted docker-registry skopeo containerd runc podman umoci bus
 # `make bench` (bench/bench.py): the peers and load tools it runs side by side.
 BENCH_PKGS := nginx wrk docker-registry skopeo containerd curl python3
 
-PKG_CFLAGS := $(shell pkg-config --cflags lua5.4 libmicrohttpd libcurl libarchive 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs lua5.4 libmicrohttpd libcurl libarchive 2>/dev/null) -lcrypto -lcrypt -lz -lpthread -lm
+# pkg-config's answers, asked only once the packages are in. $(BUILD)/pkg.mk
+# is made (ensure-packages first, then pkg-config) before anything else, and
+# make then reads this Makefile again with it: on a machine that had none of
+# the packages, the first `make`, `make test`, `make run` or `make bench`
+# compiles with the right flags (and every $(shell ...) here sees them too).
+PKG_MODULES := lua5.4 libmicrohttpd libcurl libarchive
+.DEFAULT_GOAL := all
+ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),all)),)
+include $(BUILD)/pkg.mk
+endif
+PKG_LIBS = $(PKG_MODULE_LIBS) -lcrypto -lcrypt -lz -lpthread -lm
+
+$(BUILD)/pkg.mk: Makefile tools/ensure-packages
+	@./tools/ensure-packages $(BUILD_PKGS)
+	@mkdir -p $(@D)
+	@cflags=$$(pkg-config --cflags $(PKG_MODULES)) && libs=$$(pkg-config --libs $(PKG_MODULES)) || { \
+	  echo "Makefile: pkg-config --cflags/--libs $(PKG_MODULES) failed (packages: $(BUILD_PKGS))" >&2; exit 1; }; \
+	printf 'PKG_CFLAGS := %s\nPKG_MODULE_LIBS := %s\n' "$$cflags" "$$libs" > $@.tmp && mv $@.tmp $@
 
 CFLAGS ?= -O2 -g
 CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wno-unused-parameter -Wno-format-truncation \
@@ -103,9 +119,10 @@ example-layers: ; ./examples/workspace/build.sh  # examples/workspace: superviso
 
 # Side-by-side benchmark on loopback (regfacade, distribution as a pull-through
 # cache, nginx, the upstream itself); writes bench/RESULTS.md. Run by hand.
+# BENCH_ARGS=--quick: fewer and shorter runs (a smoke test).
 bench: all
 	@./tools/ensure-packages $(BENCH_PKGS)
-	/usr/bin/python3 bench/bench.py --regfacade $(CURDIR)/$(BUILD)/regfacade --out bench/RESULTS.md
+	/usr/bin/python3 bench/bench.py --regfacade $(CURDIR)/$(BUILD)/regfacade --out bench/RESULTS.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD)
