@@ -444,12 +444,18 @@ static enum MHD_Result handle_manifest(request *r) {
     if (!ref_valid_tag(r->reference) && !ref_valid_digest(r->reference)) {
         if (strchr(r->reference, ':'))
             return send_error(r, 400, "DIGEST_INVALID", "\"%s\" is not a valid digest", r->reference);
-        return send_error(r, 400, "MANIFEST_INVALID", "\"%s\" is not a valid tag", r->reference);
+        /* No manifest can have a name that is not a tag: unknown, as the
+         * distribution spec (and its conformance suite) has it. */
+        return send_error(r, 404, "MANIFEST_UNKNOWN", "\"%s\" is not a valid tag, so no manifest has it",
+                          r->reference);
     }
     if (ref_valid_digest(r->reference) && !ref_is_sha256_digest(r->reference))
         return send_error(r, 400, "DIGEST_INVALID", "only sha256 digests are supported, got \"%s\"", r->reference);
+    /* A digest pins the bytes: they are served whatever the Accept header
+     * says (as distribution does). Accept chooses only among what a tag names. */
+    const bool by_digest = ref_is_sha256_digest(r->reference);
     char accept_buf[4096];
-    const char *accept = joined_header(r, "Accept", accept_buf, sizeof accept_buf);
+    const char *accept = by_digest ? NULL : joined_header(r, "Accept", accept_buf, sizeof accept_buf);
     if (manifest_accepts_only_schema1(accept))
         return send_error(r, 415, "UNSUPPORTED",
                           "Docker schema1 manifests are not supported; accept %s or %s", MT_DOCKER_MANIFEST,

@@ -155,8 +155,11 @@ def test_bad_manifest_digest(env, ref):
 
 @pytest.mark.parametrize("tag", BAD_TAGS, ids=lambda t: t if len(t) < 20 else f"{len(t)}chars")
 def test_bad_tag(env, tag):
+    """No manifest has a name that is not a tag: 404 (the distribution spec's
+    answer for a nonexistent manifest), asked of nobody."""
     before, n0 = env.snapshot(), env.fake.count()
-    assert_oci_error(env.get(f"/v2/{GOOD_REPO}/manifests/{tag}"), 400, "MANIFEST_INVALID")
+    assert_oci_error(env.get(f"/v2/{GOOD_REPO}/manifests/{tag}"), 404, "MANIFEST_UNKNOWN")
+    assert env.get(f"/v2/{GOOD_REPO}/manifests/{tag}", method="HEAD").status == 404
     assert_not_reached(env.fake, n0)
     env.assert_unchanged(before)
     env.assert_healthy()
