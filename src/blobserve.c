@@ -42,10 +42,21 @@ typedef struct image {
     char manifest_digest[80];  /* of the platform manifest */
     time_t expires;
     uint64_t used;
+    unsigned long epoch;       /* blobserve.epoch it was resolved in: a reload makes it stale */
     struct image *next;
     size_t n_layers;
     char layers[BS_FS_MAX_LAYERS][DIGEST_STRING_LEN]; /* last: copies stop at n_layers */
 } image;
+
+/* One image of "prepull": pending (tried, with a backoff), done, or failed
+ * for good (the upstream or the policy answered so, or the layer's own
+ * bytes are unusable): not tried again until a reload. */
+typedef enum { PREPULL_PENDING, PREPULL_DONE, PREPULL_FAILED } prepull_state;
+
+typedef struct {
+    prepull_state state;
+    char why[512]; /* the last failure */
+} prepull;
 
 struct blobserve {
     blobserve_env env;
@@ -59,14 +70,14 @@ struct blobserve {
     image *images;
     size_t n_images;
     uint64_t image_clock;
+    unsigned long epoch;       /* counts reloads (blobserve_reloaded) */
 
     bs_edit **edits;           /* per bc->edits entry: its edits as the cache takes them */
     unsigned workers;          /* slow-path threads running (guarded by mu; stop waits for 0) */
 
     pthread_t prepull_thread;
     bool prepull_running;
-    bool *prepull_done;        /* per bc->prepull entry */
-    char prepull_error[512];
+    prepull *prepulls;         /* per bc->prepull entry (guarded by mu) */
 
     atomic_ulong requests;
 };
@@ -210,11 +221,24 @@ static void set_why(int *status, char *why, size_t whylen, int st, const char *f
     *status = st;
 }
 
-static upstream *find_upstream(blobserve *b, const char *name) {
-    for (size_t i = 0; i < b->env.cfg->n_upstreams; i++)
-        if (strcmp(b->env.cfg->upstreams[i].name, name) == 0) return b->env.ups[i];
+static upstream *find_upstream(const blobserve_generation *g, const char *name) {
+    for (size_t i = 0; i < g->cfg->n_upstreams; i++)
+        if (strcmp(g->cfg->upstreams[i].name, name) == 0) return g->ups[i];
     return NULL;
 }
+
+/* Work on the server's current generation. The epoch is read first: an
+ * image resolved on a generation a reload has replaced is then filed under
+ * an old epoch, and never served from memory again. */
+static unsigned long work_begin(blobserve *b, blobserve_generation *g) {
+    pthread_mutex_lock(&b->mu);
+    unsigned long epoch = b->epoch;
+    pthread_mutex_unlock(&b->mu);
+    b->env.acquire(b->env.ud, g);
+    return epoch;
+}
+
+static void work_end(blobserve *b, blobserve_generation *g) { b->env.release(b->env.ud, g); }
 
 static int map_fetch_status(int s) {
     if (s == 404 || s == 403 || s == 429 || s == 503 || s == 504) return s;
@@ -234,7 +258,7 @@ static bool image_cached(blobserve *b, const char *key, image *out) {
     bool found = false;
     pthread_mutex_lock(&b->mu);
     for (image *im = b->images; im; im = im->next)
-        if (strcmp(im->key, key) == 0 && im->expires > now) {
+        if (strcmp(im->key, key) == 0 && im->expires > now && im->epoch == b->epoch) {
             im->used = ++b->image_clock;
             /* The fixed part, then only the digests in use (not all 256 slots). */
             memcpy(out, im, offsetof(image, layers));
@@ -246,8 +270,8 @@ static bool image_cached(blobserve *b, const char *key, image *out) {
     return found;
 }
 
-static int resolve_image(blobserve *b, const char *repository, const char *reference, bool by_digest, image *out,
-                         int *status, char *why, size_t whylen) {
+static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned long epoch, const char *repository,
+                         const char *reference, bool by_digest, image *out, int *status, char *why, size_t whylen) {
     char key[sizeof out->key];
     image_key(repository, reference, by_digest, key, sizeof key);
     if (image_cached(b, key, out)) return 0;
@@ -257,19 +281,19 @@ static int resolve_image(blobserve *b, const char *repository, const char *refer
     policy_request pr = {.method = "GET", .kind = "manifest", .repository = repository, .reference = reference};
     policy_resolution res;
     policy_error pe;
-    if (policy_resolve(b->env.pol, &pr, &res, &pe) != 0) {
+    if (policy_resolve(g->pol, &pr, &res, &pe) != 0) {
         set_why(status, why, whylen, pe.status, "%s: %s", key, pe.message);
         return -1;
     }
     /* Only where the image comes from is used: blobserve serves the
      * upstream image's files, not layers the policy adds for pulls. */
     policy_resolution_clear(&res);
-    upstream *u = find_upstream(b, res.upstream);
+    upstream *u = find_upstream(g, res.upstream);
     if (!u) {
         set_why(status, why, whylen, 500, "%s: upstream %s is not configured", key, res.upstream);
         return -1;
     }
-    manifest_env env = {b->env.st, b->env.cfg};
+    manifest_env env = {b->env.st, g->cfg};
     manifest m;
     fetch_error fe = {0};
     if (manifest_get(&env, u, res.repository, res.reference, &m, &fe) != 0) {
@@ -330,7 +354,8 @@ static int resolve_image(blobserve *b, const char *repository, const char *refer
             snprintf(out->repository, sizeof out->repository, "%s", res.repository);
             snprintf(out->manifest_digest, sizeof out->manifest_digest, "%s", m.digest);
             /* Tags are looked up again after the tag TTL; digests never change. */
-            out->expires = now + (by_digest ? DIGEST_IMAGE_TTL_S : b->env.cfg->tag_ttl_seconds);
+            out->expires = now + (by_digest ? DIGEST_IMAGE_TTL_S : g->cfg->tag_ttl_seconds);
+            out->epoch = epoch;
         }
     }
     json_free(v);
@@ -396,9 +421,10 @@ static bool try_acquire_all(blobserve *b, const image *im, const char *url_repos
 /* Acquire every layer of im (bottom first), starting the downloads of all
  * missing ones at once; may block for as long as downloads and extractions
  * take. 0 with held[] filled; -1 with status/why (nothing held). */
-static int acquire_layers(blobserve *b, const image *im, const char *url_repository, bs_layer **held, int *status,
-                          char *why, size_t whylen) {
-    bs_source src = {b->env.st, b->env.fetches, find_upstream(b, im->upstream), im->repository};
+static int acquire_layers(blobserve *b, const blobserve_generation *g, const image *im, const char *url_repository,
+                          bs_layer **held, int *status, bool *final, char *why, size_t whylen) {
+    *final = false;
+    bs_source src = {b->env.st, b->env.fetches, find_upstream(g, im->upstream), im->repository};
     if (!src.u) {
         set_why(status, why, whylen, 500, "upstream %s is not configured", im->upstream);
         return -1;
@@ -410,7 +436,7 @@ static int acquire_layers(blobserve *b, const image *im, const char *url_reposit
     }
     for (size_t i = 0; i < im->n_layers; i++) {
         char e[1024];
-        held[i] = bs_cache_acquire(b->cache, &specs[i], &src, status, e, sizeof e);
+        held[i] = bs_cache_acquire(b->cache, &specs[i], &src, status, final, e, sizeof e);
         if (!held[i]) {
             snprintf(why, whylen, "%s: %s", im->key, e);
             for (size_t j = 0; j < i; j++) bs_cache_release(b->cache, held[j]);
@@ -617,18 +643,22 @@ static void *slow_main(void *arg) {
     blobserve *b = s->b;
     image *im = malloc(sizeof *im);
     int status = 500;
+    bool final;
+    blobserve_generation g;
+    unsigned long epoch = work_begin(b, &g);
     if (!im) {
         s->status = 500;
         snprintf(s->why, sizeof s->why, "blobserve: out of memory");
-    } else if (resolve_image(b, s->u.repository, s->u.reference, s->u.by_digest, im, &status, s->why,
+    } else if (resolve_image(b, &g, epoch, s->u.repository, s->u.reference, s->u.by_digest, im, &status, s->why,
                              sizeof s->why) != 0 ||
-               acquire_layers(b, im, s->u.repository, s->held, &status, s->why, sizeof s->why) != 0) {
+               acquire_layers(b, &g, im, s->u.repository, s->held, &status, &final, s->why, sizeof s->why) != 0) {
         s->status = status;
         if (status >= 500) log_warn("blobserve: %s", s->why);
     } else {
         s->n = im->n_layers;
         s->status = 0;
     }
+    work_end(b, &g);
     free(im);
     s->done = true;
     MHD_resume_connection(s->conn); /* s belongs to the connection from here on */
@@ -703,21 +733,28 @@ static enum MHD_Result handle_file(blobserve *b, struct MHD_Connection *conn, re
 
 static enum MHD_Result handle_readyz(blobserve *b, struct MHD_Connection *conn) {
     if (!b->bc->wait_for_prepull || b->bc->n_prepull == 0) return send_text(conn, 200, "ready");
-    char pending[1500] = "";
-    size_t np = 0;
+    char pending[1500] = "", failed[1900] = "", last[512] = "";
+    size_t np = 0, nf = 0;
     pthread_mutex_lock(&b->mu);
-    for (size_t i = 0; i < b->bc->n_prepull; i++)
-        if (!b->prepull_done[i]) {
+    for (size_t i = 0; i < b->bc->n_prepull; i++) {
+        const prepull *pp = &b->prepulls[i];
+        if (pp->state == PREPULL_PENDING) {
             np++;
             strncat(pending, " ", sizeof pending - strlen(pending) - 1);
             strncat(pending, b->bc->prepull[i], sizeof pending - strlen(pending) - 1);
+            if (pp->why[0]) snprintf(last, sizeof last, "%s", pp->why);
+        } else if (pp->state == PREPULL_FAILED) {
+            nf++;
+            size_t used = strlen(failed);
+            snprintf(failed + used, sizeof failed - used, "%spre-pull of %s failed (not retried until a reload): %s",
+                     used ? "; " : "", b->bc->prepull[i], pp->why);
         }
-    char last[512];
-    snprintf(last, sizeof last, "%s", b->prepull_error);
+    }
     pthread_mutex_unlock(&b->mu);
-    if (np == 0) return send_text(conn, 200, "ready");
-    return send_text(conn, 503, "pre-pulling %zu image%s:%s%s%s", np, np == 1 ? "" : "s", pending,
-                     last[0] ? "; last error: " : "", last);
+    if (np == 0 && nf == 0) return send_text(conn, 200, "ready");
+    if (np == 0) return send_text(conn, 503, "not ready: %s", failed);
+    return send_text(conn, 503, "pre-pulling %zu image%s:%s%s%s%s%s", np, np == 1 ? "" : "s", pending,
+                     last[0] ? "; last error: " : "", last, nf ? "; " : "", failed);
 }
 
 static enum MHD_Result handle_stats(blobserve *b, struct MHD_Connection *conn) {
@@ -725,21 +762,23 @@ static enum MHD_Result handle_stats(blobserve *b, struct MHD_Connection *conn) {
     bs_cache_get_stats(b->cache, &cs);
     fetch_stats fs;
     fetcher_stats(b->env.fetches, &fs);
-    size_t pending = 0;
+    size_t pending = 0, failed = 0;
     pthread_mutex_lock(&b->mu);
-    for (size_t i = 0; i < b->bc->n_prepull; i++)
-        if (!b->prepull_done[i]) pending++;
+    for (size_t i = 0; i < b->bc->n_prepull; i++) {
+        if (b->prepulls[i].state == PREPULL_PENDING) pending++;
+        if (b->prepulls[i].state == PREPULL_FAILED) failed++;
+    }
     size_t images = b->n_images;
     pthread_mutex_unlock(&b->mu);
     char body[1024];
     int n = snprintf(body, sizeof body,
                      "{\"requests\":%lu,\"extractions\":%lu,\"extraction_failures\":%lu,\"waits\":%lu,"
                      "\"hits\":%lu,\"evictions\":%lu,\"refused_entries\":%lu,\"layers\":%lu,\"held\":%lu,"
-                     "\"bytes\":%llu,\"max_bytes\":%llu,\"images\":%zu,\"prepull_pending\":%zu,"
+                     "\"bytes\":%llu,\"max_bytes\":%llu,\"images\":%zu,\"prepull_pending\":%zu,\"prepull_failed\":%zu,"
                      "\"blob_fetches_started\":%lu,\"blob_fetches_coalesced\":%lu}\n",
                      atomic_load(&b->requests), cs.extractions, cs.extraction_failures, cs.waits, cs.hits,
                      cs.evictions, cs.refused_entries, cs.layers, cs.held, (unsigned long long)cs.bytes,
-                     (unsigned long long)cs.max_bytes, images, pending, fs.started, fs.coalesced);
+                     (unsigned long long)cs.max_bytes, images, pending, failed, fs.started, fs.coalesced);
     struct MHD_Response *r = MHD_create_response_from_buffer((size_t)n, body, MHD_RESPMEM_MUST_COPY);
     if (!r) return MHD_NO;
     MHD_add_response_header(r, "Content-Type", "application/json");
@@ -796,56 +835,87 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
 
 /* ---------- pre-pull ---------- */
 
-static int prepull_one(blobserve *b, const char *ref, char *why, size_t whylen) {
+/* One attempt at ref, on the current generation. -1 with why and *final
+ * when trying again cannot help. */
+static int prepull_one(blobserve *b, const char *ref, char *why, size_t whylen, bool *final) {
+    *final = false;
     char url[1024];
     snprintf(url, sizeof url, "/%s/", ref);
     bs_url u;
-    if (bs_url_parse(url, &u, why, whylen) != 0) return -1;
+    if (bs_url_parse(url, &u, why, whylen) != 0) {
+        *final = true;
+        return -1;
+    }
     image *im = malloc(sizeof *im);
     if (!im) {
         snprintf(why, whylen, "out of memory");
         return -1;
     }
-    int status;
+    int status = 500;
     bs_layer *held[BS_FS_MAX_LAYERS];
-    int rc = resolve_image(b, u.repository, u.reference, u.by_digest, im, &status, why, whylen);
-    if (rc == 0) rc = acquire_layers(b, im, u.repository, held, &status, why, whylen);
+    blobserve_generation g;
+    unsigned long epoch = work_begin(b, &g);
+    int rc = resolve_image(b, &g, epoch, u.repository, u.reference, u.by_digest, im, &status, why, whylen);
+    /* The policy or the upstream said no (refused, unknown, not a tar layer):
+     * so it will say again. Timeouts and rate limits pass. */
+    if (rc != 0) *final = status >= 400 && status < 500 && status != 408 && status != 429;
+    if (rc == 0) rc = acquire_layers(b, &g, im, u.repository, held, &status, final, why, whylen);
+    work_end(b, &g);
     if (rc == 0)
         for (size_t i = 0; i < im->n_layers; i++) bs_cache_release(b->cache, held[i]);
     free(im);
     return rc;
 }
 
+/* Pre-pull every image: a failure that may pass is tried again with a
+ * backoff doubling from 1 s to 60 s; one that cannot is reported and left
+ * until a reload (which may have fixed the credentials or the policy), which
+ * also tries the pending ones again at once. */
 static void *prepull_main(void *arg) {
     blobserve *b = arg;
     long backoff_ms = 1000;
+    pthread_mutex_lock(&b->mu);
+    unsigned long seen = b->epoch;
+    pthread_mutex_unlock(&b->mu);
     for (;;) {
-        bool all = true;
+        bool pending = false, failed = false;
         for (size_t i = 0; i < b->bc->n_prepull; i++) {
             pthread_mutex_lock(&b->mu);
-            bool done = b->prepull_done[i], stop = b->stopping;
+            prepull_state st = b->prepulls[i].state;
+            bool stop = b->stopping;
             pthread_mutex_unlock(&b->mu);
             if (stop) return NULL;
-            if (done) continue;
+            if (st == PREPULL_FAILED) failed = true;
+            if (st != PREPULL_PENDING) continue;
             char why[1024];
-            if (prepull_one(b, b->bc->prepull[i], why, sizeof why) == 0) {
-                log_info("blobserve: pre-pulled %s", b->bc->prepull[i]);
-                pthread_mutex_lock(&b->mu);
-                b->prepull_done[i] = true;
-                pthread_mutex_unlock(&b->mu);
+            bool final = false;
+            int rc = prepull_one(b, b->bc->prepull[i], why, sizeof why, &final);
+            pthread_mutex_lock(&b->mu);
+            prepull *pp = &b->prepulls[i];
+            if (rc == 0) {
+                pp->state = PREPULL_DONE;
             } else {
-                all = false;
-                log_warn("blobserve: pre-pull of %s failed (retrying): %s", b->bc->prepull[i], why);
-                pthread_mutex_lock(&b->mu);
-                snprintf(b->prepull_error, sizeof b->prepull_error, "%.500s", why);
-                pthread_mutex_unlock(&b->mu);
+                pp->state = final ? PREPULL_FAILED : PREPULL_PENDING;
+                snprintf(pp->why, sizeof pp->why, "%.500s", why);
+            }
+            pthread_mutex_unlock(&b->mu);
+            if (rc == 0) {
+                log_info("blobserve: pre-pulled %s", b->bc->prepull[i]);
+            } else if (final) {
+                failed = true;
+                log_error("blobserve: pre-pull of %s failed; not retried until a reload: %s", b->bc->prepull[i], why);
+            } else {
+                pending = true;
+                log_warn("blobserve: pre-pull of %s failed (retrying in %ld s): %s", b->bc->prepull[i],
+                         backoff_ms / 1000, why);
             }
         }
-        if (all) {
+        if (!pending && !failed) {
             log_info("blobserve: pre-pull complete (%zu image%s)", b->bc->n_prepull, b->bc->n_prepull == 1 ? "" : "s");
             return NULL;
         }
-        /* Wait before the next round; a stop wakes us at once. */
+        /* Wait for the backoff (only when something is pending), a reload,
+         * or a stop. */
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         until.tv_sec += backoff_ms / 1000;
@@ -855,12 +925,20 @@ static void *prepull_main(void *arg) {
             until.tv_nsec -= 1000000000L;
         }
         pthread_mutex_lock(&b->mu);
-        while (!b->stopping && pthread_cond_timedwait(&b->cv, &b->mu, &until) != ETIMEDOUT) {
+        while (!b->stopping && b->epoch == seen) {
+            if (!pending) pthread_cond_wait(&b->cv, &b->mu);
+            else if (pthread_cond_timedwait(&b->cv, &b->mu, &until) == ETIMEDOUT) break;
         }
-        bool stop = b->stopping;
+        bool stop = b->stopping, reloaded = b->epoch != seen;
+        if (reloaded) {
+            seen = b->epoch;
+            for (size_t i = 0; i < b->bc->n_prepull; i++)
+                if (b->prepulls[i].state == PREPULL_FAILED) b->prepulls[i].state = PREPULL_PENDING;
+        }
         pthread_mutex_unlock(&b->mu);
         if (stop) return NULL;
-        if (backoff_ms < 60000) backoff_ms *= 2;
+        if (reloaded) backoff_ms = 1000;
+        else if (backoff_ms < 60000) backoff_ms *= 2;
     }
 }
 
@@ -877,8 +955,8 @@ blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char 
     b->bc = bc;
     pthread_mutex_init(&b->mu, NULL);
     pthread_cond_init(&b->cv, NULL);
-    b->prepull_done = calloc(bc->n_prepull ? bc->n_prepull : 1, sizeof *b->prepull_done);
-    if (!b->prepull_done) {
+    b->prepulls = calloc(bc->n_prepull ? bc->n_prepull : 1, sizeof *b->prepulls);
+    if (!b->prepulls) {
         snprintf(err, errlen, "blobserve: out of memory");
         goto fail;
     }
@@ -940,6 +1018,20 @@ fail:
     return NULL;
 }
 
+void blobserve_reloaded(blobserve *b) {
+    if (!b) return;
+    pthread_mutex_lock(&b->mu);
+    b->epoch++;
+    for (image *im = b->images, *next; im; im = next) {
+        next = im->next;
+        free(im);
+    }
+    b->images = NULL;
+    b->n_images = 0;
+    pthread_cond_broadcast(&b->cv); /* the pre-pull thread */
+    pthread_mutex_unlock(&b->mu);
+}
+
 void blobserve_stop(blobserve *b) {
     if (!b) return;
     pthread_mutex_lock(&b->mu);
@@ -955,7 +1047,7 @@ void blobserve_stop(blobserve *b) {
         next = im->next;
         free(im);
     }
-    free(b->prepull_done);
+    free(b->prepulls);
     if (b->edits)
         for (size_t r = 0; r < b->bc->n_edits; r++) free(b->edits[r]);
     free(b->edits);

@@ -36,6 +36,7 @@ struct bs_layer {
     uint64_t last_used; /* LRU clock tick */
     int rootfd;         /* O_PATH of layers/<key>/root when ready */
     int err_status;
+    bool err_final;     /* the layer's bytes failed (bs_cache_acquire) */
     char err[768];
     bs_layer *next;
 };
@@ -592,10 +593,21 @@ static void fetch_status(const fetch_error *fe, int *status) {
     *status = fe->http_status == 504 ? 504 : 502;
 }
 
+/* When the layer is read from a running download: wait for its end; true
+ * (with status and err) when it failed, its digest among other things. */
+static bool download_failed(const src_reader *r, const bs_layer_spec *spec, int *status, char *err, size_t errlen) {
+    if (!r->x) return false;
+    fetch_error fe = {0};
+    if (fetch_wait_done(r->x, &fe) == 0) return false;
+    fetch_status(&fe, status);
+    seterr(err, errlen, "layer %s: %s", spec->digest, fe.message);
+    return true;
+}
+
 /* Download (or read) and unpack one layer into tmp/, then publish it as
  * layers/<key>. 0 with *bytes and *rootfd set; -1 with status and err. */
 static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, const char *key, uint64_t *bytes,
-                   int *rootfd_out, int *status, char *err, size_t errlen) {
+                   int *rootfd_out, int *status, bool *bad_bytes, char *err, size_t errlen) {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     *status = 502;
@@ -671,21 +683,21 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
         const char *e = archive_error_string(pr.unz);
         seterr(err, errlen, "layer %s: cannot decompress: %s", spec->digest,
                e ? e : "the compressed stream is cut short or corrupt");
-        goto out;
+        goto bad_content;
     }
     int rh = archive_read_next_header(pr.unz, &raw);
     if (rh == ARCHIVE_EOF) {
         pr.ended = true; /* an empty blob: an empty tar */
     } else if (rh < ARCHIVE_WARN) {
         seterr(err, errlen, "layer %s: cannot decompress: %s", spec->digest, archive_error_string(pr.unz));
-        goto out;
+        goto bad_content;
     }
     archive_read_support_format_tar(a);
     archive_read_support_format_empty(a);
     if (archive_read_open(a, &pr, NULL, plain_read, NULL) != ARCHIVE_OK) {
         seterr(err, errlen, "layer %s: not a tar archive: %s", spec->digest,
                pr.failed ? pr.why : archive_error_string(a));
-        goto out;
+        goto bad_content;
     }
     x.plain = &pr;
     while (!x.ended) {
@@ -694,7 +706,7 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
         if (h == ARCHIVE_EOF) break;
         if (h < ARCHIVE_WARN) {
             seterr(err, errlen, "layer %s: broken tar: %s", spec->digest, pr.failed ? pr.why : archive_error_string(a));
-            goto out;
+            goto bad_content;
         }
         x.data_read = false;
         int w = write_entry(&x, a, e);
@@ -706,19 +718,13 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
             if (strstr(x.err, "cache cap")) *status = 502;
             else if (!strstr(x.err, "from the tar")) *status = 500;
             seterr(err, errlen, "layer %s: %s", spec->digest, x.err);
+            if (*status == 502) goto bad_content;
             goto out;
         }
     }
-    if (r.x) {
-        /* The tar may end before the blob does: the digest is only known
-         * to be right once the whole blob arrived. */
-        fetch_error fe = {0};
-        if (fetch_wait_done(r.x, &fe) != 0) {
-            fetch_status(&fe, status);
-            seterr(err, errlen, "layer %s: %s", spec->digest, fe.message);
-            goto out;
-        }
-    }
+    /* The tar may end before the blob does: the digest is only known to be
+     * right once the whole blob arrived. */
+    if (download_failed(&r, spec, status, err, errlen)) goto out;
     char meta[PATHBUF];
     snprintf(meta, sizeof meta, "%s/meta", tmp);
     FILE *mf = fopen(meta, "w");
@@ -765,6 +771,12 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
              (unsigned long long)x.bytes, x.entries, x.refused,
              (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
     goto out_published;
+bad_content:
+    /* The layer's bytes failed, unless they were not the blob's: while a
+     * download is tailed, a transfer that fails its digest can look like a
+     * broken tar first. The fetch's outcome decides. */
+    if (download_failed(&r, spec, status, err, errlen)) goto out;
+    *bad_bytes = true;
 out:
     rm_tree(tmp);
 out_published:
@@ -969,7 +981,8 @@ static void unref_locked(bs_layer *l) {
 }
 
 bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, int *http_status,
-                           char *err, size_t errlen) {
+                           bool *final, char *err, size_t errlen) {
+    *final = false;
     char key[96];
     if (make_key(spec, key, sizeof key) != 0) {
         *http_status = 500;
@@ -992,6 +1005,7 @@ bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_sour
             return l;
         }
         *http_status = l->err_status;
+        *final = l->err_final;
         seterr(err, errlen, "%s", l->err);
         unref_locked(l);
         pthread_mutex_unlock(&c->mu);
@@ -1017,7 +1031,8 @@ bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_sour
     uint64_t bytes = 0;
     int rootfd = -1, status = 500;
     char e[768];
-    int rc = extract(c, spec, src, key, &bytes, &rootfd, &status, e, sizeof e);
+    bool bad_bytes = false;
+    int rc = extract(c, spec, src, key, &bytes, &rootfd, &status, &bad_bytes, e, sizeof e);
 
     victims v = {0};
     pthread_mutex_lock(&c->mu);
@@ -1032,6 +1047,8 @@ bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_sour
     } else {
         l->state = L_FAILED;
         l->err_status = status;
+        l->err_final = bad_bytes;
+        *final = bad_bytes;
         snprintf(l->err, sizeof l->err, "%s", e);
         unlist_locked(c, l); /* the next request tries again */
         c->stats.extraction_failures++;

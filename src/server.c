@@ -284,6 +284,15 @@ static void served_release(server *s, served *g) {
     if (done && g != s->first) served_free(g, false);
 }
 
+/* blobserve's requests and pre-pulls run on the current generation, as
+ * the registry's do. */
+static void blobserve_acquire(void *ud, blobserve_generation *out) {
+    served *g = served_acquire(ud);
+    *out = (blobserve_generation){.cfg = g->cfg, .pol = g->pol, .ups = g->ups, .handle = g};
+}
+
+static void blobserve_release(void *ud, blobserve_generation *g) { served_release(ud, g->handle); }
+
 /* A section that a reload cannot change (it is bound at start). */
 static bool same_section(const json_value *a, const json_value *b) {
     if (!a || !b) return a == b;
@@ -319,6 +328,7 @@ int server_reload(server *s, config *c, char *err, size_t errlen) {
     s->retired = prev;
     pthread_mutex_unlock(&s->gen_lock);
     served_release(s, prev); /* drop its "current" reference */
+    blobserve_reloaded(s->blobserve);
     specs_set_config(s->specs, c); /* specs are checked against the new upstreams and layers */
     return 0;
 }
@@ -1188,7 +1198,8 @@ server *server_start(const config *c, char *err, size_t errlen) {
     if (c->blobserve) {
         blobserve_config *bc = NULL;
         if (blobserve_config_parse(c, &bc, err, errlen) != 0) goto fail;
-        blobserve_env be = {.cfg = c, .st = s->st, .fetches = s->fetches, .pol = s->pol, .ups = s->ups};
+        blobserve_env be = {.cfg = c, .st = s->st, .fetches = s->fetches, .acquire = blobserve_acquire,
+                            .release = blobserve_release, .ud = s};
         if (!(s->blobserve = blobserve_start(&be, bc, err, errlen))) goto fail;
     }
     return s;

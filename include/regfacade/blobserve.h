@@ -98,13 +98,27 @@ bool blobserve_config_allows(const blobserve_config *bc, const char *repository)
 /* The edits for repository, or NULL. */
 const blobserve_repo_edits *blobserve_config_edits(const blobserve_config *bc, const char *repository);
 
-/* What blobserve borrows from the registry server (all outlive it). */
+/* A configuration generation as blobserve uses it: the server's current
+ * one, taken when a piece of work starts (resolving an image, downloading
+ * and extracting its layers, one pre-pull attempt) and given back when it
+ * ends, so a SIGHUP reload (upstreams, credentials, policy and its options)
+ * reaches blobserve as it reaches the registry listener. */
 typedef struct {
     const config *cfg;
-    store *st;
-    fetcher *fetches;
     policy *pol;
     upstream **ups;        /* parallel to cfg->upstreams */
+    void *handle;          /* the server's, for release */
+} blobserve_generation;
+
+/* What blobserve borrows from the registry server (all outlive it). */
+typedef struct {
+    const config *cfg;     /* the configuration started with: the listener's limits */
+    store *st;
+    fetcher *fetches;
+    /* Take the current generation (never fails) and give it back. */
+    void (*acquire)(void *ud, blobserve_generation *out);
+    void (*release)(void *ud, blobserve_generation *g);
+    void *ud;
 } blobserve_env;
 
 typedef struct blobserve blobserve;
@@ -112,6 +126,10 @@ typedef struct blobserve blobserve;
 /* Open the extraction cache, start the listener and the pre-pull thread.
  * Takes ownership of bc (also on failure). NULL with err on failure. */
 blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char *err, size_t errlen);
+/* The server's configuration was replaced (a reload): images resolved on
+ * the old one are resolved again on the next request, and pre-pulls that
+ * failed are tried again at once. NULL is fine. */
+void blobserve_reloaded(blobserve *b);
 /* Stop the listener and the pre-pull thread, wait for requests in flight,
  * free everything. NULL is fine. */
 void blobserve_stop(blobserve *b);

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import tarfile
@@ -519,15 +520,27 @@ def test_limits_layer_over_cap_and_replace_file_size(blobserve):
     assert "over max_replace_file_bytes" in b2.log()
 
 
-def test_prepull_and_readyz(blobserve, bs_registry):
-    # A pre-pull that cannot finish keeps /readyz at 503 and says which.
-    b = blobserve(name="pp-bad", prepull=["bs/web:v1", "bs/web:nope"], wait_for_prepull=True)
-    deadline = time.time() + 30
-    while b.stats()["extractions"] < 2 and time.time() < deadline:
+def test_prepull_and_readyz(blobserve, bs_registry, tmp_path):
+    # A pre-pull that cannot succeed (an unknown tag; a layer cut inside an
+    # entry) keeps /readyz at 503, says which and why, and is not retried.
+    raw = tar_bytes([F("a.txt", rbytes(2000, 5))])
+    lay = Layout(str(tmp_path / "cut"))
+    m, _ = lay.manifest([(raw[:1200], "gzip")])
+    lay.tag("cut", m)
+    push(lay, "cut", bs_registry.registry.host, "bs/web:cut")
+    b = blobserve(name="pp-bad", prepull=["bs/web:v1", "bs/web:nope", "bs/web:cut"], wait_for_prepull=True)
+    deadline = time.time() + 60
+    while b.stats()["prepull_failed"] < 2 and time.time() < deadline:
         time.sleep(0.1)
-    assert b.stats()["extractions"] == 2
+    s = b.stats()
+    assert s["extractions"] == 2 and s["prepull_failed"] == 2 and s["prepull_pending"] == 0, s
     st, _, body = curl(b.url + "/readyz")
-    assert st == 503 and b"bs/web:nope" in body and b"bs/web:v1" not in body
+    assert st == 503 and b"bs/web:v1" not in body, body
+    assert b"pre-pull of bs/web:nope failed (not retried until a reload)" in body, body
+    assert b"pre-pull of bs/web:cut failed (not retried until a reload)" in body and b"ends inside" in body, body
+    # One attempt each, reported: the pre-pull thread has nothing left to do.
+    assert b.log().count("pre-pull of bs/web:nope failed") == 1
+    assert b.log().count("pre-pull of bs/web:cut failed") == 1
 
     # One that can: /readyz turns 200 with the layers already extracted.
     b2 = blobserve(name="pp-good", prepull=["bs/web:v1", f"bs/web@{bs_registry.web_digest}"],
@@ -693,6 +706,85 @@ def test_layer_ends_runtimes_accept_and_cuts_refused(blobserve, bs_registry, tmp
         assert curl(f"{b.url}/bs/ends:{name}/a.txt")[2] == b"first\n"
     s = b.stats()
     assert s["extractions"] == len(accepted) and s["extraction_failures"] == len(refused), s
+
+
+# ---------------------------------------------------------------------------
+# blobserve follows reloads: upstreams, credentials and policy options come
+# from the configuration generation that is current when a request starts.
+
+SITE_POLICY = """
+local regfacade = require "regfacade"
+return { resolve = function(req)
+  local m = regfacade.config.options.map[req.repository]
+  if m then return { upstream = m.upstream, repository = m.repository } end
+  return { upstream = "locked" }
+end }
+"""
+
+
+def wait_for(pred, what, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_blobserve_follows_reload(procs, tmp_path, bs_registry):
+    # An htpasswd registry holding bs/secret; the first config has the wrong password.
+    locked = registries.start_registry(procs, str(tmp_path / "locked"), name="locked", mode="htpasswd",
+                                       username="bsuser", password="right-password")
+    lay = Layout(str(tmp_path / "secret-layout"))
+    m, _ = lay.manifest([([F("secret.txt", b"from the htpasswd registry\n")], "gzip")])
+    lay.tag("secret", m)
+    push(lay, "secret", locked.host, "bs/secret:v1", ["--dest-creds", locked.creds])
+    pw = tmp_path / "pw"
+    pw.write_text("wrong-password\n")
+    (tmp_path / "site.lua").write_text(SITE_POLICY)
+    port = free_port()
+    cfg = {"cache": {"dir": str(tmp_path / "cache")},
+           "upstreams": {"locked": {"url": locked.url, "username": "bsuser", "password_file": "pw"},
+                         "reg": {"url": bs_registry.registry.url}},
+           "default_upstream": "locked",
+           "policy": {"file": "site.lua", "watch": False,
+                      "options": {"map": {"bs/site": {"upstream": "reg", "repository": "bs/zstd"}}}},
+           "blobserve": {"listen": f"127.0.0.1:{port}", "repositories": ["bs/secret", "bs/site"],
+                         "prepull": ["bs/secret:v1"], "wait_for_prepull": True}}
+    rf = Regfacade(procs, str(tmp_path), cfg, name="reload").start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/readyz", timeout=30, ok=(200, 503))
+    try:
+        # The wrong password: the pre-pull fails and /readyz says why.
+        wait_for(lambda: "bs/secret:v1" in rf.log() and "pre-pull of bs/secret:v1 failed" in rf.log(),
+                 "the failed pre-pull")
+        st, _, body = curl(url + "/readyz")
+        assert st == 503 and b"bs/secret:v1" in body, body
+        st, _, body = curl(url + "/bs/secret:v1/secret.txt")
+        assert st != 200, body
+        # Policy options map bs/site to bs/zstd.
+        st, _, body = curl(url + "/bs/site:v1/index.html")
+        assert (st, body) == (200, b"zstd index\n")
+
+        # Reload: the right password, and bs/site mapped to bs/web.
+        pw.write_text("right-password\n")
+        rf.config["policy"]["options"]["map"]["bs/site"]["repository"] = "bs/web"
+        with open(rf.config_path, "w") as f:
+            json.dump(rf.config, f)
+        rf.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: reloaded" in rf.log() or "reload rejected" in rf.log(), "the reload")
+        assert "reload rejected" not in rf.log()
+        st, _, body = curl(url + "/bs/secret:v1/secret.txt")
+        assert (st, body) == (200, b"from the htpasswd registry\n"), body
+        st, _, body = curl(url + "/bs/site:v1/index.html")  # within the tag TTL: resolved again all the same
+        assert st == 200 and b"upper index" in body, body
+        # The pre-pull is tried again on the new configuration, and succeeds.
+        wait_for(lambda: curl(url + "/readyz")[0] == 200, "/readyz after the reload")
+        s = json.loads(curl(url + "/_stats")[2])
+        assert s["prepull_pending"] == 0 and s["prepull_failed"] == 0, s
+        assert rf.proc.poll() is None
+    finally:
+        print(f"----- reload log tail -----\n{harness.log_tail(rf.proc, 6000) if rf.proc else ''}")
 
 
 def test_any_repository_and_unknown_image(blobserve):
