@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -52,6 +53,7 @@ struct store {
     blob_entry *newest, *oldest;
     uint64_t total; /* bytes of every indexed blob */
     store_stats stats;
+    int lock_fd; /* DIR/lock, flock'ed while the store is open */
 };
 
 /* ---------- the index ---------- */
@@ -316,6 +318,50 @@ static void clear_tmp(const char *tmpdir) {
     closedir(d);
 }
 
+/* One process per cache folder: a second one would empty tmp/ under the
+ * first one's spools (its commits then fail) and evict what it serves.
+ * An exclusive flock on DIR/lock, held while the store is open (the kernel
+ * drops it when the process ends, however it ends); the file holds the
+ * holder's PID so that the one refused can name it. */
+static int lock_dir(store *s, char *err, size_t errlen) {
+    char p[PATH_MAX];
+    snprintf(p, sizeof p, "%s/lock", s->dir);
+    int fd = open(p, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        snprintf(err, errlen, "store: open %s: %s", p, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        char buf[32] = {0};
+        ssize_t n = e == EWOULDBLOCK ? pread(fd, buf, sizeof buf - 1, 0) : -1;
+        long pid = n > 0 ? strtol(buf, NULL, 10) : 0;
+        if (e != EWOULDBLOCK)
+            snprintf(err, errlen, "store: flock %s: %s", p, strerror(e));
+        else if (pid > 0)
+            snprintf(err, errlen,
+                     "store: cache.dir %s is in use by another regfacade (PID %ld holds %s); "
+                     "each process needs a cache folder of its own",
+                     s->dir, pid, p);
+        else
+            snprintf(err, errlen,
+                     "store: cache.dir %s is in use by another regfacade (it holds %s and is writing its PID "
+                     "there); each process needs a cache folder of its own",
+                     s->dir, p);
+        close(fd);
+        return -1;
+    }
+    char pid[32];
+    int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, pid, (size_t)n, 0) != (ssize_t)n) {
+        snprintf(err, errlen, "store: writing the PID into %s: %s", p, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    s->lock_fd = fd;
+    return 0;
+}
+
 store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen) {
     store *s = calloc(1, sizeof *s);
     if (!s || !(s->dir = strdup(dir))) {
@@ -323,6 +369,7 @@ store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
         snprintf(err, errlen, "store: out of memory");
         return NULL;
     }
+    s->lock_fd = -1;
     s->max_bytes = max_bytes;
     pthread_mutex_init(&s->lock, NULL);
     static const char *const subdirs[] = {"", "/blobs", "/blobs/sha256", "/tmp", "/tags", "/origins", "/generated",
@@ -334,6 +381,10 @@ store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
             store_close(s);
             return NULL;
         }
+    }
+    if (lock_dir(s, err, errlen) != 0) { /* before tmp/ is touched */
+        store_close(s);
+        return NULL;
     }
     char tmp[PATH_MAX];
     snprintf(tmp, sizeof tmp, "%s/tmp", dir);
@@ -353,6 +404,7 @@ void store_close(store *s) {
     while (s->oldest) index_remove(s, s->oldest);
     free(s->buckets);
     pthread_mutex_destroy(&s->lock);
+    if (s->lock_fd >= 0) close(s->lock_fd); /* releases the flock */
     free(s->dir);
     free(s);
 }

@@ -6,6 +6,7 @@
  *   DIR/tags/<sha256(key)>       tag -> digest resolutions with their time
  *   DIR/origins/<hex>            upstream and repository a blob comes from
  *   DIR/generated/<key>          decision key -> generated manifest digest
+ *   DIR/lock                     flock'ed by the one process using DIR; its PID
  *
  * Nothing enters blobs/ unless its sha256 was verified; every write is temp
  * file, fsync, rename, so a crash leaves either the whole file or nothing.
@@ -21,7 +22,10 @@
 
 typedef struct store store;
 
-/* Create the folders (0700) and clear tmp/. NULL with err on failure. */
+/* Create the folders (0700), lock the cache folder for this process (an
+ * exclusive flock on DIR/lock, which holds the PID; a folder locked by
+ * another process is refused with err naming that PID) and clear tmp/.
+ * NULL with err on failure. store_close() releases the lock. */
 store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen);
 void store_close(store *s);
 const char *store_dir(const store *s);

@@ -752,6 +752,63 @@ def test_kill9_during_fetch_then_restart(procs, tmp_path, plain_registry, proxy_
     assert_cache_correct(rf)
 
 
+def test_second_process_on_one_cache_is_refused_first_keeps_committing(procs, tmp_path, plain_registry,
+                                                                       proxy_factory):
+    """One process per cache folder: a second regfacade on the same cache.dir
+    exits non-zero naming the first one's PID (written in DIR/lock), and
+    leaves tmp/ alone: the first one's spool in progress is committed."""
+    info = plain_registry.images["big"]
+    lay = info["layers"][0]
+    proxy = proxy_factory(plain_registry.url)
+    proxy.add("stall", path=re.escape(lay["digest"]), after=8 * MiB, times=1)
+    rf = start_rf(procs, tmp_path, {"up": {"url": proxy.url}})
+    with open(os.path.join(rf.cache_dir, "lock")) as f:
+        assert f.read().strip() == str(rf.proc.pid)
+    path = f"/v2/{info['repo']}/blobs/{lay['digest']}"
+    got = {}
+    t = threading.Thread(target=lambda: got.update(r=_swallow(stream_get, rf.host, path, timeout=120)))
+    t.start()
+    assert wait_until(lambda: any(s >= 8 * MiB for s in tmp_files(rf.cache_dir).values()),
+                      timeout=30), (tmp_files(rf.cache_dir), diag(rf))
+    spools = tmp_files(rf.cache_dir)
+
+    # the same config (so the same cache.dir) on another port
+    cfg2 = dict(rf.config, listen=f"127.0.0.1:{free_port()}")
+    cfg2_path = str(tmp_path / "second.json")
+    with open(cfg2_path, "w") as f:
+        json.dump(cfg2, f)
+    second = procs.start("second", [REGFACADE, "serve", "--config", cfg2_path])
+
+    def second_settled():  # exited, or (wrongly) serving
+        if second.poll() is not None:
+            return True
+        try:
+            return request(cfg2["listen"], "GET", "/v2/", timeout=2).status == 200
+        except OSError:
+            return False
+
+    assert wait_until(second_settled, timeout=60)
+    out = open(second.log_path).read()
+    assert second.poll() is not None, f"a second regfacade on {rf.cache_dir} is serving:\n{out}"
+    assert second.returncode != 0
+    assert f"PID {rf.proc.pid}" in out and rf.cache_dir in out, out
+    assert set(spools) <= set(tmp_files(rf.cache_dir)), "the first process's spool was removed"
+
+    # the first one goes on: the stalled fetch resumes, completes, is committed
+    proxy.clear()
+    t.join(timeout=120)
+    assert got.get("r") == (200, lay["size"], lay["digest"]), (got, diag(rf))
+    assert wait_until(lambda: blob_files(rf.cache_dir).get(lay["digest"]) == lay["size"], timeout=30), diag(rf)
+    oci = plain_registry.images["oci"]
+    r = request(rf.host, "GET", f"/v2/{oci['repo']}/manifests/{oci['manifest_digest']}")
+    assert r.status == 200 and r.header("Docker-Content-Digest") == oci["manifest_digest"], r
+    assert_cache_correct(rf)
+    # once the first has stopped, the folder is free again
+    rf.stop()
+    rf.start()
+    assert request(rf.host, "HEAD", f"/v2/{info['repo']}/blobs/{lay['digest']}").status == 200
+
+
 def _swallow(fn, *a, **kw):
     try:
         return fn(*a, **kw)

@@ -777,6 +777,36 @@ def test_example_config_passes_check(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_workspace_example_configs_run_side_by_side(procs, tmp_path):
+    """The two workspace configs, as shipped but on free ports, serve at once
+    from one copy of the example folder: their cache folders differ (one
+    process per cache folder, the second would be refused)."""
+    d = tmp_path / "workspace"
+    shutil.copytree(EXAMPLE, d, ignore=shutil.ignore_patterns("cache*", "images", "layers"))
+    os.chmod(d / "admin-token.example", 0o600)
+    started = []
+    for name in ("config.json", "config_specs.json"):
+        cfg = json.loads((d / name).read_text())
+        cfg["listen"] = f"127.0.0.1:{free_port()}"
+        if "admin" in cfg:
+            cfg["admin"]["listen"] = f"127.0.0.1:{free_port()}"
+        (d / name).write_text(json.dumps(cfg))
+        p = procs.start(name, [REGFACADE, "serve", "--config", str(d / name)])
+        assert wait_until(lambda: p.poll() is not None or _answers(cfg["listen"]), timeout=30)
+        assert p.poll() is None, f"{name} did not start:\n{open(p.log_path).read()}"
+        started.append((p, os.path.join(str(d), cfg["cache"]["dir"])))
+    for p, cache in started:
+        with open(os.path.join(cache, "lock")) as f:
+            assert f.read().strip() == str(p.pid)
+
+
+def _answers(listen):
+    try:
+        return request(listen, "GET", "/v2/", timeout=2).status == 200
+    except OSError:
+        return False
+
+
 # ---------------------------------------------------------------------------
 # examples/workspace end to end: admin API, ctr pull, ctr run, delete
 # ---------------------------------------------------------------------------
