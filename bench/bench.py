@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""regfacade side by side with its peers, on loopback (issue 6, issue 4 "Measure").
+"""regfacade side by side with its peers, on loopback.
 
 Starts, each on a free 127.0.0.1 port and stopped by PID at the end:
   upstream      Debian's docker-registry (CNCF distribution 2.8), holding

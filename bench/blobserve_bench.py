@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""blobserve measurements (issue 9). Run by hand; not part of `make test`.
+"""blobserve measurements. Run by hand; not part of `make test`.
 
 On loopback, every process on a free 127.0.0.1 port and stopped by PID:
   registry    Debian's docker-registry holding bench/web:v1, an OCI image

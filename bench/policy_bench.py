@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The cost of the policy on a cached manifest GET (issue 5, "Measure").
+"""The cost of the policy on a cached manifest GET.
 
 Starts, on free 127.0.0.1 ports and stopped by PID at the end, a fake
 upstream (spec/integration/fake_upstream.py, in this process) holding
@@ -301,7 +301,7 @@ def main():
     d_cpu = median([s[3] for s in samples["default"]])
     lines += [
         "",
-        f"**Target** (issue 5): the default policy at most 10% slower than the policy-free path: "
+        f"**Target**: the default policy at most 10% slower than the policy-free path: "
         f"{100 * (1 - d / base):.1f}% fewer requests/s — {'met' if d >= 0.9 * base else 'NOT met'}; "
         f"server CPU per request {100 * (d_cpu / base_cpu - 1):+.1f}%.",
         "",

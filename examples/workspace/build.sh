@@ -9,7 +9,7 @@
 #     app    the user's base image: a busybox rootfs plus /app/hello.txt
 #     ide    the IDE image: layer 1 its own busybox rootfs (dropped by skip = 1),
 #            layer 2 /ide (bin/code, bin/remote-cli/open, version.txt); its
-#            config carries model-system env modifiers (GITPOD_ENV_*)
+#            config carries Gitpod's env modifiers (GITPOD_ENV_*)
 #
 # Usage:
 #   examples/workspace/build.sh [OUT]             build (OUT defaults to this folder)

@@ -12,7 +12,7 @@ workspace's own image (the user's base image) with two things on top:
 
 and a rewritten config: PATH gets the IDE's bin folder in front
 (image.env_prepend), and the env modifiers the IDE image carries in its own
-config (GITPOD_ENV_SET_X / _APPEND_X / _PREPEND_X, the model system's
+config (GITPOD_ENV_SET_X / _APPEND_X / _PREPEND_X, Gitpod's
 convention) are applied (image.apply_env_modifiers). The manifest gets
 annotations naming the workspace and its base image.
 
@@ -104,7 +104,7 @@ return {
             return -- a mirrored image: left as it is
         end
         image.env_prepend(img.config, "PATH", ide_options().bin .. ":")
-        -- The model system's env modifiers, from each added image's config,
+        -- Gitpod's env modifiers, from each added image's config,
         -- applied once per image, in stack order.
         local seen = {}
         for _, layer in ipairs(img.layers) do

@@ -19,7 +19,7 @@ answers it, or a fixed file holds it) and calls resolve(req, spec):
        spec's env and labels, and annotates the manifest with the workspace
        id and the spec's base.
 
-An unknown workspace id is a 404 (MANIFEST_UNKNOWN), so the model system's
+An unknown workspace id is a 404 (MANIFEST_UNKNOWN), so Gitpod's registry-facade
 readiness probe (GET /v2/remote/not-a-valid-image/manifests/latest -> 404)
 works. Every other name is a plain pull-through mirror (regfacade.mirror).
 

@@ -1,4 +1,4 @@
-"""blobserve (issue 9): files from inside image layers over HTTP.
+"""blobserve: files from inside image layers over HTTP.
 
 A real docker-registry holds images this module writes itself (a small OCI
 layout writer, then `skopeo copy`):

@@ -1,4 +1,4 @@
-"""Layer injection through the real binary (issue 3), against a real
+"""Layer injection through the real binary, against a real
 upstream (docker-registry) and real clients (containerd, skopeo, podman).
 
 The policy is layerkit.LAYER_POLICY: a request for v/<variant>:<ref> gets the

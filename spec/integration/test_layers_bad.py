@@ -1,4 +1,4 @@
-"""Bad layer input through the real binary (issue 3, "Bad input").
+"""Bad layer input through the real binary.
 
 Each bad source or bad policy answer fails only the requests that need it:
 an OCI error JSON whose message names the layer and the reason, a log line,

@@ -1,4 +1,4 @@
-"""Observability (issue 6): /metrics on its own listener, /healthz and
+"""Observability: /metrics on its own listener, /healthz and
 /readyz on both listeners, the JSON access log, and the metrics config
 section checked by `regfacade check`. Against the fake upstream."""
 import json

@@ -1,4 +1,4 @@
-"""The policy runtime in the running server (issue 5): every escape a policy
+"""The policy runtime in the running server: every escape a policy
 tries fails closed for that request (an OCI error, a log line naming the
 policy's file and line, a metric) while the server keeps serving everyone
 else meanwhile; reloads (file watch and SIGHUP) swap generations under a

@@ -1,4 +1,4 @@
-"""Reliability (issue 4): regfacade stays correct under upstream faults and load.
+"""Reliability: regfacade stays correct under upstream faults and load.
 
 A fault-injecting loopback proxy (FaultProxy, below: threads and raw sockets)
 sits between regfacade and the real upstream (Debian's docker-registry from

@@ -231,7 +231,7 @@ def _closed_by_peer(s):
 
 
 def test_idle_connection_flood_is_bounded(fake_facade, good):
-    # Ten thousand idle connections, as the issue asks: the test process
+    # Ten thousand idle connections: the test process
     # needs the file descriptors for them.
     flood = 10000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

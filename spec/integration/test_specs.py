@@ -1,4 +1,4 @@
-"""Image specs from outside (issue 8, docs/specs.md): the spec providers
+"""Image specs from outside (docs/specs.md): the spec providers
 (pulled from a small spec service written here, pushed through the admin
 API, fixed in a file), the spec format's checks, the errors, and the
 workspace example end to end with containerd.
@@ -233,7 +233,7 @@ def test_pushed_spec_is_served_then_deleted(fake_facade, tmp_path, app):
 
 
 def test_readiness_probe_is_404(fake_facade, tmp_path):
-    """The model system's probe: GET of a deliberately invalid name -> 404."""
+    """Gitpod's registry-facade's readiness probe: GET of a deliberately invalid name -> 404."""
     rf = fake_facade(config=specs_config(tmp_path, {"ws": {"type": "pushed"}}))
     r = request(rf.host, "GET", "/v2/remote/not-a-valid-image/manifests/latest")
     codes = assert_oci_error(r, 404, "MANIFEST_UNKNOWN")

@@ -60,7 +60,7 @@ function M.load_policy(file, cfg)
 end
 
 -- The IDE image: its own rootfs layer (dropped by skip = 1), then /ide; its
--- config carries the model system's env modifiers.
+-- config carries Gitpod's env modifiers.
 M.IDE_CONFIG = testing.oci_image {
     env = { "PATH=/bin", "GITPOD_ENV_SET_EDITOR=/ide/bin/code", "GITPOD_ENV_PREPEND_PATH=/ide/bin/remote-cli:" },
 }.config
