@@ -481,31 +481,41 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
     return u;
 }
 
-static CURL *pool_get(upstream *u)
+/* An idle handle (*reused set) or a fresh one; NULL when libcurl cannot
+ * make one. */
+static CURL *pool_get(upstream *u, bool *reused)
 {
     CURL *h = NULL;
     pthread_mutex_lock(&u->pool_mu);
     if (u->nidle > 0)
         h = u->idle[--u->nidle];
     pthread_mutex_unlock(&u->pool_mu);
+    *reused = h != NULL;
     if (!h)
         h = curl_easy_init();
     return h;
 }
 
-static void pool_put(upstream *u, CURL *h)
+/* Give a handle back. healthy: its last transfer ended without a libcurl
+ * failure. A handle whose transfer failed is not kept: libcurl 7.88.1
+ * leaves one that failed to resolve a name refusing CURLOPT_BUFFERSIZE
+ * after curl_easy_reset (CURLE_BAD_FUNCTION_ARGUMENT), and a connection
+ * that just failed is not worth keeping anyway. */
+static void pool_put(upstream *u, CURL *h, bool healthy)
 {
     if (!h)
         return;
-    /* Drop options (headers lists, callbacks, user data pointing at our
-     * stack) but keep live connections, TLS sessions and the DNS cache. */
-    curl_easy_reset(h);
-    pthread_mutex_lock(&u->pool_mu);
-    if (u->nidle < UPSTREAM_POOL_MAX) {
-        u->idle[u->nidle++] = h;
-        h = NULL;
+    if (healthy) {
+        /* Drop options (headers lists, callbacks, user data pointing at our
+         * stack) but keep live connections, TLS sessions and the DNS cache. */
+        curl_easy_reset(h);
+        pthread_mutex_lock(&u->pool_mu);
+        if (u->nidle < UPSTREAM_POOL_MAX) {
+            u->idle[u->nidle++] = h;
+            h = NULL;
+        }
+        pthread_mutex_unlock(&u->pool_mu);
     }
-    pthread_mutex_unlock(&u->pool_mu);
     if (h)
         curl_easy_cleanup(h);
 }
@@ -1021,6 +1031,20 @@ static upstream_result map_curl_error(CURLcode c, const xfer *x)
     }
 }
 
+/* "could not resolve host NAME" for url's host; false when url has none. */
+static bool host_of(const char *url, char *out, size_t outlen)
+{
+    CURLU *cu = curl_url();
+    char *host = NULL;
+    bool ok = cu && curl_url_set(cu, CURLUPART_URL, url, 0) == CURLUE_OK &&
+              curl_url_get(cu, CURLUPART_HOST, &host, 0) == CURLUE_OK && host;
+    if (ok)
+        snprintf(out, outlen, "could not resolve host %s", host);
+    curl_free(host);
+    curl_url_cleanup(cu);
+    return ok;
+}
+
 static void curl_failure_message(upstream *u, CURL *h, const upstream_request *req, const char *url,
                                  CURLcode c, const xfer *x, char *err, size_t errlen)
 {
@@ -1034,8 +1058,11 @@ static void curl_failure_message(upstream *u, CURL *h, const upstream_request *r
         snprintf(eff, sizeof eff, " (redirected to %s)", e);
     }
     const char *why;
+    char resolve[300];
     if (x->aborted)
         why = "aborted by the receiver";
+    else if (c == CURLE_COULDNT_RESOLVE_HOST && host_of(effective ? effective : url, resolve, sizeof resolve))
+        why = resolve; /* the same words whatever libcurl's version says */
     else
         why = x->errbuf[0] ? x->errbuf : curl_easy_strerror(c);
     set_err(err, errlen, "upstream %s: %s %s%s: %s", u->name, req->method, shown, eff, why);
@@ -1256,6 +1283,41 @@ out:
 
 typedef enum { SEND_NONE, SEND_BEARER, SEND_BASIC } send_auth;
 
+/* Every option of one attempt on h: the common ones, HEAD, and the header
+ * list (Accept, Range, Authorization), returned in *hdrs for the caller to
+ * free after the transfer. */
+static CURLcode request_setup(upstream *u, CURL *h, xfer *x, const char *url, const upstream_request *req,
+                              send_auth how, const char *token, struct curl_slist **hdrs)
+{
+    *hdrs = NULL;
+    curl_easy_reset(h);
+    CURLcode rc = common_setup(u, h, x, url);
+    if (rc == CURLE_OK && strcmp(x->req->method, "HEAD") == 0)
+        rc = curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
+    /* Build the header list; each append is checked. */
+    char *lines[3] = {NULL, NULL, NULL};
+    int nl = 0;
+    if (req->accept && *req->accept)
+        lines[nl++] = xasprintf("Accept: %s", req->accept);
+    if (req->range_start > 0)
+        lines[nl++] = xasprintf("Range: bytes=%" PRIu64 "-", req->range_start);
+    if (how == SEND_BEARER)
+        lines[nl++] = xasprintf("Authorization: Bearer %s", token);
+    else if (how == SEND_BASIC)
+        lines[nl++] = basic_auth_header(u);
+    for (int i = 0; i < nl; i++) {
+        struct curl_slist *n = lines[i] ? curl_slist_append(*hdrs, lines[i]) : NULL;
+        if (n)
+            *hdrs = n;
+        else if (rc == CURLE_OK)
+            rc = CURLE_OUT_OF_MEMORY;
+        free_secret(lines[i]);
+    }
+    if (rc == CURLE_OK && *hdrs)
+        rc = curl_easy_setopt(h, CURLOPT_HTTPHEADER, *hdrs);
+    return rc;
+}
+
 /* One request to base URL number bi. *delivered: on_headers was called (the
  * caller saw an answer), so another base must not be tried for it. */
 static upstream_result perform_base(upstream *u, size_t bi, const upstream_request *req,
@@ -1300,7 +1362,8 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
     char *scope = repo[0] ? xasprintf("repository:%s:pull", repo) : xstrdup("");
     /* tokens are cached per base URL: a mirror's realm is not the main's */
     char *cscope = bi == 0 ? xstrdup(scope ? scope : "") : xasprintf("%zu|%s", bi, scope ? scope : "");
-    CURL *h = pool_get(u);
+    bool reused = false, healthy = true;
+    CURL *h = pool_get(u, &reused);
     upstream_result res = UPSTREAM_ERR_INTERNAL;
     char *token = NULL;
     if (!url || !scope || !cscope || !h) {
@@ -1327,36 +1390,23 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
         x.ph = PH_HEADERS;
         response_reset(resp);
 
-        curl_easy_reset(h);
         struct curl_slist *hdrs = NULL;
-        CURLcode rc = common_setup(u, h, &x, url);
-        if (rc == CURLE_OK && head)
-            rc = curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
-        /* Build the header list; each append is checked. */
-        char *lines[3] = {NULL, NULL, NULL};
-        int nl = 0;
-        if (req->accept && *req->accept)
-            lines[nl++] = xasprintf("Accept: %s", req->accept);
-        if (req->range_start > 0)
-            lines[nl++] = xasprintf("Range: bytes=%" PRIu64 "-", req->range_start);
-        if (how == SEND_BEARER)
-            lines[nl++] = xasprintf("Authorization: Bearer %s", token);
-        else if (how == SEND_BASIC)
-            lines[nl++] = basic_auth_header(u);
-        for (int i = 0; i < nl; i++) {
-            struct curl_slist *n = lines[i] ? curl_slist_append(hdrs, lines[i]) : NULL;
-            if (n)
-                hdrs = n;
-            else if (rc == CURLE_OK)
-                rc = CURLE_OUT_OF_MEMORY;
-            free_secret(lines[i]);
+        CURLcode rc = request_setup(u, h, &x, url, &rq, how, token, &hdrs);
+        if (rc != CURLE_OK && reused) {
+            /* A pooled handle that libcurl will not set up again: a fresh
+             * one takes its place, so one broken handle never fails a
+             * request (nor, returned to the pool, every later one). */
+            slist_free_wiped(hdrs);
+            curl_easy_cleanup(h);
+            reused = false;
+            h = curl_easy_init();
+            rc = h ? request_setup(u, h, &x, url, &rq, how, token, &hdrs) : CURLE_FAILED_INIT;
         }
-        if (rc == CURLE_OK && hdrs)
-            rc = curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
         if (rc != CURLE_OK) {
             set_err(err, errlen, "upstream %s: %s %s: cannot set up libcurl: %s", u->name, method, url,
                     curl_easy_strerror(rc));
             slist_free_wiped(hdrs);
+            healthy = false;
             res = UPSTREAM_ERR_INTERNAL;
             goto out;
         }
@@ -1368,6 +1418,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
         *delivered = x.delivered;
 
         if (rc != CURLE_OK) {
+            healthy = false;
             res = map_curl_error(rc, &x);
             curl_failure_message(u, h, &rq, url, rc, &x, err, errlen);
             goto out;
@@ -1386,6 +1437,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             token = NULL;
             int tr = fetch_token(u, h, &x.chal, scope, cscope, &token, err, errlen);
             if (tr != 0) {
+                healthy = false; /* the token request may have failed in libcurl */
                 res = tr == -2 ? UPSTREAM_ERR_DENIED : UPSTREAM_ERR_AUTH;
                 goto out;
             }
@@ -1413,8 +1465,7 @@ out:
     metrics_upstream_ratelimit(u->name, resp->ratelimit_remaining);
     if (token)
         free_secret(token);
-    if (h)
-        pool_put(u, h);
+    pool_put(u, h, healthy);
     free(url);
     free(scope);
     free(cscope);
