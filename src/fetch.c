@@ -14,6 +14,7 @@
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
 #include "regfacade/spool_writer.h"
+#include "regfacade/upstream_answer.h"
 
 /* An attempt that brought at least this much restarts the retry budget. */
 #define FETCH_PROGRESS_BYTES (1024 * 1024)
@@ -253,56 +254,33 @@ static int fetch_attempt(fetch *x) {
                         spool_writer_error(x->sw));
         return -1;
     }
-    if (r == UPSTREAM_OK) {
-        if (resp.status == 200 || resp.status == 206) {
-            if (x->size >= 0 && x->written < (uint64_t)x->size) {
-                snprintf(x->attempt_err, sizeof x->attempt_err, "body ended at %llu of %lld bytes",
-                         (unsigned long long)x->written, (long long)x->size);
-                return 1;
-            }
-            return 0;
-        }
-        if (resp.status == 404) {
-            fetch_error_set(&x->err, 404, "BLOB_UNKNOWN", "blob %s is unknown to upstream %s (repository %s)", x->digest,
-                      name, x->repository);
-            return -1;
-        }
-        if (resp.status == 401 || resp.status == 403) {
-            fetch_error_set(&x->err, 403, "DENIED", "upstream %s refused access to %s (status %ld)", name, x->repository,
-                      resp.status);
-            return -1;
-        }
-        if (resp.status == 429) {
-            fetch_error_set(&x->err, 429, "TOOMANYREQUESTS", "upstream %s is rate-limiting (429) the blob %s", name,
-                      x->digest);
-            snprintf(x->err.retry_after, sizeof x->err.retry_after, "%s", resp.retry_after);
-            snprintf(x->retry_after, sizeof x->retry_after, "%s", resp.retry_after);
-            /* Without a Retry-After, a rate limit is not waited out: the client gets the 429. */
-            return upstream_parse_retry_after(resp.retry_after) >= 0 ? 1 : -1;
-        }
-        if (resp.status == 416 && x->written > 0 && !x->no_range) {
-            snprintf(x->attempt_err, sizeof x->attempt_err, "upstream refused to resume at %llu; asking for the "
-                     "whole blob and skipping what arrived", (unsigned long long)x->written);
-            x->no_range = 1;
+    if (r == UPSTREAM_OK && (resp.status == 200 || resp.status == 206)) {
+        if (x->size >= 0 && x->written < (uint64_t)x->size) {
+            snprintf(x->attempt_err, sizeof x->attempt_err, "body ended at %llu of %lld bytes",
+                     (unsigned long long)x->written, (long long)x->size);
             return 1;
         }
-        if (resp.status >= 500) {
-            fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s answered %ld for blob %s", name, resp.status, x->digest);
-            snprintf(x->retry_after, sizeof x->retry_after, "%s", resp.retry_after);
-            return 1;
-        }
-        fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for blob %s", name,
-                  resp.status, x->digest);
-        return -1;
+        return 0;
+    }
+    if (r == UPSTREAM_OK && resp.status == 416 && x->written > 0 && !x->no_range) {
+        snprintf(x->attempt_err, sizeof x->attempt_err, "upstream refused to resume at %llu; asking for the "
+                 "whole blob and skipping what arrived", (unsigned long long)x->written);
+        x->no_range = 1;
+        return 1;
     }
     if (r == UPSTREAM_ERR_ABORTED) {
         fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", name, x->digest, x->attempt_err);
         return x->attempt_err[0] && strstr(x->attempt_err, "spool") ? -1 : 1;
     }
-    const char *code;
-    int status = upstream_result_http_status(r, &code);
-    fetch_error_set(&x->err, status, code, "%s", err);
-    return upstream_result_retryable(r) ? 1 : -1;
+    char subject[600];
+    snprintf(subject, sizeof subject, "blob %s of %s", x->digest, x->repository);
+    bool retry = false;
+    if (upstream_answer_map(UPSTREAM_WHAT_BLOB, name, subject, r, &resp, err, &x->err, &retry) == UPSTREAM_ANSWER_OK)
+        fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for %s", name,
+                        resp.status, subject);
+    /* Paces the next attempt (a 429's or a 5xx's Retry-After). */
+    if (r == UPSTREAM_OK) snprintf(x->retry_after, sizeof x->retry_after, "%s", resp.retry_after);
+    return retry ? 1 : -1;
 }
 
 static void *fetch_thread(void *arg) {
@@ -369,7 +347,9 @@ static void *fetch_thread(void *arg) {
                 snprintf(x->err.message + ml, sizeof x->err.message - ml, " (gave up: %s)", gave_up);
         }
         store_spool_discard(f->st, &x->spool);
-        log_error("blob %s from upstream %s failed: %s", x->digest, upstream_name(x->u), x->err.message);
+        /* An upstream's 404 is an answer, not a failure of ours. */
+        log_msg(upstream_answer_log_level(x->err.http_status), "blob %s from upstream %s failed: %s", x->digest,
+                upstream_name(x->u), x->err.message);
     }
 
     pthread_mutex_lock(&f->lock);

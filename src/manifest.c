@@ -13,6 +13,7 @@
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
 #include "regfacade/ref.h"
+#include "regfacade/upstream_answer.h"
 
 void manifest_clear(manifest *m) {
     free(m->data);
@@ -113,6 +114,7 @@ typedef struct {
 
 static int buf_headers(void *ud, const upstream_response *r) {
     body_buf *b = ud;
+    b->len = 0; /* a new answer: whatever an earlier attempt brought is dropped */
     if (r->content_length > 0 && (uint64_t)r->content_length > b->max) {
         b->too_big = true;
         return -1;
@@ -140,65 +142,34 @@ static int buf_body(void *ud, const char *data, size_t len) {
     return 0;
 }
 
-/* Map a final upstream answer that is not 2xx. */
+/* e for a final upstream answer about manifest `what` that is not what
+ * the caller can use (upstream_answer.h has the one mapping). */
 static void map_status(fetch_error *e, const upstream_response *r, upstream *u, const char *what) {
-    if (r->status == 404)
-        fetch_error_set(e, 404, "MANIFEST_UNKNOWN", "manifest %s is unknown to upstream %s", what, upstream_name(u));
-    else if (r->status == 401 || r->status == 403)
-        fetch_error_set(e, 403, "DENIED", "upstream %s refused access to %s (status %ld)", upstream_name(u), what,
-                  r->status);
-    else if (r->status == 429) {
-        fetch_error_set(e, 429, "TOOMANYREQUESTS", "upstream %s is rate-limiting (429) manifest %s", upstream_name(u),
-                  what);
-        snprintf(e->retry_after, sizeof e->retry_after, "%s", r->retry_after);
-    } else
-        fetch_error_set(e, 502, "UNKNOWN", "upstream %s answered %ld for manifest %s", upstream_name(u), r->status, what);
+    char subject[700];
+    snprintf(subject, sizeof subject, "manifest %s", what);
+    if (upstream_answer_map(UPSTREAM_WHAT_MANIFEST, upstream_name(u), subject, UPSTREAM_OK, r, "", e, NULL) ==
+        UPSTREAM_ANSWER_OK)
+        fetch_error_set(e, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for %s", upstream_name(u),
+                        r->status, subject);
 }
 
-/* One upstream request, retried on transport errors, 5xx and 429, paced by
- * upstream_retry_delay() (backoff with jitter, Retry-After, retries and
- * budget). quick: a stale answer is at hand, so no retry is waited for.
- * Returns 0 with resp filled (a status below 500 other than 429), -1 with
- * e set. */
+/* One upstream request, asked again as upstream_ask() says (transport
+ * errors, 5xx, 429 with a Retry-After). quick: a stale answer is at hand,
+ * so no retry is waited for. Returns 0 with resp filled (a status below 500
+ * other than 429), -1 with e set. */
 static int perform_retry(const manifest_env *env, upstream *u, upstream_request *req, upstream_response *resp,
                          body_buf *b, const char *what, bool quick, fetch_error *e) {
     (void)env;
-    char err[1024];
-    upstream_retry rt;
-    upstream_retry_init(&rt);
-    for (;;) {
-        if (b) b->len = 0;
-        upstream_result r = upstream_perform(u, req, resp, err, sizeof err);
-        bool retry;
-        const char *retry_after = NULL;
-        if (r == UPSTREAM_OK) {
-            if (resp->status < 500 && resp->status != 429) return 0;
-            /* A rate limit is waited out only when the upstream says how long. */
-            retry = resp->status != 429 || upstream_parse_retry_after(resp->retry_after) >= 0;
-            retry_after = resp->retry_after;
-            map_status(e, resp, u, what);
-        } else if (r == UPSTREAM_ERR_ABORTED && b && b->too_big) {
-            fetch_error_set(e, 502, "MANIFEST_INVALID", "manifest %s from upstream %s exceeds the %zu-byte limit "
-                      "(limits.manifest_max_bytes)", what, upstream_name(u), b->max);
-            return -1;
-        } else {
-            retry = upstream_result_retryable(r);
-            const char *code;
-            int status = upstream_result_http_status(r, &code);
-            fetch_error_set(e, status, code, "%s", err);
-        }
-        if (!retry || quick) return -1;
-        char why[400];
-        long delay = upstream_retry_delay(u, &rt, retry_after, why, sizeof why);
-        if (delay < 0) {
-            size_t ml = strlen(e->message);
-            if (ml < sizeof e->message - 1) snprintf(e->message + ml, sizeof e->message - ml, " (gave up: %s)", why);
-            return -1;
-        }
-        log_warn("manifest %s: %s; retrying in %ld ms", what, e->message, delay);
-        metrics_upstream_retry(upstream_name(u), "manifest");
-        upstream_sleep_ms(delay);
+    char subject[700];
+    snprintf(subject, sizeof subject, "manifest %s", what);
+    upstream_answer a = upstream_ask(u, req, resp, UPSTREAM_WHAT_MANIFEST, subject, quick, e);
+    if (a == UPSTREAM_ANSWER_FAILED && b && b->too_big) {
+        fetch_error_set(e, 502, "MANIFEST_INVALID", "manifest %s from upstream %s exceeds the %zu-byte limit "
+                  "(limits.manifest_max_bytes)", what, upstream_name(u), b->max);
+        return -1;
     }
+    if (a == UPSTREAM_ANSWER_FAILED || resp->status >= 500 || resp->status == 429) return -1;
+    return 0;
 }
 
 /* GET the manifest named by reference; verify against want_digest when

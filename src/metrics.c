@@ -33,8 +33,8 @@ static const char *const status_classes[] = {"1xx", "2xx", "3xx", "4xx", "5xx", 
 static const char *const error_reasons[] = {"connect", "tls", "timeout", "transfer", "auth", "denied", "aborted", "internal",
                                             "other"};
 #define N_REASONS 9
-static const char *const retry_whats[] = {"blob", "manifest"};
-#define N_WHATS 2
+static const char *const retry_whats[] = {"blob", "manifest", "tags"};
+#define N_WHATS 3
 static const char *const hook_names[] = {"authorize", "resolve", "rewrite", "spec", "log", "other"};
 #define N_HOOKS 6
 static const char *const outcome_names[] = {"ok", "refused", "error", "budget"};

@@ -32,6 +32,7 @@
 #include "regfacade/specs.h"
 #include "regfacade/store.h"
 #include "regfacade/upstream.h"
+#include "regfacade/upstream_answer.h"
 
 #define MAX_URL_BYTES 8192 /* buffer size; the limit is limits.url_max_bytes (at most this) */
 #define TAGS_MAX_BYTES (4 * 1024 * 1024)
@@ -160,12 +161,6 @@ static enum MHD_Result send_fetch_error(request *r, const fetch_error *e) {
     }
     return send_error(r, (unsigned)(e->http_status ? e->http_status : 502), e->code ? e->code : "UNKNOWN", "%s",
                       e->message);
-}
-
-static enum MHD_Result send_upstream_failure(request *r, upstream_result ur, const char *err) {
-    const char *code;
-    int status = upstream_result_http_status(ur, &code);
-    return send_error(r, (unsigned)status, code, "%s", err);
 }
 
 /* ---------- request helpers ---------- */
@@ -617,11 +612,11 @@ static enum MHD_Result head_cold_blob(request *r, upstream *u, const policy_reso
     snprintf(path, sizeof path, "%s/blobs/%s", res->repository, r->reference);
     upstream_request req = {.method = "HEAD", .repository = res->repository, .path = path};
     upstream_response resp;
-    char err[1024];
-    upstream_result ur = upstream_perform(u, &req, &resp, err, sizeof err);
-    if (ur != UPSTREAM_OK) return send_upstream_failure(r, ur, err);
-    if (resp.status == 404)
-        return send_error(r, 404, "BLOB_UNKNOWN", "blob %s is unknown to upstream %s", r->reference, res->upstream);
+    char subject[700];
+    snprintf(subject, sizeof subject, "blob %s of %s", r->reference, res->repository);
+    fetch_error e = {0};
+    if (upstream_ask(u, &req, &resp, UPSTREAM_WHAT_BLOB, subject, false, &e) != UPSTREAM_ANSWER_OK)
+        return send_fetch_error(r, &e);
     if (resp.status != 200 || resp.content_length < 0)
         return send_error(r, 502, "UNKNOWN", "upstream %s answered %ld without a size for HEAD of blob %s",
                           res->upstream, resp.status, r->reference);
@@ -735,11 +730,22 @@ static enum MHD_Result handle_blob(request *r) {
 typedef struct {
     char *buf;
     size_t len, cap;
+    bool too_big; /* over TAGS_MAX_BYTES */
 } grow_buf;
+
+/* A new answer: whatever an earlier attempt brought is dropped. */
+static int tags_headers(void *ud, const upstream_response *resp) {
+    (void)resp;
+    ((grow_buf *)ud)->len = 0;
+    return 0;
+}
 
 static int tags_body(void *ud, const char *data, size_t len) {
     grow_buf *b = ud;
-    if (b->len + len > TAGS_MAX_BYTES) return -1;
+    if (b->len + len > TAGS_MAX_BYTES) {
+        b->too_big = true;
+        return -1;
+    }
     if (b->len + len + 1 > b->cap) {
         size_t cap = b->cap ? b->cap * 2 : 8192;
         while (cap < b->len + len + 1) cap *= 2;
@@ -771,28 +777,22 @@ static enum MHD_Result handle_tags(request *r) {
         snprintf(path + pl, sizeof path - (size_t)pl, "?%s%s%s%s%s", n ? "n=" : "", n ? n : "", n && last ? "&" : "",
                  last ? "last=" : "", last ? last_dec : "");
     grow_buf b = {0};
-    upstream_request req = {.method = "GET", .repository = res.repository, .path = path, .on_body = tags_body,
-                            .ud = &b};
+    upstream_request req = {.method = "GET", .repository = res.repository, .path = path, .on_headers = tags_headers,
+                            .on_body = tags_body, .ud = &b};
     upstream_response resp;
-    char err[1024];
-    upstream_result ur = upstream_perform(u, &req, &resp, err, sizeof err);
-    if (ur != UPSTREAM_OK) {
+    char subject[700];
+    snprintf(subject, sizeof subject, "repository %s", res.repository);
+    fetch_error e = {0};
+    upstream_answer a = upstream_ask(u, &req, &resp, UPSTREAM_WHAT_TAGS, subject, false, &e);
+    if (a == UPSTREAM_ANSWER_FAILED && b.too_big)
+        fetch_error_set(&e, 502, "UNKNOWN", "upstream %s sent a tag list of %s over %d bytes", res.upstream,
+                        res.repository, TAGS_MAX_BYTES);
+    if (a == UPSTREAM_ANSWER_OK && resp.status != 200)
+        fetch_error_set(&e, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for the tags of %s",
+                        res.upstream, resp.status, res.repository);
+    if (a != UPSTREAM_ANSWER_OK || resp.status != 200) {
         free(b.buf);
-        return send_upstream_failure(r, ur, err);
-    }
-    if (resp.status != 200) {
-        free(b.buf);
-        if (resp.status == 404)
-            return send_error(r, 404, "NAME_UNKNOWN", "repository %s is unknown to upstream %s", res.repository,
-                              res.upstream);
-        if (resp.status == 429) {
-            fetch_error e = {.http_status = 429, .code = "TOOMANYREQUESTS"};
-            snprintf(e.message, sizeof e.message, "upstream %s is rate-limiting (429)", res.upstream);
-            snprintf(e.retry_after, sizeof e.retry_after, "%s", resp.retry_after);
-            return send_fetch_error(r, &e);
-        }
-        return send_error(r, 502, "UNKNOWN", "upstream %s answered %ld for the tags of %s", res.upstream, resp.status,
-                          res.repository);
+        return send_fetch_error(r, &e);
     }
     char jerr[256];
     json_value *v = json_parse(b.buf ? b.buf : "", b.len, 8, jerr, sizeof jerr);

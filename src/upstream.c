@@ -1640,11 +1640,3 @@ long upstream_retry_delay(const upstream *u, upstream_retry *r, const char *retr
     }
     return delay;
 }
-
-int upstream_result_http_status(upstream_result r, const char **code) {
-    switch (r) {
-    case UPSTREAM_ERR_DENIED: *code = "DENIED"; return 403;
-    case UPSTREAM_ERR_TIMEOUT: *code = "UNKNOWN"; return 504;
-    default: *code = "UNKNOWN"; return 502;
-    }
-}

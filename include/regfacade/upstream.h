@@ -147,9 +147,7 @@ long upstream_parse_retry_after(const char *v);
 /* A short stable name for a result ("connect", "tls", "timeout", ...). */
 const char *upstream_result_name(upstream_result r);
 
-/* The one mapping of a failed request to the client's answer: 403 DENIED
- * for refused credentials, 504 for timeouts, 502 otherwise. */
-int upstream_result_http_status(upstream_result r, const char **code);
+/* What the client is told about a failed request: upstream_answer.h. */
 
 /* True for results worth retrying (connect, tls, timeout, transfer). */
 bool upstream_result_retryable(upstream_result r);

@@ -6,6 +6,10 @@ README "upstream_client"):
   documented retries; once it resolves again, pulls work again without a
   reload. regfacade runs in a private mount namespace whose /etc/hosts is a
   file the test rewrites, so nothing outside the test sees the name.
+- One mapping of upstream answers for manifests, blobs (GET and HEAD, cold)
+  and tag lists: refused credentials -> 403 DENIED, 429 -> 429
+  TOOMANYREQUESTS with the upstream's Retry-After, 5xx retried; an upstream
+  404 is the spec's 404 and is logged at info, never at error.
 """
 import json
 import os
@@ -17,6 +21,8 @@ import pytest
 
 import clients
 from clients import diag
+from conftest import HTPASSWD_USER
+from fake_upstream import assert_oci_error, request
 from harness import Regfacade
 
 HOSTNAME = "upstream.regfacade.test"  # .test is reserved: no DNS answers it
@@ -150,3 +156,75 @@ def test_dns_failure_names_the_host_and_does_not_poison_the_upstream(procs, tmp_
     _pull(rf, second, tmp_path, "up-again")  # cold blobs: the fetch path too
     r = clients.http_request(f"{rf.url}/v2/{second['repo']}/tags/list")
     assert r.status == 200 and second["tag"] in r.json()["tags"], r
+
+
+# ---------------------------------------------------------------------------
+# one mapping of upstream answers
+
+
+def _log_entries(rf):
+    with open(rf.proc.log_path) as f:
+        return [json.loads(line) for line in f if line.startswith("{")]
+
+
+@pytest.mark.parametrize("password", ["wrong-password", None])
+def test_refused_tag_list_is_403_denied_like_manifests(password, procs, tmp_path, htpasswd_registry):
+    info = htpasswd_registry.images["oci"]
+    up = {"url": htpasswd_registry.url}
+    if password:
+        pf = tmp_path / "password"
+        pf.write_text(password)
+        os.chmod(pf, 0o600)
+        up.update(username=HTPASSWD_USER, password_file=str(pf))
+    rf = clients.start_facade(procs, tmp_path, {"reg": up})
+    for path in (f"/v2/{info['repo']}/tags/list", f"/v2/{info['repo']}/manifests/{info['tag']}"):
+        r = request(rf.host, "GET", path)
+        assert_oci_error(r, 403, "DENIED")
+    r = request(rf.host, "HEAD", f"/v2/{info['repo']}/blobs/{info['layers'][0]['digest']}")
+    assert r.status == 403, r
+
+
+def test_tag_list_5xx_is_retried(fake_upstream, fake_facade):
+    fake_upstream.set_tags("acme/app", ["v1", "v2"])
+    path = "/v2/acme/app/tags/list"
+    fake_upstream.misbehave(path, "status", status=503, times=2)
+    rf = fake_facade()
+    r = request(rf.host, "GET", path)
+    assert r.status == 200 and r.json()["tags"] == ["v1", "v2"], f"{r!r}\n{rf.log()[-3000:]}"
+    assert fake_upstream.count("GET", path) == 3
+
+
+@pytest.mark.parametrize("what", ["manifest-get", "manifest-head", "blob-get", "blob-head", "tags"])
+def test_upstream_429_is_429_with_its_retry_after(what, fake_upstream, fake_facade):
+    img = fake_upstream.add_image("acme/app", "v1", layer_sizes=[3000])
+    layer = img.layers[0].digest
+    up_path, method, path = {
+        "manifest-get": ("/v2/acme/app/manifests/v1", "GET", "/v2/acme/app/manifests/v1"),
+        "manifest-head": ("/v2/acme/app/manifests/v1", "HEAD", "/v2/acme/app/manifests/v1"),
+        "blob-get": (f"/v2/acme/app/blobs/{layer}", "GET", f"/v2/acme/app/blobs/{layer}"),
+        "blob-head": (f"/v2/acme/app/blobs/{layer}", "HEAD", f"/v2/acme/app/blobs/{layer}"),
+        "tags": ("/v2/acme/app/tags/list", "GET", "/v2/acme/app/tags/list"),
+    }[what]
+    # 120 s is past the retry budget: passed on at once, not waited out.
+    fake_upstream.misbehave(up_path, "status", status=429, retry_after=120)
+    rf = fake_facade(config={"upstream_client": {"retry_budget_seconds": 5}})
+    r = request(rf.host, method, path)
+    assert r.status == 429, f"{r!r}\n{rf.log()[-3000:]}"
+    assert r.header("Retry-After") == "120", r
+    if method == "GET":
+        assert_oci_error(r, 429, "TOOMANYREQUESTS")
+
+
+def test_upstream_404_is_an_answer_logged_at_info(fake_upstream, fake_facade):
+    fake_upstream.add_image("acme/app", "v1")
+    rf = fake_facade()
+    missing = "sha256:" + "0" * 64
+    assert_oci_error(request(rf.host, "GET", f"/v2/acme/app/blobs/{missing}"), 404, "BLOB_UNKNOWN")
+    assert request(rf.host, "HEAD", f"/v2/acme/app/blobs/{missing}").status == 404
+    assert_oci_error(request(rf.host, "GET", "/v2/acme/app/manifests/nope"), 404, "MANIFEST_UNKNOWN")
+    assert_oci_error(request(rf.host, "GET", "/v2/acme/none/tags/list"), 404, "NAME_UNKNOWN")
+    log = _log_entries(rf)
+    about = [e for e in log if missing in e.get("msg", "") and e.get("msg") != "access"]
+    assert about and all(e["level"] == "info" for e in about), about
+    errors = [e for e in log if e.get("level") == "error"]
+    assert not errors, errors
