@@ -25,6 +25,7 @@
 #include "regfacade/json.h"
 #include "regfacade/log.h"
 #include "regfacade/manifest.h"
+#include "regfacade/metrics.h"
 #include "regfacade/mhd_glue.h"
 
 #define IMAGE_CACHE_MAX 256   /* resolved images kept in memory */
@@ -67,6 +68,7 @@ struct blobserve {
     pthread_mutex_t mu;
     pthread_cond_t cv;         /* wakes the pre-pull thread on stop, and stop when workers end */
     bool stopping;
+    bool collecting;           /* blobserve_collect is registered with metrics */
     image *images;
     size_t n_images;
     uint64_t image_clock;
@@ -944,6 +946,43 @@ static void *prepull_main(void *arg) {
 
 /* ---------- lifecycle ---------- */
 
+/* /metrics: the same figures as /_stats, as Prometheus series. */
+static void blobserve_collect(metrics_writer *w, void *ud) {
+    blobserve *b = ud;
+    bs_cache_stats cs;
+    bs_cache_get_stats(b->cache, &cs);
+    pthread_mutex_lock(&b->mu);
+    size_t pending = 0;
+    for (size_t i = 0; i < b->bc->n_prepull; i++)
+        if (!b->prepull_done[i]) pending++;
+    size_t images = b->n_images;
+    pthread_mutex_unlock(&b->mu);
+    const struct {
+        const char *name, *type, *help;
+        unsigned long long v;
+    } rows[] = {
+        {"regfacade_blobserve_requests_total", "counter", "Requests to the blobserve listener.",
+         (unsigned long long)atomic_load(&b->requests)},
+        {"regfacade_blobserve_extractions_total", "counter", "Layers extracted into the blobserve cache.", cs.extractions},
+        {"regfacade_blobserve_extraction_failures_total", "counter", "Layer extractions that failed.",
+         cs.extraction_failures},
+        {"regfacade_blobserve_layer_hits_total", "counter", "Requests served from a layer already extracted.", cs.hits},
+        {"regfacade_blobserve_layer_waits_total", "counter", "Requests that waited for an extraction running.", cs.waits},
+        {"regfacade_blobserve_evictions_total", "counter", "Extracted layers evicted to stay under the cap.", cs.evictions},
+        {"regfacade_blobserve_refused_entries_total", "counter",
+         "Tar entries refused while extracting (paths out of the layer, links out of it).", cs.refused_entries},
+        {"regfacade_blobserve_layers", "gauge", "Layers in the blobserve cache (ready or being extracted).", cs.layers},
+        {"regfacade_blobserve_cache_bytes", "gauge", "Bytes of extracted layers.", cs.bytes},
+        {"regfacade_blobserve_cache_max_bytes", "gauge", "The blobserve cache's cap.", cs.max_bytes},
+        {"regfacade_blobserve_images", "gauge", "Images blobserve has resolved and holds.", images},
+        {"regfacade_blobserve_prepull_pending", "gauge", "Images of blobserve.prepull not pulled yet.", pending},
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        metrics_write_head(w, rows[i].name, rows[i].type, rows[i].help);
+        metrics_write(w, "%s %llu\n", rows[i].name, rows[i].v);
+    }
+}
+
 blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char *err, size_t errlen) {
     blobserve *b = calloc(1, sizeof *b);
     if (!b) {
@@ -1009,6 +1048,11 @@ blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char 
         }
         b->prepull_running = true;
     }
+    if (metrics_add_collector(blobserve_collect, b) != 0) {
+        snprintf(err, errlen, "blobserve: cannot register the metrics collector (table full)");
+        goto fail;
+    }
+    b->collecting = true;
     log_info("blobserve serving on %s:%d (cache %s, cap %llu bytes, %s)", bc->listen_host, bc->listen_port,
              bc->cache_dir, (unsigned long long)bc->cache_max_bytes,
              bc->any_repository ? "any repository" : "listed repositories");
@@ -1034,6 +1078,7 @@ void blobserve_reloaded(blobserve *b) {
 
 void blobserve_stop(blobserve *b) {
     if (!b) return;
+    if (b->collecting) metrics_remove_collector(blobserve_collect, b);
     pthread_mutex_lock(&b->mu);
     b->stopping = true;
     pthread_cond_broadcast(&b->cv);

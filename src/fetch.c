@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "regfacade/clock.h"
 #include "regfacade/digest.h"
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
@@ -47,7 +48,15 @@ struct fetch {
     int committed;          /* the spool is the cached blob now: its fd pins it until destroyed */
     char attempt_err[512];
     char retry_after[64];   /* Retry-After of the last failed attempt's answer */
+    int64_t started_ms;     /* when the transfer took its slot (progress lines) */
+    int64_t progress_ms;    /* when the last progress line was logged */
+    uint64_t progress_bytes; /* bytes in the spool then */
 };
+
+/* Long cold transfers say how they go: one line every FETCH_PROGRESS_MS. */
+#define FETCH_PROGRESS_MS 5000
+
+static void progress_maybe(fetch *x);
 
 struct fetcher {
     store *st;
@@ -56,6 +65,7 @@ struct fetcher {
     pthread_cond_t idle;
     pthread_cond_t slot;    /* signalled when a transfer slot frees up */
     unsigned active;        /* transfers in progress (at most opts.max_concurrent) */
+    unsigned queued;        /* fetches waiting in slot_acquire */
     fetch *running;
     int threads;
     fetch_stats stats;
@@ -87,6 +97,11 @@ void fetcher_free(fetcher *f) {
 void fetcher_stats(fetcher *f, fetch_stats *out) {
     pthread_mutex_lock(&f->lock);
     *out = f->stats;
+    out->active = f->active;
+    out->queued = f->queued;
+    out->waiters = 0;
+    for (const fetch *x = f->running; x; x = x->next)
+        if (x->refs > 1) out->waiters += (unsigned)(x->refs - 1); /* less the fetch thread's own */
     pthread_mutex_unlock(&f->lock);
 }
 
@@ -183,12 +198,40 @@ static int on_body(void *ud, const char *data, size_t len) {
                  spool_writer_error(x->sw));
         return -1;
     }
+    metrics_upstream_bytes(upstream_name(x->u), len);
+    progress_maybe(x);
     return 0;
+}
+
+/* On the fetch thread (body and tick callbacks): a progress line every
+ * FETCH_PROGRESS_MS while a transfer runs, with its rate since the last one
+ * and the clients waiting for it. */
+static void progress_maybe(fetch *x) {
+    int64_t now = clock_monotonic_ms();
+    if (!x->progress_ms) {
+        x->started_ms = x->progress_ms = now;
+        x->progress_bytes = spool_writer_end(x->sw);
+        return;
+    }
+    if (now - x->progress_ms < FETCH_PROGRESS_MS) return;
+    uint64_t have = spool_writer_end(x->sw);
+    double mib_s = (double)(have - x->progress_bytes) / 1048576.0 / ((double)(now - x->progress_ms) / 1000.0);
+    pthread_mutex_lock(&x->owner->lock);
+    int waiting = x->refs > 1 ? x->refs - 1 : 0;
+    pthread_mutex_unlock(&x->owner->lock);
+    char total[32] = "?";
+    if (x->size >= 0) snprintf(total, sizeof total, "%lld", (long long)x->size);
+    log_info("fetch: blob %s from %s/%s: %llu of %s bytes after %llds, %.1f MiB/s, %d client%s waiting", x->digest,
+             upstream_name(x->u), x->repository, (unsigned long long)have, total,
+             (long long)((now - x->started_ms) / 1000), mib_s, waiting, waiting == 1 ? "" : "s");
+    x->progress_ms = now;
+    x->progress_bytes = have;
 }
 
 /* A stalled upstream: bytes that came before the stall still reach readers. */
 static int on_tick(void *ud) {
     fetch *x = ud;
+    progress_maybe(x);
     if (spool_writer_tick(x->sw) != 0) {
         snprintf(x->attempt_err, sizeof x->attempt_err, "caching it failed: spool %s: %s", x->spool.path,
                  spool_writer_error(x->sw));
@@ -210,7 +253,9 @@ static void on_written(void *ud, uint64_t end) {
  * at once; the others wait here (their clients wait for the first byte). */
 static void slot_acquire(fetcher *f) {
     pthread_mutex_lock(&f->lock);
+    f->queued++;
     while (f->active >= f->opts.max_concurrent) pthread_cond_wait(&f->slot, &f->lock);
+    f->queued--;
     f->active++;
     if (f->active > f->stats.max_active) f->stats.max_active = f->active;
     pthread_mutex_unlock(&f->lock);

@@ -127,11 +127,14 @@ static int cmd_serve(const char *path) {
                 log_warn("SIGHUP: running the embedded default; nothing to reload");
             } else if (!nc) {
                 log_error("SIGHUP: reload rejected, still serving the old configuration: %s", rerr);
+                metrics_reload(false);
             } else if (server_reload(s, nc, rerr, sizeof rerr) != 0) {
                 log_error("SIGHUP: reload rejected, still serving the old configuration: %s", rerr);
                 config_free(nc);
+                metrics_reload(false);
             } else {
                 log_info("SIGHUP: reloaded %s", nc->path);
+                metrics_reload(true);
             }
             continue;
         }

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -42,6 +43,11 @@ static const char *const outcome_names[] = {"ok", "refused", "error", "budget"};
 /* Policy hook latency buckets, seconds. */
 static const double hook_buckets[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25};
 #define N_BUCKETS (sizeof hook_buckets / sizeof hook_buckets[0])
+/* Request duration buckets, seconds: manifests answer in milliseconds, a
+ * cold layer of a gigabyte takes minutes. */
+static const double duration_buckets[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
+#define N_DBUCKETS (sizeof duration_buckets / sizeof duration_buckets[0])
+#define MAX_COLLECTORS 16
 
 typedef _Atomic uint64_t counter;
 
@@ -50,6 +56,7 @@ typedef struct {
     counter requests[N_CLASSES];
     counter errors[N_REASONS];
     counter retries[N_WHATS];
+    counter received_bytes;
     _Atomic long ratelimit;
     atomic_bool ratelimit_seen;
 } upstream_slot;
@@ -70,10 +77,36 @@ static struct {
     counter hook_count[N_HOOKS];
     counter hook_sum_ns[N_HOOKS];
 
+    counter dur_buckets[N_ROUTES][N_CLASSES][N_DBUCKETS]; /* not cumulative */
+    counter dur_count[N_ROUTES][N_CLASSES];
+    counter dur_sum_us[N_ROUTES][N_CLASSES];
+    _Atomic int64_t in_flight;        /* requests begun and not ended */
+    _Atomic int64_t client_transfers; /* streaming bodies being sent */
+
+    counter reloads_ok, reloads_rejected;
+    _Atomic int64_t generation;       /* 1 at start, +1 per accepted reload */
+    atomic_bool last_reload_ok;
+    _Atomic int64_t last_reload_time;
+
+    pthread_mutex_t collectors_lock; /* held while collectors run */
+    struct {
+        metrics_collect_fn fn;
+        void *ud;
+    } collectors[MAX_COLLECTORS];
+
     _Atomic(struct fetcher *) fetcher;
     atomic_bool access_log;
-    time_t started;
-} M = {.lock = PTHREAD_MUTEX_INITIALIZER, .access_log = true};
+    struct timespec started; /* CLOCK_REALTIME */
+} M = {.lock = PTHREAD_MUTEX_INITIALIZER, .collectors_lock = PTHREAD_MUTEX_INITIALIZER, .access_log = true,
+       .generation = 1, .last_reload_ok = true};
+
+static void note_start(void) {
+    if (!M.started.tv_sec) clock_gettime(CLOCK_REALTIME, &M.started);
+}
+
+static int status_class(unsigned status) {
+    return status >= 100 && status < 600 ? (int)(status / 100) - 1 : N_CLASSES - 1;
+}
 
 #define INC(c) atomic_fetch_add_explicit(&(c), 1, memory_order_relaxed)
 #define ADD(c, n) atomic_fetch_add_explicit(&(c), (n), memory_order_relaxed)
@@ -235,7 +268,7 @@ void metrics_cache_scan(const char *cache_dir) {
     }
     atomic_store(&M.cache_bytes, bytes);
     atomic_store(&M.cache_entries, entries);
-    if (!M.started) M.started = time(NULL);
+    note_start();
 }
 
 void metrics_upstream_request(const char *upstream, long status, const char *result_name) {
@@ -246,8 +279,24 @@ void metrics_upstream_request(const char *upstream, long status, const char *res
         INC(s->errors[r < 0 ? N_REASONS - 1 : r]);
         return;
     }
-    int c = status >= 100 && status < 600 ? (int)(status / 100) - 1 : N_CLASSES - 1;
-    INC(s->requests[c]);
+    INC(s->requests[status_class((unsigned)status)]);
+}
+
+void metrics_upstream_known(const char *upstream) { (void)upstream_slot_for(upstream); }
+
+void metrics_upstream_bytes(const char *upstream, uint64_t bytes) {
+    ADD(upstream_slot_for(upstream)->received_bytes, bytes);
+}
+
+void metrics_reload(bool ok) {
+    if (ok) {
+        INC(M.reloads_ok);
+        atomic_fetch_add(&M.generation, 1);
+    } else {
+        INC(M.reloads_rejected);
+    }
+    atomic_store(&M.last_reload_ok, ok);
+    atomic_store(&M.last_reload_time, (int64_t)time(NULL));
 }
 
 void metrics_upstream_retry(const char *upstream, const char *what) {
@@ -288,6 +337,7 @@ metrics_access *metrics_access_begin(struct MHD_Connection *conn, const char *me
     metrics_access *a = calloc(1, sizeof *a);
     if (!a) return NULL;
     clock_gettime(CLOCK_MONOTONIC, &a->start);
+    atomic_fetch_add_explicit(&M.in_flight, 1, memory_order_relaxed);
     snprintf(a->method, sizeof a->method, "%s", method ? method : "");
     /* MHD hands the path without the query string; cut at '?' anyway. */
     snprintf(a->path, sizeof a->path, "%.*s", (int)strcspn(url ? url : "", "?"), url ? url : "");
@@ -310,6 +360,16 @@ void metrics_access_body(metrics_access *a, metrics_source src, uint64_t len, bo
     a->source = src;
     a->body_len = len;
     a->streaming = streaming;
+    if (streaming && !a->in_transfer) {
+        a->in_transfer = true;
+        atomic_fetch_add_explicit(&M.client_transfers, 1, memory_order_relaxed);
+    }
+}
+
+void metrics_access_streamed(metrics_access *a, uint64_t n) {
+    if (!a) return;
+    a->streamed += n;
+    if (strcmp(a->method, "HEAD") != 0 && (unsigned)a->source < N_SOURCES) ADD(M.bytes[a->source], n);
 }
 
 void metrics_access_end(metrics_access *a, bool completed_ok) {
@@ -323,7 +383,16 @@ void metrics_access_end(metrics_access *a, bool completed_ok) {
     int r = index_of(route_names, N_ROUTES, a->route);
     if (r < 0) r = N_ROUTES - 1;
     if (a->status >= 100 && a->status < 600) INC(M.requests[r][a->status]);
-    if ((unsigned)a->source < N_SOURCES) ADD(M.bytes[a->source], bytes);
+    /* Streamed bytes were counted as they went (metrics_access_streamed). */
+    if ((unsigned)a->source < N_SOURCES && !a->streaming) ADD(M.bytes[a->source], bytes);
+    int c = a->status ? status_class(a->status) : N_CLASSES - 1;
+    size_t b = 0;
+    while (b < N_DBUCKETS && ms / 1e3 > duration_buckets[b]) b++;
+    if (b < N_DBUCKETS) INC(M.dur_buckets[r][c][b]);
+    INC(M.dur_count[r][c]);
+    ADD(M.dur_sum_us[r][c], (uint64_t)(ms * 1e3));
+    atomic_fetch_sub_explicit(&M.in_flight, 1, memory_order_relaxed);
+    if (a->in_transfer) atomic_fetch_sub_explicit(&M.client_transfers, 1, memory_order_relaxed);
     if (atomic_load_explicit(&M.access_log, memory_order_relaxed)) {
         char f[2048];
         size_t n = (size_t)snprintf(f, sizeof f, "\"method\":\"");
@@ -389,7 +458,7 @@ unsigned metrics_health_answer(const char *path, metrics_ready_fn ready, void *u
 /* ------------------------------------------------------------------ */
 /* exposition */
 
-typedef struct {
+typedef struct metrics_writer {
     char *buf;
     size_t len, cap;
     bool failed;
@@ -424,7 +493,7 @@ static void out(out_buf *o, const char *fmt, ...) {
 }
 
 /* A label value with \, " and newline escaped (names come from config). */
-static const char *label(const char *s, char *tmp, size_t tmplen) {
+const char *metrics_label(const char *s, char *tmp, size_t tmplen) {
     size_t o = 0;
     for (; *s && o + 3 < tmplen; s++) {
         if (*s == '\\' || *s == '"') tmp[o++] = '\\', tmp[o++] = *s;
@@ -435,8 +504,94 @@ static const char *label(const char *s, char *tmp, size_t tmplen) {
     return tmp;
 }
 
+#define label metrics_label
+
 static void head(out_buf *o, const char *name, const char *type, const char *help) {
     out(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+void metrics_write_head(metrics_writer *w, const char *name, const char *type, const char *help) {
+    head(w, name, type, help);
+}
+
+void metrics_write(metrics_writer *w, const char *fmt, ...) {
+    if (w->failed) return;
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof line) {
+        log_warn("metrics: a collector's line of %d bytes was dropped (at most %zu)", n, sizeof line - 1);
+        return;
+    }
+    out(w, "%s", line);
+}
+
+int metrics_add_collector(metrics_collect_fn fn, void *ud) {
+    pthread_mutex_lock(&M.collectors_lock);
+    int rc = -1;
+    for (int i = 0; i < MAX_COLLECTORS && rc != 0; i++)
+        if (!M.collectors[i].fn) {
+            M.collectors[i].fn = fn;
+            M.collectors[i].ud = ud;
+            rc = 0;
+        }
+    pthread_mutex_unlock(&M.collectors_lock);
+    return rc;
+}
+
+void metrics_remove_collector(metrics_collect_fn fn, void *ud) {
+    pthread_mutex_lock(&M.collectors_lock);
+    for (int i = 0; i < MAX_COLLECTORS; i++)
+        if (M.collectors[i].fn == fn && M.collectors[i].ud == ud) M.collectors[i].fn = NULL;
+    pthread_mutex_unlock(&M.collectors_lock);
+}
+
+/* Fields of /proc/self/stat after the command name: utime and stime
+ * (clock ticks), vsize (bytes). */
+static void proc_stat(double *cpu_seconds, long long *vsize) {
+    *cpu_seconds = -1;
+    *vsize = -1;
+    FILE *f = fopen("/proc/self/stat", "r");
+    if (!f) return;
+    char buf[2048];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *p = strrchr(buf, ')'); /* the name may hold spaces */
+    if (!p) return;
+    unsigned long long ut = 0, st = 0, vs = 0;
+    /* state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime
+     * priority nice threads itrealvalue starttime vsize */
+    if (sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %*d %*d %*d %*d %*d %*d %*u %llu", &ut,
+               &st, &vs) != 3)
+        return;
+    long hz = sysconf(_SC_CLK_TCK);
+    *cpu_seconds = (double)(ut + st) / (double)(hz > 0 ? hz : 100);
+    *vsize = (long long)vs;
+}
+
+/* Bytes received and sent on every interface but loopback's peers counted
+ * once: the network namespace's totals (as Prometheus' process collector). */
+static void proc_net(long long *rx, long long *tx) {
+    *rx = *tx = 0;
+    FILE *f = fopen("/proc/self/net/dev", "r");
+    if (!f) {
+        *rx = *tx = -1;
+        return;
+    }
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        char *colon = strchr(line, ':');
+        if (!colon) continue; /* the two header lines */
+        unsigned long long r = 0, t = 0;
+        if (sscanf(colon + 1, "%llu %*u %*u %*u %*u %*u %*u %*u %llu", &r, &t) == 2) {
+            *rx += (long long)r;
+            *tx += (long long)t;
+        }
+    }
+    fclose(f);
 }
 
 /* VmRSS, VmHWM and Threads of this process, from /proc/self/status. */
@@ -515,8 +670,7 @@ char *metrics_render(size_t *len) {
     for (int i = 0; i < ns; i++)
         for (int c = 0; c < N_CLASSES; c++) {
             uint64_t v = GET(slots[i]->requests[c]);
-            if (v || c == 1)
-                out(&o, "regfacade_upstream_requests_total{upstream=\"%s\",status=\"%s\"} %llu\n",
+            out(&o, "regfacade_upstream_requests_total{upstream=\"%s\",status=\"%s\"} %llu\n",
                     label(slots[i]->name, t1, sizeof t1), status_classes[c], (unsigned long long)v);
         }
     head(&o, "regfacade_upstream_errors_total", "counter",
@@ -524,8 +678,7 @@ char *metrics_render(size_t *len) {
     for (int i = 0; i < ns; i++)
         for (int r = 0; r < N_REASONS; r++) {
             uint64_t v = GET(slots[i]->errors[r]);
-            if (v)
-                out(&o, "regfacade_upstream_errors_total{upstream=\"%s\",reason=\"%s\"} %llu\n",
+            out(&o, "regfacade_upstream_errors_total{upstream=\"%s\",reason=\"%s\"} %llu\n",
                     label(slots[i]->name, t1, sizeof t1), error_reasons[r], (unsigned long long)v);
         }
     head(&o, "regfacade_upstream_retries_total", "counter", "Retried upstream transfers, by upstream and kind.");
@@ -533,6 +686,11 @@ char *metrics_render(size_t *len) {
         for (int w = 0; w < N_WHATS; w++)
             out(&o, "regfacade_upstream_retries_total{upstream=\"%s\",kind=\"%s\"} %llu\n",
                 label(slots[i]->name, t1, sizeof t1), retry_whats[w], (unsigned long long)GET(slots[i]->retries[w]));
+    head(&o, "regfacade_upstream_received_bytes_total", "counter",
+         "Body bytes received from upstream registries as they arrive, by upstream.");
+    for (int i = 0; i < ns; i++)
+        out(&o, "regfacade_upstream_received_bytes_total{upstream=\"%s\"} %llu\n", label(slots[i]->name, t1, sizeof t1),
+            (unsigned long long)GET(slots[i]->received_bytes));
     head(&o, "regfacade_upstream_ratelimit_remaining", "gauge",
          "Last ratelimit-remaining value an upstream sent (Docker Hub), by upstream.");
     for (int i = 0; i < ns; i++)
@@ -550,11 +708,56 @@ char *metrics_render(size_t *len) {
     out(&o, "regfacade_blob_fetch_coalesced_total %lu\n", fs.coalesced);
     head(&o, "regfacade_blob_fetch_failures_total", "counter", "Blob fetches that failed after their retries.");
     out(&o, "regfacade_blob_fetch_failures_total %lu\n", fs.failed);
+    head(&o, "regfacade_upstream_fetches_in_flight", "gauge", "Blob transfers from upstreams running now.");
+    out(&o, "regfacade_upstream_fetches_in_flight %u\n", fs.active);
+    head(&o, "regfacade_upstream_fetches_queued", "gauge",
+         "Blob fetches waiting for a transfer slot (upstream_client.max_concurrent_fetches).");
+    out(&o, "regfacade_upstream_fetches_queued %u\n", fs.queued);
+    head(&o, "regfacade_blob_fetch_waiters", "gauge",
+         "Client requests attached to a running blob fetch (its first client included).");
+    out(&o, "regfacade_blob_fetch_waiters %u\n", fs.waiters);
+
+    head(&o, "regfacade_http_requests_in_flight", "gauge", "Registry API requests begun and not yet ended.");
+    out(&o, "regfacade_http_requests_in_flight %lld\n", (long long)atomic_load(&M.in_flight));
+    head(&o, "regfacade_client_transfers_in_flight", "gauge",
+         "Streamed response bodies (cold blobs) being sent to clients now.");
+    out(&o, "regfacade_client_transfers_in_flight %lld\n", (long long)atomic_load(&M.client_transfers));
+    head(&o, "regfacade_http_request_duration_seconds", "histogram",
+         "Time from a request's arrival to its last byte sent, by route and status class.");
+    for (int r = 0; r < N_ROUTES; r++)
+        for (int c = 0; c < N_CLASSES; c++) {
+            uint64_t count = GET(M.dur_count[r][c]);
+            /* The answers alerts are written on are always there; others once seen. */
+            bool always = (r == 1 || r == 2) && (c == 1 || c == 3 || c == 4);
+            if (!count && !always) continue;
+            uint64_t cum = 0;
+            for (size_t b = 0; b < N_DBUCKETS; b++) {
+                cum += GET(M.dur_buckets[r][c][b]);
+                out(&o, "regfacade_http_request_duration_seconds_bucket{route=\"%s\",status=\"%s\",le=\"%g\"} %llu\n",
+                    route_names[r], status_classes[c], duration_buckets[b], (unsigned long long)cum);
+            }
+            out(&o, "regfacade_http_request_duration_seconds_bucket{route=\"%s\",status=\"%s\",le=\"+Inf\"} %llu\n",
+                route_names[r], status_classes[c], (unsigned long long)count);
+            out(&o, "regfacade_http_request_duration_seconds_sum{route=\"%s\",status=\"%s\"} %.6f\n", route_names[r],
+                status_classes[c], (double)GET(M.dur_sum_us[r][c]) / 1e6);
+            out(&o, "regfacade_http_request_duration_seconds_count{route=\"%s\",status=\"%s\"} %llu\n",
+                route_names[r], status_classes[c], (unsigned long long)count);
+        }
+
+    head(&o, "regfacade_reloads_total", "counter", "SIGHUP reloads, by result (ok, rejected).");
+    out(&o, "regfacade_reloads_total{result=\"ok\"} %llu\n", (unsigned long long)GET(M.reloads_ok));
+    out(&o, "regfacade_reloads_total{result=\"rejected\"} %llu\n", (unsigned long long)GET(M.reloads_rejected));
+    head(&o, "regfacade_config_generation", "gauge", "The configuration generation serving (1 at start, +1 per reload).");
+    out(&o, "regfacade_config_generation %lld\n", (long long)atomic_load(&M.generation));
+    head(&o, "regfacade_config_last_reload_successful", "gauge", "1 when the last reload was accepted (or none was tried).");
+    out(&o, "regfacade_config_last_reload_successful %d\n", atomic_load(&M.last_reload_ok) ? 1 : 0);
+    head(&o, "regfacade_config_last_reload_timestamp_seconds", "gauge", "When the last reload was tried (0: never).");
+    out(&o, "regfacade_config_last_reload_timestamp_seconds %lld\n", (long long)atomic_load(&M.last_reload_time));
 
     head(&o, "regfacade_policy_hook_duration_seconds", "histogram", "Wall time of policy hook calls, by hook.");
     for (int h = 0; h < N_HOOKS; h++) {
         uint64_t count = GET(M.hook_count[h]);
-        if (!count) continue;
+        if (!count && h == N_HOOKS - 1) continue; /* every named hook from the start; "other" once seen */
         uint64_t cum = 0;
         for (size_t b = 0; b < N_BUCKETS; b++) {
             cum += GET(M.hook_buckets[h][b]);
@@ -587,8 +790,27 @@ char *metrics_render(size_t *len) {
         out(&o, "regfacade_policy_budget_kills_total{hook=\"%s\"} %llu\n", hook_names[h],
             (unsigned long long)GET(M.hook_calls[h][3]));
 
-    long long rss, hwm, threads;
+    long long rss, hwm, threads, vsize, rx, tx;
+    double cpu;
     proc_status(&rss, &hwm, &threads);
+    proc_stat(&cpu, &vsize);
+    proc_net(&rx, &tx);
+    struct rlimit nofile, as;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) != 0) nofile.rlim_cur = 0;
+    if (getrlimit(RLIMIT_AS, &as) != 0) as.rlim_cur = RLIM_INFINITY;
+    head(&o, "process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.");
+    out(&o, "process_cpu_seconds_total %.2f\n", cpu);
+    head(&o, "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.");
+    out(&o, "process_virtual_memory_bytes %lld\n", vsize);
+    head(&o, "process_virtual_memory_max_bytes", "gauge", "Maximum amount of virtual memory available in bytes.");
+    if (as.rlim_cur == RLIM_INFINITY) out(&o, "process_virtual_memory_max_bytes 1.8446744073709552e+19\n");
+    else out(&o, "process_virtual_memory_max_bytes %llu\n", (unsigned long long)as.rlim_cur);
+    head(&o, "process_max_fds", "gauge", "Maximum number of open file descriptors.");
+    out(&o, "process_max_fds %llu\n", (unsigned long long)nofile.rlim_cur);
+    head(&o, "process_network_receive_bytes_total", "counter", "Number of bytes received by the process over the network.");
+    out(&o, "process_network_receive_bytes_total %lld\n", rx);
+    head(&o, "process_network_transmit_bytes_total", "counter", "Number of bytes sent by the process over the network.");
+    out(&o, "process_network_transmit_bytes_total %lld\n", tx);
     head(&o, "process_resident_memory_bytes", "gauge", "Resident memory of this process.");
     out(&o, "process_resident_memory_bytes %lld\n", rss * 1024);
     head(&o, "regfacade_process_peak_resident_memory_bytes", "gauge", "Peak resident memory (VmHWM).");
@@ -597,8 +819,13 @@ char *metrics_render(size_t *len) {
     out(&o, "regfacade_process_threads %lld\n", threads);
     head(&o, "process_open_fds", "gauge", "Open file descriptors.");
     out(&o, "process_open_fds %ld\n", count_fds());
-    head(&o, "process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.");
-    out(&o, "process_start_time_seconds %lld\n", (long long)M.started);
+    head(&o, "process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch in seconds.");
+    out(&o, "process_start_time_seconds %.2f\n", (double)M.started.tv_sec + (double)M.started.tv_nsec / 1e9);
+
+    pthread_mutex_lock(&M.collectors_lock);
+    for (int i = 0; i < MAX_COLLECTORS; i++)
+        if (M.collectors[i].fn) M.collectors[i].fn(&o, M.collectors[i].ud);
+    pthread_mutex_unlock(&M.collectors_lock);
 
     if (o.failed) {
         free(o.buf);
@@ -673,7 +900,7 @@ static void metrics_mhd_log(void *cls, const char *fmt, va_list ap) {
 
 metrics_server *metrics_server_start(const metrics_config *cfg, metrics_ready_fn ready, void *ud, char *err,
                                      size_t errlen) {
-    if (!M.started) M.started = time(NULL);
+    note_start();
     metrics_set_access_log(cfg->access_log);
     metrics_server *m = calloc(1, sizeof *m);
     if (!m) {

@@ -595,7 +595,7 @@ typedef struct {
 static ssize_t read_spool(void *cls, uint64_t pos, char *buf, size_t max) {
     spool_reader *sr = cls;
     ssize_t n = fetch_read(sr->x, sr->start + pos, buf, max);
-    if (n > 0 && sr->acc) sr->acc->streamed += (uint64_t)n;
+    if (n > 0) metrics_access_streamed(sr->acc, (uint64_t)n);
     if (n > 0) return n;
     return n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
 }

@@ -10,6 +10,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,7 @@
 #include "regfacade/clock.h"
 #include "regfacade/layers.h"
 #include "regfacade/log.h"
+#include "regfacade/metrics.h"
 #include "regfacade/ref.h"
 #include "regfacade/spec_pulled.h"
 
@@ -73,6 +75,7 @@ struct specs {
     store *st;
     admin_config *admin_cfg;
     admin_server *admin;
+    bool collecting; /* specs_collect is registered with metrics */
 };
 
 bool specs_valid_id(const char *id) {
@@ -1030,8 +1033,60 @@ int specs_check_config(const config *c, char *err, size_t errlen) {
     return rc;
 }
 
+/* /metrics: each provider's look-ups (pulled providers), and the pushed
+ * specs held. */
+static void specs_collect(metrics_writer *w, void *ud) {
+    specs *sp = ud;
+    char t[160];
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } counters[] = {
+        {"regfacade_spec_lookups_total", "Image spec look-ups of a pulled provider, by provider.",
+         offsetof(spec_pulled_stats, lookups)},
+        {"regfacade_spec_cache_hits_total", "Pulled spec look-ups answered from the provider's cache.",
+         offsetof(spec_pulled_stats, hits)},
+        {"regfacade_spec_requests_total", "Look-ups a pulled provider sent to its spec service.",
+         offsetof(spec_pulled_stats, requests)},
+        {"regfacade_spec_failures_total", "Pulled spec look-ups that ended without a spec (unknown, unavailable, bad).",
+         offsetof(spec_pulled_stats, failures)},
+    };
+    for (size_t c = 0; c < sizeof counters / sizeof counters[0]; c++) {
+        metrics_write_head(w, counters[c].name, "counter", counters[c].help);
+        for (size_t i = 0; i < sp->n; i++) {
+            const provider *pv = &sp->provs[i];
+            if (pv->type != PROV_PULLED || !pv->pulled) continue;
+            spec_pulled_stats ps;
+            spec_pulled_get_stats(pv->pulled, &ps);
+            unsigned long v = *(const unsigned long *)((const char *)&ps + counters[c].off);
+            metrics_write(w, "%s{provider=\"%s\"} %lu\n", counters[c].name, metrics_label(pv->name, t, sizeof t), v);
+        }
+    }
+    metrics_write_head(w, "regfacade_spec_cached_entries", "gauge", "Specs a pulled provider holds in its cache now.");
+    for (size_t i = 0; i < sp->n; i++) {
+        const provider *pv = &sp->provs[i];
+        if (pv->type != PROV_PULLED || !pv->pulled) continue;
+        spec_pulled_stats ps;
+        spec_pulled_get_stats(pv->pulled, &ps);
+        metrics_write(w, "regfacade_spec_cached_entries{provider=\"%s\"} %zu\n", metrics_label(pv->name, t, sizeof t),
+                      ps.entries);
+    }
+    if (sp->pushed) {
+        pthread_mutex_lock(&sp->mu);
+        size_t n = sp->n_specs;
+        pthread_mutex_unlock(&sp->mu);
+        metrics_write_head(w, "regfacade_spec_pushed", "gauge", "Image specs pushed through the admin API and held now.");
+        metrics_write(w, "regfacade_spec_pushed{provider=\"%s\"} %zu\n", metrics_label(sp->pushed->name, t, sizeof t), n);
+    }
+}
+
 int specs_start(specs *sp, store *st, char *err, size_t errlen) {
     if (!sp) return 0;
+    if (metrics_add_collector(specs_collect, sp) != 0) {
+        snprintf(err, errlen, "specs: cannot register the metrics collector (table full)");
+        return -1;
+    }
+    sp->collecting = true;
     sp->st = st;
     scratch_store(st, -1);
     if (sp->pushed) {
@@ -1059,6 +1114,7 @@ int specs_start(specs *sp, store *st, char *err, size_t errlen) {
 
 void specs_free(specs *sp) {
     if (!sp) return;
+    if (sp->collecting) metrics_remove_collector(specs_collect, sp);
     admin_stop(sp->admin); /* first: its handlers use the rest */
     admin_config_free(sp->admin_cfg);
     for (size_t i = 0; i < sp->n; i++) {

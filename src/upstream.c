@@ -387,6 +387,7 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
         set_err(err, errlen, "upstream: name is required");
         return NULL;
     }
+    metrics_upstream_known(name); /* its series show from the start, at 0 */
     const char *url = opts->url;
     int https_rc = check_base_url(name, "url", url, err, errlen);
     if (https_rc < 0)

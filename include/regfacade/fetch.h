@@ -83,6 +83,9 @@ typedef struct {
     unsigned long coalesced; /* requests that joined a running fetch */
     unsigned long failed;
     unsigned max_active;     /* most transfers that were in progress at once */
+    unsigned active;         /* transfers in progress now */
+    unsigned queued;         /* fetches waiting for a transfer slot now */
+    unsigned waiters;        /* client requests attached to running fetches now */
 } fetch_stats;
 void fetcher_stats(fetcher *f, fetch_stats *out);
 

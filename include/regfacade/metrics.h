@@ -75,6 +75,32 @@ void metrics_policy_hook(const char *hook, double seconds, const char *outcome);
 /* Fetch counters (fetch.h's fetcher_stats) are read at scrape time. */
 void metrics_watch_fetcher(struct fetcher *f);
 
+/* An upstream client exists for this name: its labelled series are shown
+ * from now on, at 0 until their first event. */
+void metrics_upstream_known(const char *upstream);
+/* Body bytes received from an upstream, counted as they arrive. */
+void metrics_upstream_bytes(const char *upstream, uint64_t bytes);
+
+/* A SIGHUP reload ended: ok (a new configuration generation serves) or
+ * rejected (the old one keeps serving). */
+void metrics_reload(bool ok);
+
+/* ---------- collectors: series other modules render at scrape time ---------- */
+
+/* What a collector writes into (the exposition being rendered). */
+typedef struct metrics_writer metrics_writer;
+typedef void (*metrics_collect_fn)(metrics_writer *w, void *ud);
+/* Register fn(w, ud), called on every scrape until removed. 0, or -1 when
+ * the table (16 collectors) is full. */
+int metrics_add_collector(metrics_collect_fn fn, void *ud);
+/* Remove it; once this returns, fn is not running and is not called again. */
+void metrics_remove_collector(metrics_collect_fn fn, void *ud);
+/* Write "# HELP" and "# TYPE" lines, then sample lines. */
+void metrics_write_head(metrics_writer *w, const char *name, const char *type, const char *help);
+void metrics_write(metrics_writer *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* A label value with \, " and newline escaped, in tmp. */
+const char *metrics_label(const char *s, char *tmp, size_t tmplen);
+
 /* ---------- per-request access record (server.c) ---------- */
 
 typedef struct {
@@ -88,7 +114,8 @@ typedef struct {
     metrics_source source;
     uint64_t body_len;         /* fixed-size body (bytes it will send when complete) */
     bool streaming;            /* the body is produced by a callback: count streamed */
-    uint64_t streamed;         /* bytes the callback produced */
+    bool in_transfer;          /* counted in the client-transfers-in-flight gauge */
+    uint64_t streamed;         /* bytes the callback produced (already in the byte counters) */
 } metrics_access;
 
 /* A new record for a request that just arrived (NULL on allocation
@@ -96,6 +123,9 @@ typedef struct {
 metrics_access *metrics_access_begin(struct MHD_Connection *conn, const char *method, const char *url);
 /* Set what the response will send. */
 void metrics_access_body(metrics_access *a, metrics_source src, uint64_t len, bool streaming);
+/* A streaming body produced n more bytes: counted now, not at the end, so
+ * a long transfer shows on /metrics while it runs. */
+void metrics_access_streamed(metrics_access *a, uint64_t n);
 /* The request ended (MHD's completion callback): count request and bytes,
  * write the access log line, free a. completed_ok: the whole response went
  * out. */

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from fake_upstream import ALL_MANIFEST_TYPES, request, wait_until
+from fake_upstream import ALL_MANIFEST_TYPES, random_bytes, request, wait_until
 from harness import REGFACADE, free_port
 
 ACCEPT_ALL = ", ".join(ALL_MANIFEST_TYPES)
@@ -302,3 +302,218 @@ def test_serve_refuses_bad_metrics_config(tmp_path):
     r = subprocess.run([REGFACADE, "serve", "--config", str(p)], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert "metrics.port: unknown key" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# What an operator alerts on: a cold transfer shows while it runs, request
+# latency, in-flight gauges, reloads, series present from the start, the
+# standard process_* set, promtool's own checks.
+# ---------------------------------------------------------------------------
+
+PROCESS_SET = ("process_cpu_seconds_total", "process_open_fds", "process_max_fds", "process_virtual_memory_bytes",
+               "process_virtual_memory_max_bytes", "process_resident_memory_bytes", "process_start_time_seconds",
+               "process_network_receive_bytes_total", "process_network_transmit_bytes_total")
+
+
+def scrape_text(rf):
+    r = request(rf.metrics_host, "GET", "/metrics")
+    assert r.status == 200, r
+    return r.body
+
+
+def promtool_check_metrics(text):
+    """promtool check metrics (Prometheus' own linter) on one scrape."""
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.fail("promtool (Debian's prometheus package) is a test package")
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert r.returncode == 0, (r.stdout + r.stderr).decode(errors="replace")
+
+
+def test_series_present_from_the_start_and_process_set(fake_facade):
+    rf = start_with_metrics(fake_facade, upstreams={"second": {"url": "http://127.0.0.1:9"}})
+    s = scrape(rf)
+    names = {k[0] for k in s}
+    for name in PROCESS_SET:
+        assert name in names, name
+    assert val(s, "process_max_fds") > 0 and val(s, "process_cpu_seconds_total") >= 0
+    assert val(s, "process_start_time_seconds") > 1.7e9
+    # Each configured upstream has its series at 0 before its first request.
+    for up in ("fake", "second"):
+        assert (("regfacade_upstream_requests_total", frozenset({"upstream": up, "status": "5xx"}.items())) in s)
+        assert (("regfacade_upstream_errors_total", frozenset({"upstream": up, "reason": "timeout"}.items())) in s)
+        assert (("regfacade_upstream_received_bytes_total", frozenset({"upstream": up}.items())) in s)
+    assert val(s, "regfacade_upstream_requests_total", upstream="second", status="5xx") == 0
+    # Latency histograms for the routes alerts watch exist before any pull.
+    for route in ("manifest", "blob"):
+        for cls in ("2xx", "4xx", "5xx"):
+            key = ("regfacade_http_request_duration_seconds_count", frozenset({"route": route, "status": cls}.items()))
+            assert key in s, key
+    assert val(s, "regfacade_reloads_total", result="ok") == 0
+    assert val(s, "regfacade_reloads_total", result="rejected") == 0
+    assert val(s, "regfacade_config_generation") == 1
+    promtool_check_metrics(scrape_text(rf))
+
+
+def test_request_duration_histogram_counts_requests(fake_upstream, fake_facade):
+    img = fake_upstream.add_image("acme/app", "v1", layer_sizes=[1000])
+    rf = start_with_metrics(fake_facade)
+    before = scrape(rf)
+    pull(rf, img, "v1")
+    r = request(rf.host, "GET", "/v2/acme/app/manifests/nope", {"Accept": ACCEPT_ALL})
+    assert r.status == 404
+
+    def counted(s):
+        return (delta(before, s, "regfacade_http_request_duration_seconds_count", route="blob", status="2xx") == 2
+                and delta(before, s, "regfacade_http_request_duration_seconds_count", route="manifest",
+                          status="4xx") == 1)
+
+    assert wait_until(lambda: counted(scrape(rf)), timeout=10)
+    s = scrape(rf)
+    assert delta(before, s, "regfacade_http_request_duration_seconds_count", route="manifest", status="2xx") == 1
+    # Cumulative buckets: +Inf holds every request, a bucket never exceeds the next.
+    inf = val(s, "regfacade_http_request_duration_seconds_bucket", route="blob", status="2xx", le="+Inf")
+    assert inf == val(s, "regfacade_http_request_duration_seconds_count", route="blob", status="2xx")
+    les = sorted(float(dict(k[1])["le"]) for k in s if k[0] == "regfacade_http_request_duration_seconds_bucket"
+                 and dict(k[1]).get("route") == "blob" and dict(k[1]).get("status") == "2xx"
+                 and dict(k[1])["le"] != "+Inf")
+    counts = [val(s, "regfacade_http_request_duration_seconds_bucket", route="blob", status="2xx", le=f"{le:g}")
+              for le in les]
+    assert counts == sorted(counts) and counts[-1] <= inf
+    assert val(s, "regfacade_http_request_duration_seconds_sum", route="blob", status="2xx") > 0
+
+
+def test_reloads_by_result_and_generation(fake_facade):
+    import signal as sig
+    rf = start_with_metrics(fake_facade)
+    os.kill(rf.proc.pid, sig.SIGHUP)
+    assert wait_until(lambda: val(scrape(rf), "regfacade_reloads_total", result="ok") == 1, timeout=10)
+    s = scrape(rf)
+    assert val(s, "regfacade_config_generation") == 2 and val(s, "regfacade_config_last_reload_successful") == 1
+    with open(rf.config_path) as f:
+        good = f.read()
+    with open(rf.config_path, "w") as f:
+        f.write('{"listen": ')  # not JSON: rejected, the old config keeps serving
+    os.kill(rf.proc.pid, sig.SIGHUP)
+    assert wait_until(lambda: val(scrape(rf), "regfacade_reloads_total", result="rejected") == 1, timeout=10)
+    s = scrape(rf)
+    assert val(s, "regfacade_config_generation") == 2 and val(s, "regfacade_config_last_reload_successful") == 0
+    assert val(s, "regfacade_config_last_reload_timestamp_seconds") > 1.7e9
+    with open(rf.config_path, "w") as f:
+        f.write(good)
+
+
+def test_cold_transfer_moves_on_metrics_and_in_the_log(procs, tmp_path, fake_upstream, fake_facade):
+    """A cold blob trickling from the upstream: two scrapes taken while it
+    runs show the bytes received and sent growing and the transfer in the
+    in-flight gauges; promtool accepts the scrape; the log has progress
+    lines for it."""
+    from test_reliability import FaultProxy, MiB
+    data = random_bytes(48 * MiB, "metrics cold transfer")
+    d = fake_upstream.put_blob("acme/app", data)
+    proxy = FaultProxy(fake_upstream.url).start()
+    try:
+        proxy.add("trickle", path=re.escape(d), rate=4 * MiB, times=1)  # about 12 s
+        rf = start_with_metrics(fake_facade, upstream={"url": proxy.url})
+        before = scrape(rf)
+        import socket
+        c = socket.create_connection(("127.0.0.1", rf.port), timeout=60)
+        try:
+            c.sendall(f"GET /v2/acme/app/blobs/{d} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            got = 0
+            while got < 2 * MiB:  # headers and the first bytes came while the upstream trickles
+                chunk = c.recv(65536)
+                assert chunk, "connection closed early"
+                got += len(chunk)
+            first = scrape(rf)
+            first_text = scrape_text(rf)
+            assert val(first, "regfacade_upstream_fetches_in_flight") == 1
+            assert val(first, "regfacade_client_transfers_in_flight") == 1
+            assert val(first, "regfacade_blob_fetch_waiters") >= 1
+            assert val(first, "regfacade_http_requests_in_flight") >= 1
+            rx1 = delta(before, first, "regfacade_upstream_received_bytes_total", upstream="fake")
+            tx1 = delta(before, first, "regfacade_response_bytes_total", source="upstream")
+            assert rx1 >= 2 * MiB and tx1 > 0, (rx1, tx1)
+            # keep reading for a while, then scrape again: both moved on
+            deadline = got + 8 * MiB
+            while got < deadline:
+                chunk = c.recv(65536)
+                assert chunk
+                got += len(chunk)
+            second = scrape(rf)
+            rx2 = delta(before, second, "regfacade_upstream_received_bytes_total", upstream="fake")
+            tx2 = delta(before, second, "regfacade_response_bytes_total", source="upstream")
+            assert rx2 > rx1 and tx2 > tx1, (rx1, rx2, tx1, tx2)
+            assert val(second, "regfacade_upstream_fetches_in_flight") == 1
+            promtool_check_metrics(first_text)
+            # at 4 MiB/s the transfer takes longer than one progress period
+            assert wait_until(lambda: f"fetch: blob {d} from fake/acme/app" in rf.log(), timeout=30), rf.log()[-2000:]
+            line = next(l for l in rf.log().splitlines() if f"fetch: blob {d}" in l)
+            assert f"of {len(data)} bytes" in line and "MiB/s" in line and "waiting" in line, line
+        finally:
+            c.close()
+    finally:
+        proxy.stop()
+
+
+def test_blobserve_and_spec_provider_series_on_metrics(fake_upstream, fake_facade, tmp_path):
+    img = fake_upstream.add_image("ide/web", "v1", layer_sizes=[500])
+    bs_port = free_port()
+    token = tmp_path / "admin-token"
+    token.write_text("metrics-test-admin-token\n")
+    rf = start_with_metrics(fake_facade, config={
+        "admin": {"listen": f"127.0.0.1:{free_port()}", "token_file": str(token)},
+        "blobserve": {"listen": f"127.0.0.1:{bs_port}", "repositories": ["ide/web"],
+                      "cache": {"dir": str(tmp_path / "bs-cache")}},
+        "specs": {"providers": {"svc": {"type": "pulled", "url": "http://127.0.0.1:9/specs/{id}"},
+                                "pushed": {"type": "pushed"}}},
+    })
+    s = scrape(rf)
+    for name in ("regfacade_blobserve_requests_total", "regfacade_blobserve_extractions_total",
+                 "regfacade_blobserve_cache_bytes", "regfacade_blobserve_prepull_pending"):
+        assert (name, frozenset()) in s, name
+    assert ("regfacade_spec_lookups_total", frozenset({"provider": "svc"}.items())) in s
+    assert val(s, "regfacade_spec_pushed", provider="pushed") == 0
+    before = val(s, "regfacade_blobserve_requests_total")
+    r = request(f"127.0.0.1:{bs_port}", "GET", "/_stats")
+    assert r.status == 200
+    assert wait_until(lambda: val(scrape(rf), "regfacade_blobserve_requests_total") > before, timeout=10)
+    promtool_check_metrics(scrape_text(rf))
+
+
+EXAMPLES_OBS = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "observability")
+
+
+def test_alert_rules_and_dashboard_check_and_name_real_series(fake_facade, tmp_path):
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.fail("promtool (Debian's prometheus package) is a test package")
+    alerts = os.path.join(EXAMPLES_OBS, "alerts.yml")
+    r = subprocess.run([promtool, "check", "rules", alerts], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], capture_output=True, text=True, timeout=60,
+                       cwd=EXAMPLES_OBS)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Every dashboard query is valid PromQL: promtool checks them as recording rules.
+    with open(os.path.join(EXAMPLES_OBS, "grafana-dashboard.json")) as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    rules = tmp_path / "dashboard-rules.yml"
+    with open(rules, "w") as f:
+        f.write("groups:\n  - name: dashboard\n    rules:\n")
+        for i, e in enumerate(exprs):
+            e = e.replace("$__rate_interval", "5m").replace("$instance", ".*")
+            f.write(f"      - record: dashboard:q{i}\n        expr: {json.dumps(e)}\n")
+    r = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # ... and names only series a running regfacade exports from its start.
+    rf = start_with_metrics(fake_facade)
+    exported = {k[0] for k in scrape(rf)}
+    with open(alerts) as f:
+        text = f.read() + "\n".join(exprs)
+    used = set(re.findall(r"\b((?:regfacade|process)_[a-z_]+)\b", text))
+    # The one series that appears only once an upstream sent the value
+    # (Docker Hub's ratelimit-remaining): a 0 before that would be a lie.
+    used.discard("regfacade_upstream_ratelimit_remaining")
+    assert used and not (used - exported), sorted(used - exported)

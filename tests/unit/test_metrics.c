@@ -94,7 +94,16 @@ int main(void) {
     a->route = "blob";
     a->status = 200;
     metrics_access_body(a, METRICS_SRC_UPSTREAM, 1 << 20, true);
-    a->streamed = 300;
+    metrics_access_streamed(a, 100);
+    {
+        /* streamed bytes show before the request ends */
+        size_t l0 = 0;
+        char *t0 = metrics_render(&l0);
+        CHECK(t0 && has(t0, "regfacade_response_bytes_total{source=\"upstream\"} 100\n"));
+        CHECK(t0 && has(t0, "regfacade_client_transfers_in_flight 1\n"));
+        free(t0);
+    }
+    metrics_access_streamed(a, 200);
     metrics_access_end(a, false); /* cut: counts what was produced */
 
     size_t len = 0;
