@@ -952,9 +952,11 @@ static void blobserve_collect(metrics_writer *w, void *ud) {
     bs_cache_stats cs;
     bs_cache_get_stats(b->cache, &cs);
     pthread_mutex_lock(&b->mu);
-    size_t pending = 0;
-    for (size_t i = 0; i < b->bc->n_prepull; i++)
-        if (!b->prepull_done[i]) pending++;
+    size_t pending = 0, failed = 0;
+    for (size_t i = 0; i < b->bc->n_prepull; i++) {
+        if (b->prepulls[i].state == PREPULL_PENDING) pending++;
+        if (b->prepulls[i].state == PREPULL_FAILED) failed++;
+    }
     size_t images = b->n_images;
     pthread_mutex_unlock(&b->mu);
     const struct {
@@ -976,6 +978,8 @@ static void blobserve_collect(metrics_writer *w, void *ud) {
         {"regfacade_blobserve_cache_max_bytes", "gauge", "The blobserve cache's cap.", cs.max_bytes},
         {"regfacade_blobserve_images", "gauge", "Images blobserve has resolved and holds.", images},
         {"regfacade_blobserve_prepull_pending", "gauge", "Images of blobserve.prepull not pulled yet.", pending},
+        {"regfacade_blobserve_prepull_failed", "gauge",
+         "Images of blobserve.prepull that cannot be pulled (not retried until a reload).", failed},
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         metrics_write_head(w, rows[i].name, rows[i].type, rows[i].help);
