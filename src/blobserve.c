@@ -27,6 +27,7 @@
 #include "regfacade/manifest.h"
 #include "regfacade/metrics.h"
 #include "regfacade/mhd_glue.h"
+#include "regfacade/upstream_answer.h"
 
 #define IMAGE_CACHE_MAX 256   /* resolved images kept in memory */
 #define DIGEST_IMAGE_TTL_S (24 * 3600)
@@ -92,9 +93,8 @@ typedef struct {
     struct MHD_Connection *conn;
     bs_url u;
     size_t n;
-    bs_layer *held[BS_FS_MAX_LAYERS]; /* when status is 0 */
-    int status;                       /* 0, or the error to answer */
-    char why[1024];
+    bs_layer *held[BS_FS_MAX_LAYERS]; /* when err.http_status is 0 */
+    fetch_error err;                  /* http_status 0, or the error to answer */
     bool done;
 } slow_req;
 
@@ -108,14 +108,11 @@ typedef struct {
 
 /* ---------- small responses ---------- */
 
-static enum MHD_Result send_text(struct MHD_Connection *conn, unsigned status, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static enum MHD_Result send_text(struct MHD_Connection *conn, unsigned status, const char *fmt, ...) {
+/* A text answer; retry_after (NULL: none) goes out as Retry-After. */
+static enum MHD_Result send_message(struct MHD_Connection *conn, unsigned status, const char *retry_after,
+                                    const char *text) {
     char msg[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(msg, sizeof msg - 1, fmt, ap);
-    va_end(ap);
+    int n = snprintf(msg, sizeof msg - 1, "%s", text);
     if (n < 0) n = 0;
     if ((size_t)n > sizeof msg - 2) n = (int)sizeof msg - 2;
     msg[n++] = '\n';
@@ -126,9 +123,28 @@ static enum MHD_Result send_text(struct MHD_Connection *conn, unsigned status, c
     MHD_add_response_header(r, "Cache-Control", "no-store");
     MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
     if (status == 405) MHD_add_response_header(r, "Allow", "GET, HEAD");
+    if (retry_after) MHD_add_response_header(r, "Retry-After", retry_after);
     enum MHD_Result ret = MHD_queue_response(conn, status, r);
     MHD_destroy_response(r);
     return ret;
+}
+
+static enum MHD_Result send_text(struct MHD_Connection *conn, unsigned status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static enum MHD_Result send_text(struct MHD_Connection *conn, unsigned status, const char *fmt, ...) {
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return send_message(conn, status, NULL, msg);
+}
+
+/* A failed resolution or layer, answered as the registry listener answers
+ * it (upstream_answer.h): a 429 keeps the upstream's Retry-After. */
+static enum MHD_Result send_failure(struct MHD_Connection *conn, const fetch_error *e) {
+    return send_message(conn, (unsigned)(e->http_status ? e->http_status : 502), upstream_answer_retry_after(e),
+                        e->message);
 }
 
 static enum MHD_Result send_redirect(struct MHD_Connection *conn, const char *url) {
@@ -213,16 +229,6 @@ static const char *pick_platform(const blobserve_config *bc, const json_value *i
     return first;
 }
 
-static void set_why(int *status, char *why, size_t whylen, int st, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
-static void set_why(int *status, char *why, size_t whylen, int st, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, whylen, fmt, ap);
-    va_end(ap);
-    *status = st;
-}
-
 static upstream *find_upstream(const blobserve_generation *g, const char *name) {
     for (size_t i = 0; i < g->cfg->n_upstreams; i++)
         if (strcmp(g->cfg->upstreams[i].name, name) == 0) return g->ups[i];
@@ -242,13 +248,8 @@ static unsigned long work_begin(blobserve *b, blobserve_generation *g) {
 
 static void work_end(blobserve *b, blobserve_generation *g) { b->env.release(b->env.ud, g); }
 
-static int map_fetch_status(int s) {
-    if (s == 404 || s == 403 || s == 429 || s == 503 || s == 504) return s;
-    return 502;
-}
-
 /* Resolve (repository, reference) as the URL names them into *out, from
- * the in-memory cache or by policy + manifests. 0, or -1 with status/why. */
+ * the in-memory cache or by policy + manifests. 0, or -1 with e. */
 static void image_key(const char *repository, const char *reference, bool by_digest, char *key, size_t keylen) {
     snprintf(key, keylen, "%s%c%s", repository, by_digest ? '@' : ':', reference);
 }
@@ -273,7 +274,7 @@ static bool image_cached(blobserve *b, const char *key, image *out) {
 }
 
 static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned long epoch, const char *repository,
-                         const char *reference, bool by_digest, image *out, int *status, char *why, size_t whylen) {
+                         const char *reference, bool by_digest, image *out, fetch_error *e) {
     char key[sizeof out->key];
     image_key(repository, reference, by_digest, key, sizeof key);
     if (image_cached(b, key, out)) return 0;
@@ -284,7 +285,7 @@ static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned l
     policy_resolution res;
     policy_error pe;
     if (policy_resolve(g->pol, &pr, &res, &pe) != 0) {
-        set_why(status, why, whylen, pe.status, "%s: %s", key, pe.message);
+        fetch_error_set(e, pe.status, "UNKNOWN", "%s: %s", key, pe.message);
         return -1;
     }
     /* Only where the image comes from is used: blobserve serves the
@@ -292,14 +293,14 @@ static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned l
     policy_resolution_clear(&res);
     upstream *u = find_upstream(g, res.upstream);
     if (!u) {
-        set_why(status, why, whylen, 500, "%s: upstream %s is not configured", key, res.upstream);
+        fetch_error_set(e, 500, "UNKNOWN", "%s: upstream %s is not configured", key, res.upstream);
         return -1;
     }
     manifest_env env = {b->env.st, g->cfg};
     manifest m;
     fetch_error fe = {0};
     if (manifest_get(&env, u, res.repository, res.reference, &m, &fe) != 0) {
-        set_why(status, why, whylen, map_fetch_status(fe.http_status), "%s: %s", key, fe.message);
+        fetch_error_wrap(e, &fe, key);
         return -1;
     }
     char jerr[256];
@@ -310,7 +311,7 @@ static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned l
         if (!child) {
             json_free(v);
             manifest_clear(&m);
-            set_why(status, why, whylen, 404, "%s: %s", key, w);
+            fetch_error_set(e, 404, "UNKNOWN", "%s: %s", key, w);
             return -1;
         }
         char cd[DIGEST_STRING_LEN];
@@ -318,7 +319,7 @@ static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned l
         json_free(v);
         manifest_clear(&m);
         if (manifest_get(&env, u, res.repository, cd, &m, &fe) != 0) {
-            set_why(status, why, whylen, map_fetch_status(fe.http_status), "%s: %s", key, fe.message);
+            fetch_error_wrap(e, &fe, key);
             return -1;
         }
         v = json_parse(m.data, m.len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
@@ -326,9 +327,9 @@ static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned l
     const json_value *layers = v ? json_object_get(v, "layers") : NULL;
     int rc = -1;
     if (!v || !layers || layers->type != JSON_ARRAY) {
-        set_why(status, why, whylen, 502, "%s: manifest %s is not an image manifest with layers", key, m.digest);
+        fetch_error_set(e, 502, "UNKNOWN", "%s: manifest %s is not an image manifest with layers", key, m.digest);
     } else if (layers->count == 0 || layers->count > BS_FS_MAX_LAYERS) {
-        set_why(status, why, whylen, 502, "%s: the image has %zu layers (1 to %d are served)", key, layers->count,
+        fetch_error_set(e, 502, "UNKNOWN", "%s: the image has %zu layers (1 to %d are served)", key, layers->count,
                 BS_FS_MAX_LAYERS);
     } else {
         memset(out, 0, sizeof *out);
@@ -337,12 +338,12 @@ static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned l
             const char *dg = json_object_get_string(layers->items[i], "digest");
             const char *mt = json_object_get_string(layers->items[i], "mediaType");
             if (!dg || !ref_is_sha256_digest(dg)) {
-                set_why(status, why, whylen, 502, "%s: layer %zu has no sha256 digest", key, i);
+                fetch_error_set(e, 502, "UNKNOWN", "%s: layer %zu has no sha256 digest", key, i);
                 rc = -1;
                 break;
             }
             if (!is_layer_type(mt)) {
-                set_why(status, why, whylen, 415, "%s: layer %zu has media type %s, which is not a tar layer", key,
+                fetch_error_set(e, 415, "UNKNOWN", "%s: layer %zu has media type %s, which is not a tar layer", key,
                         i, mt ? mt : "(none)");
                 rc = -1;
                 break;
@@ -422,13 +423,13 @@ static bool try_acquire_all(blobserve *b, const image *im, const char *url_repos
 
 /* Acquire every layer of im (bottom first), starting the downloads of all
  * missing ones at once; may block for as long as downloads and extractions
- * take. 0 with held[] filled; -1 with status/why (nothing held). */
+ * take. 0 with held[] filled; -1 with e (nothing held). */
 static int acquire_layers(blobserve *b, const blobserve_generation *g, const image *im, const char *url_repository,
-                          bs_layer **held, int *status, bool *final, char *why, size_t whylen) {
+                          bs_layer **held, fetch_error *e, bool *final) {
     *final = false;
     bs_source src = {b->env.st, b->env.fetches, find_upstream(g, im->upstream), im->repository};
     if (!src.u) {
-        set_why(status, why, whylen, 500, "upstream %s is not configured", im->upstream);
+        fetch_error_set(e, 500, "UNKNOWN", "upstream %s is not configured", im->upstream);
         return -1;
     }
     bs_layer_spec specs[BS_FS_MAX_LAYERS];
@@ -437,10 +438,9 @@ static int acquire_layers(blobserve *b, const blobserve_generation *g, const ima
         if (im->n_layers > 1) bs_cache_prefetch(b->cache, &specs[i], &src);
     }
     for (size_t i = 0; i < im->n_layers; i++) {
-        char e[1024];
-        held[i] = bs_cache_acquire(b->cache, &specs[i], &src, status, final, e, sizeof e);
+        held[i] = bs_cache_acquire(b->cache, &specs[i], &src, e, final);
         if (!held[i]) {
-            snprintf(why, whylen, "%s: %s", im->key, e);
+            fetch_error_wrap(e, e, im->key);
             for (size_t j = 0; j < i; j++) bs_cache_release(b->cache, held[j]);
             return -1;
         }
@@ -644,21 +644,17 @@ static void *slow_main(void *arg) {
     slow_req *s = arg;
     blobserve *b = s->b;
     image *im = malloc(sizeof *im);
-    int status = 500;
     bool final;
     blobserve_generation g;
     unsigned long epoch = work_begin(b, &g);
     if (!im) {
-        s->status = 500;
-        snprintf(s->why, sizeof s->why, "blobserve: out of memory");
-    } else if (resolve_image(b, &g, epoch, s->u.repository, s->u.reference, s->u.by_digest, im, &status, s->why,
-                             sizeof s->why) != 0 ||
-               acquire_layers(b, &g, im, s->u.repository, s->held, &status, &final, s->why, sizeof s->why) != 0) {
-        s->status = status;
-        if (status >= 500) log_warn("blobserve: %s", s->why);
+        fetch_error_set(&s->err, 500, "UNKNOWN", "blobserve: out of memory");
+    } else if (resolve_image(b, &g, epoch, s->u.repository, s->u.reference, s->u.by_digest, im, &s->err) != 0 ||
+               acquire_layers(b, &g, im, s->u.repository, s->held, &s->err, &final) != 0) {
+        if (s->err.http_status >= 500) log_warn("blobserve: %s", s->err.message);
     } else {
         s->n = im->n_layers;
-        s->status = 0;
+        s->err.http_status = 0;
     }
     work_end(b, &g);
     free(im);
@@ -672,7 +668,7 @@ static void *slow_main(void *arg) {
 
 static void slow_free(blobserve *b, slow_req *s) {
     if (!s) return;
-    if (s->done && s->status == 0)
+    if (s->done && s->err.http_status == 0)
         for (size_t i = 0; i < s->n; i++)
             if (s->held[i]) bs_cache_release(b->cache, s->held[i]);
     free(s);
@@ -684,8 +680,8 @@ static enum MHD_Result handle_file(blobserve *b, struct MHD_Connection *conn, re
         /* Resumed: the slow path is done. */
         ctx->slow = NULL;
         enum MHD_Result ret;
-        if (s->status != 0) {
-            ret = send_text(conn, (unsigned)s->status, "%s", s->why);
+        if (s->err.http_status != 0) {
+            ret = send_failure(conn, &s->err);
         } else {
             ret = serve_path(b, conn, ctx, url, &s->u, s->held, s->n);
             s->n = 0; /* serve_path released or kept them */
@@ -853,15 +849,17 @@ static int prepull_one(blobserve *b, const char *ref, char *why, size_t whylen, 
         snprintf(why, whylen, "out of memory");
         return -1;
     }
-    int status = 500;
+    fetch_error fe = {0};
     bs_layer *held[BS_FS_MAX_LAYERS];
     blobserve_generation g;
     unsigned long epoch = work_begin(b, &g);
-    int rc = resolve_image(b, &g, epoch, u.repository, u.reference, u.by_digest, im, &status, why, whylen);
+    int rc = resolve_image(b, &g, epoch, u.repository, u.reference, u.by_digest, im, &fe);
     /* The policy or the upstream said no (refused, unknown, not a tar layer):
      * so it will say again. Timeouts and rate limits pass. */
+    int status = fe.http_status;
     if (rc != 0) *final = status >= 400 && status < 500 && status != 408 && status != 429;
-    if (rc == 0) rc = acquire_layers(b, &g, im, u.repository, held, &status, final, why, whylen);
+    if (rc == 0) rc = acquire_layers(b, &g, im, u.repository, held, &fe, final);
+    if (rc != 0) snprintf(why, whylen, "%s", fe.message);
     work_end(b, &g);
     if (rc == 0)
         for (size_t i = 0; i < im->n_layers; i++) bs_cache_release(b->cache, held[i]);

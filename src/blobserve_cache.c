@@ -19,6 +19,7 @@
 #include "regfacade/blobserve_fs.h"
 #include "regfacade/log.h"
 #include "regfacade/ref.h"
+#include "regfacade/upstream_answer.h"
 
 #define ENTRY_OVERHEAD 512          /* bytes counted per entry besides file contents */
 #define READ_BUF_BYTES (256 * 1024) /* compressed bytes per read from the blob */
@@ -35,9 +36,8 @@ struct bs_layer {
     uint64_t bytes;
     uint64_t last_used; /* LRU clock tick */
     int rootfd;         /* O_PATH of layers/<key>/root when ready */
-    int err_status;
+    fetch_error err;    /* why it failed, for those who waited for it */
     bool err_final;     /* the layer's bytes failed (bs_cache_acquire) */
-    char err[768];
     bs_layer *next;
 };
 
@@ -589,33 +589,34 @@ static int write_entry(xwriter *x, struct archive *a, struct archive_entry *e) {
     return rc;
 }
 
-static void fetch_status(const fetch_error *fe, int *status) {
-    *status = fe->http_status == 504 ? 504 : 502;
+/* e: the fetch's own answer (upstream_answer.h: a 429 keeps its
+ * Retry-After), saying which layer. */
+static void layer_fetch_failed(fetch_error *e, const fetch_error *fe, const bs_layer_spec *spec) {
+    char where[120];
+    snprintf(where, sizeof where, "layer %s", spec->digest);
+    fetch_error_wrap(e, fe, where);
 }
 
 /* When the layer is read from a running download: wait for its end; true
- * (with status and err) when it failed, its digest among other things. */
-static bool download_failed(const src_reader *r, const bs_layer_spec *spec, int *status, char *err, size_t errlen) {
+ * (with e) when it failed, its digest among other things. */
+static bool download_failed(const src_reader *r, const bs_layer_spec *spec, fetch_error *e) {
     if (!r->x) return false;
     fetch_error fe = {0};
     if (fetch_wait_done(r->x, &fe) == 0) return false;
-    fetch_status(&fe, status);
-    seterr(err, errlen, "layer %s: %s", spec->digest, fe.message);
+    layer_fetch_failed(e, &fe, spec);
     return true;
 }
 
 /* Download (or read) and unpack one layer into tmp/, then publish it as
- * layers/<key>. 0 with *bytes and *rootfd set; -1 with status and err. */
+ * layers/<key>. 0 with *bytes and *rootfd set; -1 with fail. */
 static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, const char *key, uint64_t *bytes,
-                   int *rootfd_out, int *status, bool *bad_bytes, char *err, size_t errlen) {
+                   int *rootfd_out, bool *bad_bytes, fetch_error *fail) {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    *status = 502;
     char tmp[PATHBUF];
     snprintf(tmp, sizeof tmp, "%s/tmp/x-%s-XXXXXX", c->dir, key);
     if (!mkdtemp(tmp)) {
-        *status = 500;
-        seterr(err, errlen, "blobserve: mkdtemp %s: %s", tmp, strerror(errno));
+        fetch_error_set(fail, 500, "UNKNOWN", "blobserve: mkdtemp %s: %s", tmp, strerror(errno));
         return -1;
     }
     src_reader r = {.fd = -1};
@@ -626,14 +627,12 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     char p[PATHBUF];
     snprintf(p, sizeof p, "%s/root", tmp);
     if (mkdir(p, 0755) != 0 || (x.rootfd = open(p, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0) {
-        *status = 500;
-        seterr(err, errlen, "blobserve: create %s: %s", p, strerror(errno));
+        fetch_error_set(fail, 500, "UNKNOWN", "blobserve: create %s: %s", p, strerror(errno));
         goto out;
     }
     r.buf = malloc(READ_BUF_BYTES);
     if (!r.buf) {
-        *status = 500;
-        seterr(err, errlen, "blobserve: out of memory");
+        fetch_error_set(fail, 500, "UNKNOWN", "blobserve: out of memory");
         goto out;
     }
 
@@ -642,8 +641,7 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     uint64_t blob_size = 0;
     int have = store_blob_open(src->st, spec->digest, &r.fd, &blob_size, e2, sizeof e2);
     if (have < 0) {
-        *status = 500;
-        seterr(err, errlen, "blobserve: layer %s: %s", spec->digest, e2);
+        fetch_error_set(fail, 500, "UNKNOWN", "blobserve: layer %s: %s", spec->digest, e2);
         goto out;
     }
     if (have == 0) {
@@ -651,16 +649,14 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
         r.x = fetch_blob(src->fetches, src->u, src->repository, spec->digest, &now_cached, e2, sizeof e2);
         if (!r.x) {
             if (!now_cached || store_blob_open(src->st, spec->digest, &r.fd, &blob_size, e2, sizeof e2) != 1) {
-                *status = 500;
-                seterr(err, errlen, "blobserve: layer %s: %s", spec->digest, e2);
+                fetch_error_set(fail, 500, "UNKNOWN", "blobserve: layer %s: %s", spec->digest, e2);
                 goto out;
             }
         } else {
             int64_t announced;
             fetch_error fe = {0};
             if (fetch_wait_ready(r.x, &announced, &fe) != 0) {
-                fetch_status(&fe, status);
-                seterr(err, errlen, "layer %s: %s", spec->digest, fe.message);
+                layer_fetch_failed(fail, &fe, spec);
                 goto out;
             }
         }
@@ -671,8 +667,7 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     pr.unz = archive_read_new();
     a = archive_read_new();
     if (!pr.unz || !a) {
-        *status = 500;
-        seterr(err, errlen, "blobserve: out of memory");
+        fetch_error_set(fail, 500, "UNKNOWN", "blobserve: out of memory");
         goto out;
     }
     archive_read_support_filter_all(pr.unz);
@@ -681,7 +676,7 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     struct archive_entry *raw;
     if (archive_read_open(pr.unz, &r, NULL, src_read, NULL) != ARCHIVE_OK) {
         const char *e = archive_error_string(pr.unz);
-        seterr(err, errlen, "layer %s: cannot decompress: %s", spec->digest,
+        fetch_error_set(fail, 502, "UNKNOWN", "layer %s: cannot decompress: %s", spec->digest,
                e ? e : "the compressed stream is cut short or corrupt");
         goto bad_content;
     }
@@ -689,13 +684,13 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     if (rh == ARCHIVE_EOF) {
         pr.ended = true; /* an empty blob: an empty tar */
     } else if (rh < ARCHIVE_WARN) {
-        seterr(err, errlen, "layer %s: cannot decompress: %s", spec->digest, archive_error_string(pr.unz));
+        fetch_error_set(fail, 502, "UNKNOWN", "layer %s: cannot decompress: %s", spec->digest, archive_error_string(pr.unz));
         goto bad_content;
     }
     archive_read_support_format_tar(a);
     archive_read_support_format_empty(a);
     if (archive_read_open(a, &pr, NULL, plain_read, NULL) != ARCHIVE_OK) {
-        seterr(err, errlen, "layer %s: not a tar archive: %s", spec->digest,
+        fetch_error_set(fail, 502, "UNKNOWN", "layer %s: not a tar archive: %s", spec->digest,
                pr.failed ? pr.why : archive_error_string(a));
         goto bad_content;
     }
@@ -705,7 +700,7 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
         int h = archive_read_next_header(a, &e);
         if (h == ARCHIVE_EOF) break;
         if (h < ARCHIVE_WARN) {
-            seterr(err, errlen, "layer %s: broken tar: %s", spec->digest, pr.failed ? pr.why : archive_error_string(a));
+            fetch_error_set(fail, 502, "UNKNOWN", "layer %s: broken tar: %s", spec->digest, pr.failed ? pr.why : archive_error_string(a));
             goto bad_content;
         }
         x.data_read = false;
@@ -715,23 +710,22 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
         uint64_t ignored;
         if (w != XW_FATAL && !x.data_read) w = read_data(&x, a, e, -1, archive_entry_pathname(e), &ignored);
         if (w == XW_FATAL) {
-            if (strstr(x.err, "cache cap")) *status = 502;
-            else if (!strstr(x.err, "from the tar")) *status = 500;
-            seterr(err, errlen, "layer %s: %s", spec->digest, x.err);
-            if (*status == 502) goto bad_content;
+            /* Over the cap or unreadable from the tar: the layer's bytes; else our side (500). */
+            int st = strstr(x.err, "cache cap") || strstr(x.err, "from the tar") ? 502 : 500;
+            fetch_error_set(fail, st, "UNKNOWN", "layer %s: %s", spec->digest, x.err);
+            if (st == 502) goto bad_content;
             goto out;
         }
     }
     /* The tar may end before the blob does: the digest is only known to be
      * right once the whole blob arrived. */
-    if (download_failed(&r, spec, status, err, errlen)) goto out;
+    if (download_failed(&r, spec, fail)) goto out;
     char meta[PATHBUF];
     snprintf(meta, sizeof meta, "%s/meta", tmp);
     FILE *mf = fopen(meta, "w");
     if (!mf || fprintf(mf, "bytes %llu\nentries %lu\nrefused %lu\nboot %s\n", (unsigned long long)x.bytes,
                        x.entries, x.refused, c->boot_id[0] ? c->boot_id : "-") < 0 || fclose(mf) != 0) {
-        *status = 500;
-        seterr(err, errlen, "blobserve: write %s: %s", meta, strerror(errno));
+        fetch_error_set(fail, 500, "UNKNOWN", "blobserve: write %s: %s", meta, strerror(errno));
         goto out;
     }
     /* Durability: a tree stamped with this boot's id is trusted after a
@@ -751,16 +745,14 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
             if (rename(final, stale) == 0) rm_tree(stale);
         }
         if (rename(tmp, final) != 0) {
-            *status = 500;
-            seterr(err, errlen, "blobserve: publish %s: %s", final, strerror(errno));
+            fetch_error_set(fail, 500, "UNKNOWN", "blobserve: publish %s: %s", final, strerror(errno));
             goto out;
         }
     }
     snprintf(p, sizeof p, "%s/root", final);
     *rootfd_out = open(p, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (*rootfd_out < 0) {
-        *status = 500;
-        seterr(err, errlen, "blobserve: open %s: %s", p, strerror(errno));
+        fetch_error_set(fail, 500, "UNKNOWN", "blobserve: open %s: %s", p, strerror(errno));
         rm_tree(final);
         goto out_published;
     }
@@ -775,7 +767,7 @@ bad_content:
     /* The layer's bytes failed, unless they were not the blob's: while a
      * download is tailed, a transfer that fails its digest can look like a
      * broken tar first. The fetch's outcome decides. */
-    if (download_failed(&r, spec, status, err, errlen)) goto out;
+    if (download_failed(&r, spec, fail)) goto out;
     *bad_bytes = true;
 out:
     rm_tree(tmp);
@@ -980,13 +972,12 @@ static void unref_locked(bs_layer *l) {
     if (--l->refs == 0 && !l->listed) free_layer(l);
 }
 
-bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, int *http_status,
-                           bool *final, char *err, size_t errlen) {
+bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, fetch_error *e,
+                           bool *final) {
     *final = false;
     char key[96];
     if (make_key(spec, key, sizeof key) != 0) {
-        *http_status = 500;
-        seterr(err, errlen, "blobserve: %s is not a sha256 layer digest", spec->digest);
+        fetch_error_set(e, 500, "UNKNOWN", "blobserve: %s is not a sha256 layer digest", spec->digest);
         return NULL;
     }
     pthread_mutex_lock(&c->mu);
@@ -1004,9 +995,8 @@ bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_sour
             pthread_mutex_unlock(&c->mu);
             return l;
         }
-        *http_status = l->err_status;
+        *e = l->err;
         *final = l->err_final;
-        seterr(err, errlen, "%s", l->err);
         unref_locked(l);
         pthread_mutex_unlock(&c->mu);
         return NULL;
@@ -1014,8 +1004,7 @@ bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_sour
     l = calloc(1, sizeof *l);
     if (!l) {
         pthread_mutex_unlock(&c->mu);
-        *http_status = 500;
-        seterr(err, errlen, "blobserve: out of memory");
+        fetch_error_set(e, 500, "UNKNOWN", "blobserve: out of memory");
         return NULL;
     }
     snprintf(l->key, sizeof l->key, "%s", key);
@@ -1029,10 +1018,9 @@ bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_sour
 
     /* This thread extracts; later comers wait on c->cv. */
     uint64_t bytes = 0;
-    int rootfd = -1, status = 500;
-    char e[768];
+    int rootfd = -1;
     bool bad_bytes = false;
-    int rc = extract(c, spec, src, key, &bytes, &rootfd, &status, &bad_bytes, e, sizeof e);
+    int rc = extract(c, spec, src, key, &bytes, &rootfd, &bad_bytes, e);
 
     victims v = {0};
     pthread_mutex_lock(&c->mu);
@@ -1046,21 +1034,19 @@ bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_sour
         evict_locked(c, &v);
     } else {
         l->state = L_FAILED;
-        l->err_status = status;
+        l->err = *e;
         l->err_final = bad_bytes;
         *final = bad_bytes;
-        snprintf(l->err, sizeof l->err, "%s", e);
         unlist_locked(c, l); /* the next request tries again */
         c->stats.extraction_failures++;
-        *http_status = status;
-        seterr(err, errlen, "%s", e);
         unref_locked(l);
         l = NULL;
     }
     pthread_cond_broadcast(&c->cv);
     pthread_mutex_unlock(&c->mu);
     victims_delete(&v);
-    if (rc != 0) log_error("blobserve: layer %s: %s", key, e);
+    /* An upstream's 404 is an answer, not a failure of ours. */
+    if (rc != 0) log_msg(upstream_answer_log_level(e->http_status), "blobserve: layer %s: %s", key, e->message);
     return l;
 }
 

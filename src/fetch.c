@@ -133,6 +133,13 @@ void fetch_error_set(fetch_error *e, int status, const char *code, const char *f
     va_end(ap);
 }
 
+void fetch_error_wrap(fetch_error *e, const fetch_error *from, const char *prefix) {
+    char m[sizeof from->message];
+    snprintf(m, sizeof m, "%s: %s", prefix, from->message);
+    if (e != from) *e = *from;
+    snprintf(e->message, sizeof e->message, "%s", m);
+}
+
 /* Total size from "bytes a-b/total". */
 static int64_t content_range_total(const char *cr, uint64_t *first) {
     unsigned long long a, b, total;

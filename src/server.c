@@ -155,7 +155,7 @@ static enum MHD_Result send_fetch_error(request *r, const fetch_error *e) {
             return MHD_NO;
         }
         MHD_add_response_header(resp, "Content-Type", "application/json");
-        MHD_add_response_header(resp, "Retry-After", e->retry_after[0] ? e->retry_after : "10");
+        MHD_add_response_header(resp, "Retry-After", upstream_answer_retry_after(e));
         metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
         return queue(r, (unsigned)e->http_status, resp);
     }

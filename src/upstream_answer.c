@@ -74,6 +74,11 @@ upstream_answer upstream_ask(upstream *u, const upstream_request *req, upstream_
     }
 }
 
+const char *upstream_answer_retry_after(const fetch_error *e) {
+    if (e->http_status != 429 && e->http_status != 503) return NULL;
+    return e->retry_after[0] ? e->retry_after : UPSTREAM_ANSWER_RETRY_AFTER_S;
+}
+
 log_level upstream_answer_log_level(int http_status) {
     if (http_status == 404) return LOG_INFO;
     if (http_status >= 400 && http_status < 500) return LOG_WARN;

@@ -87,11 +87,13 @@ void bs_cache_close(bs_cache *c);
 
 /* The extracted layer, held until bs_cache_release: the ready one, or the
  * one another thread is extracting (waited for), or one extracted now by
- * this thread. NULL on failure with *http_status (502, 504, 500), err, and
- * *final true when the layer's own bytes (digest verified) are what failed
- * (not a tar, cut short, over the cap): fetching it again cannot help. */
-bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, int *http_status,
-                           bool *final, char *err, size_t errlen);
+ * this thread. NULL on failure with e (the download's own answer as
+ * upstream_answer.h maps it, e.g. 429 with its Retry-After; 502 for bytes
+ * that are no usable layer; 500 for our side), and *final true when the
+ * layer's own bytes (digest verified) are what failed (not a tar, cut
+ * short, over the cap): fetching it again cannot help. */
+bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, fetch_error *e,
+                           bool *final);
 void bs_cache_release(bs_cache *c, bs_layer *l);
 
 /* The layer if it is ready now (held until bs_cache_release), else NULL

@@ -76,6 +76,9 @@ int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char
  * one constructor of fetch errors, used by every module that returns one. */
 void fetch_error_set(fetch_error *e, int status, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+/* e = from (status, code, Retry-After) with the message "PREFIX: message"
+ * (say where it happened); e may be from. */
+void fetch_error_wrap(fetch_error *e, const fetch_error *from, const char *prefix);
 
 /* Counters for metrics and tests. */
 typedef struct {

@@ -56,6 +56,12 @@ upstream_answer upstream_answer_map(upstream_what what, const char *upstream, co
 upstream_answer upstream_ask(upstream *u, const upstream_request *req, upstream_response *resp, upstream_what what,
                              const char *subject, bool quick, fetch_error *e);
 
+/* The Retry-After to send with the client answer e: the upstream's for a
+ * 429 or 503 (UPSTREAM_ANSWER_RETRY_AFTER_S seconds when it gave none), NULL
+ * for any other status. */
+#define UPSTREAM_ANSWER_RETRY_AFTER_S "10"
+const char *upstream_answer_retry_after(const fetch_error *e);
+
 /* The level to log a client answer of this status at: an upstream's 404 is
  * a normal answer (info); other refusals warn; failures are errors. */
 log_level upstream_answer_log_level(int http_status);

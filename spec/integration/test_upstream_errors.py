@@ -9,7 +9,8 @@ README "upstream_client"):
 - One mapping of upstream answers for manifests, blobs (GET and HEAD, cold)
   and tag lists: refused credentials -> 403 DENIED, 429 -> 429
   TOOMANYREQUESTS with the upstream's Retry-After, 5xx retried; an upstream
-  404 is the spec's 404 and is logged at info, never at error.
+  404 is the spec's 404 and is logged at info, never at error. blobserve
+  answers the same statuses (text bodies) with the same Retry-After.
 """
 import json
 import os
@@ -23,7 +24,7 @@ import clients
 from clients import diag
 from conftest import HTPASSWD_USER
 from fake_upstream import assert_oci_error, request
-from harness import Regfacade
+from harness import Regfacade, free_port, wait_http
 
 HOSTNAME = "upstream.regfacade.test"  # .test is reserved: no DNS answers it
 
@@ -227,4 +228,43 @@ def test_upstream_404_is_an_answer_logged_at_info(fake_upstream, fake_facade):
     about = [e for e in log if missing in e.get("msg", "") and e.get("msg") != "access"]
     assert about and all(e["level"] == "info" for e in about), about
     errors = [e for e in log if e.get("level") == "error"]
+    assert not errors, errors
+
+
+def _blobserve(fake_facade, **client):
+    port = free_port()
+    rf = fake_facade(config={"blobserve": {"listen": f"127.0.0.1:{port}", "repositories": ["acme/app"]},
+                             "upstream_client": dict({"retry_budget_seconds": 5}, **client)})
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/readyz", timeout=20, ok=(200,))
+    return rf, port
+
+
+@pytest.mark.parametrize("what", ["manifest", "layer"])
+def test_blobserve_passes_429_on_with_its_retry_after(what, fake_upstream, fake_facade):
+    img = fake_upstream.add_image("acme/app", "v1", layer_sizes=[3000])
+    up_path = "/v2/acme/app/manifests/v1" if what == "manifest" else f"/v2/acme/app/blobs/{img.layers[0].digest}"
+    fake_upstream.misbehave(up_path, "status", status=429, retry_after=120)
+    rf, port = _blobserve(fake_facade)
+    r = request(f"127.0.0.1:{port}", "GET", "/acme/app:v1/layer0/data.bin")
+    assert r.status == 429, f"{r!r}\n{rf.log()[-3000:]}"
+    assert r.header("Retry-After") == "120", r
+    assert b"rate-limiting" in r.body, r
+    # Once the upstream answers again, so does blobserve (nothing failed is kept).
+    fake_upstream.behave()
+    r = request(f"127.0.0.1:{port}", "GET", "/acme/app:v1/layer0/data.bin")
+    assert r.status == 200 and len(r.body) == 3000, f"{r!r}\n{rf.log()[-3000:]}"
+
+
+def test_blobserve_layer_5xx_is_retried_and_404_is_404(fake_upstream, fake_facade):
+    img = fake_upstream.add_image("acme/app", "v1", layer_sizes=[3000])
+    fake_upstream.misbehave(f"/v2/acme/app/blobs/{img.layers[0].digest}", "status", status=503, times=1)
+    gone = fake_upstream.add_image("acme/app", "gone", layer_sizes=[2000], seed="gone")
+    fake_upstream.misbehave(f"/v2/acme/app/blobs/{gone.layers[0].digest}", "status", status=404)
+    rf, port = _blobserve(fake_facade)
+    r = request(f"127.0.0.1:{port}", "GET", "/acme/app:v1/layer0/data.bin")
+    assert r.status == 200 and len(r.body) == 3000, f"{r!r}\n{rf.log()[-3000:]}"
+    r = request(f"127.0.0.1:{port}", "GET", "/acme/app:gone/layer0/data.bin")
+    assert r.status == 404 and b"is unknown to upstream" in r.body, f"{r!r}\n{rf.log()[-3000:]}"
+    errors = [e for e in _log_entries(rf) if e.get("level") == "error"]
     assert not errors, errors

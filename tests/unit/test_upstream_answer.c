@@ -87,6 +87,19 @@ static void test_failures(void) {
     }
 }
 
+static void test_retry_after(void) {
+    fetch_error e;
+    bool retry;
+    map(UPSTREAM_WHAT_BLOB, 429, "120", &e, &retry);
+    CHECK_STR(upstream_answer_retry_after(&e), "120");
+    map(UPSTREAM_WHAT_BLOB, 429, NULL, &e, &retry);
+    CHECK_STR(upstream_answer_retry_after(&e), UPSTREAM_ANSWER_RETRY_AFTER_S);
+    map(UPSTREAM_WHAT_BLOB, 503, "5", &e, &retry);
+    CHECK(upstream_answer_retry_after(&e) == NULL); /* a 502 for the client: no Retry-After */
+    fetch_error_set(&e, 503, "UNKNOWN", "provider down");
+    CHECK_STR(upstream_answer_retry_after(&e), UPSTREAM_ANSWER_RETRY_AFTER_S);
+}
+
 static void test_log_levels(void) {
     CHECK(upstream_answer_log_level(404) == LOG_INFO);
     CHECK(upstream_answer_log_level(403) == LOG_WARN);
@@ -98,6 +111,7 @@ static void test_log_levels(void) {
 int main(void) {
     test_statuses();
     test_failures();
+    test_retry_after();
     test_log_levels();
     return UNIT_DONE("upstream_answer");
 }
