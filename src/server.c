@@ -31,6 +31,7 @@
 #include "regfacade/ref.h"
 #include "regfacade/specs.h"
 #include "regfacade/store.h"
+#include "regfacade/tag_list.h"
 #include "regfacade/upstream.h"
 #include "regfacade/upstream_answer.h"
 
@@ -759,6 +760,57 @@ static int tags_body(void *ud, const char *data, size_t len) {
     return 0;
 }
 
+/* Upstream pages of one tag list followed at most (Link rel="next"). */
+#define TAGS_MAX_PAGES 64
+
+/* The whole tag list of res's repository: every page the upstream gives
+ * (it may page by itself), merged. 0, or -1 with e set. */
+static int fetch_tag_list(upstream *u, const policy_resolution *res, tag_list *tl, fetch_error *e) {
+    char path[2400];
+    snprintf(path, sizeof path, "%s/tags/list", res->repository);
+    size_t total = 0;
+    for (int page = 0; page < TAGS_MAX_PAGES; page++) {
+        grow_buf b = {0};
+        upstream_request req = {.method = "GET", .repository = res->repository, .path = path,
+                                .on_headers = tags_headers, .on_body = tags_body, .ud = &b};
+        upstream_response resp;
+        char subject[700];
+        snprintf(subject, sizeof subject, "repository %s", res->repository);
+        upstream_answer a = upstream_ask(u, &req, &resp, UPSTREAM_WHAT_TAGS, subject, false, e);
+        if (a == UPSTREAM_ANSWER_FAILED && b.too_big)
+            fetch_error_set(e, 502, "UNKNOWN", "upstream %s sent a tag list of %s over %d bytes", res->upstream,
+                            res->repository, TAGS_MAX_BYTES);
+        if (a == UPSTREAM_ANSWER_OK && resp.status != 200)
+            fetch_error_set(e, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for the tags of %s",
+                            res->upstream, resp.status, res->repository);
+        if (a != UPSTREAM_ANSWER_OK || resp.status != 200) {
+            free(b.buf);
+            return -1;
+        }
+        total += b.len;
+        char perr[256];
+        int rc = tag_list_add_page(tl, b.buf, b.len, perr, sizeof perr);
+        free(b.buf);
+        if (rc != 0) {
+            fetch_error_set(e, 502, "UNKNOWN", "upstream %s sent an invalid tag list for %s: %s", res->upstream,
+                            res->repository, perr);
+            return -1;
+        }
+        if (total > TAGS_MAX_BYTES) {
+            fetch_error_set(e, 502, "UNKNOWN", "upstream %s sent tag lists of %s over %d bytes", res->upstream,
+                            res->repository, TAGS_MAX_BYTES);
+            return -1;
+        }
+        if (!tag_list_next_path(resp.link, res->repository, path, sizeof path)) return 0;
+    }
+    fetch_error_set(e, 502, "UNKNOWN", "upstream %s pages the tags of %s past %d pages", res->upstream,
+                    res->repository, TAGS_MAX_PAGES);
+    return -1;
+}
+
+/* GET /v2/NAME/tags/list[?n=N&last=TAG]: the whole list from the upstream,
+ * paged here (lexical order; Link rel="next" while more follow), so n and
+ * last work whether or not the upstream supports them. */
 static enum MHD_Result handle_tags(request *r) {
     const char *n = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "n");
     const char *last = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "last");
@@ -771,45 +823,24 @@ static enum MHD_Result handle_tags(request *r) {
     if (run_resolve(r, &res) != 0) return MHD_YES;
     policy_resolution_clear(&res);
     upstream *u = find_upstream(r->sv, res.upstream);
-    char path[800];
-    int pl = snprintf(path, sizeof path, "%s/tags/list", res.repository);
-    if (n || last)
-        snprintf(path + pl, sizeof path - (size_t)pl, "?%s%s%s%s%s", n ? "n=" : "", n ? n : "", n && last ? "&" : "",
-                 last ? "last=" : "", last ? last_dec : "");
-    grow_buf b = {0};
-    upstream_request req = {.method = "GET", .repository = res.repository, .path = path, .on_headers = tags_headers,
-                            .on_body = tags_body, .ud = &b};
-    upstream_response resp;
-    char subject[700];
-    snprintf(subject, sizeof subject, "repository %s", res.repository);
+    tag_list tl = {0};
     fetch_error e = {0};
-    upstream_answer a = upstream_ask(u, &req, &resp, UPSTREAM_WHAT_TAGS, subject, false, &e);
-    if (a == UPSTREAM_ANSWER_FAILED && b.too_big)
-        fetch_error_set(&e, 502, "UNKNOWN", "upstream %s sent a tag list of %s over %d bytes", res.upstream,
-                        res.repository, TAGS_MAX_BYTES);
-    if (a == UPSTREAM_ANSWER_OK && resp.status != 200)
-        fetch_error_set(&e, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for the tags of %s",
-                        res.upstream, resp.status, res.repository);
-    if (a != UPSTREAM_ANSWER_OK || resp.status != 200) {
-        free(b.buf);
+    if (fetch_tag_list(u, &res, &tl, &e) != 0) {
+        tag_list_free(&tl);
         return send_fetch_error(r, &e);
     }
-    char jerr[256];
-    json_value *v = json_parse(b.buf ? b.buf : "", b.len, 8, jerr, sizeof jerr);
-    free(b.buf);
-    if (!v || v->type != JSON_OBJECT) {
-        json_free(v);
-        return send_error(r, 502, "UNKNOWN", "upstream %s sent an invalid tag list: %s", res.upstream,
-                          v ? "not an object" : jerr);
-    }
+    tag_list_finish(&tl);
+    size_t from, to;
+    bool more;
+    tag_list_page(&tl, last ? last_dec : NULL, n ? strtol(n, NULL, 10) : -1, &from, &to, &more);
     /* The client asked under its own name; answer under it. */
-    if (json_object_set(v, "name", json_new_string(r->repository)) != 0) {
-        json_free(v);
-        return MHD_NO;
-    }
     size_t len;
-    char *out = json_serialize(v, &len);
-    json_free(v);
+    char *out = tag_list_json(&tl, r->repository, from, to, &len);
+    char link[700] = "";
+    if (more && to > from)
+        snprintf(link, sizeof link, "</v2/%s/tags/list?n=%s&last=%s>; rel=\"next\"", r->repository, n,
+                 tl.tags[to - 1]);
+    tag_list_free(&tl);
     if (!out) return MHD_NO;
     struct MHD_Response *mr = MHD_create_response_from_buffer(len, out, MHD_RESPMEM_MUST_FREE);
     if (!mr) {
@@ -817,16 +848,8 @@ static enum MHD_Result handle_tags(request *r) {
         return MHD_NO;
     }
     MHD_add_response_header(mr, "Content-Type", "application/json");
+    if (link[0]) MHD_add_response_header(mr, "Link", link);
     metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
-    if (resp.link[0]) {
-        /* </v2/UPSTREAM-REPO/tags/list?...>; rel="next" -> our path. */
-        const char *q = strstr(resp.link, "/tags/list");
-        if (q) {
-            char link[2600];
-            snprintf(link, sizeof link, "</v2/%s%s", r->repository, q);
-            MHD_add_response_header(mr, "Link", link);
-        }
-    }
     return queue(r, 200, mr);
 }
 

@@ -228,6 +228,7 @@ class FakeUpstream:
         self._shadow = {}  # (repo, digest) -> (body, type) of bodies a misbehaviour served
         self._counts = {}
         self.requests = []  # dicts: method, path, query, headers
+        self.tag_page_size = None  # set: tags/list answers pages of this size even without n
         self._server = None
         self._thread = None
         self._release = threading.Event()
@@ -540,6 +541,8 @@ class FakeUpstream:
             tags = [t for t in tags if t > last]
         hdrs = {}
         n = query.get("n", [None])[0]
+        if n is None and self.tag_page_size:
+            n = self.tag_page_size  # an upstream that pages whatever it is asked
         if n is not None:
             n = int(n)
             if len(tags) > n:

@@ -310,16 +310,47 @@ def test_tags_list_pagination(fake_upstream, fake_facade):
     assert "/v2/acme/many/tags/list?" in link and "n=3" in link and "last=t02" in link, r
     assert str(fake_upstream.port) not in link, f"Link points at the upstream: {link}"
 
-    fake_upstream.reset_counts()
     r = get(rf, "/v2/acme/many/tags/list?n=3&last=t02")
     assert r.status == 200, r
     assert r.json() == {"name": "acme/many", "tags": tags[3:6]}, r
-    seen = [q["query"] for q in fake_upstream.requests if q["path"] == "/v2/acme/many/tags/list"]
-    assert {"n": ["3"], "last": ["t02"]} in seen, f"n/last not passed through: {seen}"
+    # the last page has no Link; n=0 is an empty page
+    r = get(rf, "/v2/acme/many/tags/list?n=3&last=t05")
+    assert r.json()["tags"] == tags[6:9] and r.header("Link"), r
+    r = get(rf, "/v2/acme/many/tags/list?n=3&last=t08")
+    assert r.json()["tags"] == ["t09"] and r.header("Link") is None, r
+    r = get(rf, "/v2/acme/many/tags/list?n=0")
+    assert r.status == 200 and r.json() == {"name": "acme/many", "tags": []}, r
+    # a last that is not a tag of the list starts after where it would sort
+    r = get(rf, "/v2/acme/many/tags/list?last=t035")
+    assert r.json()["tags"] == tags[4:], r
 
     r = get(rf, "/v2/acme/many/tags/list?last=t08")
     assert r.status == 200 and r.json()["tags"] == ["t09"], r
     assert r.header("Link") is None, r
+
+
+def test_tags_list_follows_an_upstream_that_pages_by_itself(fake_upstream, fake_facade):
+    """An upstream that answers in pages of 4 whatever it is asked (as
+    Docker Hub and others do): regfacade follows its Link pages, merges
+    them, and pages the whole list as the client asked, in lexical order."""
+    img = fake_upstream.add_image("acme/paged", "a")
+    tags = sorted([f"v{i}" for i in range(11)] + ["latest", "edge"])
+    fake_upstream.set_tags("acme/paged", tags, img.digest)
+    fake_upstream.tag_page_size = 4
+    rf = fake_facade()
+    fake_upstream.reset_counts()
+    r = get(rf, "/v2/acme/paged/tags/list")
+    assert r.status == 200 and r.json()["tags"] == tags, r
+    assert fake_upstream.count("GET", "/v2/acme/paged/tags/list") == 4  # 13 tags in pages of 4
+    got, url = [], "/v2/acme/paged/tags/list?n=5"
+    while url:
+        r = get(rf, url)
+        assert r.status == 200, r
+        got += r.json()["tags"]
+        link = r.header("Link")
+        url = link[1:link.index(">")] if link else None
+        assert not url or url.startswith("/v2/acme/paged/tags/list?n=5&last="), link
+    assert got == tags
 
 
 def test_tags_list_name_is_the_requested_name(fake_upstream, fake_facade):
