@@ -24,7 +24,7 @@ typedef enum { FETCH_RUNNING, FETCH_DONE, FETCH_FAILED } fetch_state;
 
 struct fetch {
     fetcher *owner;
-    upstream *u;
+    upstream *u; /* held (upstream_hold) until the fetch is destroyed */
     char repository[256];
     char digest[DIGEST_STRING_LEN];
     int refs; /* guarded by owner->lock */
@@ -109,6 +109,7 @@ static void fetch_destroy(fetch *x) {
     if (x->committed) store_blob_close(x->owner->st, x->digest, x->spool.fd); /* unpin: no reader is left */
     else if (x->spool.fd >= 0) close(x->spool.fd);
     digest_free(x->dg);
+    upstream_free(x->u);
     pthread_mutex_destroy(&x->mu);
     pthread_cond_destroy(&x->cv);
     free(x);
@@ -457,7 +458,7 @@ fetch *fetch_blob(fetcher *f, upstream *u, const char *repository, const char *d
         return NULL;
     }
     x->owner = f;
-    x->u = u;
+    x->u = upstream_hold(u); /* the fetch may outlive the request's configuration generation */
     snprintf(x->repository, sizeof x->repository, "%s", repository);
     snprintf(x->digest, sizeof x->digest, "%s", digest);
     x->size = -1;

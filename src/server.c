@@ -39,11 +39,14 @@
 #define TAGS_MAX_BYTES (4 * 1024 * 1024)
 
 /* One configuration generation: what a SIGHUP reload replaces. A request
- * holds the generation it started on until its handler returns, so requests
- * in flight finish on the old one. Upstream clients and configs of retired
- * generations live until the server stops (fetch threads may still use
- * them); policies and layer catalogs are freed when their last request is
- * done. */
+ * holds the generation it started on until it is complete (its response
+ * sent and its log hook run), so requests in flight finish on the old one.
+ * A retired generation is freed when its last request is done: policy,
+ * layer catalog, config and its references to the upstream clients (a
+ * blob fetch holds its own, so a client lives until its last fetch ends,
+ * and its keep-alive connections close with it; blobserve holds a
+ * generation while it works on it). The first generation lives until the
+ * server stops (the server's cfg, pol, ups and layers are its). */
 typedef struct served {
     config *cfg;
     bool owns_cfg;          /* false for the first (the caller's) */
@@ -51,8 +54,7 @@ typedef struct served {
     policy *pol;
     layer_catalog *layers;  /* the config's named layers and file layer digests */
     generate_env gen;       /* what image generation needs */
-    int refs;
-    struct served *next_retired;
+    int refs;               /* requests on it, plus one while it is current; under gen_lock */
 } served;
 
 struct server {
@@ -73,7 +75,6 @@ struct server {
     pthread_mutex_t gen_lock;
     served *current;         /* the generation new requests get */
     served *first;           /* the one started with (cfg, pol, ups, layers above are its) */
-    served *retired;         /* replaced generations, freed at stop */
 };
 
 /* Everything one request needs, on the connection thread's stack. */
@@ -102,6 +103,7 @@ typedef struct {
 typedef struct {
     metrics_access *acc;
     policy_log_entry *plog; /* the policy's log hook, run once the response is done */
+    struct served *sv;      /* the request's generation, held until it is complete */
 } request_life;
 
 /* ---------- responses ---------- */
@@ -202,16 +204,12 @@ static upstream *find_upstream(served *s, const char *name) {
 
 static upstream *upstream_by_name(void *ud, const char *name) { return find_upstream(ud, name); }
 
-/* Free a generation's policy and layers (always) and, with all, its
- * upstream clients and config too (only at stop: fetch threads may still
- * use the clients of a retired generation). */
-static void served_free(served *g, bool all) {
+/* Free a generation: its policy, layers, config, and its references to
+ * its upstream clients (fetches still running hold theirs). */
+static void served_free(served *g) {
     if (!g) return;
     policy_free(g->pol);
-    g->pol = NULL;
     layer_catalog_free(g->layers);
-    g->layers = NULL;
-    if (!all) return;
     if (g->ups)
         for (size_t i = 0; i < g->cfg->n_upstreams; i++) upstream_free(g->ups[i]);
     free(g->ups);
@@ -259,7 +257,7 @@ static served *served_build(server *s, config *c, bool owns_cfg, char *err, size
     return g;
 fail:
     g->owns_cfg = false; /* on failure the caller keeps its config */
-    served_free(g, true);
+    served_free(g);
     return NULL;
 }
 
@@ -275,9 +273,9 @@ static void served_release(server *s, served *g) {
     pthread_mutex_lock(&s->gen_lock);
     bool done = --g->refs == 0;
     pthread_mutex_unlock(&s->gen_lock);
-    /* The last request of a retired generation frees its Lua states (not the
-     * first generation's: other listeners borrow its policy). */
-    if (done && g != s->first) served_free(g, false);
+    /* The last user of a retired generation frees it (not the first: other
+     * listeners borrow it; server_stop frees it). */
+    if (done && g != s->first) served_free(g);
 }
 
 /* blobserve's requests and pre-pulls run on the current generation, as
@@ -320,12 +318,12 @@ int server_reload(server *s, config *c, char *err, size_t errlen) {
     pthread_mutex_lock(&s->gen_lock);
     served *prev = s->current;
     s->current = g;
-    prev->next_retired = s->retired;
-    s->retired = prev;
     pthread_mutex_unlock(&s->gen_lock);
+    /* Specs are checked against the new upstreams and layers; once this
+     * returns, no check uses the old config, which prev's release may free. */
+    specs_set_config(s->specs, c);
     served_release(s, prev); /* drop its "current" reference */
     blobserve_reloaded(s->blobserve);
-    specs_set_config(s->specs, c); /* specs are checked against the new upstreams and layers */
     return 0;
 }
 
@@ -1074,14 +1072,16 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
         return send_error(&r, 400, "UNSUPPORTED", "the ns query parameter is not a host name");
     }
     client_auth_parse(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION), &r.cred);
-    r.sv = served_acquire(r.srv);
+    /* Held until request_completed: the log hook runs on this generation's
+     * policy after the response is sent. */
+    if (!life->sv) life->sv = served_acquire(r.srv);
+    r.sv = life->sv;
     enum MHD_Result ret = route(&r, url);
     /* The log hook runs when the response is done (request_completed);
      * what it sees is copied now (no password or token). */
     fill_preq(&r);
     life->plog = policy_log_begin(r.sv->pol, &r.preq, &life->acc->start);
     policy_state_clear(&r.pstate);
-    served_release(r.srv, r.sv);
     client_credentials_wipe(&r.cred);
     json_free(r.spec); /* after the rewrite hook, which saw it as req.spec */
     return ret;
@@ -1099,6 +1099,7 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
             policy_log_end(life->plog, a->status, bytes, ok, a->upstream);
         }
         metrics_access_end(life->acc, ok);
+        if (life->sv) served_release(cls, life->sv);
         free(life);
     }
     *con_cls = NULL;
@@ -1263,13 +1264,11 @@ void server_stop(server *s) {
     specs_free(s->specs); /* its admin listener first; after the registry's requests */
     metrics_watch_fetcher(NULL);
     fetcher_free(s->fetches);
-    if (s->current && s->current != s->first) served_free(s->current, true);
-    for (served *g = s->retired, *next; g; g = next) {
-        next = g->next_retired;
-        if (g != s->first) served_free(g, true);
-    }
+    /* Every request is complete (the daemon is stopped), so every retired
+     * generation is freed already. */
+    if (s->current && s->current != s->first) served_free(s->current);
     if (s->first) {
-        served_free(s->first, true);
+        served_free(s->first);
         pthread_mutex_destroy(&s->gen_lock);
     }
     store_close(s->st);

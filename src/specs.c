@@ -60,7 +60,8 @@ typedef struct {
 } provider;
 
 struct specs {
-    const config *cfg; /* the running configuration (specs_set_config on reload); atomic loads */
+    const config *cfg; /* the running configuration (specs_set_config on reload), under cfg_lock */
+    pthread_rwlock_t cfg_lock; /* read while a spec is checked against cfg: a reload frees the old one */
     provider *provs;
     size_t n;
     size_t max_bytes;
@@ -245,15 +246,16 @@ static int check_file(const specs *sp, const char *where, const char *path, vctx
     return 0;
 }
 
-/* One entry of "layers". */
-static const config *current_config(const specs *sp) { return __atomic_load_n(&sp->cfg, __ATOMIC_ACQUIRE); }
-
 void specs_set_config(specs *sp, const config *c) {
-    if (sp) __atomic_store_n(&sp->cfg, c, __ATOMIC_RELEASE);
+    if (!sp) return;
+    /* Once this returns, no check uses the old configuration. */
+    pthread_rwlock_wrlock(&sp->cfg_lock);
+    sp->cfg = c;
+    pthread_rwlock_unlock(&sp->cfg_lock);
 }
 
-static int check_layer(const specs *sp, const json_value *l, size_t i, bool has_base, int *bases, vctx *v) {
-    const config *c = current_config(sp);
+/* One entry of "layers". */
+static int check_layer(const specs *sp, const config *c, const json_value *l, size_t i, bool has_base, int *bases, vctx *v) {
     char where[64];
     snprintf(where, sizeof where, "layers[%zu]", i);
     if (l->type == JSON_STRING) {
@@ -331,7 +333,7 @@ static int check_string_map(const json_value *m, const char *what, vctx *v) {
     return 0;
 }
 
-int specs_validate(const specs *sp, const json_value *spec, char *err, size_t errlen) {
+static int validate(const specs *sp, const config *c, const json_value *spec, char *err, size_t errlen) {
     vctx v = {err, errlen};
     if (!spec || spec->type != JSON_OBJECT) return bad(&v, "a spec must be a JSON object");
     for (size_t i = 0; i < spec->count; i++)
@@ -341,7 +343,7 @@ int specs_validate(const specs *sp, const json_value *spec, char *err, size_t er
     bool has_base = base && base->type != JSON_NULL;
     if (has_base) {
         if (!plain_string(base)) return bad(&v, "base: must be \"UPSTREAM/REPOSITORY[:TAG|@sha256:HEX]\" or null");
-        if (check_image_ref(current_config(sp), "base", base->str, &v) != 0) return -1;
+        if (check_image_ref(c, "base", base->str, &v) != 0) return -1;
     }
     const json_value *platform = json_object_get(spec, "platform");
     if (platform) {
@@ -356,7 +358,7 @@ int specs_validate(const specs *sp, const json_value *spec, char *err, size_t er
         if (layers->count > SPECS_MAX_LAYERS) return bad(&v, "layers: more than %d entries", SPECS_MAX_LAYERS);
         int bases = 0;
         for (size_t i = 0; i < layers->count; i++)
-            if (check_layer(sp, layers->items[i], i, has_base, &bases, &v) != 0) return -1;
+            if (check_layer(sp, c, layers->items[i], i, has_base, &bases, &v) != 0) return -1;
     }
     if (!has_base && (!layers || layers->count == 0))
         return bad(&v, "a spec without base needs at least one layer");
@@ -365,6 +367,14 @@ int specs_validate(const specs *sp, const json_value *spec, char *err, size_t er
     if ((x = json_object_get(spec, "labels")) && check_string_map(x, "labels", &v) != 0) return -1;
     if ((x = json_object_get(spec, "annotations")) && check_string_map(x, "annotations", &v) != 0) return -1;
     return 0;
+}
+
+int specs_validate(const specs *sp, const json_value *spec, char *err, size_t errlen) {
+    pthread_rwlock_t *lock = (pthread_rwlock_t *)&sp->cfg_lock;
+    pthread_rwlock_rdlock(lock);
+    int rc = validate(sp, sp->cfg, spec, err, errlen);
+    pthread_rwlock_unlock(lock);
+    return rc;
 }
 
 json_value *specs_parse(const specs *sp, const char *text, size_t len, char *err, size_t errlen) {
@@ -1007,6 +1017,7 @@ int specs_new(const config *c, specs **out, char *err, size_t errlen) {
     }
     sp->cfg = c;
     pthread_mutex_init(&sp->mu, NULL);
+    pthread_rwlock_init(&sp->cfg_lock, NULL);
     if (parse_section(&p, sp) != 0) {
         specs_free(sp);
         return -1;
@@ -1131,6 +1142,7 @@ void specs_free(specs *sp) {
     free(sp->specs);
     free(sp->push_dir);
     pthread_mutex_destroy(&sp->mu);
+    pthread_rwlock_destroy(&sp->cfg_lock);
     free(sp);
 }
 

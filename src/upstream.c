@@ -193,6 +193,7 @@ struct token_entry {
 };
 
 struct upstream {
+    int refs;         /* upstream_new's and upstream_hold's; atomic */
     char *name;
     char *url;        /* without trailing slash */
     char *username;   /* NULL: anonymous */
@@ -301,10 +302,20 @@ static void token_entry_free(token_entry *e)
     free(e);
 }
 
+upstream *upstream_hold(upstream *u)
+{
+    if (u)
+        __atomic_add_fetch(&u->refs, 1, __ATOMIC_RELAXED);
+    return u;
+}
+
 void upstream_free(upstream *u)
 {
-    if (!u)
+    /* The last reference frees it; acq_rel so that what the other holders
+     * did happens before the cleanup. */
+    if (!u || __atomic_sub_fetch(&u->refs, 1, __ATOMIC_ACQ_REL) > 0)
         return;
+    /* Cleaning up the idle handles closes their keep-alive connections. */
     for (int i = 0; i < u->nidle; i++)
         curl_easy_cleanup(u->idle[i]);
     if (u->share)
@@ -430,6 +441,7 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
         set_err(err, errlen, "upstream %s: out of memory", name);
         return NULL;
     }
+    u->refs = 1;
     pthread_mutex_init(&u->pool_mu, NULL);
     pthread_mutex_init(&u->tok_mu, NULL);
     for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)

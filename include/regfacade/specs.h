@@ -76,8 +76,10 @@ int specs_start(specs *sp, store *st, char *err, size_t errlen);
 void specs_free(specs *sp);
 
 /* A reload's new configuration: specs are checked against its upstreams
- * and named layers from now on (it must live until specs_free; the
- * "specs" and "admin" sections themselves cannot change on reload). */
+ * and named layers from now on. It must live until the next
+ * specs_set_config has returned (no check uses the old one after that) or
+ * specs_free; the "specs" and "admin" sections themselves cannot change on
+ * reload. */
 void specs_set_config(specs *sp, const config *c);
 
 /* Check the sections without starting anything (regfacade check). */

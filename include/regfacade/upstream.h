@@ -11,7 +11,9 @@
  * when a base URL fails before answering, but it does not wait and retry
  * (the caller decides that, paced by upstream_retry_delay()).
  *
- * Thread safety: an upstream may be used from many threads at once.
+ * Thread safety: an upstream may be used from many threads at once. It is
+ * reference-counted (upstream_hold, upstream_free): a configuration reload
+ * drops the old generation's clients while fetches still use them.
  */
 #ifndef REGFACADE_UPSTREAM_H
 #define REGFACADE_UPSTREAM_H
@@ -93,8 +95,14 @@ typedef enum {
 int upstream_global_init(void);
 void upstream_global_cleanup(void);
 
-/* NULL on bad options (err says which). Copies every string. */
+/* NULL on bad options (err says which). Copies every string. The caller
+ * holds the one reference. */
 upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen);
+/* Another reference (for work that may outlive the caller's, like a blob
+ * fetch thread); returns u. */
+upstream *upstream_hold(upstream *u);
+/* Drop a reference; the last one frees u, its idle handles and their
+ * keep-alive connections. */
 void upstream_free(upstream *u);
 
 const char *upstream_name(const upstream *u);

@@ -122,6 +122,15 @@ def check_sanitizer_report(p):
                                  f"{data[start:start + 6000].decode('utf-8', 'replace')}")
 
 
+def vm_rss_kib(pid):
+    """Resident memory of process pid, in KiB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 def log_tail(p, n=4000):
     try:
         with open(p.log_path, "rb") as f:

@@ -15,7 +15,7 @@ import socket
 import threading
 
 from fake_upstream import request, wait_until
-from harness import free_port
+from harness import free_port, log_tail
 
 REPO = "conn/app"
 FLOOD = 1500
@@ -93,7 +93,7 @@ def test_idle_flood_past_1024_descriptors_leaves_room_for_clients(fake_upstream,
         # Connections idle for a second are closed to make room (those of
         # the last second are not: a client may be between connect() and
         # its request)...
-        assert wait_until(lambda: RECLAIMED.format(1024) in rf.log(), timeout=60), \
+        assert wait_until(lambda: RECLAIMED.format(1024) in log_tail(rf.proc, 1 << 30), timeout=60), \
             "no idle connection was closed to make room"
         # ...so a normal client from the same address is served, on new
         # connections, while the flood holds the rest.
@@ -127,7 +127,7 @@ def test_readyz_saturated_only_when_every_connection_is_busy(fake_upstream, fake
     # Idle connections, more than the limit: they make room, /readyz stays 200.
     idle = open_idle(10, rf.port)
     try:
-        assert wait_until(lambda: RECLAIMED.format(4) in rf.log(), timeout=60), \
+        assert wait_until(lambda: RECLAIMED.format(4) in log_tail(rf.proc, 1 << 30), timeout=60), \
             "no idle connection was closed to make room"
         pull(rf, img)
         r = readyz(rf)

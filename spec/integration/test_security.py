@@ -32,7 +32,7 @@ import time
 import pytest
 
 from fake_upstream import assert_oci_error, raw_request, request, verify_cache
-from harness import REGFACADE, Regfacade
+from harness import REGFACADE, Regfacade, vm_rss_kib
 
 REPO = "good/app"
 
@@ -65,14 +65,6 @@ def request_from(src_ip, port, path, timeout=15):
         return Response(r.status, r.headers, r.read())
     finally:
         conn.close()
-
-
-def vm_rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def proc_status(pid):

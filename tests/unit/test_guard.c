@@ -1,4 +1,5 @@
-/* guard: the per-IP token bucket and the header deadline (guard.h). */
+/* guard: the per-IP token bucket, the header deadline and idle connections
+ * closed near the limit (guard.h). */
 #include "regfacade/guard.h"
 
 #include <arpa/inet.h>
@@ -46,7 +47,6 @@ int main(void) {
     CHECK(guard_rate_allow(g, (struct sockaddr *)&a, &ra));
     CHECK(!guard_rate_allow(g, (struct sockaddr *)&a, &ra));
     CHECK(guard_get_stats(g).rate_limited == 2);
-    CHECK(guard_conn_open(g, 0) == NULL); /* no header deadline configured */
     guard_free(g);
 
     /* Default burst: 2 x rate; no limit at all when the rate is 0. */
@@ -100,6 +100,47 @@ int main(void) {
         close(slow[i]);
         close(fast[i]);
         close(keep[i]);
+    }
+    guard_free(g);
+
+    /* Near the limit (4: from 3 open on, a reserve of one), the connection
+     * idle longest (at least a second) is closed for each new one; busy and
+     * fresh ones are not; no header deadline is needed for that. */
+    guard_options lim = {.max_connections = 4};
+    g = guard_new(&lim, err, sizeof err);
+    int old[2], busy[2], fresh[2], next[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, old) == 0);
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, busy) == 0);
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, fresh) == 0);
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, next) == 0);
+    guard_conn *co = guard_conn_open(g, old[0]);
+    guard_conn *cb = guard_conn_open(g, busy[0]);
+    CHECK(co && cb);
+    guard_conn_headers_done(g, cb);
+    guard_load l = guard_get_load(g);
+    CHECK(l.open == 2 && l.idle == 1);
+    sleep_ms(1100);
+    guard_conn *cn = guard_conn_open(g, fresh[0]); /* the third: old goes */
+    CHECK(cn != NULL);
+    CHECK(peer_shut(old[1]));
+    CHECK(!peer_shut(busy[1]));
+    CHECK(!peer_shut(fresh[1]));
+    CHECK(guard_get_stats(g).idle_reclaimed == 1);
+    l = guard_get_load(g);
+    CHECK(l.open == 3 && l.idle == 1); /* old is closing: neither idle nor counted as room */
+    guard_conn_close(g, co);
+    guard_conn *cx = guard_conn_open(g, next[0]); /* 3 again: fresh is too new to go */
+    CHECK(cx != NULL);
+    CHECK(!peer_shut(fresh[1]) && !peer_shut(next[1]));
+    CHECK(guard_get_stats(g).idle_reclaimed == 1);
+    guard_conn_close(g, cb);
+    guard_conn_close(g, cn);
+    guard_conn_close(g, cx);
+    for (int i = 0; i < 2; i++) {
+        close(old[i]);
+        close(busy[i]);
+        close(fresh[i]);
+        close(next[i]);
     }
     guard_free(g);
     return UNIT_DONE("guard");
