@@ -130,6 +130,7 @@ void fetch_error_set(fetch_error *e, int status, const char *code, const char *f
     e->http_status = status;
     e->code = code;
     e->retry_after[0] = '\0';
+    e->challenge[0] = '\0';
     vsnprintf(e->message, sizeof e->message, fmt, ap);
     va_end(ap);
 }

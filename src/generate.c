@@ -9,6 +9,7 @@
 #include "regfacade/image.h"
 #include "regfacade/json.h"
 #include "regfacade/log.h"
+#include "regfacade/oci_error.h"
 #include "regfacade/ref.h"
 
 #define CONFIG_BLOB_MAX (16 * 1024 * 1024)
@@ -50,14 +51,8 @@ static void platform_of_entry(const json_value *entry, char *out, size_t outlen)
 /* The OCI error code c as a static string (fetch_error.code is not copied);
  * "UNKNOWN" when it is none of the spec's codes. */
 static const char *static_code(const char *c) {
-    static const char *const codes[] = {"BLOB_UNKNOWN",   "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN",
-                                        "DIGEST_INVALID", "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID",
-                                        "MANIFEST_UNKNOWN", "NAME_INVALID",        "NAME_UNKNOWN",
-                                        "SIZE_INVALID",   "UNAUTHORIZED",        "DENIED",
-                                        "UNSUPPORTED",    "TOOMANYREQUESTS",     NULL};
-    for (const char *const *k = codes; *k; k++)
-        if (strcmp(c, *k) == 0) return *k;
-    return "UNKNOWN";
+    const char *k = oci_error_code_known(c);
+    return k ? k : "UNKNOWN";
 }
 
 /* Blobs of an index's children, stored only once the whole index is
@@ -162,6 +157,9 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     if (policy_rewrite(env->pol, req, &man_out, &cfg_out, stack.items, stack.n, &pe) != 0) {
         /* e->code must outlive pe (a local): a static string. */
         fetch_error_set(e, pe.status, static_code(pe.code), "%s", pe.message);
+        /* A refusal's headers go to the client as the policy gave them. */
+        snprintf(e->retry_after, sizeof e->retry_after, "%s", pe.retry_after);
+        snprintf(e->challenge, sizeof e->challenge, "%s", pe.challenge);
         goto out;
     }
     /* Nothing changed (a stack of "base" alone, left as it was by the

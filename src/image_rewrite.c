@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "regfacade/lua_deny.h"
 #include "regfacade/lua_json.h"
 
 typedef struct {
@@ -24,6 +25,8 @@ typedef struct {
     size_t n;
     json_value *new_manifest, *new_config; /* built inside the protected call */
     bool in_hook;                          /* the hook is running */
+    bool denied;                           /* the hook returned regfacade.deny(...): in deny */
+    lua_deny deny;
 } rewrite_ctx;
 
 static void set_string(lua_State *L, const char *k, const char *v)
@@ -131,6 +134,13 @@ static int rewrite_protected(lua_State *L)
     c->in_hook = false;
 
     int img = 3;
+    const lua_deny *d = lua_deny_get(L, -1);
+    if (d) {
+        /* The hook refused: the request ends with its refusal. */
+        c->deny = *d;
+        c->denied = true;
+        return 0;
+    }
     if (lua_istable(L, -1))
         img = lua_gettop(L);
     else if (!lua_isnil(L, -1))
@@ -142,7 +152,8 @@ static int rewrite_protected(lua_State *L)
 }
 
 int image_rewrite_run(lua_State *L, int rewrite_fn_index, int req_index, json_value **manifest,
-                      json_value **config, const image_layer *stack, size_t n, char *err, size_t errlen)
+                      json_value **config, const image_layer *stack, size_t n, lua_deny *denied, char *err,
+                      size_t errlen)
 {
     if (err && errlen)
         err[0] = '\0';
@@ -186,6 +197,14 @@ int image_rewrite_run(lua_State *L, int rewrite_fn_index, int req_index, json_va
         return -1;
     }
     lua_settop(L, top);
+    if (c.denied) {
+        if (!denied) {
+            snprintf(err, errlen, "rewrite hook: refused (%d %s: %s)", c.deny.status, c.deny.code, c.deny.message);
+            return -1;
+        }
+        *denied = c.deny;
+        return 1;
+    }
 
     /* The hook may change anything, but the image must stay whole. */
     const json_value *layers = json_object_get(c.new_manifest, "layers");

@@ -9,7 +9,9 @@
  *     -> manifest_text, config_text, manifest_digest, config_digest
  *   core.assemble_rewrite(base_manifest_text, base_config_text, stack, rewrite_fn, req)
  *     -> the same, with rewrite_fn(img, req) run between assembly and
- *        finishing (image_rewrite.h); rewrite_fn may be nil
+ *        finishing (image_rewrite.h); rewrite_fn may be nil. When it
+ *        returns regfacade.deny(...): nil, { deny = true, status =, code =,
+ *        message = [, retry_after =, challenge =] }
  *   core.digest(text) -> "sha256:<hex>"
  *   core.json         -> regfacade.json (also put in package.loaded when
  *                        no "regfacade.json" is loaded yet)
@@ -213,8 +215,19 @@ static int assemble(lua_State *L, bool rewrite)
     if (image_assemble(s->base_manifest, s->base_config, s->layers, s->n, &s->manifest, &s->config, err,
                        sizeof err) != 0)
         return luaL_error(L, "regfacade.core: %s", err);
-    if (rewrite && image_rewrite_run(L, 4, 5, &s->manifest, &s->config, s->layers, s->n, err, sizeof err) != 0)
+    lua_deny denied;
+    int rc = rewrite ? image_rewrite_run(L, 4, 5, &s->manifest, &s->config, s->layers, s->n, &denied, err,
+                                         sizeof err)
+                     : 0;
+    if (rc < 0)
         return luaL_error(L, "regfacade.core: %s", err);
+    if (rc == 1) {
+        /* The rewrite hook refused: nil and the refusal, as data. */
+        scratch_clear(s);
+        lua_pushnil(L);
+        lua_deny_push_table(L, &denied);
+        return 2;
+    }
     size_t mlen, clen;
     char mdigest[80], cdigest[80];
     if (image_finish(s->manifest, s->config, &s->config_bytes, &clen, cdigest, &s->manifest_bytes, &mlen, mdigest,

@@ -10,6 +10,7 @@
 
 #include "regfacade/digest.h"
 #include "regfacade/log.h"
+#include "regfacade/lua_deny.h"
 #include "regfacade/lua_json.h"
 
 #ifndef REGFACADE_VERSION
@@ -110,6 +111,16 @@ static int l_phase(lua_State *L) {
     return 1;
 }
 
+/* regfacade.deny: where a hook can end its request (and in top-level code,
+ * which may keep a refusal it returns often). */
+static int l_deny(lua_State *L) {
+    lua_sandbox_check_phase(L, "regfacade.deny",
+                            SB_PHASE_BIT(SB_PHASE_LOAD) | SB_PHASE_BIT(SB_PHASE_SELF_CHECK) |
+                                SB_PHASE_BIT(SB_PHASE_AUTHORIZE) | SB_PHASE_BIT(SB_PHASE_SPEC) |
+                                SB_PHASE_BIT(SB_PHASE_RESOLVE) | SB_PHASE_BIT(SB_PHASE_REWRITE));
+    return lua_deny_new(L);
+}
+
 static void require_into(lua_State *L, int t, const char *module, const char *field) {
     lua_getglobal(L, "require");
     lua_pushstring(L, module);
@@ -129,6 +140,7 @@ int lua_regfacade_open(lua_State *L) {
                                    {"crypt_verify", l_crypt_verify},
                                    {"read_file", lua_sandbox_read_file},
                                    {"phase", l_phase},
+                                   {"deny", l_deny},
                                    {NULL, NULL}};
     luaL_setfuncs(L, fns, 0);
     require_into(L, t, "regfacade.json", "json");

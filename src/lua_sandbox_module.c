@@ -28,6 +28,14 @@
  *                                one) usable from busted directly
  *   sandbox.crypt_verify(password, hash)  regfacade.crypt_verify, callable
  *                                from busted (no hook check there)
+ *   sandbox.deny(status, code, message [, opts])  regfacade.deny (lua_deny.h)
+ *   sandbox.refusal(v [, default_status])  v read as the server reads a
+ *                                hook's refusal: { deny = true, status =,
+ *                                code =, message = [, challenge =,
+ *                                retry_after =] }, or nil, why
+ *   sandbox.is_deny(v)           true for a deny value (or sb:call's copy)
+ * A deny value a hook returns comes out of sb:call as its fields (the
+ * table sandbox.refusal gives).
  * Unknown option keys are errors.
  */
 #include <lauxlib.h>
@@ -36,6 +44,7 @@
 #include <string.h>
 
 #include "regfacade/json.h"
+#include "regfacade/lua_deny.h"
 #include "regfacade/lua_json.h"
 #include "regfacade/lua_regfacade.h"
 #include "regfacade/lua_sandbox.h"
@@ -95,6 +104,12 @@ static const char *opt_str(lua_State *L, const char *k) {
 static int copy_value(lua_State *from, int idx, lua_State *to, char *err, size_t errlen) {
     if (lua_isnoneornil(from, idx)) {
         lua_pushnil(to);
+        return 0;
+    }
+    const lua_deny *d = lua_deny_get(from, idx);
+    if (d) {
+        /* A refusal comes out as its fields (sandbox.refusal reads them). */
+        lua_deny_push_table(to, d);
         return 0;
     }
     json_value *v = lua_json_to_tree(from, idx, err, errlen);
@@ -331,6 +346,36 @@ static int l_crypt_verify(lua_State *L) {
     return 1;
 }
 
+/* sandbox.refusal(v): how the server reads v as a hook's refusal (a deny
+ * value, or a table / message of the older forms, default_status when they
+ * give none): { status =, code =, message = [, challenge =, retry_after =] },
+ * or nil and why it is malformed. */
+static int l_refusal(lua_State *L) {
+    lua_Integer dflt = luaL_optinteger(L, 2, 404);
+    lua_settop(L, 1);
+    if (lua_istable(L, 1) && lua_getfield(L, 1, "deny") == LUA_TBOOLEAN) {
+        /* already read (sb:call's copy of a deny value) */
+        lua_settop(L, 1);
+        return 1;
+    }
+    lua_settop(L, 1);
+    lua_deny d;
+    char err[700];
+    if (lua_deny_read(L, 1, (int)dflt, &d, err, sizeof err) != 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        return 2;
+    }
+    lua_deny_push_table(L, &d);
+    return 1;
+}
+
+static int l_is_deny(lua_State *L) {
+    lua_pushboolean(L, lua_deny_get(L, 1) != NULL ||
+                           (lua_istable(L, 1) && lua_getfield(L, 1, "deny") == LUA_TBOOLEAN && lua_toboolean(L, -1)));
+    return 1;
+}
+
 static int l_close(lua_State *L) {
     instance_clear(luaL_checkudata(L, 1, SANDBOX_MT));
     return 0;
@@ -346,12 +391,9 @@ int luaopen_regfacade_sandbox(lua_State *L) {
         lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);
-    lua_createtable(L, 0, 3);
-    lua_pushcfunction(L, l_new);
-    lua_setfield(L, -2, "new");
-    lua_pushcfunction(L, l_shared);
-    lua_setfield(L, -2, "shared");
-    lua_pushcfunction(L, l_crypt_verify);
-    lua_setfield(L, -2, "crypt_verify");
+    static const luaL_Reg fns[] = {{"new", l_new},         {"shared", l_shared},   {"crypt_verify", l_crypt_verify},
+                                   {"deny", lua_deny_new}, {"refusal", l_refusal}, {"is_deny", l_is_deny},
+                                   {NULL, NULL}};
+    luaL_newlib(L, fns);
     return 1;
 }

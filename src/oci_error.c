@@ -1,6 +1,7 @@
 #include "regfacade/oci_error.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "regfacade/json.h"
 
@@ -28,4 +29,22 @@ char *oci_error_body(const char *code, const char *message, const char *detail, 
     char *out = json_serialize(root, len);
     json_free(root);
     return out;
+}
+
+static const char *const CODES[] = {"BLOB_UNKNOWN",     "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN",
+                                    "DIGEST_INVALID",   "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID",
+                                    "MANIFEST_UNKNOWN", "NAME_INVALID",        "NAME_UNKNOWN",
+                                    "SIZE_INVALID",     "UNAUTHORIZED",        "DENIED",
+                                    "UNSUPPORTED",      "TOOMANYREQUESTS",     NULL};
+
+const char *oci_error_code_known(const char *code) {
+    for (const char *const *k = CODES; code && *k; k++)
+        if (strcmp(code, *k) == 0) return *k;
+    return NULL;
+}
+
+const char *oci_error_code_list(void) {
+    return "BLOB_UNKNOWN, BLOB_UPLOAD_INVALID, BLOB_UPLOAD_UNKNOWN, DIGEST_INVALID, MANIFEST_BLOB_UNKNOWN, "
+           "MANIFEST_INVALID, MANIFEST_UNKNOWN, NAME_INVALID, NAME_UNKNOWN, SIZE_INVALID, UNAUTHORIZED, DENIED, "
+           "UNSUPPORTED, TOOMANYREQUESTS";
 }

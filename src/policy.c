@@ -25,6 +25,7 @@
 #include "regfacade/digest.h"
 #include "regfacade/image_rewrite.h"
 #include "regfacade/log.h"
+#include "regfacade/lua_deny.h"
 #include "regfacade/lua_json.h"
 #include "regfacade/lua_regfacade.h"
 #include "regfacade/lua_sandbox.h"
@@ -102,15 +103,14 @@ struct policy {
     ino_t rejected_ino;
 };
 
-static void error_set(policy_error *e, int status, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void error_set(policy_error *e, int status, const char *code, const char *fmt, ...) {
+void policy_error_set(policy_error *e, int status, const char *code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     e->status = status;
     snprintf(e->code, sizeof e->code, "%s", code);
     vsnprintf(e->message, sizeof e->message, fmt, ap);
     e->challenge[0] = '\0';
+    e->retry_after[0] = '\0';
     va_end(ap);
 }
 
@@ -849,6 +849,7 @@ static void invalid_answer(hook_call *c, const char *fmt, ...) {
     snprintf(c->e->code, sizeof c->e->code, "UNKNOWN");
     vsnprintf(c->e->message, sizeof c->e->message, fmt, ap);
     c->e->challenge[0] = '\0';
+    c->e->retry_after[0] = '\0';
     va_end(ap);
     c->rc = -1;
     c->invalid = true;
@@ -913,24 +914,29 @@ static bool name_ok(const char *s) {
     return true;
 }
 
-/* The policy's refusal: nil, "message" or nil, {status=, code=, message=}. */
-static void policy_refusal(lua_State *L, int idx, hook_call *c) {
+/* The request ends as d says (a refusal, counted as "refused"). */
+static void refused_with(hook_call *c, const lua_deny *d) {
     c->rc = -1;
     c->refused = true;
-    if (lua_type(L, idx) == LUA_TSTRING) {
-        error_set(c->e, 404, "NAME_UNKNOWN", "%s", lua_tostring(L, idx));
-    } else if (lua_istable(L, idx)) {
-        lua_pushliteral(L, "status");
-        lua_rawget(L, idx);
-        lua_Integer st = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : 404;
-        lua_pop(L, 1);
-        const char *code = raw_string(L, idx, "code");
-        const char *msg = raw_string(L, idx, "message");
-        if (st < 400 || st > 599) st = 404;
-        error_set(c->e, (int)st, code ? code : "DENIED", "%s", msg ? msg : "refused by policy");
-    } else {
-        error_set(c->e, 404, "NAME_UNKNOWN", "refused by policy");
+    policy_error_set(c->e, d->status, d->code, "%s", d->message);
+    snprintf(c->e->challenge, sizeof c->e->challenge, "%s", d->challenge);
+    if (d->retry_after >= 0) snprintf(c->e->retry_after, sizeof c->e->retry_after, "%ld", d->retry_after);
+}
+
+/* The one reader of a hook's refusal at idx (lua_deny_read: a deny value,
+ * or the hook's older forms, default_status when they give none). A
+ * malformed refusal is the policy's bug: 500, logged. message, when not
+ * NULL, stands in for a table refusal that carries none. */
+static void refuse(hook_call *c, lua_State *L, int idx, int default_status, const char *hook, const char *message) {
+    lua_deny d;
+    char err[700];
+    if (lua_deny_read(L, idx, default_status, &d, err, sizeof err) != 0) {
+        invalid_answer(c, "%s returned a malformed refusal: %s", hook, err);
+        return;
     }
+    if (message && lua_type(L, idx) == LUA_TTABLE && raw_type(L, idx, "message") == LUA_TNIL)
+        snprintf(d.message, sizeof d.message, "%s", message);
+    refused_with(c, &d);
 }
 
 /* Answers at 2 and 3 read with raw accesses: a frozen table (a module's,
@@ -974,7 +980,7 @@ static int run_hook(policy *p, hook_id h, lua_CFunction fn, hook_call *c) {
     if (a == 0) return 1;
     if (a < 0) {
         log_error("policy %s: cannot build a Lua state for hook %s: %s", policy_what(p), HOOKS[h], err);
-        error_set(c->e, 500, "UNKNOWN", "the policy cannot run (details in the server log)");
+        policy_error_set(c->e, 500, "UNKNOWN", "the policy cannot run (details in the server log)");
         metrics_policy_hook(HOOKS[h], 0, "error");
         return -1;
     }
@@ -1003,7 +1009,7 @@ static int run_hook(policy *p, hook_id h, lua_CFunction fn, hook_call *c) {
                           : o == SB_INSTRUCTIONS ? " exceeded its instruction budget"
                           : o == SB_MEMORY       ? " exceeded its memory cap"
                                                  : " failed";
-        error_set(c->e, 500, "UNKNOWN", "the policy's %s hook%s%s (details in the server log)", HOOKS[h], why, where);
+        policy_error_set(c->e, 500, "UNKNOWN", "the policy's %s hook%s%s (details in the server log)", HOOKS[h], why, where);
         rc = -1;
     } else if (c->invalid) {
         /* A malformed answer is the policy's bug: loud, like a Lua error. */
@@ -1030,14 +1036,6 @@ static int self_check_fn(lua_State *L) {
 
 /* ---------- authorize ---------- */
 
-static bool challenge_ok(const char *s) {
-    size_t n = strlen(s);
-    if (n == 0 || n >= 500) return false;
-    for (const char *q = s; *q; q++)
-        if ((unsigned char)*q < 0x20 || *q == 0x7f) return false;
-    return true;
-}
-
 static int authorize_fn(lua_State *L) {
     hook_call *c = lua_touserdata(L, 1);
     lua_settop(L, 0);
@@ -1049,50 +1047,34 @@ static int authorize_fn(lua_State *L) {
     int ans = 2;
     const char *msg = lua_type(L, 3) == LUA_TSTRING ? lua_tostring(L, 3) : NULL;
     int type = lua_type(L, ans);
-    if (type == LUA_TBOOLEAN && lua_toboolean(L, ans)) {
+    if (lua_deny_get(L, ans)) {
+        refuse(c, L, ans, 403, "authorize", NULL);
+    } else if (type == LUA_TBOOLEAN && lua_toboolean(L, ans)) {
         c->rc = 0;
     } else if (type == LUA_TSTRING && strcmp(lua_tostring(L, ans), "allow") == 0) {
         c->rc = 0;
     } else if (type == LUA_TNIL || type == LUA_TBOOLEAN || (type == LUA_TSTRING && strcmp(lua_tostring(L, ans), "deny") == 0)) {
-        c->rc = -1;
-        c->refused = true;
-        error_set(c->e, 403, "DENIED", "%s", msg ? msg : "access denied by policy");
-    } else if (type == LUA_TTABLE) {
-        lua_pushliteral(L, "status");
-        int st_type = lua_rawget(L, ans);
-        lua_Integer status = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : 0;
-        lua_pop(L, 1);
-        const char *creds = raw_string(L, ans, "credentials");
-        if (st_type == LUA_TNIL) {
-            if (raw_type(L, ans, "credentials") != LUA_TNIL && (!creds || !name_ok(creds))) {
-                invalid_answer(c, "authorize returned credentials that are not a credential set name "
-                                  "([A-Za-z0-9._-], 1 to %d characters)", POLICY_CREDENTIALS_MAX - 1);
-            } else {
-                c->rc = 0;
-                if (creds && c->req->state)
-                    snprintf(c->req->state->credentials, sizeof c->req->state->credentials, "%s", creds);
-            }
-        } else if (status < 400 || status > 599) {
-            invalid_answer(c, "authorize returned status %s; it must be an integer from 400 to 599",
-                           lua_isinteger(L, -1) ? "out of range" : "that is not an integer");
-        } else {
-            const char *code = raw_string(L, ans, "code");
-            const char *m = raw_string(L, ans, "message");
-            const char *chal = raw_string(L, ans, "challenge");
-            if (status == 401 && chal && !challenge_ok(chal)) {
-                invalid_answer(c, "authorize returned a challenge with control characters or over 500 bytes");
-            } else {
-                c->rc = -1;
-                c->refused = true;
-                error_set(c->e, (int)status, code ? code : status == 401 ? "UNAUTHORIZED" : "DENIED", "%s",
-                          m ? m : msg ? msg : status == 401 ? "authentication required" : "access denied by policy");
-                if (status == 401)
-                    snprintf(c->e->challenge, sizeof c->e->challenge, "%s", chal ? chal : "Basic realm=\"regfacade\"");
-            }
+        /* false, nil or "deny", and a message or a deny value: 403 unless it says otherwise. */
+        if (!msg && !lua_deny_get(L, 3)) {
+            lua_pushnil(L); /* anything else second is no message */
+            lua_replace(L, 3);
         }
+        refuse(c, L, 3, 403, "authorize", NULL);
+    } else if (type == LUA_TTABLE && raw_type(L, ans, "status") == LUA_TNIL) {
+        const char *creds = raw_string(L, ans, "credentials");
+        if (raw_type(L, ans, "credentials") != LUA_TNIL && (!creds || !name_ok(creds))) {
+            invalid_answer(c, "authorize returned credentials that are not a credential set name "
+                              "([A-Za-z0-9._-], 1 to %d characters)", POLICY_CREDENTIALS_MAX - 1);
+        } else {
+            c->rc = 0;
+            if (creds && c->req->state)
+                snprintf(c->req->state->credentials, sizeof c->req->state->credentials, "%s", creds);
+        }
+    } else if (type == LUA_TTABLE) {
+        refuse(c, L, ans, 403, "authorize", msg); /* { status = N, code =, message =, challenge = } */
     } else {
-        invalid_answer(c, "authorize must return true, false, \"allow\", \"deny\" or a table; got %s",
-                       luaL_typename(L, ans));
+        invalid_answer(c, "authorize must return true, false, \"allow\", \"deny\", regfacade.deny(...) or a table; "
+                          "got %s", luaL_typename(L, ans));
     }
     lua_settop(L, 1);
     save_ctx(L, 1, c, "authorize");
@@ -1125,9 +1107,11 @@ static int spec_fn(lua_State *L) {
     lua_pushvalue(L, 1);
     lua_call(L, 1, 2); /* 2: answer, 3: error */
     answers_readable(L);
-    if (lua_isnil(L, 2)) {
+    if (lua_deny_get(L, 2)) {
+        refuse(c, L, 2, 404, "spec", NULL);
+    } else if (lua_isnil(L, 2)) {
         if (lua_isnil(L, 3)) s->found = 0; /* no spec: resolve(req) as without specs */
-        else policy_refusal(L, 3, c);
+        else refuse(c, L, 3, 404, "spec", NULL);
     } else if (!lua_istable(L, 2)) {
         invalid_answer(c, "spec must return { provider = NAME, id = ID } or nil; got %s", luaL_typename(L, 2));
     } else {
@@ -1355,7 +1339,7 @@ static int apply_credentials(const policy *p, const char *set, char *upstream, s
     char name[256];
     snprintf(name, sizeof name, "%s@%s", upstream, set);
     if (strlen(name) >= len || !config_find_upstream(p->cfg, name)) {
-        error_set(e, 500, "UNKNOWN",
+        policy_error_set(e, 500, "UNKNOWN",
                   "the policy chose credential set \"%s\", which upstream \"%s\" does not have "
                   "(upstreams.%s.credentials)", set, upstream, upstream);
         return -1;
@@ -1387,8 +1371,10 @@ static int resolve_fn(lua_State *L) {
     }
     lua_call(L, nargs, 2); /* 2: answer, 3: error */
     answers_readable(L);
-    if (lua_isnil(L, 2)) {
-        policy_refusal(L, 3, c);
+    if (lua_deny_get(L, 2)) {
+        refuse(c, L, 2, 404, "resolve", NULL);
+    } else if (lua_isnil(L, 2)) {
+        refuse(c, L, 3, 404, "resolve", NULL);
     } else if (!lua_istable(L, 2)) {
         invalid_answer(c, "resolve must return a table, or nil and an error; got %s", luaL_typename(L, 2));
     } else {
@@ -1456,7 +1442,7 @@ int policy_resolve(policy *p, const policy_request *req, policy_resolution *out,
     if (r == 1) {
         /* No resolve hook: default_upstream, unchanged. */
         if (!p->cfg->default_upstream) {
-            error_set(e, 404, "NAME_UNKNOWN", "no resolve hook and no default_upstream for %s",
+            policy_error_set(e, 404, "NAME_UNKNOWN", "no resolve hook and no default_upstream for %s",
                       req->repository ? req->repository : "-");
             return -1;
         }
@@ -1491,7 +1477,11 @@ static int rewrite_fn(lua_State *L) {
     char err[1024];
     /* image_rewrite_run calls the hook under its own pcall; a budget trip
      * there still ends this call as tripped (lua_sandbox_call sees it). */
-    if (image_rewrite_run(L, 2, 1, w->manifest, w->config, w->stack, w->n, err, sizeof err) != 0) {
+    lua_deny denied;
+    int rc = image_rewrite_run(L, 2, 1, w->manifest, w->config, w->stack, w->n, &denied, err, sizeof err);
+    if (rc == 1) {
+        refused_with(c, &denied);
+    } else if (rc != 0) {
         char first[768];
         snprintf(first, sizeof first, "%s", err);
         first[strcspn(first, "\n")] = '\0';

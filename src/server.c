@@ -125,14 +125,10 @@ static enum MHD_Result queue(request *r, unsigned status, struct MHD_Response *r
     return ret;
 }
 
-static enum MHD_Result send_error(request *r, unsigned status, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static enum MHD_Result send_error(request *r, unsigned status, const char *code, const char *fmt, ...) {
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
+/* The one error reply: an OCI error body, with Retry-After and
+ * WWW-Authenticate when given (NULL or "": none). */
+static enum MHD_Result send_error_reply(request *r, unsigned status, const char *code, const char *msg,
+                                        const char *retry_after, const char *challenge) {
     size_t len = 0;
     char *body = oci_error_body(code, msg, NULL, &len);
     if (!body) return MHD_NO;
@@ -143,27 +139,38 @@ static enum MHD_Result send_error(request *r, unsigned status, const char *code,
         return MHD_NO;
     }
     MHD_add_response_header(resp, "Content-Type", "application/json");
+    if (retry_after && retry_after[0]) MHD_add_response_header(resp, "Retry-After", retry_after);
+    if (challenge && challenge[0]) MHD_add_response_header(resp, "WWW-Authenticate", challenge);
     metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
     return queue(r, status, resp);
 }
 
+static enum MHD_Result send_error(request *r, unsigned status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static enum MHD_Result send_error(request *r, unsigned status, const char *code, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return send_error_reply(r, status, code, msg, NULL, NULL);
+}
+
+/* A policy's refusal or failure, with the headers it asked for. */
+static enum MHD_Result send_policy_error(request *r, const policy_error *e) {
+    return send_error_reply(r, (unsigned)e->status, e->code, e->message, e->retry_after, e->challenge);
+}
+
 static enum MHD_Result send_fetch_error(request *r, const fetch_error *e) {
-    if (e->http_status == 429 || e->http_status == 503) {
-        size_t len = 0;
-        char *body = oci_error_body(e->code ? e->code : "TOOMANYREQUESTS", e->message, NULL, &len);
-        if (!body) return MHD_NO;
-        struct MHD_Response *resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
-        if (!resp) {
-            free(body);
-            return MHD_NO;
-        }
-        MHD_add_response_header(resp, "Content-Type", "application/json");
-        MHD_add_response_header(resp, "Retry-After", upstream_answer_retry_after(e));
-        metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
-        return queue(r, (unsigned)e->http_status, resp);
-    }
-    return send_error(r, (unsigned)(e->http_status ? e->http_status : 502), e->code ? e->code : "UNKNOWN", "%s",
-                      e->message);
+    /* A rate limit or an outage always says when to come back
+     * (upstream_answer.h); a policy's refusal in the rewrite hook carries
+     * its own Retry-After and challenge. */
+    const char *retry_after = upstream_answer_retry_after(e);
+    if (!retry_after) retry_after = e->retry_after;
+    bool limited = e->http_status == 429 || e->http_status == 503;
+    return send_error_reply(r, (unsigned)(e->http_status ? e->http_status : 502),
+                            e->code ? e->code : limited ? "TOOMANYREQUESTS" : "UNKNOWN", e->message, retry_after,
+                            e->challenge);
 }
 
 /* ---------- request helpers ---------- */
@@ -373,35 +380,21 @@ static void fill_preq(request *r) {
 }
 
 /* The authorize hook, before anything else is done for the request: a
- * refusal is answered here (a 401 with its WWW-Authenticate challenge). */
+ * refusal is answered here (with its Retry-After and WWW-Authenticate). */
 static int run_authorize(request *r) {
     fill_preq(r);
-    policy_error e;
+    policy_error e = {0};
     if (policy_authorize(r->sv->pol, &r->preq, &e) == 0) return 0;
-    if (e.status != 401 || !e.challenge[0]) {
-        send_error(r, (unsigned)e.status, e.code, "%s", e.message);
-        return -1;
-    }
-    size_t len = 0;
-    char *body = oci_error_body(e.code, e.message, NULL, &len);
-    struct MHD_Response *resp = body ? MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE) : NULL;
-    if (!resp) {
-        free(body);
-        return -1;
-    }
-    MHD_add_response_header(resp, "Content-Type", "application/json");
-    MHD_add_response_header(resp, "WWW-Authenticate", e.challenge);
-    metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
-    queue(r, 401, resp);
+    send_policy_error(r, &e);
     return -1;
 }
 
 static int run_resolve(request *r, policy_resolution *res) {
     fill_preq(r);
     policy_request pr = r->preq;
-    policy_error e;
+    policy_error e = {0};
     if (specs_resolve(r->srv->specs, r->sv->pol, &pr, res, &r->spec, &e) != 0) {
-        send_error(r, (unsigned)e.status, e.code, "%s", e.message);
+        send_policy_error(r, &e);
         return -1;
     }
     /* Kept for the rewrite hook, which sees the same req. */

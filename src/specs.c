@@ -1185,17 +1185,6 @@ specs_result specs_get(specs *sp, const char *provider_name, const char *id, jso
 
 /* ---------- request glue ---------- */
 
-static void set_err(policy_error *e, int status, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void set_err(policy_error *e, int status, const char *code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    e->status = status;
-    snprintf(e->code, sizeof e->code, "%s", code);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-}
-
 static const char *unknown_code(const char *kind) {
     if (kind && strcmp(kind, "blob") == 0) return "BLOB_UNKNOWN";
     if (kind && strcmp(kind, "manifest") == 0) return "MANIFEST_UNKNOWN";
@@ -1212,13 +1201,13 @@ int specs_resolve(specs *sp, policy *pol, policy_request *req, policy_resolution
     if (named < 0) return -1;
     if (named == 0) return policy_resolve(pol, req, out, e);
     if (!specs_has_provider(sp, provider_name)) {
-        set_err(e, 500, "UNKNOWN", "the policy's spec hook named provider \"%s\", which is not configured in specs.providers",
+        policy_error_set(e, 500, "UNKNOWN", "the policy's spec hook named provider \"%s\", which is not configured in specs.providers",
                 provider_name);
         log_error("%s (request %s)", e->message, req->repository);
         return -1;
     }
     if (!specs_valid_id(id)) {
-        set_err(e, 404, unknown_code(req->kind), "%s: no image spec can have the id \"%s\" (ids are "
+        policy_error_set(e, 404, unknown_code(req->kind), "%s: no image spec can have the id \"%s\" (ids are "
                 "[A-Za-z0-9][A-Za-z0-9._-]{0,127})", req->repository, id);
         return -1;
     }
@@ -1228,14 +1217,14 @@ int specs_resolve(specs *sp, policy *pol, policy_request *req, policy_resolution
     switch (r) {
     case SPECS_FOUND: break;
     case SPECS_UNKNOWN:
-        set_err(e, 404, unknown_code(req->kind), "%s: %s", req->repository, why);
+        policy_error_set(e, 404, unknown_code(req->kind), "%s: %s", req->repository, why);
         return -1;
     case SPECS_UNAVAILABLE:
-        set_err(e, 503, "UNKNOWN", "%s: the image spec cannot be looked up now (try again): %s", req->repository,
+        policy_error_set(e, 503, "UNKNOWN", "%s: the image spec cannot be looked up now (try again): %s", req->repository,
                 why);
         return -1;
     case SPECS_BAD_ANSWER:
-        set_err(e, 502, "UNKNOWN", "%s: %s", req->repository, why);
+        policy_error_set(e, 502, "UNKNOWN", "%s: %s", req->repository, why);
         return -1;
     }
     req->spec = spec;
@@ -1259,7 +1248,7 @@ int specs_resolve(specs *sp, policy *pol, policy_request *req, policy_resolution
         policy_resolution_clear(out);
         req->spec = NULL;
         json_free(spec);
-        set_err(e, 500, "UNKNOWN", "out of memory");
+        policy_error_set(e, 500, "UNKNOWN", "out of memory");
         return -1;
     }
     snprintf(nfp, n, "%s|spec:%s/%s:%s", fp, provider_name, id, d);

@@ -30,6 +30,7 @@ typedef struct {
     int http_status;    /* 404, 429, 502, 503, 504, 403 */
     const char *code;   /* OCI error code: BLOB_UNKNOWN, DIGEST_INVALID, ... */
     char retry_after[64];
+    char challenge[512]; /* WWW-Authenticate of a policy's refusal (rewrite), "" none */
     char message[1024];
 } fetch_error;
 
@@ -72,7 +73,7 @@ void fetch_release(fetch *x);
 int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, size_t max,
                      char **data, size_t *len, fetch_error *e);
 
-/* Fill e (status, code, printf-style message; retry_after cleared). The
+/* Fill e (status, code, printf-style message; retry_after, challenge cleared). The
  * one constructor of fetch errors, used by every module that returns one. */
 void fetch_error_set(fetch_error *e, int status, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

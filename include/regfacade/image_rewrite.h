@@ -15,7 +15,8 @@
  *      image's config, e.g. for image.apply_env_modifiers) (information
  *      only: changing it changes nothing);
  *   3. the hook edits img in place (it may also replace img.manifest or
- *      img.config, or return a table used instead of img);
+ *      img.config, or return a table used instead of img), or refuses by
+ *      returning regfacade.deny(...) (lua_deny.h);
  *   4. img.manifest and img.config become JSON trees again
  *      (lua_json_to_tree), and the manifest's layer count must still match
  *      the config's rootfs.diff_ids.
@@ -28,6 +29,7 @@
 
 #include "regfacade/image.h"
 #include "regfacade/json.h"
+#include "regfacade/lua_deny.h"
 
 /* Run the rewrite hook at rewrite_fn_index (nil: nothing to do, returns 0)
  * with the request at req_index (0: nil) on *manifest and *config, as
@@ -35,10 +37,13 @@
  * replaces *manifest and *config with new trees (the old ones are freed).
  * On failure returns -1, leaves both untouched and writes "rewrite hook:
  * <the hook's error>" or "rewrite: <what is wrong with its result>" into
- * err. The hook runs in protected mode inside this call (a memory error in
- * the conversions is caught too), under whatever count hook the caller has
- * set; the Lua stack is as it was on return. */
+ * err. Returns 1 when the hook returned a deny value: copied into *denied
+ * (NULL: that is an error, -1), both trees untouched. The hook runs in
+ * protected mode inside this call (a memory error in the conversions is
+ * caught too), under whatever count hook the caller has set; the Lua stack
+ * is as it was on return. */
 int image_rewrite_run(lua_State *L, int rewrite_fn_index, int req_index, json_value **manifest,
-                      json_value **config, const image_layer *stack, size_t n, char *err, size_t errlen);
+                      json_value **config, const image_layer *stack, size_t n, lua_deny *denied, char *err,
+                      size_t errlen);
 
 #endif

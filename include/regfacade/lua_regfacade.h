@@ -21,6 +21,9 @@
  *                           (policy.data_files / policy.data_dir)
  *   phase()                 the running hook's name ("authorize", ...) or
  *                           "load"
+ *   deny(status, code, message [, { retry_after =, challenge = }])
+ *                           a refusal any of authorize, spec, resolve and
+ *                           rewrite returns to end its request (lua_deny.h)
  *   json, null              regfacade.json and its null
  *   shared                  regfacade.shared (lua_shared.h)
  *   version                 "X.Y.Z"

@@ -76,12 +76,20 @@ typedef struct {
     policy_state *state;    /* NULL: each hook gets an empty ctx, and no credential set is kept */
 } policy_request;
 
+/* How a request ends when a hook refuses it or fails. The reply carries
+ * Retry-After and WWW-Authenticate when they are set. */
 typedef struct {
     int status;        /* HTTP status for the client */
     char code[32];     /* OCI error code */
     char message[1024];
-    char challenge[512]; /* a 401's WWW-Authenticate value ("" otherwise) */
+    char challenge[512]; /* WWW-Authenticate value ("" none; a 401 always has one) */
+    char retry_after[16]; /* Retry-After in seconds ("" none) */
 } policy_error;
+
+/* Fill e (printf-style message; no challenge, no Retry-After): the one
+ * constructor every module that answers with a policy_error uses. */
+void policy_error_set(policy_error *e, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 typedef struct {
     char upstream[128];  /* a configured upstream, or "NAME@SET" for one of its credential sets */
@@ -119,9 +127,15 @@ int policy_reload(policy *p, char *err, size_t errlen);
  * Valid until policy_free. */
 const char *policy_fingerprint(const policy *p);
 
-/* Run authorize. 0: allowed (req->state->credentials may be set); -1: e
- * filled: a refusal (401 with e->challenge, 403, ...) or a policy failure
- * (500). Without an authorize hook every request is allowed. */
+/* Every hook below that may refuse reads the refusal with one reader
+ * (lua_deny.h): regfacade.deny(status, code, message, { retry_after =,
+ * challenge = }), and the older forms of each hook, with the same checks;
+ * a malformed refusal is the policy's error (500, logged).
+ *
+ * Run authorize. 0: allowed (req->state->credentials may be set); -1: e
+ * filled: a refusal (401 with e->challenge, 403, 429 with e->retry_after,
+ * ...) or a policy failure (500). Without an authorize hook every request
+ * is allowed. */
 int policy_authorize(policy *p, const policy_request *req, policy_error *e);
 
 /* Run resolve. 0: out filled and validated (the upstream exists, the
@@ -144,7 +158,8 @@ bool policy_has_rewrite(policy *p);
 
 /* Run the rewrite hook on an assembled image: *manifest and *config are
  * replaced by the hook's result. stack describes the layers (img.layers).
- * 0 on success (or when there is no rewrite hook); -1 with e filled. */
+ * 0 on success (or when there is no rewrite hook); -1 with e filled (the
+ * hook's refusal, or a policy failure as 500). */
 int policy_rewrite(policy *p, const policy_request *req, json_value **manifest, json_value **config,
                    const image_layer *stack, size_t n, policy_error *e);
 

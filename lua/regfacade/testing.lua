@@ -62,6 +62,14 @@ local json = core.json
 testing.core = core
 testing.json = json
 
+local sandbox_ok, sandbox_mod = pcall(require, "regfacade.sandbox")
+
+-- A refusal made by regfacade.deny (the server's C value, or its fields as
+-- sb:call and regfacade.core hand them back).
+local function is_deny(v)
+    return sandbox_ok and sandbox_mod.is_deny(v)
+end
+
 local OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 local OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 local OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -448,7 +456,9 @@ Returns:
   { manifest =, config = (decoded), manifest_text =, config_text =,
     manifest_digest =, config_digest =, decision = (resolve's table),
     stack = (what was assembled) }
-  or nil, refusal when resolve returns nil (and its second value).
+  or nil, refusal when resolve returns nil (and its second value), or when
+  resolve or rewrite returns regfacade.deny(...) (refusal: its fields,
+  { deny = true, status =, code =, message =, retry_after =, challenge = }).
 Errors from the policy or the assembly are raised ("regfacade.core: ...").
 Example:
   local out = testing.run({ resolve = function(req) return { layers = { "base", "tools" } } end },
@@ -466,6 +476,9 @@ function testing.run(policy, req, base, layers)
     local decision = {}
     if policy.resolve ~= nil then
         local d, refusal = policy.resolve(req)
+        if is_deny(d) then
+            return nil, sandbox_mod.refusal(d)
+        end
         if d == nil then
             return nil, refusal
         end
@@ -483,6 +496,9 @@ function testing.run(policy, req, base, layers)
         expand(entry, i, layers, stack)
     end
     local mt, ct, md, cd = core.assemble_rewrite(base.manifest_text, base.config_text, stack, policy.rewrite, req)
+    if mt == nil then
+        return nil, ct -- the rewrite hook refused: regfacade.deny's fields
+    end
     return {
         manifest = json.decode(mt),
         config = json.decode(ct),
@@ -504,6 +520,7 @@ Puts a stand-in for `require "regfacade"` into package.loaded (and
                 one upstream "hub" = Docker Hub, default_upstream "hub",
                 options from `options`)
   log(level, message)  recorded in host.logs as { level =, message = }
+  deny(status, code, message [, opts])  the server's regfacade.deny (C)
   digest(s)     sha256, the server's C code (regfacade.core)
   json, null    regfacade.json
   shared        the server's C dictionary (regfacade.sandbox.shared), fresh
@@ -521,7 +538,6 @@ Example:
 ]]
 local HOST_KEYS = set_of { "config", "options", "phase", "data_files", "data_dir" }
 
-local sandbox_ok, sandbox_mod = pcall(require, "regfacade.sandbox")
 
 local function real_path(p)
     local f = io.popen("realpath -m -- '" .. p:gsub("'", "'\\''") .. "' 2>/dev/null")
@@ -570,6 +586,7 @@ function testing.host(opts)
     if sandbox_ok then
         host.shared = sandbox_mod.shared()
         host.crypt_verify = sandbox_mod.crypt_verify
+        host.deny = sandbox_mod.deny
     end
     local allowed = {}
     for _, f in ipairs(opts.data_files or {}) do
@@ -676,6 +693,9 @@ Runs policy.authorize(req) and reads its answer as the server does:
                                      { allowed = false, status = 401, code = "UNAUTHORIZED",
                                        challenge = (default 'Basic realm="regfacade"'), message = }
   { status = N [, code =, message =] }  { allowed = false, status = N, code = (default "DENIED"), message = }
+  regfacade.deny(status, code, message, { retry_after =, challenge = })
+                                     { allowed = false, status =, code =, message =,
+                                       retry_after =, challenge = }
 Without an authorize hook: { allowed = true }. A malformed answer raises
 (the server answers 500 for it). req.ctx as the hook left it is in .ctx.
 Example:
@@ -692,7 +712,12 @@ function testing.authorize(policy, req)
     end
     local v, msg = policy.authorize(req)
     local out = { ctx = req.ctx }
-    if v == true or v == "allow" then
+    local refusal = is_deny(v) and v or (not v or v == "deny") and is_deny(msg) and msg
+    if refusal then
+        local r = sandbox_mod.refusal(refusal)
+        out.allowed, out.status, out.code, out.message = false, r.status, r.code, r.message
+        out.challenge, out.retry_after = r.challenge, r.retry_after
+    elseif v == true or v == "allow" then
         out.allowed = true
     elseif v == nil or v == false or v == "deny" then
         out.allowed, out.status, out.code = false, 403, "DENIED"

@@ -95,3 +95,120 @@ describe("require 'regfacade'", function()
         end)
     end)
 end)
+
+-- regfacade.deny (src/lua_deny.c): the one refusal every hook returns, and
+-- how regfacade.testing reads it.
+describe("regfacade.deny", function()
+    it("is the same value from authorize, spec, resolve and rewrite", function()
+        local sb = hooks_calling("rf.deny(429, 'TOOMANYREQUESTS', 'slow down', { retry_after = 30 })")
+        for _, h in ipairs { "authorize", "spec", "resolve", "rewrite" } do
+            assert.are.same({ true, { deny = true, status = 429, code = "TOOMANYREQUESTS", message = "slow down",
+                                      retry_after = 30 } }, { sb:call(h, {}) }, h)
+        end
+    end)
+
+    it("reads like a table and cannot be changed", function()
+        local sb = hooks_calling([[(function()
+            local d = rf.deny(401, nil, nil, { challenge = 'Bearer realm="x"' })
+            local ok, err = pcall(function() d.status = 200 end)
+            return { d.status, d.code, d.message, d.challenge, d.retry_after == nil, ok, err,
+                     getmetatable(d), tostring(d) }
+        end)()]])
+        local ok, got = sb:call("resolve", {})
+        assert.is_true(ok, got)
+        assert.are.same({ 401, "UNAUTHORIZED", "authentication required", 'Bearer realm="x"', true, false }, {
+            got[1], got[2], got[3], got[4], got[5], got[6] })
+        assert.matches("read%-only", got[7])
+        assert.are.equal(false, got[8])
+        assert.are.equal("regfacade.deny(401 UNAUTHORIZED: authentication required)", got[9])
+    end)
+
+    it("fills in what is left out: the code by status, a 401's challenge", function()
+        local sb = hooks_calling("{ rf.deny(404).code, rf.deny(429).code, rf.deny(403).code, rf.deny(401).challenge,"
+            .. " rf.deny(403).challenge == nil }")
+        assert.are.same({ true, { "NAME_UNKNOWN", "TOOMANYREQUESTS", "DENIED", 'Basic realm="regfacade"', true } },
+            { sb:call("authorize", {}) })
+    end)
+
+    it("refuses what no client could be sent, with a clear error", function()
+        local cases = {
+            ["rf.deny(200)"] = "status 200 is not a refusal %(an integer from 400 to 599%)",
+            ["rf.deny(600)"] = "status 600 is not a refusal",
+            ["rf.deny(403.5)"] = "status must be an integer from 400 to 599, got a number with a fraction",
+            ["rf.deny('403')"] = "status must be an integer",
+            ["rf.deny(403, 'NOPE')"] = 'code "NOPE" is not an OCI error code %(one of: BLOB_UNKNOWN',
+            ["rf.deny(429, nil, nil, { retry_after = -1 })"] = "retry_after %-1 is not a number of seconds",
+            ["rf.deny(429, nil, nil, { retry_after = 1.5 })"] = "retry_after must be an integer",
+            ["rf.deny(429, nil, nil, { retry = 1 })"] = 'unknown option "retry"',
+            ["rf.deny(401, nil, nil, { challenge = 'a\\r\\nSet-Cookie: x' })"] = "challenge must be a WWW%-Authenticate value: not empty, under 500 bytes, no control characters",
+            ["rf.deny(403, nil, string.rep('x', 1001))"] = "message is 1001 bytes, more than 1000",
+        }
+        for expr, want in pairs(cases) do
+            local sb = hooks_calling(expr)
+            local ok, outcome, msg = sb:call("authorize", {})
+            assert.is_false(ok, expr)
+            assert.are.equal("error", outcome, expr)
+            assert.matches("regfacade.deny: " .. want, msg, 1, false, expr)
+        end
+    end)
+
+    it("cannot be called in the log hook (the answer is gone by then)", function()
+        local sb = hooks_calling("rf.deny(403)")
+        local ok, outcome, msg = sb:call("log", {})
+        assert.is_false(ok)
+        assert.are.equal("error", outcome)
+        assert.matches("regfacade.deny cannot be called in hook log %(only in: load, self_check, authorize, spec, "
+            .. "resolve, rewrite%)", msg)
+    end)
+
+    it("is read with the older forms by one reader (sandbox.refusal)", function()
+        local sandbox = require "regfacade.sandbox"
+        assert.are.same({ deny = true, status = 404, code = "NAME_UNKNOWN", message = "gone" },
+            sandbox.refusal("gone"))
+        assert.are.same({ deny = true, status = 403, code = "DENIED", message = "no", retry_after = 5 },
+            sandbox.refusal({ status = 403, message = "no", retry_after = 5 }))
+        assert.are.same({ deny = true, status = 401, code = "UNAUTHORIZED", message = "authentication required",
+                          challenge = 'Basic realm="regfacade"' }, sandbox.refusal({ status = 401 }))
+        local none, why = sandbox.refusal({ status = 403, code = "FORBIDDEN" })
+        assert.is_nil(none)
+        assert.matches('code "FORBIDDEN" is not an OCI error code', why)
+        none, why = sandbox.refusal({ status = "403" })
+        assert.is_nil(none)
+        assert.matches("status must be an integer from 400 to 599, got string", why)
+    end)
+end)
+
+describe("regfacade.testing and regfacade.deny", function()
+    before_each(function()
+        testing.host {}
+    end)
+    after_each(testing.reset)
+
+    it("testing.authorize reads a deny value as the server does", function()
+        local rf = require "regfacade"
+        local policy = { authorize = function(req)
+            if req.repository == "a/slow" then
+                return rf.deny(429, "TOOMANYREQUESTS", "slow down", { retry_after = 30 })
+            end
+            return false, rf.deny(401, nil, "who are you", { challenge = 'Basic realm="x"' })
+        end }
+        local a = testing.authorize(policy, testing.request { repository = "a/slow" })
+        assert.are.same({ false, 429, "TOOMANYREQUESTS", "slow down", 30 },
+            { a.allowed, a.status, a.code, a.message, a.retry_after })
+        a = testing.authorize(policy, testing.request { repository = "a/other" })
+        assert.are.same({ false, 401, "UNAUTHORIZED", "who are you", 'Basic realm="x"' },
+            { a.allowed, a.status, a.code, a.message, a.challenge })
+    end)
+
+    it("testing.run gives nil and the refusal of resolve or rewrite", function()
+        local rf = require "regfacade"
+        local base = testing.oci_image { layers = 1 }
+        local out, refusal = testing.run({ resolve = function() return rf.deny(404, "MANIFEST_UNKNOWN", "no") end },
+            nil, base)
+        assert.is_nil(out)
+        assert.are.same({ 404, "MANIFEST_UNKNOWN", "no" }, { refusal.status, refusal.code, refusal.message })
+        out, refusal = testing.run({ rewrite = function() return rf.deny(403, nil, "not this image") end }, nil, base)
+        assert.is_nil(out)
+        assert.are.same({ 403, "DENIED", "not this image" }, { refusal.status, refusal.code, refusal.message })
+    end)
+end)

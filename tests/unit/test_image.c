@@ -822,7 +822,7 @@ static void test_rewrite_from_c(void)
     int top = lua_gettop(L);
 
     json_value *m0 = m, *c0 = c;
-    CHECK(image_rewrite_run(L, 1, 2, &m, &c, stack, 2, errbuf, sizeof errbuf) == 0);
+    CHECK(image_rewrite_run(L, 1, 2, &m, &c, stack, 2, NULL, errbuf, sizeof errbuf) == 0);
     CHECK(lua_gettop(L) == top);
     CHECK(m != m0 && c != c0); /* new trees; the old ones were freed */
     CHECK_STR(json_object_get_string(json_object_get(c, "config"), "User"), "root");
@@ -831,7 +831,7 @@ static void test_rewrite_from_c(void)
     CHECK_STR(json_array_get(env, 2)->str, "N=4");
     CHECK_STR(json_object_get_string(json_object_get(m, "annotations"), "org.example.base"), "true");
     /* relative indexes and no req */
-    CHECK(image_rewrite_run(L, -2, 0, &m, &c, stack, 2, errbuf, sizeof errbuf) == 0);
+    CHECK(image_rewrite_run(L, -2, 0, &m, &c, stack, 2, NULL, errbuf, sizeof errbuf) == 0);
     CHECK_STR(json_object_get_string(json_object_get(c, "config"), "User"), "nobody");
     CHECK(lua_gettop(L) == top);
 
@@ -840,7 +840,7 @@ static void test_rewrite_from_c(void)
     m0 = m;
     c0 = c;
     char *before = ser(c);
-    CHECK(image_rewrite_run(L, -1, 2, &m, &c, stack, 2, errbuf, sizeof errbuf) == -1);
+    CHECK(image_rewrite_run(L, -1, 2, &m, &c, stack, 2, NULL, errbuf, sizeof errbuf) == -1);
     CHECK_STR(errbuf, "rewrite hook: boom");
     CHECK(m == m0 && c == c0 && lua_gettop(L) == top + 1);
     char *after = ser(c);
@@ -850,9 +850,9 @@ static void test_rewrite_from_c(void)
     lua_pop(L, 1);
     /* nil: nothing to do */
     lua_pushnil(L);
-    CHECK(image_rewrite_run(L, -1, 0, &m, &c, stack, 2, errbuf, sizeof errbuf) == 0 && m == m0 && c == c0);
+    CHECK(image_rewrite_run(L, -1, 0, &m, &c, stack, 2, NULL, errbuf, sizeof errbuf) == 0 && m == m0 && c == c0);
     lua_pop(L, 1);
-    CHECK(image_rewrite_run(L, 1, 2, NULL, &c, stack, 2, errbuf, sizeof errbuf) == -1);
+    CHECK(image_rewrite_run(L, 1, 2, NULL, &c, stack, 2, NULL, errbuf, sizeof errbuf) == -1);
     CHECK_STR(errbuf, "rewrite: no manifest or config");
 
     /* lua_json_push and lua_json_to_tree are inverse on a real config */
@@ -893,7 +893,7 @@ static void test_rewrite_out_of_memory(void)
         json_value *m0 = m, *c0 = c;
         lua_gc(L, LUA_GCCOLLECT);
         b.limit = b.used + extra;
-        int rc = image_rewrite_run(L, hook, 0, &m, &c, stack, 2, errbuf, sizeof errbuf);
+        int rc = image_rewrite_run(L, hook, 0, &m, &c, stack, 2, NULL, errbuf, sizeof errbuf);
         b.limit = SIZE_MAX;
         if (rc == 0) {
             successes++;
