@@ -9,7 +9,8 @@ $(error mk/lua_sandbox.mk: include it after BUILD is set)
 endif
 LUA_SANDBOX_SAVED_GOAL := $(.DEFAULT_GOAL)
 
-LUA_SANDBOX_SRCS := src/lua_sandbox_module.c src/lua_sandbox.c src/lua_regfacade.c src/lua_shared.c src/lua_deny.c src/oci_error.c \
+LUA_SANDBOX_SRCS := src/lua_sandbox_module.c src/lua_sandbox.c src/lua_pattern.c src/lua_regfacade.c src/lua_shared.c \
+                    src/lua_deny.c src/oci_error.c \
                     src/lua_json.c src/json.c src/digest.c src/log.c
 LUA_SANDBOX_OBJS := $(patsubst src/%.c,$(BUILD)/pic/%.o,$(LUA_SANDBOX_SRCS)) $(BUILD)/pic/lua_embedded.o
 LUA_SANDBOX_SO := $(BUILD)/lua/regfacade/sandbox.so

@@ -15,6 +15,7 @@
 
 #include "regfacade/log.h"
 #include "regfacade/lua_embedded.h"
+#include "regfacade/lua_pattern.h"
 
 /* Registry keys: the addresses of these statics (their values are never
  * used). */
@@ -100,6 +101,8 @@ static bool past(const struct timespec *now, const struct timespec *deadline) {
     return now->tv_sec > deadline->tv_sec || (now->tv_sec == deadline->tv_sec && now->tv_nsec > deadline->tv_nsec);
 }
 
+static void sb_hook(lua_State *L, lua_Debug *ar);
+
 static void trip_message(lua_State *L, sb_ctx *c, lua_Debug *ar) {
     char where[256] = "";
     if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
@@ -112,6 +115,44 @@ static void trip_message(lua_State *L, sb_ctx *c, lua_Debug *ar) {
                         lua_sandbox_phase_name(c->phase), (int)c->time_ms);
 }
 
+/* Stop the running call: from now on on every line and instruction, in
+ * this thread, so the script's own pcall only catches the error for it to
+ * be raised again at the next instruction. ar: where (NULL: unknown). */
+static void trip(lua_State *L, sb_ctx *c, lua_Debug *ar) {
+    lua_sethook(L, sb_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
+    if (ar) trip_message(L, c, ar);
+    else lua_pushfstring(L, "policy %s exceeded its %s budget", lua_sandbox_phase_name(c->phase),
+                         c->tripped == SB_INSTRUCTIONS ? "instruction" : "time");
+    lua_error(L);
+}
+
+/* Over the instruction or time budget now? Sets c->tripped. */
+static bool over_budget(sb_ctx *c) {
+    if (c->instr_limit && c->instr > c->instr_limit) {
+        c->tripped = SB_INSTRUCTIONS;
+        return true;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (c->time_ms && past(&now, &c->deadline)) {
+        c->tripped = SB_TIME;
+        return true;
+    }
+    return false;
+}
+
+void lua_sandbox_steps(lua_State *L, unsigned n) {
+    sb_ctx *c = ctx_of(L);
+    if (!c || !c->armed) return;
+    if (c->tripped == SB_OK) {
+        c->instr += n;
+        if (!over_budget(c)) return;
+    }
+    /* The position is the Lua code that called the C function counting. */
+    lua_Debug ar;
+    trip(L, c, lua_getstack(L, 1, &ar) ? &ar : NULL);
+}
+
 /* Installed for the state's life (threads created by coroutine.create copy
  * it); does something only while a call is armed. */
 static void sb_hook(lua_State *L, lua_Debug *ar) {
@@ -119,25 +160,14 @@ static void sb_hook(lua_State *L, lua_Debug *ar) {
     if (!c || !c->armed) return;
     if (c->tripped == SB_OK) {
         c->instr += SB_COUNT_EVERY;
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if (c->instr_limit && c->instr > c->instr_limit) {
-            c->tripped = SB_INSTRUCTIONS;
-        } else if (c->time_ms && past(&now, &c->deadline)) {
-            c->tripped = SB_TIME;
-        } else {
+        if (!over_budget(c)) {
             /* Remembered for memory errors, which carry no position. */
             if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
                 snprintf(c->where, sizeof c->where, "%s:%d", ar->short_src, ar->currentline);
             return;
         }
     }
-    /* From now on on every line and instruction, in this thread: the
-     * script's own pcall only catches the error for it to be raised again
-     * at the next instruction. */
-    lua_sethook(L, sb_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
-    trip_message(L, c, ar);
-    lua_error(L);
+    trip(L, c, ar);
 }
 
 static void arm(sb_ctx *c, lua_sandbox_phase ph) {
@@ -657,6 +687,103 @@ static void cjson_find(void) {
     }
 }
 
+/* cjson in a policy: the module as lua-cjson makes it, with its depth
+ * limits fixed (SB_CJSON_MAX_DEPTH both ways: a policy that raised them
+ * could have one deeply nested header overflow a server thread's C stack,
+ * since cjson recurses per level) and decode refusing texts over
+ * SB_CJSON_MAX_BYTES (cjson is for request data and small documents;
+ * image documents go through regfacade.json). The setters of the depth
+ * limits answer their value and refuse a new one; cjson.new() gives an
+ * instance limited the same way. */
+#define SB_CJSON_MAX_DEPTH 64
+#define SB_CJSON_MAX_BYTES (1024 * 1024)
+
+/* upvalues: the module's decode, safe (a boolean) */
+static int cjson_decode_bounded(lua_State *L) {
+    size_t n = 0;
+    if (lua_type(L, 1) == LUA_TSTRING && (lua_tolstring(L, 1, &n), n > SB_CJSON_MAX_BYTES)) {
+        lua_pushfstring(L, "cjson.decode: the text is %I bytes, more than the policy sandbox allows (%d; use "
+                           "regfacade.json for large documents)", (lua_Integer)n, SB_CJSON_MAX_BYTES);
+        if (!lua_toboolean(L, lua_upvalueindex(2))) {
+            luaL_where(L, 1); /* the policy's file and line first */
+            lua_insert(L, -2);
+            lua_concat(L, 2);
+            return lua_error(L);
+        }
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* upvalues: the module's setter, its name */
+static int cjson_fixed(lua_State *L) {
+    if (!lua_isnoneornil(L, 1))
+        return luaL_error(L, "cjson.%s: fixed at %d by the policy sandbox (a deeper document could exhaust the C "
+                             "stack)", lua_tostring(L, lua_upvalueindex(2)), SB_CJSON_MAX_DEPTH);
+    lua_settop(L, 0);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_call(L, 0, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+static int cjson_new_bounded(lua_State *L);
+
+/* Replace the cjson instance on top of the stack with its sandboxed face. */
+static void cjson_limit(lua_State *L, bool safe) {
+    int raw = lua_gettop(L);
+    static const char *const depths[] = {"decode_max_depth", "encode_max_depth"};
+    for (int i = 0; i < 2; i++) {
+        lua_getfield(L, raw, depths[i]);
+        lua_pushinteger(L, SB_CJSON_MAX_DEPTH);
+        lua_call(L, 1, 0);
+    }
+    lua_createtable(L, 0, 16);
+    int t = lua_gettop(L);
+    static const char *const kept[] = {"encode",
+                                       "null",
+                                       "_NAME",
+                                       "_VERSION",
+                                       "encode_sparse_array",
+                                       "encode_number_precision",
+                                       "encode_keep_buffer",
+                                       "encode_invalid_numbers",
+                                       "decode_invalid_numbers",
+                                       NULL};
+    for (const char *const *k = kept; *k; k++) {
+        lua_getfield(L, raw, *k);
+        lua_setfield(L, t, *k);
+    }
+    lua_getfield(L, raw, "decode");
+    lua_pushboolean(L, safe);
+    lua_pushcclosure(L, cjson_decode_bounded, 2);
+    lua_setfield(L, t, "decode");
+    for (int i = 0; i < 2; i++) {
+        lua_getfield(L, raw, depths[i]);
+        lua_pushstring(L, depths[i]);
+        lua_pushcclosure(L, cjson_fixed, 2);
+        lua_setfield(L, t, depths[i]);
+    }
+    lua_getfield(L, raw, "new");
+    lua_pushboolean(L, safe);
+    lua_pushcclosure(L, cjson_new_bounded, 2);
+    lua_setfield(L, t, "new");
+    lua_replace(L, raw);
+}
+
+/* upvalues: the module's new, safe */
+static int cjson_new_bounded(lua_State *L) {
+    lua_settop(L, 0);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_call(L, 0, 1);
+    cjson_limit(L, lua_toboolean(L, lua_upvalueindex(2)));
+    return 1;
+}
+
 /* Calls the open function at the top of the stack with the module name
  * and a second argument; leaves one value. */
 static void call_loader(lua_State *L, const char *name, const char *extra) {
@@ -691,9 +818,11 @@ static int sb_require(lua_State *L) {
     if (!found && (strcmp(name, "cjson") == 0 || strcmp(name, "cjson.safe") == 0)) {
         pthread_once(&cjson_once, cjson_find);
         lua_CFunction f = strcmp(name, "cjson") == 0 ? cjson_open : cjson_safe_open;
-        if (!f) return luaL_error(L, "module '%s' not found: install Debian's lua-cjson (the Lua 5.4 build)", name);
+        if (!f) return luaL_error(L, "module '%s' not found: lua-cjson is not installed (Debian's lua-cjson)", name);
         lua_pushcfunction(L, f);
         call_loader(L, name, "cjson");
+        if (lua_type(L, -1) != LUA_TTABLE) return luaL_error(L, "module '%s': lua-cjson did not return a table", name);
+        cjson_limit(L, f == cjson_safe_open);
         found = true;
     }
     if (!found && c->module_dir && module_name_ok(name)) {
@@ -823,9 +952,11 @@ static int sb_setup(lua_State *L) {
     lua_pushcclosure(L, sb_require, 1);
     lua_setfield(L, env, "require");
 
-    /* string: no dump; rep bounded by the memory left. */
+    /* string: no dump; rep bounded by the memory left; the pattern
+     * functions count their steps against the budget (lua_pattern.h). */
     lua_getfield(L, g, LUA_STRLIBNAME);
     int str = lua_gettop(L);
+    lua_pattern_install(L, str);
     lua_pushnil(L);
     lua_setfield(L, str, "dump");
     lua_pushlightuserdata(L, c);
@@ -901,6 +1032,14 @@ static int sb_setup(lua_State *L) {
 }
 
 lua_State *lua_sandbox_new(const lua_sandbox_options *o, char *err, size_t errlen) {
+    /* cjson is part of what a policy gets: without it nothing starts. */
+    pthread_once(&cjson_once, cjson_find);
+    if (!cjson_open || !cjson_safe_open) {
+        snprintf(err, errlen, "policy: lua-cjson is not installed: the policy sandbox provides `require \"cjson\"` "
+                              "and needs Debian's lua-cjson (the Lua 5.4 build, %s; `make deps` installs it)",
+                 "lua/5.4/cjson.so on Lua's C path");
+        return NULL;
+    }
     sb_ctx *c = ctx_new(o);
     lua_State *L = c ? lua_newstate(sb_alloc, c) : NULL;
     if (!L) {

@@ -128,6 +128,11 @@ lua_sandbox_outcome lua_sandbox_load(lua_State *L, const char *src, size_t len, 
 lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nargs, int nresults, char *err,
                                      size_t errlen, char *trace, size_t tracelen);
 
+/* Count n steps of C work (pattern matching, lua_pattern.h) as n
+ * instructions of the running call; raises, as the count hook does, once
+ * the call is past its instruction or time budget. Nothing outside calls. */
+void lua_sandbox_steps(lua_State *L, unsigned n);
+
 /* Note the Lua function at idx as the one the running call is about to
  * run: a memory error, which carries no position, is reported at its
  * definition when no closer position is known. */

@@ -282,4 +282,132 @@ describe("the policy sandbox", function()
             fails("require('regfacade').log('loud', 'x')", "error", "level must be")
         end)
     end)
+
+    -- string.find/match/gmatch/gsub are the sandbox's own (src/lua_pattern.c):
+    -- the same answers as Lua's, and their matching counts against the budget.
+    describe("patterns", function()
+        -- Each expression runs in busted's own Lua (the stock string library)
+        -- and in the sandbox; results and error messages must agree.
+        local SAME = {
+            "('hello world'):find('o w')", "('hello world'):find('o', 6)", "('hello'):find('l', -2)",
+            "('hello'):find('')", "('hello'):find('', 10)", "('hello'):find('', 6)", "('a.b'):find('.', 1, true)",
+            "('a+b'):find('+', 1, true)", "('x\\0y'):find('\\0')", "('hello'):find('l+')", "('hello'):find('^h')",
+            "('hello'):find('^e')", "('hello'):find('o$')", "('a$b'):find('$b')", "('  x'):match('^%s*(.-)%s*$')",
+            "('key = value'):match('(%w+)%s*=%s*(%w+)')", "('abc'):match('()b()')", "('[x]'):match('%[(.)%]')",
+            "('THE (quick) fox'):find('%((%a+)%)')", "('f(a(b)c)d'):match('%b()')", "('abc'):match('%bxy')",
+            "('THE (quick) fox'):match('%f[%a]%a+', 5)", "('hello hello'):match('(h%a+) %1')",
+            "('aaab'):match('a-b')", "('aaab'):match('a*')", "('aaab'):match('a?a?b')", "('x'):match('[]]')",
+            "(']'):match('[]]')", "('-'):match('[a-]')", "('b'):match('[^a]')", "('^'):match('[%^]')",
+            "('Z9'):match('[%u%d]+')", "('a1 b2'):match('%W')", "('tab\\there'):match('%c')",
+            "('x'):match('.-$')", "('one two  three'):gsub('%s+', '_')", "('abc'):gsub('', '-')",
+            "('abc'):gsub('%w', '%0%0')", "('abc'):gsub('(%w)', '<%1>', 2)", "('a,b'):gsub('(%w)', { a = 'A' })",
+            "('a b'):gsub('%w', function(c) return c:upper() end)", "('abc'):gsub('b', false and 1 or '%%')",
+            "('hello world'):gsub('o', 0)", "('x=1, y=2'):gsub('(%w+)=(%w+)', '%2=%1')", "('abc'):gsub('^a', 'X')",
+            "('abc'):gsub('()', '%1')", "(function() local t = {} for k, v in ('a=1, b=2'):gmatch('(%w+)=(%w+)') "
+                .. "do t[#t + 1] = k .. v end return table.concat(t, ';') end)()",
+            "(function() local t = {} for w in ('one two'):gmatch('%a+') do t[#t + 1] = w end return #t end)()",
+            "(function() local t = {} for w in ('abc'):gmatch('', 2) do t[#t + 1] = 'e' end return #t end)()",
+            "(function() local n = 0 for a, b in ('aXbX'):gmatch('()X()') do n = n + a + b end return n end)()",
+            -- errors: the same messages
+            "('x'):find('%')", "('x'):find('[a')", "('x'):find('(x')", "('x'):find('x)')", "('x'):find('%1')",
+            "('x'):find('%f')", "('x'):find('%b')", "('x'):gsub('x', '%2')", "('x'):gsub('x', '%')",
+            "('x'):gsub('x', {x = {}})", "('x'):gsub('x', true)", "('x'):find(('('):rep(40))",
+            "('x'):match(('(x?)'):rep(40))", "('x'):match(('x?'):rep(300))",
+        }
+
+        local function tail(msg)
+            msg = tostring(msg):gsub("\nstack traceback:.*", "")
+            return (msg:gsub("^.-:%d+: ", ""))
+        end
+
+        it("give the same answers and errors as Lua's own", function()
+            local sb = policy("return true")
+            for _, expr in ipairs(SAME) do
+                local code = "return " .. expr
+                local want = table.pack(pcall(assert(load(code))))
+                local got = table.pack(sb:run(code))
+                if want[1] then
+                    assert.is_true(got[1], expr .. ": " .. tostring(got[3]))
+                    assert.are.same({ table.unpack(want, 2, want.n) }, { table.unpack(got, 2, got.n) }, expr)
+                else
+                    assert.is_false(got[1], expr .. " succeeded in the sandbox")
+                    assert.are.equal(tail(want[2]), tail(got[3]), expr)
+                end
+            end
+        end)
+
+        -- Backtracking that takes Lua's own matcher far longer than any
+        -- budget: 6 lazy captures with no match anywhere (over 60 characters
+        -- a second; over 200, an hour).
+        local EVIL = "local s = string.rep('a', 200) return s:%s('(.-)(.-)(.-)(.-)(.-)(.-)b'%s)"
+
+        for _, fn in ipairs { "find", "match", "gsub", "gmatch" } do
+            it("a catastrophic pattern in string." .. fn .. " is stopped by the instruction budget", function()
+                local body = fn == "gmatch" and "local s = string.rep('a', 200) for x in s:gmatch('(.-)(.-)(.-)"
+                    .. "(.-)(.-)(.-)b') do end" or string.format(EVIL, fn, fn == "gsub" and ", 'x'" or "")
+                local sb, msg = fails(body, "instructions", "policy resolve exceeded its instruction budget")
+                assert.matches("%(policy source%):%d+:", msg) -- the line of the call
+                assert.is_true(sb:broken())
+            end)
+        end
+
+        it("and by the time budget when the instructions allow it", function()
+            fails(string.format(EVIL, "match", ""), "time", "policy resolve exceeded its time budget",
+                { hook_time_ms = 50, hook_instructions = 1e11 })
+        end)
+
+        it("pcall cannot swallow a stopped pattern", function()
+            fails("while true do pcall(string.match, string.rep('a', 200), '(.-)(.-)(.-)(.-)(.-)(.-)b') end",
+                "instructions")
+        end)
+
+        it("count as instructions: a cheap pattern passes, many of them do not", function()
+            local sb = policy("local n = 0 for i = 1, 100 do n = n + #(('x'):rep(1000):gsub('x', 'y')) end return n",
+                { hook_instructions = 1e6 })
+            assert.are.same({ true, 100000 }, { sb:call("resolve", REQ) })
+            fails("for i = 1, 100 do local s = ('x'):rep(20000):gsub('x', 'y') end", "instructions", nil,
+                { hook_instructions = 1e6 })
+        end)
+    end)
+
+    -- cjson (Debian's lua-cjson) is always there, with limits no policy raises.
+    describe("cjson", function()
+        it("keeps its depth limits fixed at 64", function()
+            local sb = policy([[
+                local cjson, safe = require "cjson", require "cjson.safe"
+                return { cjson.decode_max_depth(), cjson.encode_max_depth(), safe.decode_max_depth(),
+                         cjson.new().decode_max_depth() }]])
+            assert.are.same({ true, { 64, 64, 64, 64 } }, { sb:call("resolve", REQ) })
+            for _, expr in ipairs { "require('cjson').decode_max_depth(100000)", "require('cjson').encode_max_depth(100)",
+                    "require('cjson.safe').decode_max_depth(1000)", "require('cjson').new().decode_max_depth(1000)" } do
+                fails(expr, "error", "max_depth: fixed at 64 by the policy sandbox")
+            end
+        end)
+
+        it("refuses deep documents with an error (decode and encode), never a crash", function()
+            local deep = "string.rep('[', 100000) .. string.rep(']', 100000)"
+            fails("return require('cjson').decode(" .. deep .. ")", "error", "too many nested data structures")
+            fails("return require('cjson').new().decode(" .. deep .. ")", "error", "too many nested data structures")
+            local sb = policy("return require('cjson.safe').decode(" .. deep .. ")")
+            local ok, v, err = sb:call("resolve", REQ)
+            assert.is_true(ok)
+            assert.is_nil(v)
+            assert.matches("too many nested data structures", err)
+            fails("local t = {} local c = t for i = 1, 100 do c[1] = {} c = c[1] end return require('cjson').encode(t)",
+                "error", "excessive nesting")
+        end)
+
+        it("refuses texts over 1 MiB (regfacade.json is for large documents)", function()
+            local big = "'[' .. string.rep('1,', 600000) .. '1]'"
+            fails("return require('cjson').decode(" .. big .. ")", "error",
+                "%(policy source%):%d+: cjson.decode: the text is 1200003 bytes, more than the policy sandbox allows")
+            local sb = policy("return require('cjson.safe').decode(" .. big .. ")")
+            local ok, v, err = sb:call("resolve", REQ)
+            assert.is_true(ok)
+            assert.is_nil(v)
+            assert.matches("more than the policy sandbox allows", err)
+            sb = policy("return #require('cjson').decode('[' .. string.rep('1,', 1000) .. '1]')")
+            assert.are.same({ true, 1001 }, { sb:call("resolve", REQ) })
+        end)
+    end)
 end)
