@@ -9,15 +9,9 @@ Tested by spec/policies/recipes_spec.lua.
 ]]
 local regfacade = require "regfacade"
 local mirror = require "regfacade.mirror"
+local rules = require "regfacade.rules"
 
-local function allowed(repository)
-    for _, prefix in ipairs(regfacade.config.options.allow or {}) do
-        if repository:sub(1, #prefix) == prefix then
-            return true
-        end
-    end
-    return false
-end
+local allowed = rules.prefix(regfacade.config.options.allow or {})
 
 return {
     authorize = function(req)
@@ -28,7 +22,7 @@ return {
         if allowed(req.repository) or (mapped and allowed(mapped.repository)) then
             return true
         end
-        return false, req.repository .. " is not on this mirror's allow-list"
+        return regfacade.deny(403, "DENIED", req.repository .. " is not on this mirror's allow-list")
     end,
 
     resolve = function(req)

@@ -10,15 +10,9 @@ Tested by spec/policies/recipes_spec.lua.
 local regfacade = require "regfacade"
 local mirror = require "regfacade.mirror"
 local image = require "regfacade.image"
+local rules = require "regfacade.rules"
 
-local function wants_tools(repository)
-    for _, prefix in ipairs(regfacade.config.options.with_tools or {}) do
-        if repository:sub(1, #prefix) == prefix then
-            return true
-        end
-    end
-    return false
-end
+local wants_tools = rules.prefix(regfacade.config.options.with_tools or {})
 
 return {
     resolve = function(req)

@@ -17,9 +17,11 @@
  *             (writes raise; pairs, ipairs and # work; their metatables are
  *             protected);
  *   require   package.preload-style modules given in the options, the
- *             embedded lua/regfacade/NAME.lua modules, cjson (Debian's
- *             lua-cjson, if installed) and NAME.lua from module_dir (text
- *             chunks only). There is no `package` table, no C loader;
+ *             embedded lua/regfacade/NAME.lua modules, cjson and cjson.safe
+ *             (Debian's lua-cjson, required: lua_sandbox_new fails without
+ *             it; nesting fixed at 64 levels, decode refuses texts over
+ *             1 MiB) and NAME.lua from module_dir (text chunks only).
+ *             There is no `package` table, no C loader;
  *   load      text chunks only (mode "t"); the default environment is the
  *             frozen global one;
  *   io        io.open(path [, "r"|"rb"]) for the data files the options
@@ -110,7 +112,8 @@ typedef struct {
 /* The count hook fires every this many instructions. */
 #define SB_COUNT_EVERY 1000
 
-/* A new locked-down state (the options are copied). NULL with err. */
+/* A new locked-down state (the options are copied). NULL with err (also
+ * when lua-cjson is not installed). */
 lua_State *lua_sandbox_new(const lua_sandbox_options *o, char *err, size_t errlen);
 void lua_sandbox_close(lua_State *L);
 

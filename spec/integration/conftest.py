@@ -123,6 +123,33 @@ def htpasswd_registry(session_procs, built_images, tmp_path_factory):
                                                   names=["oci"]))
 
 
+@pytest.fixture
+def policy_facade(procs, tmp_path, htpasswd_registry):
+    """Factory: start a regfacade in tmp_path/NAME running the policy text
+    given (as policy.lua there), whose one upstream "reg" is
+    htpasswd_registry (with its account): policy_facade(text, policy={...more
+    policy keys}, name=...). The result has .registry set."""
+    from harness import Regfacade
+
+    def start(text=None, policy=None, name="regfacade"):
+        work = tmp_path / name
+        work.mkdir()
+        (work / "upstream-password").write_text(HTPASSWD_PASSWORD)
+        pol = dict(policy or {})
+        if text is not None:
+            (work / "policy.lua").write_text(text)
+            pol["file"] = "policy.lua"
+        rf = Regfacade(procs, str(work), {
+            "upstreams": {"reg": {"url": htpasswd_registry.url, "username": HTPASSWD_USER,
+                                  "password_file": "upstream-password"}},
+            "policy": pol,
+        }, name=name).start()
+        rf.registry = htpasswd_registry
+        return rf
+
+    return start
+
+
 @pytest.fixture(scope="session")
 def token_server(tmp_path_factory):
     """The Bearer token endpoint for token_registry (a thread; stopped at the end)."""

@@ -185,3 +185,15 @@ class Regfacade:
 
     def log(self):
         return log_tail(self.proc, 20000) if self.proc else ""
+
+    def messages(self):
+        """The "msg" of every line of its log so far (JSON lines), joined
+        with newlines: what it said, unescaped."""
+        out = []
+        with open(self.proc.log_path, errors="replace") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line).get("msg", ""))
+                except ValueError:
+                    out.append(line.rstrip("\n"))
+        return "\n".join(out)

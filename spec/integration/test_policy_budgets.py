@@ -13,14 +13,12 @@ pattern on request data, and cjson on a deeply nested header.
 The upstream is a real docker-registry (distribution) with htpasswd auth
 (conftest.htpasswd_registry).
 """
-import json
 import os
 import signal
 import threading
 
 import pytest
 
-from conftest import HTPASSWD_PASSWORD, HTPASSWD_USER
 from fake_upstream import ALL_MANIFEST_TYPES, request, wait_until
 from harness import Regfacade
 
@@ -57,33 +55,14 @@ return {
 
 
 @pytest.fixture
-def facade(procs, tmp_path, htpasswd_registry):
-    (tmp_path / "policy.lua").write_text(POLICY)
-    (tmp_path / "upstream-password").write_text(HTPASSWD_PASSWORD)
-    rf = Regfacade(procs, str(tmp_path), {
-        "upstreams": {"reg": {"url": htpasswd_registry.url, "username": HTPASSWD_USER,
-                              "password_file": "upstream-password"}},
-        "cache": {"dir": str(tmp_path / "cache")},
-        "policy": {"file": "policy.lua"},   # the default budgets: 250 ms, 10M instructions
-    }).start()
-    return rf
+def facade(policy_facade):
+    return policy_facade(POLICY)   # the default budgets: 250 ms, 10M instructions
 
 
 def get(rf, repo, headers=None, timeout=60):
     h = {"Accept": ACCEPT}
     h.update(headers or {})
     return request(rf.host, "GET", f"/v2/{repo}/manifests/v1", h, timeout=timeout)
-
-
-def logged(rf):
-    out = []
-    with open(rf.proc.log_path, errors="replace") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line).get("msg", ""))
-            except ValueError:
-                out.append(line)
-    return "\n".join(out)
 
 
 class Pulls:
@@ -127,7 +106,7 @@ def test_a_catastrophic_pattern_is_stopped_and_sigterm_completes(facade):
             assert "the policy's authorize hook exceeded its instruction budget at policy.lua:" in err["message"], err
             assert wait_until(lambda: pulls.ok > seen + 2, timeout=30), "the others were not served meanwhile"
     assert not pulls.bad, pulls.bad[:5]
-    assert "policy authorize exceeded its instruction budget (10000000 instructions" in logged(rf)
+    assert "policy authorize exceeded its instruction budget (10000000 instructions" in rf.messages()
     # Nothing is left running: SIGTERM ends the process by itself.
     proc = rf.proc
     os.kill(proc.pid, signal.SIGTERM)
@@ -142,7 +121,7 @@ def test_cjson_depth_is_fixed_and_a_deep_header_is_an_error(facade):
     r = get(rf, "raise/app", {"X-Doc": deep})
     assert r.status == 500, r
     assert "the policy's authorize hook failed at policy.lua:" in r.json()["errors"][0]["message"]
-    assert wait_until(lambda: "cjson.decode_max_depth: fixed at 64 by the policy sandbox" in logged(rf),
+    assert wait_until(lambda: "cjson.decode_max_depth: fixed at 64 by the policy sandbox" in rf.messages(),
                       timeout=10)
     assert rf.proc.poll() is None, "the server died"
     # At the fixed limit, the deep header is an error the policy handles.

@@ -8,15 +8,14 @@ is a clear 500, and the server keeps serving the others.
 The upstream is a real docker-registry (distribution) with htpasswd auth,
 seeded with an OCI image built by umoci/skopeo (conftest.htpasswd_registry).
 """
-import json
+import os
 import shutil
 import subprocess
 
 import pytest
 
-from conftest import HTPASSWD_PASSWORD, HTPASSWD_USER
 from fake_upstream import ALL_MANIFEST_TYPES, request, sha256_digest, wait_until
-from harness import Regfacade
+from harness import ROOT, Regfacade
 
 ACCEPT = ", ".join(ALL_MANIFEST_TYPES)
 
@@ -85,33 +84,12 @@ return {
 
 
 @pytest.fixture
-def deny_facade(procs, tmp_path, htpasswd_registry):
-    (tmp_path / "policy.lua").write_text(POLICY)
-    (tmp_path / "upstream-password").write_text(HTPASSWD_PASSWORD)
-    rf = Regfacade(procs, str(tmp_path), {
-        "upstreams": {"reg": {"url": htpasswd_registry.url, "username": HTPASSWD_USER,
-                              "password_file": "upstream-password"}},
-        "cache": {"dir": str(tmp_path / "cache")},
-        "policy": {"file": "policy.lua"},
-    }).start()
-    rf.registry = htpasswd_registry
-    return rf
+def deny_facade(policy_facade):
+    return policy_facade(POLICY)
 
 
 def get(rf, repo, tag="v1"):
     return request(rf.host, "GET", f"/v2/{repo}/manifests/{tag}", {"Accept": ACCEPT})
-
-
-def logged(rf):
-    """The messages of the server's log lines (JSON lines), joined."""
-    out = []
-    with open(rf.proc.log_path, errors="replace") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line).get("msg", ""))
-            except ValueError:
-                out.append(line)
-    return "\n".join(out)
 
 
 def error_of(r):
@@ -181,12 +159,12 @@ def test_a_malformed_refusal_is_a_clear_500(deny_facade):
             assert why in err["message"], (prefix, err)   # a malformed answer: said to the client
         else:
             assert "the policy's authorize hook failed at policy.lua:" in err["message"], (prefix, err)
-        assert wait_until(lambda: why in logged(rf), timeout=10), prefix
+        assert wait_until(lambda: why in rf.messages(), timeout=10), prefix
         assert get(rf, "ok/app").status == 200, prefix
     # regfacade.deny in the log hook: refused there (it cannot change the answer), only logged.
     r = get(rf, "logdeny/app")
     assert r.status == 200, r
-    assert wait_until(lambda: "regfacade.deny cannot be called in hook log" in logged(rf), timeout=10)
+    assert wait_until(lambda: "regfacade.deny cannot be called in hook log" in rf.messages(), timeout=10)
 
 
 def test_a_real_client_sees_the_refusal(deny_facade):
@@ -206,3 +184,31 @@ def test_a_real_client_sees_the_refusal(deny_facade):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
     assert "resolve: not here" in bad.stderr, bad.stderr
+
+
+def recipe(name):
+    return os.path.join(ROOT, "examples", "recipes", name)
+
+
+def test_the_recipes_refuse_through_the_server(policy_facade, htpasswd_registry):
+    """examples/recipes/allowlist.lua (regfacade.rules.prefix + regfacade.deny)
+    and ratelimit.lua (429 with Retry-After) in the real server."""
+    info = htpasswd_registry.images["oci"]
+    rf = policy_facade(policy={"file": recipe("allowlist.lua"), "options": {"allow": ["regfacade-test/"]}},
+                       name="allowlist")
+    r = get(rf, info["repo"], info["tag"])
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == info["manifest_digest"], r
+    r = get(rf, "other/oci", info["tag"])
+    assert r.status == 403, r
+    assert error_of(r) == {"code": "DENIED", "message": "other/oci is not on this mirror's allow-list",
+                           "detail": {}}
+    rf.stop()
+    rf = policy_facade(policy={"file": recipe("ratelimit.lua"), "options": {"per_minute": 2}}, name="ratelimit")
+    # Two per minute window: of five quick pulls (two windows at most) one is refused.
+    answers = [get(rf, info["repo"], info["tag"]) for _ in range(5)]
+    assert answers[0].status == 200, answers[0]
+    limited = [r for r in answers if r.status == 429]
+    assert limited and all(r.status in (200, 429) for r in answers), answers
+    r = limited[0]
+    assert error_of(r)["code"] == "TOOMANYREQUESTS"
+    assert 1 <= int(r.headers["Retry-After"]) <= 60, dict(r.headers)
