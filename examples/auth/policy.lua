@@ -61,8 +61,8 @@ local function read_tokens(path)
 end
 
 local function challenge(message)
-    return { status = 401, code = "UNAUTHORIZED", message = message,
-             challenge = string.format('Basic realm="%s"', options().realm or "regfacade") }
+    return regfacade.deny(401, "UNAUTHORIZED", message,
+                          { challenge = string.format('Basic realm="%s"', options().realm or "regfacade") })
 end
 
 -- Allowed as name: with its credential set when one is mapped.
@@ -107,8 +107,10 @@ return {
         if client.user then
             local failures = "auth-failures:" .. (client.ip or "?")
             if (regfacade.shared.get(failures) or 0) >= (options().max_failures or 20) then
-                return { status = 429, code = "TOOMANYREQUESTS",
-                         message = "too many wrong passwords from this address; try again in a minute" }
+                -- Retry-After: when the failure counter's minute is over.
+                return regfacade.deny(429, "TOOMANYREQUESTS",
+                                      "too many wrong passwords from this address; try again in a minute",
+                                      { retry_after = math.ceil(regfacade.shared.ttl(failures) or 60) })
             end
             if password_ok(client.user, client.password) then
                 return grant(req, client.user)

@@ -388,6 +388,7 @@ def test_authorize_too_many_wrong_passwords(auth_facade):
         assert manifest(rf, "acme/app", headers=basic("alice", "guess")).status == 401
     r = manifest(rf, "acme/app", headers=basic("alice", "s3cret-alice"))
     assert r.status == 429 and r.json()["errors"][0]["code"] == "TOOMANYREQUESTS", r
+    assert 1 <= int(r.headers["Retry-After"]) <= 60, dict(r.headers)
 
 
 def test_authorize_with_a_real_client(auth_facade, tmp_path):

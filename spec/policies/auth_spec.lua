@@ -49,6 +49,7 @@ describe("examples/auth/policy.lua", function()
         end
         local a = testing.authorize(policy, basic("alice", "alice-password"))
         assert.are.equal(429, a.status)
+        assert.is_true(a.retry_after >= 1 and a.retry_after <= 60, tostring(a.retry_after))
         assert.are.equal("TOOMANYREQUESTS", a.code)
         -- another address is not affected
         local other = basic("alice", "alice-password")
