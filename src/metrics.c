@@ -23,8 +23,8 @@
 /* ------------------------------------------------------------------ */
 /* label sets */
 
-static const char *const route_names[] = {"ping", "manifest", "blob", "tags", "health", "other"};
-#define N_ROUTES 6
+static const char *const route_names[] = {"ping", "manifest", "blob", "tags", "referrers", "health", "other"};
+#define N_ROUTES 7
 static const char *const source_names[] = {"cache", "upstream", "generated"};
 #define N_SOURCES 3
 static const char *const cache_kinds[] = {"manifest", "blob"};

@@ -844,6 +844,145 @@ static enum MHD_Result handle_tags(request *r) {
     return queue(r, 200, mr);
 }
 
+/* ---------- referrers (OCI 1.1) ---------- */
+
+/* The entries of index whose artifactType is artifact_type, as a new
+ * manifests array (NULL on allocation failure). */
+static json_value *referrers_filtered(const json_value *manifests, const char *artifact_type) {
+    json_value *out = json_new_array();
+    for (size_t i = 0; out && i < manifests->count; i++) {
+        const char *at = json_object_get_string(manifests->items[i], "artifactType");
+        if (at && strcmp(at, artifact_type) == 0 && json_array_append(out, json_clone(manifests->items[i])) != 0) {
+            json_free(out);
+            out = NULL;
+        }
+    }
+    return out;
+}
+
+/* An index body as the referrers answer: every entry a descriptor; with
+ * artifact_type, only its entries (unless the upstream filtered already).
+ * NULL with why when the upstream's body is no index. */
+static char *referrers_body(const char *body, size_t len, const char *artifact_type, bool upstream_filtered,
+                            bool *filtered, size_t *out_len, char *why, size_t whylen) {
+    char jerr[256];
+    json_value *v = len ? json_parse(body, len, 16, jerr, sizeof jerr) : json_new_object();
+    if (!v) {
+        snprintf(why, whylen, "not JSON: %s", jerr);
+        return NULL;
+    }
+    json_value *m = json_object_get(v, "manifests");
+    if (v->type != JSON_OBJECT || (m && m->type != JSON_ARRAY)) {
+        snprintf(why, whylen, "not an image index");
+        json_free(v);
+        return NULL;
+    }
+    for (size_t i = 0; m && i < m->count; i++) {
+        const json_value *d = m->items[i];
+        const char *dg = json_object_get_string(d, "digest");
+        if (d->type != JSON_OBJECT || !dg || !ref_valid_digest(dg) || !json_object_get_string(d, "mediaType")) {
+            snprintf(why, whylen, "manifests[%zu] is not a descriptor (mediaType, digest)", i);
+            json_free(v);
+            return NULL;
+        }
+    }
+    *filtered = false;
+    json_value *list = NULL;
+    if (artifact_type && !upstream_filtered && m) {
+        list = referrers_filtered(m, artifact_type);
+        *filtered = true;
+    } else {
+        list = m ? json_clone(m) : json_new_array();
+    }
+    /* The answer is always a whole, current index, whatever the upstream
+     * left out of it. */
+    if (!list || json_object_set(v, "schemaVersion", json_new_int64(2)) != 0 ||
+        json_object_set(v, "mediaType", json_new_string(MT_OCI_INDEX)) != 0 ||
+        json_object_set(v, "manifests", list) != 0) {
+        json_free(v);
+        snprintf(why, whylen, "out of memory");
+        return NULL;
+    }
+    char *out = json_serialize(v, out_len);
+    json_free(v);
+    if (!out) snprintf(why, whylen, "out of memory");
+    return out;
+}
+
+/* GET /v2/NAME/referrers/DIGEST[?artifactType=T]: the upstream's referrers
+ * API where it has one; where it has none (404 for the endpoint), the
+ * referrers tag schema (the index tagged sha256-HEX that clients push for
+ * such registries); neither: an empty index. Always asked of the upstream
+ * repository this request maps to, with its credentials, never cached. */
+static enum MHD_Result handle_referrers(request *r) {
+    if (!ref_is_sha256_digest(r->reference))
+        return send_error(r, 400, "DIGEST_INVALID", "\"%s\" is not a sha256 digest", r->reference);
+    const char *at = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "artifactType");
+    char at_dec[256] = "";
+    if (at && (query_decode(at, at_dec, sizeof at_dec) != 0 || !*at_dec || !strchr(at_dec, '/') ||
+               strspn(at_dec, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$&-^_.+/") !=
+                   strlen(at_dec)))
+        return send_error(r, 400, "UNSUPPORTED", "artifactType=\"%.100s\" is not a media type", at);
+    policy_resolution res;
+    if (run_resolve(r, &res) != 0) return MHD_YES;
+    policy_resolution_clear(&res);
+    upstream *u = find_upstream(r->sv, res.upstream);
+    char path[900], subject[700];
+    snprintf(subject, sizeof subject, "referrers of %s in %s", r->reference, res.repository);
+    /* 1. The referrers API (the filter passed on: the upstream may apply it). */
+    int pl = snprintf(path, sizeof path, "%s/referrers/%s", res.repository, r->reference);
+    if (at) snprintf(path + pl, sizeof path - (size_t)pl, "?artifactType=%s", at);
+    grow_buf b = {0};
+    upstream_request req = {.method = "GET", .repository = res.repository, .path = path, .accept = MT_OCI_INDEX,
+                            .on_headers = tags_headers, .on_body = tags_body, .ud = &b};
+    upstream_response resp;
+    fetch_error e = {0};
+    upstream_answer a = upstream_ask(u, &req, &resp, UPSTREAM_WHAT_MANIFEST, subject, false, &e);
+    bool upstream_filtered = at && strstr(resp.filters_applied, "artifactType") != NULL;
+    if (a == UPSTREAM_ANSWER_STATUS && resp.status == 404) {
+        /* 2. No referrers API: the tag schema. */
+        free(b.buf);
+        b = (grow_buf){0};
+        const char *hex = r->reference + strlen("sha256:");
+        snprintf(path, sizeof path, "%s/manifests/sha256-%s", res.repository, hex);
+        snprintf(subject, sizeof subject, "referrers tag sha256-%.12s... of %s", hex, res.repository);
+        memset(&e, 0, sizeof e);
+        upstream_filtered = false;
+        a = upstream_ask(u, &req, &resp, UPSTREAM_WHAT_MANIFEST, subject, false, &e);
+        if (a == UPSTREAM_ANSWER_STATUS && resp.status == 404) {
+            /* 3. Nothing refers to it. */
+            free(b.buf);
+            b = (grow_buf){0};
+            a = UPSTREAM_ANSWER_OK;
+            resp.status = 200;
+        }
+    }
+    if (a == UPSTREAM_ANSWER_FAILED && b.too_big)
+        fetch_error_set(&e, 502, "UNKNOWN", "upstream %s sent %s over %d bytes", res.upstream, subject,
+                        TAGS_MAX_BYTES);
+    if (a != UPSTREAM_ANSWER_OK) {
+        free(b.buf);
+        return send_fetch_error(r, &e);
+    }
+    char why[256];
+    bool filtered = false;
+    size_t len = 0;
+    char *out = referrers_body(b.buf, b.len, at ? at_dec : NULL, upstream_filtered, &filtered, &len, why, sizeof why);
+    free(b.buf);
+    if (!out)
+        return send_error(r, 502, "UNKNOWN", "upstream %s sent an unusable answer for the %s: %s", res.upstream,
+                          subject, why);
+    struct MHD_Response *mr = MHD_create_response_from_buffer(len, out, MHD_RESPMEM_MUST_FREE);
+    if (!mr) {
+        free(out);
+        return MHD_NO;
+    }
+    MHD_add_response_header(mr, "Content-Type", MT_OCI_INDEX);
+    if (filtered || upstream_filtered) MHD_add_response_header(mr, "OCI-Filters-Applied", "artifactType");
+    metrics_access_body(r->acc, METRICS_SRC_UPSTREAM, len, false);
+    return queue(r, 200, mr);
+}
+
 /* Ready: the cache takes a new file, the policy is loaded, and the
  * listener has room for another client. Never asks an upstream. */
 static int server_ready(void *ud, char *why, size_t whylen) {
@@ -972,8 +1111,17 @@ static enum MHD_Result route(request *r, const char *url) {
         if (strlen(dg) > REF_DIGEST_MAX || !*dg || strchr(dg, '/'))
             return send_error(r, 400, "DIGEST_INVALID", "invalid digest in the path");
         snprintf(r->reference, sizeof r->reference, "%s", dg);
+    } else if ((at = last_segment(rest, "referrers")) >= 0) {
+        r->kind = "referrers";
+        endpoint = "referrers";
+        snprintf(name, sizeof name, "%.*s", (int)at, rest);
+        const char *dg = rest + at + strlen("/referrers/");
+        if (strlen(dg) > REF_DIGEST_MAX || !*dg || strchr(dg, '/') || !ref_valid_digest(dg))
+            return send_error(r, 400, "DIGEST_INVALID", "invalid digest in the path");
+        snprintf(r->reference, sizeof r->reference, "%s", dg);
     } else {
-        return send_error(r, 404, "UNSUPPORTED", "unknown endpoint %.200s (only manifests, blobs and tags/list)", url);
+        return send_error(r, 404, "UNSUPPORTED",
+                          "unknown endpoint %.200s (only manifests, blobs, tags/list and referrers)", url);
     }
     if (!ref_valid_name(name))
         return send_error(r, 400, "NAME_INVALID", "invalid repository name \"%.300s\"", name);
@@ -984,6 +1132,7 @@ static enum MHD_Result route(request *r, const char *url) {
     if (run_authorize(r) != 0) return MHD_YES; /* before resolve: who may pull at all */
     if (strcmp(endpoint, "manifests") == 0) return handle_manifest(r);
     if (strcmp(endpoint, "blobs") == 0) return handle_blob(r);
+    if (strcmp(endpoint, "referrers") == 0) return handle_referrers(r);
     return handle_tags(r);
 }
 

@@ -879,6 +879,8 @@ static size_t header_cb(char *buf, size_t size, size_t nitems, void *ud)
         copy_field(r->retry_after, sizeof r->retry_after, v, vlen);
     } else if (HDR_IS("link")) {
         copy_field(r->link, sizeof r->link, v, vlen);
+    } else if (HDR_IS("oci-filters-applied")) {
+        copy_field(r->filters_applied, sizeof r->filters_applied, v, vlen);
     } else if (HDR_IS("ratelimit-remaining")) {
         size_t l = 0;
         while (l < vlen && v[l] >= '0' && v[l] <= '9')

@@ -109,7 +109,7 @@ typedef struct {
     char path[512];            /* URL path, never the query string */
     char client_ip[48];
     char upstream[64];         /* "" until the policy picked one */
-    const char *route;         /* "ping", "manifest", "blob", "tags", "health", "other" */
+    const char *route;         /* "ping", "manifest", "blob", "tags", "referrers", "health", "other" */
     unsigned status;           /* 0 until a response is queued */
     metrics_source source;
     uint64_t body_len;         /* fixed-size body (bytes it will send when complete) */

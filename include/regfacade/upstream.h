@@ -54,6 +54,7 @@ typedef struct {
     char www_authenticate[2048];  /* of the final response, "" when absent */
     char retry_after[64];         /* raw Retry-After, "" when absent */
     char link[2048];              /* raw Link, "" when absent */
+    char filters_applied[128];    /* raw OCI-Filters-Applied (referrers), "" when absent */
     long ratelimit_remaining;     /* from ratelimit-remaining ("76;w=21600"), -1 when absent */
     char error_body[4096];        /* body of a non-2xx answer, truncated, NUL-terminated */
     size_t error_body_len;

@@ -167,6 +167,7 @@ class _Misbehaviour:
 _MANIFEST_RE = re.compile(r"^/v2/(.+)/manifests/([^/]+)$")
 _BLOB_RE = re.compile(r"^/v2/(.+)/blobs/([^/]+)$")
 _TAGS_RE = re.compile(r"^/v2/(.+)/tags/list$")
+_REFERRERS_RE = re.compile(r"^/v2/(.+)/referrers/(sha256:[0-9a-f]{64})$")
 
 
 class _Server(ThreadingHTTPServer):
@@ -229,6 +230,9 @@ class FakeUpstream:
         self._counts = {}
         self.requests = []  # dicts: method, path, query, headers
         self.tag_page_size = None  # set: tags/list answers pages of this size even without n
+        self.referrers = {}  # (repo, subject digest) -> [descriptor]
+        self.referrers_api = False  # answer /v2/<name>/referrers/<digest> (else 404, like distribution 2.8)
+        self.referrers_filter = True  # apply ?artifactType= itself (and say so)
         self._server = None
         self._thread = None
         self._release = threading.Event()
@@ -522,6 +526,9 @@ class FakeUpstream:
         m = _TAGS_RE.match(path)
         if m:
             return self._tags(h, m.group(1), query)
+        m = _REFERRERS_RE.match(path)
+        if m and self.referrers_api:
+            return self._referrers(h, m.group(1), m.group(2), query)
         m = _MANIFEST_RE.match(path)
         if m:
             return self._manifest(h, m.group(1), m.group(2), mb)
@@ -529,6 +536,23 @@ class FakeUpstream:
         if m:
             return self._blob(h, m.group(1), m.group(2), mb)
         return self._error(h, 404, "UNSUPPORTED", "no such route")
+
+    def add_referrer(self, repo, subject_digest, descriptor):
+        """A referrer of subject_digest in repo, as the referrers API lists it."""
+        with self._lock:
+            self.referrers.setdefault((repo, subject_digest), []).append(descriptor)
+
+    def _referrers(self, h, name, digest, query):
+        with self._lock:
+            found = list(self.referrers.get((name, digest), []))
+        hdrs = {}
+        at = query.get("artifactType", [None])[0]
+        if at is not None and self.referrers_filter:
+            found = [d for d in found if d.get("artifactType") == at]
+            hdrs["OCI-Filters-Applied"] = "artifactType"
+        body = canonical_json({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                               "manifests": found})
+        self._send(h, 200, body, hdrs, content_type="application/vnd.oci.image.index.v1+json")
 
     def _tags(self, h, name, query):
         with self._lock:
