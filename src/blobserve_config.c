@@ -49,14 +49,9 @@ static char *resolve_path(const config *c, const char *s) {
 }
 
 static int parse_listen(pctx *p, const char *s, blobserve_config *bc) {
-    const char *colon = strrchr(s, ':');
-    if (!colon || colon == s) return config_section_fail(p, "listen: \"%s\" must be HOST:PORT", s);
-    char *end = NULL;
-    long port = strtol(colon + 1, &end, 10);
-    if (!colon[1] || *end || port < 1 || port > 65535) return config_section_fail(p, "listen: port in \"%s\" must be 1..65535", s);
-    bc->listen_host = strndup(s, (size_t)(colon - s));
-    bc->listen_port = (int)port;
-    if (!bc->listen_host) return config_section_fail(p, "listen: out of memory");
+    char why[300];
+    if (config_parse_listen(s, &bc->listen_host, &bc->listen_port, why, sizeof why) != 0)
+        return config_section_fail(p, "listen: %s", why);
     if (strcmp(bc->listen_host, p->c->listen_host) == 0 && bc->listen_port == p->c->listen_port)
         return config_section_fail(p, "listen: \"%s\" is the registry listener's address; blobserve needs its own", s);
     return 0;

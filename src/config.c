@@ -1,5 +1,6 @@
 #include "regfacade/config.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <libgen.h>
 #include <limits.h>
@@ -149,6 +150,13 @@ static int url_host(const char *url, char *host, size_t hostlen) {
     return 0;
 }
 
+/* A base URL that already names the API ("https://host/v2"): every request
+ * would go to /v2/v2/... and be answered 404, which reads as "not found". */
+static bool ends_in_v2(const char *url) {
+    size_t n = strlen(url);
+    return n >= 3 && strcasecmp(url + n - 3, "/v2") == 0;
+}
+
 static bool is_docker_hub(const char *host) {
     return strcmp(host, "docker.io") == 0 || strcmp(host, "registry-1.docker.io") == 0 ||
            strcmp(host, "index.docker.io") == 0 || strcmp(host, "registry-1.docker.io:443") == 0;
@@ -187,6 +195,10 @@ static int load_mirrors(load_ctx *lc, const json_value *obj, const char *where, 
         u->n_mirrors = i + 1;
         size_t n = strlen(u->mirrors[i]);
         while (n > 0 && u->mirrors[i][n - 1] == '/') u->mirrors[i][--n] = '\0';
+        if (ends_in_v2(u->mirrors[i]))
+            return fail(lc, "%s.mirrors[%zu]: \"%s\" ends in /v2: give the registry's base URL (\"%.*s\"); "
+                        "regfacade adds /v2/ to every request itself", where, i, u->mirrors[i], (int)(n - 3),
+                        u->mirrors[i]);
     }
     return 0;
 }
@@ -210,6 +222,9 @@ static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, 
     if (url_host(u->url, host, sizeof host) != 0)
         return fail(lc, "%s.url: \"%s\" is not an http:// or https:// URL with a host (and no credentials)",
                     where, u->url);
+    if (ends_in_v2(u->url))
+        return fail(lc, "%s.url: \"%s\" ends in /v2: give the registry's base URL (\"%.*s\"); regfacade adds "
+                    "/v2/ to every request itself", where, u->url, (int)(n - 3), u->url);
     u->host = strdup(host);
     u->library_prefix = is_docker_hub(host);
     if (get_string(lc, obj, "username", where, &u->username) != 0) return -1;
@@ -318,16 +333,39 @@ static int apply_docker_config(load_ctx *lc, config *c) {
     return rc;
 }
 
-static int parse_listen(load_ctx *lc, const char *s, config *c) {
+int config_parse_listen(const char *s, char **host, int *port, char *why, size_t whylen) {
     const char *colon = strrchr(s, ':');
-    if (!colon || colon == s) return fail(lc, "listen: \"%s\" must be HOST:PORT", s);
+    if (!colon || colon == s) {
+        snprintf(why, whylen, "\"%s\" must be HOST:PORT (e.g. \"127.0.0.1:5000\")", s);
+        return -1;
+    }
     char *end = NULL;
-    long port = strtol(colon + 1, &end, 10);
-    if (*end || port < 1 || port > 65535) return fail(lc, "listen: port in \"%s\" must be 1..65535", s);
+    long p = strtol(colon + 1, &end, 10);
+    if (!colon[1] || *end || p < 1 || p > 65535) {
+        snprintf(why, whylen, "port in \"%s\" must be 1..65535", s);
+        return -1;
+    }
+    char h[64];
+    struct in_addr a;
+    if ((size_t)(colon - s) >= sizeof h || (snprintf(h, sizeof h, "%.*s", (int)(colon - s), s), inet_pton(AF_INET, h, &a) != 1)) {
+        snprintf(why, whylen, "\"%s\": the host must be an IPv4 address such as 127.0.0.1 or 0.0.0.0 (names "
+                 "such as localhost are not resolved)", s);
+        return -1;
+    }
+    if (!(*host = strdup(h))) {
+        snprintf(why, whylen, "out of memory");
+        return -1;
+    }
+    *port = (int)p;
+    return 0;
+}
+
+static int parse_listen(load_ctx *lc, const char *s, config *c) {
+    char why[300], *host = NULL;
+    if (config_parse_listen(s, &host, &c->listen_port, why, sizeof why) != 0) return fail(lc, "listen: %s", why);
     free(c->listen_host);
-    c->listen_host = strndup(s, (size_t)(colon - s));
-    c->listen_port = (int)port;
-    return c->listen_host ? 0 : fail(lc, "listen: out of memory");
+    c->listen_host = host;
+    return 0;
 }
 
 static config *config_new_defaults(void) {
@@ -512,11 +550,11 @@ config *config_load(const char *path, char *err, size_t errlen) {
         snprintf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
         return NULL;
     }
-    char jerr[256];
-    json_value *root = json_parse(text, len, 32, jerr, sizeof jerr);
+    json_error je;
+    json_value *root = json_parse_strict(text, len, 32, &je);
     free(text);
     if (!root) {
-        snprintf(err, errlen, "%s: %s", path, jerr);
+        snprintf(err, errlen, "%s:%u:%u: %s", path, je.line, je.column, je.message);
         return NULL;
     }
     char dirbuf[PATH_MAX];

@@ -205,9 +205,10 @@ typedef struct {
     size_t len;
     size_t pos;
     int max_depth;
-    char *err;
-    size_t errlen;
+    bool unique_keys;   /* json_parse_strict: a key twice in an object fails */
     bool failed;
+    char what[160];     /* the first failure, and where */
+    size_t at;
 } parser;
 
 static void fail(parser *p, size_t at, const char *fmt, ...)
@@ -215,14 +216,11 @@ static void fail(parser *p, size_t at, const char *fmt, ...)
     if (p->failed)
         return;
     p->failed = true;
-    if (!p->err || p->errlen == 0)
-        return;
-    char what[96];
+    p->at = at;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(what, sizeof(what), fmt, ap);
+    vsnprintf(p->what, sizeof(p->what), fmt, ap);
     va_end(ap);
-    snprintf(p->err, p->errlen, "json: %s at byte %zu", what, at);
 }
 
 static void skip_ws(parser *p)
@@ -449,10 +447,17 @@ static json_value *parse_object(parser *p, int depth)
             fail(p, p->pos, "expected string key");
             goto bad;
         }
-        size_t klen;
+        size_t klen, kpos = p->pos;
         char *key = parse_string(p, &klen);
         if (!key)
             goto bad;
+        if (p->unique_keys)
+            for (size_t i = 0; i < obj->count; i++)
+                if (obj->key_lens[i] == klen && memcmp(obj->keys[i], key, klen) == 0) {
+                    fail(p, kpos, "duplicate key \"%.100s\" (each key may occur once in an object)", key);
+                    free(key);
+                    goto bad;
+                }
         skip_ws(p);
         if (p->pos >= p->len || p->buf[p->pos] != ':') {
             free(key);
@@ -583,31 +588,61 @@ static json_value *parse_value(parser *p, int depth)
     return NULL;
 }
 
+static json_value *run_parser(parser *p)
+{
+    if (p->max_depth > JSON_HARD_DEPTH)
+        p->max_depth = JSON_HARD_DEPTH;
+    json_value *v = parse_value(p, 0);
+    if (!v)
+        return NULL;
+    skip_ws(p);
+    if (p->pos < p->len) {
+        fail(p, p->pos, "trailing garbage");
+        json_free(v);
+        return NULL;
+    }
+    return v;
+}
+
 json_value *json_parse(const char *buf, size_t len, int max_depth, char *err, size_t errlen)
 {
     parser p = {
         .buf = (const unsigned char *)buf,
         .len = buf ? len : 0,
-        .pos = 0,
         .max_depth = max_depth > 0 ? max_depth : JSON_DEFAULT_MAX_DEPTH,
-        .err = err,
-        .errlen = errlen,
-        .failed = false,
     };
-    if (p.max_depth > JSON_HARD_DEPTH)
-        p.max_depth = JSON_HARD_DEPTH;
     if (err && errlen)
         err[0] = '\0';
-    json_value *v = parse_value(&p, 0);
-    if (!v)
-        return NULL;
-    skip_ws(&p);
-    if (p.pos < p.len) {
-        fail(&p, p.pos, "trailing garbage");
-        json_free(v);
-        return NULL;
-    }
+    json_value *v = run_parser(&p);
+    if (!v && err && errlen)
+        snprintf(err, errlen, "json: %s at byte %zu", p.what, p.at);
     return v;
+}
+
+json_value *json_parse_strict(const char *buf, size_t len, int max_depth, json_error *e)
+{
+    parser p = {
+        .buf = (const unsigned char *)buf,
+        .len = buf ? len : 0,
+        .max_depth = max_depth > 0 ? max_depth : JSON_DEFAULT_MAX_DEPTH,
+        .unique_keys = true,
+    };
+    json_value *v = run_parser(&p);
+    if (v || !e)
+        return v;
+    snprintf(e->message, sizeof(e->message), "%s", p.what);
+    e->offset = p.at;
+    e->line = 1;
+    e->column = 1;
+    for (size_t i = 0; i < p.at && i < p.len; i++) {
+        if (p.buf[i] == '\n') {
+            e->line++;
+            e->column = 1;
+        } else if ((p.buf[i] & 0xC0) != 0x80) { /* not a UTF-8 continuation byte */
+            e->column++;
+        }
+    }
+    return NULL;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -242,6 +242,40 @@ struct layer_catalog {
     file_entry *files;
 };
 
+/* zstd's frame magic: layer files are .tar or .tar.gz. */
+static bool is_zstd(const unsigned char *b, size_t n) {
+    return n >= 4 && b[0] == 0x28 && b[1] == 0xb5 && b[2] == 0x2f && b[3] == 0xfd;
+}
+
+#define ZSTD_FILE_REFUSED "zstd-compressed layer files are not supported (use .tar or .tar.gz)"
+
+/* A named file layer must be there when the config loads (check, serve,
+ * reload), not only when the first pull needs it: a file that can be
+ * opened and read, and is not zstd. Hashing waits for the first pull. */
+static int probe_file(const char *path, char *err, size_t errlen) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(err, errlen, "layer file %s: cannot open: %s", path, strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    unsigned char head[4];
+    ssize_t n = 0;
+    int rc = -1;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        snprintf(err, errlen, "layer file %s: not a regular file", path);
+    else if ((n = pread(fd, head, sizeof head, 0)) < 0)
+        snprintf(err, errlen, "layer file %s: read: %s", path, strerror(errno));
+    else if (n == 0)
+        snprintf(err, errlen, "layer file %s: empty (a layer file is a .tar or .tar.gz)", path);
+    else if (is_zstd(head, (size_t)n))
+        snprintf(err, errlen, "layer file %s: " ZSTD_FILE_REFUSED, path);
+    else
+        rc = 0;
+    close(fd);
+    return rc;
+}
+
 layer_catalog *layer_catalog_new(const config *c, char *err, size_t errlen) {
     layer_catalog *cat = calloc(1, sizeof *cat);
     if (!cat) {
@@ -272,6 +306,13 @@ layer_catalog *layer_catalog_new(const config *c, char *err, size_t errlen) {
             return NULL;
         }
         if (layer_spec_parse(sec->items[i], c->dir, where, &cat->specs[i], err, errlen) != 0) {
+            layer_catalog_free(cat);
+            return NULL;
+        }
+        char perr[600];
+        if (cat->specs[i].kind == LAYER_FILE && probe_file(cat->specs[i].file, perr, sizeof perr) != 0) {
+            snprintf(err, errlen, "%s: %s", where, perr);
+            layer_spec_clear(&cat->specs[i]);
             layer_catalog_free(cat);
             return NULL;
         }
@@ -345,9 +386,8 @@ static int describe_file(store *st, const char *path, file_entry *fe, char *err,
         if (n == 0) break;
         if (first) {
             gz = n >= 2 && in[0] == 0x1f && in[1] == 0x8b;
-            if (n >= 4 && in[0] == 0x28 && in[1] == 0xb5 && in[2] == 0x2f && in[3] == 0xfd) {
-                snprintf(err, errlen, "layer file %s: zstd-compressed layer files are not supported (use .tar or .tar.gz)",
-                         path);
+            if (is_zstd(in, (size_t)n)) {
+                snprintf(err, errlen, "layer file %s: " ZSTD_FILE_REFUSED, path);
                 goto out;
             }
             if (gz) {

@@ -5,16 +5,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "regfacade/blobserve.h"
 #include "regfacade/config.h"
-#include "regfacade/hardening.h"
-#include "regfacade/layers.h"
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
-#include "regfacade/policy.h"
 #include "regfacade/server.h"
-#include "regfacade/specs.h"
-#include "regfacade/tls.h"
 #include "regfacade/upstream.h"
 
 static void usage(FILE *f) {
@@ -33,55 +27,18 @@ static config *load(const char *path) {
     return c;
 }
 
+/* nginx -t: the validation serve runs before it binds (server_check). */
 static int cmd_check(const char *path) {
     config *c = load(path);
     if (!c) return 1;
     char err[2048];
-    metrics_config mc;
-    if (metrics_config_parse(c->metrics, &mc, err, sizeof err) != 0) {
-        fprintf(stderr, "regfacade: %s: %s\n", c->path, err);
-        config_free(c);
-        return 1;
-    }
-    tls_config *tls = NULL;
-    uid_t uid;
-    gid_t gid;
-    if (tls_config_load(c, &tls, err, sizeof err) != 0 ||
-        (c->user && hardening_user_lookup(c->user, &uid, &gid, err, sizeof err) != 0)) {
-        fprintf(stderr, "regfacade: %s\n", err);
-        config_free(c);
-        return 1;
-    }
-    tls_config_free(tls);
-    blobserve_config *bc = NULL;
-    if (blobserve_config_parse(c, &bc, err, sizeof err) != 0) {
-        fprintf(stderr, "regfacade: %s\n", err);
-        config_free(c);
-        return 1;
-    }
-    blobserve_config_free(bc);
-    if (specs_check_config(c, err, sizeof err) != 0) {
-        fprintf(stderr, "regfacade: %s\n", err);
-        config_free(c);
-        return 1;
-    }
-    /* Named layers (config "layers"): each parses, and its file exists. */
-    layer_catalog *cat = layer_catalog_new(c, err, sizeof err);
-    if (!cat) {
-        fprintf(stderr, "regfacade: %s\n", err);
-        config_free(c);
-        return 1;
-    }
-    layer_catalog_free(cat);
-    policy *p = policy_new(c, err, sizeof err);
-    if (!p) {
+    if (server_check(c, err, sizeof err) != 0) {
         fprintf(stderr, "regfacade: %s\n", err);
         config_free(c);
         return 1;
     }
     printf("%s: ok (%zu upstream%s, policy %s)\n", c->path, c->n_upstreams, c->n_upstreams == 1 ? "" : "s",
            c->policy_file ? c->policy_file : "embedded default");
-    policy_free(p);
     config_free(c);
     return 0;
 }
@@ -114,6 +71,7 @@ static int cmd_serve(const char *path) {
         upstream_global_cleanup();
         return 1;
     }
+    int grace = c->shutdown_grace_seconds; /* the latest configuration's: applied by a reload too */
     log_info("regfacade %s serving on %s:%d (config %s, cache %s)", REGFACADE_VERSION, c->listen_host,
              c->listen_port, c->path, c->cache_dir);
     for (;;) {
@@ -133,6 +91,7 @@ static int cmd_serve(const char *path) {
                 config_free(nc);
                 metrics_reload(false);
             } else {
+                grace = nc->shutdown_grace_seconds;
                 log_info("SIGHUP: reloaded %s", nc->path);
                 metrics_reload(true);
             }
@@ -142,7 +101,7 @@ static int cmd_serve(const char *path) {
         break;
     }
     /* Let transfers in flight finish, up to the grace period. */
-    server_drain(s, c->shutdown_grace_seconds);
+    server_drain(s, grace);
     server_stop(s);
     config_free(c);
     upstream_global_cleanup();

@@ -305,18 +305,40 @@ static bool same_section(const json_value *a, const json_value *b) {
     return same;
 }
 
+/* The first key of c that differs from old although it is applied only
+ * at start (the listening socket and its limits, the store, the fetcher,
+ * the user, the sections whose listeners start with the server), or NULL.
+ * A reload that changes one is rejected, never half applied. */
+static const char *start_only_change(const config *old, const config *c) {
+#define CHANGED(key, same) \
+    if (!(same)) return key
+    CHANGED("listen", strcmp(old->listen_host, c->listen_host) == 0 && old->listen_port == c->listen_port);
+    CHANGED("cache.dir", strcmp(old->cache_dir, c->cache_dir) == 0);
+    CHANGED("cache.max_bytes", old->cache_max_bytes == c->cache_max_bytes);
+    CHANGED("limits.max_connections", old->max_connections == c->max_connections);
+    CHANGED("limits.client_timeout_seconds", old->client_timeout_s == c->client_timeout_s);
+    CHANGED("limits.header_max_bytes", old->header_max_bytes == c->header_max_bytes);
+    CHANGED("limits.connections_per_ip", old->connections_per_ip == c->connections_per_ip);
+    CHANGED("limits.requests_per_second", old->requests_per_second == c->requests_per_second);
+    CHANGED("limits.request_burst", old->request_burst == c->request_burst);
+    CHANGED("limits.header_timeout_seconds", old->header_timeout_s == c->header_timeout_s);
+    CHANGED("upstream_client.max_concurrent_fetches",
+            old->upstream_max_concurrent_fetches == c->upstream_max_concurrent_fetches);
+    CHANGED("user", (!old->user && !c->user) || (old->user && c->user && strcmp(old->user, c->user) == 0));
+    CHANGED("tls", same_section(old->tls, c->tls));
+    CHANGED("metrics", same_section(old->metrics, c->metrics));
+    CHANGED("blobserve", same_section(old->blobserve, c->blobserve));
+    CHANGED("admin", same_section(old->admin, c->admin));
+    CHANGED("specs", same_section(old->specs, c->specs));
+#undef CHANGED
+    return NULL;
+}
+
 int server_reload(server *s, config *c, char *err, size_t errlen) {
-    const config *old = s->cfg;
-    const char *fixed = NULL;
-    if (strcmp(old->listen_host, c->listen_host) != 0 || old->listen_port != c->listen_port) fixed = "listen";
-    else if (strcmp(old->cache_dir, c->cache_dir) != 0) fixed = "cache.dir";
-    else if (!same_section(old->tls, c->tls)) fixed = "tls";
-    else if (!same_section(old->metrics, c->metrics)) fixed = "metrics";
-    else if (!same_section(old->blobserve, c->blobserve)) fixed = "blobserve";
-    else if (!same_section(old->admin, c->admin)) fixed = "admin";
-    else if (!same_section(old->specs, c->specs)) fixed = "specs";
+    const char *fixed = start_only_change(s->cfg, c);
     if (fixed) {
-        snprintf(err, errlen, "%s: \"%s\" cannot change on reload (restart to change it)", c->path, fixed);
+        snprintf(err, errlen, "%s: \"%s\" cannot change on reload (it is applied at start; restart to change it)",
+                 c->path, fixed);
         return -1;
     }
     served *g = served_build(s, c, true, err, errlen);
@@ -1290,7 +1312,36 @@ static int server_harden(server *s, const config *c, char *err, size_t errlen) {
     return s->guard ? 0 : -1;
 }
 
+int server_check(const config *c, char *err, size_t errlen) {
+    metrics_config mc;
+    char merr[512];
+    if (metrics_config_parse(c->metrics, &mc, merr, sizeof merr) != 0) {
+        snprintf(err, errlen, "%s: %s", c->path, merr);
+        return -1;
+    }
+    tls_config *tls = NULL;
+    if (tls_config_load(c, &tls, err, errlen) != 0) return -1;
+    tls_config_free(tls);
+    uid_t uid;
+    gid_t gid;
+    if (c->user && hardening_user_lookup(c->user, &uid, &gid, err, errlen) != 0) return -1;
+    blobserve_config *bc = NULL;
+    if (blobserve_config_parse(c, &bc, err, errlen) != 0) return -1;
+    blobserve_config_free(bc);
+    if (specs_check_config(c, err, errlen) != 0) return -1;
+    /* A generation as a reload would build it: upstream clients, policy,
+     * named layers. Nothing in it touches the store. */
+    server probe = {.cfg = c};
+    served *g = served_build(&probe, (config *)c, false, err, errlen);
+    if (!g) return -1;
+    served_free(g);
+    return 0;
+}
+
 server *server_start(const config *c, char *err, size_t errlen) {
+    /* What check validates, first: serve refuses what check refuses, with
+     * the same message, before anything is bound or opened. */
+    if (server_check(c, err, errlen) != 0) return NULL;
     server *s = calloc(1, sizeof *s);
     if (!s) {
         snprintf(err, errlen, "server: out of memory");

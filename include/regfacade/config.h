@@ -87,6 +87,11 @@ const config_upstream *config_find_upstream(const config *c, const char *name);
  * files name secrets). */
 char *config_read_file(const char *path, size_t max, size_t *len);
 
+/* A listener's "HOST:PORT": HOST an IPv4 address (names are not resolved:
+ * what check accepts is what serve binds), PORT 1..65535. 0 with *host
+ * (malloc'd) and *port; -1 with why ("... must be HOST:PORT", ...). */
+int config_parse_listen(const char *s, char **host, int *port, char *why, size_t whylen);
+
 /* The first key of obj that is not in allowed (NULL-terminated), or NULL;
  * list gets the allowed keys, comma-separated, for the message. Every
  * config section's parser uses it: unknown keys are errors everywhere. */

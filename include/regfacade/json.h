@@ -47,6 +47,19 @@ struct json_value {
  * max_depth, and duplicate keys are kept as-is (last one wins on lookup). */
 json_value *json_parse(const char *buf, size_t len, int max_depth, char *err, size_t errlen);
 
+/* Where and why json_parse_strict failed. */
+typedef struct {
+    char message[160];   /* "duplicate key \"listen\"", "expected ',' or '}'" */
+    size_t offset;       /* in bytes from the start */
+    unsigned line;       /* 1-based */
+    unsigned column;     /* 1-based, in characters (UTF-8 sequences count once) */
+} json_error;
+
+/* For files people write (the config): as json_parse, and a key that occurs
+ * twice in one object is an error too (instead of the last one winning). On
+ * error *e says what and where; format it as "FILE:LINE:COLUMN: message". */
+json_value *json_parse_strict(const char *buf, size_t len, int max_depth, json_error *e);
+
 /* Free a tree (NULL is fine). */
 void json_free(json_value *v);
 

@@ -17,7 +17,9 @@
  * (sha256 of the file, and of its uncompressed tar for the diff_id) and
  * copied into the cache so its blob is served from there; an image is
  * resolved through the manifest cache. A source that cannot be loaded fails
- * only the requests that need it, and is tried again by the next one.
+ * only the requests that need it, and is tried again by the next one. The
+ * exception: a named file layer must be there (a readable file, not zstd)
+ * when the catalog is made (check, serve, reload).
  */
 #ifndef REGFACADE_LAYERS_H
 #define REGFACADE_LAYERS_H

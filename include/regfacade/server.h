@@ -14,14 +14,22 @@
 
 typedef struct server server;
 
+/* Validate everything serve would build from c, without binding,
+ * dropping privileges or opening the cache: the module-owned sections
+ * (metrics, tls, blobserve, specs, admin), the user, and a configuration
+ * generation (upstream clients, policy, named layers). `regfacade check`
+ * runs this and nothing else; server_start runs it first, so the two agree.
+ * 0, or -1 with "FILE: KEY: why" in err. */
+int server_check(const config *c, char *err, size_t errlen);
+
 /* Build everything the config names (store, upstream clients, policy) and
- * start listening. NULL with err on failure. */
+ * start listening. NULL with err on failure (server_check's first). */
 server *server_start(const config *c, char *err, size_t errlen);
-/* Replace the configuration (upstreams, credentials, policy, layers, limits)
- * without dropping a connection: requests in flight finish on the old one.
- * Takes ownership of c on success; on failure (a setting that needs a
- * restart changed, or the new policy does not load) nothing changes and
- * err says why. */
+/* Replace the configuration (upstreams, credentials, policy, layers, the
+ * per-request limits) without dropping a connection: requests in flight
+ * finish on the old one. Takes ownership of c on success; on failure (a key
+ * applied only at start changed: err names it; or the new policy does not
+ * load) nothing changes and err says why. */
 int server_reload(server *s, config *c, char *err, size_t errlen);
 
 /* Stop accepting connections and wait up to seconds for the open ones to

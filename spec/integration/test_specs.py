@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -770,7 +771,11 @@ def test_example_config_passes_check(tmp_path):
     cfg["policy"]["file"] = POLICY
     cfg["cache"]["dir"] = str(tmp_path / "cache")
     cfg["admin"]["token_file"] = os.path.join(EXAMPLE, "admin-token.example")
-    cfg["layers"]["supervisor"]["file"] = "/dev/null"
+    # a stand-in for the supervisor layer build.sh makes: a named layer file must be there
+    layer = tmp_path / "supervisor.tar.gz"
+    with tarfile.open(layer, "w:gz") as tf:
+        tf.addfile(tarfile.TarInfo(".supervisor"))
+    cfg["layers"]["supervisor"]["file"] = str(layer)
     p = tmp_path / "c.json"
     p.write_text(json.dumps(cfg))
     r = subprocess.run([REGFACADE, "check", "--config", str(p)], capture_output=True, text=True, timeout=30)
@@ -784,6 +789,10 @@ def test_workspace_example_configs_run_side_by_side(procs, tmp_path):
     d = tmp_path / "workspace"
     shutil.copytree(EXAMPLE, d, ignore=shutil.ignore_patterns("cache*", "images", "layers"))
     os.chmod(d / "admin-token.example", 0o600)
+    # The named supervisor layer must be there at start (build.sh makes it); a stand-in.
+    os.makedirs(d / "layers")
+    with tarfile.open(d / "layers" / "supervisor.tar.gz", "w:gz") as tf:
+        tf.addfile(tarfile.TarInfo(".supervisor"))
     started = []
     for name in ("config.json", "config_specs.json"):
         cfg = json.loads((d / name).read_text())

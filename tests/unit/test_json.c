@@ -419,6 +419,30 @@ static void test_mutators(void)
     free(s);
 }
 
+/* json_parse_strict: duplicate keys fail, errors carry line and column. */
+static void test_strict(void)
+{
+    json_error e;
+    const char *dup = "{\n  \"listen\": \"a\",\n  \"cache\": {\"dir\": \"x\"},\n  \"listen\": \"b\"\n}";
+    CHECK(json_parse_strict(dup, strlen(dup), 8, &e) == NULL);
+    CHECK(e.line == 4 && e.column == 3);
+    CHECK(strstr(e.message, "duplicate key \"listen\"") != NULL);
+    /* nested, and after a multi-byte character on the same line */
+    const char *utf = "{\"caf\xc3\xa9\": {\"k\": 1, \"k\": 2}}";
+    CHECK(json_parse_strict(utf, strlen(utf), 8, &e) == NULL);
+    CHECK(e.line == 1 && e.column == 19 && e.offset == 19); /* é is two bytes, one column */
+    /* the same key in two objects, and keys that differ after a NUL, are fine */
+    const char *ok = "{\"a\": {\"k\": 1}, \"b\": {\"k\": 2}, \"x\\u0000y\": 1, \"x\": 2}";
+    json_value *v = json_parse_strict(ok, strlen(ok), 8, &e);
+    CHECK(v && v->count == 4);
+    json_free(v);
+    /* other errors: the same messages as json_parse, located */
+    CHECK(json_parse_strict("{\n\"a\" 1}", 9, 8, &e) == NULL);
+    CHECK(e.line == 2 && e.column == 5 && strcmp(e.message, "expected ':'") == 0);
+    CHECK(json_parse_strict("[1]\n  x", 7, 8, &e) == NULL);
+    CHECK(e.line == 2 && e.column == 3 && strcmp(e.message, "trailing garbage") == 0);
+}
+
 static void test_int_edges(void)
 {
     struct {
@@ -581,6 +605,7 @@ int main(void)
     test_errors();
     test_depth();
     test_duplicates();
+    test_strict();
     test_mutators();
     test_int_edges();
     test_fixed_point();
