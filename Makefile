@@ -65,11 +65,22 @@ UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 # Under SANITIZE=1 the busted modules (regfacade.core, regfacade.sandbox) are
 # ASan builds: the lua5.4 interpreter must load the sanitizer runtimes first.
 ifeq ($(SANITIZE),1)
-  BUSTED_PRELOAD := LD_PRELOAD="$(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0
+  LUA_MODULE_PRELOAD := $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libubsan.so)
+  BUSTED_PRELOAD := LD_PRELOAD="$(LUA_MODULE_PRELOAD)" ASAN_OPTIONS=detect_leaks=0
 endif
 BUSTED := $(BUSTED_PRELOAD) REGFACADE_BUILD=$(BUILD) LUA_PATH_5_4="lua/?.lua;lua/?/init.lua;spec/?.lua;/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua;;" lua5.4 /usr/bin/busted --ignore-lua
 
-.PHONY: all deps test-deps test test-unit test-lua test-integration run clean bench
+.PHONY: all deps test-deps test test-unit test-lua test-integration run clean bench install
+
+# `make install [PREFIX=/usr/local] [DESTDIR=]`: the binary, the Lua library
+# and the busted C modules where Lua 5.4 finds them under PREFIX, the
+# regfacade-busted wrapper (busted on Lua 5.4 with those paths) and the man
+# page. Debian's lua5.4 looks in /usr/local/share/lua/5.4 and
+# /usr/local/lib/lua/5.4 by itself; regfacade-busted works for any PREFIX.
+PREFIX ?= /usr/local
+DESTDIR ?=
+INSTALL_LUADIR := $(PREFIX)/share/lua/5.4
+INSTALL_LUACDIR := $(PREFIX)/lib/lua/5.4
 
 all: deps $(BUILD)/regfacade
 
@@ -116,7 +127,8 @@ OCI_CONFORMANCE ?= ../shared/tools/oci-conformance/conformance.test
 
 test-integration: $(BUILD)/regfacade
 	@[ -x "$(OCI_CONFORMANCE)" ] || echo "test-integration: no OCI conformance suite at $(OCI_CONFORMANCE) (OCI_CONFORMANCE=...): its tests are skipped"
-	cd spec/integration && REGFACADE_BIN=$(abspath $(BUILD)/regfacade) \
+	cd spec/integration && REGFACADE_BIN=$(abspath $(BUILD)/regfacade) REGFACADE_BUILD_DIR=$(abspath $(BUILD)) \
+	  REGFACADE_LUA_PRELOAD="$(LUA_MODULE_PRELOAD)" \
 	  OCI_CONFORMANCE_SUITE=$(if $(wildcard $(OCI_CONFORMANCE)),$(abspath $(OCI_CONFORMANCE))) \
 	  /usr/bin/python3 -m pytest -q -p no:cacheprovider .
 
@@ -131,6 +143,19 @@ example-layers: ; ./examples/workspace/build.sh  # examples/workspace: superviso
 bench: all
 	@./tools/ensure-packages $(BENCH_PKGS)
 	/usr/bin/python3 bench/bench.py --regfacade $(CURDIR)/$(BUILD)/regfacade --out bench/RESULTS.md $(BENCH_ARGS)
+
+install: all lua-core lua-sandbox
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(INSTALL_LUADIR)/regfacade $(DESTDIR)$(INSTALL_LUACDIR)/regfacade \
+	  $(DESTDIR)$(PREFIX)/share/man/man1
+	install -m 0755 $(BUILD)/regfacade $(DESTDIR)$(PREFIX)/bin/regfacade
+	install -m 0644 lua/regfacade/*.lua $(DESTDIR)$(INSTALL_LUADIR)/regfacade/
+	install -m 0755 $(LUA_CORE_SO) $(LUA_SANDBOX_SO) $(DESTDIR)$(INSTALL_LUACDIR)/regfacade/
+	sed -e 's|@LUADIR@|$(INSTALL_LUADIR)|g' -e 's|@LUACDIR@|$(INSTALL_LUACDIR)|g' tools/regfacade-busted.in \
+	  > $(DESTDIR)$(PREFIX)/bin/regfacade-busted.tmp
+	chmod 0755 $(DESTDIR)$(PREFIX)/bin/regfacade-busted.tmp
+	mv $(DESTDIR)$(PREFIX)/bin/regfacade-busted.tmp $(DESTDIR)$(PREFIX)/bin/regfacade-busted
+	install -m 0644 docs/man/regfacade.1 $(DESTDIR)$(PREFIX)/share/man/man1/regfacade.1
+	@echo "installed under $(DESTDIR)$(PREFIX): bin/regfacade, bin/regfacade-busted, $(INSTALL_LUADIR)/regfacade, $(INSTALL_LUACDIR)/regfacade"
 
 clean:
 	rm -rf $(BUILD)
