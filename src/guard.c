@@ -109,7 +109,7 @@ static void *watchdog_main(void *arg) {
             /* One line per sweep, not per connection: a slowloris flood must
              * not become a log flood. */
             if (cut)
-                log_warn("closed %u connection%s that sent no complete request headers within %u s "
+                log_warn("closed %u connection%s that sent no complete request (headers and any body) within %u s "
                          "(limits.header_timeout_seconds)",
                          cut, cut == 1 ? "" : "s", t);
             if (reclaimed)

@@ -1206,8 +1206,6 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
      * close the connection, so the answer comes on the next call. Request
      * bodies are never used: they are consumed and dropped. */
     if (*con_cls == NULL) {
-        /* Headers complete: the slow-header deadline no longer applies. */
-        guard_conn_headers_done(((server *)cls)->guard, conn_guard(conn));
         /* The request's access record; request_completed logs and frees it. */
         request_life *life = calloc(1, sizeof *life);
         if (!life) return MHD_NO;
@@ -1222,6 +1220,10 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
         *upload_data_size = 0;
         return MHD_YES;
     }
+    /* The whole request is in (headers and any body, which a read-only
+     * registry never needs): the header deadline no longer applies. Until
+     * now a trickled body is cut by it like trickled headers. */
+    guard_conn_headers_done(((server *)cls)->guard, conn_guard(conn));
     request_life *life = *con_cls;
     request r = {.srv = cls, .conn = conn, .method = method, .head = strcmp(method, "HEAD") == 0, .acc = life->acc};
     const union MHD_ConnectionInfo *peer = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);

@@ -1,9 +1,10 @@
 /*
  * guard: per-client protections that libmicrohttpd does not give by itself.
  *
- * - Header deadline (slowloris): a connection must deliver complete request
- *   headers within header_timeout_s of being accepted, and again within
- *   header_timeout_s of its previous response finishing (which also bounds
+ * - Header deadline (slowloris): a connection must deliver a complete
+ *   request (headers, and a body if it sends one) within header_timeout_s
+ *   of being accepted, and again within header_timeout_s of its previous
+ *   response finishing (which also bounds
  *   how long an idle keep-alive connection is kept). libmicrohttpd's own
  *   timeout is an idle timeout, reset by every byte, so a client trickling
  *   one header byte at a time would otherwise hold its thread forever. A
@@ -65,7 +66,7 @@ void guard_free(guard *g);
  * may close the longest-idle other connection (max_connections). NULL on
  * failure (then the connection is simply not watched). */
 guard_conn *guard_conn_open(guard *g, int fd);
-/* Headers complete: disarm. */
+/* The request is in (headers and any body): disarm. */
 void guard_conn_headers_done(guard *g, guard_conn *c);
 /* Response finished, connection kept alive: arm for the next request. */
 void guard_conn_request_done(guard *g, guard_conn *c);

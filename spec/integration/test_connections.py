@@ -5,7 +5,7 @@
   socket numbered 1024 or more is served, every connection holds one
   descriptor (the header watchdog keeps no duplicate), max_connections
   connections are really held, and at the limit the longest-idle connection
-  is closed to make room;
+  is closed to make room (a normal client and skopeo pull meanwhile);
 - /readyz says "saturated" when max_connections connections are all busy
   with requests (idle ones do not count: they make room), and recovers.
 """
@@ -14,6 +14,7 @@ import resource
 import socket
 import threading
 
+from clients import skopeo_copy
 from fake_upstream import request, wait_until
 from harness import free_port, log_tail
 
@@ -67,7 +68,7 @@ def pull(rf, img, timeout=60):
         assert r.status == 200 and r.body == b.data, r
 
 
-def test_idle_flood_past_1024_descriptors_leaves_room_for_clients(fake_upstream, fake_facade):
+def test_idle_flood_past_1024_descriptors_leaves_room_for_clients(fake_upstream, fake_facade, tmp_path):
     assert raise_nofile(FLOOD + 500) >= FLOOD + 200, "the test process cannot open enough sockets"
     img = fake_upstream.add_image(REPO, "v1", layer_sizes=[2000, 30000])
     rf = fake_facade()  # the default limits: max_connections 1024, header_timeout_seconds 30
@@ -95,9 +96,13 @@ def test_idle_flood_past_1024_descriptors_leaves_room_for_clients(fake_upstream,
         # its request)...
         assert wait_until(lambda: RECLAIMED.format(1024) in log_tail(rf.proc, 1 << 30), timeout=60), \
             "no idle connection was closed to make room"
-        # ...so a normal client from the same address is served, on new
-        # connections, while the flood holds the rest.
+        # ...so normal clients from the same address are served, on new
+        # connections, while the flood holds the rest: urllib, and skopeo
+        # copying the whole image.
         pull(rf, img)
+        out = tmp_path / "copied"
+        skopeo_copy(f"docker://{rf.host}/{REPO}:v1", f"oci:{out}:v1", timeout=300)
+        assert (out / "blobs" / "sha256" / img.layers[1].digest.split(":")[1]).read_bytes() == img.layers[1].data
         assert rf.proc.poll() is None
     finally:
         for s in socks:
@@ -169,3 +174,33 @@ def test_readyz_saturated_only_when_every_connection_is_busy(fake_upstream, fake
     assert wait_until(lambda: readyz(rf).status == 200, timeout=60, interval=0.2), readyz(rf)
     fake_upstream.behave()
     pull(rf, img)
+
+
+def test_trickled_request_body_is_cut_like_trickled_headers(fake_facade):
+    # Complete headers announcing a body, then one body byte at a time: the
+    # body is part of the request the header deadline bounds (libmicrohttpd's
+    # own idle timeout, client_timeout_seconds, is reset by every byte).
+    rf = fake_facade(config={"limits": {"header_timeout_seconds": 2, "client_timeout_seconds": 300}})
+    s = socket.create_connection(("127.0.0.1", rf.port), timeout=10)
+    cut = False
+    try:
+        s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        s.settimeout(0.3)
+        for _ in range(200):  # at most about 60 s
+            try:
+                s.sendall(b"a")
+                if s.recv(4096) == b"":
+                    cut = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                cut = True
+                break
+    finally:
+        s.close()
+    assert cut, "a client trickling its request body was never cut"
+    assert wait_until(lambda: "within 2 s (limits.header_timeout_seconds)" in log_tail(rf.proc, 1 << 30),
+                      timeout=30)
+    r = request(rf.host, "GET", "/v2/")
+    assert r.status == 200, r
