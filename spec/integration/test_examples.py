@@ -95,16 +95,36 @@ def test_docker_daemon_json():
         assert re.fullmatch(r"https?://[0-9a-z.-]+(:\d+)?", m), m
 
 
-def _load_daemonset():
-    with open(os.path.join(DEPLOY, "kubernetes", "daemonset.yaml")) as f:
-        docs = [d for d in yaml.safe_load_all(f) if d]
+KUBE = os.path.join(DEPLOY, "kubernetes")
+KUSTOMIZATIONS = ["base", "overlays/hostnetwork"]
+
+
+def _kustomize(rel):
+    """The manifests `kubectl apply -k` would send, rendered offline by
+    kubectl's own kustomize."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.fail("kubectl (Debian's kubernetes-client) is a test package")
+    r = subprocess.run([kubectl, "kustomize", os.path.join(KUBE, rel)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"kubectl kustomize {rel}: {r.stderr}"
+    return r.stdout
+
+
+def _load_daemonset(rel=None):
+    if rel is None:
+        with open(os.path.join(KUBE, "base", "daemonset.yaml")) as f:
+            text = f.read()
+    else:
+        text = _kustomize(rel)
+    docs = [d for d in yaml.safe_load_all(text) if d]
     kinds = {d["kind"]: d for d in docs}
     assert set(kinds) == {"ConfigMap", "DaemonSet"}
     return kinds["ConfigMap"], kinds["DaemonSet"]
 
 
-def test_daemonset_config_and_security(tmp_path, pki):
-    cm, ds = _load_daemonset()
+@pytest.mark.parametrize("rel", KUSTOMIZATIONS)
+def test_daemonset_config_and_security(rel, tmp_path, pki):
+    cm, ds = _load_daemonset(rel)
     cfg = json.loads(cm["data"]["config.json"])
     check_config_dict(cfg, str(tmp_path), pki)
     spec = ds["spec"]["template"]["spec"]
@@ -135,6 +155,10 @@ def test_daemonset_config_and_security(tmp_path, pki):
     assert ann["prometheus.io/scrape"] == "true"
     assert cfg["metrics"]["listen"].rsplit(":", 1)[1] == ann["prometheus.io/port"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    if spec.get("hostNetwork"):
+        # on the host's network: loopback only, probes aimed at it
+        assert cfg["listen"].startswith("127.0.0.1:") and cfg["metrics"]["listen"].startswith("127.0.0.1:")
+        assert c["readinessProbe"]["httpGet"]["host"] == "127.0.0.1"
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["scheme"] == ("HTTPS" if "tls" in cfg else "HTTP")
     vols = {v["name"]: v for v in spec["volumes"]}
