@@ -1008,11 +1008,11 @@ static bool is_tls_error(CURLcode c)
     }
 }
 
-/* Map a libcurl failure of a transfer to our result. */
-static upstream_result map_curl_error(CURLcode c, const xfer *x)
+/* Map a libcurl failure to our result. answered: a final answer had
+ * begun (a failure then breaks it midway); redirected: the URL that failed
+ * came from the upstream's Location. */
+static upstream_result curl_failure_result(CURLcode c, bool answered, bool redirected)
 {
-    if (x->aborted)
-        return UPSTREAM_ERR_ABORTED;
     if (is_tls_error(c))
         return UPSTREAM_ERR_TLS;
     switch (c) {
@@ -1024,7 +1024,7 @@ static upstream_result map_curl_error(CURLcode c, const xfer *x)
     case CURLE_URL_MALFORMAT:
         /* our own URL was checked; after a redirect it is the upstream's
          * Location that is broken */
-        return x->redirects > 0 ? UPSTREAM_ERR_TRANSFER : UPSTREAM_ERR_INTERNAL;
+        return redirected ? UPSTREAM_ERR_TRANSFER : UPSTREAM_ERR_INTERNAL;
     case CURLE_COULDNT_RESOLVE_HOST:
     case CURLE_COULDNT_RESOLVE_PROXY:
     case CURLE_COULDNT_CONNECT:
@@ -1034,7 +1034,7 @@ static upstream_result map_curl_error(CURLcode c, const xfer *x)
     case CURLE_BAD_FUNCTION_ARGUMENT:
     case CURLE_UNKNOWN_OPTION:
     case CURLE_NOT_BUILT_IN:
-    case CURLE_WRITE_ERROR: /* not ours (x->aborted is false): libcurl's own */
+    case CURLE_WRITE_ERROR: /* not the caller's (it would have aborted): libcurl's own */
         return UPSTREAM_ERR_INTERNAL;
     default:
         /* SEND_ERROR, RECV_ERROR, GOT_NOTHING, PARTIAL_FILE, HTTP2 errors,
@@ -1042,8 +1042,16 @@ static upstream_result map_curl_error(CURLcode c, const xfer *x)
          * could not be reached properly (reset before an answer, or a
          * redirect target that does not answer); after it, the answer
          * broke midway. */
-        return x->final_seen ? UPSTREAM_ERR_TRANSFER : UPSTREAM_ERR_CONNECT;
+        return answered ? UPSTREAM_ERR_TRANSFER : UPSTREAM_ERR_CONNECT;
     }
+}
+
+/* Map a libcurl failure of a transfer to our result. */
+static upstream_result map_curl_error(CURLcode c, const xfer *x)
+{
+    if (x->aborted)
+        return UPSTREAM_ERR_ABORTED;
+    return curl_failure_result(c, x->final_seen, x->redirects > 0);
 }
 
 /* "could not resolve host NAME" for url's host; false when url has none. */
@@ -1137,12 +1145,15 @@ static char *token_url(CURL *h, const char *realm, const char *service, const ch
     return url;
 }
 
-/* Get a token for the challenge. On success returns 0 and a malloc'd token
- * in *token_out; on failure returns -1 with err filled (never with a
- * secret in it). The realm is the one the upstream named: our Basic
- * credentials go there, as every registry client does. */
-static int fetch_token(upstream *u, CURL *h, const www_authenticate *chal, const char *our_scope,
-                       const char *cache_scope, char **token_out, char *err, size_t errlen)
+/* Get a token for the challenge. On success returns UPSTREAM_OK and a
+ * malloc'd token in *token_out; on failure, with err filled (never with a
+ * secret in it): UPSTREAM_ERR_DENIED when the realm refused our
+ * credentials, the transport's failure when it could not be asked (a name
+ * that does not resolve is worth a retry like any other), and
+ * UPSTREAM_ERR_AUTH for anything else. The realm is the one the upstream
+ * named: our Basic credentials go there, as every registry client does. */
+static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate *chal, const char *our_scope,
+                                   const char *cache_scope, char **token_out, char *err, size_t errlen)
 {
     *token_out = NULL;
     char realm_shown[1100];
@@ -1151,11 +1162,11 @@ static int fetch_token(upstream *u, CURL *h, const www_authenticate *chal, const
     bool realm_https = strncasecmp(chal->realm, "https://", 8) == 0;
     if (!realm_https && strncasecmp(chal->realm, "http://", 7) != 0) {
         set_err(err, errlen, "upstream %s: token realm %s is not an http(s) URL", u->name, realm_shown);
-        return -1;
+        return UPSTREAM_ERR_AUTH;
     }
     if (has_ctl_or_space(chal->realm)) {
         set_err(err, errlen, "upstream %s: token realm contains spaces or control characters", u->name);
-        return -1;
+        return UPSTREAM_ERR_AUTH;
     }
     if (u->username && u->https && !realm_https) {
         /* Credentials configured for an https upstream are not sent in
@@ -1164,19 +1175,19 @@ static int fetch_token(upstream *u, CURL *h, const www_authenticate *chal, const
                 "upstream %s: token realm %s is plain http but the upstream is https; refusing to "
                 "send credentials",
                 u->name, realm_shown);
-        return -1;
+        return UPSTREAM_ERR_AUTH;
     }
 
     const char *scope = chal->scope[0] ? chal->scope : our_scope;
     char *url = token_url(h, chal->realm, chal->service, scope);
     if (!url) {
         set_err(err, errlen, "upstream %s: out of memory", u->name);
-        return -1;
+        return UPSTREAM_ERR_AUTH;
     }
 
     token_xfer t = {0};
     struct curl_slist *hdrs = NULL;
-    int ret = -1;
+    upstream_result ret = UPSTREAM_ERR_AUTH;
     curl_easy_reset(h);
     CURLcode rc = CURLE_OK;
 #define SET(opt, val)                                                                              \
@@ -1231,19 +1242,24 @@ static int fetch_token(upstream *u, CURL *h, const www_authenticate *chal, const
     rc = curl_easy_perform(h);
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &t.status);
     if (rc != CURLE_OK) {
+        char resolve[300];
         if (t.too_big)
             set_err(err, errlen, "upstream %s: token request GET %s: response larger than %d bytes",
                     u->name, realm_shown, TOKEN_BODY_MAX);
         else
             set_err(err, errlen, "upstream %s: token request GET %s: %s", u->name, realm_shown,
-                    t.errbuf[0] ? t.errbuf : curl_easy_strerror(rc));
+                    rc == CURLE_COULDNT_RESOLVE_HOST && host_of(url, resolve, sizeof resolve) ? resolve
+                    : t.errbuf[0]                                                          ? t.errbuf
+                                                                                           : curl_easy_strerror(rc));
+        if (!t.too_big)
+            ret = curl_failure_result(rc, t.status != 0, false);
         goto out;
     }
     if (t.status != 200) {
         set_err(err, errlen, "upstream %s: token request GET %s: HTTP status %ld%s", u->name,
                 realm_shown, t.status,
                 t.status == 401 || t.status == 403 ? " (credentials refused?)" : "");
-        if (t.status == 401 || t.status == 403) ret = -2; /* refused, not broken */
+        if (t.status == 401 || t.status == 403) ret = UPSTREAM_ERR_DENIED; /* refused, not broken */
         goto out;
     }
 
@@ -1270,7 +1286,7 @@ static int fetch_token(upstream *u, CURL *h, const www_authenticate *chal, const
     *token_out = xstrdup(tok);
     if (*token_out) {
         token_cache_put(u, cache_scope, u->username != NULL, tok, ttl);
-        ret = 0;
+        ret = UPSTREAM_OK;
     } else {
         set_err(err, errlen, "upstream %s: out of memory", u->name);
     }
@@ -1450,10 +1466,9 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             set_basic_known(u, false);
             free_secret(token);
             token = NULL;
-            int tr = fetch_token(u, h, &x.chal, scope, cscope, &token, err, errlen);
-            if (tr != 0) {
+            res = fetch_token(u, h, &x.chal, scope, cscope, &token, err, errlen);
+            if (res != UPSTREAM_OK) {
                 healthy = false; /* the token request may have failed in libcurl */
-                res = tr == -2 ? UPSTREAM_ERR_DENIED : UPSTREAM_ERR_AUTH;
                 goto out;
             }
             how = SEND_BEARER;

@@ -106,10 +106,12 @@ class Registry:
     def log(self):
         return log_tail(self.proc, 20000) if self.proc else ""
 
-    def clone(self, group, workdir, name=None):
+    def clone(self, group, workdir, name=None, token_server=None):
         """Another registry process, same mode and credentials, serving this
         one's storage (read-only use) on its own port: an upstream a test
-        may stop without disturbing the session's registry."""
+        may stop without disturbing the session's registry. token_server:
+        what the clone's token auth names instead (realm, service, issuer,
+        cert_path), e.g. the same server under another host name."""
         other = Registry.__new__(Registry)
         other.group = group
         other.workdir = workdir
@@ -117,7 +119,7 @@ class Registry:
         other.mode = self.mode
         other.username = self.username
         other.password = self.password
-        other.token_server = self.token_server
+        other.token_server = token_server or self.token_server
         other.tls = getattr(self, "tls", None)
         other.port = free_port()
         other.proc = None

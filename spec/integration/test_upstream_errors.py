@@ -20,13 +20,16 @@ import time
 
 import pytest
 
+import types
+
 import clients
 from clients import diag
-from conftest import HTPASSWD_USER
+from conftest import HTPASSWD_USER, TOKEN_PASSWORD, TOKEN_USER
 from fake_upstream import assert_oci_error, request
 from harness import Regfacade, free_port, wait_http
 
 HOSTNAME = "upstream.regfacade.test"  # .test is reserved: no DNS answers it
+AUTH_HOSTNAME = "auth.regfacade.test"  # a token realm's host
 
 
 # ---------------------------------------------------------------------------
@@ -49,7 +52,8 @@ def _hosts_from_files_first():
 class PrivateHosts:
     """An /etc/hosts for one process tree: `wrap` runs a command in its own
     mount namespace with this file bound over /etc/hosts. set(up) rewrites
-    the file in place (the bind mount holds its inode)."""
+    the file in place (the bind mount holds its inode); up maps both test
+    names to 127.0.0.1."""
 
     def __init__(self, path):
         self.path = path
@@ -58,7 +62,7 @@ class PrivateHosts:
     def set(self, up):
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
         if up:
-            lines.append(f"127.0.0.1 {HOSTNAME}")
+            lines.append(f"127.0.0.1 {HOSTNAME} {AUTH_HOSTNAME}")
         with open(self.path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -74,11 +78,12 @@ def private_hosts(tmp_path):
         pytest.skip("needs root with unshare and mount (a private mount namespace for /etc/hosts)")
     if not _hosts_from_files_first():
         pytest.skip("/etc/nsswitch.conf does not ask the hosts file first")
-    try:
-        socket.getaddrinfo(HOSTNAME, 80)
-        pytest.skip(f"{HOSTNAME} resolves outside the test: it cannot be switched off")
-    except socket.gaierror:
-        pass
+    for name in (HOSTNAME, AUTH_HOSTNAME):
+        try:
+            socket.getaddrinfo(name, 80)
+            pytest.skip(f"{name} resolves outside the test: it cannot be switched off")
+        except socket.gaierror:
+            pass
     return PrivateHosts(str(tmp_path / "hosts"))
 
 
@@ -157,6 +162,36 @@ def test_dns_failure_names_the_host_and_does_not_poison_the_upstream(procs, tmp_
     _pull(rf, second, tmp_path, "up-again")  # cold blobs: the fetch path too
     r = clients.http_request(f"{rf.url}/v2/{second['repo']}/tags/list")
     assert r.status == 200 and second["tag"] in r.json()["tags"], r
+
+
+def test_token_realm_that_does_not_resolve_is_retried_and_named(procs, tmp_path, private_hosts,
+                                                                token_registry, token_server):
+    # The registry resolves (it is named by address); the token realm it
+    # names does not, until the test maps it.
+    realm = types.SimpleNamespace(realm=f"http://{AUTH_HOSTNAME}:{token_server.port}/token",
+                                  service=token_server.service, issuer=token_server.issuer,
+                                  cert_path=token_server.cert_path)
+    reg = token_registry.clone(procs, str(tmp_path / "reg"), name="registry-realm", token_server=realm)
+    pf = tmp_path / "password"
+    pf.write_text(TOKEN_PASSWORD)
+    os.chmod(pf, 0o600)
+    retries = 2
+    cfg = clients.facade_config(str(tmp_path / "cache"),
+                                {"tok": {"url": reg.url, "username": TOKEN_USER, "password_file": str(pf)}},
+                                upstream_client={"retries": retries})
+    rf = Regfacade(procs, str(tmp_path), cfg, wrap=private_hosts.wrap)
+    private_hosts.set(False)
+    rf.start()
+    info = token_registry.images["oci"]
+    r = _manifest(rf, info)
+    want = f"could not resolve host {AUTH_HOSTNAME}"
+    assert r.status == 502 and r.error_codes()[:1] == ["UNKNOWN"], f"{r!r}\n{diag(rf)}"
+    assert want in _message(r) and "token request" in _message(r), f"{r!r}\n{diag(rf)}"
+    retried = [e for e in _log_entries(rf) if "retrying" in e.get("msg", "") and want in e.get("msg", "")]
+    assert len(retried) == retries, f"a realm that does not resolve is a transient failure:\n{diag(rf)}"
+
+    private_hosts.set(True)
+    _pull(rf, info, tmp_path, "realm-up")
 
 
 # ---------------------------------------------------------------------------
