@@ -7,7 +7,10 @@
   connections are really held, and at the limit the longest-idle connection
   is closed to make room (a normal client and skopeo pull meanwhile);
 - /readyz says "saturated" when max_connections connections are all busy
-  with requests (idle ones do not count: they make room), and recovers.
+  with requests (idle ones do not count: they make room), and recovers;
+- a request body trickled byte by byte is cut by the header deadline;
+- the open-files limit is raised at start, and one too low for
+  max_connections is said at start.
 """
 import os
 import resource
@@ -16,7 +19,7 @@ import threading
 
 from clients import skopeo_copy
 from fake_upstream import request, wait_until
-from harness import free_port, log_tail
+from harness import REGFACADE, Regfacade, free_port, log_tail, wait_http
 
 REPO = "conn/app"
 FLOOD = 1500
@@ -204,3 +207,28 @@ def test_trickled_request_body_is_cut_like_trickled_headers(fake_facade):
                       timeout=30)
     r = request(rf.host, "GET", "/v2/")
     assert r.status == 200, r
+
+
+def start_with_nofile(procs, tmp_path, fake_upstream, name, nofile):
+    """A regfacade started under prlimit --nofile=SOFT:HARD; its log once serving."""
+    rf = Regfacade(procs, str(tmp_path), {"upstreams": {"fake": {"url": fake_upstream.url}},
+                                          "cache": {"dir": str(tmp_path / f"cache-{name}")}}, name=name)
+    rf.proc = procs.start(rf.name, ["prlimit", f"--nofile={nofile}", "--", REGFACADE, "serve",
+                                    "--config", rf.config_path])
+    wait_http(rf.url + "/v2/", timeout=20)
+    return rf, log_tail(rf.proc, 1 << 30)
+
+
+def test_open_files_limit_raised_and_checked_at_start(procs, tmp_path, fake_upstream):
+    # Soft limit below the hard one: raised to it, and said so.
+    rf, log = start_with_nofile(procs, tmp_path, fake_upstream, "raised", "512:8192")
+    assert "open-files limit raised from 512 to the hard limit 8192" in log, log
+    assert "is below" not in log, log
+    with open(f"/proc/{rf.proc.pid}/limits") as f:
+        assert any(l.startswith("Max open files") and l.split()[3] == "8192" for l in f), "soft limit not raised"
+
+    # A hard limit too low for the default max_connections (1024): said at
+    # start, and the server still serves.
+    rf, log = start_with_nofile(procs, tmp_path, fake_upstream, "low", "300:300")
+    assert "the open-files limit 300 is below the" in log and "limits.max_connections 1024" in log, log
+    assert request(rf.host, "GET", "/v2/").status == 200
