@@ -1009,7 +1009,8 @@ static int run_hook(policy *p, hook_id h, lua_CFunction fn, hook_call *c) {
                           : o == SB_INSTRUCTIONS ? " exceeded its instruction budget"
                           : o == SB_MEMORY       ? " exceeded its memory cap"
                                                  : " failed";
-        policy_error_set(c->e, 500, "UNKNOWN", "the policy's %s hook%s%s (details in the server log)", HOOKS[h], why, where);
+        policy_error_set(c->e, 500, "UNKNOWN", "the policy's %s hook%s%s (details in the server log)", HOOKS[h], why,
+                         where);
         rc = -1;
     } else if (c->invalid) {
         /* A malformed answer is the policy's bug: loud, like a Lua error. */
@@ -1340,8 +1341,8 @@ static int apply_credentials(const policy *p, const char *set, char *upstream, s
     snprintf(name, sizeof name, "%s@%s", upstream, set);
     if (strlen(name) >= len || !config_find_upstream(p->cfg, name)) {
         policy_error_set(e, 500, "UNKNOWN",
-                  "the policy chose credential set \"%s\", which upstream \"%s\" does not have "
-                  "(upstreams.%s.credentials)", set, upstream, upstream);
+                         "the policy chose credential set \"%s\", which upstream \"%s\" does not have "
+                         "(upstreams.%s.credentials)", set, upstream, upstream);
         return -1;
     }
     snprintf(upstream, len, "%s", name);
@@ -1443,7 +1444,7 @@ int policy_resolve(policy *p, const policy_request *req, policy_resolution *out,
         /* No resolve hook: default_upstream, unchanged. */
         if (!p->cfg->default_upstream) {
             policy_error_set(e, 404, "NAME_UNKNOWN", "no resolve hook and no default_upstream for %s",
-                      req->repository ? req->repository : "-");
+                             req->repository ? req->repository : "-");
             return -1;
         }
         snprintf(out->upstream, sizeof out->upstream, "%s", p->cfg->default_upstream);

@@ -1201,14 +1201,16 @@ int specs_resolve(specs *sp, policy *pol, policy_request *req, policy_resolution
     if (named < 0) return -1;
     if (named == 0) return policy_resolve(pol, req, out, e);
     if (!specs_has_provider(sp, provider_name)) {
-        policy_error_set(e, 500, "UNKNOWN", "the policy's spec hook named provider \"%s\", which is not configured in specs.providers",
-                provider_name);
+        policy_error_set(e, 500, "UNKNOWN",
+                         "the policy's spec hook named provider \"%s\", which is not configured in specs.providers",
+                         provider_name);
         log_error("%s (request %s)", e->message, req->repository);
         return -1;
     }
     if (!specs_valid_id(id)) {
-        policy_error_set(e, 404, unknown_code(req->kind), "%s: no image spec can have the id \"%s\" (ids are "
-                "[A-Za-z0-9][A-Za-z0-9._-]{0,127})", req->repository, id);
+        policy_error_set(e, 404, unknown_code(req->kind),
+                         "%s: no image spec can have the id \"%s\" (ids are [A-Za-z0-9][A-Za-z0-9._-]{0,127})",
+                         req->repository, id);
         return -1;
     }
     json_value *spec = NULL;
@@ -1220,8 +1222,8 @@ int specs_resolve(specs *sp, policy *pol, policy_request *req, policy_resolution
         policy_error_set(e, 404, unknown_code(req->kind), "%s: %s", req->repository, why);
         return -1;
     case SPECS_UNAVAILABLE:
-        policy_error_set(e, 503, "UNKNOWN", "%s: the image spec cannot be looked up now (try again): %s", req->repository,
-                why);
+        policy_error_set(e, 503, "UNKNOWN", "%s: the image spec cannot be looked up now (try again): %s",
+                         req->repository, why);
         return -1;
     case SPECS_BAD_ANSWER:
         policy_error_set(e, 502, "UNKNOWN", "%s: %s", req->repository, why);
