@@ -1,4 +1,4 @@
-/* Docker config.json credential lookup (ref.h). Input: HOST NUL JSON; with
+/* Docker config.json credential and helper lookup (ref.h). Input: HOST NUL JSON; with
  * no NUL, the whole input is the JSON and the host is docker.io. */
 #include "fuzz.h"
 
@@ -31,6 +31,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (rc == -1) FUZZ_ASSERT(memchr(err, 0, sizeof err));
     char u1[1], p1[1];
     (void)docker_config_lookup(text, json_len, host, u1, sizeof u1, p1, sizeof p1, err, 8);
+    char helper[32];
+    rc = docker_config_helper(text, json_len, host, helper, sizeof helper, err, sizeof err);
+    FUZZ_ASSERT(rc == 1 || rc == 0 || rc == -1);
+    if (rc == 1) FUZZ_ASSERT(helper[0] && memchr(helper, 0, sizeof helper) && !strchr(helper, '/'));
+    if (rc != 1) FUZZ_ASSERT(helper[0] == '\0');
     free(text);
     free(host);
     return 0;

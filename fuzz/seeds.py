@@ -65,7 +65,9 @@ def main():
             ("docker.io", {"auths": {"docker.io": {"auth": "!!notbase64"}}}),
             ("docker.io", {"auths": {"docker.io": {"auth": base64.b64encode(b"nocolon").decode()}}}),
             ("registry-1.docker.io", {"credsStore": "desktop", "auths": {}}),
-            ("x", {"auths": []})]
+            ("x", {"auths": []}),
+            ("gcr.io", {"credHelpers": {"gcr.io": "gcloud", "x.io": ""}, "credsStore": "ecr-login"}),
+            ("x.io", {"credHelpers": {"https://x.io/": ""}, "credsStore": "../evil"})]
     for i, (host, c) in enumerate(cfgs):
         w("fuzz_docker_config", f"seed-{i:02d}", host.encode() + b"\0" + json.dumps(c).encode())
 

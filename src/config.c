@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "regfacade/credentials.h"
 #include "regfacade/ref.h"
 
 #define CONFIG_MAX_BYTES (1024 * 1024)
@@ -175,6 +176,18 @@ static int read_secret(load_ctx *lc, const char *path, const char *where, char *
     return 0;
 }
 
+/* u asks the credential helper name (docker-credential-NAME on PATH, or a
+ * path): it must exist and be executable now (it is not run). */
+static int set_helper(load_ctx *lc, config_upstream *u, const char *name, const char *where) {
+    char path[PATH_MAX], why[1024], url[300];
+    if (credentials_find_helper(name, lc->dir, NULL, path, sizeof path, why, sizeof why) != 0)
+        return fail(lc, "%s: credential helper: %s", where, why);
+    credentials_server_url(u->host, url, sizeof url);
+    if (!(u->credential_helper = strdup(path)) || !(u->credential_server_url = strdup(url)))
+        return fail(lc, "%s: out of memory", where);
+    return 0;
+}
+
 /* upstreams.NAME.mirrors: an array of http(s) base URLs (at most 15). */
 static int load_mirrors(load_ctx *lc, const json_value *obj, const char *where, config_upstream *u) {
     json_value *m = json_object_get(obj, "mirrors");
@@ -205,7 +218,8 @@ static int load_mirrors(load_ctx *lc, const json_value *obj, const char *where, 
 
 static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, config_upstream *u) {
     static const char *const keys[] = {"url", "username", "password_file", "ca_file", "tls_verify",
-                                       "library_prefix", "mirrors", "credentials", NULL};
+                                       "library_prefix", "mirrors", "credentials", "credential_helper",
+                                       "credential_cache_seconds", NULL};
     char where[300];
     snprintf(where, sizeof where, "upstreams.%s", name);
     if (!ref_valid_name(name) || strchr(name, '/'))
@@ -238,6 +252,19 @@ static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, 
     } else if (u->username) {
         return fail(lc, "%s: username needs password_file", where);
     }
+    char *helper = NULL;
+    if (get_string(lc, obj, "credential_helper", where, &helper) != 0) return -1;
+    if (helper && u->username) {
+        free(helper);
+        return fail(lc, "%s: username and credential_helper exclude each other (one account per upstream)", where);
+    }
+    if (helper && set_helper(lc, u, helper, where) != 0) {
+        free(helper);
+        return -1;
+    }
+    free(helper);
+    u->credential_cache_seconds = -1; /* upstream_client.credential_cache_seconds unless set */
+    if (get_long(lc, obj, "credential_cache_seconds", where, 0, 86400, &u->credential_cache_seconds) != 0) return -1;
     if (get_path(lc, obj, "ca_file", where, &u->ca_file) != 0) return -1;
     if (u->ca_file && access(u->ca_file, R_OK) != 0)
         return fail(lc, "%s.ca_file: cannot read %s: %s", where, u->ca_file, strerror(errno));
@@ -309,7 +336,9 @@ static int load_credential_sets(load_ctx *lc, const json_value *ups, config *c) 
     return 0;
 }
 
-/* Upstreams without their own credentials take them from docker_config. */
+/* Upstreams without their own credentials take them from docker_config:
+ * the helper it names for the host (credHelpers, then credsStore), else
+ * its auths entry (a password or an identity token). */
 static int apply_docker_config(load_ctx *lc, config *c) {
     size_t len = 0;
     char *text = config_read_file(c->docker_config, 4 * 1024 * 1024, &len);
@@ -317,18 +346,32 @@ static int apply_docker_config(load_ctx *lc, config *c) {
     int rc = 0;
     for (size_t i = 0; i < c->n_upstreams && rc == 0; i++) {
         config_upstream *u = &c->upstreams[i];
-        if (u->username) continue;
-        char user[512], pass[4096], err[512];
-        int found = docker_config_lookup(text, len, u->host, user, sizeof user, pass, sizeof pass, err, sizeof err);
+        if (u->username || u->credential_helper) continue;
+        char user[512], pass[16 * 1024], err[512], helper[128], where[400];
+        int found = docker_config_helper(text, len, u->host, helper, sizeof helper, err, sizeof err);
         if (found < 0) {
             rc = fail(lc, "docker_config %s: %s", c->docker_config, err);
+            break;
+        }
+        if (found == 1) {
+            snprintf(where, sizeof where, "docker_config %s (for upstreams.%s, %s)", c->docker_config, u->name,
+                     u->host);
+            rc = set_helper(lc, u, helper, where);
+            continue;
+        }
+        found = docker_config_lookup(text, len, u->host, user, sizeof user, pass, sizeof pass, err, sizeof err);
+        if (found < 0) {
+            rc = fail(lc, "docker_config %s: %s", c->docker_config, err);
+        } else if (found == 1 && strcmp(user, CREDENTIALS_TOKEN_USERNAME) == 0) {
+            if (!(u->identity_token = strdup(pass))) rc = fail(lc, "docker_config: out of memory");
         } else if (found == 1) {
             u->username = strdup(user);
             u->password = strdup(pass);
             if (!u->username || !u->password) rc = fail(lc, "docker_config: out of memory");
         }
-        memset(pass, 0, sizeof pass);
+        explicit_bzero(pass, sizeof pass);
     }
+    explicit_bzero(text, len);
     free(text);
     return rc;
 }
@@ -384,6 +427,8 @@ static config *config_new_defaults(void) {
     c->upstream_retries = 3;
     c->upstream_retry_budget_s = 30;
     c->upstream_max_concurrent_fetches = 64;
+    c->credential_helper_timeout_ms = CREDENTIALS_DEFAULT_TIMEOUT_MS;
+    c->credential_cache_seconds = CREDENTIALS_DEFAULT_CACHE_SECONDS;
     c->stale_max_seconds = 86400;
     c->max_connections = 1024;
     c->client_timeout_s = 300;
@@ -433,7 +478,8 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
                                              "connections_per_ip", "requests_per_second", "request_burst",
                                              "header_timeout_seconds", "shutdown_grace_seconds", NULL};
     static const char *const client_keys[] = {"connect_timeout_ms", "low_speed_seconds", "low_speed_bytes",
-                                              "retries", "retry_budget_seconds", "max_concurrent_fetches", NULL};
+                                              "retries", "retry_budget_seconds", "max_concurrent_fetches",
+                                              "credential_helper_timeout_ms", "credential_cache_seconds", NULL};
     if (check_keys(lc, root, "config", top) != 0) return -1;
 
     char *listen = NULL;
@@ -534,7 +580,14 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
         uint64_t mc = c->upstream_max_concurrent_fetches;
         if (get_u64(lc, client, "max_concurrent_fetches", "upstream_client", 1, 100000, &mc)) return -1;
         c->upstream_max_concurrent_fetches = (unsigned)mc;
+        if (get_long(lc, client, "credential_helper_timeout_ms", "upstream_client", 100, 600000,
+                     &c->credential_helper_timeout_ms))
+            return -1;
+        if (get_long(lc, client, "credential_cache_seconds", "upstream_client", 0, 86400, &c->credential_cache_seconds))
+            return -1;
     }
+    for (size_t i = 0; i < c->n_upstreams; i++)
+        if (c->upstreams[i].credential_cache_seconds < 0) c->upstreams[i].credential_cache_seconds = c->credential_cache_seconds;
     return 0;
 }
 
@@ -616,6 +669,10 @@ void config_free(config *c) {
         free(u->username);
         if (u->password) memset(u->password, 0, strlen(u->password));
         free(u->password);
+        if (u->identity_token) explicit_bzero(u->identity_token, strlen(u->identity_token));
+        free(u->identity_token);
+        free(u->credential_helper);
+        free(u->credential_server_url);
         free(u->ca_file);
         for (size_t j = 0; j < u->n_mirrors; j++) free(u->mirrors[j]);
         free(u->mirrors);

@@ -722,17 +722,28 @@ static int entry_credentials(const json_value *entry, const char *key, char *use
         set_err(err, errlen, "docker config: auths[\"%s\"].password: not a string", key);
         return -1;
     }
-    /* An identity token is an OAuth refresh token for the registry's token
-     * server, not a password; sending it as Basic would fail in confusing
-     * ways, so refuse plainly. */
     if (itok && itok->type != JSON_STRING) {
         set_err(err, errlen, "docker config: auths[\"%s\"].identitytoken: not a string", key);
         return -1;
     }
+    /* An identity token is an OAuth2 refresh token for the registry's token
+     * server, not a password: it wins over "auth" (as in Docker) and goes
+     * out under the user name "<token>", which tells the caller so. */
     if (itok && itok->len > 0) {
-        set_err(err, errlen,
-                "docker config: auths[\"%s\"].identitytoken: identity tokens are not supported", key);
-        return -1;
+        if (memchr(itok->str, '\0', itok->len)) {
+            set_err(err, errlen, "docker config: auths[\"%s\"].identitytoken: contains a NUL byte", key);
+            return -1;
+        }
+        if (!copy_cred("<token>", 7, user, user_len)) {
+            set_err(err, errlen, "docker config: auths[\"%s\"]: user name buffer too small", key);
+            return -1;
+        }
+        if (!copy_cred(itok->str, itok->len, pass, pass_len)) {
+            set_err(err, errlen, "docker config: auths[\"%s\"].identitytoken: too long (%zu bytes)", key,
+                    itok->len);
+            return -1;
+        }
+        return 1;
     }
 
     if (auth && auth->len > 0)
@@ -760,6 +771,62 @@ static int entry_credentials(const json_value *entry, const char *key, char *use
     return 1;
 }
 
+/* The key of obj naming host: an exact key wins (the last one, as
+ * json_object_get would pick); otherwise the first key, in file order,
+ * naming the same host. SIZE_MAX when none. */
+static size_t find_host_key(const json_value *obj, const char *host)
+{
+    char want[256];
+    registry_host_normalize(host, want, sizeof want);
+    size_t hostlen = strlen(host);
+    size_t match = SIZE_MAX;
+    for (size_t i = 0; i < obj->count; i++) {
+        if (obj->key_lens[i] == hostlen && memcmp(obj->keys[i], host, hostlen) == 0)
+            match = i;
+    }
+    for (size_t i = 0; i < obj->count && match == SIZE_MAX && want[0] != '\0'; i++) {
+        char have[256];
+        if (memchr(obj->keys[i], '\0', obj->key_lens[i]))
+            continue; /* a key with a NUL cannot name a host */
+        registry_host_normalize(obj->keys[i], have, sizeof have);
+        if (strcmp(have, want) == 0)
+            match = i;
+    }
+    return match;
+}
+
+/* Parse a Docker config looked up for host: 1 with *root an object, 0 for an empty text
+ * (the docker CLI reads it as an empty config), -1 with err. */
+static int docker_config_parse(const char *json_text, size_t len, const char *host, json_value **root,
+                               char *err, size_t errlen)
+{
+    *root = NULL;
+    if ((!json_text && len) || !host) {
+        set_err(err, errlen, "docker config: invalid arguments");
+        return -1;
+    }
+    size_t k = 0;
+    while (k < len && (json_text[k] == ' ' || json_text[k] == '\t' || json_text[k] == '\n' ||
+                       json_text[k] == '\r'))
+        k++;
+    if (k == len)
+        return 0;
+    char jerr[256];
+    jerr[0] = '\0';
+    *root = json_parse(json_text, len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+    if (!*root) {
+        set_err(err, errlen, "docker config: %s", jerr[0] ? jerr : "invalid JSON");
+        return -1;
+    }
+    if ((*root)->type != JSON_OBJECT) {
+        set_err(err, errlen, "docker config: top level is not an object");
+        json_free(*root);
+        *root = NULL;
+        return -1;
+    }
+    return 1;
+}
+
 int docker_config_lookup(const char *json_text, size_t len, const char *host, char *user,
                          size_t user_len, char *pass, size_t pass_len, char *err, size_t errlen)
 {
@@ -767,31 +834,13 @@ int docker_config_lookup(const char *json_text, size_t len, const char *host, ch
         user[0] = '\0';
     if (pass && pass_len)
         pass[0] = '\0';
-    if ((!json_text && len) || !host || !user || !pass || user_len == 0 || pass_len == 0) {
-        set_err(err, errlen, "docker config: invalid arguments");
-        return -1;
-    }
-    /* An empty file is an empty config (the docker CLI reads it that way). */
-    size_t k = 0;
-    while (k < len && (json_text[k] == ' ' || json_text[k] == '\t' || json_text[k] == '\n' ||
-                       json_text[k] == '\r'))
-        k++;
-    if (k == len)
-        return 0;
-
-    char jerr[256];
-    jerr[0] = '\0';
-    json_value *root = json_parse(json_text, len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
-    if (!root) {
-        set_err(err, errlen, "docker config: %s", jerr[0] ? jerr : "invalid JSON");
-        return -1;
-    }
-    int rc = 0;
-    if (root->type != JSON_OBJECT) {
-        set_err(err, errlen, "docker config: top level is not an object");
-        rc = -1;
-        goto out;
-    }
+    json_value *root;
+    int rc = !user || !pass || user_len == 0 || pass_len == 0
+                 ? (set_err(err, errlen, "docker config: invalid arguments"), -1)
+                 : docker_config_parse(json_text, len, host, &root, err, errlen);
+    if (rc <= 0)
+        return rc;
+    rc = 0;
     const json_value *auths = json_object_get(root, "auths");
     if (!auths)
         goto out;
@@ -800,27 +849,7 @@ int docker_config_lookup(const char *json_text, size_t len, const char *host, ch
         rc = -1;
         goto out;
     }
-
-    /* An exact key wins (the last one, as json_object_get would pick);
-     * otherwise the first key, in file order, naming the same host. */
-    char want[256];
-    registry_host_normalize(host, want, sizeof want);
-    size_t hostlen = strlen(host);
-    size_t match = SIZE_MAX;
-    for (size_t i = 0; i < auths->count; i++) {
-        if (auths->key_lens[i] == hostlen && memcmp(auths->keys[i], host, hostlen) == 0)
-            match = i;
-    }
-    if (match == SIZE_MAX && want[0] != '\0') {
-        for (size_t i = 0; i < auths->count && match == SIZE_MAX; i++) {
-            char have[256];
-            if (memchr(auths->keys[i], '\0', auths->key_lens[i]))
-                continue; /* a key with a NUL cannot name a host */
-            registry_host_normalize(auths->keys[i], have, sizeof have);
-            if (strcmp(have, want) == 0)
-                match = i;
-        }
-    }
+    size_t match = find_host_key(auths, host);
     if (match == SIZE_MAX)
         goto out;
 
@@ -831,6 +860,75 @@ int docker_config_lookup(const char *json_text, size_t len, const char *host, ch
         user[0] = '\0';
         pass[0] = '\0';
     }
+out:
+    json_free(root);
+    return rc;
+}
+
+/* A helper name fit for "docker-credential-NAME": no path, no control
+ * characters, no spaces. */
+static bool helper_name_ok(const json_value *v)
+{
+    if (v->len == 0 || v->len > 100 || memchr(v->str, '\0', v->len))
+        return false;
+    for (size_t i = 0; i < v->len; i++) {
+        unsigned char c = (unsigned char)v->str[i];
+        if (c <= 0x20 || c == 0x7f || c == '/' || c == '\\')
+            return false;
+    }
+    return true;
+}
+
+int docker_config_helper(const char *json_text, size_t len, const char *host, char *helper,
+                         size_t helper_len, char *err, size_t errlen)
+{
+    if (helper && helper_len)
+        helper[0] = '\0';
+    json_value *root;
+    int rc = !helper || helper_len == 0 ? (set_err(err, errlen, "docker config: invalid arguments"), -1)
+                                        : docker_config_parse(json_text, len, host, &root, err, errlen);
+    if (rc <= 0)
+        return rc;
+    rc = 0;
+    const json_value *chosen = NULL;
+    char where[160] = "credsStore";
+    const json_value *helpers = json_object_get(root, "credHelpers");
+    if (helpers && helpers->type != JSON_OBJECT) {
+        set_err(err, errlen, "docker config: \"credHelpers\" is not an object");
+        rc = -1;
+        goto out;
+    }
+    size_t match = helpers ? find_host_key(helpers, host) : SIZE_MAX;
+    if (match != SIZE_MAX) {
+        char keymsg[128];
+        key_for_message(helpers->keys[match], helpers->key_lens[match], keymsg, sizeof keymsg);
+        snprintf(where, sizeof where, "credHelpers[\"%s\"]", keymsg);
+        chosen = helpers->items[match];
+    } else {
+        chosen = json_object_get(root, "credsStore");
+    }
+    if (!chosen)
+        goto out;
+    if (chosen->type != JSON_STRING) {
+        set_err(err, errlen, "docker config: %s: not a string", where);
+        rc = -1;
+        goto out;
+    }
+    /* "" means the file's own auths (as the docker CLI reads it). */
+    if (chosen->len == 0)
+        goto out;
+    if (!helper_name_ok(chosen)) {
+        set_err(err, errlen, "docker config: %s: not a helper name (1 to 100 characters, no '/', spaces "
+                "or control characters)", where);
+        rc = -1;
+        goto out;
+    }
+    if (!copy_cred(chosen->str, chosen->len, helper, helper_len)) {
+        set_err(err, errlen, "docker config: %s: name too long", where);
+        rc = -1;
+        goto out;
+    }
+    rc = 1;
 out:
     json_free(root);
     return rc;

@@ -235,11 +235,20 @@ static served *served_build(server *s, config *c, bool owns_cfg, char *err, size
     g->cfg = c;
     for (size_t i = 0; i < c->n_upstreams; i++) {
         const config_upstream *cu = &c->upstreams[i];
+        /* An identity token or a helper stands for the account; a
+         * username and password go as they are. */
+        credentials_options co = {.kind = cu->credential_helper ? CREDENTIALS_HELPER : CREDENTIALS_IDENTITY_TOKEN,
+                                  .secret = cu->identity_token,
+                                  .helper = cu->credential_helper,
+                                  .server_url = cu->credential_server_url,
+                                  .timeout_ms = c->credential_helper_timeout_ms,
+                                  .cache_seconds = cu->credential_cache_seconds};
         upstream_options uo = {
             .name = cu->name,
             .url = cu->url,
             .username = cu->username,
             .password = cu->password,
+            .credentials = cu->credential_helper || cu->identity_token ? &co : NULL,
             .ca_file = cu->ca_file,
             .tls_verify = cu->tls_verify,
             .connect_timeout_ms = c->upstream_connect_timeout_ms,

@@ -196,8 +196,8 @@ struct upstream {
     int refs;         /* upstream_new's and upstream_hold's; atomic */
     char *name;
     char *url;        /* without trailing slash */
-    char *username;   /* NULL: anonymous */
-    char *password;
+    credentials *creds; /* the account, never NULL (kind NONE: anonymous) */
+    bool with_creds;    /* creds is not anonymous */
     char *ca_file;
     char *user_agent;
     bool tls_verify;
@@ -332,8 +332,7 @@ void upstream_free(upstream *u)
     free(u->url);
     for (size_t i = 1; i < u->nbases; i++) /* bases[0] is url */
         free(u->bases[i]);
-    free(u->username);
-    free_secret(u->password);
+    credentials_free(u->creds);
     free(u->ca_file);
     free(u->user_agent);
     free(u);
@@ -449,12 +448,20 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
 
     u->name = xstrdup(name);
     u->url = xstrdup(url);
-    u->username = xstrdup(opts->username);
-    u->password = xstrdup(opts->username ? (opts->password ? opts->password : "") : NULL);
+    credentials_options co = {.kind = opts->username ? CREDENTIALS_STATIC : CREDENTIALS_NONE,
+                              .username = opts->username,
+                              .secret = opts->password ? opts->password : ""};
+    char cerr[300];
+    u->creds = credentials_new(opts->credentials ? opts->credentials : &co, cerr, sizeof cerr);
+    if (!u->creds) {
+        set_err(err, errlen, "upstream %s: %s", name, cerr);
+        upstream_free(u);
+        return NULL;
+    }
+    u->with_creds = credentials_get_kind(u->creds) != CREDENTIALS_NONE;
     u->ca_file = opts->ca_file && *opts->ca_file ? xstrdup(opts->ca_file) : NULL;
     u->user_agent = xstrdup(opts->user_agent ? opts->user_agent : "regfacade/" REGFACADE_VERSION);
-    if (!u->name || !u->url || !u->user_agent || (opts->username && (!u->username || !u->password)) ||
-        (opts->ca_file && *opts->ca_file && !u->ca_file)) {
+    if (!u->name || !u->url || !u->user_agent || (opts->ca_file && *opts->ca_file && !u->ca_file)) {
         set_err(err, errlen, "upstream %s: out of memory", name);
         upstream_free(u);
         return NULL;
@@ -634,16 +641,17 @@ static void set_basic_known(upstream *u, bool b)
 }
 
 /* "Authorization: Basic base64(user:pass)", malloc'd; NULL on failure. */
-static char *basic_auth_header(const upstream *u)
+static char *basic_auth_header(const credential *cr)
 {
-    size_t ul = strlen(u->username), pl = strlen(u->password);
+    const char *pass = cr->secret ? cr->secret : "";
+    size_t ul = strlen(cr->username), pl = strlen(pass);
     size_t rawlen = ul + 1 + pl;
     char *raw = malloc(rawlen + 1);
     if (!raw)
         return NULL;
-    memcpy(raw, u->username, ul);
+    memcpy(raw, cr->username, ul);
     raw[ul] = ':';
-    memcpy(raw + ul + 1, u->password, pl);
+    memcpy(raw + ul + 1, pass, pl);
     raw[rawlen] = '\0';
     size_t enclen = 4 * ((rawlen + 2) / 3) + 1;
     static const char prefix[] = "Authorization: Basic ";
@@ -765,7 +773,7 @@ static void plan_auth(xfer *x)
     } else if (strcasecmp(x->chal.scheme, "Basic") == 0) {
         /* Without credentials, or if they were just refused, the 401 is
          * the answer. */
-        if (x->u->username && !x->sent_basic)
+        if (x->u->with_creds && !x->sent_basic)
             x->plan = AUTH_BASIC;
     }
     /* any other scheme: return the 401 as it is */
@@ -1145,19 +1153,44 @@ static char *token_url(CURL *h, const char *realm, const char *service, const ch
     return url;
 }
 
-/* Get a token for the challenge. On success returns UPSTREAM_OK and a
- * malloc'd token in *token_out; on failure, with err filled (never with a
- * secret in it): UPSTREAM_ERR_DENIED when the realm refused our
- * credentials, the transport's failure when it could not be asked (a name
- * that does not resolve is worth a retry like any other), and
- * UPSTREAM_ERR_AUTH for anything else. The realm is the one the upstream
- * named: our Basic credentials go there, as every registry client does. */
+/* The OAuth2 refresh-token grant's form (as Docker and containerd send
+ * it), malloc'd; NULL on allocation failure. Holds the token: wipe it. */
+static char *refresh_grant_form(CURL *h, const char *refresh_token, const char *service, const char *scope)
+{
+    char *et = curl_easy_escape(h, refresh_token, 0);
+    char *es = curl_easy_escape(h, service, 0);
+    char *sc = curl_easy_escape(h, scope, 0);
+    char *form = NULL;
+    if (et && es && sc)
+        form = xasprintf("grant_type=refresh_token&refresh_token=%s&service=%s%s%s&client_id=regfacade", et, es,
+                         scope[0] ? "&scope=" : "", sc);
+    if (et)
+        wipe(et, strlen(et));
+    curl_free(et);
+    curl_free(es);
+    curl_free(sc);
+    return form;
+}
+
+/* Get a token for the challenge with the credentials cr (anonymous when
+ * cr->username is NULL). On success returns UPSTREAM_OK and a malloc'd
+ * token in *token_out; on failure, with err filled (never with a secret in
+ * it): UPSTREAM_ERR_DENIED when the realm refused the credentials, the
+ * transport's failure when it could not be asked (a name that does not
+ * resolve is worth a retry like any other), and UPSTREAM_ERR_AUTH for
+ * anything else. The realm is the one the upstream named: our Basic
+ * credentials go there, as every registry client does; an identity token
+ * goes there only in a refresh-token grant (POST), never as Basic. */
 static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate *chal, const char *our_scope,
-                                   const char *cache_scope, char **token_out, char *err, size_t errlen)
+                                   const char *cache_scope, const credential *cr, char **token_out, char *err,
+                                   size_t errlen)
 {
     *token_out = NULL;
     char realm_shown[1100];
     url_for_message(chal->realm, realm_shown, sizeof realm_shown, false);
+    bool with_user = cr->username != NULL;
+    bool refresh = with_user && cr->identity_token;
+    const char *how = refresh ? "POST (refresh-token grant)" : "GET";
 
     bool realm_https = strncasecmp(chal->realm, "https://", 8) == 0;
     if (!realm_https && strncasecmp(chal->realm, "http://", 7) != 0) {
@@ -1168,7 +1201,7 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
         set_err(err, errlen, "upstream %s: token realm contains spaces or control characters", u->name);
         return UPSTREAM_ERR_AUTH;
     }
-    if (u->username && u->https && !realm_https) {
+    if (with_user && u->https && !realm_https) {
         /* Credentials configured for an https upstream are not sent in
          * clear text to a realm it names. */
         set_err(err, errlen,
@@ -1179,8 +1212,11 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     }
 
     const char *scope = chal->scope[0] ? chal->scope : our_scope;
-    char *url = token_url(h, chal->realm, chal->service, scope);
-    if (!url) {
+    char *url = refresh ? xstrdup(chal->realm) : token_url(h, chal->realm, chal->service, scope);
+    char *form = refresh ? refresh_grant_form(h, cr->secret, chal->service, scope) : NULL;
+    if (!url || (refresh && !form)) {
+        free(url);
+        free_secret(form);
         set_err(err, errlen, "upstream %s: out of memory", u->name);
         return UPSTREAM_ERR_AUTH;
     }
@@ -1214,6 +1250,9 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     SET(CURLOPT_WRITEFUNCTION, token_write_cb);
     SET(CURLOPT_WRITEDATA, &t);
     SET(CURLOPT_ERRORBUFFER, t.errbuf);
+    /* The form stays ours (not copied by libcurl) so that it is wiped. */
+    if (refresh)
+        SET(CURLOPT_POSTFIELDS, form);
 #undef SET
     if (rc == CURLE_OK) {
         struct curl_slist *n = curl_slist_append(hdrs, "Accept: application/json");
@@ -1222,8 +1261,8 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
         else
             rc = CURLE_OUT_OF_MEMORY;
     }
-    if (rc == CURLE_OK && u->username) {
-        char *basic = basic_auth_header(u);
+    if (rc == CURLE_OK && with_user && !refresh) {
+        char *basic = basic_auth_header(cr);
         struct curl_slist *n = basic ? curl_slist_append(hdrs, basic) : NULL;
         free_secret(basic);
         if (n)
@@ -1244,10 +1283,10 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     if (rc != CURLE_OK) {
         char resolve[300];
         if (t.too_big)
-            set_err(err, errlen, "upstream %s: token request GET %s: response larger than %d bytes",
-                    u->name, realm_shown, TOKEN_BODY_MAX);
+            set_err(err, errlen, "upstream %s: token request %s %s: response larger than %d bytes",
+                    u->name, how, realm_shown, TOKEN_BODY_MAX);
         else
-            set_err(err, errlen, "upstream %s: token request GET %s: %s", u->name, realm_shown,
+            set_err(err, errlen, "upstream %s: token request %s %s: %s", u->name, how, realm_shown,
                     rc == CURLE_COULDNT_RESOLVE_HOST && host_of(url, resolve, sizeof resolve) ? resolve
                     : t.errbuf[0]                                                          ? t.errbuf
                                                                                            : curl_easy_strerror(rc));
@@ -1256,26 +1295,27 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
         goto out;
     }
     if (t.status != 200) {
-        set_err(err, errlen, "upstream %s: token request GET %s: HTTP status %ld%s", u->name,
-                realm_shown, t.status,
-                t.status == 401 || t.status == 403 ? " (credentials refused?)" : "");
-        if (t.status == 401 || t.status == 403) ret = UPSTREAM_ERR_DENIED; /* refused, not broken */
+        /* An OAuth2 server refuses a refresh token with 400 invalid_grant. */
+        bool refused = t.status == 401 || t.status == 403 || (refresh && t.status == 400);
+        set_err(err, errlen, "upstream %s: token request %s %s: HTTP status %ld%s", u->name, how,
+                realm_shown, t.status, refused ? " (credentials refused?)" : "");
+        if (refused) ret = UPSTREAM_ERR_DENIED; /* refused, not broken */
         goto out;
     }
 
     char jerr[160];
     json_value *root = json_parse(t.buf ? t.buf : "", t.len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     if (!root) {
-        set_err(err, errlen, "upstream %s: token request GET %s: response is not JSON: %s", u->name,
-                realm_shown, jerr);
+        set_err(err, errlen, "upstream %s: token request %s %s: response is not JSON: %s", u->name,
+                how, realm_shown, jerr);
         goto out;
     }
     const char *tok = json_object_get_string(root, "token");
     if (!tok || !*tok)
         tok = json_object_get_string(root, "access_token");
     if (!tok || !*tok || has_ctl_or_space(tok)) {
-        set_err(err, errlen, "upstream %s: token request GET %s: response has no usable \"token\" or "
-                "\"access_token\"", u->name, realm_shown);
+        set_err(err, errlen, "upstream %s: token request %s %s: response has no usable \"token\" or "
+                "\"access_token\"", u->name, how, realm_shown);
         json_free(root);
         goto out;
     }
@@ -1285,22 +1325,28 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
         ttl = e;
     *token_out = xstrdup(tok);
     if (*token_out) {
-        token_cache_put(u, cache_scope, u->username != NULL, tok, ttl);
+        token_cache_put(u, cache_scope, u->with_creds, tok, ttl);
         ret = UPSTREAM_OK;
     } else {
         set_err(err, errlen, "upstream %s: out of memory", u->name);
     }
-    /* the parsed tree holds the token too */
-    json_value *tv = json_object_get(root, "token");
-    if (tv && tv->str)
-        wipe(tv->str, tv->len);
-    tv = json_object_get(root, "access_token");
-    if (tv && tv->str)
-        wipe(tv->str, tv->len);
+    /* the parsed tree holds the tokens too (a rotated refresh_token is not
+     * kept: the configured one is asked again) */
+    static const char *const secrets[] = {"token", "access_token", "refresh_token"};
+    for (size_t i = 0; i < sizeof secrets / sizeof secrets[0]; i++) {
+        json_value *tv = json_object_get(root, secrets[i]);
+        if (tv && tv->str)
+            wipe(tv->str, tv->len);
+    }
     json_free(root);
 
 out:
+    /* libcurl keeps no pointer to the list or the form after this */
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
+    if (refresh)
+        curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);
     slist_free_wiped(hdrs);
+    free_secret(form);
     if (t.buf) {
         wipe(t.buf, t.len);
         free(t.buf);
@@ -1318,7 +1364,8 @@ typedef enum { SEND_NONE, SEND_BEARER, SEND_BASIC } send_auth;
  * list (Accept, Range, Authorization), returned in *hdrs for the caller to
  * free after the transfer. */
 static CURLcode request_setup(upstream *u, CURL *h, xfer *x, const char *url, const upstream_request *req,
-                              send_auth how, const char *token, struct curl_slist **hdrs)
+                              send_auth how, const char *token, const credential *cr,
+                              struct curl_slist **hdrs)
 {
     *hdrs = NULL;
     curl_easy_reset(h);
@@ -1335,7 +1382,7 @@ static CURLcode request_setup(upstream *u, CURL *h, xfer *x, const char *url, co
     if (how == SEND_BEARER)
         lines[nl++] = xasprintf("Authorization: Bearer %s", token);
     else if (how == SEND_BASIC)
-        lines[nl++] = basic_auth_header(u);
+        lines[nl++] = basic_auth_header(cr);
     for (int i = 0; i < nl; i++) {
         struct curl_slist *n = lines[i] ? curl_slist_append(*hdrs, lines[i]) : NULL;
         if (n)
@@ -1347,6 +1394,38 @@ static CURLcode request_setup(upstream *u, CURL *h, xfer *x, const char *url, co
     if (rc == CURLE_OK && *hdrs)
         rc = curl_easy_setopt(h, CURLOPT_HTTPHEADER, *hdrs);
     return rc;
+}
+
+/* The credentials of this request, asked for once (a helper may run). 0,
+ * or -1 with err naming the helper. */
+static int request_credentials(upstream *u, credential *cr, bool *have, char *err, size_t errlen)
+{
+    if (*have)
+        return 0;
+    char why[900];
+    if (credentials_get(u->creds, cr, why, sizeof why) != 0) {
+        set_err(err, errlen, "upstream %s: no credentials: %s", u->name, why);
+        return -1;
+    }
+    *have = true;
+    return 0;
+}
+
+/* The upstream refused cr. When a helper gave it, forget its answer and
+ * ask again: true with cr replaced. False when asking again cannot help
+ * (*res untouched) or the helper failed (*res = UPSTREAM_ERR_AUTH, err
+ * says why). */
+static bool reask_credentials(upstream *u, credential *cr, char *err, size_t errlen, upstream_result *res)
+{
+    if (!credentials_refused(u->creds, cr))
+        return false;
+    credential_clear(cr);
+    bool have = false;
+    if (request_credentials(u, cr, &have, err, errlen) != 0) {
+        *res = UPSTREAM_ERR_AUTH;
+        return false;
+    }
+    return true;
 }
 
 /* One request to base URL number bi. *delivered: on_headers was called (the
@@ -1397,20 +1476,29 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
     CURL *h = pool_get(u, &reused);
     upstream_result res = UPSTREAM_ERR_INTERNAL;
     char *token = NULL;
+    credential cr = {0};    /* asked for only when this request needs it */
     if (!url || !scope || !cscope || !h) {
         set_err(err, errlen, "upstream %s: out of memory or libcurl init failure", u->name);
         goto out;
     }
 
-    bool creds = u->username != NULL;
+    bool creds = u->with_creds;
+    bool have_cr = false;
+    bool reasked = false;   /* the helper was asked again after a refusal */
     send_auth how = SEND_NONE;
     token = token_cache_get(u, cscope, creds);
-    if (token)
+    if (token) {
         how = SEND_BEARER;
-    else if (creds && basic_known(u))
-        how = SEND_BASIC;
+    } else if (creds && basic_known(u)) {
+        if (request_credentials(u, &cr, &have_cr, err, errlen) != 0) {
+            res = UPSTREAM_ERR_AUTH;
+            goto out;
+        }
+        if (cr.username && !cr.identity_token)
+            how = SEND_BASIC;
+    }
 
-    for (int attempt = 0; attempt < 2; attempt++) {
+    for (int attempt = 0; attempt < 3; attempt++) {
         xfer x;
         memset(&x, 0, sizeof x);
         x.u = u;
@@ -1422,7 +1510,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
         response_reset(resp);
 
         struct curl_slist *hdrs = NULL;
-        CURLcode rc = request_setup(u, h, &x, url, &rq, how, token, &hdrs);
+        CURLcode rc = request_setup(u, h, &x, url, &rq, how, token, &cr, &hdrs);
         if (rc != CURLE_OK && reused) {
             /* A pooled handle that libcurl will not set up again: a fresh
              * one takes its place, so one broken handle never fails a
@@ -1431,7 +1519,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             curl_easy_cleanup(h);
             reused = false;
             h = curl_easy_init();
-            rc = h ? request_setup(u, h, &x, url, &rq, how, token, &hdrs) : CURLE_FAILED_INIT;
+            rc = h ? request_setup(u, h, &x, url, &rq, how, token, &cr, &hdrs) : CURLE_FAILED_INIT;
         }
         if (rc != CURLE_OK) {
             set_err(err, errlen, "upstream %s: %s %s: cannot set up libcurl: %s", u->name, method, url,
@@ -1466,7 +1554,22 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             set_basic_known(u, false);
             free_secret(token);
             token = NULL;
-            res = fetch_token(u, h, &x.chal, scope, cscope, &token, err, errlen);
+            if (request_credentials(u, &cr, &have_cr, err, errlen) != 0) {
+                res = UPSTREAM_ERR_AUTH;
+                goto out;
+            }
+            res = fetch_token(u, h, &x.chal, scope, cscope, &cr, &token, err, errlen);
+            if (res == UPSTREAM_ERR_DENIED && !reasked) {
+                /* The realm refused them: a helper may have newer ones. */
+                upstream_result rr = UPSTREAM_OK;
+                if (reask_credentials(u, &cr, err, errlen, &rr)) {
+                    reasked = true;
+                    res = fetch_token(u, h, &x.chal, scope, cscope, &cr, &token, err, errlen);
+                } else if (rr != UPSTREAM_OK) {
+                    res = rr; /* the helper failed when asked again */
+                    goto out;
+                }
+            }
             if (res != UPSTREAM_OK) {
                 healthy = false; /* the token request may have failed in libcurl */
                 goto out;
@@ -1478,8 +1581,30 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             if (how == SEND_BEARER)
                 token_cache_drop(u, cscope, creds, token); /* the upstream moved to Basic */
             set_basic_known(u, true);
+            if (request_credentials(u, &cr, &have_cr, err, errlen) != 0) {
+                res = UPSTREAM_ERR_AUTH;
+                goto out;
+            }
+            /* None for this server (or only an identity token, which is
+             * never Basic): the 401 is the answer. */
+            if (!cr.username || cr.identity_token) {
+                res = UPSTREAM_OK;
+                break;
+            }
             how = SEND_BASIC;
             continue;
+        }
+        if (resp->status == 401 && how == SEND_BASIC && !reasked) {
+            /* Basic refused: a helper may have a newer password. */
+            upstream_result rr = UPSTREAM_OK;
+            if (reask_credentials(u, &cr, err, errlen, &rr)) {
+                reasked = true;
+                if (cr.username && !cr.identity_token)
+                    continue;
+            } else if (rr != UPSTREAM_OK) {
+                res = rr;
+                goto out;
+            }
         }
         if (resp->status == 401 && x.may_retry_auth && resp->www_authenticate[0] == '\0' &&
             how == SEND_BEARER) {
@@ -1491,6 +1616,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
     }
 
 out:
+    credential_clear(&cr);
     metrics_upstream_request(u->name, resp->status, res == UPSTREAM_OK ? NULL : upstream_result_name(res));
     metrics_upstream_ratelimit(u->name, resp->ratelimit_remaining);
     if (token)

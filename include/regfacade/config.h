@@ -20,6 +20,10 @@ typedef struct {
     char *host;          /* "host" or "host:port" of url, lowercase */
     char *username;      /* NULL: anonymous (or from docker_config) */
     char *password;      /* read from password_file or docker_config; never logged */
+    char *identity_token; /* an OAuth2 refresh token (docker_config "identitytoken"); never logged */
+    char *credential_helper; /* absolute path of a docker-credential-helpers program; NULL: none */
+    char *credential_server_url; /* what the helper is asked about ("host:port", Docker Hub's URL) */
+    long credential_cache_seconds; /* how long a helper's answer is reused */
     char *ca_file;       /* NULL: system CAs */
     bool tls_verify;     /* default true */
     bool library_prefix; /* default: true for Docker Hub hosts */
@@ -50,6 +54,8 @@ typedef struct {
     int upstream_retries;              /* default 3 */
     long upstream_retry_budget_s;      /* total time retries of one request may take, default 30 */
     unsigned upstream_max_concurrent_fetches; /* blob transfers at once; more wait for a slot; default 64 */
+    long credential_helper_timeout_ms; /* one credential helper run, default 10000 */
+    long credential_cache_seconds;     /* default for upstreams.NAME.credential_cache_seconds, 300 */
     unsigned max_connections;          /* default 1024 */
     unsigned client_timeout_s;         /* idle client timeout, default 300 */
     /* Client-facing limits (docs/security.md). */

@@ -66,13 +66,21 @@ int www_authenticate_parse(const char *header, www_authenticate *out, char *err,
  * ("https://index.docker.io/v1/"); docker.io, index.docker.io and
  * registry-1.docker.io count as one host. An entry's "auth" is base64 of
  * "user:password"; "username"/"password" fields are used when "auth" is
- * absent; "identitytoken" is returned as the password with user
- * "<token>" left to the caller (identity tokens are not supported: -1 with
- * a message). Returns 1 found, 0 not found, -1 malformed (err says what and
- * where). */
+ * absent; a non-empty "identitytoken" wins over both and is returned as the
+ * password with the user "<token>" (an OAuth2 refresh token: the caller
+ * must use it only in the token realm's refresh grant). Returns 1 found, 0
+ * not found, -1 malformed (err says what and where). */
 int docker_config_lookup(const char *json_text, size_t len, const char *host,
                          char *user, size_t user_len, char *pass, size_t pass_len,
                          char *err, size_t errlen);
+
+/* The credential helper a Docker config names for a registry host, as the
+ * docker CLI picks it: "credHelpers" (keys matched as for "auths") first,
+ * then "credsStore"; an empty name means none (the file's auths). helper
+ * gets the NAME of docker-credential-NAME. Returns 1 found, 0 none, -1
+ * malformed (err says what and where). */
+int docker_config_helper(const char *json_text, size_t len, const char *host, char *helper,
+                         size_t helper_len, char *err, size_t errlen);
 
 /* Normalize a registry host for comparisons: lowercase, strip scheme and
  * path, and map docker.io/index.docker.io/registry-1.docker.io to

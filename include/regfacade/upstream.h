@@ -4,7 +4,11 @@
  * It speaks the distribution API's auth: anonymous, Basic, and the Bearer
  * token flow (401 + WWW-Authenticate challenge, token request to the realm
  * with service and scope, token cached per scope and credential until it
- * expires). Redirects (a blob's 307 to a CDN) are followed without sending
+ * expires). The account comes from credentials.h, asked for only when a
+ * request needs it: a password goes out as Basic (to the registry or its
+ * token realm), an identity token only in the OAuth2 refresh-token grant
+ * (POST to the realm). When the upstream refuses credentials a helper gave,
+ * the helper is asked once more and the request retried. Redirects (a blob's 307 to a CDN) are followed without sending
  * Authorization to another host. Bodies are streamed to callbacks; nothing
  * is buffered whole. One upstream_perform() is one logical request: it may
  * make a token request and retry once after a 401, and move on to a mirror
@@ -22,13 +26,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "regfacade/credentials.h"
+
 typedef struct upstream upstream;
 
 typedef struct {
     const char *name;        /* config key, for messages */
     const char *url;         /* base URL without /v2, e.g. "https://registry-1.docker.io" */
-    const char *username;    /* NULL: anonymous */
+    const char *username;    /* NULL: anonymous (unless credentials is set) */
     const char *password;    /* with username */
+    /* Where the account comes from when it is not a fixed username and
+     * password: an identity token or a credential helper (credentials.h).
+     * NULL: username/password as above. */
+    const credentials_options *credentials;
     const char *ca_file;     /* NULL: system CAs */
     bool tls_verify;         /* false only for tests against self-signed peers */
     long connect_timeout_ms; /* 0: default 10000 */
@@ -86,7 +96,8 @@ typedef enum {
     UPSTREAM_ERR_TLS,         /* handshake or certificate failure */
     UPSTREAM_ERR_TIMEOUT,     /* connect timeout or low-speed timeout */
     UPSTREAM_ERR_TRANSFER,    /* answer broken midway (reset, truncated body) */
-    UPSTREAM_ERR_AUTH,        /* the token request failed or the challenge was unusable */
+    UPSTREAM_ERR_AUTH,        /* the token request failed, the challenge was unusable, or the
+                                 credential helper failed (502) */
     UPSTREAM_ERR_DENIED,      /* the token endpoint refused our credentials (401/403) */
     UPSTREAM_ERR_ABORTED,     /* a callback returned -1 */
     UPSTREAM_ERR_INTERNAL,    /* allocation or libcurl setup failure */

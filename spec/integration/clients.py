@@ -394,10 +394,10 @@ def cache_blob_path(cache_dir, digest):
 # regfacade helpers shared by the client and upstream-auth tests
 # --------------------------------------------------------------------------
 
-def start_facade(procs, tmp_path, upstreams, default_upstream=None, name="regfacade", **extra):
+def start_facade(procs, tmp_path, upstreams, default_upstream=None, name="regfacade", env=None, **extra):
     cache = str(tmp_path / f"{name}-cache")
     cfg = facade_config(cache, upstreams, default_upstream, **extra)
-    rf = Regfacade(procs, str(tmp_path), cfg, name=name)
+    rf = Regfacade(procs, str(tmp_path), cfg, name=name, env=env)
     rf.cache_dir = cache
     return rf.start()
 

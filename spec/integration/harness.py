@@ -143,7 +143,8 @@ def log_tail(p, n=4000):
 class Regfacade:
     """A running regfacade with a config written to its own folder."""
 
-    def __init__(self, group, workdir, config, name="regfacade", wrap=None):
+    def __init__(self, group, workdir, config, name="regfacade", wrap=None, env=None):
+        self.env = env  # more environment variables for the process (e.g. PATH)
         self.group = group
         self.wrap = list(wrap or [])  # argv prefix that execs regfacade in the same process
         self.workdir = workdir
@@ -171,7 +172,8 @@ class Regfacade:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout=20):
-        self.proc = self.group.start(self.name, self.wrap + [REGFACADE, "serve", "--config", self.config_path])
+        self.proc = self.group.start(self.name, self.wrap + [REGFACADE, "serve", "--config", self.config_path],
+                                     env=self.env)
         try:
             wait_http(self.url + "/v2/", timeout=timeout)
         except TimeoutError:

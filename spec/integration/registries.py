@@ -191,15 +191,22 @@ class TokenServer:
     with valid credentials is granted every action it asks for on every
     `repository` scope; a request without credentials gets a token with no
     access (like Docker Hub's anonymous tokens); wrong credentials get 401.
-    Every request is recorded in `self.requests` (dicts with user, scopes,
-    service, status) so tests can count them.
+    POST /token is the OAuth2 endpoint: `grant_type=refresh_token` with a
+    refresh token of `refresh_tokens` ({token: user}) is granted like valid
+    credentials; any other grant or token gets 400 invalid_grant. With
+    `password_grants=False` credentials are refused on GET too (401): only
+    refresh tokens work. Every request is recorded in `self.requests` (dicts
+    with method, grant_type, client_id, user, scopes, service, status) so
+    tests can count them.
     """
 
     def __init__(self, workdir, username, password, service="regfacade-test-registry",
-                 issuer="regfacade-test-issuer", ttl=300):
+                 issuer="regfacade-test-issuer", ttl=300, refresh_tokens=None, password_grants=True):
         os.makedirs(workdir, exist_ok=True)
         self.username = username
         self.password = password
+        self.refresh_tokens = dict(refresh_tokens or {})
+        self.password_grants = password_grants
         self.service = service
         self.issuer = issuer
         self.ttl = ttl
@@ -295,8 +302,11 @@ class TokenServer:
                 for s in q.get("scope", []):
                     scopes.extend(x for x in s.split(" ") if x)
                 user = server._check_basic(self.headers.get("Authorization"))
-                rec = {"user": user, "scopes": scopes, "service": q.get("service", [None])[0],
+                rec = {"method": "GET", "grant_type": None, "client_id": None,
+                       "user": user, "scopes": scopes, "service": q.get("service", [None])[0],
                        "account": q.get("account", [None])[0], "time": time.time()}
+                if user is not None and not server.password_grants:
+                    user = False
                 if user is False:
                     rec["status"] = 401
                     with server._lock:
@@ -312,6 +322,37 @@ class TokenServer:
                 self._send(200, {"token": tok, "access_token": tok, "expires_in": server.ttl,
                                  "issued_at": datetime.datetime.utcnow().strftime(
                                      "%Y-%m-%dT%H:%M:%SZ")})
+
+            def do_POST(self):
+                u = urllib.parse.urlsplit(self.path)
+                n = int(self.headers.get("Content-Length") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(n).decode("utf-8", "replace"))
+                if u.path != "/token":
+                    self._send(404, {"errors": [{"code": "NOT_FOUND"}]})
+                    return
+                scopes = []
+                for s in form.get("scope", []):
+                    scopes.extend(x for x in s.split(" ") if x)
+                grant = form.get("grant_type", [None])[0]
+                user = None
+                if grant == "refresh_token":
+                    user = server.refresh_tokens.get(form.get("refresh_token", [""])[0])
+                rec = {"method": "POST", "grant_type": grant, "client_id": form.get("client_id", [None])[0],
+                       "user": user, "scopes": scopes, "service": form.get("service", [None])[0],
+                       "account": None, "time": time.time(),
+                       "basic": self.headers.get("Authorization") is not None}
+                if user is None:
+                    rec["status"] = 400
+                    with server._lock:
+                        server.requests.append(rec)
+                    self._send(400, {"error": "invalid_grant" if grant == "refresh_token"
+                                     else "unsupported_grant_type"})
+                    return
+                tok = server.issue(user, scopes)
+                rec["status"] = 200
+                with server._lock:
+                    server.requests.append(rec)
+                self._send(200, {"access_token": tok, "expires_in": server.ttl, "scope": " ".join(scopes)})
 
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._httpd.daemon_threads = True

@@ -633,6 +633,14 @@ static void test_docker_config(void)
     CHECK(lookup("{\"auths\":{\"h\":{\"auth\":\"YTpi\",\"identitytoken\":\"\"}}}", "h", user, pass,
                  err) == 1);
     CHECK_STR(pass, "b");
+    /* An identity token wins over "auth" and comes back under "<token>". */
+    CHECK(lookup("{\"auths\":{\"h\":{\"identitytoken\":\"tok\",\"auth\":\"dTo=\"}}}", "h", user, pass,
+                 err) == 1);
+    CHECK_STR(user, "<token>");
+    CHECK_STR(pass, "tok");
+    CHECK(lookup("{\"auths\":{\"h\":{\"identitytoken\":\"r1\"}}}", "h", user, pass, err) == 1);
+    CHECK_STR(user, "<token>");
+    CHECK_STR(pass, "r1");
     /* A broken entry for another host does not spoil this lookup. */
     CHECK(lookup("{\"auths\":{\"other\":{\"auth\":\"!!!\"},\"h\":{\"auth\":\"YTpi\"}}}", "h", user,
                  pass, err) == 1);
@@ -651,8 +659,6 @@ static void test_docker_config(void)
         {"{\"auths\":{\"h\":{\"username\":[]}}}", "h", "auths[\"h\"].username: not a string"},
         {"{\"auths\":{\"h\":{\"password\":null}}}", "h", "auths[\"h\"].password: not a string"},
         {"{\"auths\":{\"h\":\"YTpi\"}}", "h", "auths[\"h\"]: not an object"},
-        {"{\"auths\":{\"h\":{\"identitytoken\":\"tok\",\"auth\":\"dTo=\"}}}", "h",
-         "auths[\"h\"].identitytoken: identity tokens are not supported"},
         {"{\"auths\":{\"h\":{\"identitytoken\":null}}}", "h",
          "auths[\"h\"].identitytoken: not a string"},
         {"{\"auths\":[]}", "h", "docker config: \"auths\" is not an object"},
@@ -704,6 +710,57 @@ static void test_docker_config(void)
     CHECK(docker_config_lookup("{}", 2, "h", user, 0, pass, sizeof pass, NULL, 0) == -1);
 }
 
+static void test_docker_config_helper(void)
+{
+    char helper[64], err[256];
+    const char *cfg = "{\"auths\":{\"a.io\":{}},\"credsStore\":\"store\","
+                      "\"credHelpers\":{\"gcr.io\":\"gcloud\",\"https://index.docker.io/v1/\":\"hub\","
+                      "\"plain.io\":\"\"}}";
+    CHECK(docker_config_helper(cfg, strlen(cfg), "gcr.io", helper, sizeof helper, err, sizeof err) == 1);
+    CHECK_STR(helper, "gcloud");
+    CHECK(docker_config_helper(cfg, strlen(cfg), "GCR.io", helper, sizeof helper, err, sizeof err) == 1);
+    CHECK_STR(helper, "gcloud");
+    CHECK(docker_config_helper(cfg, strlen(cfg), "registry-1.docker.io", helper, sizeof helper, err, sizeof err) ==
+          1);
+    CHECK_STR(helper, "hub");
+    /* Any other host: the store. */
+    CHECK(docker_config_helper(cfg, strlen(cfg), "a.io", helper, sizeof helper, err, sizeof err) == 1);
+    CHECK_STR(helper, "store");
+    /* An empty name in credHelpers: the file's auths, not the store. */
+    CHECK(docker_config_helper(cfg, strlen(cfg), "plain.io", helper, sizeof helper, err, sizeof err) == 0);
+    CHECK_STR(helper, "");
+    CHECK(docker_config_helper("{\"auths\":{}}", 12, "a.io", helper, sizeof helper, err, sizeof err) == 0);
+    CHECK(docker_config_helper("", 0, "a.io", helper, sizeof helper, err, sizeof err) == 0);
+    CHECK(docker_config_helper("{\"credsStore\":\"\"}", 17, "a.io", helper, sizeof helper, err, sizeof err) == 0);
+
+    static const struct {
+        const char *json, *err_part;
+    } bad[] = {
+        {"{\"credsStore\":5}", "docker config: credsStore: not a string"},
+        {"{\"credsStore\":\"../evil\"}", "credsStore: not a helper name"},
+        {"{\"credsStore\":\"a b\"}", "credsStore: not a helper name"},
+        {"{\"credHelpers\":[]}", "\"credHelpers\" is not an object"},
+        {"{\"credHelpers\":{\"h\":null}}", "credHelpers[\"h\"]: not a string"},
+        {"{\"credHelpers\":{\"h\":\"/bin/sh\"}}", "credHelpers[\"h\"]: not a helper name"},
+        {"[]", "top level is not an object"},
+        {"{", "docker config: "},
+    };
+    for (size_t i = 0; i < COUNT(bad); i++) {
+        err[0] = '\0';
+        strcpy(helper, "junk");
+        int rc = docker_config_helper(bad[i].json, strlen(bad[i].json), "h", helper, sizeof helper, err, sizeof err);
+        if (rc != -1 || !strstr(err, bad[i].err_part))
+            fprintf(stderr, "docker_config_helper(%s) = %d, err \"%s\", want \"%s\"\n", bad[i].json, rc, err,
+                    bad[i].err_part);
+        CHECK(rc == -1);
+        CHECK(strstr(err, bad[i].err_part) != NULL);
+        CHECK_STR(helper, "");
+    }
+    char small[4];
+    CHECK(docker_config_helper(cfg, strlen(cfg), "gcr.io", small, sizeof small, err, sizeof err) == -1);
+    CHECK(strstr(err, "name too long") != NULL);
+}
+
 int main(void)
 {
     test_names();
@@ -715,5 +772,6 @@ int main(void)
     test_base64();
     test_host_normalize();
     test_docker_config();
+    test_docker_config_helper();
     return UNIT_DONE("ref");
 }
