@@ -514,6 +514,10 @@ credentials_kind credentials_get_kind(const credentials *c) { return c ? c->kind
 
 const char *credentials_account(const credentials *c) { return c ? c->account : "anonymous"; }
 
+const char *credentials_static_username(const credentials *c) {
+    return c && c->kind == CREDENTIALS_STATIC ? c->username : NULL;
+}
+
 /* Ask the helper (the caller holds no lock and set running); keep the answer. */
 static int helper_run_and_keep(credentials *c, credential *out, char *err, size_t errlen) {
     credential got;

@@ -271,6 +271,14 @@ const char *upstream_url(const upstream *u)
     return u ? u->url : NULL;
 }
 
+const char *upstream_username(const upstream *u)
+{
+    if (!u || !u->with_creds)
+        return NULL;
+    const char *user = credentials_static_username(u->creds);
+    return user ? user : credentials_account(u->creds);
+}
+
 const char *upstream_result_name(upstream_result r)
 {
     switch (r) {

@@ -74,6 +74,9 @@ credentials_kind credentials_get_kind(const credentials *c);
  * "user NAME", "identity token", "credential helper PATH" or "anonymous". */
 const char *credentials_account(const credentials *c);
 
+/* STATIC: the user name; NULL for every other kind. */
+const char *credentials_static_username(const credentials *c);
+
 /* The credentials to use now. 0 with *out filled (out->username NULL:
  * anonymous, also when a helper has none for this server); -1 when a helper
  * failed, hung or printed something unusable (err names the helper and

@@ -119,6 +119,11 @@ void upstream_free(upstream *u);
 
 const char *upstream_name(const upstream *u);
 const char *upstream_url(const upstream *u);
+/* The account requests go out with: its user name, NULL when anonymous.
+ * For an identity token or a credential helper (whose user name is known
+ * only once asked) a stable name of the source instead
+ * (credentials_account: "identity token", "credential helper PATH"). */
+const char *upstream_username(const upstream *u);
 
 /* Perform one request. resp is always filled as far as known. On anything
  * but UPSTREAM_OK, err holds "what failed, where (URL), why".

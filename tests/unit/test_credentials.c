@@ -284,6 +284,7 @@ static void source(void) {
     CHECK(!cr.identity_token);
     CHECK(!credentials_refused(c, &cr)); /* asking again cannot help */
     CHECK_STR(credentials_account(c), "user bob");
+    CHECK_STR(credentials_static_username(c), "bob");
     credential_clear(&cr);
     credentials_free(c);
     credentials_options it = {.kind = CREDENTIALS_IDENTITY_TOKEN, .secret = "rt"};
@@ -291,6 +292,8 @@ static void source(void) {
     CHECK(c && credentials_get(c, &cr, err, sizeof err) == 0);
     CHECK(cr.identity_token);
     CHECK_STR(cr.secret, "rt");
+    CHECK(credentials_static_username(c) == NULL);
+    CHECK_STR(credentials_account(c), "identity token");
     credential_clear(&cr);
     credentials_free(c);
     credentials_options bad = {.kind = CREDENTIALS_HELPER, .helper = "relative", .server_url = "h"};
