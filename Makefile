@@ -132,8 +132,9 @@ test-integration: $(BUILD)/regfacade
 	  OCI_CONFORMANCE_SUITE=$(if $(wildcard $(OCI_CONFORMANCE)),$(abspath $(OCI_CONFORMANCE))) \
 	  /usr/bin/python3 -m pytest -q -p no:cacheprovider .
 
+# `make run [LISTEN=127.0.0.1:5000] [CACHE=./cache]`: the embedded default.
 run: all
-	$(BUILD)/regfacade serve
+	$(BUILD)/regfacade serve $(if $(LISTEN),--listen $(LISTEN)) $(if $(CACHE),--cache-dir $(CACHE))
 
 example-layers: ; ./examples/workspace/build.sh  # examples/workspace: supervisor layer and images (offline)
 

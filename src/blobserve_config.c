@@ -25,9 +25,10 @@ static int get_u64(pctx *p, const json_value *obj, const char *key, const char *
     json_value *v = json_object_get(obj, key);
     if (!v) return 0;
     uint64_t n;
-    if (!json_get_uint64(v, &n) || n < min || n > max)
-        return config_section_fail(p, "%s: must be an integer from %llu to %llu", where, (unsigned long long)min,
-                    (unsigned long long)max);
+    if (config_value_uint(v, key, &n) != 0 || n < min || n > max)
+        return config_section_fail(p, "%s: must be %s from %llu to %llu", where,
+                                   strstr(key, "_bytes") ? "a size (bytes, or a string such as \"512MiB\")" : "an integer",
+                                   (unsigned long long)min, (unsigned long long)max);
     *out = n;
     return 0;
 }

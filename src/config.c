@@ -110,14 +110,61 @@ static int get_path(load_ctx *lc, const json_value *obj, const char *key, const 
     return *out ? 0 : fail(lc, "%s.%s: out of memory", where, key);
 }
 
+int config_value_size(const json_value *v, uint64_t *out) {
+    if (!v) return -1;
+    if (v->type != JSON_STRING) return json_get_uint64(v, out) ? 0 : -1;
+    const char *s = v->str;
+    if (strlen(s) != v->len || !(*s >= '0' && *s <= '9')) return -1;
+    uint64_t n = 0;
+    for (; *s >= '0' && *s <= '9'; s++) {
+        if (n > (UINT64_MAX - 9) / 10) return -1;
+        n = n * 10 + (uint64_t)(*s - '0');
+    }
+    static const struct {
+        const char *suffix;
+        uint64_t mul;
+    } units[] = {{"", 1},
+                 {"B", 1},
+                 {"KB", 1000ULL},
+                 {"MB", 1000ULL * 1000},
+                 {"GB", 1000ULL * 1000 * 1000},
+                 {"TB", 1000ULL * 1000 * 1000 * 1000},
+                 {"KiB", 1ULL << 10},
+                 {"MiB", 1ULL << 20},
+                 {"GiB", 1ULL << 30},
+                 {"TiB", 1ULL << 40}};
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
+        if (strcmp(s, units[i].suffix) == 0) {
+            if (n > (UINT64_MAX / 2) / units[i].mul) return -1;
+            *out = n * units[i].mul;
+            return 0;
+        }
+    return -1;
+}
+
+static bool is_size_key(const char *key) {
+    size_t n = strlen(key);
+    return n >= 6 && strcmp(key + n - 6, "_bytes") == 0;
+}
+
+int config_value_uint(const json_value *v, const char *key, uint64_t *out) {
+    if (is_size_key(key)) return config_value_size(v, out);
+    return v && json_get_uint64(v, out) ? 0 : -1;
+}
+
 static int get_u64(load_ctx *lc, const json_value *obj, const char *key, const char *where, uint64_t min,
                    uint64_t max, uint64_t *out) {
     json_value *v = json_object_get(obj, key);
     if (!v) return 0;
     uint64_t n;
-    if (!json_get_uint64(v, &n) || n < min || n > max)
+    if (config_value_uint(v, key, &n) != 0 || n < min || n > max) {
+        if (is_size_key(key))
+            return fail(lc, "%s.%s: must be a size from %llu to %llu bytes (an integer, or a string such as "
+                            "\"512MiB\" or \"20GiB\")",
+                        where, key, (unsigned long long)min, (unsigned long long)max);
         return fail(lc, "%s.%s: must be an integer from %llu to %llu", where, key, (unsigned long long)min,
                     (unsigned long long)max);
+    }
     *out = n;
     return 0;
 }
@@ -436,6 +483,8 @@ static config *config_new_defaults(void) {
     c->header_max_bytes = 64 * 1024;
     c->url_max_bytes = 4096;
     c->header_timeout_s = 30;
+    c->log_level = LOG_INFO;
+    c->listen_from = c->cache_dir_from = c->log_level_from = "default";
     if (!c->listen_host || !c->policy_options) {
         config_free(c);
         return NULL;
@@ -468,7 +517,7 @@ static int load_client_limits(load_ctx *lc, const json_value *limits, config *c)
 static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     static const char *const top[] = {"listen", "cache", "policy", "upstreams", "default_upstream",
                                       "docker_config", "limits", "upstream_client", "metrics", "tls",
-                                      "blobserve", "admin", "specs", "layers", "user", NULL};
+                                      "blobserve", "admin", "specs", "layers", "user", "log_level", NULL};
     static const char *const cache_keys[] = {"dir", "max_bytes", "tag_ttl_seconds", "stale_max_seconds", NULL};
     /* file and options are read here; the limits by policy.c (policy_section). */
     static const char *const policy_keys[] = {"file", "options", "hook_time_ms", "hook_instructions", "memory_bytes",
@@ -488,6 +537,15 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
         int rc = parse_listen(lc, listen, c);
         free(listen);
         if (rc != 0) return -1;
+        c->listen_from = "file";
+    }
+    char *level = NULL;
+    if (get_string(lc, root, "log_level", "config", &level) != 0) return -1;
+    if (level) {
+        int rc = log_level_parse(level, &c->log_level);
+        free(level);
+        if (rc != 0) return fail(lc, "log_level: must be \"error\", \"warn\", \"info\" or \"debug\"");
+        c->log_level_from = "file";
     }
 
     json_value *cache = json_object_get(root, "cache");
@@ -495,6 +553,7 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     if (check_keys(lc, cache, "cache", cache_keys) != 0) return -1;
     if (get_path(lc, cache, "dir", "cache", &c->cache_dir) != 0) return -1;
     if (!c->cache_dir) return fail(lc, "cache.dir: required");
+    c->cache_dir_from = "file";
     if (get_u64(lc, cache, "max_bytes", "cache", 1024 * 1024, UINT64_MAX / 2, &c->cache_max_bytes) != 0) return -1;
     if (get_long(lc, cache, "tag_ttl_seconds", "cache", 0, 365L * 86400, &c->tag_ttl_seconds) != 0) return -1;
     if (get_long(lc, cache, "stale_max_seconds", "cache", 0, 365L * 86400, &c->stale_max_seconds) != 0) return -1;
@@ -631,6 +690,62 @@ config *config_load(const char *path, char *err, size_t errlen) {
     return c;
 }
 
+int config_apply_overrides(config *c, const config_overrides *o, char *err, size_t errlen) {
+    char *host = NULL, *dir = NULL;
+    int port = 0;
+    log_level level = c->log_level;
+    char why[300];
+    if (o->listen && config_parse_listen(o->listen, &host, &port, why, sizeof why) != 0) {
+        snprintf(err, errlen, "%s: %s", o->listen_from, why);
+        return -1;
+    }
+    if (o->log_level && log_level_parse(o->log_level, &level) != 0) {
+        snprintf(err, errlen, "%s: \"%.60s\" is not a log level (error, warn, info, debug)", o->log_level_from,
+                 o->log_level);
+        free(host);
+        return -1;
+    }
+    if (o->cache_dir) {
+        char cwd[PATH_MAX];
+        if (!*o->cache_dir) {
+            snprintf(err, errlen, "%s: must not be empty", o->cache_dir_from);
+            free(host);
+            return -1;
+        }
+        if (o->cache_dir[0] == '/') {
+            dir = strdup(o->cache_dir);
+        } else if (getcwd(cwd, sizeof cwd)) {
+            size_t n = strlen(cwd) + strlen(o->cache_dir) + 2;
+            if ((dir = malloc(n))) snprintf(dir, n, "%s/%s", cwd, o->cache_dir);
+        } else {
+            snprintf(err, errlen, "%s: the working folder is unknown: %s", o->cache_dir_from, strerror(errno));
+            free(host);
+            return -1;
+        }
+        if (!dir) {
+            snprintf(err, errlen, "%s: out of memory", o->cache_dir_from);
+            free(host);
+            return -1;
+        }
+    }
+    if (host) {
+        free(c->listen_host);
+        c->listen_host = host;
+        c->listen_port = port;
+        c->listen_from = o->listen_from;
+    }
+    if (dir) {
+        free(c->cache_dir);
+        c->cache_dir = dir;
+        c->cache_dir_from = o->cache_dir_from;
+    }
+    if (o->log_level) {
+        c->log_level = level;
+        c->log_level_from = o->log_level_from;
+    }
+    return 0;
+}
+
 config *config_default(char *err, size_t errlen) {
     static const char text[] =
         "{\"listen\":\"127.0.0.1:5000\",\"cache\":{\"dir\":\"cache\"},"
@@ -655,6 +770,7 @@ config *config_default(char *err, size_t errlen) {
         config_free(c);
         return NULL;
     }
+    c->listen_from = c->cache_dir_from = c->log_level_from = "default";
     json_free(root);
     return c;
 }

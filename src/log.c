@@ -1,13 +1,35 @@
 #include "regfacade/log.h"
 
 #include <stdarg.h>
+#include <stdbool.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 
-static log_level min_level = LOG_INFO;
+/* Set at start and on SIGHUP while other threads log: atomic. */
+static _Atomic int min_level = LOG_INFO;
 
-void log_set_level(log_level min) { min_level = min; }
+void log_set_level(log_level min) { atomic_store_explicit(&min_level, (int)min, memory_order_relaxed); }
+
+static bool below_level(log_level level) {
+    return (int)level < atomic_load_explicit(&min_level, memory_order_relaxed);
+}
+
+int log_level_parse(const char *s, log_level *out) {
+    static const char *const names[] = {"debug", "info", "warn", "error"};
+    for (int i = 0; i < 4; i++)
+        if (s && strcmp(s, names[i]) == 0) {
+            *out = (log_level)i;
+            return 0;
+        }
+    return -1;
+}
+
+const char *log_level_name(log_level l) {
+    static const char *const names[] = {"debug", "info", "warn", "error"};
+    return (unsigned)l < 4 ? names[l] : "?";
+}
 
 size_t log_json_escape(char *out, size_t outlen, size_t used, const char *s) {
     static const char hex[] = "0123456789abcdef";
@@ -30,7 +52,7 @@ size_t log_json_escape(char *out, size_t outlen, size_t used, const char *s) {
 }
 
 void log_msg(log_level level, const char *fmt, ...) {
-    if (level < min_level) return;
+    if (below_level(level)) return;
     char msg[4096];
     va_list ap;
     va_start(ap, fmt);
@@ -40,8 +62,12 @@ void log_msg(log_level level, const char *fmt, ...) {
 }
 
 void log_fields(log_level level, const char *msg, const char *fields) {
+    if (below_level(level)) return;
+    log_fields_always(level, msg, fields);
+}
+
+void log_fields_always(log_level level, const char *msg, const char *fields) {
     static const char *names[] = {"debug", "info", "warn", "error"};
-    if (level < min_level) return;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     struct tm tm;

@@ -1,7 +1,11 @@
-/* regfacade: command line. serve, check, --version. */
+/* regfacade: command line. serve, check, --version; every command takes
+ * --help. Settings outside the config file: flag > environment > file >
+ * default (config_apply_overrides). */
 #include <pthread.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -11,25 +15,45 @@
 #include "regfacade/server.h"
 #include "regfacade/upstream.h"
 
+static const char OPTIONS_HELP[] =
+    "  --config FILE        the JSON config (env REGFACADE_CONFIG); serve without one runs the\n"
+    "                       embedded default, a Docker Hub mirror on 127.0.0.1:5000 caching in ./cache\n"
+    "  --listen ADDR        the registry listener, IPv4 HOST:PORT (env REGFACADE_LISTEN)\n"
+    "  --cache-dir DIR      the cache folder (env REGFACADE_CACHE_DIR)\n"
+    "  --log-level LEVEL    error, warn, info or debug (env REGFACADE_LOG_LEVEL)\n"
+    "  --help               this text\n"
+    "A flag wins over its environment variable, which wins over the config file.\n";
+
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: regfacade serve [--config FILE]   run the registry facade\n"
-            "       regfacade check --config FILE     validate config and policy\n"
+            "usage: regfacade serve [OPTIONS]   run the registry facade\n"
+            "       regfacade check [OPTIONS]   validate config and policy as serve would, then exit\n"
             "       regfacade --version\n"
-            "Without --config, serve runs the embedded default: a Docker Hub mirror on\n"
-            "127.0.0.1:5000 caching in ./cache.\n");
+            "       regfacade COMMAND --help\n"
+            "OPTIONS:\n%s",
+            OPTIONS_HELP);
 }
 
-static config *load(const char *path) {
+/* What the command line and the environment say, and the config path. */
+typedef struct {
+    const char *path;
+    config_overrides ov;
+} settings;
+
+static config *load(const settings *st) {
     char err[2048];
-    config *c = path ? config_load(path, err, sizeof err) : config_default(err, sizeof err);
+    config *c = st->path ? config_load(st->path, err, sizeof err) : config_default(err, sizeof err);
+    if (c && config_apply_overrides(c, &st->ov, err, sizeof err) != 0) {
+        config_free(c);
+        c = NULL;
+    }
     if (!c) fprintf(stderr, "regfacade: %s\n", err);
     return c;
 }
 
 /* nginx -t: the validation serve runs before it binds (server_check). */
-static int cmd_check(const char *path) {
-    config *c = load(path);
+static int cmd_check(const settings *st) {
+    config *c = load(st);
     if (!c) return 1;
     char err[2048];
     if (server_check(c, err, sizeof err) != 0) {
@@ -39,13 +63,19 @@ static int cmd_check(const char *path) {
     }
     printf("%s: ok (%zu upstream%s, policy %s)\n", c->path, c->n_upstreams, c->n_upstreams == 1 ? "" : "s",
            c->policy_file ? c->policy_file : "embedded default");
+    /* Where each setting that can come from outside the file came from. */
+    printf("  listen %s:%d (%s)\n  cache.dir %s (%s)\n  log_level %s (%s)\n", c->listen_host, c->listen_port,
+           c->listen_from, c->cache_dir, c->cache_dir_from, log_level_name(c->log_level), c->log_level_from);
     config_free(c);
     return 0;
 }
 
-static int cmd_serve(const char *path) {
-    config *c = load(path);
+static int cmd_serve(const settings *st) {
+    const char *path = st->path;
+    config *c = load(st);
     if (!c) return 1;
+    log_level level = c->log_level;
+    log_set_level(level);
     /* Signals are taken synchronously by this thread; every other thread
      * inherits the blocked mask. */
     sigset_t set;
@@ -81,6 +111,11 @@ static int cmd_serve(const char *path) {
             /* Reload: a bad new config is rejected and the old one keeps serving. */
             char rerr[2048];
             config *nc = path ? config_load(path, rerr, sizeof rerr) : NULL;
+            /* The command line and environment still win over the new file. */
+            if (nc && config_apply_overrides(nc, &st->ov, rerr, sizeof rerr) != 0) {
+                config_free(nc);
+                nc = NULL;
+            }
             if (!path) {
                 log_warn("SIGHUP: running the embedded default; nothing to reload");
             } else if (!nc) {
@@ -92,7 +127,12 @@ static int cmd_serve(const char *path) {
                 metrics_reload(false);
             } else {
                 grace = nc->shutdown_grace_seconds;
-                log_info("SIGHUP: reloaded %s", nc->path);
+                /* Said at the more talkative of the two levels. */
+                bool quieter = nc->log_level > level;
+                if (!quieter) log_set_level(nc->log_level);
+                log_info("SIGHUP: reloaded %s (log_level %s)", nc->path, log_level_name(nc->log_level));
+                if (quieter) log_set_level(nc->log_level);
+                level = nc->log_level;
                 metrics_reload(true);
             }
             continue;
@@ -108,12 +148,35 @@ static int cmd_serve(const char *path) {
     return 0;
 }
 
+/* One option with its value: "--name VALUE" or "--name=VALUE". */
+static int take(int argc, char **argv, int *i, const char *name, const char **out) {
+    size_t n = strlen(name);
+    if (strcmp(argv[*i], name) == 0) {
+        if (*i + 1 >= argc) {
+            fprintf(stderr, "regfacade: %s needs a value\n", name);
+            return -1;
+        }
+        *out = argv[++*i];
+        return 1;
+    }
+    if (strncmp(argv[*i], name, n) == 0 && argv[*i][n] == '=') {
+        *out = argv[*i] + n + 1;
+        return 1;
+    }
+    return 0;
+}
+
+static const char *env_or_null(const char *name) {
+    const char *v = getenv(name);
+    return v && *v ? v : NULL;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0)) {
         printf("regfacade %s\n", REGFACADE_VERSION);
         return 0;
     }
-    if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+    if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0)) {
         usage(stdout);
         return 0;
     }
@@ -122,27 +185,47 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *cmd = argv[1];
-    const char *cfg = NULL;
+    if (strcmp(cmd, "serve") != 0 && strcmp(cmd, "check") != 0) {
+        fprintf(stderr, "regfacade: unknown command \"%s\"\n", cmd);
+        usage(stderr);
+        return 2;
+    }
+    /* The environment first; flags then replace it. */
+    settings st = {.path = env_or_null("REGFACADE_CONFIG")};
+    struct {
+        const char *flag, *env;
+        const char **value, **from;
+    } opts[] = {
+        {"--listen", "REGFACADE_LISTEN", &st.ov.listen, &st.ov.listen_from},
+        {"--cache-dir", "REGFACADE_CACHE_DIR", &st.ov.cache_dir, &st.ov.cache_dir_from},
+        {"--log-level", "REGFACADE_LOG_LEVEL", &st.ov.log_level, &st.ov.log_level_from},
+    };
+    size_t n_opts = sizeof opts / sizeof opts[0];
+    for (size_t k = 0; k < n_opts; k++)
+        if ((*opts[k].value = env_or_null(opts[k].env))) *opts[k].from = opts[k].env;
     for (int i = 2; i < argc; i++) {
-        if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) {
-            cfg = argv[++i];
-        } else if (strncmp(argv[i], "--config=", 9) == 0) {
-            cfg = argv[i] + 9;
-        } else {
-            fprintf(stderr, "regfacade %s: unknown argument \"%s\"\n", cmd, argv[i]);
-            usage(stderr);
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            printf("usage: regfacade %s [OPTIONS]\n%s\nOPTIONS:\n%s", cmd,
+                   strcmp(cmd, "serve") == 0 ? "Run the registry facade. SIGHUP reloads the config, SIGTERM drains "
+                                               "and exits.\n"
+                                             : "Validate the config and its policy as serve would, without "
+                                               "listening; print where each setting came from.\n",
+                   OPTIONS_HELP);
+            return 0;
+        }
+        int got = take(argc, argv, &i, "--config", &st.path);
+        for (size_t k = 0; k < n_opts && got == 0; k++)
+            if ((got = take(argc, argv, &i, opts[k].flag, opts[k].value)) == 1) *opts[k].from = opts[k].flag;
+        if (got < 0) return 2;
+        if (got == 0) {
+            fprintf(stderr, "regfacade %s: unknown argument \"%s\" (regfacade %s --help)\n", cmd, argv[i], cmd);
             return 2;
         }
     }
-    if (strcmp(cmd, "serve") == 0) return cmd_serve(cfg);
-    if (strcmp(cmd, "check") == 0) {
-        if (!cfg) {
-            fprintf(stderr, "regfacade check: --config FILE is required\n");
-            return 2;
-        }
-        return cmd_check(cfg);
+    if (strcmp(cmd, "serve") == 0) return cmd_serve(&st);
+    if (!st.path) {
+        fprintf(stderr, "regfacade check: --config FILE (or REGFACADE_CONFIG) is required\n");
+        return 2;
     }
-    fprintf(stderr, "regfacade: unknown command \"%s\"\n", cmd);
-    usage(stderr);
-    return 2;
+    return cmd_check(&st);
 }

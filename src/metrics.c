@@ -408,7 +408,7 @@ void metrics_access_end(metrics_access *a, bool completed_ok) {
         n += (size_t)snprintf(f + n, sizeof f - n, "\",\"upstream\":\"");
         n = log_json_escape(f, sizeof f - 100, n, a->upstream);
         n += (size_t)snprintf(f + n, sizeof f - n, "\",\"completed\":%s", completed_ok ? "true" : "false");
-        log_fields(LOG_INFO, "access", f);
+        log_fields_always(LOG_INFO, "access", f);
     }
     free(a);
 }

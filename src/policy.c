@@ -161,9 +161,10 @@ static int limit_u64(const json_value *sec, const char *key, uint64_t min, uint6
     json_value *v = sec ? json_object_get(sec, key) : NULL;
     if (!v) return 0;
     uint64_t n;
-    if (!json_get_uint64(v, &n) || n < min || n > max) {
-        snprintf(err, errlen, "policy.%s: must be an integer from %llu to %llu", key, (unsigned long long)min,
-                 (unsigned long long)max);
+    if (config_value_uint(v, key, &n) != 0 || n < min || n > max) {
+        snprintf(err, errlen, "policy.%s: must be %s from %llu to %llu", key,
+                 strstr(key, "_bytes") ? "a size (bytes, or a string such as \"4MiB\")" : "an integer",
+                 (unsigned long long)min, (unsigned long long)max);
         return -1;
     }
     *out = n;

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "regfacade/json.h"
+#include "regfacade/log.h"
 
 typedef struct {
     char *name;          /* key in "upstreams" */
@@ -68,6 +69,10 @@ typedef struct {
     char *user;                        /* drop privileges to this user after binding; NULL: stay */
     int shutdown_grace_seconds;        /* SIGTERM: how long transfers in flight may finish, default 30 */
     char *dir;                         /* the config file's folder (relative paths resolve here) */
+    log_level log_level;               /* "log_level": lines below it are dropped; default info */
+    /* Where listen, cache.dir and log_level came from: "default", "file",
+     * or the flag or environment variable (config_apply_overrides). */
+    const char *listen_from, *cache_dir_from, *log_level_from;
     /* Sections owned and validated by their own modules (NULL when absent):
      * each module parses its section with its own *_config_parse(). */
     json_value *metrics;    /* metrics.c */
@@ -87,6 +92,28 @@ config *config_default(char *err, size_t errlen);
 void config_free(config *c);
 
 const config_upstream *config_find_upstream(const config *c, const char *name);
+
+/* Settings given outside the file, which win over it: the command line
+ * (--listen, --cache-dir, --log-level) over the environment (REGFACADE_LISTEN,
+ * REGFACADE_CACHE_DIR, REGFACADE_LOG_LEVEL). NULL members: not given; each
+ * *_from names where the value came from ("--listen", "REGFACADE_LISTEN"). */
+typedef struct {
+    const char *listen, *listen_from;
+    const char *cache_dir, *cache_dir_from; /* relative: to the working folder */
+    const char *log_level, *log_level_from;
+} config_overrides;
+/* Apply o to c (after config_load or config_default; again after each
+ * reload). 0, or -1 with "--listen: why" in err and c unchanged. */
+int config_apply_overrides(config *c, const config_overrides *o, char *err, size_t errlen);
+
+/* A byte size: a JSON integer, or a string of an integer with an optional
+ * suffix, B, KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (of 1024), no
+ * space: "20GiB", "512MiB", "1048576". 0 with *out; -1 otherwise (not a
+ * number, an unknown suffix, over 2^63). */
+int config_value_size(const json_value *v, uint64_t *out);
+/* A config value read as an unsigned integer: sizes (with suffixes) for
+ * keys ending in "_bytes", plain integers otherwise. */
+int config_value_uint(const json_value *v, const char *key, uint64_t *out);
 
 /* A whole small file, NUL-terminated; NULL with errno set (EFBIG: over
  * max bytes). A failed read leaves nothing of the file in memory (config
