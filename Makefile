@@ -22,7 +22,9 @@ BUILD_PKGS := gcc make pkg-config libmicrohttpd-dev libcurl4-openssl-dev libssl-
               zlib1g-dev liblua5.4-dev lua5.4 lua-cjson libarchive-dev
 TEST_PKGS  := lua-busted docker-registry skopeo containerd runc podman umoci busybox-static \
               apache2-utils python3 python3-pytest python3-cryptography python3-jwt openssl curl zstd \
-              python3-yaml binutils docker.io systemd prometheus kubectl=kubernetes-client
+              python3-yaml binutils docker.io systemd prometheus kubectl=kubernetes-client procps
+# procps: /bin/kill, which the systemd unit's ExecReload names (systemd-analyze verify
+# checks it; Debian's minimal root has no procps).
 # `make bench` (bench/bench.py): the peers and load tools it runs side by side.
 BENCH_PKGS := nginx wrk docker-registry skopeo containerd curl python3
 
