@@ -212,7 +212,7 @@ static la_ssize_t src_read(struct archive *a, void *ud, const void **out) {
             return -1;
         }
     } else {
-        n = fetch_read(r->x, r->off, r->buf, READ_BUF_BYTES);
+        n = fetch_read(r->x, r->off, FETCH_READ_ALL, r->buf, READ_BUF_BYTES);
         if (n < 0) {
             archive_set_error(a, EIO, "the download of the blob failed");
             return -1;
@@ -646,7 +646,7 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     }
     if (have == 0) {
         int now_cached = 0;
-        r.x = fetch_blob(src->fetches, src->u, src->repository, spec->digest, &now_cached, e2, sizeof e2);
+        r.x = fetch_blob(src->fetches, src->u, src->repository, spec->digest, -1, &now_cached, e2, sizeof e2);
         if (!r.x) {
             if (!now_cached || store_blob_open(src->st, spec->digest, &r.fd, &blob_size, e2, sizeof e2) != 1) {
                 fetch_error_set(fail, 500, "UNKNOWN", "blobserve: layer %s: %s", spec->digest, e2);
@@ -1089,7 +1089,7 @@ void bs_cache_prefetch(bs_cache *c, const bs_layer_spec *spec, const bs_source *
     if (known || store_blob_exists(src->st, spec->digest)) return;
     int now_cached = 0;
     char err[512];
-    fetch *x = fetch_blob(src->fetches, src->u, src->repository, spec->digest, &now_cached, err, sizeof err);
+    fetch *x = fetch_blob(src->fetches, src->u, src->repository, spec->digest, -1, &now_cached, err, sizeof err);
     if (x) fetch_release(x); /* the fetch goes on by itself */
     else if (!now_cached) log_warn("blobserve: prefetch of layer %s: %s", spec->digest, err);
 }

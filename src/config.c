@@ -468,6 +468,7 @@ static config *config_new_defaults(void) {
     c->policy_options = json_new_object();
     c->manifest_max_bytes = 4 * 1024 * 1024;
     c->verify_before_send_bytes = 1024 * 1024;
+    c->blob_max_bytes = 10ULL * 1024 * 1024 * 1024;
     c->upstream_connect_timeout_ms = 10000;
     c->upstream_low_speed_time_s = 30;
     c->upstream_low_speed_limit = 1024;
@@ -522,7 +523,8 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     /* file and options are read here; the limits by policy.c (policy_section). */
     static const char *const policy_keys[] = {"file", "options", "hook_time_ms", "hook_instructions", "memory_bytes",
                                               "shared_bytes", "data_files", "data_dir", "watch", "idle_states", NULL};
-    static const char *const limit_keys[] = {"manifest_max_bytes", "verify_before_send_bytes", "max_connections",
+    static const char *const limit_keys[] = {"manifest_max_bytes", "verify_before_send_bytes", "blob_max_bytes",
+                                             "max_connections",
                                              "client_timeout_seconds", "header_max_bytes", "url_max_bytes",
                                              "connections_per_ip", "requests_per_second", "request_burst",
                                              "header_timeout_seconds", "shutdown_grace_seconds", NULL};
@@ -601,6 +603,7 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
         if (get_u64(lc, limits, "verify_before_send_bytes", "limits", 0, 1024 * 1024 * 1024,
                     &c->verify_before_send_bytes) != 0)
             return -1;
+        if (get_u64(lc, limits, "blob_max_bytes", "limits", 1024, UINT64_MAX / 2, &c->blob_max_bytes) != 0) return -1;
         uint64_t v = c->max_connections;
         if (get_u64(lc, limits, "max_connections", "limits", 1, 1000000, &v) != 0) return -1;
         c->max_connections = (unsigned)v;

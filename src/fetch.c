@@ -46,6 +46,9 @@ struct fetch {
     uint64_t skip;          /* bytes of this answer to drop (200 to a Range request) */
     int no_range;           /* the upstream refused a Range (416): ask for everything, skip what we have */
     int committed;          /* the spool is the cached blob now: its fd pins it until destroyed */
+    int64_t want_size;      /* the descriptor's size, -1 when the request had none */
+    uint64_t max_bytes;     /* no more than this is written (want_size, or the fetcher's blob_max_bytes) */
+    int refused;            /* the answer broke a size rule: final, never retried */
     char attempt_err[512];
     char retry_after[64];   /* Retry-After of the last failed attempt's answer */
     int64_t started_ms;     /* when the transfer took its slot (progress lines) */
@@ -77,6 +80,7 @@ fetcher *fetcher_new(store *s, const fetch_options *opts) {
     f->st = s;
     f->opts = *opts;
     if (f->opts.max_concurrent == 0) f->opts.max_concurrent = FETCH_DEFAULT_MAX_CONCURRENT;
+    if (f->opts.blob_max_bytes == 0) f->opts.blob_max_bytes = FETCH_DEFAULT_BLOB_MAX_BYTES;
     pthread_mutex_init(&f->lock, NULL);
     pthread_cond_init(&f->idle, NULL);
     pthread_cond_init(&f->slot, NULL);
@@ -92,6 +96,12 @@ void fetcher_free(fetcher *f) {
     pthread_cond_destroy(&f->idle);
     pthread_cond_destroy(&f->slot);
     free(f);
+}
+
+void fetcher_set_blob_max_bytes(fetcher *f, uint64_t max) {
+    pthread_mutex_lock(&f->lock);
+    f->opts.blob_max_bytes = max ? max : FETCH_DEFAULT_BLOB_MAX_BYTES;
+    pthread_mutex_unlock(&f->lock);
 }
 
 void fetcher_stats(fetcher *f, fetch_stats *out) {
@@ -169,6 +179,22 @@ static int on_headers(void *ud, const upstream_response *r) {
         snprintf(x->attempt_err, sizeof x->attempt_err, "unexpected status %ld", r->status);
         return -1;
     }
+    /* Size rules before anything is reserved: a hostile upstream's
+     * Content-Length must not take the disk. */
+    if (x->want_size >= 0 && size >= 0 && size != x->want_size) {
+        snprintf(x->attempt_err, sizeof x->attempt_err,
+                 "upstream announced %lld bytes, but the descriptor says %lld; refused before anything was written",
+                 (long long)size, (long long)x->want_size);
+        x->refused = 1;
+        return -1;
+    }
+    if (size >= 0 && (uint64_t)size > x->max_bytes) {
+        snprintf(x->attempt_err, sizeof x->attempt_err,
+                 "upstream announced %lld bytes, over the %llu-byte limit (limits.blob_max_bytes); refused before "
+                 "anything was written", (long long)size, (unsigned long long)x->max_bytes);
+        x->refused = 1;
+        return -1;
+    }
     pthread_mutex_lock(&x->mu);
     if (!x->ready) {
         x->ready = 1;
@@ -200,6 +226,15 @@ static int on_body(void *ud, const char *data, size_t len) {
     if (x->size >= 0 && spool_writer_end(x->sw) + len > (uint64_t)x->size) {
         snprintf(x->attempt_err, sizeof x->attempt_err, "upstream sent more than the %lld bytes it announced",
                  (long long)x->size);
+        return -1;
+    }
+    /* A body without a length is cut at the limit. */
+    if (spool_writer_end(x->sw) + len > x->max_bytes) {
+        snprintf(x->attempt_err, sizeof x->attempt_err,
+                 "upstream sent more than %llu bytes (%s) without announcing a length; cut, nothing cached",
+                 (unsigned long long)x->max_bytes,
+                 x->want_size >= 0 ? "the descriptor's size" : "limits.blob_max_bytes");
+        x->refused = 1;
         return -1;
     }
     if (spool_writer_put(x->sw, data, len) != 0) {
@@ -324,7 +359,7 @@ static int fetch_attempt(fetch *x) {
     }
     if (r == UPSTREAM_ERR_ABORTED) {
         fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", name, x->digest, x->attempt_err);
-        return x->attempt_err[0] && strstr(x->attempt_err, "spool") ? -1 : 1;
+        return x->refused || (x->attempt_err[0] && strstr(x->attempt_err, "spool")) ? -1 : 1;
     }
     char subject[600];
     snprintf(subject, sizeof subject, "blob %s of %s", x->digest, x->repository);
@@ -434,8 +469,8 @@ static void *fetch_thread(void *arg) {
     return NULL;
 }
 
-fetch *fetch_blob(fetcher *f, upstream *u, const char *repository, const char *digest, int *now_cached,
-                  char *err, size_t errlen) {
+fetch *fetch_blob(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t want_size,
+                  int *now_cached, char *err, size_t errlen) {
     *now_cached = 0;
     pthread_mutex_lock(&f->lock);
     for (fetch *x = f->running; x; x = x->next) {
@@ -463,6 +498,8 @@ fetch *fetch_blob(fetcher *f, upstream *u, const char *repository, const char *d
     snprintf(x->repository, sizeof x->repository, "%s", repository);
     snprintf(x->digest, sizeof x->digest, "%s", digest);
     x->size = -1;
+    x->want_size = want_size;
+    x->max_bytes = want_size >= 0 ? (uint64_t)want_size : f->opts.blob_max_bytes;
     x->spool.fd = -1;
     pthread_mutex_init(&x->mu, NULL);
     pthread_cond_init(&x->cv, NULL);
@@ -517,11 +554,13 @@ int fetch_wait_done(fetch *x, fetch_error *e) {
     return rc;
 }
 
-ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len) {
+ssize_t fetch_read(fetch *x, uint64_t off, uint64_t end, void *buf, size_t len) {
     pthread_mutex_lock(&x->mu);
     for (;;) {
-        /* Until the digest is verified, the last byte is held back. */
-        uint64_t avail = x->written;
+        /* Until the digest is verified, readers stay a byte behind the
+         * spool and the end of their range: the last byte a reader wants
+         * always waits for the digest. */
+        uint64_t avail = x->written < end ? x->written : end;
         if (x->state != FETCH_DONE && avail > 0) avail--;
         if (x->state == FETCH_FAILED) {
             pthread_mutex_unlock(&x->mu);
@@ -534,7 +573,7 @@ ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len) {
             ssize_t got = pread(fd, buf, n, (off_t)off);
             return got > 0 ? got : -1;
         }
-        if (x->state == FETCH_DONE) {
+        if (x->state == FETCH_DONE || off >= end) {
             pthread_mutex_unlock(&x->mu);
             return 0;
         }
@@ -542,8 +581,8 @@ ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len) {
     }
 }
 
-int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, size_t max,
-                     char **data, size_t *len, fetch_error *e) {
+int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t want_size,
+                     size_t max, char **data, size_t *len, fetch_error *e) {
     char err[1024];
     for (int round = 0; round < 2; round++) {
         int rc = store_blob_read(f->st, digest, max, data, len, err, sizeof err);
@@ -553,8 +592,13 @@ int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char
             return -1;
         }
         if (round == 1) break;
+        if (want_size >= 0 && (uint64_t)want_size > max) {
+            fetch_error_set(e, 502, "SIZE_INVALID", "blob %s is %lld bytes by its descriptor, over the %zu-byte limit",
+                            digest, (long long)want_size, max);
+            return -1;
+        }
         int now_cached = 0;
-        fetch *x = fetch_blob(f, u, repository, digest, &now_cached, err, sizeof err);
+        fetch *x = fetch_blob(f, u, repository, digest, want_size, &now_cached, err, sizeof err);
         if (!x) {
             if (now_cached) continue;
             fetch_error_set(e, 500, "UNKNOWN", "%s", err);

@@ -115,6 +115,8 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
         return -1;
     }
     const char *cfg_digest = json_object_get_string(json_object_get(base, "config"), "digest");
+    int64_t cfg_size = -1; /* the descriptor's size: what the fetch must bring */
+    if (!json_get_int64(json_object_get(json_object_get(base, "config"), "size"), &cfg_size) || cfg_size < 0) cfg_size = -1;
     if (!cfg_digest || !ref_is_sha256_digest(cfg_digest)) {
         json_free(base);
         fetch_error_set(e, 502, "MANIFEST_INVALID", "base manifest of %s has no config digest", res->repository);
@@ -122,7 +124,7 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     }
     char *cfg_bytes = NULL;
     size_t cfg_len = 0;
-    if (fetch_blob_bytes(env->fetches, u, res->repository, cfg_digest, CONFIG_BLOB_MAX, &cfg_bytes, &cfg_len, e) !=
+    if (fetch_blob_bytes(env->fetches, u, res->repository, cfg_digest, cfg_size, CONFIG_BLOB_MAX, &cfg_bytes, &cfg_len, e) !=
         0) {
         json_free(base);
         return -1;

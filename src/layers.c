@@ -692,6 +692,8 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
         return -1;
     }
     const char *cfg_digest = json_object_get_string(json_object_get(man, "config"), "digest");
+    int64_t cfg_size = -1; /* the descriptor's size: what the fetch must bring */
+    if (!json_get_int64(json_object_get(json_object_get(man, "config"), "size"), &cfg_size) || cfg_size < 0) cfg_size = -1;
     json_value *layers = json_object_get(man, "layers");
     if (!cfg_digest || !ref_is_sha256_digest(cfg_digest) || !layers || layers->type != JSON_ARRAY) {
         json_free(man);
@@ -700,7 +702,7 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
     }
     char *cfg_bytes = NULL;
     size_t cfg_len = 0;
-    if (fetch_blob_bytes(env->fetches, u, repo, cfg_digest, CONFIG_BLOB_MAX, &cfg_bytes, &cfg_len, e) != 0) {
+    if (fetch_blob_bytes(env->fetches, u, repo, cfg_digest, cfg_size, CONFIG_BLOB_MAX, &cfg_bytes, &cfg_len, e) != 0) {
         json_free(man);
         return -1;
     }

@@ -362,6 +362,7 @@ int server_reload(server *s, config *c, char *err, size_t errlen) {
     specs_set_config(s->specs, c);
     served_release(s, prev); /* drop its "current" reference */
     blobserve_reloaded(s->blobserve);
+    fetcher_set_blob_max_bytes(s->fetches, c->blob_max_bytes);
     return 0;
 }
 
@@ -611,13 +612,13 @@ static enum MHD_Result serve_cached_blob(request *r, const char *digest, int fd,
 
 typedef struct {
     fetch *x;
-    uint64_t start;
+    uint64_t start, end; /* the bytes this response sends: [start, end) */
     metrics_access *acc; /* counts the bytes produced */
 } spool_reader;
 
 static ssize_t read_spool(void *cls, uint64_t pos, char *buf, size_t max) {
     spool_reader *sr = cls;
-    ssize_t n = fetch_read(sr->x, sr->start + pos, buf, max);
+    ssize_t n = fetch_read(sr->x, sr->start + pos, sr->end, buf, max);
     if (n > 0) metrics_access_streamed(sr->acc, (uint64_t)n);
     if (n > 0) return n;
     return n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
@@ -688,7 +689,8 @@ static enum MHD_Result handle_blob(request *r) {
     }
     if (r->head) return head_cold_blob(r, u, &res);
     int now_cached = 0;
-    fetch *x = fetch_blob(r->srv->fetches, u, res.repository, digest, &now_cached, err, sizeof err);
+    /* A plain GET by digest has no descriptor: limits.blob_max_bytes caps it. */
+    fetch *x = fetch_blob(r->srv->fetches, u, res.repository, digest, -1, &now_cached, err, sizeof err);
     if (!x) {
         if (!now_cached) return send_error(r, 500, "UNKNOWN", "%s", err);
         rc = store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err);
@@ -735,10 +737,11 @@ static enum MHD_Result handle_blob(request *r) {
         fetch_release(x);
         return MHD_NO;
     }
+    uint64_t len = total ? end - start + 1 : 0;
     sr->x = x;
     sr->start = start;
+    sr->end = start + len;
     sr->acc = r->acc;
-    uint64_t len = total ? end - start + 1 : 0;
     metrics_access_body(r->acc, METRICS_SRC_UPSTREAM, len, true);
     struct MHD_Response *resp = MHD_create_response_from_callback(len, 256 * 1024, read_spool, sr, free_spool_reader);
     if (!resp) {
@@ -1373,7 +1376,7 @@ server *server_start(const config *c, char *err, size_t errlen) {
     s->st = store_open(c->cache_dir, c->cache_max_bytes, err, errlen);
     if (!s->st) goto fail;
     metrics_cache_scan(c->cache_dir);
-    fetch_options fo = {.max_concurrent = c->upstream_max_concurrent_fetches};
+    fetch_options fo = {.max_concurrent = c->upstream_max_concurrent_fetches, .blob_max_bytes = c->blob_max_bytes};
     s->fetches = fetcher_new(s->st, &fo);
     metrics_watch_fetcher(s->fetches);
     if (!s->fetches) {

@@ -49,6 +49,7 @@ typedef struct {
     char *docker_config;    /* NULL when unset */
     uint64_t manifest_max_bytes;    /* default 4 MiB */
     uint64_t verify_before_send_bytes; /* blobs up to this size are verified before the first byte; default 1 MiB */
+    uint64_t blob_max_bytes;           /* largest blob fetched without a descriptor's size; default 10 GiB */
     long upstream_connect_timeout_ms;  /* default 10000 */
     long upstream_low_speed_time_s;    /* default 30 */
     long upstream_low_speed_limit;     /* bytes/s, default 1024 */

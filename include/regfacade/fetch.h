@@ -39,21 +39,33 @@ typedef struct {
  * Retry-After, retries and budget; an attempt that brought at least 1 MiB
  * restarts the count and the budget, a trickle does not). */
 #define FETCH_DEFAULT_MAX_CONCURRENT 64
+#define FETCH_DEFAULT_BLOB_MAX_BYTES (10ULL * 1024 * 1024 * 1024)
 typedef struct {
     unsigned max_concurrent; /* transfers at once (upstream_client.max_concurrent_fetches); more wait for a
                                 slot, they do not fail; 0: FETCH_DEFAULT_MAX_CONCURRENT */
+    uint64_t blob_max_bytes; /* largest blob fetched without a descriptor (limits.blob_max_bytes); 0:
+                                FETCH_DEFAULT_BLOB_MAX_BYTES */
 } fetch_options;
 
 fetcher *fetcher_new(store *s, const fetch_options *opts);
 /* Waits for running fetches to finish. */
 void fetcher_free(fetcher *f);
+/* A reload's limits.blob_max_bytes, for fetches started from now on. */
+void fetcher_set_blob_max_bytes(fetcher *f, uint64_t max);
 
 /* The fetch of digest from (u, repository): the running one, or a new one.
  * Returns a reference (release with fetch_release). Returns NULL with
  * *now_cached set when the blob reached the cache meanwhile (open it from
- * the store), or NULL with err set on allocation or thread failure. */
-fetch *fetch_blob(fetcher *f, upstream *u, const char *repository, const char *digest, int *now_cached,
-                  char *err, size_t errlen);
+ * the store), or NULL with err set on allocation or thread failure.
+ *
+ * want_size: the size a descriptor gave the blob (a manifest's layer or
+ * config), -1 when the request has none (a client's GET by digest). An
+ * answer whose announced size differs from want_size, or exceeds
+ * blob_max_bytes when there is no want_size, is refused before a byte is
+ * written or reserved (502, not retried); a body without a length is cut
+ * at that size. A request that joins a running fetch shares its rule. */
+fetch *fetch_blob(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t want_size,
+                  int *now_cached, char *err, size_t errlen);
 
 /* Block until the upstream answered. 0: *size set (the blob's full size,
  * -1 if the upstream did not say); -1: failed, e filled. */
@@ -61,17 +73,22 @@ int fetch_wait_ready(fetch *x, int64_t *size, fetch_error *e);
 /* Block until the fetch ended. 0: verified and cached; -1: failed, e set. */
 int fetch_wait_done(fetch *x, fetch_error *e);
 
-/* Read up to len bytes at offset off, blocking until they arrive.
- * > 0: bytes read; 0: end of the verified blob; -1: the fetch failed. */
-ssize_t fetch_read(fetch *x, uint64_t off, void *buf, size_t len);
+/* Read up to len bytes at offset off of the range that ends (exclusive)
+ * at end, blocking until they arrive. The range's last byte is released
+ * only once the whole blob's digest is verified, so a reader never gets a
+ * complete range of a wrong blob; FETCH_READ_ALL reads to the blob's end.
+ * > 0: bytes read; 0: end of the range (verified blob); -1: the fetch failed. */
+#define FETCH_READ_ALL UINT64_MAX
+ssize_t fetch_read(fetch *x, uint64_t off, uint64_t end, void *buf, size_t len);
 
 void fetch_release(fetch *x);
 
 /* A small blob (an image config) whole in memory: from the store, or
- * fetched (single flight, verified, cached) and then read. 0 with *data
+ * fetched (single flight, verified, cached) and then read. want_size: the
+ * descriptor's size (see fetch_blob), refused over max. 0 with *data
  * malloc'd (caller frees); -1 with e filled. */
-int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, size_t max,
-                     char **data, size_t *len, fetch_error *e);
+int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t want_size,
+                     size_t max, char **data, size_t *len, fetch_error *e);
 
 /* Fill e (status, code, printf-style message; retry_after, challenge cleared). The
  * one constructor of fetch errors, used by every module that returns one. */

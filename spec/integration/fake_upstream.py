@@ -26,6 +26,11 @@ Misbehaviour kinds (misbehave(path_or_paths, kind, times=None, **kw)):
     hang          seconds=S (default 60): stall before answering, until release() or stop()
     cut           after=N (default: half of the body): announce the full Content-Length, send
                   N bytes, close the connection
+    announce      length=N [send=M] [hold=True]: blobs: announce Content-Length N (the registered
+                  bytes' digest header), send M bytes (default 0) of filler, (hold: wait for
+                  release() or stop()), close the connection
+    chunked       blobs: the body with Transfer-Encoding: chunked and no Content-Length;
+                  body=bytes (default: the registered bytes) or repeat=N bytes of filler
 `times=K` makes a misbehaviour apply to the first K requests only.
 
 Content-level corruption, independent of which path the client uses
@@ -399,7 +404,7 @@ class FakeUpstream:
         if isinstance(paths, str):
             paths = [paths]
         assert kind in ("status", "invalid_json", "too_big", "schema1", "corrupt", "body",
-                        "hang", "cut"), kind
+                        "hang", "cut", "announce", "chunked"), kind
         if kind == "hang":
             self._release.clear()
         with self._lock:
@@ -491,6 +496,24 @@ class FakeUpstream:
                 pass
             return
         h.wfile.write(body)
+
+    def _send_chunked(self, h, body, repeat, headers):
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.end_headers()
+        if h.command == "HEAD":
+            return
+        chunk = b"z" * 65536
+        total = len(body) if repeat is None else repeat
+        sent = 0
+        while sent < total:
+            piece = body[sent:sent + 65536] if repeat is None else chunk[:min(65536, total - sent)]
+            h.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            sent += len(piece)
+        h.wfile.write(b"0\r\n\r\n")
 
     def _error(self, h, status, code, message, headers=None):
         body = canonical_json({"errors": [{"code": code, "message": message, "detail": None}]})
@@ -628,6 +651,18 @@ class FakeUpstream:
             data = data[:-1] + bytes([data[-1] ^ 0xFF]) if data else b"x"
         size = len(data)
         hdrs = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes", "ETag": f'"{digest}"'}
+        if kind == "announce":
+            if mb.kw.get("hold"):
+                self._send(h, 200, b"\0" * mb.kw.get("send", 0), hdrs, content_type="application/octet-stream",
+                           length=mb.kw["length"])
+                h.wfile.flush()
+                self._release.wait(60)
+                h.close_connection = True
+                return
+            return self._send(h, 200, b"\0" * mb.kw.get("send", 0), hdrs, content_type="application/octet-stream",
+                              length=mb.kw["length"], cut_after=mb.kw.get("send", 0))
+        if kind == "chunked":
+            return self._send_chunked(h, mb.kw.get("body", data), mb.kw.get("repeat"), hdrs)
         status = 200
         rng = h.headers.get("Range")
         if rng:
