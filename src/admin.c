@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "regfacade/log.h"
+#include "regfacade/scrub.h"
 #include "regfacade/mhd_glue.h"
 #include "regfacade/oci_error.h"
 #include "regfacade/specs.h"
@@ -30,6 +31,7 @@ struct admin_server {
     const config *cfg;
     admin_config *ac;
     specs *sp;
+    store *st;
     struct MHD_Daemon *daemon;
 };
 
@@ -215,6 +217,20 @@ static enum MHD_Result early_checks(admin_server *a, struct MHD_Connection *conn
 
 static enum MHD_Result route(admin_server *a, struct MHD_Connection *conn, const char *method, const char *url,
                              req_ctx *ctx) {
+    if (strcmp(url, "/cache/verify") == 0) {
+        if (strcmp(method, "POST") != 0)
+            return send_error(conn, method, url, 405, "UNSUPPORTED", "%s /cache/verify: only POST runs a verification",
+                              method);
+        scrub_report rep;
+        if (scrub_verify_all(a->st, &rep) != 0)
+            return send_error(conn, method, url, 500, "UNKNOWN", "POST /cache/verify: out of memory");
+        size_t len = 0;
+        char *body = scrub_report_json(&rep, &len);
+        log_info("admin POST /cache/verify: %zu blobs checked, %zu failed", rep.checked, rep.n_failed);
+        scrub_report_clear(&rep);
+        if (!body) return MHD_NO;
+        return send_body(conn, 200, body, len, NULL, NULL);
+    }
     if (strcmp(url, "/specs") == 0 || strcmp(url, "/specs/") == 0) {
         if (strcmp(method, "GET") != 0)
             return send_error(conn, method, url, 405, "UNSUPPORTED", "%s /specs: only GET lists the pushed specs",
@@ -226,7 +242,7 @@ static enum MHD_Result route(admin_server *a, struct MHD_Connection *conn, const
     }
     if (strncmp(url, "/specs/", 7) != 0)
         return send_error(conn, method, url, 404, "UNSUPPORTED", "unknown endpoint %.200s (the admin API serves "
-                          "/specs and /specs/<id>)", url);
+                          "/specs, /specs/<id> and /cache/verify)", url);
     const char *id = url + 7;
     if (!specs_valid_id(id))
         return send_error(conn, method, url, 400, "ID_INVALID", "\"%.200s\" is not a valid spec id: 1 to %d "
@@ -354,7 +370,7 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
 
 /* ---------- lifecycle ---------- */
 
-admin_server *admin_start(const config *c, admin_config *ac, specs *sp, char *err, size_t errlen) {
+admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, char *err, size_t errlen) {
     admin_server *a = calloc(1, sizeof *a);
     if (!a) {
         admin_config_free(ac);
@@ -364,6 +380,7 @@ admin_server *admin_start(const config *c, admin_config *ac, specs *sp, char *er
     a->cfg = c;
     a->ac = ac;
     a->sp = sp;
+    a->st = st;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)ac->listen_port)};
     inet_pton(AF_INET, ac->listen_host, &sa.sin_addr);
     a->daemon = MHD_start_daemon(

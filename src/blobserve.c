@@ -21,6 +21,7 @@
 
 #include "regfacade/blobserve_cache.h"
 #include "regfacade/blobserve_fs.h"
+#include "regfacade/clock.h"
 #include "regfacade/digest.h"
 #include "regfacade/json.h"
 #include "regfacade/log.h"
@@ -916,14 +917,7 @@ static void *prepull_main(void *arg) {
         }
         /* Wait for the backoff (only when something is pending), a reload,
          * or a stop. */
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += backoff_ms / 1000;
-        until.tv_nsec += (backoff_ms % 1000) * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        struct timespec until = clock_deadline(CLOCK_REALTIME, backoff_ms);
         pthread_mutex_lock(&b->mu);
         while (!b->stopping && b->epoch == seen) {
             if (!pending) pthread_cond_wait(&b->cv, &b->mu);

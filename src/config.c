@@ -144,7 +144,8 @@ int config_value_size(const json_value *v, uint64_t *out) {
 
 static bool is_size_key(const char *key) {
     size_t n = strlen(key);
-    return n >= 6 && strcmp(key + n - 6, "_bytes") == 0;
+    return (n >= 6 && strcmp(key + n - 6, "_bytes") == 0) ||
+           (n >= 17 && strcmp(key + n - 17, "_bytes_per_second") == 0); /* a rate: a size per second */
 }
 
 int config_value_uint(const json_value *v, const char *key, uint64_t *out) {
@@ -469,6 +470,7 @@ static config *config_new_defaults(void) {
     c->manifest_max_bytes = 4 * 1024 * 1024;
     c->verify_before_send_bytes = 1024 * 1024;
     c->blob_max_bytes = 10ULL * 1024 * 1024 * 1024;
+    c->scrub_bytes_per_second = 8 * 1024 * 1024;
     c->upstream_connect_timeout_ms = 10000;
     c->upstream_low_speed_time_s = 30;
     c->upstream_low_speed_limit = 1024;
@@ -519,7 +521,8 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     static const char *const top[] = {"listen", "cache", "policy", "upstreams", "default_upstream",
                                       "docker_config", "limits", "upstream_client", "metrics", "tls",
                                       "blobserve", "admin", "specs", "layers", "user", "log_level", NULL};
-    static const char *const cache_keys[] = {"dir", "max_bytes", "tag_ttl_seconds", "stale_max_seconds", NULL};
+    static const char *const cache_keys[] = {"dir",           "max_bytes", "tag_ttl_seconds", "stale_max_seconds",
+                                             "scrub_bytes_per_second", NULL};
     /* file and options are read here; the limits by policy.c (policy_section). */
     static const char *const policy_keys[] = {"file", "options", "hook_time_ms", "hook_instructions", "memory_bytes",
                                               "shared_bytes", "data_files", "data_dir", "watch", "idle_states", NULL};
@@ -559,6 +562,8 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     if (get_u64(lc, cache, "max_bytes", "cache", 1024 * 1024, UINT64_MAX / 2, &c->cache_max_bytes) != 0) return -1;
     if (get_long(lc, cache, "tag_ttl_seconds", "cache", 0, 365L * 86400, &c->tag_ttl_seconds) != 0) return -1;
     if (get_long(lc, cache, "stale_max_seconds", "cache", 0, 365L * 86400, &c->stale_max_seconds) != 0) return -1;
+    if (get_u64(lc, cache, "scrub_bytes_per_second", "cache", 0, UINT64_MAX / 2, &c->scrub_bytes_per_second) != 0)
+        return -1;
 
     json_value *policy = json_object_get(root, "policy");
     if (policy) {

@@ -1,9 +1,10 @@
-/* regfacade: command line. serve, check, --version; every command takes
+/* regfacade: command line. serve, check, cache verify, --version; every command takes
  * --help. Settings outside the config file: flag > environment > file >
  * default (config_apply_overrides). */
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,7 +13,9 @@
 #include "regfacade/config.h"
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
+#include "regfacade/scrub.h"
 #include "regfacade/server.h"
+#include "regfacade/store.h"
 #include "regfacade/upstream.h"
 
 static const char OPTIONS_HELP[] =
@@ -28,6 +31,8 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: regfacade serve [OPTIONS]   run the registry facade\n"
             "       regfacade check [OPTIONS]   validate config and policy as serve would, then exit\n"
+            "       regfacade cache verify [OPTIONS]\n"
+            "                                  hash every cached blob again, quarantine wrong ones\n"
             "       regfacade --version\n"
             "       regfacade COMMAND --help\n"
             "OPTIONS:\n%s",
@@ -68,6 +73,40 @@ static int cmd_check(const settings *st) {
            c->listen_from, c->cache_dir, c->cache_dir_from, log_level_name(c->log_level), c->log_level_from);
     config_free(c);
     return 0;
+}
+
+/* Offline: a server running on the same cache holds its lock (its admin
+ * API's POST /cache/verify does the same while it serves). */
+static int cmd_cache_verify(const settings *set) {
+    config *c = load(set);
+    if (!c) return 1;
+    char err[2048];
+    /* No cap: verifying must not evict anything. */
+    store *st = store_open(c->cache_dir, UINT64_MAX, err, sizeof err);
+    if (!st) {
+        fprintf(stderr, "regfacade cache verify: %s\n", err);
+        config_free(c);
+        return 1;
+    }
+    scrub_report rep;
+    int rc = scrub_verify_all(st, &rep);
+    if (rc != 0) {
+        fprintf(stderr, "regfacade cache verify: out of memory\n");
+    } else {
+        size_t q = 0;
+        for (size_t i = 0; i < rep.n_failed; i++) {
+            const scrub_failure *f = &rep.failed[i];
+            q += f->quarantined;
+            printf("%s %s: %s\n", f->quarantined ? "QUARANTINED" : "UNREADABLE", f->digest, f->reason);
+        }
+        printf("%s: %zu cached blobs (%llu bytes) checked: %zu quarantined (moved to %s/quarantine), %zu unreadable\n",
+               c->cache_dir, rep.checked, (unsigned long long)rep.bytes, q, c->cache_dir, rep.n_failed - q);
+        rc = rep.n_failed ? 1 : 0;
+        scrub_report_clear(&rep);
+    }
+    store_close(st);
+    config_free(c);
+    return rc == 0 ? 0 : 1;
 }
 
 static int cmd_serve(const settings *st) {
@@ -185,7 +224,17 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *cmd = argv[1];
-    if (strcmp(cmd, "serve") != 0 && strcmp(cmd, "check") != 0) {
+    int first_opt = 2;
+    if (strcmp(cmd, "cache") == 0) {
+        if (argc < 3 || strcmp(argv[2], "verify") != 0) {
+            fprintf(stderr, "regfacade cache: unknown or missing subcommand%s%s (only \"verify\")\n",
+                    argc >= 3 ? " " : "", argc >= 3 ? argv[2] : "");
+            usage(stderr);
+            return 2;
+        }
+        cmd = "cache verify";
+        first_opt = 3;
+    } else if (strcmp(cmd, "serve") != 0 && strcmp(cmd, "check") != 0) {
         fprintf(stderr, "regfacade: unknown command \"%s\"\n", cmd);
         usage(stderr);
         return 2;
@@ -203,13 +252,16 @@ int main(int argc, char **argv) {
     size_t n_opts = sizeof opts / sizeof opts[0];
     for (size_t k = 0; k < n_opts; k++)
         if ((*opts[k].value = env_or_null(opts[k].env))) *opts[k].from = opts[k].env;
-    for (int i = 2; i < argc; i++) {
+    for (int i = first_opt; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             printf("usage: regfacade %s [OPTIONS]\n%s\nOPTIONS:\n%s", cmd,
                    strcmp(cmd, "serve") == 0 ? "Run the registry facade. SIGHUP reloads the config, SIGTERM drains "
                                                "and exits.\n"
-                                             : "Validate the config and its policy as serve would, without "
-                                               "listening; print where each setting came from.\n",
+                   : strcmp(cmd, "check") == 0
+                       ? "Validate the config and its policy as serve would, without "
+                         "listening; print where each setting came from.\n"
+                       : "Hash every cached blob and manifest again, offline (not while a server runs on the "
+                         "cache); move wrong ones to CACHE/quarantine, list them, exit 1 if any.\n",
                    OPTIONS_HELP);
             return 0;
         }
@@ -223,6 +275,7 @@ int main(int argc, char **argv) {
         }
     }
     if (strcmp(cmd, "serve") == 0) return cmd_serve(&st);
+    if (strcmp(cmd, "cache verify") == 0) return cmd_cache_verify(&st);
     if (!st.path) {
         fprintf(stderr, "regfacade check: --config FILE (or REGFACADE_CONFIG) is required\n");
         return 2;

@@ -67,6 +67,7 @@ static struct {
     counter cache_hits[N_KINDS], cache_misses[N_KINDS];
     _Atomic int64_t cache_bytes, cache_entries;
     counter evictions, evicted_bytes;
+    counter quarantined, verified_bytes;
 
     pthread_mutex_t lock; /* guards adding upstream slots */
     upstream_slot ups[METRICS_MAX_UPSTREAMS + 1]; /* the last one is "other" */
@@ -239,6 +240,14 @@ void metrics_cache_evicted(uint64_t bytes) {
     atomic_fetch_sub_explicit(&M.cache_bytes, (int64_t)bytes, memory_order_relaxed);
     atomic_fetch_sub_explicit(&M.cache_entries, 1, memory_order_relaxed);
 }
+
+void metrics_cache_quarantined(uint64_t bytes) {
+    INC(M.quarantined);
+    atomic_fetch_sub_explicit(&M.cache_bytes, (int64_t)bytes, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&M.cache_entries, 1, memory_order_relaxed);
+}
+
+void metrics_cache_verified(uint64_t bytes) { ADD(M.verified_bytes, bytes); }
 
 void metrics_cache_scan(const char *cache_dir) {
     char top[PATH_MAX];
@@ -659,6 +668,12 @@ char *metrics_render(size_t *len) {
     out(&o, "regfacade_cache_evictions_total %llu\n", (unsigned long long)GET(M.evictions));
     head(&o, "regfacade_cache_evicted_bytes_total", "counter", "Bytes evicted from the cache.");
     out(&o, "regfacade_cache_evicted_bytes_total %llu\n", (unsigned long long)GET(M.evicted_bytes));
+    head(&o, "regfacade_cache_quarantined_total", "counter",
+         "Cached files that failed verification and were moved to CACHE/quarantine.");
+    out(&o, "regfacade_cache_quarantined_total %llu\n", (unsigned long long)GET(M.quarantined));
+    head(&o, "regfacade_cache_verified_bytes_total", "counter",
+         "Bytes of cached files hashed again (first open after start, changed files, scrub, cache verify).");
+    out(&o, "regfacade_cache_verified_bytes_total %llu\n", (unsigned long long)GET(M.verified_bytes));
 
     int nu = atomic_load_explicit(&M.n_ups, memory_order_acquire);
     upstream_slot *slots[METRICS_MAX_UPSTREAMS + 1];

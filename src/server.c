@@ -29,6 +29,7 @@
 #include "regfacade/oci_error.h"
 #include "regfacade/policy.h"
 #include "regfacade/ref.h"
+#include "regfacade/scrub.h"
 #include "regfacade/specs.h"
 #include "regfacade/store.h"
 #include "regfacade/tag_list.h"
@@ -60,6 +61,7 @@ typedef struct served {
 struct server {
     const config *cfg;
     store *st;
+    scrub *scrub; /* background re-hashing of the cache (cache.scrub_bytes_per_second) */
     fetcher *fetches;
     policy *pol;
     upstream **ups; /* parallel to cfg->upstreams */
@@ -363,6 +365,7 @@ int server_reload(server *s, config *c, char *err, size_t errlen) {
     served_release(s, prev); /* drop its "current" reference */
     blobserve_reloaded(s->blobserve);
     fetcher_set_blob_max_bytes(s->fetches, c->blob_max_bytes);
+    scrub_set_rate(s->scrub, c->scrub_bytes_per_second);
     return 0;
 }
 
@@ -1375,6 +1378,7 @@ server *server_start(const config *c, char *err, size_t errlen) {
     metrics_set_access_log(mc.access_log);
     s->st = store_open(c->cache_dir, c->cache_max_bytes, err, errlen);
     if (!s->st) goto fail;
+    if (!(s->scrub = scrub_start(s->st, c->scrub_bytes_per_second, err, errlen))) goto fail;
     metrics_cache_scan(c->cache_dir);
     fetch_options fo = {.max_concurrent = c->upstream_max_concurrent_fetches, .blob_max_bytes = c->blob_max_bytes};
     s->fetches = fetcher_new(s->st, &fo);
@@ -1471,6 +1475,7 @@ void server_stop(server *s) {
     specs_free(s->specs); /* its admin listener first; after the registry's requests */
     metrics_watch_fetcher(NULL);
     fetcher_free(s->fetches);
+    scrub_stop(s->scrub);
     /* Every request is complete (the daemon is stopped), so every retired
      * generation is freed already. */
     if (s->current && s->current != s->first) served_free(s->current);

@@ -1113,7 +1113,7 @@ int specs_start(specs *sp, store *st, char *err, size_t errlen) {
     if (sp->admin_cfg) {
         admin_config *ac = sp->admin_cfg;
         sp->admin_cfg = NULL;
-        if (!(sp->admin = admin_start(sp->cfg, ac, sp, err, errlen))) return -1;
+        if (!(sp->admin = admin_start(sp->cfg, ac, sp, st, err, errlen))) return -1;
     }
     for (size_t i = 0; i < sp->n; i++) {
         const provider *pv = &sp->provs[i];

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "regfacade/digest.h"
@@ -31,13 +32,21 @@ struct blob_pin {
     ino_t ino;
 };
 
-/* One blob in blobs/: its size and place in the LRU list. */
+/* One blob in blobs/: its size and place in the LRU list, and whether its
+ * bytes were hashed in this process: the file as it was then (inode, size,
+ * change and modify times; any write changes them) is the one known right.
+ * A verifying entry is never removed (its verifier holds a pointer). */
 typedef struct blob_entry blob_entry;
 struct blob_entry {
     blob_entry *hnext;         /* hash chain */
     blob_entry *newer, *older; /* LRU list: s->newest ... s->oldest */
     uint64_t size;
     blob_pin *pins;
+    bool verified, verifying;
+    dev_t vdev;
+    ino_t vino;
+    off_t vsize;
+    struct timespec vctime, vmtime;
     char hex[65];
 };
 
@@ -45,6 +54,7 @@ struct store {
     char *dir;
     uint64_t max_bytes;
     pthread_mutex_t lock;
+    pthread_cond_t verified_cv; /* an entry's verifying went false */
     unsigned long spool_seq;
     /* The index of blobs/, guarded by lock: built by a scan at open,
      * updated by commits, opens and evictions. */
@@ -165,6 +175,17 @@ static bool pins_prune(blob_entry *e) {
     return e->pins != NULL;
 }
 
+static void pin_remove(blob_entry *e, int fd) {
+    for (blob_pin **pp = &e->pins; *pp; pp = &(*pp)->next) {
+        if ((*pp)->fd == fd) {
+            blob_pin *p = *pp;
+            *pp = p->next;
+            free(p);
+            return;
+        }
+    }
+}
+
 static void pin_add(blob_entry *e, int fd) {
     struct stat st;
     if (fstat(fd, &st) != 0) return;
@@ -189,7 +210,7 @@ static void evict_locked(store *s) {
     blob_entry *e = s->oldest;
     while (s->total > s->max_bytes && e) {
         blob_entry *newer = e->newer;
-        if (!pins_prune(e)) {
+        if (!e->verifying && !pins_prune(e)) {
             char p[PATH_MAX];
             uint64_t size = e->size;
             if (blob_path_hex(s, e->hex, p, sizeof p) == 0 && unlink(p) != 0 && errno != ENOENT)
@@ -201,6 +222,145 @@ static void evict_locked(store *s) {
         }
         e = newer;
     }
+}
+
+/* ---------- verification ---------- */
+
+static void mark_verified(blob_entry *e, const struct stat *st) {
+    e->verified = true;
+    e->vdev = st->st_dev;
+    e->vino = st->st_ino;
+    e->vsize = st->st_size;
+    e->vctime = st->st_ctim;
+    e->vmtime = st->st_mtim;
+}
+
+static bool same_file_state(const struct stat *a, const struct stat *b) {
+    return a->st_dev == b->st_dev && a->st_ino == b->st_ino && a->st_size == b->st_size &&
+           a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec &&
+           a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
+}
+
+/* Is the file (st) still the one that was verified? */
+static bool still_verified(const blob_entry *e, const struct stat *st) {
+    struct stat v = {.st_dev = e->vdev, .st_ino = e->vino, .st_size = e->vsize, .st_ctim = e->vctime,
+                     .st_mtim = e->vmtime};
+    return e->verified && same_file_state(&v, st);
+}
+
+#define HASH_CHUNK (1024 * 1024)
+
+/* sha256 of fd from byte 0 to its end, in 1 MiB reads; pace (if any) is
+ * called after each and may stop the hash. 0 (out, *len set), -1 read
+ * error (err set), -2 stopped by pace. */
+static int hash_fd(int fd, store_pace_fn pace, void *ud, char out[DIGEST_STRING_LEN], uint64_t *len, char *err,
+                   size_t errlen) {
+    digest_ctx *d = digest_new();
+    char *buf = malloc(HASH_CHUNK);
+    int rc = 0;
+    *len = 0;
+    if (!d || !buf) {
+        snprintf(err, errlen, "out of memory");
+        rc = -1;
+    }
+    while (rc == 0) {
+        ssize_t n = pread(fd, buf, HASH_CHUNK, (off_t)*len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+            snprintf(err, errlen, "read at %llu: %s", (unsigned long long)*len, strerror(errno));
+            rc = -1;
+            break;
+        }
+        if (n == 0) break;
+        if (digest_update(d, buf, (size_t)n) != 0) {
+            snprintf(err, errlen, "sha256 failed");
+            rc = -1;
+            break;
+        }
+        *len += (uint64_t)n;
+        if (pace && pace(ud, (uint64_t)n) != 0) rc = -2;
+    }
+    if (rc == 0 && digest_final(d, out) != 0) {
+        snprintf(err, errlen, "sha256 failed");
+        rc = -1;
+    }
+    free(buf);
+    digest_free(d);
+    return rc;
+}
+
+/* Move a blob that failed verification out of blobs/ into quarantine/ and
+ * forget it: it is never served again, and the next request fetches it
+ * anew. Only when blobs/ still holds the file fd has open (a blob fetched
+ * again meanwhile is left alone). Called with the lock held; e must not be
+ * verifying. */
+static void quarantine_locked(store *s, blob_entry *e, int fd, const char *reason) {
+    char p[PATH_MAX], q[PATH_MAX];
+    struct stat a, b;
+    if (blob_path_hex(s, e->hex, p, sizeof p) != 0 || fstat(fd, &a) != 0 || lstat(p, &b) != 0 ||
+        a.st_dev != b.st_dev || a.st_ino != b.st_ino)
+        return;
+    snprintf(q, sizeof q, "%s/quarantine/sha256-%s-%lld-%lu", s->dir, e->hex, (long long)time(NULL), ++s->spool_seq);
+    if (rename(p, q) != 0) {
+        log_error("store: quarantining sha256:%s: rename %s to %s: %s; removing it instead", e->hex, p, q,
+                  strerror(errno));
+        if (unlink(p) != 0 && errno != ENOENT) log_error("store: removing %s: %s", p, strerror(errno));
+        q[0] = '\0';
+    }
+    log_error("store: cached blob sha256:%s failed verification (%s)%s%s; it is fetched again when next asked for",
+              e->hex, reason, q[0] ? ": moved to " : "", q);
+    s->stats.quarantined++;
+    metrics_cache_quarantined(e->size);
+    index_remove(s, e);
+}
+
+/* The verdict on the bytes of fd (opened: its state when it was opened),
+ * with the lock held and e not verifying: right, and blobs/ still holds
+ * that file unchanged, marks e verified (1); wrong, or changed while it was
+ * hashed (a cached file never changes), quarantines it (0). */
+static int settle_locked(store *s, blob_entry *e, int fd, const struct stat *opened, bool right, uint64_t len,
+                         const char *reason) {
+    struct stat now, there;
+    char p[PATH_MAX];
+    if (right && fstat(fd, &now) == 0 && same_file_state(opened, &now)) {
+        if (blob_path_hex(s, e->hex, p, sizeof p) == 0 && lstat(p, &there) == 0 && there.st_dev == now.st_dev &&
+            there.st_ino == now.st_ino) {
+            index_add(s, e->hex, len); /* the size as verified */
+            mark_verified(e, &now);
+        }
+        return 1;
+    }
+    quarantine_locked(s, e, fd, right ? "the file changed while it was hashed" : reason);
+    return 0;
+}
+
+/* Hash fd (pinned on e; st its state when opened) with the lock released;
+ * the caller set e->verifying. Returns with the lock held and e->verifying
+ * cleared: 1 verified, 0 quarantined (e is gone), -1 read error (reason
+ * set; nothing changed). */
+static int verify_locked(store *s, blob_entry *e, int fd, const struct stat *st, char *reason, size_t rlen) {
+    char got[DIGEST_STRING_LEN], err[256];
+    uint64_t len = 0;
+    pthread_mutex_unlock(&s->lock);
+    int hr = hash_fd(fd, NULL, NULL, got, &len, err, sizeof err);
+    metrics_cache_verified(len);
+    pthread_mutex_lock(&s->lock);
+    e->verifying = false;
+    pthread_cond_broadcast(&s->verified_cv);
+    if (hr != 0) {
+        snprintf(reason, rlen, "%s", err);
+        return -1;
+    }
+    snprintf(reason, rlen, "its %llu bytes hash to %s", (unsigned long long)len, got);
+    return settle_locked(s, e, fd, st, strcmp(got + 7, e->hex) == 0, len, reason);
+}
+
+/* The entry of hex once no one is verifying it (NULL: not indexed).
+ * Called with the lock held; may wait. */
+static blob_entry *entry_settled(store *s, const char *hex) {
+    blob_entry *e;
+    while ((e = index_find(s, hex)) && e->verifying) pthread_cond_wait(&s->verified_cv, &s->lock);
+    return e;
 }
 
 static bool is_hex64(const char *s) { return strlen(s) == 64 && strspn(s, "0123456789abcdef") == 64; }
@@ -372,8 +532,9 @@ store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
     s->lock_fd = -1;
     s->max_bytes = max_bytes;
     pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->verified_cv, NULL);
     static const char *const subdirs[] = {"", "/blobs", "/blobs/sha256", "/tmp", "/tags", "/origins", "/generated",
-                                          NULL};
+                                          "/quarantine", NULL};
     for (const char *const *sd = subdirs; *sd; sd++) {
         char p[PATH_MAX];
         snprintf(p, sizeof p, "%s%s", dir, *sd);
@@ -403,6 +564,7 @@ void store_close(store *s) {
     if (!s) return;
     while (s->oldest) index_remove(s, s->oldest);
     free(s->buckets);
+    pthread_cond_destroy(&s->verified_cv);
     pthread_mutex_destroy(&s->lock);
     if (s->lock_fd >= 0) close(s->lock_fd); /* releases the flock */
     free(s->dir);
@@ -418,7 +580,11 @@ static int blob_path(const store *s, const char *digest, char *out, size_t outle
     return n > 0 && (size_t)n < outlen ? 0 : -1;
 }
 
-int store_blob_open(store *s, const char *digest, int *fd, uint64_t *size, char *err, size_t errlen) {
+/* Open and pin a cached blob. verify: a file not verified in this process,
+ * or changed since (another inode, size, ctime or mtime), is hashed first
+ * and quarantined when wrong (then 0: not cached). Without verify the
+ * caller checks the bytes itself (settle_read). */
+static int blob_open(store *s, const char *digest, bool verify, int *fd, uint64_t *size, char *err, size_t errlen) {
     char p[PATH_MAX];
     if (blob_path(s, digest, p, sizeof p) != 0) {
         snprintf(err, errlen, "store: %s is not a sha256 digest", digest);
@@ -426,27 +592,127 @@ int store_blob_open(store *s, const char *digest, int *fd, uint64_t *size, char 
     }
     /* Open and pin under the lock, so an eviction cannot come between. */
     pthread_mutex_lock(&s->lock);
-    int f = open(p, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (f < 0) {
-        int e = errno;
+    for (;;) {
+        int f = open(p, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (f < 0) {
+            int e = errno;
+            pthread_mutex_unlock(&s->lock);
+            if (e == ENOENT) return 0;
+            snprintf(err, errlen, "store: open %s: %s", p, strerror(e));
+            return -1;
+        }
+        struct stat st;
+        if (fstat(f, &st) != 0 || !S_ISREG(st.st_mode)) {
+            pthread_mutex_unlock(&s->lock);
+            close(f);
+            snprintf(err, errlen, "store: %s is not a regular file", p);
+            return -1;
+        }
+        blob_entry *e = index_find(s, digest + 7);
+        if (e && e->verifying) { /* one hash at a time: wait for its verdict, then look again */
+            close(f);
+            pthread_cond_wait(&s->verified_cv, &s->lock);
+            continue;
+        }
+        if (!e) e = index_add(s, digest + 7, (uint64_t)st.st_size);
+        if (!e) {
+            pthread_mutex_unlock(&s->lock);
+            close(f);
+            snprintf(err, errlen, "store: out of memory indexing %s", digest);
+            return -1;
+        }
+        pin_add(e, f);
+        if (verify && !still_verified(e, &st)) {
+            char reason[300];
+            e->verifying = true;
+            int v = verify_locked(s, e, f, &st, reason, sizeof reason);
+            if (v < 0) pin_remove(e, f);
+            pthread_mutex_unlock(&s->lock);
+            if (v <= 0) close(f);
+            if (v == 0) return 0;
+            if (v < 0) {
+                snprintf(err, errlen, "store: verifying %s: %s", p, reason);
+                return -1;
+            }
+            *fd = f;
+            *size = (uint64_t)st.st_size;
+            return 1;
+        }
+        index_touch(s, e);
         pthread_mutex_unlock(&s->lock);
-        if (e == ENOENT) return 0;
-        snprintf(err, errlen, "store: open %s: %s", p, strerror(e));
-        return -1;
+        *fd = f;
+        *size = (uint64_t)st.st_size;
+        return 1;
     }
+}
+
+int store_blob_open(store *s, const char *digest, int *fd, uint64_t *size, char *err, size_t errlen) {
+    return blob_open(s, digest, true, fd, size, err, errlen);
+}
+
+store_verify_result store_blob_verify(store *s, const char *digest, store_pace_fn pace, void *ud, char *reason,
+                                      size_t rlen) {
+    char p[PATH_MAX];
+    reason[0] = '\0';
+    if (blob_path(s, digest, p, sizeof p) != 0) {
+        snprintf(reason, rlen, "%s is not a sha256 digest", digest);
+        return STORE_VERIFY_ERROR;
+    }
+    /* Hashed without the lock, a pin or the verifying mark: a paced hash
+     * may take minutes, and readers must not wait for it. The verdict
+     * applies only if blobs/ still holds this very file. */
+    int f = open(p, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     struct stat st;
-    if (fstat(f, &st) != 0 || !S_ISREG(st.st_mode)) {
+    if (f < 0 || fstat(f, &st) != 0) {
+        int e = errno;
+        if (f >= 0) close(f);
+        if (e == ENOENT) return STORE_VERIFY_GONE; /* evicted meanwhile */
+        snprintf(reason, rlen, "open %s: %s", p, strerror(e));
+        return STORE_VERIFY_ERROR;
+    }
+    char got[DIGEST_STRING_LEN], err[256];
+    uint64_t len = 0;
+    int hr = hash_fd(f, pace, ud, got, &len, err, sizeof err);
+    metrics_cache_verified(len);
+    if (hr != 0) {
+        close(f);
+        snprintf(reason, rlen, "%s", hr == -2 ? "stopped" : err);
+        return STORE_VERIFY_ERROR;
+    }
+    snprintf(reason, rlen, "its %llu bytes hash to %s", (unsigned long long)len, got);
+    pthread_mutex_lock(&s->lock);
+    blob_entry *e = entry_settled(s, digest + 7);
+    struct stat there;
+    if (!e && (lstat(p, &there) != 0 || there.st_dev != st.st_dev || there.st_ino != st.st_ino)) {
         pthread_mutex_unlock(&s->lock);
         close(f);
-        snprintf(err, errlen, "store: %s is not a regular file", p);
-        return -1;
+        return STORE_VERIFY_GONE; /* evicted (or quarantined) while hashed */
     }
-    blob_entry *e = index_add(s, digest + 7, (uint64_t)st.st_size);
-    if (e) pin_add(e, f);
+    if (!e) e = index_add(s, digest + 7, (uint64_t)st.st_size); /* a file the index did not know */
+    int v = e ? settle_locked(s, e, f, &st, strcmp(got + 7, digest + 7) == 0, len, reason) : -1;
     pthread_mutex_unlock(&s->lock);
-    *fd = f;
-    *size = (uint64_t)st.st_size;
-    return 1;
+    close(f);
+    if (v < 0) {
+        snprintf(reason, rlen, "out of memory");
+        return STORE_VERIFY_ERROR;
+    }
+    return v ? STORE_VERIFY_OK : STORE_VERIFY_QUARANTINED;
+}
+
+int store_blob_list(store *s, store_blob_ref **out, size_t *n) {
+    pthread_mutex_lock(&s->lock);
+    size_t cnt = s->nentries;
+    store_blob_ref *list = calloc(cnt ? cnt : 1, sizeof *list);
+    size_t i = 0;
+    for (blob_entry *e = s->oldest; list && e && i < cnt; e = e->newer, i++) {
+        snprintf(list[i].digest, sizeof list[i].digest, "sha256:%s", e->hex);
+        list[i].size = e->size;
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (!list) return -1;
+    *out = list;
+    *n = i;
+    return 0;
 }
 
 void store_blob_unpin(store *s, const char *digest, int fd) {
@@ -454,14 +720,7 @@ void store_blob_unpin(store *s, const char *digest, int fd) {
     pthread_mutex_lock(&s->lock);
     blob_entry *e = index_find(s, digest + 7);
     if (e) {
-        for (blob_pin **pp = &e->pins; *pp; pp = &(*pp)->next) {
-            if ((*pp)->fd == fd) {
-                blob_pin *p = *pp;
-                *pp = p->next;
-                free(p);
-                break;
-            }
-        }
+        pin_remove(e, fd);
         if (s->total > s->max_bytes) evict_locked(s);
     }
     pthread_mutex_unlock(&s->lock);
@@ -500,8 +759,15 @@ bool store_blob_exists(store *s, const char *digest) {
 int store_blob_read(store *s, const char *digest, size_t max, char **data, size_t *len, char *err, size_t errlen) {
     int fd;
     uint64_t size;
-    int rc = store_blob_open(s, digest, &fd, &size, err, errlen);
+    /* Small files read whole: hashed on every read (cheap), not only once. */
+    int rc = blob_open(s, digest, false, &fd, &size, err, errlen);
     if (rc <= 0) return rc;
+    struct stat opened;
+    if (fstat(fd, &opened) != 0) {
+        store_blob_close(s, digest, fd);
+        snprintf(err, errlen, "store: fstat %s: %s", digest, strerror(errno));
+        return -1;
+    }
     if (size > max) {
         store_blob_close(s, digest, fd);
         snprintf(err, errlen, "store: %s is %llu bytes, over the %zu-byte limit", digest,
@@ -526,7 +792,19 @@ int store_blob_read(store *s, const char *digest, size_t max, char **data, size_
         }
         got += (size_t)n;
     }
+    char d[DIGEST_STRING_LEN] = "", reason[200];
+    bool right = digest_bytes(buf, size, d) == 0 && strcmp(d, digest) == 0;
+    snprintf(reason, sizeof reason, "its %llu bytes hash to %s", (unsigned long long)size, d);
+    metrics_cache_verified(size);
+    pthread_mutex_lock(&s->lock);
+    blob_entry *e = entry_settled(s, digest + 7);
+    if (e && settle_locked(s, e, fd, &opened, right, size, reason) == 0) right = false;
+    pthread_mutex_unlock(&s->lock);
     store_blob_close(s, digest, fd);
+    if (!right) {
+        free(buf);
+        return 0; /* quarantined: not cached any more */
+    }
     buf[size] = '\0';
     *data = buf;
     *len = size;
@@ -580,6 +858,7 @@ int store_spool_commit(store *s, store_spool *sp, const char *digest, char *err,
     if (fstat(sp->fd, &st) == 0) {
         blob_entry *e = index_add(s, digest + 7, (uint64_t)st.st_size);
         if (e) pin_add(e, sp->fd);
+        if (e && !e->verifying) mark_verified(e, &st); /* the caller hashed these bytes on their way in */
         s->stats.committed++;
         evict_locked(s);
     }

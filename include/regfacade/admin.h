@@ -5,6 +5,8 @@
  *   GET    /specs/<id>   the stored spec                    -> 200, 404
  *   DELETE /specs/<id>   forget it                          -> 204, 404
  *   GET    /specs        {"ids":[...]}                      -> 200
+ *   POST   /cache/verify hash every cached blob again, quarantining wrong ones
+ *                        -> 200 {"checked","bytes","failed":[{"digest","reason","quarantined"}]}
  *
  * Every request needs "Authorization: Bearer <token>", the token being the
  * content of admin.token_file (read once at start, surrounding whitespace
@@ -27,6 +29,7 @@
 #include <stddef.h>
 
 #include "regfacade/config.h"
+#include "regfacade/store.h"
 
 typedef struct specs specs;
 
@@ -45,9 +48,9 @@ void admin_config_free(admin_config *ac);
 
 typedef struct admin_server admin_server;
 
-/* Start the listener. Takes ownership of ac (also on failure); sp must
- * outlive the server. NULL with err on failure. */
-admin_server *admin_start(const config *c, admin_config *ac, specs *sp, char *err, size_t errlen);
+/* Start the listener. Takes ownership of ac (also on failure); sp and st
+ * must outlive the server. NULL with err on failure. */
+admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, char *err, size_t errlen);
 /* Stop accepting, wait for requests in flight, free. NULL is fine. */
 void admin_stop(admin_server *a);
 

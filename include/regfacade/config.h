@@ -38,6 +38,7 @@ typedef struct {
     int listen_port;        /* 5000 */
     char *cache_dir;        /* absolute */
     uint64_t cache_max_bytes;
+    uint64_t scrub_bytes_per_second; /* background re-hashing of cached blobs; default 8 MiB/s, 0: off */
     long tag_ttl_seconds;   /* default 60 */
     long stale_max_seconds; /* a known tag resolution is served this long past its last confirmation when the
                                upstream fails; default 86400, 0: never served stale */

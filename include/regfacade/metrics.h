@@ -55,6 +55,10 @@ void metrics_cache_lookup(const char *kind, bool hit);
 void metrics_cache_put(uint64_t bytes);
 /* An object left the cache by eviction (store.c's LRU calls this). */
 void metrics_cache_evicted(uint64_t bytes);
+/* A cached file failed verification and left the cache (store.c). */
+void metrics_cache_quarantined(uint64_t bytes);
+/* Bytes of cached files hashed again to verify them. */
+void metrics_cache_verified(uint64_t bytes);
 /* Set the cache gauges from a scan of DIR/blobs (done once at start). */
 void metrics_cache_scan(const char *cache_dir);
 

@@ -7,9 +7,16 @@
  *   DIR/origins/<hex>            upstream and repository a blob comes from
  *   DIR/generated/<key>          decision key -> generated manifest digest
  *   DIR/lock                     flock'ed by the one process using DIR; its PID
+ *   DIR/quarantine/              blobs that failed verification (not counted, never served)
  *
  * Nothing enters blobs/ unless its sha256 was verified; every write is temp
  * file, fsync, rename, so a crash leaves either the whole file or nothing.
+ * What is in blobs/ is checked again: a blob is hashed on its first open
+ * in the process and whenever its file changed since (inode, size, ctime,
+ * mtime), small files read whole (manifests, configs) on every read, and
+ * every blob by store_blob_verify (the scrub, `regfacade cache verify`).
+ * A blob that fails is moved to quarantine/ and forgotten, so the next
+ * request fetches it again; it is never served twice.
  * Thread-safe: all state is on disk or guarded by the store's mutex.
  */
 #ifndef REGFACADE_STORE_H
@@ -31,7 +38,9 @@ void store_close(store *s);
 const char *store_dir(const store *s);
 
 /* Open a cached blob for reading: 1 found (fd and size set; caller closes),
- * 0 not cached, -1 error (err set). digest must be a valid sha256 digest.
+ * 0 not cached (or just quarantined), -1 error (err set). digest must be a
+ * valid sha256 digest. A file not yet verified in this process, or changed
+ * since, is hashed before the open returns (once: concurrent openers wait).
  * The open marks the blob most recently used and pins it: it is not
  * evicted while fd stays open and refers to it. Close with
  * store_blob_close(), or close(fd) (libmicrohttpd's sendfile responses
@@ -59,12 +68,36 @@ typedef struct {
     unsigned long committed;    /* commits since open */
     unsigned long evicted;      /* blobs evicted since open */
     uint64_t evicted_bytes;
+    unsigned long quarantined;  /* blobs that failed verification since open */
 } store_stats;
 void store_get_stats(store *s, store_stats *out);
 
-/* Read a whole cached blob of at most max bytes (manifests): 1 found (*data
- * malloc'd, caller frees), 0 not cached, -1 error. */
+/* Read a whole cached blob of at most max bytes (manifests, configs),
+ * hashing what was read: 1 found and right (*data malloc'd, caller frees),
+ * 0 not cached (or wrong: quarantined), -1 error. */
 int store_blob_read(store *s, const char *digest, size_t max, char **data, size_t *len, char *err, size_t errlen);
+
+/* Verification of one cached blob, whatever its state: hashed again
+ * (pace, when given, is called after every MiB with the bytes just read and
+ * stops the hash by returning non-zero), then marked right or quarantined.
+ * reason says why it was quarantined, or the error. */
+typedef int (*store_pace_fn)(void *ud, uint64_t bytes);
+typedef enum {
+    STORE_VERIFY_OK,
+    STORE_VERIFY_QUARANTINED,
+    STORE_VERIFY_GONE,  /* not cached (evicted meanwhile) */
+    STORE_VERIFY_ERROR, /* could not be read, or stopped by pace: left as it was */
+} store_verify_result;
+store_verify_result store_blob_verify(store *s, const char *digest, store_pace_fn pace, void *ud, char *reason,
+                                      size_t rlen);
+
+/* The blobs in the index now, least recently used first: *out malloc'd
+ * (caller frees), 0; -1 out of memory. */
+typedef struct {
+    char digest[80];
+    uint64_t size;
+} store_blob_ref;
+int store_blob_list(store *s, store_blob_ref **out, size_t *n);
 
 /* A spool: a temp file in tmp/ that becomes DIR/blobs/... on commit. */
 typedef struct {

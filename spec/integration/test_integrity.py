@@ -177,3 +177,192 @@ def test_cold_range_of_wrong_blob_never_completes(fake_upstream, fake_facade):
     assert r.status == 206 and r.error is None and r.body == layer.data[1000:1100], r
     assert r.header("Content-Range") == f"bytes 1000-1099/{len(layer.data)}"
     assert wait_until(lambda: os.path.exists(cache_path(rf.cache_dir, layer.digest)), timeout=30)
+
+
+# ---------------------------------------------------------------------------
+# cached bytes stay right
+# ---------------------------------------------------------------------------
+
+def flip_byte(path, at=None):
+    """Change one byte of a cached file in place (same size)."""
+    size = os.path.getsize(path)
+    at = size // 2 if at is None else at
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def quarantined(cache_dir):
+    """{digest: count} of the files in cache/quarantine."""
+    d = os.path.join(cache_dir, "quarantine")
+    out = {}
+    for f in os.listdir(d) if os.path.isdir(d) else ():
+        digest = "sha256:" + f.split("-")[1]
+        out[digest] = out.get(digest, 0) + 1
+    return out
+
+
+def cache_verify(config_path):
+    return subprocess.run([REGFACADE, "cache", "verify", "--config", config_path], capture_output=True, text=True,
+                          timeout=300)
+
+
+def get_ok(rf, path, want, headers=None):
+    r = request(rf.host, "GET", path, headers=headers)
+    assert r.status == 200 and r.error is None, r
+    assert r.body == want, f"GET {path}: wrong bytes served with 200 ({len(r.body)} bytes)"
+    return r
+
+
+@pytest.mark.parametrize("damage", [flip_byte, truncate], ids=["flipped", "truncated"])
+def test_damaged_cached_blob_is_fetched_again_not_served(damage, fake_upstream, fake_facade):
+    """While serving: a cached layer (served by sendfile) and a cached
+    manifest changed on disk are never served; both are quarantined and
+    fetched again, and served right from then on."""
+    img = fake_upstream.add_image("acme/rot", "v1", layer_sizes=[2 * MiB])
+    layer = img.layers[0]
+    rf = fake_facade()
+    lpath, mpath = blob_path("acme/rot", layer.digest), f"/v2/acme/rot/manifests/{img.digest}"
+    get_ok(rf, lpath, layer.data)
+    get_ok(rf, mpath, img.manifest, headers={"Accept": img.media_type})
+    damage(cache_path(rf.cache_dir, layer.digest))
+    damage(cache_path(rf.cache_dir, img.digest))
+    for _ in range(2):  # never served twice: the second GET is a plain cache hit
+        get_ok(rf, lpath, layer.data)
+        get_ok(rf, mpath, img.manifest, headers={"Accept": img.media_type})
+    assert fake_upstream.count("GET", lpath) == 2
+    assert fake_upstream.count("GET", f"/v2/acme/rot/manifests/{img.digest}") == 2
+    assert quarantined(rf.cache_dir) == {layer.digest: 1, img.digest: 1}
+    log = rf.log()
+    assert f"cached blob {layer.digest} failed verification" in log, log
+    assert f"cached blob {img.digest} failed verification" in log, log
+    # A range of the blob now cached again is right too.
+    r = request(rf.host, "GET", lpath, headers={"Range": "bytes=10-19"})
+    assert r.status == 206 and r.body == layer.data[10:20], r
+
+
+def test_damage_while_stopped_is_found_after_restart(procs, tmp_path, plain_registry):
+    """A real docker-registry's image, cached; the cache damaged while the
+    server is down: after the restart no wrong byte is served."""
+    oci = plain_registry.images["oci"]
+    rf = Regfacade(procs, str(tmp_path), {"cache": {"dir": str(tmp_path / "cache"), "tag_ttl_seconds": 3600},
+                                         "upstreams": {"reg": {"url": plain_registry.url}}}).start()
+    repo = oci["repo"]
+    blobs = {d: request(rf.host, "GET", blob_path(repo, d)).body for d in oci["blobs"]}
+    for d, data in blobs.items():
+        assert sha256_digest(data) == d
+    layer, config = oci["layers"][0]["digest"], oci["config_digest"]
+    rf.stop()
+    truncate(cache_path(str(tmp_path / "cache"), layer))
+    flip_byte(cache_path(str(tmp_path / "cache"), config))
+    rf.start()
+    for d, data in blobs.items():
+        get_ok(rf, blob_path(repo, d), data)
+    assert set(quarantined(str(tmp_path / "cache"))) == {layer, config}
+
+
+def test_cache_verify_command_quarantines_and_lists(fake_upstream, fake_facade):
+    a = fake_upstream.add_image("acme/a", "v1", layer_sizes=[300000, 5000])
+    b = fake_upstream.add_image("acme/b", "v1", layer_sizes=[7000])
+    rf = fake_facade()
+    for img in (a, b):
+        get_ok(rf, f"/v2/{img.repo}/manifests/{img.digest}", img.manifest, headers={"Accept": img.media_type})
+        for bl in [img.config] + img.layers:
+            get_ok(rf, blob_path(img.repo, bl.digest), bl.data)
+    rf.stop()
+    clean = cache_verify(rf.config_path)
+    assert clean.returncode == 0, clean
+    assert "0 quarantined" in clean.stdout, clean.stdout
+    flip_byte(cache_path(rf.cache_dir, a.layers[0].digest))
+    truncate(cache_path(rf.cache_dir, b.layers[0].digest))
+    flip_byte(cache_path(rf.cache_dir, a.digest), at=3)
+    out = cache_verify(rf.config_path)
+    assert out.returncode == 1, out
+    listed = {line.split()[1].rstrip(":") for line in out.stdout.splitlines() if line.startswith("QUARANTINED ")}
+    assert listed == {a.layers[0].digest, b.layers[0].digest, a.digest}, out.stdout
+    assert "3 quarantined" in out.stdout and "7 cached blobs" in out.stdout, out.stdout
+    assert set(quarantined(rf.cache_dir)) == listed
+    again = cache_verify(rf.config_path)
+    assert again.returncode == 0 and "4 cached blobs" in again.stdout, again
+    # Served again: the quarantined ones fetched anew, right.
+    rf.start()
+    for img in (a, b):
+        get_ok(rf, f"/v2/{img.repo}/manifests/{img.digest}", img.manifest, headers={"Accept": img.media_type})
+        for bl in [img.config] + img.layers:
+            get_ok(rf, blob_path(img.repo, bl.digest), bl.data)
+
+
+def test_admin_cache_verify(fake_upstream, fake_facade, tmp_path):
+    from harness import free_port
+    token = "integrity-admin-token-0123456789"
+    tf = tmp_path / "admin.token"
+    tf.write_text(token + "\n")
+    admin = f"127.0.0.1:{free_port()}"
+    img = fake_upstream.add_image("acme/adm", "v1", layer_sizes=[4000])
+    # The admin API comes with a pushed spec provider (docs/specs.md).
+    rf = fake_facade(config={"admin": {"listen": admin, "token_file": str(tf)},
+                             "specs": {"providers": {"ws": {"type": "pushed"}}}})
+    get_ok(rf, blob_path("acme/adm", img.layers[0].digest), img.layers[0].data)
+    get_ok(rf, blob_path("acme/adm", img.config.digest), img.config.data)
+    auth = {"Authorization": f"Bearer {token}"}
+    r = request(admin, "POST", "/cache/verify", headers={})
+    assert r.status == 401, r
+    r = request(admin, "POST", "/cache/verify", headers=auth)
+    # The two blobs, and the specs module's own (scratch images).
+    assert r.status == 200 and r.json()["checked"] >= 2 and r.json()["failed"] == [], r
+    assert r.json()["bytes"] >= len(img.layers[0].data) + len(img.config.data), r
+    flip_byte(cache_path(rf.cache_dir, img.layers[0].digest))
+    r = request(admin, "POST", "/cache/verify", headers=auth)
+    assert r.status == 200, r
+    failed = r.json()["failed"]
+    assert [f["digest"] for f in failed] == [img.layers[0].digest] and failed[0]["quarantined"], r
+    assert "hash to" in failed[0]["reason"], failed
+    get_ok(rf, blob_path("acme/adm", img.layers[0].digest), img.layers[0].data)
+
+
+def test_scrub_finds_damage_while_serving(fake_upstream, fake_facade, tmp_path):
+    """No request touches the damaged blob: the background scrub finds it,
+    quarantines it, and the next GET fetches it again."""
+    img = fake_upstream.add_image("acme/scrub", "v1", layer_sizes=[2 * MiB, 3000])
+    layer = img.layers[0]
+    cache_dir = str(tmp_path / "scrub-cache")
+    rf = fake_facade(config={"cache": {"dir": cache_dir, "scrub_bytes_per_second": 64 * MiB}})
+    lpath = blob_path("acme/scrub", layer.digest)
+    get_ok(rf, lpath, layer.data)
+    flip_byte(cache_path(cache_dir, layer.digest))
+    other = blob_path("acme/scrub", img.layers[1].digest)
+    found = False
+    for _ in range(600):  # serving meanwhile; the scrub passes over the cache about once a second
+        get_ok(rf, other, img.layers[1].data)
+        if layer.digest in quarantined(cache_dir):
+            found = True
+            break
+        threading.Event().wait(0.1)
+    assert found, rf.log()
+    assert fake_upstream.count("GET", lpath) == 1
+    assert f"cached blob {layer.digest} failed verification" in rf.log()
+    get_ok(rf, lpath, layer.data)
+    assert fake_upstream.count("GET", lpath) == 2
+
+
+def test_scrub_off_and_config_errors(tmp_path):
+    cfg = {"cache": {"dir": str(tmp_path / "c"), "scrub_bytes_per_second": -1},
+           "upstreams": {"u": {"url": "http://127.0.0.1:9"}}}
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(cfg))
+    r = subprocess.run([REGFACADE, "check", "--config", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "cache.scrub_bytes_per_second" in r.stderr, r
+    cfg["cache"]["scrub_bytes_per_second"] = 0
+    cfg["limits"] = {"blob_max_bytes": 10}
+    p.write_text(json.dumps(cfg))
+    r = subprocess.run([REGFACADE, "check", "--config", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "limits.blob_max_bytes" in r.stderr, r
+    r = subprocess.run([REGFACADE, "cache", "scrub"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "only \"verify\"" in r.stderr, r
