@@ -92,6 +92,60 @@ static int pending_store(store *st, const pending *p, char *err, size_t errlen) 
     return 0;
 }
 
+/* The blobs an assembly made that only regfacade has (manifests, index,
+ * configs, file layers): recorded with the name and tag they were made for
+ * (store_made_add), so that one evicted can be generated again. */
+typedef struct {
+    char (*d)[80];
+    size_t n;
+} made_list;
+
+static int made_add(made_list *m, const char *digest) {
+    for (size_t i = 0; i < m->n; i++)
+        if (strcmp(m->d[i], digest) == 0) return 0;
+    char(*n)[80] = realloc(m->d, (m->n + 1) * sizeof *n);
+    if (!n) return -1;
+    m->d = n;
+    snprintf(m->d[m->n++], 80, "%s", digest);
+    return 0;
+}
+
+/* Are the made parts of the generated manifest digest (and of its children,
+ * for an index) all in the store? A part is "made" when it has a record;
+ * the upstream's own blobs are fetched when asked for, so they do not count. */
+static bool generated_complete(const generate_env *env, const char *digest, int depth, char *missing, size_t mlen) {
+    char *bytes = NULL, err[512], jerr[128];
+    size_t len = 0;
+    if (store_blob_read(env->st, digest, env->cfg->manifest_max_bytes, &bytes, &len, err, sizeof err) != 1) {
+        snprintf(missing, mlen, "%s", digest);
+        return false;
+    }
+    json_value *m = json_parse(bytes, len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+    free(bytes);
+    bool ok = m != NULL;
+    const json_value *children = json_object_get(m, "manifests"), *layers = json_object_get(m, "layers");
+    const json_value *lists[] = {children, layers};
+    for (size_t l = 0; ok && l < 2; l++) {
+        for (size_t i = 0; ok && lists[l] && lists[l]->type == JSON_ARRAY && i < lists[l]->count; i++) {
+            const char *d = json_object_get_string(lists[l]->items[i], "digest");
+            if (!d || !ref_is_sha256_digest(d) || !store_made_get(env->st, d, NULL, NULL, 0)) continue;
+            if (l == 0 && depth < 1) ok = generated_complete(env, d, depth + 1, missing, mlen);
+            else if (!store_blob_exists(env->st, d)) {
+                snprintf(missing, mlen, "%s", d);
+                ok = false;
+            }
+        }
+    }
+    const char *cd = json_object_get_string(json_object_get(m, "config"), "digest");
+    if (ok && cd && ref_is_sha256_digest(cd) && store_made_get(env->st, cd, NULL, NULL, 0) &&
+        !store_blob_exists(env->st, cd)) {
+        snprintf(missing, mlen, "%s", cd);
+        ok = false;
+    }
+    json_free(m);
+    return ok;
+}
+
 /* Same JSON text (the serializer is deterministic)? */
 static bool same_tree(const json_value *a, const json_value *b) {
     size_t la = 0, lb = 0;
@@ -107,7 +161,8 @@ static bool same_tree(const json_value *a, const json_value *b) {
  * success out_digest/out_size/out_mt describe the stored manifest. */
 static int assemble_one(const generate_env *env, const policy_request *req, const policy_resolution *res,
                         upstream *u, const char *base_bytes, size_t base_len, const char *base_mt,
-                        char out_digest[80], uint64_t *out_size, manifest *keep, pending *pend, fetch_error *e) {
+                        char out_digest[80], uint64_t *out_size, manifest *keep, pending *pend, made_list *made,
+                        fetch_error *e) {
     char jerr[256], err[1024];
     json_value *base = json_parse(base_bytes, base_len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     if (!base) {
@@ -186,6 +241,16 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     }
     snprintf(out_digest, 80, "%s", md);
     *out_size = ml;
+    if (!unchanged && (made_add(made, md) != 0 || made_add(made, cd) != 0)) {
+        fetch_error_set(e, 500, "UNKNOWN", "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < stack.n; i++)
+        if (stack.items[i].source && strcmp(stack.items[i].source, "file") == 0 &&
+            made_add(made, stack.items[i].digest) != 0) {
+            fetch_error_set(e, 500, "UNKNOWN", "out of memory");
+            goto out;
+        }
     if (pend) {
         if ((!unchanged && pending_add(pend, cd, &cb, cl) != 0) || pending_add(pend, md, &mb, ml) != 0) {
             fetch_error_set(e, 500, "UNKNOWN", "out of memory");
@@ -216,7 +281,7 @@ out:
 }
 
 static int assemble_index(const generate_env *env, const policy_request *req, const policy_resolution *res,
-                          upstream *u, const manifest *base, manifest *out, fetch_error *e) {
+                          upstream *u, const manifest *base, manifest *out, made_list *made, fetch_error *e) {
     char jerr[256], err[512];
     json_value *idx = json_parse(base->data, base->len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     json_value *list = idx ? json_object_get(idx, "manifests") : NULL;
@@ -258,7 +323,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         }
         char nd[80];
         uint64_t ns = 0;
-        int rc = assemble_one(env, req, res, u, child.data, child.len, child.media_type, nd, &ns, NULL, &pend, e);
+        int rc = assemble_one(env, req, res, u, child.data, child.len, child.media_type, nd, &ns, NULL, &pend, made, e);
         manifest_clear(&child);
         if (rc != 0) {
             json_free(idx);
@@ -305,6 +370,10 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
     out->len = len;
     snprintf(out->digest, sizeof out->digest, "%s", d);
     snprintf(out->media_type, sizeof out->media_type, "%s", base->media_type);
+    if (changed && made_add(made, d) != 0) {
+        fetch_error_set(e, 500, "UNKNOWN", "out of memory");
+        return -1;
+    }
     return 0;
 }
 
@@ -337,23 +406,38 @@ int generate_image(const generate_env *env, const policy_request *req, const pol
     memset(out, 0, sizeof *out);
     char key[65], digest[100], err[512];
     if (decision_key(env, req, res, base, key, e) != 0) return -1;
-    if (store_generated_get(env->st, key, digest, sizeof digest) == 1) {
+    if (store_generated_get(env->st, key, digest, sizeof digest) == 1 && ref_is_sha256_digest(digest)) {
+        /* Built before: served as stored while every part it made is still
+         * cached; a part evicted meanwhile (config, file layer, index
+         * child) is made again by assembling again (the same bytes). */
         manifest_env menv = {env->st, env->cfg};
-        if (ref_is_sha256_digest(digest) && store_blob_exists(env->st, digest) &&
-            manifest_get(&menv, u, res->repository, digest, out, e) == 0)
-            return 0;
+        char missing[80] = "";
+        if (generated_complete(env, digest, 0, missing, sizeof missing)) {
+            if (manifest_get(&menv, u, res->repository, digest, out, e) == 0) return 0;
+        } else {
+            log_info("generated image %s for %s:%s lost %s from the cache; generating it again", digest,
+                     req->repository, req->reference ? req->reference : "", missing);
+        }
     }
     int rc;
+    made_list made = {0};
     if (is_index(base->media_type)) {
-        rc = assemble_index(env, req, res, u, base, out, e);
+        rc = assemble_index(env, req, res, u, base, out, &made, e);
     } else {
         uint64_t size;
-        rc = assemble_one(env, req, res, u, base->data, base->len, base->media_type, digest, &size, out, NULL, e);
+        rc = assemble_one(env, req, res, u, base->data, base->len, base->media_type, digest, &size, out, NULL, &made,
+                          e);
     }
     if (rc != 0) {
+        free(made.d);
         log_error("generating %s from %s@%s failed: %s", req->repository, res->repository, base->digest, e->message);
         return -1;
     }
+    /* What it made remembers this name and tag (generated for a tag only). */
+    for (size_t i = 0; req->reference && ref_valid_tag(req->reference) && i < made.n; i++)
+        if (store_made_add(env->st, made.d[i], req->repository, req->reference, err, sizeof err) != 0)
+            log_error("%s", err);
+    free(made.d);
     if (store_generated_put(env->st, key, out->digest, err, sizeof err) != 0) log_error("%s", err);
     return 0;
 }

@@ -472,6 +472,47 @@ static enum MHD_Result handle_ping(request *r) {
     return queue(r, MHD_HTTP_OK, resp);
 }
 
+/* digest was generated under this name, for a tag, and is not cached any
+ * more (evicted while the image that holds it is still served): generate
+ * that tag's image again, as a GET of the tag by this client would (the
+ * same bytes: generation is deterministic). True when digest is cached now. */
+static bool regenerate(request *r, const char *digest) {
+    char tag[REF_TAG_MAX + 1];
+    if (store_made_get(r->srv->st, digest, r->repository, tag, sizeof tag) != 1) return false;
+    fill_preq(r);
+    policy_request pr = r->preq;
+    pr.kind = "manifest";
+    pr.method = "GET";
+    pr.reference = tag;
+    policy_resolution res;
+    policy_error pe;
+    json_value *spec = NULL;
+    if (specs_resolve(r->srv->specs, r->sv->pol, &pr, &res, &spec, &pe) != 0) {
+        log_warn("generating %s again for %s:%s: resolve failed: %s", digest, r->repository, tag, pe.message);
+        json_free(spec);
+        return false;
+    }
+    upstream *u = find_upstream(r->sv, res.upstream);
+    manifest_env env = {r->srv->st, r->sv->cfg};
+    manifest base, built;
+    fetch_error e = {0};
+    int rc = u && manifest_get(&env, u, res.repository, res.reference, &base, &e) == 0 ? 0 : -1;
+    if (rc == 0) {
+        if (generate_needed(&r->sv->gen, &res)) {
+            rc = generate_image(&r->sv->gen, &pr, &res, u, &base, &built, &e);
+            if (rc == 0) manifest_clear(&built);
+        }
+        manifest_clear(&base);
+    }
+    policy_resolution_clear(&res);
+    json_free(spec);
+    bool back = rc == 0 && store_blob_exists(r->srv->st, digest);
+    if (rc != 0) log_warn("generating %s again for %s:%s failed: %s", digest, r->repository, tag, e.message);
+    else if (!back) log_warn("generating %s again for %s:%s: the image is another one now", digest, r->repository, tag);
+    else log_info("generated %s again for %s:%s", digest, r->repository, tag);
+    return back;
+}
+
 static enum MHD_Result handle_manifest(request *r) {
     if (!ref_valid_tag(r->reference) && !ref_valid_digest(r->reference)) {
         if (strchr(r->reference, ':'))
@@ -502,6 +543,8 @@ static enum MHD_Result handle_manifest(request *r) {
      * answered (a policy that pins a tag must not turn a request for a
      * generated digest into its base). */
     const char *want = ref_is_sha256_digest(r->reference) ? r->reference : res.reference;
+    /* A generated manifest (an index's child, say) evicted meanwhile. */
+    if (ref_is_sha256_digest(r->reference) && !store_blob_exists(r->srv->st, r->reference)) regenerate(r, r->reference);
     int got = manifest_get(&env, u, res.repository, want, &m, &e);
     if (got == 0 && !ref_is_sha256_digest(r->reference) && generate_needed(&r->sv->gen, &res)) {
         /* A tag: serve the image the policy assembles on this base. (A
@@ -670,6 +713,9 @@ static enum MHD_Result handle_blob(request *r) {
     if (rc < 0) return send_error(r, 500, "UNKNOWN", "%s", err);
     metrics_cache_lookup("blob", rc == 1);
     if (rc == 1) return serve_cached_blob(r, digest, fd, size);
+    /* A config or file layer of an image generated under this name. */
+    if (regenerate(r, digest) && store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err) == 1)
+        return serve_cached_blob(r, digest, fd, size);
 
     /* A layer added from another image lives in that image's repository. */
     char origin_up[128], origin_repo[REF_NAME_MAX + 1];

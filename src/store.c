@@ -533,8 +533,8 @@ store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
     s->max_bytes = max_bytes;
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->verified_cv, NULL);
-    static const char *const subdirs[] = {"", "/blobs", "/blobs/sha256", "/tmp", "/tags", "/origins", "/generated",
-                                          "/quarantine", NULL};
+    static const char *const subdirs[] = {"",          "/blobs",     "/blobs/sha256", "/tmp", "/tags", "/origins",
+                                          "/generated", "/made", "/quarantine", NULL};
     for (const char *const *sd = subdirs; *sd; sd++) {
         char p[PATH_MAX];
         snprintf(p, sizeof p, "%s%s", dir, *sd);
@@ -1054,4 +1054,70 @@ int store_generated_get(store *s, const char *key, char *digest, size_t dlen) {
     if (!ref_is_sha256_digest(text)) return 0;
     snprintf(digest, dlen, "%s", text);
     return 1;
+}
+
+/* DIR/made/<hex>: one "repository tag" line per name the blob was generated
+ * for, the latest first, at most STORE_MADE_MAX. */
+#define STORE_MADE_MAX 16
+#define MADE_RECORD_MAX (STORE_MADE_MAX * (REF_NAME_MAX + REF_TAG_MAX + 2) + 1)
+
+static int made_path(const store *s, const char *digest, char *out, size_t outlen) {
+    if (!ref_is_sha256_digest(digest)) return -1;
+    int n = snprintf(out, outlen, "%s/made/%s", s->dir, digest + 7);
+    return n > 0 && (size_t)n < outlen ? 0 : -1;
+}
+
+int store_made_add(store *s, const char *digest, const char *repository, const char *tag, char *err, size_t errlen) {
+    char p[PATH_MAX];
+    if (made_path(s, digest, p, sizeof p) != 0 || !ref_valid_name(repository) || !ref_valid_tag(tag)) {
+        snprintf(err, errlen, "store: generated-for record of %s: bad digest, name or tag", digest);
+        return -1;
+    }
+    char *old = malloc(MADE_RECORD_MAX), *text = malloc(MADE_RECORD_MAX);
+    if (!old || !text) {
+        free(old);
+        free(text);
+        snprintf(err, errlen, "store: out of memory");
+        return -1;
+    }
+    if (!record_read(p, old, MADE_RECORD_MAX)) old[0] = '\0';
+    int n = snprintf(text, MADE_RECORD_MAX, "%s %s\n", repository, tag);
+    size_t len = (size_t)n, lines = 1;
+    for (char *line = old, *next; *line && lines < STORE_MADE_MAX; line = next) {
+        next = line + strcspn(line, "\n");
+        if (*next) *next++ = '\0';
+        if (strlen(line) == (size_t)n - 1 && strncmp(text, line, (size_t)n - 1) == 0) continue; /* now first */
+        int m = snprintf(text + len, MADE_RECORD_MAX - len, "%s\n", line);
+        if (m < 0 || (size_t)m >= MADE_RECORD_MAX - len) break;
+        len += (size_t)m;
+        lines++;
+    }
+    int rc = 0;
+    if (!record_read(p, old, MADE_RECORD_MAX) || strcmp(old, text) != 0) rc = record_write(s, p, text, err, errlen);
+    free(old);
+    free(text);
+    return rc;
+}
+
+int store_made_get(store *s, const char *digest, const char *repository, char *tag, size_t tlen) {
+    char p[PATH_MAX];
+    if (made_path(s, digest, p, sizeof p) != 0) return 0;
+    char *text = malloc(MADE_RECORD_MAX);
+    if (!text) return 0;
+    int found = 0;
+    if (record_read(p, text, MADE_RECORD_MAX)) {
+        for (char *line = text, *next; *line && !found; line = next) {
+            next = line + strcspn(line, "\n");
+            if (*next) *next++ = '\0';
+            char *sp = strchr(line, ' ');
+            if (!sp) continue;
+            *sp = '\0';
+            if (!ref_valid_name(line) || !ref_valid_tag(sp + 1)) continue; /* a damaged line is no answer */
+            if (repository && strcmp(line, repository) != 0) continue;
+            if (tag) snprintf(tag, tlen, "%s", sp + 1);
+            found = 1;
+        }
+    }
+    free(text);
+    return found;
 }

@@ -6,6 +6,7 @@
  *   DIR/tags/<sha256(key)>       tag -> digest resolutions with their time
  *   DIR/origins/<hex>            upstream and repository a blob comes from
  *   DIR/generated/<key>          decision key -> generated manifest digest
+ *   DIR/made/<hex>               names and tags a generated blob was made for
  *   DIR/lock                     flock'ed by the one process using DIR; its PID
  *   DIR/quarantine/              blobs that failed verification (not counted, never served)
  *
@@ -59,7 +60,7 @@ bool store_blob_exists(store *s, const char *digest);
  * is kept under max_bytes by evicting the least recently used blobs (last
  * open or commit; at start, the order of the files' access/modify times),
  * never one that is pinned; a blob that is in use is skipped and the next
- * is taken. tags/, origins/ and generated/ hold small records and are not
+ * is taken. tags/, origins/, generated/ and made/ hold small records and are not
  * counted; spools in tmp/ are not counted until committed. */
 typedef struct {
     size_t blobs;               /* blobs in the index */
@@ -139,5 +140,14 @@ int store_origin_get(store *s, const char *digest, char *upstream, size_t ulen, 
  * the image) -> the generated manifest's digest. DIR/generated/<key>. */
 int store_generated_put(store *s, const char *key, const char *digest, char *err, size_t errlen);
 int store_generated_get(store *s, const char *key, char *digest, size_t dlen);
+
+/* The blobs only regfacade has (generated manifests, indexes and configs,
+ * file layers) remember the (name, tag) they were generated for, so that
+ * one evicted while the image that holds it is still served can be
+ * generated again: DIR/made/<hex>, the latest 16 names. */
+int store_made_add(store *s, const char *digest, const char *repository, const char *tag, char *err, size_t errlen);
+/* 1 with tag filled when digest was generated for repository (NULL: for
+ * any name), 0 not. */
+int store_made_get(store *s, const char *digest, const char *repository, char *tag, size_t tlen);
 
 #endif

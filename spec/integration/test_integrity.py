@@ -119,22 +119,7 @@ def test_chunked_body_longer_than_limit_is_cut_and_nothing_cached(fake_upstream,
     assert os.path.exists(cache_path(rf.cache_dir, layer))
 
 
-def write_policy(tmp_path):
-    p = tmp_path / "layers.lua"
-    p.write_text(layerkit.LAYER_POLICY)
-    return str(p)
-
-
-def layered_facade(fake_facade, tmp_path, fake_upstream, variants, name="regfacade", cache=None):
-    """A regfacade with layerkit's policy; its one upstream is "up"."""
-    cfg = {"policy": {"file": write_policy(tmp_path), "options": {"variants": variants}}}
-    if cache:
-        cfg["cache"] = dict({"dir": str(tmp_path / f"{name}-cache"), "tag_ttl_seconds": 3600}, **cache)
-    rf = fake_facade(upstreams={"up": {"url": fake_upstream.url}}, config=cfg, name=name, tag_ttl=3600)
-    return rf
-
-
-def test_descriptor_size_rules_a_config_fetch(fake_upstream, fake_facade, tmp_path):
+def test_descriptor_size_rules_a_config_fetch(procs, fake_upstream, tmp_path):
     """An image's config is fetched for its descriptor: an upstream that
     announces more than the descriptor's size is refused before anything is
     written, whatever limits.blob_max_bytes allows."""
@@ -142,7 +127,7 @@ def test_descriptor_size_rules_a_config_fetch(fake_upstream, fake_facade, tmp_pa
     files = layerkit.LayerFiles(str(tmp_path / "files"))
     variants = {"w": {"repository": "acme/cfg", "layers": ["base", {"file": files.tools["path"]}]}}
     fake_upstream.misbehave(blob_path("acme/cfg", img.config.digest), "announce", length=10 * MiB)
-    rf = layered_facade(fake_facade, tmp_path, fake_upstream, variants)
+    rf = layerkit.start_layers_facade(procs, str(tmp_path), fake_upstream.url, variants)
     r = request(rf.host, "GET", "/v2/v/w/manifests/v1", headers={"Accept": layerkit.OCI_MANIFEST})
     assert_oci_error(r, 502)
     msg = r.json()["errors"][0]["message"]
@@ -366,3 +351,74 @@ def test_scrub_off_and_config_errors(tmp_path):
     assert r.returncode != 0 and "limits.blob_max_bytes" in r.stderr, r
     r = subprocess.run([REGFACADE, "cache", "scrub"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "only \"verify\"" in r.stderr, r
+
+
+# ---------------------------------------------------------------------------
+# generated images survive partial eviction
+# ---------------------------------------------------------------------------
+
+def evict(cache_dir, *digests):
+    """What eviction does to a blob: its file is gone."""
+    for d in digests:
+        os.unlink(cache_path(cache_dir, d))
+
+
+def test_generated_parts_evicted_are_generated_again(procs, fake_upstream, tmp_path):
+    img = fake_upstream.add_image("acme/gen", "v1", layer_sizes=[3000])
+    files = layerkit.LayerFiles(str(tmp_path / "files"))
+    variants = {"w": {"repository": "acme/gen", "layers": ["base", {"file": files.tools["path"]}],
+                      "path_prepend": "/tools/bin:"}}
+    rf = layerkit.start_layers_facade(procs, str(tmp_path), fake_upstream.url, variants)
+    accept = {"Accept": layerkit.OCI_MANIFEST}
+    r = request(rf.host, "GET", "/v2/v/w/manifests/v1", headers=accept)
+    assert r.status == 200, r
+    digest, man = r.header("Docker-Content-Digest"), r.json()
+    config, added = man["config"]["digest"], man["layers"][-1]["digest"]
+    assert added == files.tools["digest"] and config != img.config.digest
+    parts = {d: request(rf.host, "GET", blob_path("v/w", d)).body for d in (config, added)}
+    for d, data in parts.items():
+        assert sha256_digest(data) == d
+
+    # By digest, the manifest still cached: its config and file layer come back.
+    evict(rf.cache_dir, config, added)
+    r = request(rf.host, "GET", f"/v2/v/w/manifests/{digest}", headers=accept)
+    assert r.status == 200 and sha256_digest(r.body) == digest, r
+    for d, data in parts.items():
+        get_ok(rf, blob_path("v/w", d), data)
+
+    # By tag: the same image, whole again.
+    evict(rf.cache_dir, config, added)
+    r = request(rf.host, "GET", "/v2/v/w/manifests/v1", headers=accept)
+    assert r.status == 200 and r.header("Docker-Content-Digest") == digest, r
+    assert os.path.exists(cache_path(rf.cache_dir, config)) and os.path.exists(cache_path(rf.cache_dir, added))
+
+    # Only under the name it was generated for: another name asks its upstream.
+    evict(rf.cache_dir, config)
+    r = request(rf.host, "GET", blob_path("acme/gen", config))
+    assert_oci_error(r, 404, "BLOB_UNKNOWN")
+    assert not os.path.exists(cache_path(rf.cache_dir, config))
+    get_ok(rf, blob_path("v/w", config), parts[config])
+
+
+def test_generated_index_child_evicted_skopeo_pulls_by_tag_and_digest(procs, tmp_path, plain_registry):
+    """A real docker-registry's multi-platform image with a file layer added:
+    after a child manifest and a config are evicted, skopeo copies the
+    generated index by digest and by tag."""
+    import clients
+    multi = plain_registry.images["index"]
+    files = layerkit.LayerFiles(str(tmp_path / "files"))
+    variants = {"m": {"repository": multi["repo"], "layers": ["base", {"file": files.extra["path"]}]}}
+    rf = layerkit.start_layers_facade(procs, str(tmp_path / "rf"), plain_registry.url, variants)
+    raw = clients.skopeo_inspect(f"{rf.host}/v/m:v1", raw=True)
+    index = json.loads(raw)
+    digest = sha256_digest(raw)
+    child = index["manifests"][0]["digest"]
+    child_doc = json.loads(request(rf.host, "GET", f"/v2/v/m/manifests/{child}",
+                                   headers={"Accept": index["manifests"][0]["mediaType"]}).body)
+    config = child_doc["config"]["digest"]
+    clients.skopeo_copy(f"docker://{rf.host}/v/m:v1", f"oci:{tmp_path / 'out0'}:x", all_images=True)
+    evict(rf.cache_dir, child, config)
+    clients.skopeo_copy(f"docker://{rf.host}/v/m@{digest}", f"oci:{tmp_path / 'out1'}:x", all_images=True)
+    evict(rf.cache_dir, child, config)
+    clients.skopeo_copy(f"docker://{rf.host}/v/m:v1", f"oci:{tmp_path / 'out2'}:x", all_images=True)
+    assert clients.skopeo_inspect(f"{rf.host}/v/m:v1", raw=True) == raw
