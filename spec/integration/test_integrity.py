@@ -261,6 +261,8 @@ def test_cache_verify_command_quarantines_and_lists(fake_upstream, fake_facade):
         get_ok(rf, f"/v2/{img.repo}/manifests/{img.digest}", img.manifest, headers={"Accept": img.media_type})
         for bl in [img.config] + img.layers:
             get_ok(rf, blob_path(img.repo, bl.digest), bl.data)
+    busy = cache_verify(rf.config_path)  # the server holds the cache: refused, nothing touched
+    assert busy.returncode == 1 and "regfacade cache verify" in busy.stderr, busy
     rf.stop()
     clean = cache_verify(rf.config_path)
     assert clean.returncode == 0, clean

@@ -1,7 +1,7 @@
 /*
  * Unit tests of the reliability pieces that need no network: the store's
  * size cap (LRU eviction, pins, the index rebuilt at start, partial spools
- * removed), the retry pacing of upstream.c (backoff, Retry-After, budget)
+ * removed, verification and quarantine, made records), the retry pacing of upstream.c (backoff, Retry-After, budget)
  * with mirror URL checks, and the config keys that drive them.
  */
 #include <errno.h>
@@ -257,6 +257,86 @@ static void test_config_keys(void) {
     }
 }
 
+static void blob_file(const char *dir, const char *digest, char *out, size_t len) {
+    snprintf(out, len, "%s/blobs/sha256/%.2s/%s", dir, digest + 7, digest + 7);
+}
+
+static size_t quarantine_count(const char *dir) {
+    char cmd[600], line[64] = "";
+    snprintf(cmd, sizeof cmd, "ls '%s/quarantine' | wc -l", dir);
+    FILE *f = popen(cmd, "r");
+    if (!f) return 0;
+    if (!fgets(line, sizeof line, f)) line[0] = '\0';
+    pclose(f);
+    return (size_t)strtoul(line, NULL, 10);
+}
+
+static void test_store_verification(void) {
+    char dir[300], err[256], p[600];
+    snprintf(dir, sizeof dir, "%s/verify", tmpdir);
+    store *s = store_open(dir, 1 << 20, err, sizeof err);
+    CHECK(s != NULL);
+    if (!s) return;
+    char a[DIGEST_STRING_LEN], b[DIGEST_STRING_LEN], c[DIGEST_STRING_LEN];
+    put(s, 'a', a);
+    put(s, 'b', b);
+    put(s, 'c', c);
+
+    /* A write to a verified blob's file: the next open hashes it, finds it
+     * wrong, quarantines it and answers "not cached". */
+    blob_file(dir, a, p, sizeof p);
+    int fd = open(p, O_WRONLY);
+    CHECK(fd >= 0 && pwrite(fd, "x", 1, 100) == 1);
+    if (fd >= 0) close(fd);
+    int f;
+    uint64_t size;
+    CHECK(store_blob_open(s, a, &f, &size, err, sizeof err) == 0);
+    CHECK(!on_disk(dir, a) && quarantine_count(dir) == 1);
+
+    /* A truncated one read whole: hashed on the read, not returned. */
+    blob_file(dir, b, p, sizeof p);
+    CHECK(truncate(p, 10) == 0);
+    char *data = NULL;
+    size_t len = 0;
+    CHECK(store_blob_read(s, b, 1 << 20, &data, &len, err, sizeof err) == 0 && data == NULL);
+    CHECK(!on_disk(dir, b) && quarantine_count(dir) == 2);
+    store_stats st;
+    store_get_stats(s, &st);
+    CHECK(st.quarantined == 2 && st.blobs == 1);
+
+    /* The right one stays; store_blob_verify agrees; a missing one is gone. */
+    char reason[300];
+    CHECK(store_blob_verify(s, c, NULL, NULL, reason, sizeof reason) == STORE_VERIFY_OK);
+    CHECK(store_blob_verify(s, a, NULL, NULL, reason, sizeof reason) == STORE_VERIFY_GONE);
+    CHECK(store_blob_open(s, c, &f, &size, err, sizeof err) == 1 && size == 4000);
+    store_blob_close(s, c, f);
+
+    /* Made records: the latest name first, no duplicates, per name. */
+    char tag[200];
+    CHECK(store_made_add(s, c, "v/w", "v1", err, sizeof err) == 0);
+    CHECK(store_made_add(s, c, "v/x", "v2", err, sizeof err) == 0);
+    CHECK(store_made_add(s, c, "v/w", "v1", err, sizeof err) == 0);
+    CHECK(store_made_get(s, c, "v/x", tag, sizeof tag) == 1 && strcmp(tag, "v2") == 0);
+    CHECK(store_made_get(s, c, "v/w", tag, sizeof tag) == 1 && strcmp(tag, "v1") == 0);
+    CHECK(store_made_get(s, c, NULL, tag, sizeof tag) == 1 && strcmp(tag, "v1") == 0);
+    CHECK(store_made_get(s, c, "v/y", tag, sizeof tag) == 0);
+    CHECK(store_made_get(s, b, NULL, NULL, 0) == 0);
+    CHECK(store_made_add(s, c, "bad name!", "v1", err, sizeof err) == -1);
+    store_close(s);
+
+    /* After a restart a blob is hashed on its first open: a flip made while
+     * stopped is found. */
+    blob_file(dir, c, p, sizeof p);
+    fd = open(p, O_WRONLY);
+    CHECK(fd >= 0 && pwrite(fd, "y", 1, 5) == 1);
+    if (fd >= 0) close(fd);
+    s = store_open(dir, 1 << 20, err, sizeof err);
+    CHECK(s != NULL);
+    if (!s) return;
+    CHECK(store_blob_open(s, c, &f, &size, err, sizeof err) == 0 && quarantine_count(dir) == 3);
+    store_close(s);
+}
+
 int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/rf-unit-rel-XXXXXX");
     if (!mkdtemp(tmpdir)) {
@@ -265,6 +345,7 @@ int main(void) {
     }
     upstream_global_init();
     test_store_lru();
+    test_store_verification();
     test_retry_after_parse();
     test_retry_pacing();
     test_mirror_urls();
