@@ -320,7 +320,7 @@ def test_scrub_finds_damage_while_serving(fake_upstream, fake_facade, tmp_path):
     img = fake_upstream.add_image("acme/scrub", "v1", layer_sizes=[2 * MiB, 3000])
     layer = img.layers[0]
     cache_dir = str(tmp_path / "scrub-cache")
-    rf = fake_facade(config={"cache": {"dir": cache_dir, "scrub_bytes_per_second": 64 * MiB}})
+    rf = fake_facade(config={"cache": {"dir": cache_dir, "scrub_bytes_per_second": "64MiB"}})
     lpath = blob_path("acme/scrub", layer.digest)
     get_ok(rf, lpath, layer.data)
     flip_byte(cache_path(cache_dir, layer.digest))
