@@ -677,21 +677,22 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     if (archive_read_open(pr.unz, &r, NULL, src_read, NULL) != ARCHIVE_OK) {
         const char *e = archive_error_string(pr.unz);
         fetch_error_set(fail, 502, "UNKNOWN", "layer %s: cannot decompress: %s", spec->digest,
-               e ? e : "the compressed stream is cut short or corrupt");
+                        e ? e : "the compressed stream is cut short or corrupt");
         goto bad_content;
     }
     int rh = archive_read_next_header(pr.unz, &raw);
     if (rh == ARCHIVE_EOF) {
         pr.ended = true; /* an empty blob: an empty tar */
     } else if (rh < ARCHIVE_WARN) {
-        fetch_error_set(fail, 502, "UNKNOWN", "layer %s: cannot decompress: %s", spec->digest, archive_error_string(pr.unz));
+        fetch_error_set(fail, 502, "UNKNOWN", "layer %s: cannot decompress: %s", spec->digest,
+                        archive_error_string(pr.unz));
         goto bad_content;
     }
     archive_read_support_format_tar(a);
     archive_read_support_format_empty(a);
     if (archive_read_open(a, &pr, NULL, plain_read, NULL) != ARCHIVE_OK) {
         fetch_error_set(fail, 502, "UNKNOWN", "layer %s: not a tar archive: %s", spec->digest,
-               pr.failed ? pr.why : archive_error_string(a));
+                        pr.failed ? pr.why : archive_error_string(a));
         goto bad_content;
     }
     x.plain = &pr;
@@ -700,7 +701,8 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
         int h = archive_read_next_header(a, &e);
         if (h == ARCHIVE_EOF) break;
         if (h < ARCHIVE_WARN) {
-            fetch_error_set(fail, 502, "UNKNOWN", "layer %s: broken tar: %s", spec->digest, pr.failed ? pr.why : archive_error_string(a));
+            fetch_error_set(fail, 502, "UNKNOWN", "layer %s: broken tar: %s", spec->digest,
+                            pr.failed ? pr.why : archive_error_string(a));
             goto bad_content;
         }
         x.data_read = false;

@@ -1070,8 +1070,8 @@ static upstream_result map_curl_error(CURLcode c, const xfer *x)
     return curl_failure_result(c, x->final_seen, x->redirects > 0);
 }
 
-/* "could not resolve host NAME" for url's host; false when url has none. */
-static bool host_of(const char *url, char *out, size_t outlen)
+/* out = "could not resolve host NAME" for url's host; false when url has none. */
+static bool could_not_resolve(const char *url, char *out, size_t outlen)
 {
     CURLU *cu = curl_url();
     char *host = NULL;
@@ -1100,7 +1100,8 @@ static void curl_failure_message(upstream *u, CURL *h, const upstream_request *r
     char resolve[300];
     if (x->aborted)
         why = "aborted by the receiver";
-    else if (c == CURLE_COULDNT_RESOLVE_HOST && host_of(effective ? effective : url, resolve, sizeof resolve))
+    else if (c == CURLE_COULDNT_RESOLVE_HOST &&
+             could_not_resolve(effective ? effective : url, resolve, sizeof resolve))
         why = resolve; /* the same words whatever libcurl's version says */
     else
         why = x->errbuf[0] ? x->errbuf : curl_easy_strerror(c);
@@ -1295,7 +1296,7 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
                     u->name, how, realm_shown, TOKEN_BODY_MAX);
         else
             set_err(err, errlen, "upstream %s: token request %s %s: %s", u->name, how, realm_shown,
-                    rc == CURLE_COULDNT_RESOLVE_HOST && host_of(url, resolve, sizeof resolve) ? resolve
+                    rc == CURLE_COULDNT_RESOLVE_HOST && could_not_resolve(url, resolve, sizeof resolve) ? resolve
                     : t.errbuf[0]                                                          ? t.errbuf
                                                                                            : curl_easy_strerror(rc));
         if (!t.too_big)
