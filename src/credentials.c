@@ -19,6 +19,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
+#include <pwd.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -210,9 +211,14 @@ int credentials_run_helper(const char *helper, const char *server_url, long time
     sigset_t none, reset;
     /* Dispositions this process sets to "ignore" survive exec: undo them. */
     static const int sigs[] = {SIGPIPE, SIGXFSZ, SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGUSR1, SIGUSR2, SIGCHLD};
-    /* A minimal environment: where programs are and whose home it is. */
-    char pathv[4096], homev[PATH_MAX + 8];
+    /* A minimal environment: where programs are and whose home it is (the
+     * home of the user regfacade runs as, which after a privilege drop is
+     * not the HOME it was started with). */
+    char pathv[4096], homev[PATH_MAX + 8], pwbuf[4096];
+    struct passwd pw, *pwp = NULL;
     const char *path = getenv("PATH"), *home = getenv("HOME");
+    if (getpwuid_r(geteuid(), &pw, pwbuf, sizeof pwbuf, &pwp) == 0 && pwp && pwp->pw_dir && *pwp->pw_dir)
+        home = pwp->pw_dir;
     snprintf(pathv, sizeof pathv, "PATH=%s", path && *path ? path : "/usr/local/bin:/usr/bin:/bin");
     snprintf(homev, sizeof homev, "HOME=%s", home && *home ? home : "/");
     char *envp[] = {pathv, homev, NULL};

@@ -13,7 +13,8 @@
  * anonymous).
  *
  * A helper runs without a shell, in its own process group, with a minimal
- * environment (PATH and HOME of this process), its stdin the server URL,
+ * environment (this process's PATH, and HOME the home of the user it runs
+ * as), its stdin the server URL,
  * within a time limit (then its group is killed) and with bounded output.
  * Its answer is kept for cache_seconds (helpers say nothing about a
  * lifetime); credentials_refused() drops it when the upstream refused it,

@@ -156,6 +156,19 @@ def test_creds_store_helper_pulls_and_is_kept(procs, tmp_path, htpasswd_registry
     assert_no_secret(rf, HTPASSWD_PASSWORD)
 
 
+def test_credential_cache_seconds_zero_asks_every_time(procs, tmp_path, htpasswd_registry):
+    info = htpasswd_registry.images["oci"]
+    bindir = str(tmp_path / "bin")
+    store = Helper(bindir, "rfstore", HTPASSWD_USER, HTPASSWD_PASSWORD)
+    cfg = write_docker_config(tmp_path, {"credsStore": "rfstore"})
+    rf = start_facade(procs, tmp_path, {"private": {"url": htpasswd_registry.url}}, docker_config=cfg,
+                      env=path_env(bindir), upstream_client={"credential_cache_seconds": 0})
+    pull(rf, info, tmp_path)
+    # Manifest, config and each layer: every upstream request asked anew.
+    want = 2 + len(info["layers"])
+    assert len(store.calls()) >= want, f"{store.calls()} (want at least {want})\n{diag(rf)}"
+
+
 def test_cred_helpers_per_host(procs, tmp_path, htpasswd_registry, plain_registry):
     info = htpasswd_registry.images["oci"]
     plain = plain_registry.images["oci"]
