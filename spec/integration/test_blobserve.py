@@ -639,7 +639,7 @@ def layout_layer_tars(lay, tag):
     return [gzip.decompress(open(os.path.join(blobs, d[7:]), "rb").read()) for d in layout_layers(lay, tag)]
 
 
-def test_umoci_layers_without_end_blocks(blobserve, bs_registry, tmp_path):
+def test_umoci_layers_without_end_blocks(blobserve, bs_registry, tmp_path, containerd):
     host = bs_registry.registry.host
     # The plainest umoci image: the README's, one file inserted.
     lay = str(tmp_path / "umoci")
@@ -675,6 +675,18 @@ def test_umoci_layers_without_end_blocks(blobserve, bs_registry, tmp_path):
     layers = {*layout_layers(lay, "plain"), *layout_layers(os.path.join(ws, "images"), "app"),
               *layout_layers(os.path.join(ws, "images"), "ide")}
     assert s["extraction_failures"] == 0 and s["extractions"] == len(layers), s
+    # What blobserve serves is what a runtime unpacks: containerd pulls both
+    # images through the same regfacade and reads the same file.
+    ns = containerd.new_namespace()
+    try:
+        containerd.pull(f"{b.rf.host}/bs/umoci:v1", namespace=ns)
+        ref = f"{b.rf.host}/acme/app:1.0"
+        containerd.pull(ref, namespace=ns)
+        r = containerd.run(ref, f"rf-umoci-{ns}", "cat", "/app/hello.txt", namespace=ns, check=False)
+        assert r.returncode == 0, f"ctr run failed: {r.stderr}\n{containerd.log()[-3000:]}"
+        assert r.stdout == "hello from the user's app image\n"
+    finally:
+        containerd.remove_namespace(ns)
 
 
 def test_layer_ends_runtimes_accept_and_cuts_refused(blobserve, bs_registry, tmp_path):

@@ -84,8 +84,21 @@ def syntax_error(tmp_path):
     return text, ":3:2: expected ',' or '}'"
 
 
+def policy_error(tmp_path):
+    c = base(tmp_path)
+    (tmp_path / "bad.lua").write_text("return { resolve = function(req)\n  return { upstream = 'reg' }\n")
+    c["policy"] = {"file": "bad.lua"}
+    return json.dumps(c), "bad.lua:"
+
+
+def unknown_user(tmp_path):
+    c = base(tmp_path)
+    c["user"] = "no-such-user-here"
+    return json.dumps(c), "no-such-user-here"
+
+
 @pytest.mark.parametrize("make", [bad_listen, missing_layer_file, url_with_v2, mirror_with_v2, blobserve_listen,
-                                  duplicate_top_key, duplicate_nested_key, syntax_error],
+                                  duplicate_top_key, duplicate_nested_key, syntax_error, policy_error, unknown_user],
                          ids=lambda f: f.__name__)
 def test_check_and_serve_refuse_alike(tmp_path, make):
     text, needle = make(tmp_path)
