@@ -297,7 +297,7 @@ static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned l
         fetch_error_set(e, 500, "UNKNOWN", "%s: upstream %s is not configured", key, res.upstream);
         return -1;
     }
-    manifest_env env = {b->env.st, g->cfg};
+    manifest_env env = {.st = b->env.st, .cfg = g->cfg};
     manifest m;
     fetch_error fe = {0};
     if (manifest_get(&env, u, res.repository, res.reference, &m, &fe) != 0) {

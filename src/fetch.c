@@ -152,6 +152,24 @@ void fetch_error_wrap(fetch_error *e, const fetch_error *from, const char *prefi
     snprintf(e->message, sizeof e->message, "%s", m);
 }
 
+void fetch_scope(store_scope *out, const upstream *u, const char *repository) {
+    /* The account: upstream, URL and user (never the secret); anonymous is
+     * an account of its own. */
+    char account[4096];
+    const char *user = upstream_username(u);
+    snprintf(account, sizeof account, "%s\n%s\n%s%s", upstream_name(u), upstream_url(u), user ? "user " : "anonymous",
+             user ? user : "");
+    store_scope_upstream(out, account, repository);
+}
+
+/* The blob came from (u, repository): it may be served there. */
+static int fetch_link(store *st, const upstream *u, const char *repository, const char *digest, char *err,
+                      size_t errlen) {
+    store_scope sc;
+    fetch_scope(&sc, u, repository);
+    return store_link_put(st, &sc, digest, NULL, NULL, err, errlen);
+}
+
 /* Total size from "bytes a-b/total". */
 static int64_t content_range_total(const char *cr, uint64_t *first) {
     unsigned long long a, b, total;
@@ -417,13 +435,19 @@ static void *fetch_thread(void *arg) {
                       "upstream %s sent bytes with digest %s for blob %s (%llu bytes); not cached",
                       upstream_name(x->u), got, x->digest, (unsigned long long)x->written);
             rc = -1;
-        } else if (store_spool_commit(f->st, &x->spool, x->digest, err, sizeof err) != 0) {
-            /* Verified bytes can still be served from the spool; only caching failed. */
-            log_error("blob %s: %s", x->digest, err);
-            store_spool_discard(f->st, &x->spool);
         } else {
-            x->committed = 1;
-            metrics_cache_put(x->written);
+            /* Verified from (u, repository): it may be served there. A lost
+             * link costs one upstream HEAD later, nothing else. */
+            if (fetch_link(f->st, x->u, x->repository, x->digest, err, sizeof err) != 0)
+                log_error("blob %s: %s", x->digest, err);
+            if (store_spool_commit(f->st, &x->spool, x->digest, err, sizeof err) != 0) {
+                /* Verified bytes can still be served from the spool; only caching failed. */
+                log_error("blob %s: %s", x->digest, err);
+                store_spool_discard(f->st, &x->spool);
+            } else {
+                x->committed = 1;
+                metrics_cache_put(x->written);
+            }
         }
     }
     if (rc != 0) {
@@ -610,4 +634,41 @@ int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char
     }
     fetch_error_set(e, 502, "UNKNOWN", "blob %s was fetched but is not in the cache", digest);
     return -1;
+}
+
+bool fetch_blob_linked(fetcher *f, const upstream *u, const char *repository, const char *digest) {
+    store_scope sc, everyone;
+    fetch_scope(&sc, u, repository);
+    store_scope_everyone(&everyone);
+    return store_link_get(f->st, &sc, digest, NULL, 0, NULL, 0) == 1 ||
+           store_link_get(f->st, &everyone, digest, NULL, 0, NULL, 0) == 1;
+}
+
+bool fetch_source_is(const fetch *x, const upstream *u, const char *repository) {
+    store_scope a, b;
+    fetch_scope(&a, x->u, x->repository);
+    fetch_scope(&b, u, repository);
+    return strcmp(a.hex, b.hex) == 0;
+}
+
+int fetch_blob_known(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t *size,
+                     fetch_error *e) {
+    *size = -1;
+    if (fetch_blob_linked(f, u, repository, digest)) return 1;
+    char path[600], subject[600], err[512];
+    snprintf(path, sizeof path, "%s/blobs/%s", repository, digest);
+    snprintf(subject, sizeof subject, "blob %s of %s", digest, repository);
+    upstream_request req = {.method = "HEAD", .repository = repository, .path = path};
+    upstream_response resp;
+    if (upstream_ask(u, &req, &resp, UPSTREAM_WHAT_BLOB, subject, false, e) != UPSTREAM_ANSWER_OK) return -1;
+    if (resp.status != 200) {
+        fetch_error_set(e, 502, "UNKNOWN", "upstream %s answered %ld for HEAD of %s", upstream_name(u), resp.status,
+                        subject);
+        return -1;
+    }
+    store_scope sc;
+    fetch_scope(&sc, u, repository);
+    if (store_link_put(f->st, &sc, digest, NULL, NULL, err, sizeof err) != 0) log_error("blob %s: %s", digest, err);
+    *size = resp.content_length;
+    return 1;
 }

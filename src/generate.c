@@ -25,6 +25,12 @@ static const layer_spec *stack_of(const policy_resolution *res, size_t *n) {
     return &base_only;
 }
 
+void generate_scope(store_scope *out, const upstream *u, const char *repository, const char *name) {
+    store_scope from;
+    fetch_scope(&from, u, repository);
+    store_scope_generated(out, &from, name);
+}
+
 bool generate_needed(const generate_env *env, const policy_resolution *res) {
     if (policy_has_rewrite(env->pol) || res->n_platforms > 0) return true;
     if (!res->has_layers) return false;
@@ -156,12 +162,30 @@ static bool same_tree(const json_value *a, const json_value *b) {
     return same;
 }
 
+/* Link what an assembled image has to gen, the scope of the name it is
+ * generated for: layers added from elsewhere with their origin, then the
+ * manifest with everything it references. */
+static int link_generated(const generate_env *env, const store_scope *gen, const layer_stack *stack,
+                          const char *digest, const char *bytes, size_t len, fetch_error *e) {
+    char err[512] = "";
+    int rc = 0;
+    for (size_t i = 0; i < stack->n && rc == 0; i++) {
+        const image_layer *it = &stack->items[i];
+        if (!it->is_base && it->digest && it->origin_upstream && it->origin_repository)
+            rc = store_link_put(env->st, gen, it->digest, it->origin_upstream, it->origin_repository, err, sizeof err);
+    }
+    if (rc == 0) rc = manifest_link(env->st, gen, digest, bytes, len, err, sizeof err);
+    if (rc != 0) fetch_error_set(e, 500, "UNKNOWN", "linking the assembled image: %s", err);
+    return rc;
+}
+
 /* Assemble one image manifest (not an index) and store it (or, with pend,
  * leave its config and manifest in pend for the caller to store). On
  * success out_digest/out_size/out_mt describe the stored manifest. */
 static int assemble_one(const generate_env *env, const policy_request *req, const policy_resolution *res,
-                        upstream *u, const char *base_bytes, size_t base_len, const char *base_mt,
-                        char out_digest[80], uint64_t *out_size, manifest *keep, pending *pend, made_list *made,
+                        upstream *u, const store_scope *gen, const char *base_bytes, size_t base_len,
+                        const char *base_mt, char out_digest[80], uint64_t *out_size, manifest *keep, pending *pend,
+                        made_list *made,
                         fetch_error *e) {
     char jerr[256], err[1024];
     json_value *base = json_parse(base_bytes, base_len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
@@ -251,6 +275,7 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
             fetch_error_set(e, 500, "UNKNOWN", "out of memory");
             goto out;
         }
+    if (pend && link_generated(env, gen, &stack, md, mb, ml, e) != 0) goto out;
     if (pend) {
         if ((!unchanged && pending_add(pend, cd, &cb, cl) != 0) || pending_add(pend, md, &mb, ml) != 0) {
             fetch_error_set(e, 500, "UNKNOWN", "out of memory");
@@ -261,6 +286,7 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
         fetch_error_set(e, 500, "UNKNOWN", "storing the assembled image: %s", err);
         goto out;
     }
+    if (!pend && link_generated(env, gen, &stack, md, mb, ml, e) != 0) goto out;
     if (keep) {
         keep->data = mb;
         keep->len = ml;
@@ -281,7 +307,8 @@ out:
 }
 
 static int assemble_index(const generate_env *env, const policy_request *req, const policy_resolution *res,
-                          upstream *u, const manifest *base, manifest *out, made_list *made, fetch_error *e) {
+                          upstream *u, const store_scope *gen, const manifest *base, manifest *out, made_list *made,
+                          fetch_error *e) {
     char jerr[256], err[512];
     json_value *idx = json_parse(base->data, base->len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     json_value *list = idx ? json_object_get(idx, "manifests") : NULL;
@@ -290,7 +317,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         fetch_error_set(e, 502, "MANIFEST_INVALID", "index of %s: %s", res->repository, idx ? "no manifests array" : jerr);
         return -1;
     }
-    manifest_env menv = {env->st, env->cfg};
+    manifest_env menv = {.st = env->st, .cfg = env->cfg};
     bool changed = false; /* any entry dropped or rewritten */
     pending pend = {0};   /* the children's blobs, stored once all are built */
     for (size_t i = 0; i < list->count;) {
@@ -323,7 +350,8 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         }
         char nd[80];
         uint64_t ns = 0;
-        int rc = assemble_one(env, req, res, u, child.data, child.len, child.media_type, nd, &ns, NULL, &pend, made, e);
+        int rc = assemble_one(env, req, res, u, gen, child.data, child.len, child.media_type, nd, &ns, NULL, &pend,
+                              made, e);
         manifest_clear(&child);
         if (rc != 0) {
             json_free(idx);
@@ -366,6 +394,11 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         fetch_error_set(e, 500, "UNKNOWN", "storing the assembled index: %s", bytes ? err : "out of memory");
         return -1;
     }
+    if (manifest_link(env->st, gen, d, bytes, len, err, sizeof err) != 0) {
+        free(bytes);
+        fetch_error_set(e, 500, "UNKNOWN", "linking the assembled index: %s", err);
+        return -1;
+    }
     out->data = bytes;
     out->len = len;
     snprintf(out->digest, sizeof out->digest, "%s", d);
@@ -406,27 +439,32 @@ int generate_image(const generate_env *env, const policy_request *req, const pol
     memset(out, 0, sizeof *out);
     char key[65], digest[100], err[512];
     if (decision_key(env, req, res, base, key, e) != 0) return -1;
+    /* The image belongs to the name it is generated for (store.h). */
+    store_scope gen;
+    generate_scope(&gen, u, res->repository, req->repository ? req->repository : "");
     if (store_generated_get(env->st, key, digest, sizeof digest) == 1 && ref_is_sha256_digest(digest)) {
         /* Built before: served as stored while every part it made is still
-         * cached; a part evicted meanwhile (config, file layer, index
-         * child) is made again by assembling again (the same bytes). */
-        manifest_env menv = {env->st, env->cfg};
+         * cached and it is linked to this name; a part evicted meanwhile
+         * (config, file layer, index child) is made again by assembling
+         * again (the same bytes), and a missing link is written again. */
+        manifest_env menv = {.st = env->st, .cfg = env->cfg, .generated = &gen};
         char missing[80] = "";
-        if (generated_complete(env, digest, 0, missing, sizeof missing)) {
-            if (manifest_get(&menv, u, res->repository, digest, out, e) == 0) return 0;
-        } else {
+        if (!generated_complete(env, digest, 0, missing, sizeof missing)) {
             log_info("generated image %s for %s:%s lost %s from the cache; generating it again", digest,
                      req->repository, req->reference ? req->reference : "", missing);
+        } else if (store_link_get(env->st, &gen, digest, NULL, 0, NULL, 0) == 1 &&
+                   manifest_get(&menv, u, res->repository, digest, out, e) == 0) {
+            return 0;
         }
     }
     int rc;
     made_list made = {0};
     if (is_index(base->media_type)) {
-        rc = assemble_index(env, req, res, u, base, out, &made, e);
+        rc = assemble_index(env, req, res, u, &gen, base, out, &made, e);
     } else {
         uint64_t size;
-        rc = assemble_one(env, req, res, u, base->data, base->len, base->media_type, digest, &size, out, NULL, &made,
-                          e);
+        rc = assemble_one(env, req, res, u, &gen, base->data, base->len, base->media_type, digest, &size, out, NULL,
+                          &made, e);
     }
     if (rc != 0) {
         free(made.d);

@@ -644,7 +644,7 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
         return -1;
     }
     upstream *u = env->find_upstream(env->ud, up);
-    manifest_env menv = {env->st, env->cfg};
+    manifest_env menv = {.st = env->st, .cfg = env->cfg};
     manifest m;
     if (manifest_get(&menv, u, repo, ref, &m, e) != 0) {
         char msg[sizeof e->message];
@@ -746,8 +746,12 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
         it->comment = keep_string(out, spec->comment);
         json_value *urls = json_object_get(d, "urls");
         if (urls) it->urls = keep_tree(out, json_clone(urls));
-        char err[512];
-        if (store_origin_put(env->st, digest, up, repo, err, sizeof err) != 0) log_error("%s", err);
+        it->origin_upstream = keep_string(out, up);
+        it->origin_repository = keep_string(out, repo);
+        if (!it->origin_upstream || !it->origin_repository) {
+            rc = -1;
+            fetch_error_set(e, 500, "UNKNOWN", "out of memory");
+        }
     }
     json_free(man);
     return rc;
@@ -812,9 +816,9 @@ static int resolve_one(const layer_env *env, const layer_spec *spec, const char 
             fetch_error_set(e, 500, "UNKNOWN", "layer %s: upstream \"%s\" is not configured", it->name, up);
             return -1;
         }
-        char err[512];
-        if (store_origin_put(env->st, spec->digest, up, repo, err, sizeof err) != 0) log_error("%s", err);
-        return 0;
+        it->origin_upstream = keep_string(out, up);
+        it->origin_repository = keep_string(out, repo);
+        return it->origin_upstream && it->origin_repository ? 0 : -1;
     }
     }
     fetch_error_set(e, 500, "UNKNOWN", "layer %s: out of memory or invalid", label ? label : "?");
@@ -856,7 +860,7 @@ static int key_one(const layer_env *env, const layer_spec *spec, digest_ctx *key
                       "configured upstream", spec->image);
             return -1;
         }
-        manifest_env menv = {env->st, env->cfg};
+        manifest_env menv = {.st = env->st, .cfg = env->cfg};
         manifest m;
         if (manifest_get(&menv, env->find_upstream(env->ud, up), repo, ref, &m, e) != 0) {
             char msg[sizeof e->message];

@@ -172,6 +172,8 @@ static int perform_retry(const manifest_env *env, upstream *u, upstream_request 
     return 0;
 }
 
+static void link_upstream(const manifest_env *env, upstream *u, const char *repository, const manifest *m);
+
 /* GET the manifest named by reference; verify against want_digest when
  * given. 0 with out filled, -1 with e. */
 static int fetch_manifest(const manifest_env *env, upstream *u, const char *repository, const char *reference,
@@ -222,7 +224,54 @@ static int fetch_manifest(const manifest_env *env, upstream *u, const char *repo
     out->len = b.len;
     out->source = "upstream";
     snprintf(out->digest, sizeof out->digest, "%s", got);
+    link_upstream(env, u, repository, out);
     return 0;
+}
+
+/* ---------- links (store.h): which manifests a scope may be served ---------- */
+
+int manifest_link(store *st, const store_scope *sc, const char *digest, const char *data, size_t len, char *err,
+                  size_t errlen) {
+    char jerr[256];
+    json_value *v = json_parse(data, len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+    if (!v || v->type != JSON_OBJECT) {
+        json_free(v);
+        snprintf(err, errlen, "link manifest %s: not a JSON object (%s)", digest, v ? "wrong type" : jerr);
+        return -1;
+    }
+    /* What it references first: a linked manifest always has its parts linked. */
+    int rc = 0;
+    const char *cfg = json_object_get_string(json_object_get(v, "config"), "digest");
+    if (cfg && ref_is_sha256_digest(cfg)) rc = store_link_put(st, sc, cfg, NULL, NULL, err, errlen);
+    static const char *const lists[] = {"layers", "manifests"};
+    for (size_t l = 0; l < 2 && rc == 0; l++) {
+        const json_value *a = json_object_get(v, lists[l]);
+        for (size_t i = 0; a && a->type == JSON_ARRAY && i < a->count && rc == 0; i++) {
+            const char *d = json_object_get_string(a->items[i], "digest");
+            if (d && ref_is_sha256_digest(d)) rc = store_link_put(st, sc, d, NULL, NULL, err, errlen);
+        }
+    }
+    json_free(v);
+    return rc == 0 ? store_link_put(st, sc, digest, NULL, NULL, err, errlen) : -1;
+}
+
+/* May digest be served under (u, repository) (or the generated name of env)? */
+static bool linked(const manifest_env *env, upstream *u, const char *repository, const char *digest) {
+    store_scope sc, everyone;
+    fetch_scope(&sc, u, repository);
+    store_scope_everyone(&everyone);
+    return store_link_get(env->st, &sc, digest, NULL, 0, NULL, 0) == 1 ||
+           (env->generated && store_link_get(env->st, env->generated, digest, NULL, 0, NULL, 0) == 1) ||
+           store_link_get(env->st, &everyone, digest, NULL, 0, NULL, 0) == 1;
+}
+
+/* m came from (u, repository), or the upstream confirmed it is there. */
+static void link_upstream(const manifest_env *env, upstream *u, const char *repository, const manifest *m) {
+    store_scope sc;
+    char err[512];
+    fetch_scope(&sc, u, repository);
+    if (manifest_link(env->st, &sc, m->digest, m->data, m->len, err, sizeof err) != 0)
+        log_error("manifest %s in %s: %s", m->digest, repository, err);
 }
 
 static int from_store(const manifest_env *env, const char *digest, manifest *out, fetch_error *e) {
@@ -268,14 +317,37 @@ static bool upstream_failed(const fetch_error *e) {
 static int get_from_upstream(const manifest_env *env, upstream *u, const char *repository, const char *reference,
                              manifest *out, fetch_error *e) {
     if (ref_is_sha256_digest(reference)) {
-        int rc = from_store(env, reference, out, e);
-        if (rc != 0) return rc > 0 ? 0 : -1;
+        if (linked(env, u, repository, reference)) {
+            int rc = from_store(env, reference, out, e);
+            if (rc != 0) return rc > 0 ? 0 : -1;
+        } else if (store_blob_exists(env->st, reference)) {
+            /* Cached for another scope: served here only when the upstream
+             * has it in this repository for this account. */
+            char path[600], what[600];
+            snprintf(path, sizeof path, "%s/manifests/%s", repository, reference);
+            snprintf(what, sizeof what, "%s@%s", repository, reference);
+            upstream_request req = {.method = "HEAD", .repository = repository, .path = path,
+                                    .accept = MANIFEST_ACCEPT_ALL};
+            upstream_response resp;
+            if (perform_retry(env, u, &req, &resp, NULL, what, false, e) != 0) return -1;
+            if (resp.status != 200) {
+                map_status(e, &resp, u, what);
+                return -1;
+            }
+            int rc = from_store(env, reference, out, e);
+            if (rc < 0) return -1;
+            if (rc > 0) {
+                link_upstream(env, u, repository, out);
+                return 0;
+            }
+        }
         return fetch_manifest(env, u, repository, reference, reference, false, out, e);
     }
 
     store_tag known;
     int have_known = store_tag_get(env->st, upstream_name(u), repository, reference, &known) == 1;
     time_t now = time(NULL);
+    have_known = have_known && linked(env, u, repository, known.digest);
     if (have_known && now - known.fetched < env->cfg->tag_ttl_seconds) {
         int rc = from_store(env, known.digest, out, e);
         if (rc > 0) return 0;
@@ -296,6 +368,7 @@ static int get_from_upstream(const manifest_env *env, upstream *u, const char *r
     int rc = perform_retry(env, u, &req, &resp, NULL, what, stale_ok, e);
     if (rc == 0 && resp.status == 200 && ref_is_sha256_digest(resp.digest)) {
         int got = from_store(env, resp.digest, out, e);
+        if (got > 0) link_upstream(env, u, repository, out); /* the upstream says the tag names it here */
         if (got > 0 ||
             (got == 0 && fetch_manifest(env, u, repository, resp.digest, resp.digest, stale_ok, out, e) == 0)) {
             remember_tag(env, u, repository, reference, out);
@@ -388,15 +461,17 @@ int manifest_get(const manifest_env *env, upstream *u, const char *repository, c
                  manifest *out, fetch_error *e) {
     memset(out, 0, sizeof *out);
     if (ref_is_sha256_digest(reference)) {
-        int rc = from_store(env, reference, out, e);
-        if (rc != 0) return rc > 0 ? 0 : -1;
+        if (linked(env, u, repository, reference)) {
+            int rc = from_store(env, reference, out, e);
+            if (rc != 0) return rc > 0 ? 0 : -1;
+        }
     } else if (ref_valid_digest(reference)) {
         fetch_error_set(e, 400, "DIGEST_INVALID", "only sha256 digests are supported, got %s", reference);
         return -1;
     } else {
         store_tag known;
         if (store_tag_get(env->st, upstream_name(u), repository, reference, &known) == 1 &&
-            time(NULL) - known.fetched < env->cfg->tag_ttl_seconds) {
+            time(NULL) - known.fetched < env->cfg->tag_ttl_seconds && linked(env, u, repository, known.digest)) {
             int rc = from_store(env, known.digest, out, e);
             if (rc != 0) return rc > 0 ? 0 : -1;
         }

@@ -493,7 +493,7 @@ static bool regenerate(request *r, const char *digest) {
         return false;
     }
     upstream *u = find_upstream(r->sv, res.upstream);
-    manifest_env env = {r->srv->st, r->sv->cfg};
+    manifest_env env = {.st = r->srv->st, .cfg = r->sv->cfg};
     manifest base, built;
     fetch_error e = {0};
     int rc = u && manifest_get(&env, u, res.repository, res.reference, &base, &e) == 0 ? 0 : -1;
@@ -536,7 +536,9 @@ static enum MHD_Result handle_manifest(request *r) {
     policy_resolution res;
     if (run_resolve(r, &res) != 0) return MHD_YES;
     upstream *u = find_upstream(r->sv, res.upstream);
-    manifest_env env = {r->srv->st, r->sv->cfg};
+    store_scope gen; /* what was generated for this name may be served under it too */
+    generate_scope(&gen, u, res.repository, r->repository);
+    manifest_env env = {.st = r->srv->st, .cfg = r->sv->cfg, .generated = &gen};
     manifest m;
     fetch_error e = {0};
     /* A digest names exact bytes: those, whatever reference the policy
@@ -676,25 +678,29 @@ static void free_spool_reader(void *cls) {
     free(sr);
 }
 
+/* HEAD of a blob that is not cached, of size bytes: nothing is started. */
+static enum MHD_Result head_reply(request *r, uint64_t size) {
+    struct MHD_Response *mr = MHD_create_response_from_callback(size, 4096, read_spool, NULL, NULL);
+    if (!mr) return MHD_NO;
+    blob_headers(mr, r->reference, size, 0, 0, false);
+    return queue(r, 200, mr);
+}
+
 /* HEAD of a blob that is not cached: ask the upstream, start nothing. */
-static enum MHD_Result head_cold_blob(request *r, upstream *u, const policy_resolution *res) {
+static enum MHD_Result head_cold_blob(request *r, upstream *u, const char *repository) {
     char path[600];
-    snprintf(path, sizeof path, "%s/blobs/%s", res->repository, r->reference);
-    upstream_request req = {.method = "HEAD", .repository = res->repository, .path = path};
+    snprintf(path, sizeof path, "%s/blobs/%s", repository, r->reference);
+    upstream_request req = {.method = "HEAD", .repository = repository, .path = path};
     upstream_response resp;
     char subject[700];
-    snprintf(subject, sizeof subject, "blob %s of %s", r->reference, res->repository);
+    snprintf(subject, sizeof subject, "blob %s of %s", r->reference, repository);
     fetch_error e = {0};
     if (upstream_ask(u, &req, &resp, UPSTREAM_WHAT_BLOB, subject, false, &e) != UPSTREAM_ANSWER_OK)
         return send_fetch_error(r, &e);
     if (resp.status != 200 || resp.content_length < 0)
         return send_error(r, 502, "UNKNOWN", "upstream %s answered %ld without a size for HEAD of blob %s",
-                          res->upstream, resp.status, r->reference);
-    struct MHD_Response *mr = MHD_create_response_from_callback((uint64_t)resp.content_length, 4096, read_spool,
-                                                                NULL, NULL);
-    if (!mr) return MHD_NO;
-    blob_headers(mr, r->reference, (uint64_t)resp.content_length, 0, 0, false);
-    return queue(r, 200, mr);
+                          upstream_name(u), resp.status, r->reference);
+    return head_reply(r, (uint64_t)resp.content_length);
 }
 
 static enum MHD_Result handle_blob(request *r) {
@@ -706,25 +712,44 @@ static enum MHD_Result handle_blob(request *r) {
     if (run_resolve(r, &res) != 0) return MHD_YES;
     policy_resolution_clear(&res); /* only the upstream and repository are used */
     const char *digest = r->reference;
+    upstream *u = find_upstream(r->sv, res.upstream);
+    const char *repository = res.repository;
+
+    /* Served under this name only where it belongs (store.h): generated for
+     * the name (a layer added from another image names its origin), or in
+     * the upstream repository the name maps to, for this request's account
+     * (a link, or the upstream's answer to a HEAD). */
+    store_scope gen;
+    generate_scope(&gen, u, res.repository, r->repository);
+    char origin_up[128], origin_repo[REF_NAME_MAX + 1];
+    bool known = store_link_get(r->srv->st, &gen, digest, origin_up, sizeof origin_up, origin_repo,
+                                sizeof origin_repo) == 1 ||
+                 fetch_blob_linked(r->srv->fetches, u, res.repository, digest);
+    int64_t head_size = -1; /* what the upstream's HEAD said, when it was asked */
+    fetch_error e = {0};
     char err[1024];
     int fd;
     uint64_t size;
     int rc = store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err);
     if (rc < 0) return send_error(r, 500, "UNKNOWN", "%s", err);
     metrics_cache_lookup("blob", rc == 1);
-    if (rc == 1) return serve_cached_blob(r, digest, fd, size);
+    if (rc == 1) {
+        /* Cached, maybe for another repository or account: is it here too? */
+        if (!known && fetch_blob_known(r->srv->fetches, u, res.repository, digest, &head_size, &e) != 1) {
+            store_blob_close(r->srv->st, digest, fd);
+            return send_fetch_error(r, &e);
+        }
+        return serve_cached_blob(r, digest, fd, size);
+    }
     /* A config or file layer of an image generated under this name. */
-    if (regenerate(r, digest) && store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err) == 1)
+    if (known && regenerate(r, digest) && store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err) == 1)
         return serve_cached_blob(r, digest, fd, size);
 
     /* A layer added from another image lives in that image's repository. */
-    char origin_up[128], origin_repo[REF_NAME_MAX + 1];
-    if (store_origin_get(r->srv->st, digest, origin_up, sizeof origin_up, origin_repo, sizeof origin_repo) == 1 &&
-        find_upstream(r->sv, origin_up)) {
-        snprintf(res.upstream, sizeof res.upstream, "%s", origin_up);
-        snprintf(res.repository, sizeof res.repository, "%s", origin_repo);
+    if (origin_up[0] && find_upstream(r->sv, origin_up)) {
+        u = find_upstream(r->sv, origin_up);
+        repository = origin_repo;
     }
-    upstream *u = find_upstream(r->sv, res.upstream);
     r->cold = true;
     {
         /* A malformed Range is refused before anything is fetched. */
@@ -736,10 +761,23 @@ static enum MHD_Result handle_blob(request *r) {
             return MHD_YES;
         }
     }
-    if (r->head) return head_cold_blob(r, u, &res);
+    if (r->head) {
+        if (!known && fetch_blob_known(r->srv->fetches, u, repository, digest, &head_size, &e) != 1)
+            return send_fetch_error(r, &e);
+        return head_size >= 0 ? head_reply(r, (uint64_t)head_size) : head_cold_blob(r, u, repository);
+    }
+    /* Not cached: a GET from (u, repository) is the check itself, unless it
+     * would join a fetch from elsewhere, or the blob arrived meanwhile. */
     int now_cached = 0;
     /* A plain GET by digest has no descriptor: limits.blob_max_bytes caps it. */
-    fetch *x = fetch_blob(r->srv->fetches, u, res.repository, digest, -1, &now_cached, err, sizeof err);
+    fetch *x = fetch_blob(r->srv->fetches, u, repository, digest, -1, &now_cached, err, sizeof err);
+    if (!known && (x ? !fetch_source_is(x, u, repository) : now_cached)) {
+        fetch_release(x);
+        if (fetch_blob_known(r->srv->fetches, u, repository, digest, &head_size, &e) != 1)
+            return send_fetch_error(r, &e);
+        now_cached = 0;
+        x = fetch_blob(r->srv->fetches, u, repository, digest, -1, &now_cached, err, sizeof err);
+    }
     if (!x) {
         if (!now_cached) return send_error(r, 500, "UNKNOWN", "%s", err);
         rc = store_blob_open(r->srv->st, digest, &fd, &size, err, sizeof err);
@@ -747,7 +785,6 @@ static enum MHD_Result handle_blob(request *r) {
         return send_error(r, 500, "UNKNOWN", "blob %s vanished from the cache: %s", digest, rc < 0 ? err : "");
     }
     int64_t announced;
-    fetch_error e = {0};
     if (fetch_wait_ready(x, &announced, &e) != 0) {
         fetch_release(x);
         return send_fetch_error(r, &e);

@@ -163,6 +163,12 @@ static void scratch_store(store *st, int only) {
         if (!store_blob_exists(st, scratch[i].digest) &&
             store_put(st, scratch[i].digest, scratch[i].manifest, strlen(scratch[i].manifest), err, sizeof err) != 0)
             log_error("specs: storing the scratch manifest: %s", err);
+        /* regfacade's own bytes, in no upstream: every name may be served them. */
+        store_scope everyone;
+        store_scope_everyone(&everyone);
+        if (store_link_put(st, &everyone, scratch[i].config_digest, NULL, NULL, err, sizeof err) != 0 ||
+            store_link_put(st, &everyone, scratch[i].digest, NULL, NULL, err, sizeof err) != 0)
+            log_error("specs: linking the scratch image: %s", err);
     }
 }
 

@@ -533,7 +533,7 @@ store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
     s->max_bytes = max_bytes;
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->verified_cv, NULL);
-    static const char *const subdirs[] = {"",          "/blobs",     "/blobs/sha256", "/tmp", "/tags", "/origins",
+    static const char *const subdirs[] = {"",          "/blobs",     "/blobs/sha256", "/tmp", "/tags", "/links", 
                                           "/generated", "/made", "/quarantine", NULL};
     for (const char *const *sd = subdirs; *sd; sd++) {
         char p[PATH_MAX];
@@ -1005,33 +1005,73 @@ static int record_read(const char *path, char *buf, size_t len) {
     return 1;
 }
 
-int store_origin_put(store *s, const char *digest, const char *upstream, const char *repository, char *err,
-                     size_t errlen) {
-    if (!ref_is_sha256_digest(digest)) {
-        snprintf(err, errlen, "store: origin of %s: not a sha256 digest", digest);
+/* ---------- links ---------- */
+
+/* sha256 hex of a NUL-separated list of strings: a scope's name on disk. */
+static void scope_hash(store_scope *out, const char *const *parts, size_t n) {
+    char full[DIGEST_STRING_LEN] = "";
+    digest_ctx *d = digest_new();
+    for (size_t i = 0; d && i < n; i++) digest_update(d, parts[i] ? parts[i] : "", strlen(parts[i] ? parts[i] : "") + 1);
+    if (!d || digest_final(d, full) != 0) snprintf(full, sizeof full, "sha256:"); /* out of memory: matches nothing */
+    digest_free(d);
+    snprintf(out->hex, sizeof out->hex, "%s", full + 7);
+}
+
+void store_scope_upstream(store_scope *out, const char *account, const char *repository) {
+    const char *parts[] = {"regfacade-scope-v1", "upstream", account, repository};
+    scope_hash(out, parts, 4);
+}
+
+void store_scope_generated(store_scope *out, const store_scope *from, const char *name) {
+    const char *parts[] = {"regfacade-scope-v1", "generated", from->hex, name};
+    scope_hash(out, parts, 4);
+}
+
+void store_scope_everyone(store_scope *out) {
+    const char *parts[] = {"regfacade-scope-v1", "everyone"};
+    scope_hash(out, parts, 2);
+}
+
+static int link_path(const store *s, const store_scope *sc, const char *digest, char *p, size_t plen) {
+    if (!ref_is_sha256_digest(digest) || strlen(sc->hex) != 64) return -1;
+    int n = snprintf(p, plen, "%s/links/%s/%s", s->dir, sc->hex, digest + 7);
+    return n > 0 && (size_t)n < plen ? 0 : -1;
+}
+
+int store_link_put(store *s, const store_scope *sc, const char *digest, const char *origin_upstream,
+                   const char *origin_repository, char *err, size_t errlen) {
+    char p[PATH_MAX], d[PATH_MAX], text[600] = "", old[600];
+    if (link_path(s, sc, digest, p, sizeof p) != 0) {
+        snprintf(err, errlen, "store: link of %s: not a sha256 digest", digest);
         return -1;
     }
-    char p[PATH_MAX], text[600];
-    snprintf(p, sizeof p, "%s/origins/%s", s->dir, digest + 7);
-    snprintf(text, sizeof text, "%s\n%s\n", upstream, repository);
-    char old[600];
-    if (record_read(p, old, sizeof old) && strcmp(old, text) == 0) return 0;
+    bool origin = origin_upstream && origin_repository;
+    if (origin) snprintf(text, sizeof text, "%s\n%s\n", origin_upstream, origin_repository);
+    /* Without an origin an existing link is kept as it is (it may name one). */
+    old[0] = '\0';
+    bool exists = record_read(p, old, sizeof old) == 1 || access(p, F_OK) == 0;
+    if (exists && (!origin || strcmp(old, text) == 0)) return 0;
+    snprintf(d, sizeof d, "%s/links/%s", s->dir, sc->hex);
+    if (mkdir_0700(d, err, errlen) != 0) return -1;
     return record_write(s, p, text, err, errlen);
 }
 
-int store_origin_get(store *s, const char *digest, char *upstream, size_t ulen, char *repository, size_t rlen) {
-    if (!ref_is_sha256_digest(digest)) return 0;
+int store_link_get(store *s, const store_scope *sc, const char *digest, char *origin_upstream, size_t ulen,
+                   char *origin_repository, size_t rlen) {
     char p[PATH_MAX], text[600];
-    snprintf(p, sizeof p, "%s/origins/%s", s->dir, digest + 7);
-    if (!record_read(p, text, sizeof text)) return 0;
+    if (origin_upstream && ulen) origin_upstream[0] = '\0';
+    if (origin_repository && rlen) origin_repository[0] = '\0';
+    if (link_path(s, sc, digest, p, sizeof p) != 0) return 0;
+    if (!record_read(p, text, sizeof text)) return access(p, F_OK) == 0 ? 1 : 0; /* empty: no origin */
     char *nl = strchr(text, '\n');
-    if (!nl) return 0;
+    if (!nl) return 1;
     *nl = '\0';
     char *repo = nl + 1;
     repo[strcspn(repo, "\n")] = '\0';
-    if (!*text || !ref_valid_name(repo)) return 0;
-    snprintf(upstream, ulen, "%s", text);
-    snprintf(repository, rlen, "%s", repo);
+    if (*text && ref_valid_name(repo) && origin_upstream && origin_repository) {
+        snprintf(origin_upstream, ulen, "%s", text);
+        snprintf(origin_repository, rlen, "%s", repo);
+    }
     return 1;
 }
 

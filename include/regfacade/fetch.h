@@ -16,6 +16,7 @@
 #ifndef REGFACADE_FETCH_H
 #define REGFACADE_FETCH_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -53,7 +54,27 @@ void fetcher_free(fetcher *f);
 /* A reload's limits.blob_max_bytes, for fetches started from now on. */
 void fetcher_set_blob_max_bytes(fetcher *f, uint64_t max);
 
+/* The link scope (store.h) of repository on u's account: upstream name,
+ * URL and user name (never the secret); anonymous is an account too. */
+void fetch_scope(store_scope *out, const upstream *u, const char *repository);
+
+/* Does a link say digest is a blob of (u, repository) (or everyone's,
+ * store.h)? Never asks the upstream. */
+bool fetch_blob_linked(fetcher *f, const upstream *u, const char *repository, const char *digest);
+
+/* Is digest a blob of (u, repository)? 1 when a link says so (there, or to
+ * everyone: store.h; no upstream request; *size -1) or the upstream answers a HEAD with 200 (linked then;
+ * *size its Content-Length, -1 when absent); -1 with e filled otherwise:
+ * 404 BLOB_UNKNOWN when the upstream does not have it there, 403 DENIED
+ * when it refuses the account, 429/502/504 when it fails. */
+int fetch_blob_known(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t *size,
+                     fetch_error *e);
+
 /* The fetch of digest from (u, repository): the running one, or a new one.
+ * Fetches are shared by digest: a caller serving the blob under a scope
+ * makes sure it belongs there (a link, fetch_blob_known), or that the fetch
+ * is its own (fetch_source_is: the GET from there is the check); a
+ * verified fetch links the digest to the (u, repository) it came from.
  * Returns a reference (release with fetch_release). Returns NULL with
  * *now_cached set when the blob reached the cache meanwhile (open it from
  * the store), or NULL with err set on allocation or thread failure.
@@ -66,6 +87,9 @@ void fetcher_set_blob_max_bytes(fetcher *f, uint64_t max);
  * at that size. A request that joins a running fetch shares its rule. */
 fetch *fetch_blob(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t want_size,
                   int *now_cached, char *err, size_t errlen);
+/* Does x fetch from repository with u's account (fetch_scope)? A request
+ * that joins a fetch from elsewhere checks its own repository first. */
+bool fetch_source_is(const fetch *x, const upstream *u, const char *repository);
 
 /* Block until the upstream answered. 0: *size set (the blob's full size,
  * -1 if the upstream did not say); -1: failed, e filled. */

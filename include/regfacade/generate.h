@@ -24,6 +24,12 @@ typedef struct {
     layer_env layers;
 } generate_env;
 
+/* The link scope (store.h) of images generated for name (the repository
+ * as the client asked for it) from (u, repository): what generate_image
+ * links an image's parts to, and what a request under that name may be
+ * served from besides the upstream repository itself. */
+void generate_scope(store_scope *out, const upstream *u, const char *repository, const char *name);
+
 /* Does this decision change the upstream image at all? */
 bool generate_needed(const generate_env *env, const policy_resolution *res);
 

@@ -61,6 +61,11 @@ typedef struct {
     const char *source;      /* "file", "image", "blob" (NULL for base entries) */
     const char *name;        /* the config name or the inline source (file path, image ref), or NULL */
     const json_value *source_config; /* config of the image the layer came from (env modifiers), or NULL */
+    /* Where an "image" or "blob" layer's bytes are fetched from when they are
+     * not cached (NULL: the base image's repository). Linked to the names
+     * the image is generated for, and to no others (store.h). */
+    const char *origin_upstream;
+    const char *origin_repository;
 } image_layer;
 
 /* Assemble. base_manifest is an OCI image manifest or Docker schema2

@@ -42,10 +42,26 @@ typedef struct {
 typedef struct {
     store *st;
     const config *cfg;
+    /* The scope of images generated for the request's name (store.h), or
+     * NULL: manifests linked there are served too. */
+    const store_scope *generated;
 } manifest_env;
+
+/* Link manifest bytes (digest) and every digest they reference (config,
+ * layers, an index's manifests) to sc, the manifest last. 0, or -1 with
+ * err (not JSON, or the store failed). */
+int manifest_link(store *st, const store_scope *sc, const char *digest, const char *data, size_t len, char *err,
+                  size_t errlen);
 
 /* Get (upstream u, repository, reference). 0 with *out filled (free with
  * manifest_clear); -1 with e filled.
+ *
+ * Isolated: a digest is answered from the cache only when it is linked to
+ * (u, repository) or to env->generated (store.h); a manifest cached for
+ * another scope is served after the upstream confirms it with a HEAD (then
+ * linked), else the upstream's answer (404 MANIFEST_UNKNOWN, 403 DENIED) is
+ * returned. A manifest fetched or confirmed from (u, repository) is linked
+ * there with everything it references.
  *
  * Coalesced: while one call asks the upstream for a (u, repository,
  * reference), the same calls from other threads wait for it and get a copy

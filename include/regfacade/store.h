@@ -4,7 +4,7 @@
  *   DIR/blobs/sha256/ab/abcd...  verified blobs and manifests, immutable
  *   DIR/tmp/                     spools being written; removed at start
  *   DIR/tags/<sha256(key)>       tag -> digest resolutions with their time
- *   DIR/origins/<hex>            upstream and repository a blob comes from
+ *   DIR/links/<scope>/<hex>      digests a scope may be served (below)
  *   DIR/generated/<key>          decision key -> generated manifest digest
  *   DIR/made/<hex>               names and tags a generated blob was made for
  *   DIR/lock                     flock'ed by the one process using DIR; its PID
@@ -60,7 +60,7 @@ bool store_blob_exists(store *s, const char *digest);
  * is kept under max_bytes by evicting the least recently used blobs (last
  * open or commit; at start, the order of the files' access/modify times),
  * never one that is pinned; a blob that is in use is skipped and the next
- * is taken. tags/, origins/, generated/ and made/ hold small records and are not
+ * is taken. tags/, links/, generated/ and made/ hold small records and are not
  * counted; spools in tmp/ are not counted until committed. */
 typedef struct {
     size_t blobs;               /* blobs in the index */
@@ -129,12 +129,40 @@ int store_tag_get(store *s, const char *upstream, const char *repository, const 
 int store_tag_put(store *s, const char *upstream, const char *repository, const char *tag, const store_tag *t,
                   char *err, size_t errlen);
 
-/* Where a blob can be fetched from when a client asks for it under another
- * repository (layers added from other images): DIR/origins/<hex>. */
-int store_origin_put(store *s, const char *digest, const char *upstream, const char *repository, char *err,
-                     size_t errlen);
-/* 1 found (upstream, repository filled), 0 not known. */
-int store_origin_get(store *s, const char *digest, char *upstream, size_t ulen, char *repository, size_t rlen);
+/* Links: the cache is shared storage, never a shared permission. A digest
+ * is served under a scope only when a link says it belongs there:
+ *   upstream scope   (upstream account, repository): the digest was fetched
+ *                    or verified there with that account, or a manifest
+ *                    fetched there references it;
+ *   generated scope  (an upstream scope, the name a client asked for): an
+ *                    image assembled for that name has it (its manifests,
+ *                    config and layers);
+ *   everyone         regfacade's own fixed content (the scratch base).
+ * A link may name an origin (upstream, repository): where its bytes are
+ * fetched when they are not cached (a layer added from another image).
+ * DIR/links/<scope>/<hex>: empty, or "upstream\nrepository\n". */
+typedef struct {
+    char hex[65]; /* sha256 hex naming the scope */
+} store_scope;
+
+/* The scope of repository on an upstream account (account: a stable id of
+ * the upstream and its user, never a secret; fetch_scope() computes it). */
+void store_scope_upstream(store_scope *out, const char *account, const char *repository);
+/* The scope of images generated for name (as the client asked for it) from
+ * the upstream scope from. */
+void store_scope_generated(store_scope *out, const store_scope *from, const char *name);
+/* The scope of regfacade's own content, in no upstream (the scratch base
+ * of specs.h): linked there, a digest may be served under every name. */
+void store_scope_everyone(store_scope *out);
+/* Link digest to sc. With an origin (both non-NULL) the link names it
+ * (replacing what it named); without, an existing link is left as it is.
+ * 0, or -1 with err. */
+int store_link_put(store *s, const store_scope *sc, const char *digest, const char *origin_upstream,
+                   const char *origin_repository, char *err, size_t errlen);
+/* 1 linked (origin filled, "" when the link names none; either buffer may
+ * be NULL), 0 not linked (or unreadable). */
+int store_link_get(store *s, const store_scope *sc, const char *digest, char *origin_upstream, size_t ulen,
+                   char *origin_repository, size_t rlen);
 
 /* Generated images: a decision key (sha256 hex of everything that decided
  * the image) -> the generated manifest's digest. DIR/generated/<key>. */
