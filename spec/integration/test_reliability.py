@@ -168,8 +168,18 @@ class FaultProxy:
                 self.conns.add(c)
             threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
+    def _end_inflight(self, state):
+        """A blob answer is over for the in-flight count: called before its
+        last bytes go out, since regfacade may start its next transfer the
+        moment they arrive (counting after the close counted that one twice)."""
+        if state.get("blob") and not state.get("ended"):
+            state["ended"] = True
+            with self.lock:
+                self.inflight -= 1
+
     def _serve(self, c):
         blob = False
+        state = {}
         try:
             c.settimeout(120)
             f = c.makefile("rb")
@@ -193,13 +203,12 @@ class FaultProxy:
                 if blob:
                     self.inflight += 1
                     self.max_inflight = max(self.max_inflight, self.inflight)
-            self._respond(c, method, target, headers, rule)
+                    state["blob"] = True
+            self._respond(c, method, target, headers, rule, state)
         except (OSError, ValueError):
             pass
         finally:
-            if blob:
-                with self.lock:
-                    self.inflight -= 1
+            self._end_inflight(state)
             with self.lock:
                 self.conns.discard(c)
             try:
@@ -210,7 +219,8 @@ class FaultProxy:
     def _wait(self, seconds):
         self.released.wait(seconds)
 
-    def _respond(self, c, method, target, headers, rule):
+    def _respond(self, c, method, target, headers, rule, state=None):
+        state = state if state is not None else {}
         kind = rule.kind if rule else None
         kw = rule.kw if rule else {}
         if kind in ("hang", "delay"):
@@ -246,10 +256,13 @@ class FaultProxy:
             if not (200 <= resp.status < 300) or method != "GET":
                 kind = None
             sent = 0
+            chunk = resp.read(65536)
             while True:
-                chunk = resp.read(65536)
                 if not chunk:
                     return
+                ahead = resp.read(65536)
+                if not ahead:
+                    self._end_inflight(state)
                 if kind == "corrupt":
                     at = kw.get("at", 1000)
                     if sent <= at < sent + len(chunk):
@@ -276,6 +289,7 @@ class FaultProxy:
                 else:
                     c.sendall(chunk)
                 sent += len(chunk)
+                chunk = ahead
         finally:
             up.close()
 
