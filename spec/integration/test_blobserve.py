@@ -674,10 +674,9 @@ def test_umoci_layers_without_end_blocks(blobserve, bs_registry, tmp_path, conta
     s = b.stats()
     layers = {*layout_layers(lay, "plain"), *layout_layers(os.path.join(ws, "images"), "app"),
               *layout_layers(os.path.join(ws, "images"), "ide")}
-    # Every layer extracted, none refused. (Not "exactly once": under a slow
-    # sanitizer build a layer is now and then extracted a second time when
-    # the cache's accounting evicts it between two requests; that is not
-    # what this test is about.)
+    # Every layer extracted, none refused. (Not "exactly once": under the
+    # sanitizer build one run in about six extracts one layer twice, cause
+    # not yet found; what this test is about is that none is refused.)
     assert s["extraction_failures"] == 0 and s["extractions"] >= len(layers), s
     # What blobserve serves is what a runtime unpacks: containerd pulls both
     # images through the same regfacade and reads the same file.
