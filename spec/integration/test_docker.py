@@ -24,23 +24,13 @@ import pytest
 import clients
 import images
 import layerkit
-from harness import ProcessGroup
 from layerkit import manifest_ok, start_layers_facade
 
 MIRRORED = {"library": ("library/rf-docker", "v1"), "org": ("acme/rf-docker", "v1")}
 
 
 @pytest.fixture(scope="module")
-def module_procs(tmp_path_factory):
-    g = ProcessGroup(str(tmp_path_factory.mktemp("docker-procs")))
-    try:
-        yield g
-    finally:
-        g.stop_all()
-
-
-@pytest.fixture(scope="module")
-def setup(module_procs, plain_registry, built_images, tmp_path_factory):
+def setup(session_procs, plain_registry, built_images, tmp_path_factory):
     if not (os.path.exists(clients.DOCKERD) and os.path.exists(clients.DOCKER)):
         pytest.fail(f"{clients.DOCKERD} / {clients.DOCKER} missing: Debian's docker.io is a test package")
     d = str(tmp_path_factory.mktemp("docker"))
@@ -50,8 +40,8 @@ def setup(module_procs, plain_registry, built_images, tmp_path_factory):
     files = layerkit.LayerFiles(os.path.join(d, "files"))
     variants = {"tools": {"repository": plain_registry.images["schema2"]["repo"],
                           "layers": ["base", {"file": files.tools["path"], "created_by": "ADD tools"}]}}
-    rf = start_layers_facade(module_procs, os.path.join(d, "rf"), plain_registry.url, variants)
-    dockerd = clients.Dockerd(module_procs, os.path.join(d, "dockerd"), insecure=[rf.host], mirrors=[rf.url])
+    rf = start_layers_facade(session_procs, os.path.join(d, "rf"), plain_registry.url, variants)
+    dockerd = clients.Dockerd(session_procs, os.path.join(d, "dockerd"), insecure=[rf.host], mirrors=[rf.url])
     try:
         dockerd.start()
     except RuntimeError as e:
@@ -66,6 +56,7 @@ def setup(module_procs, plain_registry, built_images, tmp_path_factory):
         yield s
     finally:
         dockerd.stop()
+        rf.stop()
 
 
 @pytest.fixture
