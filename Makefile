@@ -147,12 +147,12 @@ bench: all
 	@./tools/ensure-packages $(BENCH_PKGS)
 	/usr/bin/python3 bench/bench.py --regfacade $(CURDIR)/$(BUILD)/regfacade --out bench/RESULTS.md $(BENCH_ARGS)
 
-install: all lua-core lua-sandbox
+install: all lua-core lua-sandbox lua-policy
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(INSTALL_LUADIR)/regfacade $(DESTDIR)$(INSTALL_LUACDIR)/regfacade \
 	  $(DESTDIR)$(PREFIX)/share/man/man1
 	install -m 0755 $(BUILD)/regfacade $(DESTDIR)$(PREFIX)/bin/regfacade
 	install -m 0644 lua/regfacade/*.lua $(DESTDIR)$(INSTALL_LUADIR)/regfacade/
-	install -m 0755 $(LUA_CORE_SO) $(LUA_SANDBOX_SO) $(DESTDIR)$(INSTALL_LUACDIR)/regfacade/
+	install -m 0755 $(LUA_CORE_SO) $(LUA_SANDBOX_SO) $(LUA_POLICY_SO) $(DESTDIR)$(INSTALL_LUACDIR)/regfacade/
 	sed -e 's|@LUADIR@|$(INSTALL_LUADIR)|g' -e 's|@LUACDIR@|$(INSTALL_LUACDIR)|g' tools/regfacade-busted.in \
 	  > $(DESTDIR)$(PREFIX)/bin/regfacade-busted.tmp
 	chmod 0755 $(DESTDIR)$(PREFIX)/bin/regfacade-busted.tmp
@@ -168,3 +168,4 @@ include fuzz/fuzz.mk
 
 include mk/lua_core.mk
 include mk/lua_sandbox.mk
+include mk/lua_policy.mk

@@ -15,7 +15,8 @@ repository (as requested), reference (tag or digest), ns (the ?ns=
 parameter that containerd sends for mirrors, or nil), host, client
 ({ ip, user, password, token }) and headers (read-only, lowercase names).
 
-Test a copy with busted the way spec/policies/mirror_example_spec.lua does.
+Test a copy with busted the way mirror_spec.lua beside it does (mirror.json
+runs it).
 ]]
 
 -- regfacade.mirror holds the mapping rules; regfacade.config is the

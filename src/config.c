@@ -679,22 +679,26 @@ config *config_load(const char *path, char *err, size_t errlen) {
     }
     char dirbuf[PATH_MAX];
     snprintf(dirbuf, sizeof dirbuf, "%s", abs);
-    load_ctx lc = {path, dirname(dirbuf), err, errlen};
+    config *c = config_load_tree(root, path, abs, dirname(dirbuf), err, errlen);
+    json_free(root);
+    return c;
+}
+
+config *config_load_tree(const json_value *root, const char *name, const char *path, const char *dir, char *err,
+                         size_t errlen) {
+    load_ctx lc = {name, dir, err, errlen};
     config *c = config_new_defaults();
     if (!c) {
-        json_free(root);
-        snprintf(err, errlen, "%s: out of memory", path);
+        snprintf(err, errlen, "%s: out of memory", name);
         return NULL;
     }
-    c->path = strdup(abs);
-    c->dir = strdup(lc.dir);
+    c->path = strdup(path);
+    c->dir = strdup(dir);
     if (!c->path || !c->dir || load_tree(&lc, root, c) != 0) {
-        if (!c->path || !c->dir) snprintf(err, errlen, "%s: out of memory", path);
-        json_free(root);
+        if (!c->path || !c->dir) snprintf(err, errlen, "%s: out of memory", name);
         config_free(c);
         return NULL;
     }
-    json_free(root);
     return c;
 }
 

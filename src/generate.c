@@ -162,6 +162,61 @@ static bool same_tree(const json_value *a, const json_value *b) {
     return same;
 }
 
+int generate_assemble(policy *pol, const policy_request *req, const char *what, const json_value *base,
+                      const char *base_bytes, size_t base_len, const json_value *cfg, const image_layer *stack,
+                      size_t n, char **manifest, size_t *manifest_len, char manifest_digest[80], char **config,
+                      size_t *config_len, char config_digest[80], bool *unchanged, bool *failed, fetch_error *e) {
+    char err[1024];
+    json_value *man_out = NULL, *cfg_out = NULL;
+    int rc = -1;
+    *manifest = *config = NULL;
+    *manifest_len = *config_len = 0;
+    *unchanged = false;
+    *failed = true;
+    if (image_assemble(base, cfg, stack, n, &man_out, &cfg_out, err, sizeof err) != 0) {
+        fetch_error_set(e, 502, "MANIFEST_INVALID", "assembling %s: %s", what, err);
+        goto out;
+    }
+    policy_error pe;
+    if (policy_rewrite(pol, req, &man_out, &cfg_out, stack, n, &pe) != 0) {
+        /* e->code must outlive pe (a local): a static string. */
+        fetch_error_set(e, pe.status, static_code(pe.code), "%s", pe.message);
+        /* A refusal's headers go to the client as the policy gave them. */
+        snprintf(e->retry_after, sizeof e->retry_after, "%s", pe.retry_after);
+        snprintf(e->challenge, sizeof e->challenge, "%s", pe.challenge);
+        *failed = pe.failed;
+        goto out;
+    }
+    /* Nothing changed (a stack of "base" alone, left as it was by the
+     * rewrite hook): the upstream's own bytes, so a mirrored image keeps its
+     * digest (serializing again may differ, e.g. by a trailing newline). */
+    if (same_tree(man_out, base) && same_tree(cfg_out, cfg)) {
+        *unchanged = true;
+        if (!(*manifest = malloc(base_len ? base_len : 1)) ||
+            digest_bytes(base_bytes, base_len, manifest_digest) != 0) {
+            fetch_error_set(e, 500, "UNKNOWN", "out of memory");
+            goto out;
+        }
+        memcpy(*manifest, base_bytes, base_len);
+        *manifest_len = base_len;
+    } else if (image_finish(man_out, cfg_out, config, config_len, config_digest, manifest, manifest_len,
+                            manifest_digest, err, sizeof err) != 0) {
+        fetch_error_set(e, 500, "UNKNOWN", "finishing %s: %s", what, err);
+        goto out;
+    }
+    rc = 0;
+    *failed = false;
+out:
+    if (rc != 0) {
+        free(*manifest);
+        free(*config);
+        *manifest = *config = NULL;
+    }
+    json_free(man_out);
+    json_free(cfg_out);
+    return rc;
+}
+
 /* Link what an assembled image has to gen, the scope of the name it is
  * generated for: layers added from elsewhere with their origin, then the
  * manifest with everything it references. */
@@ -225,39 +280,16 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
         json_free(cfg);
         return -1;
     }
-    json_value *man_out = NULL, *cfg_out = NULL;
     int rc = -1;
     char *cb = NULL, *mb = NULL;
     size_t cl = 0, ml = 0;
     char cd[80], md[80];
-    if (image_assemble(base, cfg, stack.items, stack.n, &man_out, &cfg_out, err, sizeof err) != 0) {
-        fetch_error_set(e, 502, "MANIFEST_INVALID", "assembling %s for %s: %s", res->repository, platform, err);
+    bool unchanged = false, failed = false;
+    char what[400];
+    snprintf(what, sizeof what, "%s for %s", res->repository, platform);
+    if (generate_assemble(env->pol, req, what, base, base_bytes, base_len, cfg, stack.items, stack.n, &mb, &ml, md,
+                          &cb, &cl, cd, &unchanged, &failed, e) != 0)
         goto out;
-    }
-    policy_error pe;
-    if (policy_rewrite(env->pol, req, &man_out, &cfg_out, stack.items, stack.n, &pe) != 0) {
-        /* e->code must outlive pe (a local): a static string. */
-        fetch_error_set(e, pe.status, static_code(pe.code), "%s", pe.message);
-        /* A refusal's headers go to the client as the policy gave them. */
-        snprintf(e->retry_after, sizeof e->retry_after, "%s", pe.retry_after);
-        snprintf(e->challenge, sizeof e->challenge, "%s", pe.challenge);
-        goto out;
-    }
-    /* Nothing changed (a stack of "base" alone, left as it was by the
-     * rewrite hook): the upstream's own bytes, so a mirrored image keeps its
-     * digest (serializing again may differ, e.g. by a trailing newline). */
-    bool unchanged = same_tree(man_out, base) && same_tree(cfg_out, cfg);
-    if (unchanged) {
-        if (!(mb = malloc(base_len ? base_len : 1)) || digest_bytes(base_bytes, base_len, md) != 0) {
-            fetch_error_set(e, 500, "UNKNOWN", "out of memory");
-            goto out;
-        }
-        memcpy(mb, base_bytes, base_len);
-        ml = base_len;
-    } else if (image_finish(man_out, cfg_out, &cb, &cl, cd, &mb, &ml, md, err, sizeof err) != 0) {
-        fetch_error_set(e, 500, "UNKNOWN", "finishing %s for %s: %s", res->repository, platform, err);
-        goto out;
-    }
     if (ml > env->cfg->manifest_max_bytes) {
         fetch_error_set(e, 500, "MANIFEST_INVALID", "the assembled manifest is %zu bytes, over limits.manifest_max_bytes",
                   ml);
@@ -298,8 +330,6 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
 out:
     free(cb);
     free(mb);
-    json_free(man_out);
-    json_free(cfg_out);
     json_free(base);
     json_free(cfg);
     layer_stack_clear(&stack);

@@ -33,6 +33,7 @@
 #include "regfacade/image.h"
 #include "regfacade/image_rewrite.h"
 #include "regfacade/json.h"
+#include "regfacade/lua_core.h"
 #include "regfacade/lua_json.h"
 
 /* Only Lua's loader calls it, so it has no header. */
@@ -187,6 +188,15 @@ static void read_stack(lua_State *L, int idx, scratch *s)
                        luaL_typename(L, -1));
         lua_pop(L, 1); /* the entry stays anchored in the stack table */
     }
+}
+
+const image_layer *lua_core_stack(lua_State *L, int idx, size_t *n)
+{
+    idx = lua_absindex(L, idx);
+    scratch *s = scratch_new(L);
+    read_stack(L, idx, s);
+    *n = s->n;
+    return s->layers;
 }
 
 static json_value *parse_arg(lua_State *L, int idx, const char *what)

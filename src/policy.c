@@ -111,6 +111,7 @@ void policy_error_set(policy_error *e, int status, const char *code, const char 
     vsnprintf(e->message, sizeof e->message, fmt, ap);
     e->challenge[0] = '\0';
     e->retry_after[0] = '\0';
+    e->failed = false;
     va_end(ap);
 }
 
@@ -851,6 +852,7 @@ static void invalid_answer(hook_call *c, const char *fmt, ...) {
     vsnprintf(c->e->message, sizeof c->e->message, fmt, ap);
     c->e->challenge[0] = '\0';
     c->e->retry_after[0] = '\0';
+    c->e->failed = true;
     va_end(ap);
     c->rc = -1;
     c->invalid = true;
@@ -982,6 +984,7 @@ static int run_hook(policy *p, hook_id h, lua_CFunction fn, hook_call *c) {
     if (a < 0) {
         log_error("policy %s: cannot build a Lua state for hook %s: %s", policy_what(p), HOOKS[h], err);
         policy_error_set(c->e, 500, "UNKNOWN", "the policy cannot run (details in the server log)");
+        c->e->failed = true;
         metrics_policy_hook(HOOKS[h], 0, "error");
         return -1;
     }
@@ -1012,6 +1015,7 @@ static int run_hook(policy *p, hook_id h, lua_CFunction fn, hook_call *c) {
                                                  : " failed";
         policy_error_set(c->e, 500, "UNKNOWN", "the policy's %s hook%s%s (details in the server log)", HOOKS[h], why,
                          where);
+        c->e->failed = true;
         rc = -1;
     } else if (c->invalid) {
         /* A malformed answer is the policy's bug: loud, like a Lua error. */
@@ -1344,6 +1348,7 @@ static int apply_credentials(const policy *p, const char *set, char *upstream, s
         policy_error_set(e, 500, "UNKNOWN",
                          "the policy chose credential set \"%s\", which upstream \"%s\" does not have "
                          "(upstreams.%s.credentials)", set, upstream, upstream);
+        e->failed = true;
         return -1;
     }
     snprintf(upstream, len, "%s", name);

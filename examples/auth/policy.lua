@@ -25,8 +25,12 @@ listed in "policy.data_files" so the policy may read them):
   realm          the Basic realm (default "regfacade")
   remember_seconds  how long a verified password is remembered (default 60;
                  as a digest in regfacade.shared, never the password)
-  max_failures   wrong passwords per client address per minute (default 20)
-Tested by spec/policies/auth_spec.lua and spec/integration/test_policy_sandbox.py.
+  max_failures   wrong passwords per user and client address per minute
+                 (default 20): one user's failures do not lock out another
+                 user from the same address (every process on a node comes
+                 from 127.0.0.1)
+Tested by examples/auth/policy_spec.lua (busted), spec/integration/test_policy_sandbox.py
+and spec/integration/test_examples.py (the real server). README.md: adding a user.
 ]]
 
 local regfacade = require "regfacade"
@@ -105,11 +109,13 @@ return {
             return challenge("unknown token")
         end
         if client.user then
-            local failures = "auth-failures:" .. (client.ip or "?")
+            -- Counted per (address, user): a digest keeps the key short
+            -- whatever the user name.
+            local failures = "auth-failures:" .. regfacade.digest((client.ip or "?") .. "\0" .. client.user)
             if (regfacade.shared.get(failures) or 0) >= (options().max_failures or 20) then
                 -- Retry-After: when the failure counter's minute is over.
                 return regfacade.deny(429, "TOOMANYREQUESTS",
-                                      "too many wrong passwords from this address; try again in a minute",
+                                      "too many wrong passwords for this user from this address; try again in a minute",
                                       { retry_after = math.ceil(regfacade.shared.ttl(failures) or 60) })
             end
             if password_ok(client.user, client.password) then

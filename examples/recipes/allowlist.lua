@@ -5,7 +5,7 @@ Options: allow = { "library/", "acme/" }: repository name prefixes (as the
 client asks for them; "library/" also matches "alpine" on Docker Hub since
 the mirror maps it there). Anything else: 403 DENIED, before any upstream
 is asked. /v2/ (the ping) is always allowed.
-Tested by spec/policies/recipes_spec.lua.
+Tested by allowlist_spec.lua beside it; allowlist.json runs it.
 ]]
 local regfacade = require "regfacade"
 local mirror = require "regfacade.mirror"

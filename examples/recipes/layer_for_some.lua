@@ -5,7 +5,7 @@ Options: with_tools = { "acme/" }: repository prefixes that get the layer
 named "tools" (config "layers": { "tools": { "file": "tools.tar.gz" } })
 on top of their own layers, and /opt/tools/bin in front of PATH. Other
 repositories are served as the upstream has them.
-Tested by spec/policies/recipes_spec.lua.
+Tested by layer_for_some_spec.lua beside it; layer_for_some.json runs it.
 ]]
 local regfacade = require "regfacade"
 local mirror = require "regfacade.mirror"

@@ -5,7 +5,7 @@ Options: pins = { ["library/alpine:3.20"] = "sha256:...", ... } keyed by the
 upstream repository and tag. A pinned tag is served as that exact manifest
 (whatever the tag points to upstream now); other tags pass through. Pulls
 by digest are untouched.
-Tested by spec/policies/recipes_spec.lua.
+Tested by pinned_spec.lua beside it; pinned.json runs it.
 ]]
 local regfacade = require "regfacade"
 local mirror = require "regfacade.mirror"

@@ -7,7 +7,7 @@ limit: 429 TOOMANYREQUESTS with Retry-After: the seconds until the window
 ends. The counter lives in
 regfacade.shared (one dictionary for every thread and Lua state, kept
 across policy reloads); the ping is not counted.
-Tested by spec/policies/recipes_spec.lua.
+Tested by ratelimit_spec.lua beside it; ratelimit.json runs it.
 ]]
 local regfacade = require "regfacade"
 local mirror = require "regfacade.mirror"

@@ -6,7 +6,7 @@ Options: tenants = { acme = "acme-registry", globex = "globex-registry" }
 maps tenants to configured upstreams; the tenant component is dropped
 upstream ("acme/app" is "app" on acme-registry). Unknown tenants: 404
 NAME_UNKNOWN.
-Tested by spec/policies/recipes_spec.lua.
+Tested by tenant_upstream_spec.lua beside it; tenant_upstream.json runs it.
 ]]
 local regfacade = require "regfacade"
 

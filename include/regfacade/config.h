@@ -88,6 +88,11 @@ typedef struct {
 
 /* Load and validate. NULL on error with "FILE: KEY: why" in err. */
 config *config_load(const char *path, char *err, size_t errlen);
+/* The same from a parsed document: name is what messages say ("FILE"),
+ * path what c->path becomes, dir where relative paths resolve (the busted
+ * module regfacade.policy builds a config this way). */
+config *config_load_tree(const json_value *root, const char *name, const char *path, const char *dir, char *err,
+                         size_t errlen);
 /* The embedded default: a Docker Hub mirror on 127.0.0.1:5000 caching in
  * ./cache. */
 config *config_default(char *err, size_t errlen);

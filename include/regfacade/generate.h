@@ -39,4 +39,18 @@ bool generate_needed(const generate_env *env, const policy_resolution *res);
 int generate_image(const generate_env *env, const policy_request *req, const policy_resolution *res, upstream *u,
                    const manifest *base, manifest *out, fetch_error *e);
 
+/* One image's assembly, the part that depends on nothing but its inputs:
+ * image_assemble on base (its bytes base_bytes) and its config cfg with the
+ * resolved stack, the policy's rewrite hook, then image_finish; an image
+ * left as it was keeps the upstream's own bytes (*unchanged, no config
+ * written); what names the image in messages ("REPO for PLATFORM"). 0 with the malloc'd manifest and config bytes and their
+ * digests; -1 with e (the policy's refusal as it gave it; *failed when it
+ * is not a refusal but a failure: the hook's error, a bad image). generate_image
+ * runs it for every image it builds, and the busted module regfacade.policy
+ * for specs, so both give the same digests. */
+int generate_assemble(policy *pol, const policy_request *req, const char *what, const json_value *base, const char *base_bytes,
+                      size_t base_len, const json_value *cfg, const image_layer *stack, size_t n, char **manifest,
+                      size_t *manifest_len, char manifest_digest[80], char **config, size_t *config_len,
+                      char config_digest[80], bool *unchanged, bool *failed, fetch_error *e);
+
 #endif

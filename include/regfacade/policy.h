@@ -84,9 +84,10 @@ typedef struct {
     char message[1024];
     char challenge[512]; /* WWW-Authenticate value ("" none; a 401 always has one) */
     char retry_after[16]; /* Retry-After in seconds ("" none) */
+    bool failed;       /* the policy failed (an error, a budget, a malformed answer), not a refusal it made */
 } policy_error;
 
-/* Fill e (printf-style message; no challenge, no Retry-After): the one
+/* Fill e (printf-style message; no challenge, no Retry-After, not failed): the one
  * constructor every module that answers with a policy_error uses. */
 void policy_error_set(policy_error *e, int status, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

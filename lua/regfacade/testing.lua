@@ -379,6 +379,14 @@ end
 local function expand(entry, i, layers, out)
     local function from_table(name, what, skip)
         local v = layers and layers[name]
+        if v == nil and layers and what == "file" and name:sub(1, 1) == "/" then
+            -- the server made the path absolute: the key it was given as
+            for k, lv in pairs(layers) do
+                if type(k) == "string" and name:sub(-#k - 1) == "/" .. k then
+                    v = lv
+                end
+            end
+        end
         if v == nil then
             error(string.format("testing.run: layers[%d] names %s %q, which is not in the layers table given to run",
                 i, what, tostring(name)), 4)
@@ -432,6 +440,152 @@ local function expand(entry, i, layers, out)
     end
 end
 
+-- A resolution's layers (the server's reading, regfacade.policy) as the
+-- decision entries expand takes.
+local function entries_of(resolution)
+    local out = {}
+    for i, l in ipairs(resolution.layers or { { kind = "base" } }) do
+        if l.kind == "base" then
+            out[i] = "base"
+        elseif l.kind == "named" then
+            out[i] = l.name
+        elseif l.kind == "file" then
+            out[i] = { file = l.file, created_by = l.created_by, comment = l.comment }
+        elseif l.kind == "image" then
+            out[i] = { image = l.image, skip = l.skip, created_by = l.created_by, comment = l.comment }
+        else
+            out[i] = { blob = l.digest, size = l.size, media_type = l.media_type, diff_id = l.diff_id, urls = l.urls,
+                       created_by = l.created_by, comment = l.comment }
+        end
+    end
+    return out
+end
+
+local policy_mod_ok, policy_mod = pcall(require, "regfacade.policy")
+local Policy = {}
+Policy.__index = Policy
+
+-- A failure (not a refusal) is the spec's failure: the server would answer
+-- 500 for it. Raised with what the server logs.
+local function answer(hook, a)
+    if type(a) == "table" and a.failed then
+        error(string.format("testing.policy: %s: the server answers %d %s: %s", hook, a.status, a.code, a.message), 3)
+    end
+    return a
+end
+
+--[[
+testing.policy(path [, { config =, options = }])
+
+The one way to load a policy in a spec: the server's own code
+(regfacade.policy, build/lua/regfacade/policy.so) loads the config, compiles
+the policy in the real sandbox (budgets, phase checks, self_check) and reads
+every hook's answer with the readers and validation the server uses.
+  config   a config file's path (relative paths in it resolve against its
+           folder) or a config table as the JSON file holds it (relative
+           paths resolve against the policy's folder); without one, one
+           upstream "hub" (Docker Hub) as default_upstream. cache.dir
+           need not be given.
+  options  policy.options (replaces the config's)
+Methods (req: testing.request{...}; like the server, they carry req.ctx
+and authorize's credential set in req from one hook to the next):
+  p:authorize(req)  { allowed = true [, credentials =] } or
+                    { allowed = false, status =, code =, message =
+                      [, challenge =, retry_after =] }
+  p:spec(req)       { provider =, id = }, false, or a refusal
+  p:resolve(req)    { upstream =, repository =, reference =, credentials =,
+                      layers = { { kind = "base"|"named"|"file"|"image"|
+                      "blob", ... } }, platforms =, fingerprint = } or a
+                    refusal
+  p:run(req, base [, layers])  resolve, then the assembly and rewrite
+                    generate_image runs (the same digests as serve; an
+                    image left as it was keeps base's bytes): what
+                    testing.run returns
+  p:log(req [, res])
+  p:close()         frees it; policies alive at once share regfacade.shared
+                    as the server's generations do (close each in after_each
+                    for a fresh one per test)
+An answer the server gives as a policy failure (a Lua error, a budget, a
+malformed answer, an upstream or credential set the config lacks) raises
+"testing.policy: HOOK: the server answers 500 ...": a spec that passes
+cannot be a 500 in the server.
+Example:
+  local p = testing.policy("examples/auth/policy.lua", { config = "examples/auth/config.json" })
+  local a = p:authorize(testing.request { client = { user = "alice", password = "alice-password" } })
+  --> a.allowed == true
+]]
+local POLICY_KEYS = set_of { "config", "options" }
+
+function testing.policy(path, opts)
+    if type(path) ~= "string" then
+        error("testing.policy: path must be a string, got " .. type(path), 2)
+    end
+    opts = check_options("policy", opts, POLICY_KEYS)
+    if not policy_mod_ok then
+        error("testing.policy: regfacade.policy is not built (make lua-policy): " .. tostring(policy_mod), 2)
+    end
+    local ok, p = pcall(policy_mod.new, { file = path, config = opts.config, options = opts.options })
+    if not ok then
+        error(p, 2)
+    end
+    return setmetatable({ c = p, path = path }, Policy)
+end
+
+function Policy:authorize(req)
+    return answer("authorize", self.c:authorize(req or testing.request()))
+end
+
+function Policy:spec(req)
+    return answer("spec", self.c:spec(req or testing.request()))
+end
+
+function Policy:resolve(req)
+    return answer("resolve", self.c:resolve(req or testing.request()))
+end
+
+function Policy:log(req, res)
+    res = check_options("log", res, set_of { "status", "bytes", "completed", "duration", "upstream" })
+    return self.c:log(req or testing.request(), res)
+end
+
+function Policy:close()
+    self.c:close()
+end
+
+function Policy:run(req, base, layers)
+    req = req or testing.request()
+    if type(base) ~= "table" or type(base.manifest_text) ~= "string" or type(base.config_text) ~= "string" then
+        error("testing.run: base must be an image from testing.oci_image or testing.docker_image", 2)
+    end
+    local decision = self:resolve(req)
+    if decision.allowed == false then
+        return nil, decision
+    end
+    local stack = {}
+    for i, entry in ipairs(entries_of(decision)) do
+        expand(entry, i, layers, stack)
+    end
+    local out = answer("rewrite", self.c:assemble(req, base.manifest_text, base.config_text, stack))
+    if out.allowed == false then
+        return nil, out
+    end
+    return {
+        manifest = json.decode(out.manifest_text),
+        config = json.decode(out.config_text),
+        manifest_text = out.manifest_text,
+        config_text = out.config_text,
+        manifest_digest = out.manifest_digest,
+        config_digest = out.config_digest,
+        unchanged = out.unchanged,
+        decision = decision,
+        stack = stack,
+    }
+end
+
+local function is_policy(v)
+    return getmetatable(v) == Policy
+end
+
 --[[
 testing.run(policy, req, base [, layers])
 
@@ -466,6 +620,9 @@ Example:
   --> #out.manifest.layers == 2
 ]]
 function testing.run(policy, req, base, layers)
+    if is_policy(policy) then
+        return policy:run(req, base, layers)
+    end
     if type(policy) ~= "table" then
         error("testing.run: policy must be a table of hooks, got " .. type(policy), 2)
     end
@@ -703,6 +860,9 @@ Example:
   --> a.status == 401 and a.challenge == 'Basic realm="regfacade"'
 ]]
 function testing.authorize(policy, req)
+    if is_policy(policy) then
+        return policy:authorize(req)
+    end
     req = req or testing.request()
     if type(policy) ~= "table" then
         error("testing.authorize: policy must be a table of hooks", 2)
@@ -765,6 +925,9 @@ Example:
 local RES_KEYS = set_of { "status", "bytes", "completed", "duration", "upstream" }
 
 function testing.log(policy, req, res)
+    if is_policy(policy) then
+        return policy:log(req, res)
+    end
     res = check_options("log", res, RES_KEYS)
     if type(policy) ~= "table" or type(policy.log) ~= "function" then
         error("testing.log: the policy has no log hook", 2)

@@ -337,8 +337,9 @@ def auth_facade(procs, tmp_path, fake_upstream):
     (alice, bcrypt) and token list (one token for ci-bot)."""
     img = fake_upstream.add_image("acme/app", "v1")
     shutil.copy(os.path.join(ROOT, "examples", "auth", "policy.lua"), tmp_path / "policy.lua")
-    pw = subprocess.run(["htpasswd", "-Bbn", "alice", "s3cret-alice"], capture_output=True, text=True, check=True)
-    write(tmp_path / "htpasswd", pw.stdout.strip() + "\n")
+    lines = [subprocess.run(["htpasswd", "-Bbn", user, pw], capture_output=True, text=True, check=True).stdout.strip()
+             for user, pw in (("alice", "s3cret-alice"), ("bob", "s3cret-bob"))]
+    write(tmp_path / "htpasswd", "\n".join(lines) + "\n")
     write(tmp_path / "tokens", f"{sha256_digest(b'tok-ci-123')} ci-bot\n")
     rf = Regfacade(procs, str(tmp_path), {
         "upstreams": {"fake": {"url": fake_upstream.url}},
@@ -389,6 +390,22 @@ def test_authorize_too_many_wrong_passwords(auth_facade):
     r = manifest(rf, "acme/app", headers=basic("alice", "s3cret-alice"))
     assert r.status == 429 and r.json()["errors"][0]["code"] == "TOOMANYREQUESTS", r
     assert 1 <= int(r.headers["Retry-After"]) <= 60, dict(r.headers)
+
+
+def test_wrong_passwords_for_one_user_do_not_lock_out_another(auth_facade):
+    """Every process on a node comes from 127.0.0.1: the failure counter is
+    per user and address, so a client guessing alice's password (or a
+    misconfigured one retrying) does not lock bob out."""
+    rf = auth_facade
+    for _ in range(12):  # well past max_failures (5)
+        assert manifest(rf, "acme/app", headers=basic("alice", "guess")).status in (401, 429)
+    r = manifest(rf, "acme/app", headers=basic("alice", "s3cret-alice"))
+    assert r.status == 429, r
+    r = manifest(rf, "acme/app", headers=basic("bob", "s3cret-bob"))
+    assert r.status == 200 and sha256_digest(r.body) == rf.img.digest, r
+    # and bob's own failures count for bob alone
+    assert manifest(rf, "acme/app", headers=basic("bob", "guess")).status == 401
+    assert manifest(rf, "acme/app", headers=basic("bob", "s3cret-bob")).status == 200
 
 
 def test_authorize_with_a_real_client(auth_facade, tmp_path):
