@@ -29,7 +29,7 @@ Hooks do no I/O: resolve only says where the base comes from and which
 layers go where; regfacade fetches, hashes, assembles and caches. The same
 options give the same image digest in every process (content addressing), and
 changing a workspace's image, the IDE or the supervisor file gives a new one.
-Tested by spec/policies/workspace_spec.lua (busted, through the server's own
+Tested by examples/workspace/policy_spec.lua (busted, through the server's own
 assembly code) and spec/integration/test_layers.py (containerd runs it).
 ]]
 

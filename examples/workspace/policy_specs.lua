@@ -29,7 +29,7 @@ Options (config "policy.options"):
   ide_bin        folder prepended to PATH when the spec's env does not
                  mention PATH (default none)
 Config: examples/workspace/config_specs.json. Tested by
-spec/policies/workspace_specs_spec.lua (busted) and
+examples/workspace/policy_specs_spec.lua (busted) and
 spec/integration/test_specs.py (containerd pulls and runs it).
 ]]
 

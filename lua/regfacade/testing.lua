@@ -25,12 +25,10 @@ Provided:
   testing.host{...}           a stand-in `regfacade` module (config, log
                               capture, digest, json, shared, crypt_verify,
                               read_file) put in package.loaded
-  testing.load_policy(path)   loads a policy file as the server does (text
-                              only, globals read-only, undefined globals
-                              are errors)
-  testing.authorize(policy, req)  runs authorize; its answer as the server
-                              reads it ({ allowed, status, code, message,
-                              challenge, credentials })
+  testing.policy(path, {config=, options=})  the one way to load a policy:
+                              the server's own code (config loader, sandbox,
+                              answer readers and validation, assembly)
+  testing.authorize(p, req)   p:authorize(req) (p from testing.policy)
   testing.log(policy, req [, res])  runs the log hook as the server does
   testing.sandbox{...}        the server's own sandbox (regfacade.sandbox)
 
@@ -452,13 +450,39 @@ local function entries_of(resolution)
         elseif l.kind == "file" then
             out[i] = { file = l.file, created_by = l.created_by, comment = l.comment }
         elseif l.kind == "image" then
-            out[i] = { image = l.image, skip = l.skip, created_by = l.created_by, comment = l.comment }
+            out[i] = { image = l.image, skip = (l.skip or 0) > 0 and l.skip or nil, created_by = l.created_by,
+                       comment = l.comment }
         else
             out[i] = { blob = l.digest, size = l.size, media_type = l.media_type, diff_id = l.diff_id, urls = l.urls,
                        created_by = l.created_by, comment = l.comment }
         end
     end
     return out
+end
+
+--[[
+testing.decision(resolution)
+
+A resolution from p:resolve (the server's reading of resolve's answer) in
+the shape a policy writes it: { upstream =, repository =, reference =,
+credentials =, layers = { "base", "NAME", { file = }, { image =, skip = },
+{ blob =, ... } }, platforms = } (layers only when resolve gave some).
+Example:
+  local d = testing.decision(p:resolve(testing.request { repository = "acme/app" }))
+  --> d.layers == { "base", "tools" }
+]]
+function testing.decision(r)
+    if type(r) ~= "table" or r.allowed == false then
+        return r
+    end
+    return {
+        upstream = r.upstream,
+        repository = r.repository,
+        reference = r.reference ~= "" and r.reference or nil,
+        credentials = r.credentials,
+        layers = r.layers and entries_of(r) or nil,
+        platforms = r.platforms,
+    }
 end
 
 local policy_mod_ok, policy_mod = pcall(require, "regfacade.policy")
@@ -671,8 +695,13 @@ end
 --[[
 testing.host{ config =, options =, phase =, data_files =, data_dir = }
 
-Puts a stand-in for `require "regfacade"` into package.loaded (and
-"regfacade.shared", "regfacade.json") and returns it. What it holds:
+For specs of library modules (regfacade.mirror, regfacade.rules, ...)
+called directly, not of policies: a policy is loaded with testing.policy,
+where its hooks run in the server's sandbox with its phase checks (this
+stand-in has no phases, so it offers nothing a phase guards:
+crypt_verify is left out). Puts a stand-in for `require "regfacade"` into
+package.loaded (and "regfacade.shared", "regfacade.json") and returns it.
+What it holds:
   config        { upstreams =, default_upstream =, options = } (defaults:
                 one upstream "hub" = Docker Hub, default_upstream "hub",
                 options from `options`)
@@ -682,7 +711,6 @@ Puts a stand-in for `require "regfacade"` into package.loaded (and
   json, null    regfacade.json
   shared        the server's C dictionary (regfacade.sandbox.shared), fresh
                 for each host
-  crypt_verify(password, hash)  the server's C code (libcrypt)
   read_file(path)  reads path when it is one of data_files or under
                 data_dir (as the server's rule), else raises
   phase()       host.phase (default "resolve"; set it to test phase checks)
@@ -690,7 +718,7 @@ Call testing.reset() (or testing.host again) in before_each: modules are
 loaded fresh.
 Example:
   local host = testing.host{ options = { allow = { "acme/" } } }
-  local policy = testing.load_policy("examples/auth.lua")
+  local mirror = require "regfacade.mirror"   -- a library module, called directly
   --> host.logs == {} and require("regfacade") == host
 ]]
 local HOST_KEYS = set_of { "config", "options", "phase", "data_files", "data_dir" }
@@ -742,7 +770,6 @@ function testing.host(opts)
     host.phase = function() return host.phase_name end
     if sandbox_ok then
         host.shared = sandbox_mod.shared()
-        host.crypt_verify = sandbox_mod.crypt_verify
         host.deny = sandbox_mod.deny
     end
     local allowed = {}
@@ -770,145 +797,31 @@ end
 testing.reset()
 
 Forgets the stand-in host and the policy modules loaded by specs (every
-"regfacade.*" module but testing and core, and what load_policy loaded), so
+"regfacade.*" module but testing, core, sandbox and policy), so
 the next require loads them fresh.
 ]]
-local loaded_by_policy = {}
-
 function testing.reset()
     for name in pairs(package.loaded) do
         if (name == "regfacade" or name:match("^regfacade%.")) and name ~= "regfacade.testing"
-            and name ~= "regfacade.core" and name ~= "regfacade.sandbox" then
+            and name ~= "regfacade.core" and name ~= "regfacade.sandbox" and name ~= "regfacade.policy" then
             package.loaded[name] = nil
         end
     end
-    for name in pairs(loaded_by_policy) do
-        package.loaded[name] = nil
-        loaded_by_policy[name] = nil
-    end
-end
-
---[[
-testing.load_policy(path)
-
-Loads a policy file the way the server does: a text chunk whose globals are
-read-only (assigning one is an error) and where reading an undefined global
-is an error, so a stray global fails in the spec as it would in the server.
-Modules it requires come from package.path (and the policy's own folder).
-Returns the hooks table. For the whole sandbox (io, os, memory and time
-limits), use testing.sandbox.
-Example:
-  local policy = testing.load_policy("examples/mirror.lua")
-  --> type(policy.resolve) == "function"
-]]
-function testing.load_policy(path)
-    if type(path) ~= "string" then
-        error("testing.load_policy: path must be a string, got " .. type(path), 2)
-    end
-    local dir = path:match("^(.*)/[^/]*$") or "."
-    local entry = dir .. "/?.lua"
-    if not package.path:find(entry, 1, true) then
-        package.path = entry .. ";" .. package.path
-    end
-    local env = setmetatable({}, {
-        __index = function(_, k)
-            local v = _G[k]
-            if v == nil then
-                error("undefined global '" .. tostring(k) .. "'", 2)
-            end
-            return v
-        end,
-        __newindex = function(_, k)
-            error("assignment to global '" .. tostring(k) .. "': globals are read-only in a policy", 2)
-        end,
-    })
-    local chunk, err = loadfile(path, "t", env)
-    if not chunk then
-        error("testing.load_policy: " .. err, 2)
-    end
-    local policy = chunk()
-    if type(policy) ~= "table" then
-        error("testing.load_policy: " .. path .. " must return a table of hooks, got " .. type(policy), 2)
-    end
-    for _, h in ipairs { "self_check", "authorize", "spec", "resolve", "rewrite", "log" } do
-        if policy[h] ~= nil and type(policy[h]) ~= "function" then
-            error(string.format("testing.load_policy: %s: hook %q must be a function, got %s", path, h,
-                type(policy[h])), 2)
-        end
-    end
-    return policy
 end
 
 --[[
 testing.authorize(policy, req)
 
-Runs policy.authorize(req) and reads its answer as the server does:
-  true, "allow"                      { allowed = true }
-  { credentials = SET }              { allowed = true, credentials = SET }
-  false, nil, "deny" [, message]     { allowed = false, status = 403, code = "DENIED", message = }
-  { status = 401 [, challenge =, code =, message =] }
-                                     { allowed = false, status = 401, code = "UNAUTHORIZED",
-                                       challenge = (default 'Basic realm="regfacade"'), message = }
-  { status = N [, code =, message =] }  { allowed = false, status = N, code = (default "DENIED"), message = }
-  regfacade.deny(status, code, message, { retry_after =, challenge = })
-                                     { allowed = false, status =, code =, message =,
-                                       retry_after =, challenge = }
-Without an authorize hook: { allowed = true }. A malformed answer raises
-(the server answers 500 for it). req.ctx as the hook left it is in .ctx.
-Example:
-  local a = testing.authorize({ authorize = function() return { status = 401 } end })
-  --> a.status == 401 and a.challenge == 'Basic realm="regfacade"'
+policy:authorize(req) for a policy from testing.policy (the server's own
+reader of the answer). A table of hooks is refused: load the policy file
+with testing.policy, as the server runs it.
 ]]
 function testing.authorize(policy, req)
-    if is_policy(policy) then
-        return policy:authorize(req)
+    if not is_policy(policy) then
+        error("testing.authorize: give a policy from testing.policy(path, { config =, options = }) "
+            .. "(the server's own code reads the answer)", 2)
     end
-    req = req or testing.request()
-    if type(policy) ~= "table" then
-        error("testing.authorize: policy must be a table of hooks", 2)
-    end
-    if policy.authorize == nil then
-        return { allowed = true, ctx = req.ctx }
-    end
-    local v, msg = policy.authorize(req)
-    local out = { ctx = req.ctx }
-    local refusal = is_deny(v) and v or (not v or v == "deny") and is_deny(msg) and msg
-    if refusal then
-        local r = sandbox_mod.refusal(refusal)
-        out.allowed, out.status, out.code, out.message = false, r.status, r.code, r.message
-        out.challenge, out.retry_after = r.challenge, r.retry_after
-    elseif v == true or v == "allow" then
-        out.allowed = true
-    elseif v == nil or v == false or v == "deny" then
-        out.allowed, out.status, out.code = false, 403, "DENIED"
-        out.message = type(msg) == "string" and msg or "access denied by policy"
-    elseif type(v) == "table" then
-        if v.status == nil then
-            if v.credentials ~= nil and (type(v.credentials) ~= "string" or not v.credentials:match("^[%w._-]+$")
-                    or #v.credentials > 63) then
-                error("testing.authorize: authorize returned credentials that are not a credential set name", 2)
-            end
-            out.allowed, out.credentials = true, v.credentials
-        else
-            if math.type(v.status) ~= "integer" or v.status < 400 or v.status > 599 then
-                error("testing.authorize: authorize returned a status that is not an integer from 400 to 599", 2)
-            end
-            out.allowed, out.status = false, v.status
-            out.code = v.code or (v.status == 401 and "UNAUTHORIZED" or "DENIED")
-            out.message = v.message or (type(msg) == "string" and msg)
-                or (v.status == 401 and "authentication required" or "access denied by policy")
-            if v.status == 401 then
-                out.challenge = v.challenge or 'Basic realm="regfacade"'
-                if type(out.challenge) ~= "string" or out.challenge:find("[%c]") or #out.challenge >= 500 then
-                    error("testing.authorize: authorize returned a challenge with control characters or over 500 bytes", 2)
-                end
-            end
-        end
-    else
-        error("testing.authorize: authorize must return true, false, \"allow\", \"deny\" or a table; got "
-            .. type(v), 2)
-    end
-    return out
+    return policy:authorize(req)
 end
 
 --[[

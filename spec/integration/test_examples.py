@@ -336,3 +336,51 @@ def test_systemd_config_passes_check_and_uses_the_cache_directory(tmp_path, pki)
     assert "user" not in cfg  # the unit starts it unprivileged already
     cfg["cache"]["dir"] = str(tmp_path / "cache")
     check_config_dict(cfg, str(tmp_path), pki)
+
+
+# ---- policies to copy: each with its spec beside it and a config that runs it ----
+
+EXAMPLES = os.path.join(ROOT, "examples")
+POLICY_CONFIGS = sorted(
+    [os.path.relpath(os.path.join(EXAMPLES, "recipes", f), ROOT)
+     for f in os.listdir(os.path.join(EXAMPLES, "recipes")) if f.endswith(".json")]
+    + ["examples/mirror.json", "examples/auth/config.json", "examples/policy-repo/config.json"])
+
+
+@pytest.mark.parametrize("rel", POLICY_CONFIGS)
+def test_policy_example_config_passes_check(rel):
+    """The config beside each example policy is one `regfacade check`
+    accepts as it is (its policy compiled, its options read, its files
+    found), and names the policy beside it."""
+    path = os.path.join(ROOT, rel)
+    r = subprocess.run([REGFACADE, "check", "--config", path], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and ": ok" in r.stdout, f"{rel}: {r.stdout}{r.stderr}"
+    with open(path) as f:
+        policy = json.load(f)["policy"]["file"]
+    assert os.path.isfile(os.path.join(os.path.dirname(path), policy)), rel
+
+
+def test_every_recipe_has_its_spec_and_config_beside_it():
+    recipes = [f[:-4] for f in os.listdir(os.path.join(EXAMPLES, "recipes")) if f.endswith(".lua")
+               and not f.endswith("_spec.lua")]
+    assert len(recipes) >= 5, recipes
+    for name in recipes:
+        for suffix in ("_spec.lua", ".json"):
+            assert os.path.isfile(os.path.join(EXAMPLES, "recipes", name + suffix)), name + suffix
+    for spec in ("mirror_spec.lua", "auth/policy_spec.lua", "policy-repo/spec/policy_spec.lua"):
+        assert os.path.isfile(os.path.join(EXAMPLES, spec)), spec
+    # make test-lua finds them: .busted's ROOT takes examples/
+    with open(os.path.join(ROOT, ".busted")) as f:
+        assert '"examples"' in f.read()
+
+
+def test_readme_and_policy_docs_name_the_same_spec_to_copy():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, "docs", "policy.md")) as f:
+        docs = f.read()
+    named = re.search(r"spec to copy[^`]*`([^`]+_spec\.lua)`", readme, re.S)
+    assert named, "README.md names no spec to copy"
+    spec = named.group(1)
+    assert os.path.isfile(os.path.join(ROOT, spec)), spec
+    assert re.search(r"spec to copy[^`]*`" + re.escape(spec) + "`", docs, re.S), f"docs/policy.md does not name {spec}"

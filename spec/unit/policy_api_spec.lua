@@ -184,20 +184,30 @@ describe("regfacade.testing and regfacade.deny", function()
     end)
     after_each(testing.reset)
 
-    it("testing.authorize reads a deny value as the server does", function()
-        local rf = require "regfacade"
-        local policy = { authorize = function(req)
-            if req.repository == "a/slow" then
-                return rf.deny(429, "TOOMANYREQUESTS", "slow down", { retry_after = 30 })
-            end
-            return false, rf.deny(401, nil, "who are you", { challenge = 'Basic realm="x"' })
-        end }
+    it("testing.authorize reads a deny value with the server's reader (testing.policy)", function()
+        local path = os.tmpname()
+        local f = assert(io.open(path, "w"))
+        f:write([[
+local rf = require "regfacade"
+return { authorize = function(req)
+    if req.repository == "a/slow" then
+        return rf.deny(429, "TOOMANYREQUESTS", "slow down", { retry_after = 30 })
+    end
+    return false, rf.deny(401, nil, "who are you", { challenge = 'Basic realm="x"' })
+end }]])
+        f:close()
+        local policy = testing.policy(path)
+        os.remove(path)
         local a = testing.authorize(policy, testing.request { repository = "a/slow" })
         assert.are.same({ false, 429, "TOOMANYREQUESTS", "slow down", 30 },
             { a.allowed, a.status, a.code, a.message, a.retry_after })
         a = testing.authorize(policy, testing.request { repository = "a/other" })
         assert.are.same({ false, 401, "UNAUTHORIZED", "who are you", 'Basic realm="x"' },
             { a.allowed, a.status, a.code, a.message, a.challenge })
+        -- a table of hooks is not how the server runs a policy: refused, with the way that is
+        local ok, err = pcall(testing.authorize, { authorize = function() return true end })
+        assert.is_false(ok)
+        assert.matches("testing.policy", err, 1, true)
     end)
 
     it("testing.run gives nil and the refusal of resolve or rewrite", function()

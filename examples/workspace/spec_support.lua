@@ -1,6 +1,6 @@
--- What spec/policies/workspace_spec.lua and workspace_specs_spec.lua share:
--- the example's files, the config the server hands the policy, loading the
--- policy the way the core does, and the IDE and supervisor layers.
+-- What policy_spec.lua and policy_specs_spec.lua beside it share: the
+-- example's files, the config the policy runs with, loading it with
+-- testing.policy (the server's own code), and the IDE and supervisor layers.
 -- (Not a spec itself: busted runs only *_spec.lua.)
 local testing = require "regfacade.testing"
 local json = testing.json
@@ -34,29 +34,20 @@ function M.shipped(name)
     return json.decode(M.read(M.DIR .. name))
 end
 
--- regfacade.config as the server gives it for a shipped config: its
--- policy options, or `options` instead.
+-- The config a shipped one runs with here: its upstream "local" (the
+-- named layers it lists are built by build.sh, so they are left out: a
+-- spec supplies their content), and its policy options or `options`.
 function M.config(shipped, options)
     return {
-        upstreams = { ["local"] = { url = "http://127.0.0.1:5001", host = "127.0.0.1:5001", library_prefix = false } },
+        upstreams = { ["local"] = { url = "http://127.0.0.1:5001" } },
         default_upstream = "local",
-        options = options or M.plain(shipped.policy.options),
+        policy = { options = options or M.plain(shipped.policy.options) },
     }
 end
 
--- Loads DIR .. file as the core does: a chunk that sees only what the
--- sandbox offers, so a stray global fails here; the regfacade modules are
--- loaded afresh for each policy.
+-- DIR .. file with cfg, through the server's own code.
 function M.load_policy(file, cfg)
-    package.loaded["regfacade"] = { config = cfg, null = json.null, log = function() end }
-    for _, m in ipairs { "regfacade.mirror", "regfacade.image", "regfacade.specs" } do
-        package.loaded[m] = nil
-    end
-    local env = { require = require, ipairs = ipairs, pairs = pairs, error = error, type = type,
-                  tostring = tostring, string = string, table = table, getmetatable = getmetatable,
-                  rawget = rawget, pcall = pcall }
-    local chunk = assert(loadfile(M.DIR .. file, "t", env))
-    return chunk()
+    return testing.policy(M.DIR .. file, { config = cfg })
 end
 
 -- The IDE image: its own rootfs layer (dropped by skip = 1), then /ide; its

@@ -1,13 +1,14 @@
 -- examples/workspace/policy_specs.lua (with examples/workspace/config_specs.json
--- and the spec examples/workspace/spec-ws-123.json), run the way the server
--- runs it: spec(req) names the spec, resolve(req, spec) decides, the
--- server's own assembly and rewrite code (regfacade.core) builds the image,
--- and rewrite sees the spec as req.spec. Specs are decoded with the
--- server's codec, so they have its shape (json.null, key order).
+-- and the spec examples/workspace/spec-ws-123.json), run by the server's
+-- own code (testing.policy): spec(req) names the spec, resolve(req, spec)
+-- decides (req.spec is what the server looked up), the assembly and
+-- rewrite `serve` runs build the image, and rewrite sees the spec as
+-- req.spec. Specs are decoded with the server's codec, so they have its
+-- shape (json.null, key order).
 local testing = require "regfacade.testing"
 local json = testing.json
 
-local ws = require "policies.workspace_support"
+local ws = require "examples.workspace.spec_support"
 
 local BASE_PATH = ws.BASE_PATH
 local shipped = ws.shipped("config_specs.json")
@@ -24,15 +25,16 @@ local function load_policy(cfg)
     return ws.load_policy("policy_specs.lua", cfg or config())
 end
 
--- What the server does around the hooks: the spec the spec hook named goes
--- to resolve as its second argument and to every hook as req.spec.
+-- The spec the spec hook named, as the server passes it on: resolve's
+-- second argument and req.spec in every hook.
 local function run(policy, req, spec, base, layers)
     req.spec = spec
-    local server_side = {
-        resolve = function(r) return policy.resolve(r, r.spec) end,
-        rewrite = policy.rewrite,
-    }
-    return testing.run(server_side, req, base, layers)
+    return policy:run(req, base, layers)
+end
+
+local function resolve(policy, req, spec)
+    req.spec = spec
+    return testing.decision(policy:resolve(req))
 end
 
 describe("examples/workspace/policy_specs.lua", function()
@@ -43,38 +45,34 @@ describe("examples/workspace/policy_specs.lua", function()
     end)
 
     after_each(function()
-        for _, m in ipairs { "regfacade", "regfacade.mirror", "regfacade.image", "regfacade.specs" } do
-            package.loaded[m] = nil
-        end
+        policy:close()
     end)
 
     it("has the spec, resolve and rewrite hooks, and the shipped config names its provider", function()
         assert.are.equal("Lua 5.4", _VERSION)
-        assert.is_function(policy.spec)
-        assert.is_function(policy.resolve)
-        assert.is_function(policy.rewrite)
         assert.are.equal("pushed", shipped.specs.providers[shipped.policy.options.spec_provider].type)
     end)
 
     it("names the spec of names under remote/ and nothing else", function()
         assert.are.same({ provider = "workspaces", id = "ws-123" },
-            policy.spec(testing.request { repository = "remote/ws-123" }))
+            policy:spec(testing.request { repository = "remote/ws-123" }))
         assert.are.same({ provider = "workspaces", id = "not-a-valid-image" },
-            policy.spec(testing.request { repository = "remote/not-a-valid-image" }))
-        assert.is_nil(policy.spec(testing.request { repository = "local/acme/app" }))
-        assert.is_nil(policy.spec(testing.request { repository = "remote" }))
+            policy:spec(testing.request { repository = "remote/not-a-valid-image" }))
+        assert.is_false(policy:spec(testing.request { repository = "local/acme/app" }))
+        assert.is_false(policy:spec(testing.request { repository = "remote" }))
         local other = load_policy(config { spec_prefix = "ws/", spec_provider = "orchestrator" })
-        assert.are.same({ provider = "orchestrator", id = "x" }, other.spec(testing.request { repository = "ws/x" }))
+        assert.are.same({ provider = "orchestrator", id = "x" }, other:spec(testing.request { repository = "ws/x" }))
+        other:close()
     end)
 
     it("mirrors names without a spec", function()
         assert.are.same({ upstream = "local", repository = "acme/app", reference = "1.0" },
-            policy.resolve(testing.request { repository = "local/acme/app", reference = "1.0" }, nil))
+            resolve(policy, testing.request { repository = "local/acme/app", reference = "1.0" }, nil))
     end)
 
     it("turns the example spec into its resolve answer", function()
         local spec = json.decode(SPEC_TEXT)
-        local d = policy.resolve(testing.request { repository = "remote/ws-123" }, spec)
+        local d = resolve(policy, testing.request { repository = "remote/ws-123" }, spec)
         assert.are.same({
             upstream = "local", repository = "acme/app", reference = "1.0",
             layers = { "base", "supervisor",
@@ -110,6 +108,7 @@ describe("examples/workspace/policy_specs.lua", function()
     end)
 
     it("prepends options.ide_bin when the spec says nothing about PATH", function()
+        policy:close()
         policy = load_policy(config { ide_bin = "/ide/bin" })
         local base = testing.oci_image { layers = 1, env = { "PATH=" .. BASE_PATH } }
         local spec = json.decode('{"base":"local/acme/app:1.0","env":null}')
@@ -123,7 +122,7 @@ describe("examples/workspace/policy_specs.lua", function()
     it("builds a spec without base on the empty base and annotates no image", function()
         local specs = require "regfacade.specs"
         local spec = json.decode('{"base":null,"layers":["supervisor"],"env":{"PATH":"/.supervisor/bin"}}')
-        local d = policy.resolve(testing.request { repository = "remote/bare" }, spec)
+        local d = resolve(policy, testing.request { repository = "remote/bare" }, spec)
         assert.are.equal(specs.SCRATCH["linux/amd64"], d.reference)
         assert.are.same({ "supervisor" }, d.layers)
         local out = run(policy, testing.request { repository = "remote/bare" }, spec, testing.oci_image { layers = 0 },

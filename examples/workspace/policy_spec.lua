@@ -1,10 +1,10 @@
 -- examples/workspace/policy.lua with the options of examples/workspace/config.json,
--- run the way the server runs it (regfacade.testing: resolve, then the
--- server's own assembly and rewrite code through regfacade.core).
+-- run by the server's own code (testing.policy: the sandbox, resolve's
+-- reader and validation, then the assembly and rewrite `serve` runs).
 local testing = require "regfacade.testing"
 local json = testing.json
 
-local ws = require "policies.workspace_support"
+local ws = require "examples.workspace.spec_support"
 
 local OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 local DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -40,9 +40,7 @@ describe("examples/workspace/policy.lua", function()
     end)
 
     after_each(function()
-        package.loaded["regfacade"] = nil
-        package.loaded["regfacade.mirror"] = nil
-        package.loaded["regfacade.image"] = nil
+        policy:close()
     end)
 
     it("runs on Lua 5.4 and the shipped config passes its options", function()
@@ -52,7 +50,7 @@ describe("examples/workspace/policy.lua", function()
     end)
 
     it("resolves a workspace to its base image, the supervisor and the IDE's layers", function()
-        local d = policy.resolve(testing.request { repository = "remote/demo", reference = "latest" })
+        local d = testing.decision(policy:resolve(testing.request { repository = "remote/demo", reference = "latest" }))
         assert.are.same({
             upstream = "local",
             repository = "acme/app",
@@ -64,16 +62,16 @@ describe("examples/workspace/policy.lua", function()
 
     it("passes a digest through (the digest a tag answered)", function()
         local dg = "sha256:" .. string.rep("ab", 32)
-        local d = policy.resolve(testing.request { repository = "remote/demo", reference = dg })
+        local d = policy:resolve(testing.request { repository = "remote/demo", reference = dg })
         assert.are.equal(dg, d.reference)
     end)
 
     it("refuses an unknown workspace with NAME_UNKNOWN and mirrors everything else", function()
-        local d, refusal = policy.resolve(testing.request { repository = "remote/nope" })
-        assert.is_nil(d)
-        assert.are.same({ status = 404, code = "NAME_UNKNOWN", message = 'no workspace "nope"' }, refusal)
+        local refusal = policy:resolve(testing.request { repository = "remote/nope" })
+        assert.are.same({ allowed = false, status = 404, code = "NAME_UNKNOWN", message = 'no workspace "nope"' },
+            refusal)
         assert.are.same({ upstream = "local", repository = "acme/app", reference = "1.0" },
-            policy.resolve(testing.request { repository = "local/acme/app", reference = "1.0" }))
+            testing.decision(policy:resolve(testing.request { repository = "local/acme/app", reference = "1.0" })))
     end)
 
     it("assembles base + supervisor + IDE (minus its first layer), PATH prepended, env modifiers applied", function()
@@ -129,6 +127,7 @@ describe("examples/workspace/policy.lua", function()
     it("uses a workspace's own IDE, and an IDE without modifiers only gets PATH", function()
         local options = plain(shipped.policy.options)
         options.workspaces.other = { image = "local/acme/app:2.0", ide = "local/acme/ide-plain:3" }
+        policy:close()
         policy = load_policy(config(options))
         local plain_ide = testing.layer { name = "plain ide", config = testing.oci_image {}.config }
         local base = testing.oci_image { layers = 1, env = { "PATH=/bin" } }
