@@ -319,8 +319,11 @@ def test_scrub_finds_damage_while_serving(fake_upstream, fake_facade, tmp_path):
     quarantines it, and the next GET fetches it again."""
     img = fake_upstream.add_image("acme/scrub", "v1", layer_sizes=[2 * MiB, 3000])
     layer = img.layers[0]
+    from harness import free_port
     cache_dir = str(tmp_path / "scrub-cache")
-    rf = fake_facade(config={"cache": {"dir": cache_dir, "scrub_bytes_per_second": "64MiB"}})
+    metrics = f"127.0.0.1:{free_port()}"
+    rf = fake_facade(config={"cache": {"dir": cache_dir, "scrub_bytes_per_second": "64MiB"},
+                             "metrics": {"listen": metrics}})
     lpath = blob_path("acme/scrub", layer.digest)
     get_ok(rf, lpath, layer.data)
     flip_byte(cache_path(cache_dir, layer.digest))
@@ -335,6 +338,10 @@ def test_scrub_finds_damage_while_serving(fake_upstream, fake_facade, tmp_path):
     assert found, rf.log()
     assert fake_upstream.count("GET", lpath) == 1
     assert f"cached blob {layer.digest} failed verification" in rf.log()
+    text = request(metrics, "GET", "/metrics").body.decode()
+    assert "\nregfacade_cache_quarantined_total 1\n" in text, text
+    verified = [l for l in text.splitlines() if l.startswith("regfacade_cache_verified_bytes_total ")]
+    assert verified and int(verified[0].split()[1]) >= 2 * MiB, verified
     get_ok(rf, lpath, layer.data)
     assert fake_upstream.count("GET", lpath) == 2
 
