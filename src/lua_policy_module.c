@@ -283,6 +283,15 @@ static request_box *read_request(lua_State *L, int idx) {
         }
     }
     lua_pop(L, 1);
+    /* req.target given (raw: not built): where resolve sent the request,
+     * as the server gives it to rewrite and log. */
+    lua_pushliteral(L, "target");
+    if (lua_rawget(L, idx) == LUA_TTABLE) {
+        int t = lua_gettop(L);
+        r->target_upstream = field(L, t, "upstream");
+        r->target_repository = field(L, t, "repository");
+    }
+    lua_pop(L, 1); /* anchored in req */
     const char *creds = field(L, idx, "credentials");
     if (creds) snprintf(b->state.credentials, sizeof b->state.credentials, "%s", creds);
     if (lua_getfield(L, idx, "spec") == LUA_TTABLE) {

@@ -784,13 +784,50 @@ static void build_ctx(lua_State *L, const policy_request *r) {
     if (!r || !r->state || !r->state->ctx || lua_json_push(L, r->state->ctx) != 0) lua_newtable(L);
 }
 
+/* req.target: where the request goes, { upstream =, repository = }. Once
+ * resolve answered (rewrite, log), its answer; before (authorize, spec,
+ * resolve), where regfacade.mirror's mapping sends the name as asked (the
+ * one mapping, in Lua: ?ns=, a leading upstream name, default_upstream,
+ * library/), or false when it maps nowhere. Req is at 1. */
+static void build_target(lua_State *L, const policy_request *r) {
+    if (r && r->target_upstream && r->target_repository) {
+        lua_createtable(L, 0, 2);
+        set_field_string(L, lua_gettop(L), "upstream", r->target_upstream);
+        set_field_string(L, lua_gettop(L), "repository", r->target_repository);
+        return;
+    }
+    int top = lua_gettop(L);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "regfacade.mirror");
+    if (!r || !r->repository || lua_pcall(L, 1, 1, 0) != LUA_OK || lua_getfield(L, -1, "resolve") != LUA_TFUNCTION) {
+        lua_settop(L, top);
+        lua_pushboolean(L, 0);
+        return;
+    }
+    lua_pushvalue(L, 1);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_istable(L, -1)) {
+        lua_settop(L, top);
+        lua_pushboolean(L, 0);
+        return;
+    }
+    int ans = lua_gettop(L);
+    lua_createtable(L, 0, 2);
+    lua_getfield(L, ans, "upstream");
+    lua_setfield(L, -2, "upstream");
+    lua_getfield(L, ans, "repository");
+    lua_setfield(L, -2, "repository");
+    lua_replace(L, top + 1);
+    lua_settop(L, top + 1);
+}
+
 static int req_index(lua_State *L) {
     if (lua_type(L, 2) != LUA_TSTRING) return 0;
     const char *k = lua_tostring(L, 2);
-    if (k[0] != 'h' && k[0] != 'c') return 0; /* ns, spec, ...: absent, and asked often */
+    if (k[0] != 'h' && k[0] != 'c' && k[0] != 't') return 0; /* ns, spec, ...: absent, and asked often */
     void (*build)(lua_State *, const policy_request *) = strcmp(k, "headers") == 0  ? build_headers
                                                           : strcmp(k, "client") == 0 ? build_client
                                                           : strcmp(k, "ctx") == 0    ? build_ctx
+                                                          : strcmp(k, "target") == 0 ? build_target
                                                                                      : NULL;
     if (!build) return 0;
     void **cur = lua_sandbox_user(L);
@@ -1519,7 +1556,7 @@ struct policy_log_entry {
     policy_state state;
     policy_header *headers;
     struct timespec start;
-    char *strings[8]; /* what req points into */
+    char *strings[10]; /* what req points into */
 };
 
 static const char *keep(policy_log_entry *e, int i, const char *s) {
@@ -1550,6 +1587,8 @@ policy_log_entry *policy_log_begin(policy *p, const policy_request *req, const s
     e->req.host = keep(e, 5, req->host);
     e->req.client_ip = keep(e, 6, req->client_ip);
     e->req.user = keep(e, 7, req->user);
+    e->req.target_upstream = keep(e, 8, req->target_upstream);
+    e->req.target_repository = keep(e, 9, req->target_repository);
     if (req->n_headers) {
         e->headers = calloc(req->n_headers, sizeof *e->headers);
         for (size_t i = 0; e->headers && i < req->n_headers; i++) {
@@ -1605,7 +1644,7 @@ void policy_log_end(policy_log_entry *e, unsigned status, uint64_t bytes, bool c
     log_call l = {.c = {.p = e->p, .req = &e->req, .e = &err}, .status = status, .bytes = bytes,
                   .completed = completed, .duration = seconds_since(&e->start), .upstream = upstream};
     run_hook(e->p, H_LOG, log_fn, &l.c); /* errors are logged there; nothing else to do */
-    for (int i = 0; i < 8; i++) free(e->strings[i]);
+    for (int i = 0; i < 10; i++) free(e->strings[i]);
     for (size_t i = 0; i < e->req.n_headers; i++) {
         free((char *)e->headers[i].name);
         free((char *)e->headers[i].value);

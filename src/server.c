@@ -94,6 +94,8 @@ typedef struct {
     bool cold;             /* a blob that was not cached: its bytes count as upstream */
     char client_ip[64];
     policy_request preq;   /* what resolve saw; valid after run_resolve */
+    char target_upstream[128];                /* resolve's answer, for req.target in the hooks after it */
+    char target_repository[REF_NAME_MAX + 1];
     client_credentials cred; /* from Authorization; secrets, wiped when the request is done, never logged */
     json_value *spec;      /* the image spec resolve got (preq.spec), freed when the request is done */
     policy_state pstate;   /* what the request's hooks share (req.ctx, authorize's credential set) */
@@ -432,8 +434,12 @@ static int run_resolve(request *r, policy_resolution *res) {
         send_policy_error(r, &e);
         return -1;
     }
-    /* Kept for the rewrite hook, which sees the same req. */
+    /* Kept for the rewrite hook, which sees the same req, and where it goes. */
     r->preq = pr;
+    snprintf(r->target_upstream, sizeof r->target_upstream, "%.*s", (int)strcspn(res->upstream, "@"), res->upstream);
+    snprintf(r->target_repository, sizeof r->target_repository, "%s", res->repository);
+    r->preq.target_upstream = r->target_upstream;
+    r->preq.target_repository = r->target_repository;
     if (r->acc) snprintf(r->acc->upstream, sizeof r->acc->upstream, "%s", res->upstream);
     return 0;
 }

@@ -1,10 +1,11 @@
 --[[
 examples/recipes/allowlist.lua: only some repositories may be pulled.
 
-Options: allow = { "library/", "acme/" }: repository name prefixes (as the
-client asks for them; "library/" also matches "alpine" on Docker Hub since
-the mirror maps it there). Anything else: 403 DENIED, before any upstream
-is asked. /v2/ (the ping) is always allowed.
+Options: allow = { "library/", "acme/" }: repository name prefixes as they
+are on the upstream (req.target: "library/" matches "alpine" on Docker Hub
+since the mirror maps it there; "hub/acme/x" and "acme/x?ns=docker.io" are
+both "acme/x"). Anything else: 403 DENIED, before any upstream is asked.
+/v2/ (the ping) is always allowed.
 Tested by allowlist_spec.lua beside it; allowlist.json runs it.
 ]]
 local regfacade = require "regfacade"
@@ -18,8 +19,7 @@ return {
         if req.kind == "ping" then
             return true
         end
-        local mapped = mirror.resolve(req)
-        if allowed(req.repository) or (mapped and allowed(mapped.repository)) then
+        if req.target and allowed(req.target.repository) then
             return true
         end
         return regfacade.deny(403, "DENIED", req.repository .. " is not on this mirror's allow-list")

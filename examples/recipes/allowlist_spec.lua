@@ -13,4 +13,17 @@ describe("examples/recipes/allowlist.lua", function()
         local r = policy:resolve(testing.request { repository = "alpine" })
         assert.are.same({ "hub", "library/alpine", "latest" }, { r.upstream, r.repository, r.reference })
     end)
+
+    it("decides on the repository the name maps to (req.target), whichever form it is asked in", function()
+        local policy = testing.policy("examples/recipes/allowlist.lua", {
+            config = { upstreams = { hub = { url = "https://registry-1.docker.io" },
+                                     acme = { url = "http://127.0.0.1:5001" } },
+                       default_upstream = "hub" },
+            options = { allow = { "acme/" } } })
+        -- "acme/secret" is repository "secret" on upstream acme: not listed.
+        assert.is_false(policy:authorize(testing.request { repository = "acme/secret" }).allowed)
+        assert.is_true(policy:authorize(testing.request { repository = "hub/acme/app" }).allowed)
+        assert.is_true(policy:authorize(testing.request { repository = "acme/app", ns = "docker.io" }).allowed)
+        policy:close()
+    end)
 end)

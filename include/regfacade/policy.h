@@ -61,6 +61,12 @@ typedef struct {
     const char *method;     /* "GET", "HEAD" */
     const char *kind;       /* "manifest", "blob", "tags", "ping" */
     const char *repository; /* as requested (after a /NAME/v2/ prefix became /v2/NAME/); NULL for ping */
+    /* Where the request goes once resolve answered (its upstream, without a
+     * credential set, and repository), for the hooks after it: req.target.
+     * NULL before: req.target is then regfacade.mirror's mapping of the
+     * name as asked (built when a hook reads it). */
+    const char *target_upstream;
+    const char *target_repository;
     const char *reference;  /* tag or digest (the digest for blobs); NULL for tags and ping */
     const char *ns;         /* ?ns= value or NULL */
     const char *host;       /* Host header or NULL */

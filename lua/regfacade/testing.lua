@@ -115,18 +115,39 @@ end
 
 --[[
 testing.request{ method =, kind =, repository =, reference =, ns =, host =,
-                 client =, headers = }
+                 client =, headers =, target = }
 
 A request table as the hooks get it. Defaults: method "GET", kind
 "manifest", repository "library/alpine", reference "latest", client {},
 headers {} (header names are lowercased, as the server gives them); ns and
-host stay nil unless given.
+host stay nil unless given. target ({ upstream =, repository = }), unless
+given, is computed as the server computes it before resolve: when first
+read, regfacade.mirror's mapping of the request with the configuration of
+require("regfacade") (testing.host), or false when it maps nowhere.
 Example:
   local req = testing.request{ repository = "acme/app", client = { user = "ci" } }
   --> req.method == "GET", req.reference == "latest"
 ]]
 local REQUEST_KEYS = set_of { "method", "kind", "repository", "reference", "ns", "host", "client", "headers",
-    "ctx", "credentials" }
+    "ctx", "credentials", "target" }
+
+-- req.target on first read, as the server builds it (policy.c build_target).
+local REQUEST_MT = {
+    __index = function(req, key)
+        if key ~= "target" then
+            return nil
+        end
+        local target = false
+        if type(rawget(req, "repository")) == "string" then
+            local ok, mapped = pcall(function() return require("regfacade.mirror").resolve(req) end)
+            if ok and type(mapped) == "table" then
+                target = { upstream = mapped.upstream, repository = mapped.repository }
+            end
+        end
+        rawset(req, "target", target)
+        return target
+    end,
+}
 
 function testing.request(opts)
     opts = check_options("request", opts, REQUEST_KEYS)
@@ -134,7 +155,7 @@ function testing.request(opts)
     for k, v in pairs(opts.headers or {}) do
         headers[type(k) == "string" and k:lower() or k] = v
     end
-    return {
+    return setmetatable({
         method = opts.method or "GET",
         kind = opts.kind or "manifest",
         repository = opts.repository or "library/alpine",
@@ -145,7 +166,8 @@ function testing.request(opts)
         headers = headers,
         ctx = copy(opts.ctx),
         credentials = opts.credentials,
-    }
+        target = opts.target,
+    }, REQUEST_MT)
 end
 
 --[[
@@ -589,6 +611,8 @@ function Policy:run(req, base, layers)
     for i, entry in ipairs(entries_of(decision)) do
         expand(entry, i, layers, stack)
     end
+    -- rewrite sees where resolve sent the request, as in the server
+    rawset(req, "target", { upstream = decision.upstream, repository = decision.repository })
     local out = answer("rewrite", self.c:assemble(req, base.manifest_text, base.config_text, stack))
     if out.allowed == false then
         return nil, out

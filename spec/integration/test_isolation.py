@@ -10,9 +10,14 @@ Peers: a real docker-registry with htpasswd holding acme/public and
 acme/private (images built with oci_layout.py sharing one layer, and the
 umoci-built image of images.py in acme/private only); a client that the
 policy lets pull only acme/public; a warming client allowed everything.
+
+And authorize decides on what will be fetched: every hook sees the name as
+asked (req.repository) and where it goes (req.target), and the docs'
+examples deny by the latter, whichever name form the mirror accepts.
 """
 import json
 import os
+import time
 
 import pytest
 
@@ -83,6 +88,7 @@ def seeded(tmp_path_factory, session_procs, built_images):
     creds = ["--dest-creds", reg.creds]
     oci_layout.push(lay, "public", reg.host, "acme/public:v1", extra=creds)
     oci_layout.push(lay, "private", reg.host, "acme/private:v1", extra=creds)
+    oci_layout.push(lay, "private", reg.host, "internal/x:v1", extra=creds)
     small = images.push_image(built_images, "oci", reg.host, creds=reg.creds, repo="acme/private", tag="small")
     s = Seeded()
     s.registry = reg
@@ -270,3 +276,75 @@ def test_blobserve_serves_only_what_the_repository_has(procs, tmp_path, seeded):
             assert r.status == 404, (d, f, r.status, r.body[:300])
     r = http_request(f"{bs}/acme/public@{seeded.public['manifest_digest']}/shared.txt")
     assert r.status == 200 and r.body == b"in both repositories\n", r.status
+
+
+def doc_policy(path, heading=None):
+    """The first ```lua block of a doc (after heading, when given): the
+    examples the docs show are the ones tested."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "..", path)) as f:
+        text = f.read()
+    if heading:
+        text = text[text.index(heading):]
+    start = text.index("```lua\n") + len("```lua\n")
+    return text[start:text.index("```", start)]
+
+
+@pytest.mark.parametrize("doc,heading", [("docs/policy.md", None), ("README.md", "## Policy")])
+def test_docs_deny_example_holds_for_every_name_form(procs, tmp_path, seeded, doc, heading):
+    work = str(tmp_path)
+    with open(os.path.join(work, "policy.lua"), "w") as f:
+        f.write(doc_policy(doc, heading))
+    local = {"url": seeded.registry.url, "username": HTPASSWD_USER, "password_file": seeded.pw_file}
+    cfg = {"cache": {"dir": os.path.join(work, "cache")}, "policy": {"file": "policy.lua"},
+           "upstreams": {"local": local}, "default_upstream": "local"}
+    rf = Regfacade(procs, work, cfg).start()
+    host = seeded.registry.host
+    digest = seeded.private["layers"][1]["digest"]
+    forms = ["/v2/{repo}/{what}", "/v2/local/{repo}/{what}", "/local/v2/{repo}/{what}",
+             "/v2/{repo}/{what}?ns=" + host]
+    for form in forms:
+        for what in ("manifests/v1", f"blobs/{digest}", "tags/list"):
+            r = get(rf, form.format(repo="internal/x", what=what))
+            assert r.status == 403 and error_code(r) == "DENIED", (form, what, r.status, r.body[:300])
+            r = get(rf, form.format(repo="acme/private", what=what))
+            assert r.status == 200, (form, what, r.status, r.body[:300])
+
+
+def test_every_hook_sees_the_name_asked_and_where_it_goes(procs, tmp_path, seeded):
+    # Before resolve, req.target is the mirror's mapping of the name asked;
+    # after it (rewrite, log), where resolve sent the request.
+    work = str(tmp_path)
+    with open(os.path.join(work, "policy.lua"), "w") as f:
+        f.write(r'''
+local regfacade = require "regfacade"
+local function show(hook, req)
+  local t = req.target
+  regfacade.log("info", string.format("%s asked=%s target=%s", hook, req.repository,
+    t and (t.upstream .. "/" .. t.repository) or "none"))
+end
+return {
+  authorize = function(req) show("authorize", req) return true end,
+  resolve = function(req)
+    show("resolve", req)
+    return { upstream = "local", repository = "acme/public", reference = req.reference }
+  end,
+  rewrite = function(img, req) show("rewrite", req) end,
+  log = function(req, res) show("log", req) end,
+}
+''')
+    local = {"url": seeded.registry.url, "username": HTPASSWD_USER, "password_file": seeded.pw_file}
+    cfg = {"cache": {"dir": os.path.join(work, "cache")}, "policy": {"file": "policy.lua"},
+           "upstreams": {"local": local}, "default_upstream": "local"}
+    rf = Regfacade(procs, work, cfg).start()
+    r = get(rf, "/local/v2/alias/x/manifests/v1")
+    assert r.status == 200, (r.status, r.body[:300])
+    # The log hook runs once the response is out: wait for its line.
+    deadline = time.monotonic() + 60
+    while "log asked=local/alias/x" not in rf.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = rf.log()
+    for hook in ("authorize", "resolve"):
+        assert f"{hook} asked=local/alias/x target=local/alias/x" in log, log[-3000:]
+    for hook in ("rewrite", "log"):
+        assert f"{hook} asked=local/alias/x target=local/acme/public" in log, log[-3000:]

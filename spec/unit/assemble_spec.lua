@@ -410,7 +410,23 @@ describe("regfacade.testing", function()
                           client = {}, headers = { ["user-agent"] = "containerd/1.6" }, ctx = {} }, req)
         assert.has_error(function() testing.request { repo = "x" } end,
             'testing.request: unknown option "repo" (known: client, credentials, ctx, headers, host, kind, method, ' ..
-            'ns, reference, repository)')
+            'ns, reference, repository, target)')
+    end)
+
+    it("gives req.target as the server does before resolve: the mirror's mapping", function()
+        testing.host { config = { upstreams = { hub = { url = "https://registry-1.docker.io" },
+                                                ["local"] = { url = "http://127.0.0.1:5001" } },
+                                  default_upstream = "hub" } }
+        local t = testing.request { repository = "local/internal/app" }.target
+        assert.are.same({ upstream = "local", repository = "internal/app" }, t)
+        t = testing.request { repository = "alpine" }.target
+        assert.are.same({ upstream = "hub", repository = "library/alpine" }, t)
+        t = testing.request { repository = "internal/app", ns = "127.0.0.1:5001" }.target
+        assert.are.same({ upstream = "local", repository = "internal/app" }, t)
+        assert.is_false(testing.request { repository = "x", ns = "quay.io" }.target)
+        assert.are.same({ upstream = "u", repository = "r" },
+                        testing.request { target = { upstream = "u", repository = "r" } }.target)
+        testing.reset()
     end)
 
     it("builds OCI and Docker images whose history lines up", function()
