@@ -472,6 +472,7 @@ static int replace(mstate *ms, luaL_Buffer *b, const char *s, const char *e, int
 }
 
 static int l_gsub(lua_State *L) {
+    lua_sandbox_check_cstack(L); /* a replacement function may call gsub again, and again */
     size_t ls, lp;
     const char *src = luaL_checklstring(L, 1, &ls);
     const char *p = luaL_checklstring(L, 2, &lp);

@@ -38,6 +38,7 @@ typedef struct {
     lua_sandbox_outcome tripped;
     bool broken;
     char where[200]; /* the last source position the count hook saw */
+    const char *stack_base; /* an address on the C stack where the running call began */
     char defined[200]; /* where the function the call runs was defined */
     void *user[2];     /* lua_sandbox_user */
     /* require and io */
@@ -141,6 +142,17 @@ static bool over_budget(sb_ctx *c) {
     return false;
 }
 
+void lua_sandbox_check_cstack(lua_State *L) {
+    sb_ctx *c = ctx_of(L);
+    char here;
+    if (!c || !c->armed || !c->stack_base) return;
+    /* Stacks grow down on every target this builds for. */
+    ptrdiff_t used = c->stack_base - &here;
+    if (used > (ptrdiff_t)LUA_SANDBOX_C_STACK_BYTES)
+        luaL_error(L, "C stack overflow: string functions nested too deeply (more than %d KiB of C stack)",
+                   LUA_SANDBOX_C_STACK_BYTES / 1024);
+}
+
 void lua_sandbox_steps(lua_State *L, unsigned n) {
     sb_ctx *c = ctx_of(L);
     if (!c || !c->armed) return;
@@ -170,9 +182,10 @@ static void sb_hook(lua_State *L, lua_Debug *ar) {
     trip(L, c, ar);
 }
 
-static void arm(sb_ctx *c, lua_sandbox_phase ph) {
+static void arm(sb_ctx *c, lua_sandbox_phase ph, const char *stack_base) {
     /* (the noted function is replaced by the next call's note) */
     c->armed = true;
+    c->stack_base = stack_base;
     c->phase = ph;
     c->instr = 0;
     c->tripped = SB_OK;
@@ -227,7 +240,8 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
     lua_insert(L, fn);
     lua_sandbox_phase outer = c->phase;
     bool was_armed = c->armed;
-    if (!was_armed) arm(c, ph);
+    char stack_mark; /* where this call's C stack begins (lua_sandbox_check_cstack) */
+    if (!was_armed) arm(c, ph, &stack_mark);
     else c->phase = ph; /* a nested call (a hook calling back into C calling Lua): same budget */
     int st = lua_pcall(L, nargs, nresults, fn);
     lua_sandbox_outcome out = SB_OK;

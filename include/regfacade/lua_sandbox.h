@@ -131,6 +131,15 @@ lua_sandbox_outcome lua_sandbox_load(lua_State *L, const char *src, size_t len, 
 lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nargs, int nresults, char *err,
                                      size_t errlen, char *trace, size_t tracelen);
 
+/* C stack a running call may use below where it began: C functions that
+ * call back into Lua (gsub with a function, nested without end) stop there
+ * with a Lua error instead of overflowing the thread's stack (a server
+ * thread has 512 KiB; a sanitizer build's frames are several times
+ * larger). */
+#define LUA_SANDBOX_C_STACK_BYTES (192 * 1024)
+/* Raise a Lua error when the running call uses more C stack than that. */
+void lua_sandbox_check_cstack(lua_State *L);
+
 /* Count n steps of C work (pattern matching, lua_pattern.h) as n
  * instructions of the running call; raises, as the count hook does, once
  * the call is past its instruction or time budget. Nothing outside calls. */

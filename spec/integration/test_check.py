@@ -119,7 +119,10 @@ def test_check_and_serve_refuse_alike(tmp_path, make):
 def test_check_accepts_what_serve_serves(procs, tmp_path):
     c = base(tmp_path)
     os.makedirs(tmp_path / "layers")
-    subprocess.run(["tar", "-czf", str(tmp_path / "layers" / "l.tar.gz"), "-C", str(tmp_path), "."],
+    os.makedirs(tmp_path / "layer-src")
+    (tmp_path / "layer-src" / "hello.txt").write_text("hello\n")
+    # (not the folder the archive is written into: tar would read its own output)
+    subprocess.run(["tar", "-czf", str(tmp_path / "layers" / "l.tar.gz"), "-C", str(tmp_path / "layer-src"), "."],
                    check=True, capture_output=True)
     c["layers"] = {"l": {"file": "layers/l.tar.gz"}}
     path = str(tmp_path / "good.json")

@@ -26,7 +26,13 @@ def start_with_metrics(fake_facade, **kw):
     rf.metrics_host = f"127.0.0.1:{port}"
     # The harness's /v2/ probe is counted when that request ends, which may
     # be just after its answer arrived: let it settle before any baseline.
-    assert wait_until(lambda: val(scrape(rf), "regfacade_requests_total", route="ping", status="200") >= 1)
+    def probe_counted():
+        try:
+            return val(scrape(rf), "regfacade_requests_total", route="ping", status="200") >= 1
+        except OSError:  # the metrics listener not accepting yet
+            return False
+
+    assert wait_until(probe_counted, timeout=30), rf.log()[-2000:]
     return rf
 
 

@@ -14,6 +14,7 @@ The upstream is a real docker-registry (distribution) with htpasswd auth
 (conftest.htpasswd_registry).
 """
 import os
+import re
 import signal
 import threading
 
@@ -103,10 +104,13 @@ def test_a_catastrophic_pattern_is_stopped_and_sigterm_completes(facade):
             assert r.status == 500, r
             err = r.json()["errors"][0]
             assert err["code"] == "UNKNOWN"
-            assert "the policy's authorize hook exceeded its instruction budget at policy.lua:" in err["message"], err
+            # Whichever budget runs out first (on a slow sanitizer build, time).
+            assert re.search(r"the policy's authorize hook exceeded its (instruction|time) budget at policy\.lua:",
+                             err["message"]), err
             assert wait_until(lambda: pulls.ok > seen + 2, timeout=30), "the others were not served meanwhile"
     assert not pulls.bad, pulls.bad[:5]
-    assert "policy authorize exceeded its instruction budget (10000000 instructions" in rf.messages()
+    assert re.search(r"policy authorize exceeded its (instruction budget \(10000000 instructions|time budget)",
+                     rf.messages())
     # Nothing is left running: SIGTERM ends the process by itself.
     proc = rf.proc
     os.kill(proc.pid, signal.SIGTERM)

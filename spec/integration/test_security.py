@@ -338,7 +338,7 @@ def test_rate_limit_per_ip(fake_facade, good):
 def test_limits_config_errors(tmp_path):
     base = {"cache": {"dir": str(tmp_path / "c")}, "upstreams": {"u": {"url": "http://127.0.0.1:9"}}}
     cases = [
-        ({"limits": {"header_max_bytes": 100}}, "limits.header_max_bytes: must be an integer from 8192"),
+        ({"limits": {"header_max_bytes": 100}}, "limits.header_max_bytes: must be a size from 8192"),
         ({"limits": {"url_max_bytes": 100000}}, "limits.url_max_bytes"),
         ({"limits": {"requests_per_second": -1}}, "limits.requests_per_second"),
         ({"limits": {"header_timeout_secs": 1}}, 'unknown key "header_timeout_secs"'),
