@@ -16,6 +16,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "regfacade/cachectl.h"
+#include "regfacade/json.h"
 #include "regfacade/log.h"
 #include "regfacade/scrub.h"
 #include "regfacade/mhd_glue.h"
@@ -32,6 +34,7 @@ struct admin_server {
     admin_config *ac;
     specs *sp;
     store *st;
+    generation_env genv; /* the server's generations, for cache warm and REF resolution */
     struct MHD_Daemon *daemon;
 };
 
@@ -131,6 +134,17 @@ int admin_config_parse(const config *c, admin_config **out, char *err, size_t er
 
 /* ---------- responses ---------- */
 
+/* Queue r (consumed) with the headers every answer has. */
+static enum MHD_Result send_response(struct MHD_Connection *conn, unsigned status, struct MHD_Response *r,
+                                     const char *content_type, const char *extra_name, const char *extra_value) {
+    MHD_add_response_header(r, "Content-Type", content_type);
+    MHD_add_response_header(r, "Cache-Control", "no-store");
+    if (extra_name) MHD_add_response_header(r, extra_name, extra_value);
+    enum MHD_Result ret = MHD_queue_response(conn, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
 static enum MHD_Result send_body(struct MHD_Connection *conn, unsigned status, char *body, size_t len,
                                  const char *extra_name, const char *extra_value) {
     struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
@@ -138,12 +152,7 @@ static enum MHD_Result send_body(struct MHD_Connection *conn, unsigned status, c
         free(body);
         return MHD_NO;
     }
-    MHD_add_response_header(r, "Content-Type", "application/json");
-    MHD_add_response_header(r, "Cache-Control", "no-store");
-    if (extra_name) MHD_add_response_header(r, extra_name, extra_value);
-    enum MHD_Result ret = MHD_queue_response(conn, status, r);
-    MHD_destroy_response(r);
-    return ret;
+    return send_response(conn, status, r, "application/json", extra_name, extra_value);
 }
 
 static enum MHD_Result send_error(struct MHD_Connection *conn, const char *method, const char *url, unsigned status,
@@ -172,6 +181,12 @@ static enum MHD_Result send_empty(struct MHD_Connection *conn, unsigned status) 
 }
 
 /* ---------- one request ---------- */
+
+typedef struct {
+    cachectl_warm *w;
+    char *line;
+    size_t len, off;
+} cachectl_warm_stream;
 
 typedef struct {
     char *buf;
@@ -215,8 +230,145 @@ static enum MHD_Result early_checks(admin_server *a, struct MHD_Connection *conn
     return MHD_YES;
 }
 
+/* ---------- cache control (cachectl.h) ---------- */
+
+static enum MHD_Result send_answer(struct MHD_Connection *conn, const char *method, const char *url,
+                                   cachectl_answer *ans) {
+    if (!ans->body) return MHD_NO;
+    if (ans->status >= 400) log_warn("admin %s %.200s: %d: %.*s", method, url, ans->status, (int)ans->len, ans->body);
+    else log_info("admin %s %.200s: %d", method, url, ans->status);
+    char *body = ans->body;
+    ans->body = NULL;
+    return send_body(conn, (unsigned)ans->status, body, ans->len, NULL, NULL);
+}
+
+/* The body's JSON object, or NULL after answering 400. */
+static json_value *body_object(struct MHD_Connection *conn, const char *method, const char *url, req_ctx *ctx,
+                               enum MHD_Result *ret) {
+    char jerr[256];
+    json_value *v = json_parse(ctx->buf ? ctx->buf : "", ctx->len, 8, jerr, sizeof jerr);
+    if (!v || v->type != JSON_OBJECT) {
+        json_free(v);
+        *ret = send_error(conn, method, url, 400, "UNSUPPORTED", "%s %s needs a JSON object body: %s", method, url,
+                          v ? "not an object" : jerr);
+        return NULL;
+    }
+    return v;
+}
+
+/* POST /cache/rm and /tags/refresh: {"ref": "NAME:TAG"}. */
+static enum MHD_Result cache_ref_op(admin_server *a, struct MHD_Connection *conn, const char *method, const char *url,
+                                    req_ctx *ctx, bool forget) {
+    enum MHD_Result ret = MHD_NO;
+    json_value *v = body_object(conn, method, url, ctx, &ret);
+    if (!v) return ret;
+    const char *ref = json_object_get_string(v, "ref");
+    if (!ref || !*ref) {
+        json_free(v);
+        return send_error(conn, method, url, 400, "NAME_INVALID", "%s %s: \"ref\" is required (NAME:TAG, "
+                          "NAME@sha256:HEX%s)", method, url, forget ? "" : " or sha256:HEX");
+    }
+    generation g;
+    a->genv.acquire(a->genv.ud, &g);
+    cachectl_answer ans = {0};
+    if (forget) cachectl_tag_forget(a->st, g.pol, ref, &ans);
+    else cachectl_remove(a->st, g.pol, ref, &ans);
+    a->genv.release(a->genv.ud, &g);
+    json_free(v);
+    return send_answer(conn, method, url, &ans);
+}
+
+/* POST /cache/warm streams one progress line per blob (NDJSON), each
+ * fetched as the line before it went out. */
+static ssize_t warm_reader(void *cls, uint64_t pos, char *buf, size_t max) {
+    (void)pos;
+    cachectl_warm_stream *ws = cls;
+    if (ws->off == ws->len) {
+        free(ws->line);
+        ws->line = cachectl_warm_next(ws->w, &ws->len);
+        ws->off = 0;
+        if (!ws->line) {
+            ws->len = 0;
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        }
+    }
+    size_t n = ws->len - ws->off < max ? ws->len - ws->off : max;
+    memcpy(buf, ws->line + ws->off, n);
+    ws->off += n;
+    return (ssize_t)n;
+}
+
+static void warm_stream_free(void *cls) {
+    cachectl_warm_stream *ws = cls;
+    cachectl_warm_free(ws->w);
+    free(ws->line);
+    free(ws);
+}
+
+static enum MHD_Result cache_warm(admin_server *a, struct MHD_Connection *conn, const char *method, const char *url,
+                                  req_ctx *ctx) {
+    enum MHD_Result ret = MHD_NO;
+    json_value *v = body_object(conn, method, url, ctx, &ret);
+    if (!v) return ret;
+    const json_value *refs = json_object_get(v, "refs"), *plats = json_object_get(v, "platforms");
+    const char *rl[64], *pl[16];
+    size_t nr = 0, np = 0;
+    const char *bad = NULL;
+    if (!refs || refs->type != JSON_ARRAY || refs->count == 0 || refs->count > 64) bad = "\"refs\" must be a list of 1 to 64 image references";
+    for (size_t i = 0; !bad && i < refs->count; i++)
+        if (refs->items[i]->type != JSON_STRING) bad = "\"refs\" must hold strings";
+        else rl[nr++] = refs->items[i]->str;
+    if (!bad && plats && (plats->type != JSON_ARRAY || plats->count > 16)) bad = "\"platforms\" must be a list of at most 16 \"OS/ARCH[/VARIANT]\"";
+    for (size_t i = 0; !bad && plats && i < plats->count; i++)
+        if (plats->items[i]->type != JSON_STRING || !strchr(plats->items[i]->str, '/'))
+            bad = "\"platforms\" must hold \"OS/ARCH[/VARIANT]\" strings";
+        else pl[np++] = plats->items[i]->str;
+    if (bad) {
+        json_free(v);
+        return send_error(conn, method, url, 400, "UNSUPPORTED", "POST /cache/warm: %s", bad);
+    }
+    cachectl_answer err = {0};
+    cachectl_warm *w = cachectl_warm_start(&a->genv, rl, nr, pl, np, &err);
+    json_free(v);
+    if (!w) return send_answer(conn, method, url, &err);
+    cachectl_warm_stream *ws = calloc(1, sizeof *ws);
+    struct MHD_Response *r = ws ? MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, warm_reader, ws,
+                                                                    warm_stream_free)
+                                : NULL;
+    if (!r) {
+        if (ws) free(ws);
+        cachectl_warm_free(w);
+        return MHD_NO;
+    }
+    ws->w = w;
+    return send_response(conn, 200, r, "application/x-ndjson", NULL, NULL);
+}
+
+static enum MHD_Result route_cache(admin_server *a, struct MHD_Connection *conn, const char *method, const char *url,
+                                   req_ctx *ctx) {
+    bool get = strcmp(method, "GET") == 0, post = strcmp(method, "POST") == 0;
+    cachectl_answer ans = {0};
+    if (strcmp(url, "/cache") == 0 && get) cachectl_list(a->st, &ans);
+    else if (strcmp(url, "/cache/du") == 0 && get) cachectl_usage(a->st, a->cfg->cache_max_bytes, &ans);
+    /* Spools younger than an hour may be transfers still running. */
+    else if (strcmp(url, "/cache/gc") == 0 && post) cachectl_gc(a->st, 3600, &ans);
+    else if (strcmp(url, "/cache/rm") == 0 && post) return cache_ref_op(a, conn, method, url, ctx, false);
+    else if (strcmp(url, "/tags/refresh") == 0 && post) return cache_ref_op(a, conn, method, url, ctx, true);
+    else if (strcmp(url, "/cache/warm") == 0 && post) return cache_warm(a, conn, method, url, ctx);
+    else
+        return send_error(conn, method, url, 405, "UNSUPPORTED", "%s %s: GET /cache, GET /cache/du, POST /cache/rm, "
+                          "POST /cache/gc, POST /cache/warm, POST /cache/verify, POST /tags/refresh", method, url);
+    return send_answer(conn, method, url, &ans);
+}
+
+static bool is_cache_url(const char *url) {
+    return strcmp(url, "/cache") == 0 || strcmp(url, "/cache/du") == 0 || strcmp(url, "/cache/gc") == 0 ||
+           strcmp(url, "/cache/rm") == 0 || strcmp(url, "/cache/warm") == 0 || strcmp(url, "/tags/refresh") == 0;
+}
+
 static enum MHD_Result route(admin_server *a, struct MHD_Connection *conn, const char *method, const char *url,
                              req_ctx *ctx) {
+    if (is_cache_url(url)) return route_cache(a, conn, method, url, ctx);
     if (strcmp(url, "/cache/verify") == 0) {
         if (strcmp(method, "POST") != 0)
             return send_error(conn, method, url, 405, "UNSUPPORTED", "%s /cache/verify: only POST runs a verification",
@@ -242,7 +394,8 @@ static enum MHD_Result route(admin_server *a, struct MHD_Connection *conn, const
     }
     if (strncmp(url, "/specs/", 7) != 0)
         return send_error(conn, method, url, 404, "UNSUPPORTED", "unknown endpoint %.200s (the admin API serves "
-                          "/specs, /specs/<id> and /cache/verify)", url);
+                          "/specs, /specs/<id>, /cache, /cache/du, /cache/rm, /cache/gc, /cache/warm, /cache/verify and "
+                          "/tags/refresh)", url);
     const char *id = url + 7;
     if (!specs_valid_id(id))
         return send_error(conn, method, url, 400, "ID_INVALID", "\"%.200s\" is not a valid spec id: 1 to %d "
@@ -370,7 +523,8 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
 
 /* ---------- lifecycle ---------- */
 
-admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, char *err, size_t errlen) {
+admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, const generation_env *ge,
+                          char *err, size_t errlen) {
     admin_server *a = calloc(1, sizeof *a);
     if (!a) {
         admin_config_free(ac);
@@ -381,6 +535,7 @@ admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *s
     a->ac = ac;
     a->sp = sp;
     a->st = st;
+    a->genv = *ge;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)ac->listen_port)};
     inet_pton(AF_INET, ac->listen_host, &sa.sin_addr);
     a->daemon = MHD_start_daemon(

@@ -1,4 +1,5 @@
-/* regfacade: command line. serve, check, cache verify, --version; every command takes
+/* regfacade: command line. serve, check, cache verify|ls|du|rm|gc|warm, tags
+ * refresh (cli_cache.h), --version; every command takes
  * --help. Settings outside the config file: flag > environment > file >
  * default (config_apply_overrides). */
 #include <pthread.h>
@@ -10,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "regfacade/cli_cache.h"
 #include "regfacade/config.h"
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
@@ -33,11 +35,51 @@ static void usage(FILE *f) {
             "       regfacade check [OPTIONS]   validate config and policy as serve would, then exit\n"
             "       regfacade cache verify [OPTIONS]\n"
             "                                  hash every cached blob again, quarantine wrong ones\n"
+            "       regfacade cache ls [--json] [OPTIONS]    images and blobs cached\n"
+            "       regfacade cache du [--json] [OPTIONS]    how much the cache holds\n"
+            "       regfacade cache rm REF|DIGEST [OPTIONS]  remove an image (never a blob in use)\n"
+            "       regfacade cache gc [OPTIONS]             tmp leftovers, records of uncached images, strays\n"
+            "       regfacade cache warm REF... [--platform OS/ARCH]... [OPTIONS]\n"
+            "                                  pull images into a running server's cache\n"
+            "       regfacade tags refresh REF [OPTIONS]     forget a tag's resolution\n"
             "       regfacade --version\n"
             "       regfacade COMMAND --help\n"
             "OPTIONS:\n%s",
             OPTIONS_HELP);
 }
+
+static const char *cache_help(const char *cmd) {
+    static const struct {
+        const char *cmd, *text;
+    } texts[] = {
+        {"cache ls", "List the images (tag resolutions: upstream, repository, tag, digest, the size and last use of "
+                     "what of them is cached) and the blobs cached (digest, size, last use, in use).\n"
+                     "  --json               the JSON as it is\n"},
+        {"cache du", "How much the cache holds: blobs and bytes against cache.max_bytes, tag records, tmp/ and "
+                     "quarantine/.\n  --json               the JSON as it is\n"},
+        {"cache rm", "Remove an image: REF (NAME:TAG or NAME@DIGEST, named as clients name it, through the "
+                     "policy's resolve) or DIGEST; its tag resolutions go, and its blobs that no other cached "
+                     "image holds, never one a reader holds open (those are listed; exit 1).\n"
+                     "  --json               the JSON as it is\n"},
+        {"cache gc", "Remove what nothing needs: tmp/ leftovers (older than an hour while a server runs), tag and "
+                     "generated records of images no longer cached, damaged records, stray files in blobs/.\n"
+                     "  --json               the JSON as it is\n"},
+        {"cache warm", "Pull images into the running server's cache, as a client's pull would: every platform of "
+                       "an index, or those named. Prints a line per blob as it is done.\n"
+                       "  --platform OS/ARCH[/VARIANT]   only this platform (repeatable)\n"
+                       "  --json               the progress lines as they are (NDJSON)\n"},
+        {"tags refresh", "Forget the resolution of REF's tag, so the next pull asks the upstream.\n"
+                         "  --json               the JSON as it is\n"},
+    };
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++)
+        if (strcmp(texts[i].cmd, cmd) == 0) return texts[i].text;
+    return "";
+}
+
+/* Said under every cache command's own text. */
+static const char CACHE_HELP_TAIL[] =
+    "With no server on the cache folder it works there, under the folder's lock; while a server holds it, "
+    "through that server's admin API (the config's \"admin\" section).\n";
 
 /* What the command line and the environment say, and the config path. */
 typedef struct {
@@ -225,14 +267,22 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     int first_opt = 2;
-    if (strcmp(cmd, "cache") == 0) {
-        if (argc < 3 || strcmp(argv[2], "verify") != 0) {
-            fprintf(stderr, "regfacade cache: unknown or missing subcommand%s%s (only \"verify\")\n",
-                    argc >= 3 ? " " : "", argc >= 3 ? argv[2] : "");
+    static const char *const subcommands[] = {"cache verify", "cache ls", "cache du",   "cache rm",
+                                              "cache gc",     "cache warm", "tags refresh"};
+    char full[64];
+    if (strcmp(cmd, "cache") == 0 || strcmp(cmd, "tags") == 0) {
+        snprintf(full, sizeof full, "%s %s", cmd, argc >= 3 ? argv[2] : "");
+        const char *found = NULL;
+        for (size_t k = 0; k < sizeof subcommands / sizeof subcommands[0]; k++)
+            if (strcmp(subcommands[k], full) == 0) found = subcommands[k];
+        if (!found) {
+            fprintf(stderr, "regfacade %s: unknown or missing subcommand%s%s (%s)\n", cmd, argc >= 3 ? " " : "",
+                    argc >= 3 ? argv[2] : "",
+                    strcmp(cmd, "tags") == 0 ? "refresh" : "verify, ls, du, rm, gc or warm");
             usage(stderr);
             return 2;
         }
-        cmd = "cache verify";
+        cmd = found;
         first_opt = 3;
     } else if (strcmp(cmd, "serve") != 0 && strcmp(cmd, "check") != 0) {
         fprintf(stderr, "regfacade: unknown command \"%s\"\n", cmd);
@@ -250,20 +300,56 @@ int main(int argc, char **argv) {
         {"--log-level", "REGFACADE_LOG_LEVEL", &st.ov.log_level, &st.ov.log_level_from},
     };
     size_t n_opts = sizeof opts / sizeof opts[0];
+    /* The cache commands' own: REFs, --json, --platform. */
+    const char *args[64], *platforms[16];
+    cli_cache_request rq = {.cmd = cmd, .args = args, .platforms = platforms};
+    bool takes_json = strncmp(cmd, "cache ", 6) == 0 && strcmp(cmd, "cache verify") != 0;
+    takes_json |= strcmp(cmd, "tags refresh") == 0;
+    size_t max_args = strcmp(cmd, "cache warm") == 0 ? sizeof args / sizeof args[0]
+                      : strcmp(cmd, "cache rm") == 0 || strcmp(cmd, "tags refresh") == 0 ? 1
+                                                                                          : 0;
     for (size_t k = 0; k < n_opts; k++)
         if ((*opts[k].value = env_or_null(opts[k].env))) *opts[k].from = opts[k].env;
     for (int i = first_opt; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            printf("usage: regfacade %s [OPTIONS]\n%s\nOPTIONS:\n%s", cmd,
+            printf("usage: regfacade %s%s [OPTIONS]\n%s\nOPTIONS:\n%s", cmd,
+                   strcmp(cmd, "cache rm") == 0       ? " REF|DIGEST"
+                   : strcmp(cmd, "cache warm") == 0   ? " REF... [--platform OS/ARCH[/VARIANT]]..."
+                   : strcmp(cmd, "tags refresh") == 0 ? " REF"
+                                                      : "",
                    strcmp(cmd, "serve") == 0 ? "Run the registry facade. SIGHUP reloads the config, SIGTERM drains "
                                                "and exits.\n"
                    : strcmp(cmd, "check") == 0
                        ? "Validate the config and its policy as serve would, without "
                          "listening; print where each setting came from.\n"
-                       : "Hash every cached blob and manifest again, offline (not while a server runs on the "
-                         "cache); move wrong ones to CACHE/quarantine, list them, exit 1 if any.\n",
+                   : strcmp(cmd, "cache verify") == 0
+                       ? "Hash every cached blob and manifest again, offline (not while a server runs on the "
+                         "cache); move wrong ones to CACHE/quarantine, list them, exit 1 if any.\n"
+                       : cache_help(cmd),
                    OPTIONS_HELP);
+            if (strncmp(cmd, "cache ", 6) == 0 && strcmp(cmd, "cache verify") != 0 && strcmp(cmd, "cache warm") != 0) printf("%s", CACHE_HELP_TAIL);
+            else if (strcmp(cmd, "tags refresh") == 0) printf("%s", CACHE_HELP_TAIL);
             return 0;
+        }
+        if (takes_json && strcmp(argv[i], "--json") == 0) {
+            rq.json = true;
+            continue;
+        }
+        const char *plat = NULL;
+        int pgot = strcmp(cmd, "cache warm") == 0 ? take(argc, argv, &i, "--platform", &plat) : 0;
+        if (pgot < 0) return 2;
+        if (pgot == 1) {
+            if (rq.n_platforms == sizeof platforms / sizeof platforms[0] || !strchr(plat, '/')) {
+                fprintf(stderr, "regfacade cache warm: --platform \"%s\": OS/ARCH[/VARIANT], at most %zu\n", plat,
+                        sizeof platforms / sizeof platforms[0]);
+                return 2;
+            }
+            platforms[rq.n_platforms++] = plat;
+            continue;
+        }
+        if (argv[i][0] != '-' && rq.n_args < max_args) {
+            args[rq.n_args++] = argv[i];
+            continue;
         }
         int got = take(argc, argv, &i, "--config", &st.path);
         for (size_t k = 0; k < n_opts && got == 0; k++)
@@ -276,6 +362,18 @@ int main(int argc, char **argv) {
     }
     if (strcmp(cmd, "serve") == 0) return cmd_serve(&st);
     if (strcmp(cmd, "cache verify") == 0) return cmd_cache_verify(&st);
+    if (strcmp(cmd, "check") != 0) {
+        if (max_args && rq.n_args == 0) {
+            fprintf(stderr, "regfacade %s: name the image: REF%s (regfacade %s --help)\n", cmd,
+                    strcmp(cmd, "cache rm") == 0 ? "|DIGEST" : strcmp(cmd, "cache warm") == 0 ? "..." : "", cmd);
+            return 2;
+        }
+        config *c = load(&st);
+        if (!c) return 1;
+        int rc = cli_cache_run(c, &rq);
+        config_free(c);
+        return rc;
+    }
     if (!st.path) {
         fprintf(stderr, "regfacade check: --config FILE (or REGFACADE_CONFIG) is required\n");
         return 2;

@@ -298,14 +298,14 @@ static void served_release(server *s, served *g) {
     if (done && g != s->first) served_free(g);
 }
 
-/* blobserve's requests and pre-pulls run on the current generation, as
- * the registry's do. */
-static void blobserve_acquire(void *ud, blobserve_generation *out) {
+/* blobserve's requests and pre-pulls, and the admin API's cache warm, run
+ * on the current generation, as the registry's do. */
+static void generation_acquire(void *ud, generation *out) {
     served *g = served_acquire(ud);
-    *out = (blobserve_generation){.cfg = g->cfg, .pol = g->pol, .ups = g->ups, .handle = g};
+    *out = (generation){.cfg = g->cfg, .pol = g->pol, .ups = g->ups, .handle = g};
 }
 
-static void blobserve_release(void *ud, blobserve_generation *g) { served_release(ud, g->handle); }
+static void generation_release(void *ud, generation *g) { served_release(ud, g->handle); }
 
 /* A section that a reload cannot change (it is bound at start). */
 static bool same_section(const json_value *a, const json_value *b) {
@@ -928,6 +928,21 @@ static int fetch_tag_list(upstream *u, const policy_resolution *res, tag_list *t
 /* GET /v2/NAME/tags/list[?n=N&last=TAG]: the whole list from the upstream,
  * paged here (lexical order; Link rel="next" while more follow), so n and
  * last work whether or not the upstream supports them. */
+/* A page of a list (tags/list, _catalog): out (malloc'd JSON, NULL when
+ * out of memory) with its Link rel="next" ("" none). */
+static enum MHD_Result send_page(request *r, char *out, size_t len, const char *link) {
+    if (!out) return MHD_NO;
+    struct MHD_Response *mr = MHD_create_response_from_buffer(len, out, MHD_RESPMEM_MUST_FREE);
+    if (!mr) {
+        free(out);
+        return MHD_NO;
+    }
+    MHD_add_response_header(mr, "Content-Type", "application/json");
+    if (link[0]) MHD_add_response_header(mr, "Link", link);
+    metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
+    return queue(r, 200, mr);
+}
+
 static enum MHD_Result handle_tags(request *r) {
     const char *n = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "n");
     const char *last = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "last");
@@ -958,16 +973,89 @@ static enum MHD_Result handle_tags(request *r) {
         snprintf(link, sizeof link, "</v2/%s/tags/list?n=%s&last=%s>; rel=\"next\"", r->repository, n,
                  tl.tags[to - 1]);
     tag_list_free(&tl);
-    if (!out) return MHD_NO;
-    struct MHD_Response *mr = MHD_create_response_from_buffer(len, out, MHD_RESPMEM_MUST_FREE);
-    if (!mr) {
-        free(out);
-        return MHD_NO;
+    return send_page(r, out, len, link);
+}
+
+/* ---------- catalog ---------- */
+
+#define CATALOG_MAX_RECORDS 100000 /* tag records read for one answer */
+#define CATALOG_DEFAULT_N 100
+#define CATALOG_MAX_N 1000
+#define CATALOG_MAX_CHECKS 2000    /* authorize runs for one page */
+
+typedef struct {
+    tag_list names;
+    const char *default_upstream;
+} catalog_ctx;
+
+/* A record's name as a client reaches it: the repository, under the
+ * default upstream; else prefixed with its upstream (the default mapping's
+ * /v2/<upstream>/<repository>; a credential set's "@SET" is not part of it). */
+static int catalog_collect(void *ud, const char *upstream, const char *repository, const char *tag,
+                           const store_tag *t) {
+    (void)tag;
+    (void)t;
+    catalog_ctx *c = ud;
+    if (c->names.n >= CATALOG_MAX_RECORDS) return 1;
+    size_t ulen = strcspn(upstream, "@");
+    char name[REF_NAME_MAX + 1];
+    if (c->default_upstream && strlen(c->default_upstream) == ulen && strncmp(upstream, c->default_upstream, ulen) == 0)
+        snprintf(name, sizeof name, "%s", repository);
+    else if (snprintf(name, sizeof name, "%.*s/%s", (int)ulen, upstream, repository) >= (int)sizeof name ||
+             !ref_valid_name(name))
+        return 0;
+    return tag_list_add(&c->names, name) != 0 ? 2 : 0;
+}
+
+/* The repositories the cache holds tag resolutions of (catalog_collect), those the policy's
+ * authorize lets this client see (kind "catalog", one run per name), in
+ * lexical order, paged with n and last like tags/list. A page stops after
+ * CATALOG_MAX_CHECKS names were asked about; its Link goes on from there. */
+static enum MHD_Result handle_catalog(request *r) {
+    const char *n = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "n");
+    const char *last = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "last");
+    if (n && (!*n || strspn(n, "0123456789") != strlen(n) || strlen(n) > 9))
+        return send_error(r, 400, "UNSUPPORTED", "n=\"%.64s\" must be a non-negative integer", n);
+    char last_dec[REF_NAME_MAX + 8] = "";
+    if (last && (query_decode(last, last_dec, sizeof last_dec) != 0 || !ref_valid_name(last_dec)))
+        return send_error(r, 400, "UNSUPPORTED", "last=\"%.64s\" must be a repository name", last);
+    long want = n ? strtol(n, NULL, 10) : CATALOG_DEFAULT_N;
+    if (want > CATALOG_MAX_N) want = CATALOG_MAX_N;
+    if (run_authorize(r) != 0) return MHD_YES; /* may this client list at all */
+    catalog_ctx cc = {.default_upstream = r->sv->cfg->default_upstream};
+    if (store_tag_each(r->srv->st, catalog_collect, &cc) == 2) {
+        tag_list_free(&cc.names);
+        return send_error(r, 500, "UNKNOWN", "out of memory listing the cached repositories");
     }
-    MHD_add_response_header(mr, "Content-Type", "application/json");
-    if (link[0]) MHD_add_response_header(mr, "Link", link);
-    metrics_access_body(r->acc, METRICS_SRC_GENERATED, len, false);
-    return queue(r, 200, mr);
+    tag_list all = cc.names;
+    tag_list_finish(&all);
+    size_t from, to;
+    bool more;
+    tag_list_page(&all, last ? last_dec : NULL, -1, &from, &to, &more);
+    tag_list page = {0};
+    size_t checks = 0, i = from;
+    bool oom = false;
+    for (; i < to && (long)page.n < want && checks < CATALOG_MAX_CHECKS; i++, checks++) {
+        snprintf(r->repository, sizeof r->repository, "%s", all.tags[i]);
+        r->preq.repository = r->repository;
+        policy_error e = {0};
+        if (policy_authorize(r->sv->pol, &r->preq, &e) != 0) continue; /* not this client's to see */
+        if (tag_list_add(&page, all.tags[i]) != 0) {
+            oom = true;
+            break;
+        }
+    }
+    r->repository[0] = '\0';
+    more = i < to;
+    char link[REF_NAME_MAX + 100] = "";
+    if (more && i > from)
+        snprintf(link, sizeof link, "</v2/_catalog?n=%ld&last=%s>; rel=\"next\"", want, all.tags[i - 1]);
+    tag_list_free(&all);
+    size_t len = 0;
+    char *out = oom ? NULL : tag_list_json_as(&page, NULL, "repositories", 0, page.n, &len);
+    tag_list_free(&page);
+    if (!out) return send_error(r, 500, "UNKNOWN", "out of memory listing the cached repositories");
+    return send_page(r, out, len, link);
 }
 
 /* ---------- referrers (OCI 1.1) ---------- */
@@ -1201,6 +1289,13 @@ static enum MHD_Result route(request *r, const char *url) {
     }
     if (strncmp(url, "/v2/", 4) != 0)
         return send_error(r, 404, "UNSUPPORTED", "not an OCI distribution endpoint: only /v2/ is served");
+    if (strcmp(url, "/v2/_catalog") == 0) {
+        r->kind = "catalog";
+        if (!method_allowed(r))
+            return send_error(r, 405, "UNSUPPORTED", "%s is not supported on /v2/_catalog (read-only registry)",
+                              r->method);
+        return handle_catalog(r);
+    }
     if (strchr(url, '%'))
         return send_error(r, 400, "NAME_INVALID", "percent-encoded characters are not allowed in the path");
     /* Dot segments and empty segments never name anything: refuse them
@@ -1486,7 +1581,9 @@ server *server_start(const config *c, char *err, size_t errlen) {
     s->layers = s->first->layers;
     s->gen = s->first->gen;
     /* Pushed specs loaded and the admin API up before the registry serves. */
-    if (specs_start(s->specs, s->st, err, errlen) != 0) goto fail;
+    generation_env ge = {.cfg = c, .st = s->st, .fetches = s->fetches, .acquire = generation_acquire,
+                         .release = generation_release, .ud = s};
+    if (specs_start(s->specs, s->st, &ge, err, errlen) != 0) goto fail;
 
     /* TLS and the per-IP connection limit go in as an option array (they
      * are optional). */
@@ -1522,9 +1619,7 @@ server *server_start(const config *c, char *err, size_t errlen) {
     if (c->blobserve) {
         blobserve_config *bc = NULL;
         if (blobserve_config_parse(c, &bc, err, errlen) != 0) goto fail;
-        blobserve_env be = {.cfg = c, .st = s->st, .fetches = s->fetches, .acquire = blobserve_acquire,
-                            .release = blobserve_release, .ud = s};
-        if (!(s->blobserve = blobserve_start(&be, bc, err, errlen))) goto fail;
+        if (!(s->blobserve = blobserve_start(&ge, bc, err, errlen))) goto fail;
     }
     return s;
 fail:

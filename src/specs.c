@@ -1011,11 +1011,6 @@ int specs_new(const config *c, specs **out, char *err, size_t errlen) {
     *out = NULL;
     if (!c->specs && !c->admin) return 0;
     pctx p = {c, "specs", err, errlen};
-    if (!c->specs) {
-        snprintf(err, errlen, "%s: admin: the admin API serves pushed specs: add a \"specs\" section with a provider "
-                 "of type \"pushed\"", c->path ? c->path : "config");
-        return -1;
-    }
     specs *sp = calloc(1, sizeof *sp);
     if (!sp) {
         snprintf(err, errlen, "specs: out of memory");
@@ -1024,17 +1019,15 @@ int specs_new(const config *c, specs **out, char *err, size_t errlen) {
     sp->cfg = c;
     pthread_mutex_init(&sp->mu, NULL);
     pthread_rwlock_init(&sp->cfg_lock, NULL);
-    if (parse_section(&p, sp) != 0) {
+    /* An admin section alone serves the cache endpoints; its /specs
+     * answer that no provider takes pushed specs. */
+    sp->max_bytes = SPECS_DEFAULT_MAX_BYTES;
+    sp->max_depth = SPECS_DEFAULT_MAX_DEPTH;
+    if (c->specs && parse_section(&p, sp) != 0) {
         specs_free(sp);
         return -1;
     }
     if (admin_config_parse(c, &sp->admin_cfg, err, errlen) != 0) {
-        specs_free(sp);
-        return -1;
-    }
-    if (sp->admin_cfg && !sp->pushed) {
-        snprintf(err, errlen, "%s: admin: the admin API serves pushed specs, and no provider in specs.providers is of "
-                 "type \"pushed\"", c->path ? c->path : "config");
         specs_free(sp);
         return -1;
     }
@@ -1097,7 +1090,7 @@ static void specs_collect(metrics_writer *w, void *ud) {
     }
 }
 
-int specs_start(specs *sp, store *st, char *err, size_t errlen) {
+int specs_start(specs *sp, store *st, const generation_env *ge, char *err, size_t errlen) {
     if (!sp) return 0;
     if (metrics_add_collector(specs_collect, sp) != 0) {
         snprintf(err, errlen, "specs: cannot register the metrics collector (table full)");
@@ -1119,7 +1112,7 @@ int specs_start(specs *sp, store *st, char *err, size_t errlen) {
     if (sp->admin_cfg) {
         admin_config *ac = sp->admin_cfg;
         sp->admin_cfg = NULL;
-        if (!(sp->admin = admin_start(sp->cfg, ac, sp, st, err, errlen))) return -1;
+        if (!(sp->admin = admin_start(sp->cfg, ac, sp, st, ge, err, errlen))) return -1;
     }
     for (size_t i = 0; i < sp->n; i++) {
         const provider *pv = &sp->provs[i];

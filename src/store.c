@@ -47,6 +47,7 @@ struct blob_entry {
     ino_t vino;
     off_t vsize;
     struct timespec vctime, vmtime;
+    time_t used; /* last open or commit (at start: the file's atime or mtime) */
     char hex[65];
 };
 
@@ -98,6 +99,7 @@ static void lru_push_newest(store *s, blob_entry *e) {
 }
 
 static void index_touch(store *s, blob_entry *e) {
+    e->used = time(NULL);
     if (s->newest == e) return;
     lru_unlink(s, e);
     lru_push_newest(s, e);
@@ -136,6 +138,7 @@ static blob_entry *index_add(store *s, const char *hex, uint64_t size) {
     if (!e) return NULL;
     snprintf(e->hex, sizeof e->hex, "%s", hex);
     e->size = size;
+    e->used = time(NULL);
     size_t k = hex_hash(hex) % s->nbuckets;
     e->hnext = s->buckets[k];
     s->buckets[k] = e;
@@ -430,11 +433,15 @@ static int index_scan(store *s, char *err, size_t errlen) {
     }
     closedir(d);
     if (rc == 0 && n) qsort(items, n, sizeof *items, by_used);
-    for (size_t i = 0; rc == 0 && i < n; i++)
-        if (!index_add(s, items[i].hex, items[i].size)) {
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        blob_entry *e = index_add(s, items[i].hex, items[i].size);
+        if (!e) {
             snprintf(err, errlen, "store: out of memory indexing %s", top);
             rc = -1;
+        } else {
+            e->used = items[i].used;
         }
+    }
     free(items);
     return rc;
 }
@@ -707,6 +714,8 @@ int store_blob_list(store *s, store_blob_ref **out, size_t *n) {
     for (blob_entry *e = s->oldest; list && e && i < cnt; e = e->newer, i++) {
         snprintf(list[i].digest, sizeof list[i].digest, "sha256:%s", e->hex);
         list[i].size = e->size;
+        list[i].used = e->used;
+        list[i].pinned = pins_prune(e);
     }
     pthread_mutex_unlock(&s->lock);
     if (!list) return -1;
@@ -911,35 +920,115 @@ static int tag_path(const store *s, const char *upstream, const char *repository
     return n > 0 && (size_t)n < outlen ? 0 : -1;
 }
 
+/* A tag record's fields; 0 when it is damaged (never an answer). */
+static int tag_record_parse(const char *buf, size_t n, store_tag *out, char *up, size_t ulen, char *repo,
+                            size_t rlen, char *tag, size_t tlen) {
+    char jerr[128];
+    json_value *v = json_parse(buf, n, 4, jerr, sizeof jerr);
+    if (!v) return 0;
+    const char *dg = json_object_get_string(v, "digest");
+    const char *mt = json_object_get_string(v, "media_type");
+    const char *rp = json_object_get_string(v, "repository");
+    const char *tg = json_object_get_string(v, "tag");
+    const char *u = json_object_get_string(v, "upstream");
+    int64_t when = 0;
+    int rc = 0;
+    if (dg && mt && rp && tg && u && json_get_int64(json_object_get(v, "fetched"), &when) &&
+        ref_is_sha256_digest(dg) && strlen(mt) < sizeof out->media_type && strlen(u) < ulen && strlen(rp) < rlen &&
+        strlen(tg) < tlen) {
+        snprintf(out->digest, sizeof out->digest, "%s", dg);
+        snprintf(out->media_type, sizeof out->media_type, "%s", mt);
+        out->fetched = (time_t)when;
+        snprintf(up, ulen, "%s", u);
+        snprintf(repo, rlen, "%s", rp);
+        snprintf(tag, tlen, "%s", tg);
+        rc = 1;
+    }
+    json_free(v);
+    return rc;
+}
+
+#define TAG_RECORD_MAX 2048
+
 int store_tag_get(store *s, const char *upstream, const char *repository, const char *tag, store_tag *out) {
     char p[PATH_MAX];
     if (tag_path(s, upstream, repository, tag, p, sizeof p) != 0) return -1;
     int fd = open(p, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0) return 0;
-    char buf[2048];
+    char buf[TAG_RECORD_MAX];
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
     if (n <= 0) return 0;
-    char jerr[128];
-    json_value *v = json_parse(buf, (size_t)n, 4, jerr, sizeof jerr);
-    if (!v) return 0; /* a damaged record is a miss, never an answer */
-    const char *dg = json_object_get_string(v, "digest");
-    const char *mt = json_object_get_string(v, "media_type");
-    const char *rp = json_object_get_string(v, "repository");
-    const char *tg = json_object_get_string(v, "tag");
-    const char *up = json_object_get_string(v, "upstream");
-    int64_t when = 0;
-    int rc = 0;
-    if (dg && mt && rp && tg && up && json_get_int64(json_object_get(v, "fetched"), &when) &&
-        strcmp(rp, repository) == 0 && strcmp(tg, tag) == 0 && strcmp(up, upstream) == 0 &&
-        ref_is_sha256_digest(dg) && strlen(mt) < sizeof out->media_type) {
-        snprintf(out->digest, sizeof out->digest, "%s", dg);
-        snprintf(out->media_type, sizeof out->media_type, "%s", mt);
-        out->fetched = (time_t)when;
-        rc = 1;
+    char up[STORE_UPSTREAM_MAX], rp[REF_NAME_MAX + 1], tg[REF_TAG_MAX + 1];
+    store_tag t;
+    if (!tag_record_parse(buf, (size_t)n, &t, up, sizeof up, rp, sizeof rp, tg, sizeof tg) ||
+        strcmp(rp, repository) != 0 || strcmp(tg, tag) != 0 || strcmp(up, upstream) != 0)
+        return 0;
+    *out = t;
+    return 1;
+}
+
+int store_tag_remove(store *s, const char *upstream, const char *repository, const char *tag, char *err,
+                     size_t errlen) {
+    char p[PATH_MAX];
+    if (tag_path(s, upstream, repository, tag, p, sizeof p) != 0) {
+        snprintf(err, errlen, "store: tag key too long");
+        return -1;
     }
-    json_free(v);
+    if (unlink(p) == 0) return 1;
+    if (errno == ENOENT) return 0;
+    snprintf(err, errlen, "store: remove tag record %s: %s", p, strerror(errno));
+    return -1;
+}
+
+/* The regular files of DIR/sub (not following links): fn(ud, name, path,
+ * st) for each; -1 when the folder cannot be read. */
+typedef int (*file_fn)(void *ud, const char *name, const char *path, const struct stat *st);
+static int each_file(const store *s, const char *sub, file_fn fn, void *ud) {
+    char top[PATH_MAX];
+    snprintf(top, sizeof top, "%s/%s", s->dir, sub);
+    int dfd = open(top, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+    if (!d) {
+        if (dfd >= 0) close(dfd);
+        return -1;
+    }
+    struct dirent *de;
+    int rc = 0;
+    while (rc == 0 && (de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.') continue;
+        char p[PATH_MAX];
+        struct stat st;
+        snprintf(p, sizeof p, "%s/%s", top, de->d_name);
+        if (lstat(p, &st) != 0) continue;
+        rc = fn(ud, de->d_name, p, &st);
+    }
+    closedir(d);
     return rc;
+}
+
+typedef struct {
+    store_tag_fn fn;
+    void *ud;
+} tag_walk;
+
+static int tag_walk_one(void *ud, const char *name, const char *path, const struct stat *st) {
+    tag_walk *w = ud;
+    if (!is_hex64(name) || !S_ISREG(st->st_mode)) return 0;
+    char buf[TAG_RECORD_MAX];
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    char up[STORE_UPSTREAM_MAX], rp[REF_NAME_MAX + 1], tg[REF_TAG_MAX + 1];
+    store_tag t;
+    if (n <= 0 || !tag_record_parse(buf, (size_t)n, &t, up, sizeof up, rp, sizeof rp, tg, sizeof tg)) return 0;
+    return w->fn(w->ud, up, rp, tg, &t);
+}
+
+int store_tag_each(store *s, store_tag_fn fn, void *ud) {
+    tag_walk w = {fn, ud};
+    return each_file(s, "tags", tag_walk_one, &w);
 }
 
 int store_tag_put(store *s, const char *upstream, const char *repository, const char *tag, const store_tag *t,
@@ -1160,4 +1249,135 @@ int store_made_get(store *s, const char *digest, const char *repository, char *t
     }
     free(text);
     return found;
+}
+
+store_remove_result store_blob_remove(store *s, const char *digest, char *err, size_t errlen) {
+    char p[PATH_MAX];
+    if (blob_path(s, digest, p, sizeof p) != 0) {
+        snprintf(err, errlen, "store: %s is not a sha256 digest", digest);
+        return STORE_REMOVE_ERROR;
+    }
+    /* Under the lock, as an eviction: no reader can open it between the
+     * check and the unlink. */
+    pthread_mutex_lock(&s->lock);
+    blob_entry *e = index_find(s, digest + 7);
+    if (e && (e->verifying || pins_prune(e))) {
+        pthread_mutex_unlock(&s->lock);
+        snprintf(err, errlen, "%s is in use (a reader holds it open)", digest);
+        return STORE_IN_USE;
+    }
+    store_remove_result r = STORE_REMOVED;
+    if (unlink(p) != 0) {
+        if (errno == ENOENT) {
+            r = STORE_NOT_CACHED;
+        } else {
+            snprintf(err, errlen, "store: remove %s: %s", p, strerror(errno));
+            r = STORE_REMOVE_ERROR;
+        }
+    }
+    if (e && r != STORE_REMOVE_ERROR) index_remove(s, e);
+    pthread_mutex_unlock(&s->lock);
+    if (r == STORE_REMOVED) {
+        /* Where it came from goes with it: a client asking for it under
+         * another name now goes to that name's upstream. */
+        char o[PATH_MAX];
+        snprintf(o, sizeof o, "%s/origins/%s", s->dir, digest + 7);
+        if (unlink(o) != 0 && errno != ENOENT) log_warn("store: remove %s: %s", o, strerror(errno));
+    }
+    return r;
+}
+
+/* ---------- garbage collection ---------- */
+
+typedef struct {
+    store *s;
+    time_t tmp_before; /* tmp/ files last changed before this are leftovers */
+    store_gc_report *rep;
+} gc_ctx;
+
+static void gc_unlink(const char *path, const struct stat *st, size_t *count, uint64_t *bytes) {
+    if (unlink(path) != 0) {
+        if (errno != ENOENT) log_warn("store: gc: remove %s: %s", path, strerror(errno));
+        return;
+    }
+    (*count)++;
+    if (bytes) *bytes += (uint64_t)st->st_size;
+}
+
+static int gc_tmp(void *ud, const char *name, const char *path, const struct stat *st) {
+    (void)name;
+    gc_ctx *g = ud;
+    if (S_ISREG(st->st_mode) && st->st_mtime < g->tmp_before)
+        gc_unlink(path, st, &g->rep->tmp_files, &g->rep->tmp_bytes);
+    return 0;
+}
+
+static int gc_tag(void *ud, const char *name, const char *path, const struct stat *st) {
+    gc_ctx *g = ud;
+    if (!S_ISREG(st->st_mode)) return 0;
+    char buf[TAG_RECORD_MAX];
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+    if (fd >= 0) close(fd);
+    char up[STORE_UPSTREAM_MAX], rp[REF_NAME_MAX + 1], tg[REF_TAG_MAX + 1];
+    store_tag t;
+    if (!is_hex64(name) || n <= 0 || !tag_record_parse(buf, (size_t)n, &t, up, sizeof up, rp, sizeof rp, tg, sizeof tg))
+        gc_unlink(path, st, &g->rep->damaged_records, NULL);
+    else if (!store_blob_exists(g->s, t.digest)) /* the manifest it names is gone: it answers nothing */
+        gc_unlink(path, st, &g->rep->tag_records, NULL);
+    return 0;
+}
+
+static int gc_generated(void *ud, const char *name, const char *path, const struct stat *st) {
+    gc_ctx *g = ud;
+    if (!S_ISREG(st->st_mode)) return 0;
+    char digest[200];
+    if (!store_generated_get(g->s, name, digest, sizeof digest))
+        gc_unlink(path, st, &g->rep->damaged_records, NULL);
+    else if (!store_blob_exists(g->s, digest)) /* generated again on the next pull anyway */
+        gc_unlink(path, st, &g->rep->generated_records, NULL);
+    return 0;
+}
+
+/* Files in blobs/sha256/xx/ that are no blob: not named by their own
+ * digest, or not regular files. The store never indexes or serves them. */
+static int gc_blob_dir(void *ud, const char *name, const char *path, const struct stat *st) {
+    gc_ctx *g = ud;
+    if (strlen(name) != 2 || strspn(name, "0123456789abcdef") != 2 || !S_ISDIR(st->st_mode)) {
+        if (!S_ISDIR(st->st_mode)) gc_unlink(path, st, &g->rep->stray_files, &g->rep->stray_bytes);
+        return 0;
+    }
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+    if (!d) {
+        if (dfd >= 0) close(dfd);
+        return 0;
+    }
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0) continue;
+        char p[PATH_MAX];
+        struct stat fst;
+        snprintf(p, sizeof p, "%s/%s", path, de->d_name);
+        if (lstat(p, &fst) != 0 || S_ISDIR(fst.st_mode)) continue;
+        if (!is_hex64(de->d_name) || strncmp(de->d_name, name, 2) != 0 || !S_ISREG(fst.st_mode))
+            gc_unlink(p, &fst, &g->rep->stray_files, &g->rep->stray_bytes);
+    }
+    closedir(d);
+    return 0;
+}
+
+int store_gc(store *s, time_t tmp_min_age, store_gc_report *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    gc_ctx g = {s, time(NULL) - tmp_min_age, out};
+    static const struct {
+        const char *sub;
+        file_fn fn;
+    } walks[] = {{"tmp", gc_tmp}, {"tags", gc_tag}, {"generated", gc_generated}, {"blobs/sha256", gc_blob_dir}};
+    for (size_t i = 0; i < sizeof walks / sizeof walks[0]; i++)
+        if (each_file(s, walks[i].sub, walks[i].fn, &g) != 0) {
+            snprintf(err, errlen, "store: gc: cannot read %s/%s: %s", s->dir, walks[i].sub, strerror(errno));
+            return -1;
+        }
+    return 0;
 }

@@ -12,6 +12,19 @@ static void set_err(char *err, size_t errlen, const char *msg, long i) {
     else snprintf(err, errlen, "%s", msg);
 }
 
+int tag_list_add(tag_list *l, const char *item) {
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        char **nt = realloc(l->tags, cap * sizeof *nt);
+        if (!nt) return -1;
+        l->tags = nt;
+        l->cap = cap;
+    }
+    if (!(l->tags[l->n] = strdup(item))) return -1;
+    l->n++;
+    return 0;
+}
+
 int tag_list_add_page(tag_list *l, const char *body, size_t len, char *err, size_t errlen) {
     char jerr[256];
     json_value *v = json_parse(body ? body : "", len, 8, jerr, sizeof jerr);
@@ -43,21 +56,10 @@ int tag_list_add_page(tag_list *l, const char *body, size_t len, char *err, size
             set_err(err, errlen, "is not a valid tag", (long)i);
             goto out;
         }
-        if (l->n == l->cap) {
-            size_t cap = l->cap ? l->cap * 2 : 64;
-            char **nt = realloc(l->tags, cap * sizeof *nt);
-            if (!nt) {
-                set_err(err, errlen, "out of memory", -1);
-                goto out;
-            }
-            l->tags = nt;
-            l->cap = cap;
-        }
-        if (!(l->tags[l->n] = strdup(t->str))) {
+        if (tag_list_add(l, t->str) != 0) {
             set_err(err, errlen, "out of memory", -1);
             goto out;
         }
-        l->n++;
     }
     rc = 0;
 out:
@@ -97,8 +99,12 @@ void tag_list_page(const tag_list *l, const char *last, long n, size_t *start, s
 }
 
 char *tag_list_json(const tag_list *l, const char *name, size_t start, size_t end, size_t *len) {
+    return tag_list_json_as(l, name, "tags", start, end, len);
+}
+
+char *tag_list_json_as(const tag_list *l, const char *name, const char *key, size_t start, size_t end, size_t *len) {
     json_value *o = json_new_object(), *arr = json_new_array();
-    if (!o || !arr || json_object_set(o, "name", json_new_string(name)) != 0) {
+    if (!o || !arr || (name && json_object_set(o, "name", json_new_string(name)) != 0)) {
         json_free(o);
         json_free(arr);
         return NULL;
@@ -109,7 +115,7 @@ char *tag_list_json(const tag_list *l, const char *name, size_t start, size_t en
             json_free(arr);
             return NULL;
         }
-    if (json_object_set(o, "tags", arr) != 0) { /* frees arr */
+    if (json_object_set(o, key, arr) != 0) { /* frees arr */
         json_free(o);
         return NULL;
     }

@@ -7,6 +7,15 @@
  *   GET    /specs        {"ids":[...]}                      -> 200
  *   POST   /cache/verify hash every cached blob again, quarantining wrong ones
  *                        -> 200 {"checked","bytes","failed":[{"digest","reason","quarantined"}]}
+ *   GET    /cache        what is cached: images (tag resolutions) and blobs (cachectl_list)
+ *   GET    /cache/du     how much: blobs, bytes, cap, records, tmp/, quarantine/ (cachectl_usage)
+ *   POST   /cache/rm     {"ref": REF|DIGEST} remove an image, never a blob in use
+ *                        -> 200, 404 nothing cached, 409 something in use stayed (cachectl_remove)
+ *   POST   /cache/gc     tmp/ leftovers (older than an hour), records of uncached images, strays
+ *   POST   /cache/warm   {"refs": [REF...], "platforms": ["linux/amd64"...]} pull into the cache
+ *                        -> 200 application/x-ndjson, a progress line per blob, then {"done":true,...}
+ *   POST   /tags/refresh {"ref": REF} forget the tag's resolution: the next pull asks the upstream
+ * REFs are named as clients name them and go through the policy's resolve.
  *
  * Every request needs "Authorization: Bearer <token>", the token being the
  * content of admin.token_file (read once at start, surrounding whitespace
@@ -29,6 +38,7 @@
 #include <stddef.h>
 
 #include "regfacade/config.h"
+#include "regfacade/generation.h"
 #include "regfacade/store.h"
 
 typedef struct specs specs;
@@ -50,7 +60,8 @@ typedef struct admin_server admin_server;
 
 /* Start the listener. Takes ownership of ac (also on failure); sp and st
  * must outlive the server. NULL with err on failure. */
-admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, char *err, size_t errlen);
+admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, const generation_env *ge,
+                          char *err, size_t errlen);
 /* Stop accepting, wait for requests in flight, free. NULL is fine. */
 void admin_stop(admin_server *a);
 

@@ -44,6 +44,7 @@
 
 #include "regfacade/config.h"
 #include "regfacade/fetch.h"
+#include "regfacade/generation.h"
 #include "regfacade/policy.h"
 #include "regfacade/store.h"
 #include "regfacade/upstream.h"
@@ -98,28 +99,11 @@ bool blobserve_config_allows(const blobserve_config *bc, const char *repository)
 /* The edits for repository, or NULL. */
 const blobserve_repo_edits *blobserve_config_edits(const blobserve_config *bc, const char *repository);
 
-/* A configuration generation as blobserve uses it: the server's current
- * one, taken when a piece of work starts (resolving an image, downloading
- * and extracting its layers, one pre-pull attempt) and given back when it
- * ends, so a SIGHUP reload (upstreams, credentials, policy and its options)
- * reaches blobserve as it reaches the registry listener. */
-typedef struct {
-    const config *cfg;
-    policy *pol;
-    upstream **ups;        /* parallel to cfg->upstreams */
-    void *handle;          /* the server's, for release */
-} blobserve_generation;
-
-/* What blobserve borrows from the registry server (all outlive it). */
-typedef struct {
-    const config *cfg;     /* the configuration started with: the listener's limits */
-    store *st;
-    fetcher *fetches;
-    /* Take the current generation (never fails) and give it back. */
-    void (*acquire)(void *ud, blobserve_generation *out);
-    void (*release)(void *ud, blobserve_generation *g);
-    void *ud;
-} blobserve_env;
+/* blobserve works on the server's current configuration generation
+ * (generation.h), taken when a piece of work starts (resolving an image,
+ * downloading and extracting its layers, one pre-pull attempt). */
+typedef generation blobserve_generation;
+typedef generation_env blobserve_env;
 
 typedef struct blobserve blobserve;
 

@@ -41,6 +41,7 @@
 #include "regfacade/digest.h"
 #include "regfacade/json.h"
 #include "regfacade/policy.h"
+#include "regfacade/generation.h"
 #include "regfacade/store.h"
 
 /* Limits (every one has a config key; see docs/specs.md). */
@@ -70,8 +71,9 @@ bool specs_valid_id(const char *id);
 int specs_new(const config *c, specs **out, char *err, size_t errlen);
 /* After the store is open: load the pushed specs kept in <cache.dir>/specs/
  * (invalid ones are logged and left out), store the scratch images, start
- * the admin listener. NULL sp is fine. 0, or -1 with err. */
-int specs_start(specs *sp, store *st, char *err, size_t errlen);
+ * the admin listener (ge: the server's generations, for its cache
+ * endpoints). NULL sp is fine. 0, or -1 with err. */
+int specs_start(specs *sp, store *st, const generation_env *ge, char *err, size_t errlen);
 /* Stop the admin listener, free everything. NULL is fine. */
 void specs_free(specs *sp);
 

@@ -97,6 +97,8 @@ store_verify_result store_blob_verify(store *s, const char *digest, store_pace_f
 typedef struct {
     char digest[80];
     uint64_t size;
+    time_t used;  /* last open or commit; at start, the file's atime or mtime */
+    bool pinned;  /* held open by a reader now */
 } store_blob_ref;
 int store_blob_list(store *s, store_blob_ref **out, size_t *n);
 
@@ -128,6 +130,15 @@ typedef struct {
 int store_tag_get(store *s, const char *upstream, const char *repository, const char *tag, store_tag *out);
 int store_tag_put(store *s, const char *upstream, const char *repository, const char *tag, const store_tag *t,
                   char *err, size_t errlen);
+/* Forget a resolution: 1 removed, 0 there was none, -1 error (err). */
+int store_tag_remove(store *s, const char *upstream, const char *repository, const char *tag, char *err,
+                     size_t errlen);
+/* Every tag record that reads right (damaged ones are skipped): fn returning
+ * non-zero stops the walk and is returned; -1 when tags/ cannot be read. */
+#define STORE_UPSTREAM_MAX 128
+typedef int (*store_tag_fn)(void *ud, const char *upstream, const char *repository, const char *tag,
+                            const store_tag *t);
+int store_tag_each(store *s, store_tag_fn fn, void *ud);
 
 /* Links: the cache is shared storage, never a shared permission. A digest
  * is served under a scope only when a link says it belongs there:
@@ -177,5 +188,30 @@ int store_made_add(store *s, const char *digest, const char *repository, const c
 /* 1 with tag filled when digest was generated for repository (NULL: for
  * any name), 0 not. */
 int store_made_get(store *s, const char *digest, const char *repository, char *tag, size_t tlen);
+
+/* Remove one cached blob (cache rm), never one a reader holds open
+ * (pinned) or one being verified; its origins/ record goes with it (its
+ * made/ record stays: a generated part is made again on demand). */
+typedef enum { STORE_REMOVED, STORE_NOT_CACHED, STORE_IN_USE, STORE_REMOVE_ERROR } store_remove_result;
+store_remove_result store_blob_remove(store *s, const char *digest, char *err, size_t errlen);
+
+/* Garbage collection (cache gc): files in tmp/ unchanged for tmp_min_age
+ * seconds (spools no transfer writes any more; 0 when no server runs),
+ * tag records whose manifest is not cached and generated/ records whose
+ * image is not (both would answer nothing), damaged records in tags/ and
+ * generated/, and stray files in blobs/ (not named by their digest: never
+ * indexed, never served). Blobs themselves are left to the size cap and
+ * cache rm; origins/ and made/ records stay (they let an evicted blob be
+ * fetched or generated again). 0, or -1 with err. */
+typedef struct {
+    size_t tmp_files;
+    uint64_t tmp_bytes;
+    size_t tag_records;       /* resolutions of manifests no longer cached */
+    size_t generated_records; /* generated images no longer cached */
+    size_t damaged_records;
+    size_t stray_files;
+    uint64_t stray_bytes;
+} store_gc_report;
+int store_gc(store *s, time_t tmp_min_age, store_gc_report *out, char *err, size_t errlen);
 
 #endif

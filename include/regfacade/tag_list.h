@@ -3,7 +3,8 @@
  * /v2/NAME/tags/list?n=&last=). The upstream's answer, in one or more
  * pages, is merged into one list in lexical order without duplicates; the
  * client's page is then cut from it here, so `n` and `last` work even where
- * the upstream ignores them (distribution 2.8 does).
+ * the upstream ignores them (distribution 2.8 does). The catalog
+ * (/v2/_catalog) pages its repository names with the same list.
  */
 #ifndef REGFACADE_TAG_LIST_H
 #define REGFACADE_TAG_LIST_H
@@ -31,6 +32,11 @@ void tag_list_page(const tag_list *l, const char *last, long n, size_t *start, s
 /* {"name": name, "tags": [...]} of [start, end) (malloc'd), NULL on
  * allocation failure. */
 char *tag_list_json(const tag_list *l, const char *name, size_t start, size_t end, size_t *len);
+/* The same list as {key: [...]} without "name" when name is NULL (the
+ * catalog's {"repositories": [...]}). */
+char *tag_list_json_as(const tag_list *l, const char *name, const char *key, size_t start, size_t end, size_t *len);
+/* One more item (a copy); 0, or -1 out of memory. Then tag_list_finish. */
+int tag_list_add(tag_list *l, const char *item);
 void tag_list_free(tag_list *l);
 
 /* The path after "/v2/" of an upstream's Link rel="next" (as the upstream

@@ -359,7 +359,7 @@ def test_scrub_off_and_config_errors(tmp_path):
     r = subprocess.run([REGFACADE, "check", "--config", str(p)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "limits.blob_max_bytes" in r.stderr, r
     r = subprocess.run([REGFACADE, "cache", "scrub"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "only \"verify\"" in r.stderr, r
+    assert r.returncode == 2 and "unknown or missing subcommand scrub (verify, ls, du, rm, gc or warm)" in r.stderr, r
 
 
 # ---------------------------------------------------------------------------
