@@ -645,7 +645,7 @@ static int warm_plan_ref(cachectl_warm *w, size_t ref, const char *const *platfo
         policy_resolution_clear(&res);
         return -1;
     }
-    manifest_env env = {w->env->st, w->g.cfg};
+    manifest_env env = {.st = w->env->st, .cfg = w->g.cfg};
     manifest m;
     fetch_error fe = {0};
     int rc = 0;

@@ -1251,6 +1251,23 @@ int store_made_get(store *s, const char *digest, const char *repository, char *t
     return found;
 }
 
+/* The links of hex in every scope go with its bytes: under no name is it
+ * known any more, so the next request for it asks that name's upstream,
+ * which links it again. */
+static int unlink_link(void *ud, const char *name, const char *path, const struct stat *st) {
+    (void)name;
+    if (!S_ISDIR(st->st_mode)) return 0;
+    char p[PATH_MAX];
+    if (snprintf(p, sizeof p, "%s/%s", path, (const char *)ud) >= (int)sizeof p) return 0;
+    if (unlink(p) != 0 && errno != ENOENT) log_warn("store: remove link %s: %s", p, strerror(errno));
+    return 0;
+}
+
+static void unlink_links(store *s, const char *hex) {
+    if (each_file(s, "links", unlink_link, (void *)hex) != 0)
+        log_warn("store: cannot read %s/links to remove the links of sha256:%s", s->dir, hex);
+}
+
 store_remove_result store_blob_remove(store *s, const char *digest, char *err, size_t errlen) {
     char p[PATH_MAX];
     if (blob_path(s, digest, p, sizeof p) != 0) {
@@ -1277,13 +1294,7 @@ store_remove_result store_blob_remove(store *s, const char *digest, char *err, s
     }
     if (e && r != STORE_REMOVE_ERROR) index_remove(s, e);
     pthread_mutex_unlock(&s->lock);
-    if (r == STORE_REMOVED) {
-        /* Where it came from goes with it: a client asking for it under
-         * another name now goes to that name's upstream. */
-        char o[PATH_MAX];
-        snprintf(o, sizeof o, "%s/origins/%s", s->dir, digest + 7);
-        if (unlink(o) != 0 && errno != ENOENT) log_warn("store: remove %s: %s", o, strerror(errno));
-    }
+    if (r == STORE_REMOVED) unlink_links(s, digest + 7);
     return r;
 }
 

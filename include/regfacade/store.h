@@ -190,8 +190,9 @@ int store_made_add(store *s, const char *digest, const char *repository, const c
 int store_made_get(store *s, const char *digest, const char *repository, char *tag, size_t tlen);
 
 /* Remove one cached blob (cache rm), never one a reader holds open
- * (pinned) or one being verified; its origins/ record goes with it (its
- * made/ record stays: a generated part is made again on demand). */
+ * (pinned) or one being verified; its links in every scope go with it (a
+ * request for it asks its name's upstream again, which links it again);
+ * its made/ record stays (a generated part is made again on demand). */
 typedef enum { STORE_REMOVED, STORE_NOT_CACHED, STORE_IN_USE, STORE_REMOVE_ERROR } store_remove_result;
 store_remove_result store_blob_remove(store *s, const char *digest, char *err, size_t errlen);
 
@@ -201,8 +202,9 @@ store_remove_result store_blob_remove(store *s, const char *digest, char *err, s
  * image is not (both would answer nothing), damaged records in tags/ and
  * generated/, and stray files in blobs/ (not named by their digest: never
  * indexed, never served). Blobs themselves are left to the size cap and
- * cache rm; origins/ and made/ records stay (they let an evicted blob be
- * fetched or generated again). 0, or -1 with err. */
+ * cache rm; links/ and made/ records stay (they let an evicted blob be
+ * fetched, from its origin, or generated again, and say where it may be
+ * served). 0, or -1 with err. */
 typedef struct {
     size_t tmp_files;
     uint64_t tmp_bytes;

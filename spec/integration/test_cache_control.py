@@ -83,6 +83,12 @@ def pull(ctl, repo, tag, tmp_path, name, check=True):
     return clients.skopeo_copy(f"docker://{ctl.rf.host}/{repo}:{tag}", f"oci:{dest}:{tag}", check=check)
 
 
+def links_of(ctl, digest):
+    """The scopes (CACHE/links/<scope>/) that link digest."""
+    top = os.path.join(ctl.cache_dir, "links")
+    return [sc for sc in os.listdir(top) if os.path.exists(os.path.join(top, sc, digest[7:]))]
+
+
 def cached(ctl, digest):
     return os.path.exists(cache_path(ctl.cache_dir, digest))
 
@@ -130,8 +136,9 @@ def test_warm_ls_pull_from_cache_rm_then_upstream(ctl, upstream, plain_registry,
     assert rm["bytes"] == sum(b["size"] for b in rm["removed"]) > 0, rm
     for d in removed:
         assert not cached(ctl, d)
+        assert not links_of(ctl, d), (d, links_of(ctl, d))  # links follow the bytes
     for d in shared:
-        assert cached(ctl, d)
+        assert cached(ctl, d) and links_of(ctl, d)
     ls = json.loads(ctl.cmd("cache", "ls", "--json").stdout)
     assert [(i["repository"], i["tag"]) for i in ls["images"]] == [("regfacade-test/multi", "v1")], ls
 
