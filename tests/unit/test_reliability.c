@@ -1,7 +1,7 @@
 /*
  * Unit tests of the reliability pieces that need no network: the store's
  * size cap (LRU eviction, pins, the index rebuilt at start, partial spools
- * removed, verification and quarantine, made records), the retry pacing of upstream.c (backoff, Retry-After, budget)
+ * removed, verification and quarantine, made records, removal and gc), the retry pacing of upstream.c (backoff, Retry-After, budget)
  * with mirror URL checks, and the config keys that drive them.
  */
 #include <errno.h>
@@ -112,6 +112,82 @@ static void test_store_lru(void) {
     if (!s) return;
     store_get_stats(s, &st);
     CHECK(st.blobs == 1 && st.bytes == 4000 && st.evicted == 1);
+    store_close(s);
+}
+
+static int count_tag(void *ud, const char *upstream, const char *repository, const char *tag, const store_tag *t) {
+    (void)upstream;
+    (void)t;
+    if (strcmp(repository, "acme/app") == 0 && strcmp(tag, "v1") == 0) ++*(int *)ud;
+    return 0;
+}
+
+/* cache rm and cache gc at the store: a pinned blob is never removed, its
+ * links go with it, gc takes strays, old spools and records that answer
+ * nothing, and leaves blobs and links alone. */
+static void test_store_remove_and_gc(void) {
+    char dir[300], err[256], a[DIGEST_STRING_LEN], b[DIGEST_STRING_LEN];
+    snprintf(dir, sizeof dir, "%s/rmgc", tmpdir);
+    store *s = store_open(dir, 1 << 20, err, sizeof err);
+    CHECK(s != NULL);
+    put(s, 'r', a);
+    put(s, 's', b);
+    store_scope sc;
+    store_scope_upstream(&sc, "reg", "acme/app");
+    CHECK(store_link_put(s, &sc, a, NULL, NULL, err, sizeof err) == 0);
+    CHECK(store_link_put(s, &sc, b, NULL, NULL, err, sizeof err) == 0);
+    store_tag t = {.fetched = 1};
+    snprintf(t.digest, sizeof t.digest, "%s", a);
+    snprintf(t.media_type, sizeof t.media_type, "application/vnd.oci.image.manifest.v1+json");
+    CHECK(store_tag_put(s, "reg", "acme/app", "v1", &t, err, sizeof err) == 0);
+    int n = 0;
+    CHECK(store_tag_each(s, count_tag, &n) == 0 && n == 1);
+    /* In use: refused, still there. */
+    int fd;
+    uint64_t size;
+    CHECK(store_blob_open(s, b, &fd, &size, err, sizeof err) == 1);
+    CHECK(store_blob_remove(s, b, err, sizeof err) == STORE_IN_USE && on_disk(dir, b));
+    CHECK(strstr(err, "in use") != NULL);
+    store_blob_close(s, b, fd);
+    CHECK(store_blob_remove(s, b, err, sizeof err) == STORE_REMOVED && !on_disk(dir, b));
+    CHECK(store_link_get(s, &sc, b, NULL, 0, NULL, 0) == 0 && store_link_get(s, &sc, a, NULL, 0, NULL, 0) == 1);
+    CHECK(store_blob_remove(s, b, err, sizeof err) == STORE_NOT_CACHED);
+    CHECK(store_blob_remove(s, "sha256:nope", err, sizeof err) == STORE_REMOVE_ERROR);
+    store_stats st;
+    store_get_stats(s, &st);
+    CHECK(st.blobs == 1 && st.bytes == 4000);
+    /* gc: a stray in blobs/, an old and a fresh spool, a damaged tag record. */
+    char p[600];
+    snprintf(p, sizeof p, "%s/blobs/sha256/%.2s/stray.partial", dir, a + 7);
+    int f = open(p, O_WRONLY | O_CREAT, 0600);
+    CHECK(f >= 0 && write(f, "xyz", 3) == 3);
+    close(f);
+    snprintf(p, sizeof p, "%s/tmp/old-spool", dir);
+    f = open(p, O_WRONLY | O_CREAT, 0600);
+    CHECK(f >= 0 && write(f, "12345", 5) == 5);
+    close(f);
+    struct timespec old[2] = {{.tv_sec = time(NULL) - 7200}, {.tv_sec = time(NULL) - 7200}};
+    CHECK(utimensat(AT_FDCWD, p, old, 0) == 0);
+    snprintf(p, sizeof p, "%s/tmp/fresh-spool", dir);
+    f = open(p, O_WRONLY | O_CREAT, 0600);
+    CHECK(f >= 0);
+    close(f);
+    snprintf(p, sizeof p, "%s/tags/%064d", dir, 0);
+    f = open(p, O_WRONLY | O_CREAT, 0600);
+    CHECK(f >= 0 && write(f, "{not json", 9) == 9);
+    close(f);
+    store_gc_report r;
+    CHECK(store_gc(s, 3600, &r, err, sizeof err) == 0);
+    CHECK(r.stray_files == 1 && r.stray_bytes == 3 && r.tmp_files == 1 && r.tmp_bytes == 5);
+    CHECK(r.damaged_records == 1 && r.tag_records == 0);
+    CHECK(access(p, F_OK) != 0 && on_disk(dir, a));
+    snprintf(p, sizeof p, "%s/tmp/fresh-spool", dir);
+    CHECK(access(p, F_OK) == 0);
+    /* The manifest the resolution names goes: the resolution answers nothing. */
+    CHECK(store_blob_remove(s, a, err, sizeof err) == STORE_REMOVED);
+    CHECK(store_gc(s, 3600, &r, err, sizeof err) == 0 && r.tag_records == 1);
+    n = 0;
+    CHECK(store_tag_each(s, count_tag, &n) == 0 && n == 0);
     store_close(s);
 }
 
@@ -345,6 +421,7 @@ int main(void) {
     }
     upstream_global_init();
     test_store_lru();
+    test_store_remove_and_gc();
     test_store_verification();
     test_retry_after_parse();
     test_retry_pacing();
