@@ -22,7 +22,8 @@ BUILD_PKGS := gcc make pkg-config libmicrohttpd-dev libcurl4-openssl-dev libssl-
               zlib1g-dev liblua5.4-dev lua5.4 lua-cjson libarchive-dev
 TEST_PKGS  := lua-busted docker-registry skopeo containerd runc podman umoci busybox-static \
               apache2-utils python3 python3-pytest python3-cryptography python3-jwt openssl curl zstd \
-              python3-yaml binutils docker.io systemd prometheus kubectl=kubernetes-client procps
+              python3-yaml binutils docker.io systemd prometheus kubectl=kubernetes-client \
+              clang-format lua-check procps
 # procps: /bin/kill, which the systemd unit's ExecReload names (systemd-analyze verify
 # checks it; Debian's minimal root has no procps).
 # `make bench` (bench/bench.py): the peers and load tools it runs side by side.
@@ -96,8 +97,11 @@ test-deps:
 $(BUILD)/regfacade: $(OBJS)
 	$(CC) $(LDFLAGS) -o $@ $(OBJS) $(PKG_LIBS)
 
-$(BUILD)/obj/%.o: src/%.c $(wildcard include/regfacade/*.h) | $(BUILD)/obj
-	$(CC) $(CFLAGS) -c -o $@ $<
+# -MMD -MP: each object depends on the headers it includes, as the compiler
+# saw them ($(BUILD)/obj/*.d, read below), not on every header.
+DEPFLAGS = -MMD -MP
+$(BUILD)/obj/%.o: src/%.c | $(BUILD)/obj
+	$(CC) $(CFLAGS) $(DEPFLAGS) -c -o $@ $<
 
 $(BUILD)/obj/lua_embedded.o: $(BUILD)/lua_embedded.c | $(BUILD)/obj
 	$(CC) $(CFLAGS) -c -o $@ $<
@@ -111,10 +115,20 @@ $(BUILD)/embed: tools/embed.c | $(BUILD)/obj
 $(BUILD)/obj $(BUILD)/tests:
 	mkdir -p $@
 
-$(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS) tests/unit/unit.h | $(BUILD)/tests
-	$(CC) $(CFLAGS) -Itests/unit $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(PKG_LIBS)
+$(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS) | $(BUILD)/tests
+	$(CC) $(CFLAGS) $(DEPFLAGS) -Itests/unit $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(PKG_LIBS)
 
-test: test-deps $(BUILD)/regfacade test-unit test-fuzz-regressions test-lua test-integration
+test: test-deps lint $(BUILD)/regfacade test-unit test-fuzz-regressions test-lua test-integration
+
+# `make lint`: the Lua as .luacheckrc wants it. Part of make test.
+# `make format` lays the C files out as .clang-format says (clang-format 14,
+# Debian 12's).
+LINT_C := $(sort $(wildcard src/*.c include/regfacade/*.h tests/unit/*.c tests/unit/*.h fuzz/*.c fuzz/*.h tools/*.c))
+.PHONY: lint format
+lint: test-deps
+	@luacheck --quiet --no-color lua examples spec || { echo "make lint: luacheck found problems (above)" >&2; exit 1; }
+format:
+	clang-format -i $(LINT_C)
 
 test-unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do $$t; done
@@ -164,6 +178,8 @@ clean:
 	rm -rf $(BUILD)
 
 # `make fuzz` (libFuzzer, clang) and test-fuzz-regressions (part of `make test`).
+-include $(wildcard $(BUILD)/obj/*.d $(BUILD)/pic/*.d $(BUILD)/tests/*.d)
+
 include fuzz/fuzz.mk
 
 include mk/lua_core.mk

@@ -31,8 +31,8 @@ $(LUA_CORE_SO): $(LUA_CORE_OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) -shared $(LDFLAGS) -o $@ $(LUA_CORE_OBJS) -lcrypto
 
-$(BUILD)/pic/%.o: src/%.c $(wildcard include/regfacade/*.h)
+$(BUILD)/pic/%.o: src/%.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -fPIC -c -o $@ $<
+	$(CC) $(CFLAGS) -MMD -MP -fPIC -c -o $@ $<
 
 .DEFAULT_GOAL := $(LUA_CORE_SAVED_GOAL)

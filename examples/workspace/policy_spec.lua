@@ -2,7 +2,6 @@
 -- run by the server's own code (testing.policy: the sandbox, resolve's
 -- reader and validation, then the assembly and rewrite `serve` runs).
 local testing = require "regfacade.testing"
-local json = testing.json
 
 local ws = require "examples.workspace.spec_support"
 

@@ -57,7 +57,7 @@ describe("require 'regfacade'", function()
         it("cannot be called in hooks other than authorize and self_check", function()
             local sb = hooks_calling("rf.crypt_verify('a', '" .. HTPASSWD_ALICE .. "')")
             for _, h in ipairs { "spec", "resolve", "rewrite", "log" } do
-                local ok, outcome, msg = sb:call(h, {})
+                local ok, _, msg = sb:call(h, {})
                 assert.is_false(ok)
                 assert.matches("regfacade.crypt_verify cannot be called in hook " .. h
                     .. " %(only in: self_check, authorize%)", msg)

@@ -223,7 +223,7 @@ describe("the policy sandbox", function()
 
         it("after a stopped call the state refuses to run again", function()
             local sb = fails("while true do end", "instructions")
-            local ok, outcome, msg = sb:call("resolve", REQ)
+            local ok, _, msg = sb:call("resolve", REQ)
             assert.is_false(ok)
             assert.matches("cannot run again", msg)
         end)

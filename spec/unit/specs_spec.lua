@@ -169,7 +169,7 @@ describe("regfacade.specs", function()
             local base = testing.oci_image { layers = 1, env = base_env or { "PATH=" .. BASE_PATH, "HOME=/root" },
                                              labels = { keep = "yes", drop = "x" } }
             local policy = {
-                resolve = function(r) return { layers = stack_layers or { "base" } } end,
+                resolve = function() return { layers = stack_layers or { "base" } } end,
                 rewrite = function(img) specs.rewrite(img, spec) end,
             }
             return testing.run(policy, testing.request {}, base, layers)
