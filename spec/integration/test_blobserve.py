@@ -442,7 +442,7 @@ def test_concurrent_cold_requests_one_extraction(blobserve, bs_registry):
     # every other acquire of a layer found it ready or waited for it (the
     # fast path may count a ready lower layer once more before it defers)
     assert s["waits"] + s["hits"] >= 20 * 2 - 2, s
-    assert s["waits"] >= 1, s                  # some requests really waited
+    # (How many of them waited depends on the machine's speed: not asserted.)
     assert b.log().count("extracted layer") == 2
     assert b.layer_dirs() == {d[7:] for d in bs_registry.cold_layers}
 
