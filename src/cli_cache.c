@@ -15,7 +15,9 @@
 #include "regfacade/json.h"
 #include "regfacade/policy.h"
 #include "regfacade/ref.h"
+#include "regfacade/server.h"
 #include "regfacade/store.h"
+#include "regfacade/upstream.h"
 
 /* ---------- printing ---------- */
 
@@ -186,13 +188,47 @@ static int print_answer(const cli_cache_request *rq, int status, const char *bod
 
 /* ---------- offline ---------- */
 
-static int run_offline(const config *c, store *st, const cli_cache_request *rq) {
-    if (strcmp(rq->cmd, "cache warm") == 0) {
-        fprintf(stderr, "regfacade cache warm: no server runs on %s: warming pulls through a running server's "
-                "upstream clients; start `regfacade serve` (with an \"admin\" section) and run it again\n",
-                c->cache_dir);
+/* cache warm on a stopped server's cache: its upstream clients and policy,
+ * built as serve builds them, without listening. Takes st over. */
+static int warm_offline(const config *c, store *st, const cli_cache_request *rq) {
+    char err[2048];
+    if (upstream_global_init() != 0) {
+        fprintf(stderr, "regfacade cache warm: libcurl initialization failed\n");
+        store_close(st);
         return 1;
     }
+    generation_env ge;
+    server *s = server_offline(c, st, &ge, err, sizeof err);
+    if (!s) {
+        fprintf(stderr, "regfacade cache warm: %s\n", err);
+        upstream_global_cleanup();
+        return 1;
+    }
+    cachectl_answer a = {0};
+    cachectl_warm *w = cachectl_warm_start(&ge, rq->args, rq->n_args, rq->platforms, rq->n_platforms, &a);
+    int rc = 1;
+    if (!w) {
+        rc = print_answer(rq, a.body ? a.status : 500, a.body, a.len);
+        if (rc == 0) rc = 1;
+    } else {
+        long failed = -1;
+        char *line;
+        size_t len;
+        while ((line = cachectl_warm_next(w, &len))) {
+            long f = print_warm_line(line, len - 1, rq->json);
+            if (f >= 0) failed = f;
+            free(line);
+        }
+        rc = failed == 0 ? 0 : 1;
+        cachectl_warm_free(w);
+    }
+    cachectl_answer_clear(&a);
+    server_stop(s);
+    upstream_global_cleanup();
+    return rc;
+}
+
+static int run_offline(const config *c, store *st, const cli_cache_request *rq) {
     policy *pol = NULL;
     char err[2048];
     bool needs_policy = strcmp(rq->cmd, "tags refresh") == 0 ||
@@ -352,8 +388,11 @@ static int run_online(const config *c, const admin_config *ac, const char *why_o
 
 int cli_cache_run(const config *c, const cli_cache_request *rq) {
     char err[2048];
-    /* No cap: looking must not evict anything. */
-    store *st = store_open(c->cache_dir, UINT64_MAX, err, sizeof err);
+    /* No cap but for warm: looking must not evict anything; warming makes
+     * room as serving does. */
+    bool warm = strcmp(rq->cmd, "cache warm") == 0;
+    store *st = store_open(c->cache_dir, warm ? c->cache_max_bytes : UINT64_MAX, err, sizeof err);
+    if (st && warm) return warm_offline(c, st, rq);
     if (st) {
         int rc = run_offline(c, st, rq);
         store_close(st);

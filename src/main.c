@@ -40,7 +40,7 @@ static void usage(FILE *f) {
             "       regfacade cache rm REF|DIGEST [OPTIONS]  remove an image (never a blob in use)\n"
             "       regfacade cache gc [OPTIONS]             tmp leftovers, records of uncached images, strays\n"
             "       regfacade cache warm REF... [--platform OS/ARCH]... [OPTIONS]\n"
-            "                                  pull images into a running server's cache\n"
+            "                                  pull images into the cache\n"
             "       regfacade tags refresh REF [OPTIONS]     forget a tag's resolution\n"
             "       regfacade --version\n"
             "       regfacade COMMAND --help\n"
@@ -64,8 +64,9 @@ static const char *cache_help(const char *cmd) {
         {"cache gc", "Remove what nothing needs: tmp/ leftovers (older than an hour while a server runs), tag and "
                      "generated records of images no longer cached, damaged records, stray files in blobs/.\n"
                      "  --json               the JSON as it is\n"},
-        {"cache warm", "Pull images into the running server's cache, as a client's pull would: every platform of "
-                       "an index, or those named. Prints a line per blob as it is done.\n"
+        {"cache warm", "Pull images into the cache, as a client's pull would: every platform of an index, or "
+                       "those named. Prints a line per blob as it is done. Through the running server's admin API, "
+                       "or, when none runs, with the config's upstreams and policy, without listening.\n"
                        "  --platform OS/ARCH[/VARIANT]   only this platform (repeatable)\n"
                        "  --json               the progress lines as they are (NDJSON)\n"},
         {"tags refresh", "Forget the resolution of REF's tag, so the next pull asks the upstream.\n"

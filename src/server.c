@@ -1627,6 +1627,35 @@ fail:
     return NULL;
 }
 
+server *server_offline(const config *c, store *st, generation_env *ge, char *err, size_t errlen) {
+    server *s = calloc(1, sizeof *s);
+    if (!s) {
+        store_close(st);
+        snprintf(err, errlen, "server: out of memory");
+        return NULL;
+    }
+    s->cfg = c;
+    s->listen_fd = -1;
+    s->st = st;
+    fetch_options fo = {.max_concurrent = c->upstream_max_concurrent_fetches, .blob_max_bytes = c->blob_max_bytes};
+    if (!(s->fetches = fetcher_new(st, &fo))) {
+        snprintf(err, errlen, "server: out of memory");
+        server_stop(s);
+        return NULL;
+    }
+    pthread_mutex_init(&s->gen_lock, NULL);
+    if (!(s->first = served_build(s, (config *)c, false, err, errlen))) {
+        pthread_mutex_destroy(&s->gen_lock);
+        server_stop(s);
+        return NULL;
+    }
+    s->current = s->first;
+    s->first->refs = 1;
+    *ge = (generation_env){.cfg = c, .st = st, .fetches = s->fetches, .acquire = generation_acquire,
+                           .release = generation_release, .ud = s};
+    return s;
+}
+
 int server_drain(server *s, int seconds) {
     if (!s->daemon) return 0;
     /* Stop accepting: the listening socket is closed, connections stay. */

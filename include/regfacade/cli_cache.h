@@ -5,8 +5,8 @@
  * server holds that lock, through that server's admin API (admin.listen,
  * the bearer token of admin.token_file): the same operations
  * (cachectl.h), the same JSON, printed as a table or as it is (--json).
- * cache warm needs the running server (it pulls with the server's
- * upstream clients): offline it is refused, saying so.
+ * Offline, cache warm builds the upstream clients and the policy as serve
+ * would (server_offline) and pulls without listening.
  */
 #ifndef REGFACADE_CLI_CACHE_H
 #define REGFACADE_CLI_CACHE_H

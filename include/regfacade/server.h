@@ -11,6 +11,7 @@
 #define REGFACADE_SERVER_H
 
 #include "regfacade/config.h"
+#include "regfacade/generation.h"
 
 typedef struct server server;
 
@@ -25,6 +26,11 @@ int server_check(const config *c, char *err, size_t errlen);
 /* Build everything the config names (store, upstream clients, policy) and
  * start listening. NULL with err on failure (server_check's first). */
 server *server_start(const config *c, char *err, size_t errlen);
+/* What cache warm needs on a stopped server's cache, without listening:
+ * the upstream clients, the policy and a fetcher over st, which it takes
+ * over (server_stop closes it, also on failure); ge filled for cachectl.
+ * NULL with err on failure. */
+server *server_offline(const config *c, store *st, generation_env *ge, char *err, size_t errlen);
 /* Replace the configuration (upstreams, credentials, policy, layers, the
  * per-request limits) without dropping a connection: requests in flight
  * finish on the old one. Takes ownership of c on success; on failure (a key

@@ -253,9 +253,15 @@ def test_offline_commands_on_a_stopped_servers_cache(ctl, plain_registry):
     r = ctl.cmd("cache", "rm", oci["config_digest"])
     assert "removed " + oci["config_digest"] in r.stdout, r.stdout
     assert not cached(ctl, oci["config_digest"])
-    # warm needs the server.
-    r = ctl.cmd("cache", "warm", "regfacade-test/oci:v1", check=False)
-    assert r.returncode == 1 and "no server runs" in r.stderr, r.stderr
+    # warm, offline: the config's upstream clients and policy, no listener.
+    s2 = plain_registry.images["schema2"]
+    r = ctl.cmd("cache", "warm", "regfacade-test/schema2:v1", "--json")
+    lines = [json.loads(l) for l in r.stdout.splitlines()]
+    assert lines[-1]["done"] and lines[-1]["failed"] == 0, lines
+    assert {l["digest"] for l in lines[:-1]} == blobs_of(s2) | {s2["manifest_digest"]}, lines
+    assert all(cached(ctl, d) for d in blobs_of(s2))
+    r = ctl.cmd("cache", "warm", "regfacade-test/absent:v1", check=False)
+    assert r.returncode == 1 and "regfacade-test/absent:v1" in r.stderr, r.stderr
     # A server running on the cache without an admin API: refused, naming its PID.
     other = Ctl(ctl.rf.group, ctl.work.parent, ctl.upstream, name="noadmin", admin=False)
     other.rf.config["cache"]["dir"] = ctl.cache_dir
