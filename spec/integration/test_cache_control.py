@@ -339,3 +339,30 @@ def test_catalog_lists_cached_repositories_policy_filtered_and_paged(procs, tmp_
     r = request(c.rf.host, "GET", link[1:link.index(">")], headers=auth)
     assert r.json() == {"repositories": ["regfacade-test/schema2"]} and "link" not in r.headers, r
     assert request(c.rf.host, "GET", "/v2/_catalog?n=x").status == 400
+
+
+def test_gc_through_the_running_server_leaves_fresh_spools(ctl, plain_registry):
+    """POST /cache/gc while serving: a spool unchanged for two hours is a
+    leftover, one written just now may be a transfer in flight."""
+    ctl.cmd("cache", "warm", "regfacade-test/oci:v1")
+    tmp = os.path.join(ctl.cache_dir, "tmp")
+    old, fresh = os.path.join(tmp, "old-spool"), os.path.join(tmp, "fresh-spool")
+    for p in (old, fresh):
+        with open(p, "wb") as f:
+            f.write(b"z" * 10)
+    two_hours_ago = os.stat(old).st_mtime - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    gc = json.loads(ctl.cmd("cache", "gc", "--json").stdout)
+    assert gc["tmp_files"] == 1 and gc["tmp_bytes"] == 10 and gc["stray_files"] == 0, gc
+    assert not os.path.exists(old) and os.path.exists(fresh)
+    # Nothing gc may not touch was touched: the image is whole and served.
+    ls = ctl.api("GET", "/cache").json()
+    assert [i["missing"] for i in ls["images"]] == [0], ls
+    oci = plain_registry.images["oci"]
+    r = request(ctl.rf.host, "GET", f"/v2/regfacade-test/oci/blobs/{oci['config_digest']}")
+    assert r.status == 200
+    # tags refresh offline, on the stopped server's cache.
+    ctl.stop()
+    out = json.loads(ctl.cmd("tags", "refresh", "regfacade-test/oci:v1", "--json").stdout)
+    assert out["forgotten"] is True, out
+    assert json.loads(ctl.cmd("cache", "ls", "--json").stdout)["images"] == []
