@@ -148,9 +148,11 @@ void policy_resolution_clear(policy_resolution *r) {
     for (size_t i = 0; i < r->n_platforms; i++) free(r->platforms[i]);
     free(r->platforms);
     free(r->fingerprint);
+    json_free(r->referrers);
     r->layers = NULL;
     r->platforms = NULL;
     r->fingerprint = NULL;
+    r->referrers = NULL;
     r->n_layers = r->n_platforms = 0;
     r->has_layers = false;
 }
@@ -1375,6 +1377,42 @@ static int read_layers(hook_call *c, lua_State *L, int t, policy_resolution *out
     return 0;
 }
 
+/* The `referrers` of a resolve answer (table at t), when present: a list of
+ * descriptors. 0, or -1 with the call's error set. */
+static int read_referrers(hook_call *c, lua_State *L, int t, policy_resolution *out) {
+    lua_pushliteral(L, "referrers");
+    int ty = lua_rawget(L, t);
+    if (ty == LUA_TNIL) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    char err[300];
+    json_value *v = ty == LUA_TTABLE ? lua_json_to_tree_named(L, -1, "resolve.referrers", err, sizeof err) : NULL;
+    lua_pop(L, 1);
+    if (!v || (v->type != JSON_ARRAY && !(v->type == JSON_OBJECT && v->count == 0))) {
+        invalid_answer(c, "resolve: referrers must be a list of descriptors%s%s", v ? "" : ": ", v ? "" : err);
+        json_free(v);
+        return -1;
+    }
+    for (size_t i = 0; v->type == JSON_ARRAY && i < v->count; i++) {
+        const json_value *d = v->items[i];
+        const char *mt = json_object_get_string(d, "mediaType"), *dg = json_object_get_string(d, "digest");
+        uint64_t size;
+        if (d->type != JSON_OBJECT || !mt || !strchr(mt, '/') || !dg || !ref_valid_digest(dg) ||
+            !json_get_uint64(json_object_get(d, "size"), &size)) {
+            invalid_answer(c, "resolve: referrers[%zu] must be a descriptor (mediaType, digest, size)", i + 1);
+            json_free(v);
+            return -1;
+        }
+    }
+    if (v->type != JSON_ARRAY) { /* {} is how an empty Lua table reads */
+        json_free(v);
+        v = json_new_array();
+    }
+    out->referrers = v;
+    return 0;
+}
+
 /* upstream "NAME" with credential set SET -> "NAME@SET" (a configured
  * credential set of that upstream). 0, or -1 with e. */
 static int apply_credentials(const policy *p, const char *set, char *upstream, size_t len, policy_error *e) {
@@ -1425,7 +1463,7 @@ static int resolve_fn(lua_State *L) {
         const config *cfg = c->p->cfg;
         /* One pass over the answer (strings stay anchored in it). */
         const char *up = NULL, *repo = NULL, *ref = NULL, *creds = NULL;
-        bool creds_bad = false, more = false;
+        bool creds_bad = false, more = false, has_referrers = false;
         lua_pushnil(L);
         while (lua_next(L, 2) != 0) {
             if (lua_type(L, -2) == LUA_TSTRING) {
@@ -1438,6 +1476,7 @@ static int resolve_fn(lua_State *L) {
                     creds = v;
                     creds_bad = !v || !name_ok(v);
                 } else if (strcmp(k, "layers") == 0 || strcmp(k, "platforms") == 0) more = true;
+                else if (strcmp(k, "referrers") == 0) has_referrers = true;
             }
             lua_pop(L, 1);
         }
@@ -1463,6 +1502,8 @@ static int resolve_fn(lua_State *L) {
             if (apply_credentials(c->p, creds, out->upstream, sizeof out->upstream, c->e) != 0) {
                 c->rc = -1;
                 c->invalid = true;
+            } else if (has_referrers && read_referrers(c, L, 2, out) != 0) {
+                /* the call's error is set */
             } else if (!more) {
                 /* The common answer (where from, nothing added): the
                  * fingerprint of an empty decision, without building it. */

@@ -1077,8 +1077,8 @@ static json_value *referrers_filtered(const json_value *manifests, const char *a
 /* An index body as the referrers answer: every entry a descriptor; with
  * artifact_type, only its entries (unless the upstream filtered already).
  * NULL with why when the upstream's body is no index. */
-static char *referrers_body(const char *body, size_t len, const char *artifact_type, bool upstream_filtered,
-                            bool *filtered, size_t *out_len, char *why, size_t whylen) {
+static char *referrers_body(const char *body, size_t len, const json_value *attached, const char *artifact_type,
+                            bool upstream_filtered, bool *filtered, size_t *out_len, char *why, size_t whylen) {
     char jerr[256];
     json_value *v = len ? json_parse(body, len, 16, jerr, sizeof jerr) : json_new_object();
     if (!v) {
@@ -1107,6 +1107,21 @@ static char *referrers_body(const char *body, size_t len, const char *artifact_t
         *filtered = true;
     } else {
         list = m ? json_clone(m) : json_new_array();
+    }
+    /* What the policy attaches (resolve's `referrers`), filtered like the rest. */
+    if (list && attached && attached->count) {
+        json_value *extra = artifact_type ? referrers_filtered(attached, artifact_type) : json_clone(attached);
+        for (size_t i = 0; extra && list && i < extra->count; i++)
+            if (json_array_append(list, json_clone(extra->items[i])) != 0) {
+                json_free(list);
+                list = NULL;
+            }
+        if (!extra) {
+            json_free(list);
+            list = NULL;
+        }
+        json_free(extra);
+        if (artifact_type) *filtered = true;
     }
     /* The answer is always a whole, current index, whatever the upstream
      * left out of it. */
@@ -1139,6 +1154,8 @@ static enum MHD_Result handle_referrers(request *r) {
         return send_error(r, 400, "UNSUPPORTED", "artifactType=\"%.100s\" is not a media type", at);
     policy_resolution res;
     if (run_resolve(r, &res) != 0) return MHD_YES;
+    json_value *attached = res.referrers; /* kept past the clear: the policy's own references */
+    res.referrers = NULL;
     policy_resolution_clear(&res);
     upstream *u = find_upstream(r->sv, res.upstream);
     char path[900], subject[700];
@@ -1176,13 +1193,16 @@ static enum MHD_Result handle_referrers(request *r) {
                         TAGS_MAX_BYTES);
     if (a != UPSTREAM_ANSWER_OK) {
         free(b.buf);
+        json_free(attached);
         return send_fetch_error(r, &e);
     }
     char why[256];
     bool filtered = false;
     size_t len = 0;
-    char *out = referrers_body(b.buf, b.len, at ? at_dec : NULL, upstream_filtered, &filtered, &len, why, sizeof why);
+    char *out = referrers_body(b.buf, b.len, attached, at ? at_dec : NULL, upstream_filtered, &filtered, &len, why,
+                               sizeof why);
     free(b.buf);
+    json_free(attached);
     if (!out)
         return send_error(r, 502, "UNKNOWN", "upstream %s sent an unusable answer for the %s: %s", res.upstream,
                           subject, why);

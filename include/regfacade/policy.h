@@ -112,6 +112,10 @@ typedef struct {
     size_t n_platforms;
     /* Canonical text of the decision (layers and platforms), for keys. */
     char *fingerprint;
+    /* `referrers`: descriptors the policy attaches to the referrers answer
+     * of a digest (a JSON array of objects with mediaType, digest, size;
+     * NULL when not given). Only the referrers endpoint uses them. */
+    json_value *referrers;
 } policy_resolution;
 
 void policy_resolution_clear(policy_resolution *r);

@@ -165,3 +165,44 @@ def test_assembled_image_has_none_of_its_bases_referrers(fake_upstream, procs, t
     assert r.status == 200 and r.json()["manifests"] == [], f"{r!r}\n{diag(rf)}"
     r = get(rf, f"/v2/v/ws/referrers/{img.digest}")  # the base's own digest still has them
     assert r.status == 200 and r.json()["manifests"] == [sig, sbom], r
+
+
+ATTACH_POLICY = r'''
+local mirror = require "regfacade.mirror"
+return {
+    resolve = function(req)
+        local res = mirror.resolve(req)
+        if req.kind == "referrers" and req.repository == "acme/app" then
+            -- an attestation of the policy's own, for whatever digest is asked
+            res.referrers = { { mediaType = "application/vnd.oci.image.manifest.v1+json",
+                                digest = "sha256:" .. string.rep("ab", 32), size = 123,
+                                artifactType = "application/vnd.example.attestation",
+                                annotations = { ["org.example.by"] = "policy" } } }
+        elseif req.kind == "referrers" and req.repository == "acme/bad" then
+            res.referrers = { { mediaType = "x/y", digest = "not-a-digest", size = 1 } }
+        end
+        return res
+    end,
+}
+'''
+
+
+def test_policy_attaches_referrers(fake_upstream, procs, tmp_path, subject):
+    from harness import Regfacade
+    img, sig, sbom = subject
+    fake_upstream.referrers_api = True
+    (tmp_path / "policy.lua").write_text(ATTACH_POLICY)
+    rf = Regfacade(procs, str(tmp_path), {"cache": {"dir": str(tmp_path / "cache")},
+                                          "policy": {"file": str(tmp_path / "policy.lua")},
+                                          "upstreams": {"fake": {"url": fake_upstream.url}}}).start()
+    r = get(rf, f"/v2/acme/app/referrers/{img.digest}")
+    assert r.status == 200, f"{r!r}\n{diag(rf)}"
+    got = r.json()["manifests"]
+    assert got[:2] == [sig, sbom] and got[2]["annotations"] == {"org.example.by": "policy"}, got
+    # filtered like the upstream's
+    r = get(rf, f"/v2/acme/app/referrers/{img.digest}?artifactType=application/vnd.example.attestation")
+    assert [d["artifactType"] for d in r.json()["manifests"]] == ["application/vnd.example.attestation"], r
+    assert r.headers["OCI-Filters-Applied"] == "artifactType"
+    # a malformed attachment is the policy's error: a clear 500, nothing served as right
+    r = get(rf, f"/v2/acme/bad/referrers/{img.digest}")
+    assert r.status == 500 and "referrers[1] must be a descriptor" in r.body.decode(), r
