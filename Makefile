@@ -19,11 +19,13 @@ endif
 BUILD ?= build
 
 BUILD_PKGS := gcc make pkg-config libmicrohttpd-dev libcurl4-openssl-dev libssl-dev \
-              zlib1g-dev liblua5.4-dev lua5.4 lua-cjson libarchive-dev
+              zlib1g-dev liblua5.4-dev lua5.4 lua-cjson libarchive-dev libhiredis-dev
 TEST_PKGS  := lua-busted docker-registry skopeo containerd runc podman umoci busybox-static \
               apache2-utils python3 python3-pytest python3-cryptography python3-jwt openssl curl zstd \
               python3-yaml binutils docker.io systemd prometheus kubectl=kubernetes-client \
-              clang-format lua-check procps
+              clang-format lua-check procps redis-server haproxy
+# redis-server, haproxy: the cluster tests (3 replicas sharing one Redis behind a
+# round-robin front).
 # procps: /bin/kill, which the systemd unit's ExecReload names (systemd-analyze verify
 # checks it; Debian's minimal root has no procps).
 # `make bench` (bench/bench.py): the peers and load tools it runs side by side.
@@ -34,7 +36,7 @@ BENCH_PKGS := nginx wrk docker-registry skopeo containerd curl python3
 # make then reads this Makefile again with it: on a machine that had none of
 # the packages, the first `make`, `make test`, `make run` or `make bench`
 # compiles with the right flags (and every $(shell ...) here sees them too).
-PKG_MODULES := lua5.4 libmicrohttpd libcurl libarchive
+PKG_MODULES := lua5.4 libmicrohttpd libcurl libarchive hiredis
 .DEFAULT_GOAL := all
 ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),all)),)
 include $(BUILD)/pkg.mk

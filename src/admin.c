@@ -417,6 +417,7 @@ static enum MHD_Result route(admin_server *a, struct MHD_Connection *conn, const
         case SPECS_PUSH_INVALID: return send_error(conn, method, url, 400, "SPEC_INVALID", "%s", msg);
         case SPECS_PUSH_TOO_MANY: return send_error(conn, method, url, 507, "TOO_MANY_SPECS", "%s", msg);
         case SPECS_PUSH_NO_PROVIDER: return send_error(conn, method, url, 404, "UNSUPPORTED", "%s", msg);
+        case SPECS_PUSH_UNAVAILABLE: return send_error(conn, method, url, 503, "UNAVAILABLE", "%s", msg);
         case SPECS_PUSH_FAILED: break;
         }
         return send_error(conn, method, url, 500, "UNKNOWN", "%s", msg);
@@ -435,6 +436,7 @@ static enum MHD_Result route(admin_server *a, struct MHD_Connection *conn, const
     if (strcmp(method, "DELETE") == 0) {
         char msg[1024] = "";
         int rc = specs_pushed_delete(a->sp, id, msg, sizeof msg);
+        if (rc == -2) return send_error(conn, method, url, 503, "UNAVAILABLE", "%s", msg);
         if (rc < 0) return send_error(conn, method, url, 500, "UNKNOWN", "%s", msg);
         if (rc == 0) return send_error(conn, method, url, 404, "SPEC_UNKNOWN", "no pushed spec \"%s\"", id);
         log_info("admin DELETE /specs/%s: 204", id);

@@ -520,7 +520,7 @@ static int load_client_limits(load_ctx *lc, const json_value *limits, config *c)
 static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     static const char *const top[] = {"listen", "cache", "policy", "upstreams", "default_upstream",
                                       "docker_config", "limits", "upstream_client", "metrics", "tls",
-                                      "blobserve", "admin", "specs", "layers", "user", "log_level", NULL};
+                                      "blobserve", "admin", "specs", "layers", "user", "log_level", "cluster", NULL};
     static const char *const cache_keys[] = {"dir",           "max_bytes", "tag_ttl_seconds", "stale_max_seconds",
                                              "scrub_bytes_per_second", NULL};
     /* file and options are read here; the limits by policy.c (policy_section). */
@@ -622,8 +622,8 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
     }
     if (get_string(lc, root, "user", "config", &c->user) != 0) return -1;
     /* Sections validated by the modules that own them. */
-    static const char *const owned[] = {"metrics", "tls", "blobserve", "admin", "specs", "layers", NULL};
-    json_value **slots[] = {&c->metrics, &c->tls, &c->blobserve, &c->admin, &c->specs, &c->layers};
+    static const char *const owned[] = {"metrics", "tls", "blobserve", "admin", "specs", "layers", "cluster", NULL};
+    json_value **slots[] = {&c->metrics, &c->tls, &c->blobserve, &c->admin, &c->specs, &c->layers, &c->cluster};
     for (size_t i = 0; owned[i]; i++) {
         json_value *v = json_object_get(root, owned[i]);
         if (!v) continue;
@@ -816,6 +816,7 @@ void config_free(config *c) {
     json_free(c->blobserve);
     json_free(c->admin);
     json_free(c->specs);
+    json_free(c->cluster);
     json_free(c->layers);
     json_free(c->policy_section);
     free(c->dir);

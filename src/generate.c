@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "regfacade/cluster.h"
 #include "regfacade/digest.h"
 #include "regfacade/image.h"
 #include "regfacade/json.h"
@@ -502,9 +503,13 @@ int generate_image(const generate_env *env, const policy_request *req, const pol
         return -1;
     }
     /* What it made remembers this name and tag (generated for a tag only). */
-    for (size_t i = 0; req->reference && ref_valid_tag(req->reference) && i < made.n; i++)
+    for (size_t i = 0; req->reference && ref_valid_tag(req->reference) && i < made.n; i++) {
         if (store_made_add(env->st, made.d[i], req->repository, req->reference, err, sizeof err) != 0)
             log_error("%s", err);
+        /* And the cluster's record, with the base: another replica asked
+         * for this digest generates it again (cluster.h). */
+        cluster_made_add(store_cluster(env->st), made.d[i], req->repository, req->reference, base->digest);
+    }
     free(made.d);
     if (store_generated_put(env->st, key, out->digest, err, sizeof err) != 0) log_error("%s", err);
     return 0;

@@ -8,6 +8,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "regfacade/cluster.h"
 #include "regfacade/digest.h"
 #include "regfacade/json.h"
 #include "regfacade/log.h"
@@ -295,15 +296,98 @@ static int from_store(const manifest_env *env, const char *digest, manifest *out
     return 1;
 }
 
+/* age_s: how long ago the resolution was made (0: just now; for one
+ * taken from the cluster, the TTL minus what Redis says is left, so that
+ * only this node's clock is compared with this node's clock). */
 static void remember_tag(const manifest_env *env, upstream *u, const char *repository, const char *tag,
-                         const manifest *m) {
+                         const manifest *m, long age_s) {
     store_tag t;
     snprintf(t.digest, sizeof t.digest, "%s", m->digest);
     snprintf(t.media_type, sizeof t.media_type, "%s", m->media_type);
-    t.fetched = time(NULL);
+    t.fetched = time(NULL) - (age_s > 0 ? age_s : 0);
     char err[512];
     if (store_tag_put(env->st, upstream_name(u), repository, tag, &t, err, sizeof err) != 0)
         log_error("tag %s:%s: %s", repository, tag, err);
+}
+
+/* A manifest by digest under (u, repository): from the cache where it is
+ * linked to this scope, else once the upstream confirmed it, else fetched. */
+static int get_by_digest(const manifest_env *env, upstream *u, const char *repository, const char *reference,
+                         manifest *out, fetch_error *e) {
+    if (linked(env, u, repository, reference)) {
+        int rc = from_store(env, reference, out, e);
+        if (rc != 0) return rc > 0 ? 0 : -1;
+    } else if (store_blob_exists(env->st, reference)) {
+        /* Cached for another scope: served here only when the upstream
+         * has it in this repository for this account. */
+        char path[600], what[600];
+        snprintf(path, sizeof path, "%s/manifests/%s", repository, reference);
+        snprintf(what, sizeof what, "%s@%s", repository, reference);
+        upstream_request req = {.method = "HEAD", .repository = repository, .path = path,
+                                .accept = MANIFEST_ACCEPT_ALL};
+        upstream_response resp;
+        if (perform_retry(env, u, &req, &resp, NULL, what, false, e) != 0) return -1;
+        if (resp.status != 200) {
+            map_status(e, &resp, u, what);
+            return -1;
+        }
+        int rc = from_store(env, reference, out, e);
+        if (rc < 0) return -1;
+        if (rc > 0) {
+            link_upstream(env, u, repository, out);
+            return 0;
+        }
+    }
+    return fetch_manifest(env, u, repository, reference, reference, false, out, e);
+}
+
+/* ---------- the cluster's tag resolutions (cluster.h) ---------- */
+
+/* The resolution the replicas share, when there is one: HIT with t filled
+ * and *age_s how old it is. Below CLUSTER_MISS: alone (the local records
+ * decide). A TTL of 0 caches nothing, so nothing is shared either. */
+static cluster_result shared_tag(const manifest_env *env, upstream *u, const char *repository, const char *tag,
+                                 store_tag *t, long *age_s) {
+    if (env->cfg->tag_ttl_seconds <= 0) return CLUSTER_OFF;
+    long left_ms = 0;
+    cluster_result r = cluster_tag_get(store_cluster(env->st), upstream_name(u), repository, tag, t->digest,
+                                       sizeof t->digest, t->media_type, sizeof t->media_type, &left_ms);
+    if (r == CLUSTER_HIT && !ref_is_sha256_digest(t->digest)) r = CLUSTER_MISS;
+    *age_s = env->cfg->tag_ttl_seconds - left_ms / 1000;
+    return r;
+}
+
+/* This replica resolved tag to *m: publish it unless another replica was
+ * first, in which case its resolution is the one served (replicas agree
+ * on what a tag means until the shared TTL ends), then remember it here. */
+static void publish_tag(const manifest_env *env, upstream *u, const char *repository, const char *tag, manifest *m) {
+    long age_s = 0;
+    cluster *cl = store_cluster(env->st);
+    if (cl && env->cfg->tag_ttl_seconds > 0) {
+        store_tag t;
+        snprintf(t.digest, sizeof t.digest, "%s", m->digest);
+        snprintf(t.media_type, sizeof t.media_type, "%s", m->media_type);
+        long left_ms = 0;
+        cluster_result r = cluster_tag_claim(cl, upstream_name(u), repository, tag, env->cfg->tag_ttl_seconds * 1000,
+                                             t.digest, sizeof t.digest, t.media_type, sizeof t.media_type, &left_ms);
+        if (r == CLUSTER_HIT) age_s = env->cfg->tag_ttl_seconds - left_ms / 1000;
+        if (r == CLUSTER_HIT && strcmp(t.digest, m->digest) != 0 && ref_is_sha256_digest(t.digest)) {
+            manifest other;
+            fetch_error e2 = {0};
+            memset(&other, 0, sizeof other);
+            if (get_by_digest(env, u, repository, t.digest, &other, &e2) == 0) {
+                other.source = m->source;
+                manifest_clear(m);
+                *m = other;
+            } else {
+                /* What this replica just got from the upstream is right too. */
+                log_warn("tag %s:%s: the cluster's resolution %s cannot be loaded (%s); serving %s", repository, tag,
+                         t.digest, e2.message, m->digest);
+                age_s = 0;
+            }
+        }
+    }
+    remember_tag(env, u, repository, tag, m, age_s);
 }
 
 /* Failures of the upstream (not answers about the image) that a known tag
@@ -316,39 +400,23 @@ static bool upstream_failed(const fetch_error *e) {
  * (upstream, repository, reference) at a time (see manifest_get). */
 static int get_from_upstream(const manifest_env *env, upstream *u, const char *repository, const char *reference,
                              manifest *out, fetch_error *e) {
-    if (ref_is_sha256_digest(reference)) {
-        if (linked(env, u, repository, reference)) {
-            int rc = from_store(env, reference, out, e);
-            if (rc != 0) return rc > 0 ? 0 : -1;
-        } else if (store_blob_exists(env->st, reference)) {
-            /* Cached for another scope: served here only when the upstream
-             * has it in this repository for this account. */
-            char path[600], what[600];
-            snprintf(path, sizeof path, "%s/manifests/%s", repository, reference);
-            snprintf(what, sizeof what, "%s@%s", repository, reference);
-            upstream_request req = {.method = "HEAD", .repository = repository, .path = path,
-                                    .accept = MANIFEST_ACCEPT_ALL};
-            upstream_response resp;
-            if (perform_retry(env, u, &req, &resp, NULL, what, false, e) != 0) return -1;
-            if (resp.status != 200) {
-                map_status(e, &resp, u, what);
-                return -1;
-            }
-            int rc = from_store(env, reference, out, e);
-            if (rc < 0) return -1;
-            if (rc > 0) {
-                link_upstream(env, u, repository, out);
-                return 0;
-            }
-        }
-        return fetch_manifest(env, u, repository, reference, reference, false, out, e);
-    }
+    if (ref_is_sha256_digest(reference)) return get_by_digest(env, u, repository, reference, out, e);
 
+    /* The cluster's resolution, while it lasts, is this replica's too. */
     store_tag known;
+    long shared_age = 0;
+    cluster_result shared = shared_tag(env, u, repository, reference, &known, &shared_age);
+    if (shared == CLUSTER_HIT) {
+        if (get_by_digest(env, u, repository, known.digest, out, e) != 0) return -1;
+        remember_tag(env, u, repository, reference, out, shared_age);
+        return 0;
+    }
     int have_known = store_tag_get(env->st, upstream_name(u), repository, reference, &known) == 1;
     time_t now = time(NULL);
     have_known = have_known && linked(env, u, repository, known.digest);
-    if (have_known && now - known.fetched < env->cfg->tag_ttl_seconds) {
+    /* Redis answered that no replica resolved the tag within the TTL: a
+     * local record must not say otherwise. */
+    if (have_known && shared != CLUSTER_MISS && now - known.fetched < env->cfg->tag_ttl_seconds) {
         int rc = from_store(env, known.digest, out, e);
         if (rc > 0) return 0;
         if (rc < 0) return -1;
@@ -371,7 +439,7 @@ static int get_from_upstream(const manifest_env *env, upstream *u, const char *r
         if (got > 0) link_upstream(env, u, repository, out); /* the upstream says the tag names it here */
         if (got > 0 ||
             (got == 0 && fetch_manifest(env, u, repository, resp.digest, resp.digest, stale_ok, out, e) == 0)) {
-            remember_tag(env, u, repository, reference, out);
+            publish_tag(env, u, repository, reference, out);
             return 0;
         }
     } else if (rc == 0 && resp.status == 404) {
@@ -380,7 +448,7 @@ static int get_from_upstream(const manifest_env *env, upstream *u, const char *r
     } else if (rc == 0 && (resp.status == 200 || resp.status == 405 || resp.status == 400)) {
         /* No digest on HEAD, or HEAD not allowed: GET the tag. */
         if (fetch_manifest(env, u, repository, reference, NULL, stale_ok, out, e) == 0) {
-            remember_tag(env, u, repository, reference, out);
+            publish_tag(env, u, repository, reference, out);
             return 0;
         }
     } else if (rc == 0) {
@@ -470,8 +538,12 @@ int manifest_get(const manifest_env *env, upstream *u, const char *repository, c
         return -1;
     } else {
         store_tag known;
-        if (store_tag_get(env->st, upstream_name(u), repository, reference, &known) == 1 &&
-            time(NULL) - known.fetched < env->cfg->tag_ttl_seconds && linked(env, u, repository, known.digest)) {
+        long age;
+        cluster_result shared = shared_tag(env, u, repository, reference, &known, &age);
+        if ((shared == CLUSTER_HIT ||
+             (shared < CLUSTER_MISS && store_tag_get(env->st, upstream_name(u), repository, reference, &known) == 1 &&
+              time(NULL) - known.fetched < env->cfg->tag_ttl_seconds)) &&
+            linked(env, u, repository, known.digest)) {
             int rc = from_store(env, known.digest, out, e);
             if (rc != 0) return rc > 0 ? 0 : -1;
         }

@@ -453,14 +453,21 @@ unsigned metrics_health_answer(const char *path, metrics_ready_fn ready, void *u
         return 200;
     }
     if (strcmp(path, "/readyz") != 0) return 0;
-    char why[512] = "not ready";
+    char why[512] = "";
     if (ready && ready(ud, why, sizeof why) != 0) {
         size_t n = (size_t)snprintf(body, bodylen, "{\"status\":\"unavailable\",\"reason\":\"");
-        n = log_json_escape(body, bodylen - 3, n, why);
+        n = log_json_escape(body, bodylen - 3, n, why[0] ? why : "not ready");
         snprintf(body + n, bodylen - n, "\"}");
         return 503;
     }
-    snprintf(body, bodylen, "{\"status\":\"ready\"}");
+    if (!why[0]) {
+        snprintf(body, bodylen, "{\"status\":\"ready\"}");
+        return 200;
+    }
+    /* Ready, with something to say (degraded: serving alone). */
+    size_t n = (size_t)snprintf(body, bodylen, "{\"status\":\"ready\",\"detail\":\"");
+    n = log_json_escape(body, bodylen - 3, n, why);
+    snprintf(body + n, bodylen - n, "\"}");
     return 200;
 }
 

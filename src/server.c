@@ -16,6 +16,7 @@
 
 #include "regfacade/blobserve.h"
 #include "regfacade/client_auth.h"
+#include "regfacade/cluster.h"
 #include "regfacade/fetch.h"
 #include "regfacade/generate.h"
 #include "regfacade/guard.h"
@@ -74,6 +75,7 @@ struct server {
     int listen_fd;           /* bound before the privilege drop; MHD's once started */
     blobserve *blobserve;    /* the blobserve listener, NULL without a "blobserve" section */
     specs *specs;            /* image specs from outside (specs.h), NULL without "specs"/"admin" sections */
+    cluster *cluster;        /* shared state on Redis (cluster.h), NULL without a "cluster" section */
     pthread_mutex_t gen_lock;
     served *current;         /* the generation new requests get */
     served *first;           /* the one started with (cfg, pol, ups, layers above are its) */
@@ -343,6 +345,7 @@ static const char *start_only_change(const config *old, const config *c) {
     CHANGED("blobserve", same_section(old->blobserve, c->blobserve));
     CHANGED("admin", same_section(old->admin, c->admin));
     CHANGED("specs", same_section(old->specs, c->specs));
+    CHANGED("cluster", same_section(old->cluster, c->cluster));
 #undef CHANGED
     return NULL;
 }
@@ -483,8 +486,14 @@ static enum MHD_Result handle_ping(request *r) {
  * that tag's image again, as a GET of the tag by this client would (the
  * same bytes: generation is deterministic). True when digest is cached now. */
 static bool regenerate(request *r, const char *digest) {
-    char tag[REF_TAG_MAX + 1];
-    if (store_made_get(r->srv->st, digest, r->repository, tag, sizeof tag) != 1) return false;
+    char tag[REF_TAG_MAX + 1], base_digest[100] = "";
+    /* Made here, or by another replica of the cluster (which also says on
+     * which base: the same bytes even after the tag moved upstream). */
+    if (store_made_get(r->srv->st, digest, r->repository, tag, sizeof tag) != 1 &&
+        (cluster_made_get(store_cluster(r->srv->st), digest, r->repository, tag, sizeof tag, base_digest,
+                          sizeof base_digest) != CLUSTER_HIT ||
+         !ref_valid_tag(tag) || !ref_is_sha256_digest(base_digest)))
+        return false;
     fill_preq(r);
     policy_request pr = r->preq;
     pr.kind = "manifest";
@@ -502,7 +511,8 @@ static bool regenerate(request *r, const char *digest) {
     manifest_env env = {.st = r->srv->st, .cfg = r->sv->cfg};
     manifest base, built;
     fetch_error e = {0};
-    int rc = u && manifest_get(&env, u, res.repository, res.reference, &base, &e) == 0 ? 0 : -1;
+    const char *base_ref = base_digest[0] ? base_digest : res.reference;
+    int rc = u && manifest_get(&env, u, res.repository, base_ref, &base, &e) == 0 ? 0 : -1;
     if (rc == 0) {
         if (generate_needed(&r->sv->gen, &res)) {
             rc = generate_image(&r->sv->gen, &pr, &res, u, &base, &built, &e);
@@ -1237,7 +1247,10 @@ static int server_ready(void *ud, char *why, size_t whylen) {
                  load.open, s->cfg->max_connections);
         return -1;
     }
-    return metrics_cache_writable(store_dir(s->st), why, whylen);
+    if (metrics_cache_writable(store_dir(s->st), why, whylen) != 0) return -1;
+    /* Degraded is not unready: a replica without Redis serves alone. */
+    cluster_degraded_detail(s->cluster, why, whylen);
+    return 0;
 }
 
 /* /healthz and /readyz, also served on the metrics listener. */
@@ -1550,6 +1563,7 @@ int server_check(const config *c, char *err, size_t errlen) {
     if (blobserve_config_parse(c, &bc, err, errlen) != 0) return -1;
     blobserve_config_free(bc);
     if (specs_check_config(c, err, errlen) != 0) return -1;
+    if (cluster_check_config(c, err, errlen) != 0) return -1;
     /* A generation as a reload would build it: upstream clients, policy,
      * named layers. Nothing in it touches the store. */
     server probe = {.cfg = c};
@@ -1582,6 +1596,9 @@ server *server_start(const config *c, char *err, size_t errlen) {
     metrics_set_access_log(mc.access_log);
     s->st = store_open(c->cache_dir, c->cache_max_bytes, err, errlen);
     if (!s->st) goto fail;
+    /* Redis down at start is degraded, not a failure: the keeper rejoins. */
+    if (cluster_start(c, &s->cluster, err, errlen) != 0) goto fail;
+    store_set_cluster(s->st, s->cluster);
     if (!(s->scrub = scrub_start(s->st, c->scrub_bytes_per_second, err, errlen))) goto fail;
     metrics_cache_scan(c->cache_dir);
     fetch_options fo = {.max_concurrent = c->upstream_max_concurrent_fetches, .blob_max_bytes = c->blob_max_bytes};
@@ -1717,6 +1734,7 @@ void server_stop(server *s) {
         pthread_mutex_destroy(&s->gen_lock);
     }
     store_close(s->st);
+    cluster_stop(s->cluster); /* after everything that asks it */
     guard_free(s->guard);
     tls_config_free(s->tls);
     if (s->listen_fd >= 0) close(s->listen_fd);

@@ -20,6 +20,7 @@
 
 #include "regfacade/admin.h"
 #include "regfacade/clock.h"
+#include "regfacade/cluster.h"
 #include "regfacade/layers.h"
 #include "regfacade/log.h"
 #include "regfacade/metrics.h"
@@ -705,6 +706,73 @@ static int pushed_load(specs *sp, char *err, size_t errlen) {
     return 0;
 }
 
+/* The cluster pushed specs are shared through (NULL: alone, or not started). */
+static cluster *specs_cluster(const specs *sp) { return sp->st ? store_cluster(sp->st) : NULL; }
+
+/* Remove this replica's copy of id (caller holds mu): 1 removed, 0 not
+ * there, -1 disk error (msg). */
+static int pushed_remove_locked(specs *sp, const char *id, char *msg, size_t msglen) {
+    pushed_spec *s = pushed_find(sp, id);
+    if (!s) return 0;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s.json", sp->push_dir, id);
+    if (unlink(path) != 0 && errno != ENOENT) {
+        snprintf(msg, msglen, "cannot remove %s: %s", path, strerror(errno));
+        return -1;
+    }
+    fsync_dir(sp->push_dir);
+    pushed_clear(s);
+    *s = sp->specs[--sp->n_specs];
+    return 1;
+}
+
+/* In a cluster, make this replica's copy of id what Redis holds (pushed
+ * or replaced on another replica, or deleted there). Redis unreachable:
+ * the copy stays as it is. A record that is not a valid spec is reported
+ * and changes nothing. */
+static void pushed_sync(specs *sp, const char *id) {
+    cluster *cl = specs_cluster(sp);
+    if (!cl) return;
+    char *text = NULL, why[1200] = "";
+    size_t len = 0;
+    cluster_result r = cluster_spec_get(cl, sp->pushed->name, id, sp->max_bytes, &text, &len);
+    if (r == CLUSTER_MISS) {
+        pthread_mutex_lock(&sp->mu);
+        int rc = pushed_remove_locked(sp, id, why, sizeof why);
+        pthread_mutex_unlock(&sp->mu);
+        if (rc < 0) log_error("spec provider %s: spec %s deleted in the cluster: %s", sp->pushed->name, id, why);
+        else if (rc > 0) log_info("spec provider %s: spec %s deleted in the cluster", sp->pushed->name, id);
+        return;
+    }
+    if (r != CLUSTER_HIT) return;
+    pthread_mutex_lock(&sp->mu);
+    pushed_spec *s = pushed_find(sp, id);
+    bool same = s && s->len == len && memcmp(s->text, text, len) == 0;
+    pthread_mutex_unlock(&sp->mu);
+    if (same) {
+        free(text);
+        return;
+    }
+    json_value *tree = specs_parse(sp, text, len, why, sizeof why);
+    if (!tree) {
+        log_error("spec provider %s: spec %s in the cluster's Redis is not a valid spec (%s); left out",
+                  sp->pushed->name, id, why);
+        free(text);
+        return;
+    }
+    pthread_mutex_lock(&sp->mu);
+    int rc = pushed_write(sp, id, text, len, why, sizeof why) == 0 ? pushed_set(sp, id, text, len, tree) : -1;
+    pthread_mutex_unlock(&sp->mu);
+    if (rc != 0) {
+        log_error("spec provider %s: spec %s from the cluster: %s", sp->pushed->name, id,
+                  why[0] ? why : "out of memory");
+        free(text);
+        json_free(tree);
+        return;
+    }
+    log_info("spec provider %s: spec %s taken from the cluster", sp->pushed->name, id);
+}
+
 specs_push_result specs_push(specs *sp, const char *id, const char *text, size_t len, char digest[DIGEST_STRING_LEN],
                              char *msg, size_t msglen) {
     if (!sp || !sp->pushed) {
@@ -732,10 +800,24 @@ specs_push_result specs_push(specs *sp, const char *id, const char *text, size_t
     digest_bytes(stored, slen, digest);
     pthread_mutex_lock(&sp->mu);
     bool exists = pushed_find(sp, id) != NULL;
-    specs_push_result r;
+    specs_push_result r = SPECS_PUSH_CREATED;
     if (!exists && sp->n_specs >= sp->pushed->max_specs) {
         snprintf(msg, msglen, "spec provider %s holds %zu specs, its max_specs", sp->pushed->name, sp->n_specs);
         r = SPECS_PUSH_TOO_MANY;
+    }
+    pthread_mutex_unlock(&sp->mu);
+    /* In a cluster, Redis first (outside the lock: it may take the
+     * cluster's timeout): a spec this replica alone would know is refused. */
+    if (r == SPECS_PUSH_CREATED &&
+        cluster_spec_put(specs_cluster(sp), sp->pushed->name, id, stored, slen) == CLUSTER_DOWN) {
+        snprintf(msg, msglen, "spec provider %s: the cluster's Redis is unreachable, and a spec pushed now would "
+                 "exist on this replica only; nothing changed, push it again", sp->pushed->name);
+        r = SPECS_PUSH_UNAVAILABLE;
+    }
+    pthread_mutex_lock(&sp->mu);
+    exists = pushed_find(sp, id) != NULL;
+    if (r != SPECS_PUSH_CREATED) {
+        /* refused above */
     } else if (pushed_write(sp, id, stored, slen, msg, msglen) != 0) {
         r = SPECS_PUSH_FAILED;
     } else if (pushed_set(sp, id, stored, slen, tree) != 0) {
@@ -756,6 +838,7 @@ specs_push_result specs_push(specs *sp, const char *id, const char *text, size_t
 
 char *specs_pushed_text(specs *sp, const char *id, size_t *len) {
     if (!sp || !sp->pushed) return NULL;
+    pushed_sync(sp, id);
     pthread_mutex_lock(&sp->mu);
     pushed_spec *s = pushed_find(sp, id);
     char *out = NULL;
@@ -770,23 +853,16 @@ char *specs_pushed_text(specs *sp, const char *id, size_t *len) {
 
 int specs_pushed_delete(specs *sp, const char *id, char *msg, size_t msglen) {
     if (!sp || !sp->pushed) return 0;
-    pthread_mutex_lock(&sp->mu);
-    pushed_spec *s = pushed_find(sp, id);
-    int rc = 0;
-    if (s) {
-        char path[4096];
-        snprintf(path, sizeof path, "%s/%s.json", sp->push_dir, id);
-        if (unlink(path) != 0 && errno != ENOENT) {
-            snprintf(msg, msglen, "cannot remove %s: %s", path, strerror(errno));
-            rc = -1;
-        } else {
-            fsync_dir(sp->push_dir);
-            pushed_clear(s);
-            *s = sp->specs[--sp->n_specs];
-            rc = 1;
-        }
+    cluster_result cr = cluster_spec_del(specs_cluster(sp), sp->pushed->name, id);
+    if (cr == CLUSTER_DOWN) {
+        snprintf(msg, msglen, "spec provider %s: the cluster's Redis is unreachable, and a spec deleted now would "
+                 "stay on the other replicas; nothing changed, delete it again", sp->pushed->name);
+        return -2;
     }
+    pthread_mutex_lock(&sp->mu);
+    int rc = pushed_remove_locked(sp, id, msg, msglen);
     pthread_mutex_unlock(&sp->mu);
+    if (rc == 0 && cr == CLUSTER_HIT) rc = 1; /* pushed on another replica, never asked for here */
     if (rc == 1) log_info("spec provider %s: spec %s deleted", sp->pushed->name, id);
     return rc;
 }
@@ -1160,6 +1236,7 @@ specs_result specs_get(specs *sp, const char *provider_name, const char *id, jso
         return SPECS_UNKNOWN;
     }
     if (pv->type == PROV_PULLED) return spec_pulled_get(pv->pulled, id, out, why, whylen);
+    if (pv->type == PROV_PUSHED) pushed_sync(sp, id);
     pthread_mutex_lock(&sp->mu);
     const json_value *found = NULL;
     if (pv->type == PROV_FIXED) {

@@ -53,6 +53,7 @@ struct blob_entry {
 
 struct store {
     char *dir;
+    struct cluster *cluster; /* store_set_cluster: set once before any request */
     uint64_t max_bytes;
     pthread_mutex_t lock;
     pthread_cond_t verified_cv; /* an entry's verifying went false */
@@ -579,6 +580,9 @@ void store_close(store *s) {
 }
 
 const char *store_dir(const store *s) { return s->dir; }
+
+void store_set_cluster(store *s, struct cluster *cl) { s->cluster = cl; }
+struct cluster *store_cluster(const store *s) { return s->cluster; }
 
 static int blob_path(const store *s, const char *digest, char *out, size_t outlen) {
     if (!ref_is_sha256_digest(digest)) return -1;

@@ -82,6 +82,7 @@ typedef struct {
     json_value *blobserve;  /* blobserve.c */
     json_value *admin;      /* admin API (spec providers) */
     json_value *specs;      /* spec providers */
+    json_value *cluster;    /* shared state on Redis (cluster.c) */
     json_value *layers;     /* named layer sources (layers.c) */
     json_value *policy_section; /* the whole "policy" object: its limits are policy.c's to parse */
 } config;

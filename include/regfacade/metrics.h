@@ -139,7 +139,8 @@ void metrics_set_access_log(bool on);
 
 /* ---------- health ---------- */
 
-/* Readiness callback: 0 ready; -1 with a reason. */
+/* Readiness callback: 0 ready (why, when not left empty, is a detail the
+ * answer carries: ready but degraded); -1 with a reason. */
 typedef int (*metrics_ready_fn)(void *ud, char *why, size_t whylen);
 
 /* 0 when DIR/tmp accepts a new file (created and removed again); -1 with

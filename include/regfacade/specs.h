@@ -112,16 +112,21 @@ typedef enum {
     SPECS_PUSH_TOO_MANY, /* 507: the provider's max_specs reached */
     SPECS_PUSH_FAILED,   /* 500: disk error; nothing changed */
     SPECS_PUSH_NO_PROVIDER, /* 404: no pushed provider configured */
+    SPECS_PUSH_UNAVAILABLE, /* 503: a cluster's Redis is unreachable; nothing changed */
 } specs_push_result;
 
-/* Validate and store a pushed spec (file first, then memory). digest gets
- * the sha256 of the stored text. */
+/* Validate and store a pushed spec (in a cluster: Redis first, so every
+ * replica serves it at once; then the file, then memory). digest gets the
+ * sha256 of the stored text. */
 specs_push_result specs_push(specs *sp, const char *id, const char *text, size_t len,
                              char digest[DIGEST_STRING_LEN], char *msg, size_t msglen);
 /* A pushed spec's stored text (malloc'd, caller frees), or NULL when
- * unknown. */
+ * unknown. In a cluster, Redis answers (and this replica's copy follows
+ * it); while Redis is unreachable, this replica's copy. */
 char *specs_pushed_text(specs *sp, const char *id, size_t *len);
-/* Remove a pushed spec: 1 removed, 0 unknown, -1 disk error (msg). */
+/* Remove a pushed spec (in a cluster, from Redis first): 1 removed, 0
+ * unknown, -1 disk error (msg), -2 the cluster's Redis is unreachable
+ * (msg; nothing changed). */
 int specs_pushed_delete(specs *sp, const char *id, char *msg, size_t msglen);
 /* {"ids":[...]} of the pushed specs, sorted (malloc'd). */
 char *specs_pushed_list(specs *sp, size_t *len);

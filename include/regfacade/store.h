@@ -38,6 +38,14 @@ store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
 void store_close(store *s);
 const char *store_dir(const store *s);
 
+/* The cluster (cluster.h) whose shared records stand beside this store's
+ * own ones (tags, made records, pushed specs), NULL for a lone replica.
+ * The store itself never asks it: the modules that read and write those
+ * records do, through this one handle. Set once, before any request. */
+struct cluster;
+void store_set_cluster(store *s, struct cluster *cl);
+struct cluster *store_cluster(const store *s);
+
 /* Open a cached blob for reading: 1 found (fd and size set; caller closes),
  * 0 not cached (or just quarantined), -1 error (err set). digest must be a
  * valid sha256 digest. A file not yet verified in this process, or changed
