@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "regfacade/cluster.h"
 #include "regfacade/json.h"
 #include "regfacade/log.h"
 #include "regfacade/manifest.h"
@@ -514,10 +515,20 @@ void cachectl_tag_forget(store *st, policy *pol, const char *ref, cachectl_answe
     policy_resolution res;
     if (resolve_ref(pol, ref, &res, out) != 0) return;
     char err[600];
+    /* In a cluster, the shared resolution first (else the next pull would
+     * take it again); Redis unreachable: nothing changed. */
+    cluster_result shared = ref_is_sha256_digest(res.reference)
+                                ? CLUSTER_OFF
+                                : cluster_tag_forget(store_cluster(st), res.upstream, res.repository, res.reference);
     int r = ref_is_sha256_digest(res.reference) ? 2
-                                                : store_tag_remove(st, res.upstream, res.repository, res.reference,
-                                                                   err, sizeof err);
-    if (r == 2) {
+            : shared == CLUSTER_DOWN           ? 3
+                                               : store_tag_remove(st, res.upstream, res.repository, res.reference,
+                                                                  err, sizeof err);
+    if (r == 1 || (r == 0 && shared == CLUSTER_HIT)) r = 1;
+    if (r == 3) {
+        answer_error(out, 503, "UNAVAILABLE", "%s: the cluster's Redis is unreachable, and the tag would stay "
+                     "resolved on the other replicas; nothing changed, refresh it again", ref);
+    } else if (r == 2) {
         answer_error(out, 400, "TAG_INVALID", "%s resolves to the digest %s: a digest has no tag to refresh", ref,
                      res.reference);
     } else if (r < 0) {

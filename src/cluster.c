@@ -526,6 +526,26 @@ cluster_result cluster_tag_claim(cluster *cl, const char *upstream, const char *
     return counted(cl, r);
 }
 
+/* DEL of one key: HIT deleted, MISS not there. */
+static cluster_result del_key(cluster *cl, const char *key) {
+    cmd c = {0};
+    args(&c, "DEL");
+    args(&c, key);
+    redisReply *rp;
+    cluster_result r = exchange(cl, &c, 1, &rp);
+    if (r != CLUSTER_HIT) return r;
+    r = rp->type == REDIS_REPLY_INTEGER && rp->integer > 0 ? CLUSTER_HIT : CLUSTER_MISS;
+    freeReplyObject(rp);
+    return counted(cl, r);
+}
+
+cluster_result cluster_tag_forget(cluster *cl, const char *upstream, const char *repository, const char *tag) {
+    if (!cl) return CLUSTER_OFF;
+    char key[1024];
+    if (key_of(cl, key, sizeof key, "tag", upstream, repository, tag) != 0) return CLUSTER_DOWN;
+    return del_key(cl, key);
+}
+
 cluster_result cluster_made_add(cluster *cl, const char *digest, const char *repository, const char *tag,
                                 const char *base_digest) {
     if (!cl) return CLUSTER_OFF;
@@ -613,13 +633,5 @@ cluster_result cluster_spec_del(cluster *cl, const char *provider, const char *i
     if (!cl) return CLUSTER_OFF;
     char key[512];
     if (key_of(cl, key, sizeof key, "spec", provider, id, NULL) != 0) return CLUSTER_DOWN;
-    cmd c = {0};
-    args(&c, "DEL");
-    args(&c, key);
-    redisReply *rp;
-    cluster_result r = exchange(cl, &c, 1, &rp);
-    if (r != CLUSTER_HIT) return r;
-    r = rp->type == REDIS_REPLY_INTEGER && rp->integer > 0 ? CLUSTER_HIT : CLUSTER_MISS;
-    freeReplyObject(rp);
-    return counted(cl, r);
+    return del_key(cl, key);
 }

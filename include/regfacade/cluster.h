@@ -68,6 +68,9 @@ cluster_result cluster_tag_claim(cluster *cl, const char *upstream, const char *
                                  long ttl_ms, char *digest, size_t dlen, char *media_type, size_t mtlen,
                                  long *left_ms);
 
+/* Forget a resolution (tags refresh): HIT deleted, MISS was not there. */
+cluster_result cluster_tag_forget(cluster *cl, const char *upstream, const char *repository, const char *tag);
+
 /* ---- generated images: digest -> (repository -> tag, base digest) ---- */
 
 /* Remember that digest was generated for repository:tag on the base

@@ -264,6 +264,15 @@ def test_a_tag_means_the_same_on_every_replica_until_the_shared_record_ends(clus
     assert manifest_digest(c.host, "cluster/moving", "v1")[0] == moved["manifest_digest"]
     for rf in (a, b, c):
         assert manifest_digest(rf.host, "cluster/moving", "v1")[0] == moved["manifest_digest"], rf.name
+    # The tag moves back; `tags refresh` on B forgets the shared resolution
+    # (not only B's own): A, which resolved it, now asks the upstream too.
+    images.push_image(built_images, "oci", cluster.reg.host, repo="cluster/moving", tag="v1")
+    assert manifest_digest(a.host, "cluster/moving", "v1")[0] == moved["manifest_digest"]
+    r = admin(b, "POST", "/tags/refresh", {"ref": "cluster/moving:v1"})
+    assert r.status == 200 and r.json()["forgotten"] is True, r
+    assert cluster.redis.cli("EXISTS", keys[0]).strip() == "0"
+    for rf in (a, b, c):
+        assert manifest_digest(rf.host, "cluster/moving", "v1")[0] == d1, rf.name
 
 
 def test_an_admin_put_on_one_replica_is_served_by_another(cluster):
@@ -371,6 +380,9 @@ def test_redis_down_degrades_and_comes_back(cluster, built_images, tmp_path):
     # An admin write cannot reach every replica: refused, nothing changed.
     r = admin(a, "PUT", "/specs/ws-down", {"base": "up/cluster/app:v1"})
     assert r.status == 503, r
+    assert admin(a, "GET", "/specs/ws-down").status == 404
+    r = admin(b, "POST", "/tags/refresh", {"ref": "cluster/app:v1"})
+    assert r.status == 503 and json.loads(r.body)["errors"][0]["code"] == "UNAVAILABLE", r
     # One log line per outage, not one per request.
     for rf, n in zip(cluster.replicas, downs):
         assert count_messages(rf, DOWN) == n + 1, rf.name
