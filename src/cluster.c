@@ -40,9 +40,9 @@ struct cluster {
     slot *slots;
 
     pthread_mutex_t mu;
-    pthread_cond_t cv;   /* a slot was released or filled; stop */
-    bool up;             /* the breaker is closed */
-    unsigned gen;        /* bumped when the breaker opens: older connections are dropped */
+    pthread_cond_t cv; /* a slot was released or filled; stop */
+    bool up;           /* the breaker is closed */
+    unsigned gen;      /* bumped when the breaker opens: older connections are dropped */
     bool stopping;
     int64_t down_since_ms;
     char down_why[256];
@@ -83,8 +83,8 @@ static bool valid_namespace(const char *s) {
 static int parse_config(const config *c, cluster_config *cc, char *err, size_t errlen) {
     memset(cc, 0, sizeof *cc);
     const json_value *sec = c->cluster;
-    static const char *const keys[] = {"redis", "namespace", "timeout_ms", "retry_ms", "connections",
-                                       "record_ttl_seconds", NULL};
+    static const char *const keys[] = {"redis",       "namespace",          "timeout_ms", "retry_ms",
+                                       "connections", "record_ttl_seconds", NULL};
     config_section p_ = {c, "cluster", err, errlen}, *p = &p_;
     if (config_section_check_keys(p, sec, "", keys) != 0) return -1;
     const char *redis = json_object_get_string(sec, "redis");
@@ -148,9 +148,11 @@ static redisContext *connect_one(cluster *cl, char *why, size_t whylen) {
 static int ping(cluster *cl, redisContext *c, char *why, size_t whylen) {
     redisReply *r = redisCommand(c, "PING");
     int ok = r && r->type == REDIS_REPLY_STATUS;
-    if (!r) snprintf(why, whylen, "PING to %s:%d: %s", cl->host, cl->port, c->errstr);
-    else if (!ok) snprintf(why, whylen, "PING to %s:%d answered %.100s", cl->host, cl->port,
-                           r->type == REDIS_REPLY_ERROR ? r->str : "something else");
+    if (!r)
+        snprintf(why, whylen, "PING to %s:%d: %s", cl->host, cl->port, c->errstr);
+    else if (!ok)
+        snprintf(why, whylen, "PING to %s:%d answered %.100s", cl->host, cl->port,
+                 r->type == REDIS_REPLY_ERROR ? r->str : "something else");
     if (r) freeReplyObject(r);
     return ok ? 0 : -1;
 }
@@ -171,7 +173,8 @@ static void trip_locked(cluster *cl, const char *why) {
         }
     pthread_cond_broadcast(&cl->cv);
     log_error("cluster: Redis %s:%d unreachable (%s); serving alone from the cache and the upstreams until it "
-              "answers again", cl->host, cl->port, why);
+              "answers again",
+              cl->host, cl->port, why);
 }
 
 /* Connect every empty idle slot (called by the keeper without mu: connects
@@ -324,8 +327,10 @@ static cluster_result exchange(cluster *cl, cmd *cmds, size_t n, redisReply **ou
 }
 
 static cluster_result counted(cluster *cl, cluster_result r) {
-    if (r == CLUSTER_HIT) atomic_fetch_add(&cl->calls_hit, 1);
-    else if (r == CLUSTER_MISS) atomic_fetch_add(&cl->calls_miss, 1);
+    if (r == CLUSTER_HIT)
+        atomic_fetch_add(&cl->calls_hit, 1);
+    else if (r == CLUSTER_MISS)
+        atomic_fetch_add(&cl->calls_miss, 1);
     return r;
 }
 
@@ -473,8 +478,8 @@ static cluster_result read_tag(redisReply **rp, char *digest, size_t dlen, char 
     return *left_ms > 0 ? CLUSTER_HIT : CLUSTER_MISS;
 }
 
-cluster_result cluster_tag_get(cluster *cl, const char *upstream, const char *repository, const char *tag,
-                               char *digest, size_t dlen, char *media_type, size_t mtlen, long *left_ms) {
+cluster_result cluster_tag_get(cluster *cl, const char *upstream, const char *repository, const char *tag, char *digest,
+                               size_t dlen, char *media_type, size_t mtlen, long *left_ms) {
     if (!cl) return CLUSTER_OFF;
     char key[1024];
     if (key_of(cl, key, sizeof key, "tag", upstream, repository, tag) != 0) return CLUSTER_DOWN;
@@ -582,7 +587,7 @@ cluster_result cluster_made_get(cluster *cl, const char *digest, const char *rep
     cluster_result r = exchange(cl, &c, 1, &rp);
     if (r != CLUSTER_HIT) return r;
     r = rp->type == REDIS_REPLY_STRING && split_pair(rp->str, rp->len, tag, tlen, base, blen) ? CLUSTER_HIT
-                                                                                               : CLUSTER_MISS;
+                                                                                              : CLUSTER_MISS;
     freeReplyObject(rp);
     return counted(cl, r);
 }

@@ -58,15 +58,14 @@ bool cluster_degraded_detail(cluster *cl, char *out, size_t outlen);
 /* ---- tag resolutions: (upstream, repository, tag) -> digest, media type ---- */
 
 /* HIT: digest and media type filled, *left_ms the record's remaining TTL. */
-cluster_result cluster_tag_get(cluster *cl, const char *upstream, const char *repository, const char *tag,
-                               char *digest, size_t dlen, char *media_type, size_t mtlen, long *left_ms);
+cluster_result cluster_tag_get(cluster *cl, const char *upstream, const char *repository, const char *tag, char *digest,
+                               size_t dlen, char *media_type, size_t mtlen, long *left_ms);
 /* Publish a resolution this replica just made, unless another replica's is
  * there (SET NX PX ttl_ms). HIT: digest and media_type now hold the
  * cluster's resolution (this one, or the other replica's, which the caller
  * serves instead) and *left_ms its remaining TTL. */
 cluster_result cluster_tag_claim(cluster *cl, const char *upstream, const char *repository, const char *tag,
-                                 long ttl_ms, char *digest, size_t dlen, char *media_type, size_t mtlen,
-                                 long *left_ms);
+                                 long ttl_ms, char *digest, size_t dlen, char *media_type, size_t mtlen, long *left_ms);
 
 /* Forget a resolution (tags refresh): HIT deleted, MISS was not there. */
 cluster_result cluster_tag_forget(cluster *cl, const char *upstream, const char *repository, const char *tag);
