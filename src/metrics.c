@@ -68,6 +68,7 @@ static struct {
     _Atomic int64_t cache_bytes, cache_entries;
     counter evictions, evicted_bytes;
     counter quarantined, verified_bytes;
+    counter removed, removed_bytes; /* cache rm */
 
     pthread_mutex_t lock; /* guards adding upstream slots */
     upstream_slot ups[METRICS_MAX_UPSTREAMS + 1]; /* the last one is "other" */
@@ -243,6 +244,13 @@ void metrics_cache_evicted(uint64_t bytes) {
 
 void metrics_cache_quarantined(uint64_t bytes) {
     INC(M.quarantined);
+    atomic_fetch_sub_explicit(&M.cache_bytes, (int64_t)bytes, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&M.cache_entries, 1, memory_order_relaxed);
+}
+
+void metrics_cache_removed(uint64_t bytes) {
+    INC(M.removed);
+    ADD(M.removed_bytes, bytes);
     atomic_fetch_sub_explicit(&M.cache_bytes, (int64_t)bytes, memory_order_relaxed);
     atomic_fetch_sub_explicit(&M.cache_entries, 1, memory_order_relaxed);
 }
@@ -678,6 +686,10 @@ char *metrics_render(size_t *len) {
     head(&o, "regfacade_cache_quarantined_total", "counter",
          "Cached files that failed verification and were moved to CACHE/quarantine.");
     out(&o, "regfacade_cache_quarantined_total %llu\n", (unsigned long long)GET(M.quarantined));
+    head(&o, "regfacade_cache_removed_total", "counter", "Cache entries removed by cache rm.");
+    out(&o, "regfacade_cache_removed_total %llu\n", (unsigned long long)GET(M.removed));
+    head(&o, "regfacade_cache_removed_bytes_total", "counter", "Bytes cache rm freed.");
+    out(&o, "regfacade_cache_removed_bytes_total %llu\n", (unsigned long long)GET(M.removed_bytes));
     head(&o, "regfacade_cache_verified_bytes_total", "counter",
          "Bytes of cached files hashed again (first open after start, changed files, scrub, cache verify).");
     out(&o, "regfacade_cache_verified_bytes_total %llu\n", (unsigned long long)GET(M.verified_bytes));

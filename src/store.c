@@ -1296,7 +1296,10 @@ store_remove_result store_blob_remove(store *s, const char *digest, char *err, s
             r = STORE_REMOVE_ERROR;
         }
     }
-    if (e && r != STORE_REMOVE_ERROR) index_remove(s, e);
+    if (e && r != STORE_REMOVE_ERROR) {
+        if (r == STORE_REMOVED) metrics_cache_removed(e->size);
+        index_remove(s, e);
+    }
     pthread_mutex_unlock(&s->lock);
     if (r == STORE_REMOVED) unlink_links(s, digest + 7);
     return r;

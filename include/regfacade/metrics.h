@@ -57,6 +57,8 @@ void metrics_cache_put(uint64_t bytes);
 void metrics_cache_evicted(uint64_t bytes);
 /* A cached file failed verification and left the cache (store.c). */
 void metrics_cache_quarantined(uint64_t bytes);
+/* An object left the cache by cache rm (store_blob_remove). */
+void metrics_cache_removed(uint64_t bytes);
 /* Bytes of cached files hashed again to verify them. */
 void metrics_cache_verified(uint64_t bytes);
 /* Set the cache gauges from a scan of DIR/blobs (done once at start). */

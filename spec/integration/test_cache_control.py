@@ -28,8 +28,10 @@ class Ctl:
         work.mkdir()
         (work / "admin.token").write_text(TOKEN + "\n")
         self.admin = f"127.0.0.1:{free_port()}"
+        self.metrics = f"127.0.0.1:{free_port()}"
         cfg = {"upstreams": {"reg": {"url": upstream.url}},
-               "cache": {"dir": str(work / "cache"), "tag_ttl_seconds": 3600}}
+               "cache": {"dir": str(work / "cache"), "tag_ttl_seconds": 3600},
+               "metrics": {"listen": self.metrics}}
         if admin:
             cfg["admin"] = {"listen": self.admin, "token_file": str(work / "admin.token")}
         if policy:
@@ -54,6 +56,13 @@ class Ctl:
         if check:
             assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
         return r
+
+    def metric(self, name):
+        """The value of an unlabelled series on /metrics."""
+        for line in request(self.metrics, "GET", "/metrics").body.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} not on /metrics")
 
     def api(self, method, path, body=None, token=TOKEN):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -127,6 +136,7 @@ def test_warm_ls_pull_from_cache_rm_then_upstream(ctl, upstream, plain_registry,
     pull(ctl, "regfacade-test/schema2", "v1", tmp_path, "from-cache")
 
     # cache rm: the image's resolution and blobs go, not what multi holds too.
+    size_before = ctl.metric("regfacade_cache_size_bytes")
     rm = json.loads(ctl.cmd("cache", "rm", "regfacade-test/schema2:v1", "--json").stdout)
     removed = {b["digest"] for b in rm["removed"]}
     shared = blobs_of(s2) & blobs_of(arm64)
@@ -134,6 +144,9 @@ def test_warm_ls_pull_from_cache_rm_then_upstream(ctl, upstream, plain_registry,
     assert removed == ({s2["manifest_digest"]} | blobs_of(s2)) - shared, (rm, shared)
     assert [(t["repository"], t["tag"]) for t in rm["tags"]] == [("regfacade-test/schema2", "v1")], rm
     assert rm["bytes"] == sum(b["size"] for b in rm["removed"]) > 0, rm
+    assert ctl.metric("regfacade_cache_removed_total") == len(removed)
+    assert ctl.metric("regfacade_cache_removed_bytes_total") == rm["bytes"]
+    assert ctl.metric("regfacade_cache_size_bytes") == size_before - rm["bytes"]
     for d in removed:
         assert not cached(ctl, d)
         assert not links_of(ctl, d), (d, links_of(ctl, d))  # links follow the bytes
