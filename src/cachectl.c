@@ -92,8 +92,10 @@ int cachectl_ref_split(const char *ref, char *name, size_t nlen, char *reference
     memcpy(name, ref, n);
     name[n] = '\0';
     if (!ref_valid_name(name)) {
-        snprintf(err, errlen, "\"%.300s\": \"%.300s\" is not a valid repository name (NAME:TAG, NAME@sha256:HEX or "
-                 "sha256:HEX)", ref, name);
+        snprintf(err, errlen,
+                 "\"%.300s\": \"%.300s\" is not a valid repository name (NAME:TAG, NAME@sha256:HEX or "
+                 "sha256:HEX)",
+                 ref, name);
         return -1;
     }
     return 0;
@@ -243,7 +245,8 @@ static int ls_tag(void *ud, const char *upstream, const char *repository, const 
         if (b->used > used) used = b->used;
     }
     json_value *o = json_new_object();
-    if (!o) c->oom = true;
+    if (!o)
+        c->oom = true;
     else {
         put(o, "upstream", json_new_string(upstream), &c->oom);
         put(o, "repository", json_new_string(repository), &c->oom);
@@ -293,8 +296,10 @@ void cachectl_list(store *st, cachectl_answer *out) {
         json_free(blobs);
         json_free(c.images);
         free(bi.b);
-        if (unreadable) answer_error(out, 500, "UNKNOWN", "cannot read %s/tags", store_dir(st));
-        else answer_error(out, 500, "UNKNOWN", "out of memory listing the cache");
+        if (unreadable)
+            answer_error(out, 500, "UNKNOWN", "cannot read %s/tags", store_dir(st));
+        else
+            answer_error(out, 500, "UNKNOWN", "out of memory listing the cache");
         return;
     }
     put(root, "images", c.images, &oom);
@@ -335,7 +340,8 @@ void cachectl_usage(store *st, uint64_t max_bytes, cachectl_answer *out) {
     count_dir(store_dir(st), "quarantine", &q_n, &q_b);
     bool oom = false;
     json_value *o = json_new_object();
-    if (!o) oom = true;
+    if (!o)
+        oom = true;
     else {
         put(o, "dir", json_new_string(store_dir(st)), &oom);
         put(o, "blobs", json_new_uint64(ss.blobs), &oom);
@@ -354,9 +360,9 @@ void cachectl_usage(store *st, uint64_t max_bytes, cachectl_answer *out) {
 
 typedef struct {
     store *st;
-    const char *digest;     /* the manifest being removed */
-    json_value *tags;       /* resolutions removed */
-    dset kept;              /* blobs other resolutions' images hold */
+    const char *digest; /* the manifest being removed */
+    json_value *tags;   /* resolutions removed */
+    dset kept;          /* blobs other resolutions' images hold */
     bool oom;
     char err[600];
     bool failed;
@@ -383,8 +389,10 @@ static int rm_tag(void *ud, const char *upstream, const char *repository, const 
         return 0;
     }
     int r = store_tag_remove(c->st, upstream, repository, tag, c->err, sizeof c->err);
-    if (r < 0) c->failed = true;
-    else if (r == 1) append(c->tags, tag_json(upstream, repository, tag, &c->oom), &c->oom);
+    if (r < 0)
+        c->failed = true;
+    else if (r == 1)
+        append(c->tags, tag_json(upstream, repository, tag, &c->oom), &c->oom);
     return 0;
 }
 
@@ -432,8 +440,10 @@ void cachectl_remove(store *st, policy *pol, const char *ref, cachectl_answer *o
     bool oom = c.oom || tree.oom || c.kept.oom || !removed || !in_use || !c.tags;
     size_t n_removed = 0, n_in_use = 0;
     blob_index bi = {0};
-    if (!oom && blob_index_load(st, &bi) != 0) oom = true;
-    else if (bi.n) qsort(bi.b, bi.n, sizeof *bi.b, cmp_ref);
+    if (!oom && blob_index_load(st, &bi) != 0)
+        oom = true;
+    else if (bi.n)
+        qsort(bi.b, bi.n, sizeof *bi.b, cmp_ref);
     for (size_t i = 0; !oom && !c.failed && i < tree.n; i++) {
         if (dset_has(&c.kept, tree.d[i])) continue;
         const store_blob_ref *b = blob_find(&bi, tree.d[i]);
@@ -442,7 +452,8 @@ void cachectl_remove(store *st, policy *pol, const char *ref, cachectl_answer *o
         store_remove_result r = store_blob_remove(st, tree.d[i], err, sizeof err);
         if (r == STORE_REMOVED) {
             json_value *o = json_new_object();
-            if (!o) oom = true;
+            if (!o)
+                oom = true;
             else {
                 put(o, "digest", json_new_string(tree.d[i]), &oom);
                 put(o, "size", json_new_uint64(size), &oom);
@@ -475,10 +486,14 @@ void cachectl_remove(store *st, policy *pol, const char *ref, cachectl_answer *o
     json_free(c.tags);
     json_free(removed);
     json_free(in_use);
-    if (c.failed) answer_error(out, 500, "UNKNOWN", "%s: %s", ref, c.err);
-    else if (oom) answer_error(out, 500, "UNKNOWN", "%s: out of memory", ref);
-    else if (!o) answer_error(out, 404, "BLOB_UNKNOWN", "%s: nothing of it is cached", ref);
-    else answer_json(out, n_in_use ? 409 : 200, o, oom);
+    if (c.failed)
+        answer_error(out, 500, "UNKNOWN", "%s: %s", ref, c.err);
+    else if (oom)
+        answer_error(out, 500, "UNKNOWN", "%s: out of memory", ref);
+    else if (!o)
+        answer_error(out, 404, "BLOB_UNKNOWN", "%s: nothing of it is cached", ref);
+    else
+        answer_json(out, n_in_use ? 409 : 200, o, oom);
     if (o)
         log_info("cache rm %s: %zu blobs removed (%llu bytes), %zu resolutions, %zu in use kept", ref, n_removed,
                  (unsigned long long)bytes, n_tags, n_in_use);
@@ -495,7 +510,8 @@ void cachectl_gc(store *st, time_t tmp_min_age, cachectl_answer *out) {
     }
     bool oom = false;
     json_value *o = json_new_object();
-    if (!o) oom = true;
+    if (!o)
+        oom = true;
     else {
         put(o, "tmp_files", json_new_uint64(r.tmp_files), &oom);
         put(o, "tmp_bytes", json_new_uint64(r.tmp_bytes), &oom);
@@ -506,8 +522,8 @@ void cachectl_gc(store *st, time_t tmp_min_age, cachectl_answer *out) {
         put(o, "stray_bytes", json_new_uint64(r.stray_bytes), &oom);
     }
     log_info("cache gc: %zu tmp files, %zu tag and %zu generated records of uncached images, %zu damaged records, "
-             "%zu stray files removed", r.tmp_files, r.tag_records, r.generated_records, r.damaged_records,
-             r.stray_files);
+             "%zu stray files removed",
+             r.tmp_files, r.tag_records, r.generated_records, r.damaged_records, r.stray_files);
     answer_json(out, 200, o, oom);
 }
 
@@ -521,13 +537,15 @@ void cachectl_tag_forget(store *st, policy *pol, const char *ref, cachectl_answe
                                 ? CLUSTER_OFF
                                 : cluster_tag_forget(store_cluster(st), res.upstream, res.repository, res.reference);
     int r = ref_is_sha256_digest(res.reference) ? 2
-            : shared == CLUSTER_DOWN           ? 3
-                                               : store_tag_remove(st, res.upstream, res.repository, res.reference,
-                                                                  err, sizeof err);
+            : shared == CLUSTER_DOWN
+                ? 3
+                : store_tag_remove(st, res.upstream, res.repository, res.reference, err, sizeof err);
     if (r == 1 || (r == 0 && shared == CLUSTER_HIT)) r = 1;
     if (r == 3) {
-        answer_error(out, 503, "UNAVAILABLE", "%s: the cluster's Redis is unreachable, and the tag would stay "
-                     "resolved on the other replicas; nothing changed, refresh it again", ref);
+        answer_error(out, 503, "UNAVAILABLE",
+                     "%s: the cluster's Redis is unreachable, and the tag would stay "
+                     "resolved on the other replicas; nothing changed, refresh it again",
+                     ref);
     } else if (r == 2) {
         answer_error(out, 400, "TAG_INVALID", "%s resolves to the digest %s: a digest has no tag to refresh", ref,
                      res.reference);
@@ -536,7 +554,8 @@ void cachectl_tag_forget(store *st, policy *pol, const char *ref, cachectl_answe
     } else {
         bool oom = false;
         json_value *o = json_new_object();
-        if (!o) oom = true;
+        if (!o)
+            oom = true;
         else {
             put(o, "ref", json_new_string(ref), &oom);
             put(o, "upstream", json_new_string(res.upstream), &oom);
@@ -555,11 +574,11 @@ void cachectl_tag_forget(store *st, policy *pol, const char *ref, cachectl_answe
 
 typedef struct {
     upstream *u;
-    size_t ref;             /* index into refs */
+    size_t ref; /* index into refs */
     char repository[REF_NAME_MAX + 1];
     char digest[80];
-    int64_t size;           /* -1: unknown */
-    bool manifest;          /* fetched by start already */
+    int64_t size;  /* -1: unknown */
+    bool manifest; /* fetched by start already */
 } warm_item;
 
 struct cachectl_warm {
@@ -580,8 +599,8 @@ static upstream *gen_upstream(const generation *g, const char *name) {
     return NULL;
 }
 
-static int warm_add(cachectl_warm *w, upstream *u, size_t ref, const char *repository, const char *digest,
-                    int64_t size, bool manifest) {
+static int warm_add(cachectl_warm *w, upstream *u, size_t ref, const char *repository, const char *digest, int64_t size,
+                    bool manifest) {
     for (size_t i = 0; i < w->n; i++)
         if (strcmp(w->items[i].digest, digest) == 0 && w->items[i].u == u &&
             strcmp(w->items[i].repository, repository) == 0)
@@ -627,8 +646,7 @@ static int warm_plan_image(cachectl_warm *w, upstream *u, size_t ref, const char
     const json_value *all[1 + 256];
     size_t n = 0;
     if (cfg) all[n++] = cfg;
-    for (size_t i = 0; layers && layers->type == JSON_ARRAY && i < layers->count && n < sizeof all / sizeof all[0];
-         i++)
+    for (size_t i = 0; layers && layers->type == JSON_ARRAY && i < layers->count && n < sizeof all / sizeof all[0]; i++)
         all[n++] = layers->items[i];
     for (size_t i = 0; i < n && rc == 0; i++) {
         const char *d = json_object_get_string(all[i], "digest");
@@ -744,8 +762,8 @@ char *cachectl_warm_next(cachectl_warm *w, size_t *len) {
         put(o, "cached", json_new_uint64(w->cached), &oom);
         put(o, "failed", json_new_uint64(w->failed), &oom);
         put(o, "bytes", json_new_uint64(w->bytes), &oom);
-        log_info("cache warm done: %zu blobs, %zu fetched (%llu bytes), %zu were cached, %zu failed", w->n,
-                 w->fetched, (unsigned long long)w->bytes, w->cached, w->failed);
+        log_info("cache warm done: %zu blobs, %zu fetched (%llu bytes), %zu were cached, %zu failed", w->n, w->fetched,
+                 (unsigned long long)w->bytes, w->cached, w->failed);
     } else {
         warm_item *it = &w->items[w->next++];
         const char *state = "cached";
@@ -754,8 +772,8 @@ char *cachectl_warm_next(cachectl_warm *w, size_t *len) {
             w->cached++;
         } else {
             int now_cached = 0;
-            fetch *x = fetch_blob(w->env->fetches, it->u, it->repository, it->digest, it->size, &now_cached, why,
-                                  sizeof why);
+            fetch *x =
+                fetch_blob(w->env->fetches, it->u, it->repository, it->digest, it->size, &now_cached, why, sizeof why);
             fetch_error fe = {0};
             if (!x && now_cached) {
                 w->cached++;

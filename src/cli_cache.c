@@ -29,8 +29,10 @@ static void human_size(uint64_t n, char *out, size_t len) {
         v /= 1024;
         u++;
     }
-    if (u == 0) snprintf(out, len, "%" PRIu64 " B", n);
-    else snprintf(out, len, "%.1f %s", v, units[u]);
+    if (u == 0)
+        snprintf(out, len, "%" PRIu64 " B", n);
+    else
+        snprintf(out, len, "%.1f %s", v, units[u]);
 }
 
 static void human_time(int64_t t, char *out, size_t len) {
@@ -107,7 +109,8 @@ static void print_rm(const json_value *v) {
         printf("removed %s (%s)\n", str(removed->items[i], "digest"), size);
     }
     for (size_t i = 0; in_use && in_use->type == JSON_ARRAY && i < in_use->count; i++)
-        if (in_use->items[i]->type == JSON_STRING) printf("kept %s: in use (a reader holds it open)\n", in_use->items[i]->str);
+        if (in_use->items[i]->type == JSON_STRING)
+            printf("kept %s: in use (a reader holds it open)\n", in_use->items[i]->str);
     char total[32];
     human_size(num(v, "bytes"), total, sizeof total);
     printf("%s: %zu blobs removed (%s)\n", str(v, "ref"), removed && removed->type == JSON_ARRAY ? removed->count : 0,
@@ -175,14 +178,21 @@ static int print_answer(const cli_cache_request *rq, int status, const char *bod
         fprintf(stderr, "regfacade %s: the answer is not JSON: %s\n", rq->cmd, jerr);
         return 1;
     }
-    if (rq->json) printf("%.*s\n", (int)len, body);
-    else if (strcmp(rq->cmd, "cache ls") == 0) print_ls(v);
-    else if (strcmp(rq->cmd, "cache du") == 0) print_du(v);
-    else if (strcmp(rq->cmd, "cache rm") == 0) print_rm(v);
-    else if (strcmp(rq->cmd, "cache gc") == 0) print_gc(v);
-    else print_refresh(v);
+    if (rq->json)
+        printf("%.*s\n", (int)len, body);
+    else if (strcmp(rq->cmd, "cache ls") == 0)
+        print_ls(v);
+    else if (strcmp(rq->cmd, "cache du") == 0)
+        print_du(v);
+    else if (strcmp(rq->cmd, "cache rm") == 0)
+        print_rm(v);
+    else if (strcmp(rq->cmd, "cache gc") == 0)
+        print_gc(v);
+    else
+        print_refresh(v);
     json_free(v);
-    if (status == 409) fprintf(stderr, "regfacade %s: blobs in use were kept; run it again once they are not\n", rq->cmd);
+    if (status == 409)
+        fprintf(stderr, "regfacade %s: blobs in use were kept; run it again once they are not\n", rq->cmd);
     return status == 409 ? 1 : 0;
 }
 
@@ -238,14 +248,21 @@ static int run_offline(const config *c, store *st, const cli_cache_request *rq) 
         return 1;
     }
     cachectl_answer a = {0};
-    if (strcmp(rq->cmd, "cache ls") == 0) cachectl_list(st, &a);
-    else if (strcmp(rq->cmd, "cache du") == 0) cachectl_usage(st, c->cache_max_bytes, &a);
-    else if (strcmp(rq->cmd, "cache gc") == 0) cachectl_gc(st, 0, &a); /* no server: no spool is live */
-    else if (strcmp(rq->cmd, "cache rm") == 0) cachectl_remove(st, pol, rq->args[0], &a);
-    else cachectl_tag_forget(st, pol, rq->args[0], &a);
+    if (strcmp(rq->cmd, "cache ls") == 0)
+        cachectl_list(st, &a);
+    else if (strcmp(rq->cmd, "cache du") == 0)
+        cachectl_usage(st, c->cache_max_bytes, &a);
+    else if (strcmp(rq->cmd, "cache gc") == 0)
+        cachectl_gc(st, 0, &a); /* no server: no spool is live */
+    else if (strcmp(rq->cmd, "cache rm") == 0)
+        cachectl_remove(st, pol, rq->args[0], &a);
+    else
+        cachectl_tag_forget(st, pol, rq->args[0], &a);
     int rc = 1;
-    if (!a.body) fprintf(stderr, "regfacade %s: out of memory\n", rq->cmd);
-    else rc = print_answer(rq, a.status, a.body, a.len);
+    if (!a.body)
+        fprintf(stderr, "regfacade %s: out of memory\n", rq->cmd);
+    else
+        rc = print_answer(rq, a.status, a.body, a.len);
     cachectl_answer_clear(&a);
     policy_free(pol);
     return rc;
@@ -256,9 +273,9 @@ static int run_offline(const config *c, store *st, const cli_cache_request *rq) 
 typedef struct {
     char *buf;
     size_t len, cap;
-    bool stream;  /* cache warm: lines printed as they come */
+    bool stream; /* cache warm: lines printed as they come */
     bool json;
-    long failed;  /* from the summary line; -1 before it */
+    long failed; /* from the summary line; -1 before it */
     long status;
     CURL *h;
 } http_body;
@@ -328,9 +345,9 @@ static char *request_body(const cli_cache_request *rq) {
 static int run_online(const config *c, const admin_config *ac, const char *why_offline, const cli_cache_request *rq) {
     static const struct {
         const char *cmd, *method, *path;
-    } routes[] = {{"cache ls", "GET", "/cache"},          {"cache du", "GET", "/cache/du"},
-                  {"cache rm", "POST", "/cache/rm"},      {"cache gc", "POST", "/cache/gc"},
-                  {"cache warm", "POST", "/cache/warm"},  {"tags refresh", "POST", "/tags/refresh"}};
+    } routes[] = {{"cache ls", "GET", "/cache"},         {"cache du", "GET", "/cache/du"},
+                  {"cache rm", "POST", "/cache/rm"},     {"cache gc", "POST", "/cache/gc"},
+                  {"cache warm", "POST", "/cache/warm"}, {"tags refresh", "POST", "/tags/refresh"}};
     const char *method = NULL, *path = NULL;
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
         if (strcmp(routes[i].cmd, rq->cmd) == 0) {

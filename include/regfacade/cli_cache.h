@@ -17,12 +17,12 @@
 #include "regfacade/config.h"
 
 typedef struct {
-    const char *cmd;            /* "cache ls", "cache du", "cache rm", "cache gc", "cache warm", "tags refresh" */
-    const char *const *args;    /* REF... */
+    const char *cmd;         /* "cache ls", "cache du", "cache rm", "cache gc", "cache warm", "tags refresh" */
+    const char *const *args; /* REF... */
     size_t n_args;
     const char *const *platforms; /* cache warm --platform */
     size_t n_platforms;
-    bool json;                  /* --json: the JSON as it is */
+    bool json; /* --json: the JSON as it is */
 } cli_cache_request;
 
 /* Run it; the process exit status (0 done, 1 failed or refused, 2 usage). */

@@ -17,13 +17,13 @@
 typedef struct {
     const config *cfg;
     policy *pol;
-    upstream **ups;        /* parallel to cfg->upstreams */
-    void *handle;          /* the server's, for release */
+    upstream **ups; /* parallel to cfg->upstreams */
+    void *handle;   /* the server's, for release */
 } generation;
 
 /* What such a module borrows from the registry server (all outlive it). */
 typedef struct {
-    const config *cfg;     /* the configuration started with */
+    const config *cfg; /* the configuration started with */
     store *st;
     fetcher *fetches;
     /* Take the current generation (never fails) and give it back. */
