@@ -592,6 +592,40 @@ cluster_result cluster_made_get(cluster *cl, const char *digest, const char *rep
     return counted(cl, r);
 }
 
+cluster_result cluster_link_put(cluster *cl, const char *scope_hex, const char *digest, const char *text) {
+    if (!cl) return CLUSTER_OFF;
+    char key[256], secs[32];
+    if (key_of(cl, key, sizeof key, "link", scope_hex, digest, NULL) != 0) return CLUSTER_DOWN;
+    snprintf(secs, sizeof secs, "%ld", cl->record_ttl_s);
+    cmd c = {0};
+    args(&c, "SET");
+    args(&c, key);
+    args(&c, text);
+    args(&c, "EX");
+    args(&c, secs);
+    redisReply *rp;
+    cluster_result r = exchange(cl, &c, 1, &rp);
+    if (r != CLUSTER_HIT) return r;
+    freeReplyObject(rp);
+    return counted(cl, CLUSTER_HIT);
+}
+
+cluster_result cluster_link_get(cluster *cl, const char *scope_hex, const char *digest, char *text, size_t tlen) {
+    if (!cl) return CLUSTER_OFF;
+    char key[256];
+    if (key_of(cl, key, sizeof key, "link", scope_hex, digest, NULL) != 0) return CLUSTER_DOWN;
+    cmd c = {0};
+    args(&c, "GET");
+    args(&c, key);
+    redisReply *rp;
+    cluster_result r = exchange(cl, &c, 1, &rp);
+    if (r != CLUSTER_HIT) return r;
+    r = rp->type == REDIS_REPLY_STRING && rp->len < tlen ? CLUSTER_HIT : CLUSTER_MISS;
+    if (r == CLUSTER_HIT) snprintf(text, tlen, "%.*s", (int)rp->len, rp->str);
+    freeReplyObject(rp);
+    return counted(cl, r);
+}
+
 cluster_result cluster_spec_put(cluster *cl, const char *provider, const char *id, const char *text, size_t len) {
     if (!cl) return CLUSTER_OFF;
     char key[512];

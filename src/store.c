@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "regfacade/cluster.h"
 #include "regfacade/digest.h"
 #include "regfacade/json.h"
 #include "regfacade/ref.h"
@@ -1146,7 +1147,21 @@ int store_link_put(store *s, const store_scope *sc, const char *digest, const ch
     if (exists && (!origin || strcmp(old, text) == 0)) return 0;
     snprintf(d, sizeof d, "%s/links/%s", s->dir, sc->hex);
     if (mkdir_0700(d, err, errlen) != 0) return -1;
-    return record_write(s, p, text, err, errlen);
+    if (record_write(s, p, text, err, errlen) != 0) return -1;
+    /* The cluster's replicas may serve it there too (degraded: this one only). */
+    cluster_link_put(s->cluster, sc->hex, digest, text);
+    return 0;
+}
+
+/* A link another replica of the cluster made: kept here too (0 written, -1 not). */
+static int link_from_cluster(store *s, const store_scope *sc, const char *digest, const char *p, char *text,
+                             size_t tlen) {
+    if (cluster_link_get(s->cluster, sc->hex, digest, text, tlen) != CLUSTER_HIT) return -1;
+    char d[PATH_MAX], err[512];
+    snprintf(d, sizeof d, "%s/links/%s", s->dir, sc->hex);
+    if (mkdir_0700(d, err, sizeof err) != 0 || record_write(s, p, text, err, sizeof err) != 0)
+        log_error("store: keeping a link from the cluster: %s", err);
+    return 0;
 }
 
 int store_link_get(store *s, const store_scope *sc, const char *digest, char *origin_upstream, size_t ulen,
@@ -1155,7 +1170,11 @@ int store_link_get(store *s, const store_scope *sc, const char *digest, char *or
     if (origin_upstream && ulen) origin_upstream[0] = '\0';
     if (origin_repository && rlen) origin_repository[0] = '\0';
     if (link_path(s, sc, digest, p, sizeof p) != 0) return 0;
-    if (!record_read(p, text, sizeof text)) return access(p, F_OK) == 0 ? 1 : 0; /* empty: no origin */
+    if (!record_read(p, text, sizeof text)) {
+        if (access(p, F_OK) == 0) return 1; /* empty: no origin */
+        if (link_from_cluster(s, sc, digest, p, text, sizeof text) != 0) return 0;
+        if (!text[0]) return 1;
+    }
     char *nl = strchr(text, '\n');
     if (!nl) return 1;
     *nl = '\0';

@@ -81,6 +81,14 @@ cluster_result cluster_made_add(cluster *cl, const char *digest, const char *rep
 cluster_result cluster_made_get(cluster *cl, const char *digest, const char *repository, char *tag, size_t tlen,
                                 char *base, size_t blen);
 
+/* ---- links (store.h): (scope, digest) -> the link record's text ---- */
+
+/* Publish a link (text: "" or "UPSTREAM\nREPOSITORY\n", as the store's
+ * record), kept cluster.record_ttl_seconds after it was last written. */
+cluster_result cluster_link_put(cluster *cl, const char *scope_hex, const char *digest, const char *text);
+/* HIT: text (NUL-terminated) filled. */
+cluster_result cluster_link_get(cluster *cl, const char *scope_hex, const char *digest, char *text, size_t tlen);
+
 /* ---- pushed image specs: (provider, id) -> the stored spec text ---- */
 
 cluster_result cluster_spec_put(cluster *cl, const char *provider, const char *id, const char *text, size_t len);

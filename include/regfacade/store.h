@@ -39,9 +39,11 @@ void store_close(store *s);
 const char *store_dir(const store *s);
 
 /* The cluster (cluster.h) whose shared records stand beside this store's
- * own ones (tags, made records, pushed specs), NULL for a lone replica.
- * The store itself never asks it: the modules that read and write those
- * records do, through this one handle. Set once, before any request. */
+ * own ones (tags, made records, pushed specs, links), NULL for a lone
+ * replica. The store asks it for links itself (store_link_put publishes,
+ * store_link_get looks there for a link it does not hold and keeps it);
+ * for the other records, the modules that read and write them do, through
+ * this one handle. Set once, before any request. */
 struct cluster;
 void store_set_cluster(store *s, struct cluster *cl);
 struct cluster *store_cluster(const store *s);

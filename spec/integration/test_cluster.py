@@ -324,6 +324,38 @@ def test_a_generated_digest_from_one_replica_is_served_by_another(cluster, built
     assert count_messages(c, f"generated {digest} again") == 1
 
 
+def upstream_requests(cluster, path):
+    """Requests the upstream registry logged for path (its access log)."""
+    with open(cluster.reg.proc.log_path, errors="replace") as f:
+        return sum(1 for line in f if f" {path} HTTP/" in line)
+
+
+def test_links_are_shared(cluster, built_images):
+    """A replica that holds a blob's bytes for one repository serves it
+    under another that a peer replica linked, without asking the upstream
+    to confirm it (isolation's links are in Redis); a repository nobody
+    linked is still confirmed with the upstream."""
+    a, b, c = cluster.replicas
+    l1 = images.push_image(built_images, "oci", cluster.reg.host, repo="cluster/links-1", tag="v1")
+    images.push_image(built_images, "oci", cluster.reg.host, repo="cluster/links-2", tag="v1")
+    images.push_image(built_images, "oci", cluster.reg.host, repo="cluster/links-3", tag="v1")
+    layer = l1["layers"][0]["digest"]
+    for rf, repo in ((a, "cluster/links-2"), (b, "cluster/links-1")):
+        r = request(rf.host, "GET", f"/v2/{repo}/blobs/{layer}")
+        assert r.status == 200 and r.header("Docker-Content-Digest") == layer, (rf.name, r)
+    path2, path3 = f"/v2/cluster/links-2/blobs/{layer}", f"/v2/cluster/links-3/blobs/{layer}"
+    before2, before3 = upstream_requests(cluster, path2), upstream_requests(cluster, path3)
+    assert before2 >= 1  # (the pushes' HEADs count too)
+    # B holds the bytes (for links-1); links-2 was linked by A.
+    r = request(b.host, "GET", path2)
+    assert r.status == 200 and r.header("Docker-Content-Digest") == layer, r
+    assert upstream_requests(cluster, path2) == before2
+    # links-3: nobody linked it; B asks the upstream before serving.
+    r = request(b.host, "GET", path3)
+    assert r.status == 200, r
+    assert upstream_requests(cluster, path3) > before3
+
+
 def test_a_frozen_redis_does_not_hold_requests(cluster, built_images):
     """SIGSTOP: connections stay open and nothing answers. Every call ends
     at cluster.timeout_ms, the breaker opens, pulls go on."""
