@@ -388,6 +388,12 @@ static int rm_tag(void *ud, const char *upstream, const char *repository, const 
         tree_walk(c->st, t->digest, &c->kept, push_adapter, 0);
         return 0;
     }
+    /* In a cluster the shared resolution goes too (else the next pull
+     * would take the removed manifest's digest from it); Redis down: the
+     * local removal goes on, said in the log. */
+    if (cluster_tag_forget(store_cluster(c->st), upstream, repository, tag) == CLUSTER_DOWN)
+        log_warn("cache rm: %s %s:%s: the cluster's Redis is unreachable; its shared resolution stays", upstream,
+                 repository, tag);
     int r = store_tag_remove(c->st, upstream, repository, tag, c->err, sizeof c->err);
     if (r < 0)
         c->failed = true;

@@ -273,6 +273,10 @@ def test_a_tag_means_the_same_on_every_replica_until_the_shared_record_ends(clus
     assert cluster.redis.cli("EXISTS", keys[0]).strip() == "0"
     for rf in (a, b, c):
         assert manifest_digest(rf.host, "cluster/moving", "v1")[0] == d1, rf.name
+    # `cache rm` on C takes the shared resolution with its own.
+    r = admin(c, "POST", "/cache/rm", {"ref": "cluster/moving:v1"})
+    assert r.status in (200, 409) and r.json()["tags"], r
+    assert cluster.redis.cli("EXISTS", keys[0]).strip() == "0"
 
 
 def test_an_admin_put_on_one_replica_is_served_by_another(cluster):
