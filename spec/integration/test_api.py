@@ -470,12 +470,26 @@ def test_no_library_prefix_by_default(fake_upstream, fake_facade):
 # ------------------------------------------------------------------ unknown routes
 
 
-@pytest.mark.parametrize("path", ["/v2/_catalog", "/foo", "/", "/v1/", "/v2/acme/app/nothing/here"])
+@pytest.mark.parametrize("path", ["/v2/_catalog/more", "/foo", "/", "/v1/", "/v2/acme/app/nothing/here"])
 def test_unknown_endpoints_are_404_oci_errors(fake_upstream, fake_facade, path):
     rf = fake_facade()
     r = get(rf, path)
     assert_oci_error(r, 404)
     assert fake_upstream.count() == 0
+
+
+def test_catalog_is_the_cache_s_never_the_upstream_s(fake_upstream, fake_facade):
+    """/v2/_catalog lists what the cache holds (test_cache_control.py): the
+    upstream is not asked."""
+    fake_upstream.add_image("acme/app", "v1")
+    rf = fake_facade()
+    r = get(rf, "/v2/_catalog")
+    assert r.status == 200 and r.json() == {"repositories": []}, r
+    assert get(rf, "/v2/acme/app/manifests/v1", {"Accept": ACCEPT_ALL}).status == 200
+    n = fake_upstream.count()
+    r = get(rf, "/v2/_catalog")
+    assert r.json() == {"repositories": ["acme/app"]}, r
+    assert fake_upstream.count() == n
 
 
 # ------------------------------------------------------------------ caching
