@@ -50,6 +50,7 @@ struct cluster {
     bool keeper_started;
 
     atomic_ulong calls_hit, calls_miss, calls_skipped, calls_failed, outages;
+    _Atomic int64_t refusal_logged_ms; /* last "refused" log line (0: none yet) */
 };
 
 /* ---------- config ---------- */
@@ -314,8 +315,13 @@ static cluster_result exchange(cluster *cl, cmd *cmds, size_t n, redisReply **ou
     for (size_t i = 0; i < got && !broken && !error_reply; i++)
         if (out[i]->type == REDIS_REPLY_ERROR) {
             error_reply = true;
-            log_warn("cluster: Redis %s:%d refused %.*s: %s", cl->host, cl->port, (int)cmds[i].len[0], cmds[i].argv[0],
-                     out[i]->str);
+            /* At most one line a minute: a Redis out of memory refuses every call. */
+            int64_t now = clock_monotonic_ms(), last = atomic_load(&cl->refusal_logged_ms);
+            if ((last == 0 || now - last >= 60000) &&
+                atomic_compare_exchange_strong(&cl->refusal_logged_ms, &last, now))
+                log_warn("cluster: Redis %s:%d refused %.*s: %s (this request went on alone; said at most once a "
+                         "minute)",
+                         cl->host, cl->port, (int)cmds[i].len[0], cmds[i].argv[0], out[i]->str);
         }
     release(cl, s, broken, why);
     if (broken || error_reply) {

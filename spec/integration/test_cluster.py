@@ -360,6 +360,27 @@ def test_links_are_shared(cluster, built_images):
     assert upstream_requests(cluster, path3) > before3
 
 
+def test_a_redis_that_refuses_writes_is_not_an_outage(cluster, built_images):
+    """Out of memory (maxmemory reached, noeviction): writes answer an
+    error. The request goes on alone, the breaker stays closed, one line."""
+    a = cluster.replicas[0]
+    images.push_image(built_images, "oci", cluster.reg.host, repo="cluster/oom", tag="v1")
+    failed = metric(a, 'regfacade_cluster_calls_total{result="failed"}')
+    cluster.redis.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    cluster.redis.cli("CONFIG", "SET", "maxmemory", "1")
+    try:
+        for tag in ("v1", "v1"):
+            assert manifest_digest(a.host, "cluster/oom", tag)[0]
+        r = admin(a, "PUT", "/specs/ws-oom", {"base": "up/cluster/app:v1"})
+        assert r.status == 503, r
+    finally:
+        cluster.redis.cli("CONFIG", "SET", "maxmemory", "0")
+    assert metric(a, 'regfacade_cluster_calls_total{result="failed"}') > failed
+    assert up_metric(a) == 1
+    assert count_messages(a, "refused SET") == 1
+    assert cluster.redis.cli("EXISTS", "regfacade:v1:tag:up:cluster/oom:v1").strip() == "0"
+
+
 def test_a_frozen_redis_does_not_hold_requests(cluster, built_images):
     """SIGSTOP: connections stay open and nothing answers. Every call ends
     at cluster.timeout_ms, the breaker opens, pulls go on."""
