@@ -145,12 +145,24 @@ static redisContext *connect_one(cluster *cl, char *why, size_t whylen) {
     return c;
 }
 
+/* What went wrong on c, in words: a socket timeout reads "no answer
+ * within N ms" rather than EAGAIN's "Resource temporarily unavailable". */
+static const char *failure_of(const cluster *cl, const redisContext *c, int saved_errno, char *buf, size_t len) {
+    if (c->err == REDIS_ERR_IO && (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK))
+        snprintf(buf, len, "no answer within %ld ms (cluster.timeout_ms)", cl->timeout_ms);
+    else
+        snprintf(buf, len, "%s", c->errstr[0] ? c->errstr : "no reply");
+    return buf;
+}
+
 /* PING on c: 0, or -1 with why. */
 static int ping(cluster *cl, redisContext *c, char *why, size_t whylen) {
     redisReply *r = redisCommand(c, "PING");
+    int saved = errno;
     int ok = r && r->type == REDIS_REPLY_STATUS;
+    char what[128];
     if (!r)
-        snprintf(why, whylen, "PING to %s:%d: %s", cl->host, cl->port, c->errstr);
+        snprintf(why, whylen, "PING to %s:%d: %s", cl->host, cl->port, failure_of(cl, c, saved, what, sizeof what));
     else if (!ok)
         snprintf(why, whylen, "PING to %s:%d answered %.100s", cl->host, cl->port,
                  r->type == REDIS_REPLY_ERROR ? r->str : "something else");
@@ -299,18 +311,20 @@ static cluster_result exchange(cluster *cl, cmd *cmds, size_t n, redisReply **ou
     char why[256] = "";
     bool broken = false;
     size_t got = 0;
+    int saved = 0;
     for (size_t i = 0; i < n && !broken; i++)
         if (redisAppendCommandArgv(s->c, cmds[i].argc, cmds[i].argv, cmds[i].len) != REDIS_OK) broken = true;
     while (got < n && !broken) {
         void *r = NULL;
         if (redisGetReply(s->c, &r) != REDIS_OK || !r) {
+            saved = errno;
             if (r) freeReplyObject(r);
             broken = true;
         } else {
             out[got++] = r;
         }
     }
-    if (broken) snprintf(why, sizeof why, "%s", s->c->errstr[0] ? s->c->errstr : "no reply");
+    if (broken) failure_of(cl, s->c, saved, why, sizeof why);
     bool error_reply = false;
     for (size_t i = 0; i < got && !broken && !error_reply; i++)
         if (out[i]->type == REDIS_REPLY_ERROR) {
