@@ -16,10 +16,18 @@ mode), so consecutive requests land on different replicas. Proved here:
   bytes, also after the base's tag moved upstream;
 - an image spec PUT on replica A's admin API is served by replica B at
   once, its update and its deletion too;
+- links are shared: a blob a replica holds for one repository is served
+  under another a peer linked without asking the upstream, and under one
+  nobody linked only once the upstream confirmed it;
+- `tags refresh` on one replica forgets the shared resolution;
+- Redis refusing writes (out of memory): requests go on, one log line, the
+  breaker stays closed; Redis frozen (SIGSTOP): requests go on, the breaker
+  opens, and closes after SIGCONT;
 - Redis stopped mid-run: pulls go on without errors, each replica's metric
-  and /readyz detail say degraded (still ready), one log line each; Redis
-  started again: every replica rejoins (metric back to 1, one log line),
-  and the shared state is used again.
+  and /readyz detail say degraded (still ready), one log line each; admin
+  writes are refused (503); Redis started again: every replica rejoins
+  (metric back to 1, one log line), and the shared state is used again;
+- `check` refuses a bad section; a reload cannot change it.
 """
 import json
 import os
@@ -455,3 +463,24 @@ def test_redis_down_degrades_and_comes_back(cluster, built_images, tmp_path):
     assert cluster.redis.cli("EXISTS", "regfacade:v1:tag:up:cluster/while-down:v1").strip() == "1"
     push_moved(built_images, cluster.reg.host, "cluster/while-down", "v1")
     assert manifest_digest(b.host, "cluster/while-down", "v1")[0] == d
+
+
+def test_a_reload_cannot_change_the_cluster_section(procs, tmp_path):
+    """The section is read at start (its pool and keeper live as long as
+    the process): a SIGHUP changing it is rejected naming it, and the
+    replica keeps serving (degraded here: nothing listens on that port)."""
+    dead = free_port()
+    rf = Regfacade(procs, str(tmp_path), {"upstreams": {"up": {"url": "http://127.0.0.1:9"}},
+                                          "cluster": {"redis": f"127.0.0.1:{dead}", "retry_ms": 100}},
+                   name="lone").start()
+    until(lambda: "unreachable" in rf.log(), timeout=30, what="the replica saying Redis is unreachable")
+    cfg = json.loads(json.dumps(rf.config))
+    cfg["cluster"]["redis"] = f"127.0.0.1:{free_port()}"
+    with open(rf.config_path, "w") as f:
+        json.dump(cfg, f)
+    rf.proc.send_signal(signal.SIGHUP)
+    until(lambda: "reload rejected" in rf.log(), timeout=30, what="the reload rejected")
+    last = rf.log().split("reload rejected")[-1].splitlines()[0].replace('\\"', '"')
+    assert '"cluster" cannot change on reload' in last, last
+    status, doc = readyz(rf)
+    assert status == 200 and doc["detail"].startswith(f"degraded: Redis 127.0.0.1:{dead} unreachable"), doc
