@@ -271,8 +271,8 @@ static enum MHD_Result cache_ref_op(admin_server *a, struct MHD_Connection *conn
     generation g;
     a->genv.acquire(a->genv.ud, &g);
     cachectl_answer ans = {0};
-    if (forget) cachectl_tag_forget(a->st, g.pol, ref, &ans);
-    else cachectl_remove(a->st, g.pol, ref, &ans);
+    if (forget) cachectl_tag_forget(a->st, a->sp, g.pol, ref, &ans);
+    else cachectl_remove(a->st, a->sp, g.pol, ref, &ans);
     a->genv.release(a->genv.ud, &g);
     json_free(v);
     return send_answer(conn, method, url, &ans);
@@ -328,7 +328,7 @@ static enum MHD_Result cache_warm(admin_server *a, struct MHD_Connection *conn, 
         return send_error(conn, method, url, 400, "UNSUPPORTED", "POST /cache/warm: %s", bad);
     }
     cachectl_answer err = {0};
-    cachectl_warm *w = cachectl_warm_start(&a->genv, rl, nr, pl, np, &err);
+    cachectl_warm *w = cachectl_warm_start(&a->genv, a->sp, rl, nr, pl, np, &err);
     json_free(v);
     if (!w) return send_answer(conn, method, url, &err);
     cachectl_warm_stream *ws = calloc(1, sizeof *ws);

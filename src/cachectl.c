@@ -17,6 +17,8 @@
 #include "regfacade/manifest.h"
 #include "regfacade/oci_error.h"
 #include "regfacade/ref.h"
+#include "regfacade/specs.h"
+#include "regfacade/generate.h"
 
 #define MANIFEST_READ_MAX (4 * 1024 * 1024)
 #define WARM_MAX_BLOBS 10000 /* blobs one warm request may plan */
@@ -101,15 +103,19 @@ int cachectl_ref_split(const char *ref, char *name, size_t nlen, char *reference
     return 0;
 }
 
-/* REF through the policy's resolve, as a client's manifest request. */
-static int resolve_ref(policy *pol, const char *ref, policy_resolution *res, cachectl_answer *out) {
+/* REF through the policy's spec and resolve hooks, as a client's manifest
+ * request (sp: the pushed, pulled and fixed specs; NULL offline). */
+static int resolve_ref(specs *sp, policy *pol, const char *ref, policy_resolution *res, cachectl_answer *out) {
     char name[REF_NAME_MAX + 1], reference[REF_DIGEST_MAX + 1], why[800];
     if (cachectl_ref_split(ref, name, sizeof name, reference, sizeof reference, why, sizeof why) != 0)
         return answer_error(out, 400, "NAME_INVALID", "%s", why);
     if (!name[0]) return answer_error(out, 400, "NAME_INVALID", "\"%s\" names no repository", ref);
     policy_request pr = {.method = "GET", .kind = "manifest", .repository = name, .reference = reference};
     policy_error pe = {0};
-    if (policy_resolve(pol, &pr, res, &pe) != 0)
+    json_value *spec = NULL;
+    int rc = specs_resolve(sp, pol, &pr, res, &spec, &pe);
+    json_free(spec);
+    if (rc != 0)
         return answer_error(out, pe.status >= 400 ? pe.status : 500, pe.code[0] ? pe.code : "DENIED",
                             "%s: the policy's resolve: %s", ref, pe.message);
     return 0;
@@ -404,7 +410,8 @@ static int rm_tag(void *ud, const char *upstream, const char *repository, const 
 
 /* The manifest digest REF names: 1 found (had_tag: through a cached
  * resolution), 0 answered (an error). */
-static int rm_target(store *st, policy *pol, const char *ref, char *digest, size_t dlen, cachectl_answer *out) {
+static int rm_target(store *st, specs *sp, policy *pol, const char *ref, char *digest, size_t dlen,
+                     cachectl_answer *out) {
     if (ref_is_sha256_digest(ref)) {
         snprintf(digest, dlen, "%s", ref);
         return 1;
@@ -414,7 +421,7 @@ static int rm_target(store *st, policy *pol, const char *ref, char *digest, size
         return 0;
     }
     policy_resolution res;
-    if (resolve_ref(pol, ref, &res, out) != 0) return 0;
+    if (resolve_ref(sp, pol, ref, &res, out) != 0) return 0;
     store_tag t;
     int found = 1;
     if (ref_is_sha256_digest(res.reference))
@@ -430,9 +437,9 @@ static int rm_target(store *st, policy *pol, const char *ref, char *digest, size
     return found;
 }
 
-void cachectl_remove(store *st, policy *pol, const char *ref, cachectl_answer *out) {
+void cachectl_remove(store *st, specs *sp, policy *pol, const char *ref, cachectl_answer *out) {
     char digest[80] = "";
-    if (!rm_target(st, pol, ref, digest, sizeof digest, out)) return;
+    if (!rm_target(st, sp, pol, ref, digest, sizeof digest, out)) return;
     rm_ctx c = {.st = st, .digest = digest, .tags = json_new_array()};
     json_value *removed = json_new_array(), *in_use = json_new_array();
     /* The image's blobs, read before anything goes. */
@@ -533,9 +540,9 @@ void cachectl_gc(store *st, time_t tmp_min_age, cachectl_answer *out) {
     answer_json(out, 200, o, oom);
 }
 
-void cachectl_tag_forget(store *st, policy *pol, const char *ref, cachectl_answer *out) {
+void cachectl_tag_forget(store *st, specs *sp, policy *pol, const char *ref, cachectl_answer *out) {
     policy_resolution res;
-    if (resolve_ref(pol, ref, &res, out) != 0) return;
+    if (resolve_ref(sp, pol, ref, &res, out) != 0) return;
     char err[600];
     /* In a cluster, the shared resolution first (else the next pull would
      * take it again); Redis unreachable: nothing changed. */
@@ -589,6 +596,7 @@ typedef struct {
 
 struct cachectl_warm {
     const generation_env *env;
+    specs *sp;
     generation g;
     char **refs;
     size_t n_refs;
@@ -598,12 +606,6 @@ struct cachectl_warm {
     uint64_t bytes;
     bool done;
 };
-
-static upstream *gen_upstream(const generation *g, const char *name) {
-    for (size_t i = 0; i < g->cfg->n_upstreams; i++)
-        if (strcmp(g->cfg->upstreams[i].name, name) == 0) return g->ups[i];
-    return NULL;
-}
 
 static int warm_add(cachectl_warm *w, upstream *u, size_t ref, const char *repository, const char *digest, int64_t size,
                     bool manifest) {
@@ -641,8 +643,65 @@ static bool platform_wanted(const json_value *desc, const char *const *platforms
 }
 
 /* One image manifest's config and layers into the plan. */
-static int warm_plan_image(cachectl_warm *w, upstream *u, size_t ref, const char *repository, const manifest *m,
-                           cachectl_answer *err) {
+static upstream *gen_upstream_of(const generation *g, const char *name) {
+    size_t n = strcspn(name, "@"); /* a credential set's "NAME@SET": the upstream NAME */
+    for (size_t i = 0; i < g->cfg->n_upstreams; i++)
+        if (strlen(g->cfg->upstreams[i].name) == n && strncmp(g->cfg->upstreams[i].name, name, n) == 0)
+            return g->ups[i];
+    return NULL;
+}
+
+/* The layers resolve adds (res->layers) to one platform's image, from other
+ * images and blobs, where their bytes are fetched from (file layers are
+ * made on assembly). platform NULL: the config's. */
+static int warm_plan_added(cachectl_warm *w, size_t ref, const policy_resolution *res, upstream *u,
+                           const json_value *mv, const char *platform, cachectl_answer *err) {
+    if (!res->has_layers || !w->g.layers) return 0;
+    char plat[128];
+    fetch_error fe = {0};
+    if (platform) {
+        snprintf(plat, sizeof plat, "%s", platform);
+    } else {
+        const json_value *cfg = json_object_get(mv, "config");
+        const char *cd = json_object_get_string(cfg, "digest");
+        int64_t size = -1;
+        if (!json_get_int64(json_object_get(cfg, "size"), &size)) size = -1;
+        char *bytes = NULL, jerr[256];
+        size_t len = 0;
+        if (!cd ||
+            fetch_blob_bytes(w->env->fetches, u, res->repository, cd, size, MANIFEST_READ_MAX, &bytes, &len, &fe) != 0)
+            return answer_error(err, cd ? fe.http_status : 502, cd ? fe.code : "MANIFEST_INVALID",
+                                "%s: the image's config: %s", w->refs[ref], cd ? fe.message : "none");
+        json_value *cv = json_parse(bytes, len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
+        free(bytes);
+        generate_platform_of_config(cv, plat, sizeof plat);
+        json_free(cv);
+    }
+    layer_stack stack = {0};
+    if (layers_resolve(w->g.layers, res->layers, res->n_layers, plat, res->upstream, res->repository, &stack, &fe) != 0)
+        return answer_error(err, fe.http_status, fe.code, "%s: the policy's layers for %s: %s", w->refs[ref], plat,
+                            fe.message);
+    int rc = 0;
+    for (size_t i = 0; i < stack.n && rc == 0; i++) {
+        const image_layer *it = &stack.items[i];
+        if (it->is_base || !it->digest || (it->source && strcmp(it->source, "file") == 0)) continue;
+        const char *up = it->origin_upstream ? it->origin_upstream : res->upstream;
+        const char *repo = it->origin_repository ? it->origin_repository : res->repository;
+        upstream *lu = gen_upstream_of(&w->g, up);
+        if (!lu)
+            rc = answer_error(err, 500, "UNKNOWN", "%s: layer %s: upstream %s is not configured", w->refs[ref],
+                              it->digest, up);
+        else if (warm_add(w, lu, ref, repo, it->digest, (int64_t)it->size, false) != 0)
+            rc = answer_error(err, 413, "TOO_LARGE", "%s: more than %d blobs to warm in one request", w->refs[ref],
+                              WARM_MAX_BLOBS);
+    }
+    layer_stack_clear(&stack);
+    return rc;
+}
+
+static int warm_plan_image(cachectl_warm *w, upstream *u, size_t ref, const policy_resolution *res,
+                           const char *platform, const manifest *m, cachectl_answer *err) {
+    const char *repository = res->repository;
     char jerr[256];
     json_value *v = json_parse(m->data, m->len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     if (!v) return answer_error(err, 502, "MANIFEST_INVALID", "%s: manifest %s: %s", w->refs[ref], m->digest, jerr);
@@ -666,6 +725,7 @@ static int warm_plan_image(cachectl_warm *w, upstream *u, size_t ref, const char
                               WARM_MAX_BLOBS);
         }
     }
+    if (rc == 0) rc = warm_plan_added(w, ref, res, u, v, platform, err);
     json_free(v);
     return rc;
 }
@@ -673,8 +733,8 @@ static int warm_plan_image(cachectl_warm *w, upstream *u, size_t ref, const char
 static int warm_plan_ref(cachectl_warm *w, size_t ref, const char *const *platforms, size_t n_platforms,
                          cachectl_answer *err) {
     policy_resolution res;
-    if (resolve_ref(w->g.pol, w->refs[ref], &res, err) != 0) return -1;
-    upstream *u = gen_upstream(&w->g, res.upstream);
+    if (resolve_ref(w->sp, w->g.pol, w->refs[ref], &res, err) != 0) return -1;
+    upstream *u = gen_upstream_of(&w->g, res.upstream);
     if (!u) {
         answer_error(err, 500, "UNKNOWN", "%s: upstream %s is not configured", w->refs[ref], res.upstream);
         policy_resolution_clear(&res);
@@ -706,8 +766,10 @@ static int warm_plan_ref(cachectl_warm *w, size_t ref, const char *const *platfo
             }
             picked++;
             warm_add(w, u, ref, res.repository, child.digest, (int64_t)child.len, true);
+            char plat[128];
+            generate_platform_of_entry(children->items[i], plat, sizeof plat);
             if (strcmp(child.media_type, MT_OCI_INDEX) != 0 && strcmp(child.media_type, MT_DOCKER_LIST) != 0)
-                rc = warm_plan_image(w, u, ref, res.repository, &child, err);
+                rc = warm_plan_image(w, u, ref, &res, plat, &child, err);
             manifest_clear(&child);
         }
         json_free(v);
@@ -715,14 +777,14 @@ static int warm_plan_ref(cachectl_warm *w, size_t ref, const char *const *platfo
             rc = answer_error(err, 404, "MANIFEST_UNKNOWN", "%s: the index %s has no manifest for the platforms named",
                               w->refs[ref], m.digest);
     } else {
-        rc = warm_plan_image(w, u, ref, res.repository, &m, err);
+        rc = warm_plan_image(w, u, ref, &res, NULL, &m, err);
     }
     manifest_clear(&m);
     policy_resolution_clear(&res);
     return rc == 0 ? 0 : -1;
 }
 
-cachectl_warm *cachectl_warm_start(const generation_env *env, const char *const *refs, size_t n_refs,
+cachectl_warm *cachectl_warm_start(const generation_env *env, specs *sp, const char *const *refs, size_t n_refs,
                                    const char *const *platforms, size_t n_platforms, cachectl_answer *err) {
     memset(err, 0, sizeof *err);
     if (n_refs == 0) {
@@ -736,6 +798,7 @@ cachectl_warm *cachectl_warm_start(const generation_env *env, const char *const 
         return NULL;
     }
     w->env = env;
+    w->sp = sp;
     env->acquire(env->ud, &w->g);
     for (size_t i = 0; i < n_refs; i++)
         if (!(w->refs[i] = strdup(refs[i]))) {

@@ -215,7 +215,7 @@ static int warm_offline(const config *c, store *st, const cli_cache_request *rq)
         return 1;
     }
     cachectl_answer a = {0};
-    cachectl_warm *w = cachectl_warm_start(&ge, rq->args, rq->n_args, rq->platforms, rq->n_platforms, &a);
+    cachectl_warm *w = cachectl_warm_start(&ge, NULL, rq->args, rq->n_args, rq->platforms, rq->n_platforms, &a);
     int rc = 1;
     if (!w) {
         rc = print_answer(rq, a.body ? a.status : 500, a.body, a.len);
@@ -255,9 +255,9 @@ static int run_offline(const config *c, store *st, const cli_cache_request *rq) 
     else if (strcmp(rq->cmd, "cache gc") == 0)
         cachectl_gc(st, 0, &a); /* no server: no spool is live */
     else if (strcmp(rq->cmd, "cache rm") == 0)
-        cachectl_remove(st, pol, rq->args[0], &a);
+        cachectl_remove(st, NULL, pol, rq->args[0], &a);
     else
-        cachectl_tag_forget(st, pol, rq->args[0], &a);
+        cachectl_tag_forget(st, NULL, pol, rq->args[0], &a);
     int rc = 1;
     if (!a.body)
         fprintf(stderr, "regfacade %s: out of memory\n", rq->cmd);

@@ -40,14 +40,14 @@ bool generate_needed(const generate_env *env, const policy_resolution *res) {
 
 static bool is_index(const char *mt) { return strcmp(mt, MT_OCI_INDEX) == 0 || strcmp(mt, MT_DOCKER_LIST) == 0; }
 
-static void platform_of_config(const json_value *cfg, char *out, size_t outlen) {
+void generate_platform_of_config(const json_value *cfg, char *out, size_t outlen) {
     const char *os = json_object_get_string(cfg, "os"), *arch = json_object_get_string(cfg, "architecture");
     const char *variant = json_object_get_string(cfg, "variant");
     snprintf(out, outlen, "%s/%s%s%s", os ? os : "linux", arch ? arch : "amd64", variant ? "/" : "",
              variant ? variant : "");
 }
 
-static void platform_of_entry(const json_value *entry, char *out, size_t outlen) {
+void generate_platform_of_entry(const json_value *entry, char *out, size_t outlen) {
     const json_value *p = json_object_get(entry, "platform");
     const char *os = json_object_get_string(p, "os"), *arch = json_object_get_string(p, "architecture");
     const char *variant = json_object_get_string(p, "variant");
@@ -272,7 +272,7 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
         return -1;
     }
     char platform[128];
-    platform_of_config(cfg, platform, sizeof platform);
+    generate_platform_of_config(cfg, platform, sizeof platform);
     size_t n;
     const layer_spec *specs = stack_of(res, &n);
     layer_stack stack;
@@ -354,7 +354,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
     for (size_t i = 0; i < list->count;) {
         json_value *entry = list->items[i];
         char platform[128];
-        platform_of_entry(entry, platform, sizeof platform);
+        generate_platform_of_entry(entry, platform, sizeof platform);
         if (res->n_platforms && !layers_platform_matches(res->platforms, res->n_platforms, platform)) {
             /* Dropped by the policy: remove from the index. */
             json_free(entry);

@@ -304,7 +304,7 @@ static void served_release(server *s, served *g) {
  * on the current generation, as the registry's do. */
 static void generation_acquire(void *ud, generation *out) {
     served *g = served_acquire(ud);
-    *out = (generation){.cfg = g->cfg, .pol = g->pol, .ups = g->ups, .handle = g};
+    *out = (generation){.cfg = g->cfg, .pol = g->pol, .ups = g->ups, .layers = &g->gen.layers, .handle = g};
 }
 
 static void generation_release(void *ud, generation *g) { served_release(ud, g->handle); }

@@ -7,8 +7,9 @@
  * admin API sends as it is and the command line prints as a table.
  *
  * A REF is NAME:TAG, NAME@sha256:HEX or NAME (":latest"), named as a
- * client names it: the policy's resolve maps it to (upstream, repository,
- * reference) as it does a client's manifest request. A bare sha256:HEX
+ * client names it: the policy's spec and resolve hooks map it to (upstream,
+ * repository, reference) as they do a client's manifest request (sp: the
+ * image specs, NULL offline: then a spec hook naming a provider fails). A bare sha256:HEX
  * names cached bytes directly.
  */
 #ifndef REGFACADE_CACHECTL_H
@@ -20,6 +21,7 @@
 
 #include "regfacade/generation.h"
 #include "regfacade/policy.h"
+#include "regfacade/specs.h"
 #include "regfacade/store.h"
 
 /* What an operation answers: an HTTP status (200, 400 bad input, 404
@@ -49,23 +51,25 @@ void cachectl_usage(store *st, uint64_t max_bytes, cachectl_answer *out);
  * open. {"ref","digest","tags":[{"upstream","repository","tag"}],
  * "removed":[{"digest","size"}],"in_use":[digest...],"bytes"}; 404 when
  * nothing of REF is cached, 409 when something stayed because it is in use. */
-void cachectl_remove(store *st, policy *pol, const char *ref, cachectl_answer *out);
+void cachectl_remove(store *st, specs *sp, policy *pol, const char *ref, cachectl_answer *out);
 /* cache gc (store_gc): {"tmp_files","tmp_bytes","tag_records",
  * "generated_records","damaged_records","stray_files","stray_bytes"}. */
 void cachectl_gc(store *st, time_t tmp_min_age, cachectl_answer *out);
 /* tags refresh REF: forget the resolution of REF's tag, so the next pull
  * asks the upstream. {"ref","upstream","repository","tag","forgotten"}. */
-void cachectl_tag_forget(store *st, policy *pol, const char *ref, cachectl_answer *out);
+void cachectl_tag_forget(store *st, specs *sp, policy *pol, const char *ref, cachectl_answer *out);
 
 /* cache warm: pull images into the cache as a client's pull would (the
  * policy's resolve, manifest_get, the single-flight blob fetch), every
- * platform of an index or those named ("linux/amd64", "linux/arm64/v8").
+ * platform of an index or those named ("linux/amd64", "linux/arm64/v8"),
+ * and the layers resolve adds from other images and blobs (layers_resolve,
+ * per platform), so an assembled image is made from cached parts.
  * start resolves every REF and fetches their manifests (an error there is
  * the answer, and nothing more is done); next then fetches one blob per
  * call and gives its progress line. Holds the current generation until
  * freed. */
 typedef struct cachectl_warm cachectl_warm;
-cachectl_warm *cachectl_warm_start(const generation_env *env, const char *const *refs, size_t n_refs,
+cachectl_warm *cachectl_warm_start(const generation_env *env, specs *sp, const char *const *refs, size_t n_refs,
                                    const char *const *platforms, size_t n_platforms, cachectl_answer *err);
 /* The next line of NDJSON progress (malloc'd, ending in "\n"):
  * {"ref","digest","size","state":"fetched"|"cached"|"failed","error"?},

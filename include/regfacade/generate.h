@@ -31,6 +31,11 @@ typedef struct {
 void generate_scope(store_scope *out, const upstream *u, const char *repository, const char *name);
 
 /* Does this decision change the upstream image at all? */
+/* "os/arch[/variant]" of an image config (linux/amd64 where it says none),
+ * the platform an added layer stack is resolved for. */
+void generate_platform_of_config(const json_value *cfg, char *out, size_t outlen);
+/* The same of an index entry's platform ("unknown" for what it omits). */
+void generate_platform_of_entry(const json_value *entry, char *out, size_t outlen);
 bool generate_needed(const generate_env *env, const policy_resolution *res);
 
 /* Build (or find) the image for res on top of base (fetched from u,

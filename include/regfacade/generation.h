@@ -10,6 +10,7 @@
 
 #include "regfacade/config.h"
 #include "regfacade/fetch.h"
+#include "regfacade/layers.h"
 #include "regfacade/policy.h"
 #include "regfacade/store.h"
 #include "regfacade/upstream.h"
@@ -17,8 +18,9 @@
 typedef struct {
     const config *cfg;
     policy *pol;
-    upstream **ups; /* parallel to cfg->upstreams */
-    void *handle;   /* the server's, for release */
+    upstream **ups;          /* parallel to cfg->upstreams */
+    const layer_env *layers; /* the generation's layer catalog, for resolve's added layers */
+    void *handle;            /* the server's, for release */
 } generation;
 
 /* What such a module borrows from the registry server (all outlive it). */

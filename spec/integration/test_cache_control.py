@@ -379,3 +379,39 @@ def test_gc_through_the_running_server_leaves_fresh_spools(ctl, plain_registry):
     out = json.loads(ctl.cmd("tags", "refresh", "regfacade-test/oci:v1", "--json").stdout)
     assert out["forgotten"] is True, out
     assert json.loads(ctl.cmd("cache", "ls", "--json").stdout)["images"] == []
+
+
+ASSEMBLED_POLICY = """
+local mirror = require "regfacade.mirror"
+return {
+  resolve = function(req)
+    local where, err = mirror.resolve(req)
+    if where and req.repository == "cachectl/assembled" then
+      where.repository = "regfacade-test/schema2"
+      where.layers = { "base", { image = "reg/regfacade-test/big:v1" } }
+    end
+    return where, err
+  end,
+}
+"""
+
+
+def test_warm_an_assembled_image_then_pull_it_with_the_upstream_stopped(procs, tmp_path, upstream, plain_registry,
+                                                                         containerd):
+    """An image the policy assembles (a base plus another image's layer):
+    warming takes the base and the added layer, so the first pull, with the
+    upstream stopped, is assembled and served from the cache."""
+    big, s2 = plain_registry.images["big"], plain_registry.images["schema2"]
+    c = Ctl(procs, tmp_path, upstream, policy=ASSEMBLED_POLICY).start()
+    lines = [json.loads(l) for l in c.api("POST", "/cache/warm", {"refs": ["cachectl/assembled:v1"]})
+             .body.decode().splitlines()]
+    assert lines[-1]["done"] and lines[-1]["failed"] == 0, lines
+    warmed = {l["digest"] for l in lines[:-1]}
+    assert blobs_of(s2) | {big["layers"][0]["digest"]} <= warmed, lines
+    assert big["layers"][0]["digest"] in {l["digest"] for l in lines if l.get("state") == "fetched"}
+    upstream.stop()
+    ns = containerd.new_namespace()
+    try:
+        containerd.pull(f"{c.rf.host}/cachectl/assembled:v1", namespace=ns)
+    finally:
+        containerd.remove_namespace(ns)
