@@ -646,17 +646,23 @@ cluster_result cluster_link_get(cluster *cl, const char *scope_hex, const char *
     return counted(cl, r);
 }
 
-cluster_result cluster_spec_put(cluster *cl, const char *provider, const char *id, const char *text, size_t len) {
+cluster_result cluster_spec_put(cluster *cl, const char *provider, const char *id, const char *text, size_t len,
+                                bool *replaced) {
+    *replaced = false;
     if (!cl) return CLUSTER_OFF;
     char key[512];
     if (key_of(cl, key, sizeof key, "spec", provider, id, NULL) != 0) return CLUSTER_DOWN;
+    /* SET ... GET (Redis 6.2): the old value tells a replacement from a new
+     * spec, whichever replica it was pushed to before. */
     cmd c = {0};
     args(&c, "SET");
     args(&c, key);
     arg(&c, text, len);
+    args(&c, "GET");
     redisReply *rp;
     cluster_result r = exchange(cl, &c, 1, &rp);
     if (r != CLUSTER_HIT) return r;
+    *replaced = rp->type == REDIS_REPLY_STRING;
     freeReplyObject(rp);
     return counted(cl, CLUSTER_HIT);
 }

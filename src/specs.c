@@ -808,14 +808,15 @@ specs_push_result specs_push(specs *sp, const char *id, const char *text, size_t
     pthread_mutex_unlock(&sp->mu);
     /* In a cluster, Redis first (outside the lock: it may take the
      * cluster's timeout): a spec this replica alone would know is refused. */
+    bool replaced = false; /* in the cluster: pushed before, to any replica */
     if (r == SPECS_PUSH_CREATED &&
-        cluster_spec_put(specs_cluster(sp), sp->pushed->name, id, stored, slen) == CLUSTER_DOWN) {
+        cluster_spec_put(specs_cluster(sp), sp->pushed->name, id, stored, slen, &replaced) == CLUSTER_DOWN) {
         snprintf(msg, msglen, "spec provider %s: the cluster's Redis is unreachable, and a spec pushed now would "
                  "exist on this replica only; nothing changed, push it again", sp->pushed->name);
         r = SPECS_PUSH_UNAVAILABLE;
     }
     pthread_mutex_lock(&sp->mu);
-    exists = pushed_find(sp, id) != NULL;
+    exists = pushed_find(sp, id) != NULL || replaced;
     if (r != SPECS_PUSH_CREATED) {
         /* refused above */
     } else if (pushed_write(sp, id, stored, slen, msg, msglen) != 0) {

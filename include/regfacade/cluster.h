@@ -91,7 +91,10 @@ cluster_result cluster_link_get(cluster *cl, const char *scope_hex, const char *
 
 /* ---- pushed image specs: (provider, id) -> the stored spec text ---- */
 
-cluster_result cluster_spec_put(cluster *cl, const char *provider, const char *id, const char *text, size_t len);
+/* HIT: written; *replaced says whether a spec was there (pushed to any
+ * replica). */
+cluster_result cluster_spec_put(cluster *cl, const char *provider, const char *id, const char *text, size_t len,
+                                bool *replaced);
 /* HIT: *text malloc'd (caller frees), NUL-terminated, *len its length. */
 cluster_result cluster_spec_get(cluster *cl, const char *provider, const char *id, size_t max, char **text,
                                 size_t *len);

@@ -98,7 +98,8 @@ int main(void) {
     CHECK(cluster_tag_get(cl, "u", "r", "t", digest, sizeof digest, mt, sizeof mt, &left) == CLUSTER_DOWN);
     CHECK(cluster_tag_claim(cl, "u", "r", "t", 1000, digest, sizeof digest, mt, sizeof mt, &left) == CLUSTER_DOWN);
     CHECK(cluster_made_add(cl, digest, "r", "t", digest) == CLUSTER_DOWN);
-    CHECK(cluster_spec_put(cl, "p", "id", "{}", 2) == CLUSTER_DOWN);
+    bool replaced = true;
+    CHECK(cluster_spec_put(cl, "p", "id", "{}", 2, &replaced) == CLUSTER_DOWN && !replaced);
     char *text = NULL;
     size_t len = 0;
     CHECK(cluster_spec_get(cl, "p", "id", 1024, &text, &len) == CLUSTER_DOWN && text == NULL);
