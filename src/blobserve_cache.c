@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "regfacade/blobserve_fs.h"
+#include "regfacade/dir_lock.h"
 #include "regfacade/log.h"
 #include "regfacade/ref.h"
 #include "regfacade/upstream_answer.h"
@@ -43,6 +44,7 @@ struct bs_layer {
 
 struct bs_cache {
     char *dir;
+    int lock_fd;       /* DIR/lock (dir_lock.h) while open; -1 before */
     uint64_t max_bytes;
     char boot_id[64];  /* this boot's id; "" when unknown (then every extraction is synced) */
     bool opened;       /* fully opened: close records a clean sync */
@@ -910,6 +912,7 @@ bs_cache *bs_cache_open(const char *dir, uint64_t max_bytes, char *err, size_t e
         seterr(err, errlen, "blobserve: out of memory");
         return NULL;
     }
+    c->lock_fd = -1;
     c->max_bytes = max_bytes;
     c->stats.max_bytes = max_bytes;
     read_line("/proc/sys/kernel/random/boot_id", c->boot_id, sizeof c->boot_id);
@@ -924,6 +927,12 @@ bs_cache *bs_cache_open(const char *dir, uint64_t max_bytes, char *err, size_t e
             bs_cache_close(c);
             return NULL;
         }
+    }
+    /* One process per folder: a second one would clear tmp/ under the
+     * first one's extractions and evict what it serves. */
+    if ((c->lock_fd = dir_lock_take(dir, "blobserve.cache.dir", err, errlen)) < 0) {
+        bs_cache_close(c);
+        return NULL;
     }
     /* Half-made extractions and unfinished deletions of an earlier run. */
     snprintf(p, sizeof p, "%s/tmp", dir);
@@ -965,6 +974,7 @@ void bs_cache_close(bs_cache *c) {
     }
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->cv);
+    if (c->lock_fd >= 0) close(c->lock_fd); /* releases the flock */
     free(c->dir);
     free(c);
 }

@@ -1561,6 +1561,19 @@ int server_check(const config *c, char *err, size_t errlen) {
     if (c->user && hardening_user_lookup(c->user, &uid, &gid, err, errlen) != 0) return -1;
     blobserve_config *bc = NULL;
     if (blobserve_config_parse(c, &bc, err, errlen) != 0) return -1;
+    /* Two listeners on one address: the second bind would fail at start. */
+    bool clash = mc.enabled && mc.listen_port == c->listen_port &&
+                 (strcmp(mc.listen_host, c->listen_host) == 0 || strcmp(mc.listen_host, "0.0.0.0") == 0 ||
+                  strcmp(c->listen_host, "0.0.0.0") == 0);
+    bool clash_bs = mc.enabled && bc && mc.listen_port == bc->listen_port &&
+                    (strcmp(mc.listen_host, bc->listen_host) == 0 || strcmp(mc.listen_host, "0.0.0.0") == 0 ||
+                     strcmp(bc->listen_host, "0.0.0.0") == 0);
+    if (clash || clash_bs) {
+        snprintf(err, errlen, "%s: metrics.listen %s:%d: the %s listens there already; each listener needs an address "
+                 "of its own", c->path, mc.listen_host, mc.listen_port, clash ? "registry (listen)" : "blobserve");
+        blobserve_config_free(bc);
+        return -1;
+    }
     blobserve_config_free(bc);
     if (specs_check_config(c, err, errlen) != 0) return -1;
     if (cluster_check_config(c, err, errlen) != 0) return -1;
@@ -1570,6 +1583,13 @@ int server_check(const config *c, char *err, size_t errlen) {
     served *g = served_build(&probe, (config *)c, false, err, errlen);
     if (!g) return -1;
     served_free(g);
+    /* Last, the cache folder: could serve open it? (Made and removed again
+     * when missing, so a refused config leaves nothing behind.) */
+    char serr[1200];
+    if (store_dir_check(c->cache_dir, serr, sizeof serr) != 0) {
+        snprintf(err, errlen, "%s", serr);
+        return -1;
+    }
     return 0;
 }
 

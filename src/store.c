@@ -15,6 +15,7 @@
 
 #include "regfacade/cluster.h"
 #include "regfacade/digest.h"
+#include "regfacade/dir_lock.h"
 #include "regfacade/json.h"
 #include "regfacade/ref.h"
 #include "regfacade/log.h"
@@ -487,44 +488,40 @@ static void clear_tmp(const char *tmpdir) {
     closedir(d);
 }
 
-/* One process per cache folder: a second one would empty tmp/ under the
- * first one's spools (its commits then fail) and evict what it serves.
- * An exclusive flock on DIR/lock, held while the store is open (the kernel
- * drops it when the process ends, however it ends); the file holds the
- * holder's PID so that the one refused can name it. */
-static int lock_dir(store *s, char *err, size_t errlen) {
+int store_dir_check(const char *dir, char *err, size_t errlen) {
+    struct stat st;
+    if (lstat(dir, &st) != 0) {
+        if (mkdir(dir, 0700) != 0) { /* the call store_open makes, with its message */
+            snprintf(err, errlen, "store: mkdir %s: %s", dir, strerror(errno));
+            return -1;
+        }
+        if (rmdir(dir) != 0) log_warn("check: made and could not remove %s: %s", dir, strerror(errno));
+        return 0;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "store: %s exists and is not a folder (a symlink is not followed)", dir);
+        return -1;
+    }
     char p[PATH_MAX];
-    snprintf(p, sizeof p, "%s/lock", s->dir);
-    int fd = open(p, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    snprintf(p, sizeof p, "%s/.check-%ld", dir, (long)getpid());
+    int fd = open(p, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) {
-        snprintf(err, errlen, "store: open %s: %s", p, strerror(errno));
+        snprintf(err, errlen, "store: cache.dir %s: cannot create a file in it: %s", dir, strerror(errno));
         return -1;
     }
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        int e = errno;
-        char buf[32] = {0};
-        ssize_t n = e == EWOULDBLOCK ? pread(fd, buf, sizeof buf - 1, 0) : -1;
-        long pid = n > 0 ? strtol(buf, NULL, 10) : 0;
-        if (e != EWOULDBLOCK)
-            snprintf(err, errlen, "store: flock %s: %s", p, strerror(e));
-        else if (pid > 0)
-            snprintf(err, errlen,
-                     "store: cache.dir %s is in use by another regfacade (PID %ld holds %s); "
-                     "each process needs a cache folder of its own",
-                     s->dir, pid, p);
-        else
-            snprintf(err, errlen,
-                     "store: cache.dir %s is in use by another regfacade (it holds %s and is writing its PID "
-                     "there); each process needs a cache folder of its own",
-                     s->dir, p);
-        close(fd);
-        return -1;
-    }
-    char pid[32];
-    int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
-    if (ftruncate(fd, 0) != 0 || pwrite(fd, pid, (size_t)n, 0) != (ssize_t)n) {
-        snprintf(err, errlen, "store: writing the PID into %s: %s", p, strerror(errno));
-        close(fd);
+    close(fd);
+    unlink(p);
+    return 0;
+}
+
+/* One process per cache folder (dir_lock.h): a second one would empty tmp/
+ * under the first one's spools (its commits then fail) and evict what it
+ * serves. */
+static int lock_dir(store *s, char *err, size_t errlen) {
+    char why[1200];
+    int fd = dir_lock_take(s->dir, "cache.dir", why, sizeof why);
+    if (fd < 0) {
+        snprintf(err, errlen, "store: %s", why);
         return -1;
     }
     s->lock_fd = fd;

@@ -34,6 +34,11 @@ typedef struct store store;
  * exclusive flock on DIR/lock, which holds the PID; a folder locked by
  * another process is refused with err naming that PID) and clear tmp/.
  * NULL with err on failure. store_close() releases the lock. */
+/* Would store_open succeed on dir's folder itself? What `check` asks,
+ * without leaving anything behind: an existing dir must be a folder (no
+ * symlink) where a file can be made; a missing one must be creatable (made
+ * and removed again). 0, or -1 with store_open's own message in err. */
+int store_dir_check(const char *dir, char *err, size_t errlen);
 store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen);
 void store_close(store *s);
 const char *store_dir(const store *s);

@@ -854,3 +854,30 @@ def test_config_ok(tmp_path):
                          "replacements": {"ide/web": [{"path": "/index.html", "search": "a",
                                                         "replacement": "b"}]}})
     assert r.returncode == 0, r.stderr
+
+
+def test_second_process_on_one_blobserve_cache_is_refused(blobserve, procs, tmp_path, bs_registry):
+    """One process per blobserve cache folder too: a second regfacade whose
+    blobserve.cache.dir is the first one's (its own cache.dir differs)
+    exits non-zero naming the first one's PID, and the first keeps serving
+    what it extracted."""
+    shared = str(tmp_path / "shared-bs-cache")
+    first = blobserve(name="bs-first", cache={"dir": shared})
+    st, _, body = curl(first.url + "/bs/web:v1/index.html")
+    assert st == 200, body
+    with open(os.path.join(shared, "lock")) as f:
+        assert f.read().strip() == str(first.rf.proc.pid)
+    port = free_port()
+    cfg = {"cache": {"dir": str(tmp_path / "second-cache")}, "upstreams": {"reg": {"url": bs_registry.registry.url}},
+           "blobserve": {"listen": f"127.0.0.1:{port}", "repositories": ["bs/web"], "cache": {"dir": shared}}}
+    second = Regfacade(procs, str(tmp_path), cfg, name="bs-second")
+    p = procs.start("bs-second", [harness.REGFACADE, "serve", "--config", second.config_path])
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a second regfacade on one blobserve.cache.dir is running")
+    out = open(p.log_path).read()
+    assert p.returncode != 0 and f"blobserve.cache.dir {shared} is in use by another regfacade (PID " \
+        f"{first.rf.proc.pid}" in out, out
+    st, _, body = curl(first.url + "/bs/web:v1/index.html")
+    assert st == 200, body

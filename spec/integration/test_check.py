@@ -97,8 +97,36 @@ def unknown_user(tmp_path):
     return json.dumps(c), "no-such-user-here"
 
 
+def cache_dir_is_a_file(tmp_path):
+    c = base(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    c["cache"]["dir"] = str(tmp_path / "afile")
+    return json.dumps(c), "afile exists and is not a folder"
+
+
+def cache_dir_under_a_file(tmp_path):
+    c = base(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    c["cache"]["dir"] = str(tmp_path / "afile" / "cache")
+    return json.dumps(c), "mkdir " + str(tmp_path / "afile" / "cache") + ": Not a directory"
+
+
+def cache_dir_cannot_be_made(tmp_path):
+    c = base(tmp_path)
+    c["cache"]["dir"] = "/proc/regfacade-cache"
+    return json.dumps(c), "mkdir /proc/regfacade-cache:"
+
+
+def metrics_on_the_registry_address(tmp_path):
+    c = base(tmp_path)
+    c["metrics"] = {"listen": c["listen"]}
+    return json.dumps(c), "metrics.listen " + c["listen"] + ": the registry (listen) listens there already"
+
+
 @pytest.mark.parametrize("make", [bad_listen, missing_layer_file, url_with_v2, mirror_with_v2, blobserve_listen,
-                                  duplicate_top_key, duplicate_nested_key, syntax_error, policy_error, unknown_user],
+                                  duplicate_top_key, duplicate_nested_key, syntax_error, policy_error, unknown_user,
+                                  cache_dir_is_a_file, cache_dir_under_a_file, cache_dir_cannot_be_made,
+                                  metrics_on_the_registry_address],
                          ids=lambda f: f.__name__)
 def test_check_and_serve_refuse_alike(tmp_path, make):
     text, needle = make(tmp_path)
