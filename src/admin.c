@@ -36,6 +36,7 @@ struct admin_server {
     store *st;
     generation_env genv; /* the server's generations, for cache warm and REF resolution */
     struct MHD_Daemon *daemon;
+    mhd_glue_listener *listener; /* its guard against idle-connection floods */
 };
 
 /* ---------- config ---------- */
@@ -540,10 +541,17 @@ admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *s
     a->genv = *ge;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)ac->listen_port)};
     inet_pton(AF_INET, ac->listen_host, &sa.sin_addr);
+    guard_options go = {.header_timeout_s = c->header_timeout_s,
+                        .max_connections = ADMIN_MAX_CONNECTIONS,
+                        .listener = "admin",
+                        .limit_name = "the admin listener's fixed limit"};
+    if (!(a->listener = mhd_glue_listener_new(&go, access_handler, a, request_completed, a, err, errlen))) {
+        admin_stop(a);
+        return NULL;
+    }
     a->daemon = MHD_start_daemon(
-        MHD_GLUE_THREAD_PER_CONNECTION, 0, NULL, NULL, access_handler, a, MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)"admin", MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
-        MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url, NULL, MHD_OPTION_NOTIFY_COMPLETED, request_completed, a,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned int)ADMIN_MAX_CONNECTIONS, MHD_OPTION_CONNECTION_TIMEOUT,
+        MHD_GLUE_THREAD_PER_CONNECTION, 0, NULL, NULL, MHD_GLUE_GUARDED(a->listener), MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK,
+        mhd_glue_keep_url, NULL, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned int)ADMIN_TIMEOUT_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
         MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
     if (!a->daemon) {
@@ -559,6 +567,7 @@ admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *s
 void admin_stop(admin_server *a) {
     if (!a) return;
     if (a->daemon) MHD_stop_daemon(a->daemon);
+    mhd_glue_listener_free(a->listener); /* after the daemon, whose callbacks use it */
     admin_config_free(a->ac);
     free(a);
 }

@@ -66,6 +66,7 @@ struct blobserve {
     blobserve_config *bc;
     bs_cache *cache;
     struct MHD_Daemon *daemon;
+    mhd_glue_listener *listener; /* its guard against idle-connection floods */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;         /* wakes the pre-pull thread on stop, and stop when workers end */
@@ -1024,12 +1025,16 @@ blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char 
      * own while the connection is suspended. */
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     unsigned pool = ncpu < 1 ? 1 : ncpu > 16 ? 16 : (unsigned)ncpu;
+    /* The registry's limits: the same clients, the same floods. */
+    guard_options go = {.header_timeout_s = env->cfg->header_timeout_s,
+                        .max_connections = env->cfg->max_connections,
+                        .listener = "blobserve",
+                        .limit_name = "limits.max_connections"};
+    if (!(b->listener = mhd_glue_listener_new(&go, access_handler, b, request_completed, b, err, errlen))) goto fail;
     b->daemon = MHD_start_daemon(
         MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-        access_handler, b, MHD_OPTION_THREAD_POOL_SIZE, pool, MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)"blobserve", MHD_OPTION_SOCK_ADDR,
-        (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url, NULL, MHD_OPTION_NOTIFY_COMPLETED,
-        request_completed, b, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)env->cfg->max_connections,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)env->cfg->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        MHD_GLUE_GUARDED(b->listener), MHD_OPTION_THREAD_POOL_SIZE, pool, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK,
+        mhd_glue_keep_url, NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)env->cfg->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
         (size_t)BS_CONNECTION_MEMORY, MHD_OPTION_THREAD_STACK_SIZE, (size_t)(1024 * 1024),
         MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
     if (!b->daemon) {
@@ -1083,6 +1088,7 @@ void blobserve_stop(blobserve *b) {
     pthread_mutex_unlock(&b->mu);
     if (b->prepull_running) pthread_join(b->prepull_thread, NULL);
     if (b->daemon) MHD_stop_daemon(b->daemon);
+    mhd_glue_listener_free(b->listener); /* after the daemon, whose callbacks use it */
     bs_cache_close(b->cache);
     for (image *im = b->images, *next; im; im = next) {
         next = im->next;

@@ -109,13 +109,12 @@ static void *watchdog_main(void *arg) {
             /* One line per sweep, not per connection: a slowloris flood must
              * not become a log flood. */
             if (cut)
-                log_warn("closed %u connection%s that sent no complete request (headers and any body) within %u s "
-                         "(limits.header_timeout_seconds)",
-                         cut, cut == 1 ? "" : "s", t);
+                log_warn("%s: closed %u connection%s that sent no complete request (headers and any body) within "
+                         "%u s (limits.header_timeout_seconds)",
+                         g->o.listener, cut, cut == 1 ? "" : "s", t);
             if (reclaimed)
-                log_warn("closed %u idle connection%s to make room for new ones (limits.max_connections %u "
-                         "nearly reached)",
-                         reclaimed, reclaimed == 1 ? "" : "s", max);
+                log_warn("%s: closed %u idle connection%s to make room for new ones (%s %u nearly reached)",
+                         g->o.listener, reclaimed, reclaimed == 1 ? "" : "s", g->o.limit_name, max);
             pthread_mutex_lock(&g->lock);
         }
     }
@@ -132,6 +131,8 @@ guard *guard_new(const guard_options *o, char *err, size_t errlen) {
     g->o = *o;
     if (g->o.requests_per_second && !g->o.burst) g->o.burst = 2 * g->o.requests_per_second;
     if (!g->o.max_tracked_ips) g->o.max_tracked_ips = 65536;
+    if (!g->o.listener) g->o.listener = "http";
+    if (!g->o.limit_name) g->o.limit_name = "the connection limit";
     /* A reserve of max/32 slots (at least one) stays free for bursts of new
      * clients while idle connections are being closed. */
     if (g->o.max_connections) {

@@ -19,6 +19,7 @@
 
 #include "regfacade/fetch.h"
 #include "regfacade/log.h"
+#include "regfacade/mhd_glue.h"
 
 /* ------------------------------------------------------------------ */
 /* label sets */
@@ -872,8 +873,12 @@ char *metrics_render(size_t *len) {
 /* ------------------------------------------------------------------ */
 /* listener */
 
+/* Connections the listener takes at once (scrapers and probes are few). */
+#define METRICS_MAX_CONNECTIONS 64
+
 struct metrics_server {
     struct MHD_Daemon *daemon;
+    mhd_glue_listener *listener; /* its guard against idle-connection floods */
     metrics_ready_fn ready;
     void *ud;
 };
@@ -924,14 +929,6 @@ static enum MHD_Result metrics_handler(void *cls, struct MHD_Connection *conn, c
     return reply(conn, 404, "text/plain; charset=utf-8", nf, sizeof nf - 1, false);
 }
 
-static void metrics_mhd_log(void *cls, const char *fmt, va_list ap) {
-    (void)cls;
-    char msg[1024];
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    msg[strcspn(msg, "\n")] = '\0';
-    log_warn("metrics listener: %s", msg);
-}
-
 metrics_server *metrics_server_start(const metrics_config *cfg, metrics_ready_fn ready, void *ud, char *err,
                                      size_t errlen) {
     note_start();
@@ -960,12 +957,19 @@ metrics_server *metrics_server_start(const metrics_config *cfg, metrics_ready_fn
         free(m);
         return NULL;
     }
-    m->daemon = MHD_start_daemon(flags, 0, NULL, NULL, metrics_handler, m, MHD_OPTION_EXTERNAL_LOGGER,
-                                 metrics_mhd_log, NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned int)64, MHD_OPTION_CONNECTION_TIMEOUT,
-                                 (unsigned int)30, MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1,
-                                 MHD_OPTION_END);
+    guard_options go = {.header_timeout_s = cfg->header_timeout_s,
+                        .max_connections = METRICS_MAX_CONNECTIONS,
+                        .listener = "metrics",
+                        .limit_name = "the metrics listener's fixed limit"};
+    if (!(m->listener = mhd_glue_listener_new(&go, metrics_handler, m, NULL, NULL, err, errlen))) {
+        free(m);
+        return NULL;
+    }
+    m->daemon = MHD_start_daemon(flags, 0, NULL, NULL, MHD_GLUE_GUARDED(m->listener), MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)30, MHD_OPTION_LISTENING_ADDRESS_REUSE,
+                                 (unsigned int)1, MHD_OPTION_END);
     if (!m->daemon) {
+        mhd_glue_listener_free(m->listener);
         snprintf(err, errlen, "metrics.listen %s:%d: cannot start the metrics listener (port in use?)",
                  cfg->listen_host, cfg->listen_port);
         free(m);
@@ -977,5 +981,6 @@ metrics_server *metrics_server_start(const metrics_config *cfg, metrics_ready_fn
 void metrics_server_stop(metrics_server *m) {
     if (!m) return;
     if (m->daemon) MHD_stop_daemon(m->daemon);
+    mhd_glue_listener_free(m->listener); /* after the daemon, whose callbacks use it */
     free(m);
 }

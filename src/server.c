@@ -70,7 +70,8 @@ struct server {
     metrics_server *metrics; /* the metrics listener, NULL without a "metrics" section */
     layer_catalog *layers;   /* the config's named layers and file layer digests */
     generate_env gen;        /* what image generation needs */
-    guard *guard;            /* header deadline and per-IP rate limit */
+    mhd_glue_listener *listener; /* the registry listener's guard, wired into libmicrohttpd */
+    guard *guard;            /* the listener's: header deadline, idle reclaim, per-IP rate limit */
     tls_config *tls;         /* NULL: plain HTTP */
     int listen_fd;           /* bound before the privilege drop; MHD's once started */
     blobserve *blobserve;    /* the blobserve listener, NULL without a "blobserve" section */
@@ -1392,23 +1393,6 @@ static enum MHD_Result route(request *r, const char *url) {
 
 /* ---------- client protections (guard.h) ---------- */
 
-static guard_conn *conn_guard(struct MHD_Connection *conn) {
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
-    return ci ? ci->socket_context : NULL;
-}
-
-static void notify_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
-                              enum MHD_ConnectionNotificationCode toe) {
-    server *s = cls;
-    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
-        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-        *socket_context = ci ? guard_conn_open(s->guard, ci->connect_fd) : NULL;
-    } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
-        guard_conn_close(s->guard, *socket_context);
-        *socket_context = NULL;
-    }
-}
-
 static enum MHD_Result send_rate_limited(request *r, unsigned retry_after) {
     char msg[160], ra[16];
     /* r->sv is not acquired yet here: the guard runs on the startup config
@@ -1453,9 +1437,7 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
         return MHD_YES;
     }
     /* The whole request is in (headers and any body, which a read-only
-     * registry never needs): the header deadline no longer applies. Until
-     * now a trickled body is cut by it like trickled headers. */
-    guard_conn_headers_done(((server *)cls)->guard, conn_guard(conn));
+     * registry never needs); mhd_glue_access told the guard. */
     request_life *life = *con_cls;
     request r = {.srv = cls, .conn = conn, .method = method, .head = strcmp(method, "HEAD") == 0, .acc = life->acc};
     const union MHD_ConnectionInfo *peer = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
@@ -1501,8 +1483,6 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
         free(life);
     }
     *con_cls = NULL;
-    /* Kept alive: the next request's headers have a deadline again. */
-    if (cls) guard_conn_request_done(((server *)cls)->guard, conn_guard(conn));
 }
 
 /* Descriptors the configured limits can take at once: a socket per
@@ -1541,9 +1521,12 @@ static int server_harden(server *s, const config *c, char *err, size_t errlen) {
     guard_options go = {.header_timeout_s = c->header_timeout_s,
                         .requests_per_second = c->requests_per_second,
                         .burst = c->request_burst,
-                        .max_connections = c->max_connections};
-    s->guard = guard_new(&go, err, errlen);
-    return s->guard ? 0 : -1;
+                        .max_connections = c->max_connections,
+                        .listener = "registry",
+                        .limit_name = "limits.max_connections"};
+    s->listener = mhd_glue_listener_new(&go, access_handler, s, request_completed, s, err, errlen);
+    s->guard = mhd_glue_listener_guard(s->listener);
+    return s->listener ? 0 : -1;
 }
 
 int server_check(const config *c, char *err, size_t errlen) {
@@ -1658,12 +1641,10 @@ server *server_start(const config *c, char *err, size_t errlen) {
     extra[ne] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     s->daemon = MHD_start_daemon(
         MHD_GLUE_THREAD_PER_CONNECTION | MHD_USE_ITC | (s->tls ? MHD_USE_TLS : 0),
-        0, NULL, NULL, access_handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)"registry", MHD_OPTION_LISTEN_SOCKET,
-        s->listen_fd, MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url,
-        NULL, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)c->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned int)c->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)c->header_max_bytes,
-        MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024), MHD_OPTION_NOTIFY_COMPLETED, request_completed, s,
-        MHD_OPTION_NOTIFY_CONNECTION, notify_connection, s, MHD_OPTION_ARRAY, extra, MHD_OPTION_END);
+        0, NULL, NULL, MHD_GLUE_GUARDED(s->listener), MHD_OPTION_LISTEN_SOCKET, s->listen_fd, MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url, NULL,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)c->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        (size_t)c->header_max_bytes, MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024), MHD_OPTION_ARRAY, extra,
+        MHD_OPTION_END);
     if (!s->daemon) {
         snprintf(err, errlen, "listen %s:%d: cannot start the HTTP%s server (see the libmicrohttpd message above)",
                  c->listen_host, c->listen_port, s->tls ? "S" : "");
@@ -1672,6 +1653,7 @@ server *server_start(const config *c, char *err, size_t errlen) {
     s->listen_fd = -1; /* closed by MHD_stop_daemon */
     if (s->tls)
         log_info("serving HTTPS with %s (expires %s)", s->tls->subject, s->tls->not_after);
+    mc.header_timeout_s = c->header_timeout_s;
     if (mc.enabled && !(s->metrics = metrics_server_start(&mc, server_ready, s, err, errlen))) goto fail;
     if (c->blobserve) {
         blobserve_config *bc = NULL;
@@ -1755,7 +1737,7 @@ void server_stop(server *s) {
     }
     store_close(s->st);
     cluster_stop(s->cluster); /* after everything that asks it */
-    guard_free(s->guard);
+    mhd_glue_listener_free(s->listener); /* after the daemon, whose callbacks use it */
     tls_config_free(s->tls);
     if (s->listen_fd >= 0) close(s->listen_fd);
     free(s);

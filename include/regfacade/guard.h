@@ -19,6 +19,8 @@
  * - Request rate per client IP: a token bucket (requests_per_second, burst).
  *   An empty bucket means 429 TOOMANYREQUESTS with Retry-After.
  *
+ * Each listener has its own guard (mhd_glue.h wires it into libmicrohttpd).
+ *
  * Thread-safe. Every function takes NULL for g (or a NULL conn) and then
  * does nothing / allows everything.
  */
@@ -39,6 +41,8 @@ typedef struct {
     unsigned burst;               /* bucket size; 0: 2 x requests_per_second */
     size_t max_tracked_ips;       /* rate-limit table size; 0: 65536 */
     unsigned max_connections;     /* the listener's connection limit; 0: never close idle connections */
+    const char *listener;         /* for log lines: "registry", "blobserve", "admin", "metrics"; NULL: "http" */
+    const char *limit_name;       /* what sets max_connections, for log lines ("limits.max_connections") */
 } guard_options;
 
 typedef struct {

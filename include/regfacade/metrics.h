@@ -38,6 +38,7 @@ typedef struct {
     char listen_host[64];  /* "127.0.0.1" (IPv4, or IPv6 given as "[::1]:9090") */
     int listen_port;       /* 9090 */
     bool access_log;       /* one JSON line per request on stderr; default true */
+    unsigned header_timeout_s; /* not from the section: limits.header_timeout_seconds, set by the caller */
 } metrics_config;
 
 /* Validate the raw "metrics" section (NULL: absent, defaults apply). 0 on

@@ -10,7 +10,10 @@
   with requests (idle ones do not count: they make room), and recovers;
 - a request body trickled byte by byte is cut by the header deadline;
 - the open-files limit is raised at start, and one too low for
-  max_connections is said at start.
+  max_connections is said at start;
+- the same protection guards every listener: 1.5 times its connection
+  limit of idle connections keep no normal client out of blobserve
+  (limits.max_connections), the admin API or the metrics listener (64 each).
 """
 import os
 import resource
@@ -20,6 +23,7 @@ import threading
 from clients import skopeo_copy
 from fake_upstream import request, wait_until
 from harness import REGFACADE, Regfacade, free_port, log_tail, wait_http
+from test_specs import TOKEN, specs_config
 
 REPO = "conn/app"
 FLOOD = 1500
@@ -232,3 +236,97 @@ def test_open_files_limit_raised_and_checked_at_start(procs, tmp_path, fake_upst
     rf, log = start_with_nofile(procs, tmp_path, fake_upstream, "low", "300:300")
     assert "the open-files limit 300 is below the" in log and "limits.max_connections 1024" in log, log
     assert request(rf.host, "GET", "/v2/").status == 200
+
+
+def flood_leaves_room(rf, port, limit, listener, limit_name, idle_timeout, serve):
+    """About 1.5 x limit idle connections to port; once the listener holds
+    what it takes of them, serve(timeout) (real requests on new connections)
+    must be answered, and the listener says it made room. Every socket
+    closed. idle_timeout: the listener's own (libmicrohttpd's) idle timeout,
+    which ends such a flood by itself: the waits below stay well within it,
+    else the requests would prove nothing (a listener without the guard
+    serves them once the flood timed out)."""
+    n = limit * 3 // 2 + 4
+    assert raise_nofile(n + 500) >= n + 200, "the test process cannot open enough sockets"
+    pid = rf.proc.pid
+    base = socket_fds(pid)[1]
+    reserve = max(limit // 32, 1)
+    socks = open_idle(n, port)
+    try:
+        held = {"n": 0}
+
+        def taken():
+            held["n"] = max(held["n"], socket_fds(pid)[1] - base)
+            return held["n"] >= limit - reserve - 1
+
+        assert wait_until(taken, timeout=60, interval=0.2), \
+            f"{listener} holds only {held['n']} of {n} idle connections (its limit is {limit})"
+        # Connections idle for a second are closed to make room (the flood
+        # came faster: the listener filled up meanwhile)...
+        said = f"{listener}: closed "
+        made_room = wait_until(lambda: any(said in l and RECLAIMED.replace("limits.max_connections", limit_name)
+                                           .format(limit) in l for l in log_tail(rf.proc, 1 << 30).splitlines()),
+                               timeout=min(60, idle_timeout // 2))
+        # ...so normal clients are served, on new connections, while the
+        # flood holds the rest.
+        serve(min(30, idle_timeout // 3))
+        assert made_room, f"{listener}: no idle connection was closed to make room"
+        assert rf.proc.poll() is None
+    finally:
+        for s in socks:
+            s.close()
+    assert wait_until(lambda: socket_fds(pid)[1] <= base + 8, timeout=60, interval=0.2), \
+        f"{socket_fds(pid)[1]} sockets once the flood left, {base} before"
+    serve(30)
+
+
+def test_blobserve_idle_flood_leaves_room_for_clients(fake_upstream, fake_facade):
+    fake_upstream.add_image(REPO, "v1", layer_sizes=[2000])
+    port = free_port()
+    # The default limits: max_connections 1024, for blobserve as for the registry.
+    rf = fake_facade(config={"blobserve": {"listen": f"127.0.0.1:{port}", "repositories": [REPO]}})
+    host = f"127.0.0.1:{port}"
+    wait_http(f"http://{host}/readyz", timeout=30)
+
+    def serve(timeout):
+        r = request(host, "GET", "/readyz", timeout=timeout)
+        assert r.status == 200 and r.body.startswith(b"ready"), r
+        r = request(host, "GET", "/_stats", timeout=timeout)
+        assert r.status == 200 and b"requests" in r.body, r
+        # A file of a repository blobserve does not serve: a real answer, not a wait.
+        r = request(host, "GET", "/other/app:v1/etc/hostname", timeout=timeout)
+        assert r.status == 403 and b"not served here" in r.body, r
+        # The registry next to it is served too.
+        r = request(rf.host, "GET", "/v2/", timeout=timeout)
+        assert r.status == 200, r
+
+    # limits.client_timeout_seconds (300) is blobserve's idle timeout.
+    flood_leaves_room(rf, port, 1024, "blobserve", "limits.max_connections", 300, serve)
+
+
+def test_admin_idle_flood_leaves_room_for_clients(fake_facade, tmp_path):
+    rf = fake_facade(config=specs_config(tmp_path, {"ws": {"type": "pushed"}}))
+    port = int(rf.config["admin"]["listen"].rsplit(":", 1)[1])
+
+    def serve(timeout):
+        host = rf.config["admin"]["listen"]
+        r = request(host, "GET", "/specs", {"Authorization": f"Bearer {TOKEN}"}, timeout=timeout)
+        assert r.status == 200 and r.json() == {"ids": []}, r
+        r = request(host, "GET", "/specs", {"Authorization": f"Bearer {TOKEN}x"}, timeout=timeout)
+        assert r.status == 401, r
+
+    flood_leaves_room(rf, port, 64, "admin", "the admin listener's fixed limit", 30, serve)
+
+
+def test_metrics_idle_flood_leaves_room_for_clients(fake_facade):
+    port = free_port()
+    rf = fake_facade(config={"metrics": {"listen": f"127.0.0.1:{port}"}})
+    host = f"127.0.0.1:{port}"
+
+    def serve(timeout):
+        r = request(host, "GET", "/metrics", timeout=timeout)
+        assert r.status == 200 and b"regfacade_" in r.body, r
+        r = request(host, "GET", "/readyz", timeout=timeout)
+        assert r.status == 200, r
+
+    flood_leaves_room(rf, port, 64, "metrics", "the metrics listener's fixed limit", 30, serve)
