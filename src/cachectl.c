@@ -182,7 +182,7 @@ static void tree_walk(store *st, const char *digest, dset *out, bool (*add)(dset
     add(out, digest);
     char *data = NULL, err[300];
     size_t len = 0;
-    if (depth > 2 || store_blob_read(st, digest, MANIFEST_READ_MAX, &data, &len, err, sizeof err) != 1) return;
+    if (depth > 2 || store_blob_peek(st, digest, MANIFEST_READ_MAX, &data, &len, err, sizeof err) != 1) return;
     json_value *v = json_parse(data, len, JSON_DEFAULT_MAX_DEPTH, err, sizeof err);
     free(data);
     if (!v || v->type != JSON_OBJECT) {

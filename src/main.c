@@ -276,6 +276,13 @@ int main(int argc, char **argv) {
         const char *found = NULL;
         for (size_t k = 0; k < sizeof subcommands / sizeof subcommands[0]; k++)
             if (strcmp(subcommands[k], full) == 0) found = subcommands[k];
+        if (!found && argc >= 3 && (strcmp(argv[2], "--help") == 0 || strcmp(argv[2], "-h") == 0)) {
+            /* `regfacade cache --help`: the group's subcommands */
+            printf("usage: regfacade %s %s [OPTIONS] ...\n(regfacade %s SUBCOMMAND --help for each)\n", cmd,
+                   strcmp(cmd, "tags") == 0 ? "refresh" : "verify|ls|du|rm|gc|warm", cmd);
+            usage(stdout);
+            return 0;
+        }
         if (!found) {
             fprintf(stderr, "regfacade %s: unknown or missing subcommand%s%s (%s)\n", cmd, argc >= 3 ? " " : "",
                     argc >= 3 ? argv[2] : "",

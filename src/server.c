@@ -979,10 +979,14 @@ static enum MHD_Result handle_tags(request *r) {
     /* The client asked under its own name; answer under it. */
     size_t len;
     char *out = tag_list_json(&tl, r->repository, from, to, &len);
-    char link[700] = "";
+    char link[900] = "";
+    /* The next page goes where this one went: ?ns= picked the upstream. */
+    const char *ns = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "ns");
+    bool ns_ok = ns && *ns && strlen(ns) < 256 &&
+                 strspn(ns, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]") == strlen(ns);
     if (more && to > from)
-        snprintf(link, sizeof link, "</v2/%s/tags/list?n=%s&last=%s>; rel=\"next\"", r->repository, n,
-                 tl.tags[to - 1]);
+        snprintf(link, sizeof link, "</v2/%s/tags/list?n=%s&last=%s%s%s>; rel=\"next\"", r->repository, n,
+                 tl.tags[to - 1], ns_ok ? "&ns=" : "", ns_ok ? ns : "");
     tag_list_free(&tl);
     return send_page(r, out, len, link);
 }

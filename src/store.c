@@ -331,7 +331,10 @@ static int settle_locked(store *s, blob_entry *e, int fd, const struct stat *ope
     if (right && fstat(fd, &now) == 0 && same_file_state(opened, &now)) {
         if (blob_path_hex(s, e->hex, p, sizeof p) == 0 && lstat(p, &there) == 0 && there.st_dev == now.st_dev &&
             there.st_ino == now.st_ino) {
-            index_add(s, e->hex, len); /* the size as verified */
+            /* The size as verified; not a use (a scrub must not reorder
+             * what is evicted first). */
+            s->total = s->total - e->size + len;
+            e->size = len;
             mark_verified(e, &now);
         }
         return 1;
@@ -593,7 +596,8 @@ static int blob_path(const store *s, const char *digest, char *out, size_t outle
  * or changed since (another inode, size, ctime or mtime), is hashed first
  * and quarantined when wrong (then 0: not cached). Without verify the
  * caller checks the bytes itself (settle_read). */
-static int blob_open(store *s, const char *digest, bool verify, int *fd, uint64_t *size, char *err, size_t errlen) {
+static int blob_open(store *s, const char *digest, bool verify, bool touch, int *fd, uint64_t *size, char *err,
+                     size_t errlen) {
     char p[PATH_MAX];
     if (blob_path(s, digest, p, sizeof p) != 0) {
         snprintf(err, errlen, "store: %s is not a sha256 digest", digest);
@@ -647,7 +651,7 @@ static int blob_open(store *s, const char *digest, bool verify, int *fd, uint64_
             *size = (uint64_t)st.st_size;
             return 1;
         }
-        index_touch(s, e);
+        if (touch) index_touch(s, e); /* a listing (cache ls) is no use */
         pthread_mutex_unlock(&s->lock);
         *fd = f;
         *size = (uint64_t)st.st_size;
@@ -656,7 +660,7 @@ static int blob_open(store *s, const char *digest, bool verify, int *fd, uint64_
 }
 
 int store_blob_open(store *s, const char *digest, int *fd, uint64_t *size, char *err, size_t errlen) {
-    return blob_open(s, digest, true, fd, size, err, errlen);
+    return blob_open(s, digest, true, true, fd, size, err, errlen);
 }
 
 store_verify_result store_blob_verify(store *s, const char *digest, store_pace_fn pace, void *ud, char *reason,
@@ -767,11 +771,23 @@ bool store_blob_exists(store *s, const char *digest) {
     return blob_path(s, digest, p, sizeof p) == 0 && lstat(p, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+static int blob_read(store *s, const char *digest, size_t max, bool touch, char **data, size_t *len, char *err,
+                     size_t errlen);
+
 int store_blob_read(store *s, const char *digest, size_t max, char **data, size_t *len, char *err, size_t errlen) {
+    return blob_read(s, digest, max, true, data, len, err, errlen);
+}
+
+int store_blob_peek(store *s, const char *digest, size_t max, char **data, size_t *len, char *err, size_t errlen) {
+    return blob_read(s, digest, max, false, data, len, err, errlen);
+}
+
+static int blob_read(store *s, const char *digest, size_t max, bool touch, char **data, size_t *len, char *err,
+                     size_t errlen) {
     int fd;
     uint64_t size;
     /* Small files read whole: hashed on every read (cheap), not only once. */
-    int rc = blob_open(s, digest, false, &fd, &size, err, errlen);
+    int rc = blob_open(s, digest, false, touch, &fd, &size, err, errlen);
     if (rc <= 0) return rc;
     struct stat opened;
     if (fstat(fd, &opened) != 0) {

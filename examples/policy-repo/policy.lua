@@ -17,7 +17,7 @@ local allowed = rules.prefix(regfacade.config.options.allow or {})
 
 return {
     authorize = function(req)
-        if req.kind == "ping" then
+        if req.kind == "ping" or req.repository == nil then -- the ping, and the catalog as a whole
             return true
         end
         local mapped = mirror.resolve(req)

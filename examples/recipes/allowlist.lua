@@ -16,7 +16,7 @@ local allowed = rules.prefix(regfacade.config.options.allow or {})
 
 return {
     authorize = function(req)
-        if req.kind == "ping" then
+        if req.kind == "ping" or req.repository == nil then -- the ping, and the catalog as a whole
             return true
         end
         if req.target and allowed(req.target.repository) then

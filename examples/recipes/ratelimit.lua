@@ -14,7 +14,7 @@ local mirror = require "regfacade.mirror"
 
 return {
     authorize = function(req)
-        if req.kind == "ping" then
+        if req.kind == "ping" or req.repository == nil then -- the ping, and the catalog as a whole
             return true
         end
         local limit = regfacade.config.options.per_minute or 600

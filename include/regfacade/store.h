@@ -92,6 +92,9 @@ void store_get_stats(store *s, store_stats *out);
  * hashing what was read: 1 found and right (*data malloc'd, caller frees),
  * 0 not cached (or wrong: quarantined), -1 error. */
 int store_blob_read(store *s, const char *digest, size_t max, char **data, size_t *len, char *err, size_t errlen);
+/* store_blob_read without marking the blob used: for listings (cache ls),
+ * which must not change what is evicted first or the "last use" shown. */
+int store_blob_peek(store *s, const char *digest, size_t max, char **data, size_t *len, char *err, size_t errlen);
 
 /* Verification of one cached blob, whatever its state: hashed again
  * (pace, when given, is called after every MiB with the bytes just read and

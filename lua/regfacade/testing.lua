@@ -155,11 +155,22 @@ function testing.request(opts)
     for k, v in pairs(opts.headers or {}) do
         headers[type(k) == "string" and k:lower() or k] = v
     end
+    -- What the server leaves out for each kind: the ping and the catalog
+    -- itself name no repository, and a tag list, a ping and the catalog no
+    -- reference (a spec then sees nil where the server gives nil).
+    local kind = opts.kind or "manifest"
+    local repository, reference = opts.repository, opts.reference
+    if repository == nil and kind ~= "ping" and kind ~= "catalog" then
+        repository = "library/alpine"
+    end
+    if reference == nil and (kind == "manifest" or kind == "blob" or kind == "referrers") then
+        reference = "latest"
+    end
     return setmetatable({
         method = opts.method or "GET",
-        kind = opts.kind or "manifest",
-        repository = opts.repository or "library/alpine",
-        reference = opts.reference or "latest",
+        kind = kind,
+        repository = repository,
+        reference = reference,
         ns = opts.ns,
         host = opts.host,
         client = copy(opts.client),

@@ -391,6 +391,26 @@ def two_upstreams(fake_upstream):
         other.stop()
 
 
+def test_tags_pages_with_ns_stay_on_that_upstream(two_upstreams, fake_facade):
+    """The next page's Link keeps ?ns=: it pages the same upstream's list,
+    not default_upstream's."""
+    fake, other, a, b = two_upstreams
+    other.set_tags("acme/app", ["o1", "o2", "o3", "o4", "o5"], b.digest)
+    fake.set_tags("acme/app", ["f1", "f2", "f3"], a.digest)
+    rf = fake_facade(upstreams={"other": {"url": other.url}})
+    got, path = [], f"/v2/acme/app/tags/list?n=2&ns={other.host}"
+    for _ in range(10):
+        r = get(rf, path)
+        assert r.status == 200, r
+        got += r.json()["tags"]
+        link = r.header("Link")
+        if not link:
+            break
+        path = link[1:link.index(">")]
+        assert f"ns={other.host}" in path, link
+    assert got == ["o1", "o2", "o3", "o4", "o5"]
+
+
 def test_ns_selects_upstream_and_is_echoed(two_upstreams, fake_facade):
     fake, other, a, b = two_upstreams
     rf = fake_facade(upstreams={"other": {"url": other.url}})

@@ -92,6 +92,12 @@ def test_unknown_argument_and_missing_value(tmp_path):
     assert r.returncode == 2 and "--config FILE (or REGFACADE_CONFIG) is required" in r.stderr
 
 
+@pytest.mark.parametrize("group", ["cache", "tags"])
+def test_help_on_command_groups(group):
+    r = run([group, "--help"])
+    assert r.returncode == 0 and f"usage: regfacade {group} " in r.stdout, r.stderr
+
+
 @pytest.mark.parametrize("cmd", ["serve", "check"])
 def test_help_on_every_command(cmd):
     r = run([cmd, "--help"])

@@ -14,7 +14,15 @@ describe("policy.lua", function()
     it("lets the allowed prefixes through", function()
         local policy = load { "acme/" }
         assert.is_true(policy:authorize(testing.request { repository = "acme/app" }).allowed)
-        assert.is_true(policy:authorize(testing.request { kind = "ping", repository = nil }).allowed)
+        assert.is_true(policy:authorize(testing.request { kind = "ping" }).allowed)
+    end)
+
+    it("lets the catalog as a whole be listed, and filters its names", function()
+        local policy = load { "acme/" }
+        -- /v2/_catalog asks once with no repository, then once per cached name
+        assert.is_true(policy:authorize(testing.request { kind = "catalog" }).allowed)
+        assert.is_true(policy:authorize(testing.request { kind = "catalog", repository = "acme/app" }).allowed)
+        assert.is_false(policy:authorize(testing.request { kind = "catalog", repository = "secret/app" }).allowed)
     end)
 
     it("refuses everything else with 403 DENIED, under every name form", function()
