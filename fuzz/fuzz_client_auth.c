@@ -11,18 +11,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     FUZZ_ASSERT(memchr(c.user, 0, sizeof c.user) && memchr(c.password, 0, sizeof c.password) &&
                 memchr(c.token, 0, sizeof c.token));
     switch (k) {
-    case CLIENT_AUTH_BASIC:
-        FUZZ_ASSERT(c.user[0] && !strchr(c.user, ':') && !c.token[0]);
-        for (const char *p = c.user; *p; p++) FUZZ_ASSERT((unsigned char)*p >= 0x20 && *p != 0x7f);
-        for (const char *p = c.password; *p; p++) FUZZ_ASSERT((unsigned char)*p >= 0x20 && *p != 0x7f);
-        break;
-    case CLIENT_AUTH_BEARER:
-        FUZZ_ASSERT(c.token[0] && !c.user[0] && !c.password[0]);
-        FUZZ_ASSERT(strspn(c.token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=") ==
-                    strlen(c.token));
-        break;
-    default:
-        FUZZ_ASSERT(!c.user[0] && !c.password[0] && !c.token[0]);
+        case CLIENT_AUTH_BASIC:
+            FUZZ_ASSERT(c.user[0] && !strchr(c.user, ':') && !c.token[0]);
+            for (const char *p = c.user; *p; p++) FUZZ_ASSERT((unsigned char)*p >= 0x20 && *p != 0x7f);
+            for (const char *p = c.password; *p; p++) FUZZ_ASSERT((unsigned char)*p >= 0x20 && *p != 0x7f);
+            break;
+        case CLIENT_AUTH_BEARER:
+            FUZZ_ASSERT(c.token[0] && !c.user[0] && !c.password[0]);
+            FUZZ_ASSERT(strspn(c.token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=") ==
+                        strlen(c.token));
+            break;
+        default:
+            FUZZ_ASSERT(!c.user[0] && !c.password[0] && !c.token[0]);
     }
     client_credentials_wipe(&c);
     FUZZ_ASSERT(c.kind == CLIENT_AUTH_NONE && !c.user[0] && !c.password[0] && !c.token[0]);

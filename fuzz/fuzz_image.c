@@ -15,9 +15,8 @@
 #include "regfacade/json.h"
 
 static const char *const media_types[] = {
-    IMAGE_MT_OCI_LAYER_GZIP, IMAGE_MT_OCI_LAYER_TAR,        IMAGE_MT_OCI_LAYER_ZSTD,
-    IMAGE_MT_DOCKER_LAYER_GZIP, IMAGE_MT_DOCKER_LAYER_FOREIGN, IMAGE_MT_OCI_LAYER_ND_GZIP,
-    "application/x-unknown",
+    IMAGE_MT_OCI_LAYER_GZIP,       IMAGE_MT_OCI_LAYER_TAR,     IMAGE_MT_OCI_LAYER_ZSTD, IMAGE_MT_DOCKER_LAYER_GZIP,
+    IMAGE_MT_DOCKER_LAYER_FOREIGN, IMAGE_MT_OCI_LAYER_ND_GZIP, "application/x-unknown",
 };
 
 typedef struct {
@@ -25,8 +24,8 @@ typedef struct {
     char diff_id[80];
 } layer_names;
 
-static int build(const json_value *m, const json_value *c, const image_layer *stack, size_t n, char **mb,
-                 size_t *ml, char **cb, size_t *cl, char md[80], char cd[80]) {
+static int build(const json_value *m, const json_value *c, const image_layer *stack, size_t n, char **mb, size_t *ml,
+                 char **cb, size_t *cl, char md[80], char cd[80]) {
     json_value *om = NULL, *oc = NULL;
     char err[512];
     if (image_assemble(m, c, stack, n, &om, &oc, err, sizeof err) != 0) {
@@ -63,8 +62,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             stack[i].is_base = true;
             continue;
         }
-        if (b % 5 == 4) snprintf(names[i].digest, sizeof names[i].digest, "sha256:%02x", b);
-        else snprintf(names[i].digest, sizeof names[i].digest, "sha256:%064x", b);
+        if (b % 5 == 4)
+            snprintf(names[i].digest, sizeof names[i].digest, "sha256:%02x", b);
+        else
+            snprintf(names[i].digest, sizeof names[i].digest, "sha256:%064x", b);
         snprintf(names[i].diff_id, sizeof names[i].diff_id, "sha256:%064x", (unsigned)b + 1000);
         stack[i].media_type = media_types[b % (sizeof media_types / sizeof media_types[0])];
         stack[i].digest = names[i].digest;
@@ -93,7 +94,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         const json_value *desc = json_object_get(om, "config");
         char want[DIGEST_STRING_LEN];
         FUZZ_ASSERT(digest_bytes(cb, cl, want) == 0);
-        FUZZ_ASSERT(json_object_get_string(desc, "digest") && strcmp(json_object_get_string(desc, "digest"), want) == 0);
+        FUZZ_ASSERT(json_object_get_string(desc, "digest") &&
+                    strcmp(json_object_get_string(desc, "digest"), want) == 0);
         FUZZ_ASSERT(strcmp(cd, want) == 0);
         uint64_t sz;
         FUZZ_ASSERT(json_get_uint64(json_object_get(desc, "size"), &sz) && sz == cl);

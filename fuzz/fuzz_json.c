@@ -9,21 +9,21 @@
 static int same(const json_value *a, const json_value *b) {
     if (a->type != b->type) return 0;
     switch (a->type) {
-    case JSON_NUMBER:
-    case JSON_STRING:
-        return a->len == b->len && memcmp(a->str, b->str, a->len) == 0;
-    case JSON_ARRAY:
-    case JSON_OBJECT:
-        if (a->count != b->count) return 0;
-        for (size_t i = 0; i < a->count; i++) {
-            if (a->type == JSON_OBJECT &&
-                (a->key_lens[i] != b->key_lens[i] || memcmp(a->keys[i], b->keys[i], a->key_lens[i]) != 0))
-                return 0;
-            if (!same(a->items[i], b->items[i])) return 0;
-        }
-        return 1;
-    default:
-        return 1;
+        case JSON_NUMBER:
+        case JSON_STRING:
+            return a->len == b->len && memcmp(a->str, b->str, a->len) == 0;
+        case JSON_ARRAY:
+        case JSON_OBJECT:
+            if (a->count != b->count) return 0;
+            for (size_t i = 0; i < a->count; i++) {
+                if (a->type == JSON_OBJECT &&
+                    (a->key_lens[i] != b->key_lens[i] || memcmp(a->keys[i], b->keys[i], a->key_lens[i]) != 0))
+                    return 0;
+                if (!same(a->items[i], b->items[i])) return 0;
+            }
+            return 1;
+        default:
+            return 1;
     }
 }
 

@@ -73,7 +73,8 @@ static char *read_token(const char *path, size_t *len, char *why, size_t whylen)
     while (n > s && (buf[n - 1] == ' ' || buf[n - 1] == '\t' || buf[n - 1] == '\r' || buf[n - 1] == '\n')) n--;
     char *tok = NULL;
     if (n - s < ADMIN_TOKEN_MIN)
-        snprintf(why, whylen, "%s holds %zu characters; an admin token needs at least %d", path, n - s, ADMIN_TOKEN_MIN);
+        snprintf(why, whylen, "%s holds %zu characters; an admin token needs at least %d", path, n - s,
+                 ADMIN_TOKEN_MIN);
     else if (memchr(buf + s, '\0', n - s) || memchr(buf + s, '\n', n - s) || memchr(buf + s, '\r', n - s))
         snprintf(why, whylen, "%s: the token must be one line without NUL bytes", path);
     else if ((tok = malloc(n - s + 1))) {
@@ -119,11 +120,13 @@ int admin_config_parse(const config *c, admin_config **out, char *err, size_t er
          strcmp(c->listen_host, "0.0.0.0") == 0)) {
         admin_config_free(ac);
         return config_section_fail(p, "listen: \"%s\" is the registry listener's address; the admin API needs its own",
-                    listen);
+                                   listen);
     }
     char path[4096], why[600];
-    if (token_file[0] == '/' || !c->dir) snprintf(path, sizeof path, "%s", token_file);
-    else snprintf(path, sizeof path, "%s/%s", c->dir, token_file);
+    if (token_file[0] == '/' || !c->dir)
+        snprintf(path, sizeof path, "%s", token_file);
+    else
+        snprintf(path, sizeof path, "%s/%s", c->dir, token_file);
     ac->token = read_token(path, &ac->token_len, why, sizeof why);
     if (!ac->token) {
         admin_config_free(ac);
@@ -208,7 +211,8 @@ static bool token_ok(const admin_config *ac, const char *header) {
     while (*cand == ' ') cand++;
     size_t n = strlen(cand);
     unsigned diff = n != ac->token_len;
-    for (size_t i = 0; i < ac->token_len; i++) diff |= (unsigned char)ac->token[i] ^ (unsigned char)(i < n ? cand[i] : 0);
+    for (size_t i = 0; i < ac->token_len; i++)
+        diff |= (unsigned char)ac->token[i] ^ (unsigned char)(i < n ? cand[i] : 0);
     return diff == 0;
 }
 
@@ -224,8 +228,10 @@ static enum MHD_Result early_checks(admin_server *a, struct MHD_Connection *conn
     const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     size_t max = specs_max_bytes(a->sp);
     if (cl && strtoull(cl, NULL, 10) > max)
-        return send_error(conn, method, url, 413, "TOO_LARGE", "the body is %s bytes; a spec is at most %zu "
-                          "(specs.max_bytes)", cl, max);
+        return send_error(conn, method, url, 413, "TOO_LARGE",
+                          "the body is %s bytes; a spec is at most %zu "
+                          "(specs.max_bytes)",
+                          cl, max);
     (void)ctx;
     *refused = false;
     return MHD_YES;
@@ -236,8 +242,10 @@ static enum MHD_Result early_checks(admin_server *a, struct MHD_Connection *conn
 static enum MHD_Result send_answer(struct MHD_Connection *conn, const char *method, const char *url,
                                    cachectl_answer *ans) {
     if (!ans->body) return MHD_NO;
-    if (ans->status >= 400) log_warn("admin %s %.200s: %d: %.*s", method, url, ans->status, (int)ans->len, ans->body);
-    else log_info("admin %s %.200s: %d", method, url, ans->status);
+    if (ans->status >= 400)
+        log_warn("admin %s %.200s: %d: %.*s", method, url, ans->status, (int)ans->len, ans->body);
+    else
+        log_info("admin %s %.200s: %d", method, url, ans->status);
     char *body = ans->body;
     ans->body = NULL;
     return send_body(conn, (unsigned)ans->status, body, ans->len, NULL, NULL);
@@ -266,14 +274,18 @@ static enum MHD_Result cache_ref_op(admin_server *a, struct MHD_Connection *conn
     const char *ref = json_object_get_string(v, "ref");
     if (!ref || !*ref) {
         json_free(v);
-        return send_error(conn, method, url, 400, "NAME_INVALID", "%s %s: \"ref\" is required (NAME:TAG, "
-                          "NAME@sha256:HEX%s)", method, url, forget ? "" : " or sha256:HEX");
+        return send_error(conn, method, url, 400, "NAME_INVALID",
+                          "%s %s: \"ref\" is required (NAME:TAG, "
+                          "NAME@sha256:HEX%s)",
+                          method, url, forget ? "" : " or sha256:HEX");
     }
     generation g;
     a->genv.acquire(a->genv.ud, &g);
     cachectl_answer ans = {0};
-    if (forget) cachectl_tag_forget(a->st, a->sp, g.pol, ref, &ans);
-    else cachectl_remove(a->st, a->sp, g.pol, ref, &ans);
+    if (forget)
+        cachectl_tag_forget(a->st, a->sp, g.pol, ref, &ans);
+    else
+        cachectl_remove(a->st, a->sp, g.pol, ref, &ans);
     a->genv.release(a->genv.ud, &g);
     json_free(v);
     return send_answer(conn, method, url, &ans);
@@ -315,15 +327,20 @@ static enum MHD_Result cache_warm(admin_server *a, struct MHD_Connection *conn, 
     const char *rl[64], *pl[16];
     size_t nr = 0, np = 0;
     const char *bad = NULL;
-    if (!refs || refs->type != JSON_ARRAY || refs->count == 0 || refs->count > 64) bad = "\"refs\" must be a list of 1 to 64 image references";
+    if (!refs || refs->type != JSON_ARRAY || refs->count == 0 || refs->count > 64)
+        bad = "\"refs\" must be a list of 1 to 64 image references";
     for (size_t i = 0; !bad && i < refs->count; i++)
-        if (refs->items[i]->type != JSON_STRING) bad = "\"refs\" must hold strings";
-        else rl[nr++] = refs->items[i]->str;
-    if (!bad && plats && (plats->type != JSON_ARRAY || plats->count > 16)) bad = "\"platforms\" must be a list of at most 16 \"OS/ARCH[/VARIANT]\"";
+        if (refs->items[i]->type != JSON_STRING)
+            bad = "\"refs\" must hold strings";
+        else
+            rl[nr++] = refs->items[i]->str;
+    if (!bad && plats && (plats->type != JSON_ARRAY || plats->count > 16))
+        bad = "\"platforms\" must be a list of at most 16 \"OS/ARCH[/VARIANT]\"";
     for (size_t i = 0; !bad && plats && i < plats->count; i++)
         if (plats->items[i]->type != JSON_STRING || !strchr(plats->items[i]->str, '/'))
             bad = "\"platforms\" must hold \"OS/ARCH[/VARIANT]\" strings";
-        else pl[np++] = plats->items[i]->str;
+        else
+            pl[np++] = plats->items[i]->str;
     if (bad) {
         json_free(v);
         return send_error(conn, method, url, 400, "UNSUPPORTED", "POST /cache/warm: %s", bad);
@@ -333,9 +350,8 @@ static enum MHD_Result cache_warm(admin_server *a, struct MHD_Connection *conn, 
     json_free(v);
     if (!w) return send_answer(conn, method, url, &err);
     cachectl_warm_stream *ws = calloc(1, sizeof *ws);
-    struct MHD_Response *r = ws ? MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, warm_reader, ws,
-                                                                    warm_stream_free)
-                                : NULL;
+    struct MHD_Response *r =
+        ws ? MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, warm_reader, ws, warm_stream_free) : NULL;
     if (!r) {
         if (ws) free(ws);
         cachectl_warm_free(w);
@@ -349,16 +365,24 @@ static enum MHD_Result route_cache(admin_server *a, struct MHD_Connection *conn,
                                    req_ctx *ctx) {
     bool get = strcmp(method, "GET") == 0, post = strcmp(method, "POST") == 0;
     cachectl_answer ans = {0};
-    if (strcmp(url, "/cache") == 0 && get) cachectl_list(a->st, &ans);
-    else if (strcmp(url, "/cache/du") == 0 && get) cachectl_usage(a->st, a->cfg->cache_max_bytes, &ans);
+    if (strcmp(url, "/cache") == 0 && get)
+        cachectl_list(a->st, &ans);
+    else if (strcmp(url, "/cache/du") == 0 && get)
+        cachectl_usage(a->st, a->cfg->cache_max_bytes, &ans);
     /* Spools younger than an hour may be transfers still running. */
-    else if (strcmp(url, "/cache/gc") == 0 && post) cachectl_gc(a->st, 3600, &ans);
-    else if (strcmp(url, "/cache/rm") == 0 && post) return cache_ref_op(a, conn, method, url, ctx, false);
-    else if (strcmp(url, "/tags/refresh") == 0 && post) return cache_ref_op(a, conn, method, url, ctx, true);
-    else if (strcmp(url, "/cache/warm") == 0 && post) return cache_warm(a, conn, method, url, ctx);
+    else if (strcmp(url, "/cache/gc") == 0 && post)
+        cachectl_gc(a->st, 3600, &ans);
+    else if (strcmp(url, "/cache/rm") == 0 && post)
+        return cache_ref_op(a, conn, method, url, ctx, false);
+    else if (strcmp(url, "/tags/refresh") == 0 && post)
+        return cache_ref_op(a, conn, method, url, ctx, true);
+    else if (strcmp(url, "/cache/warm") == 0 && post)
+        return cache_warm(a, conn, method, url, ctx);
     else
-        return send_error(conn, method, url, 405, "UNSUPPORTED", "%s %s: GET /cache, GET /cache/du, POST /cache/rm, "
-                          "POST /cache/gc, POST /cache/warm, POST /cache/verify, POST /tags/refresh", method, url);
+        return send_error(conn, method, url, 405, "UNSUPPORTED",
+                          "%s %s: GET /cache, GET /cache/du, POST /cache/rm, "
+                          "POST /cache/gc, POST /cache/warm, POST /cache/verify, POST /tags/refresh",
+                          method, url);
     return send_answer(conn, method, url, &ans);
 }
 
@@ -394,40 +418,51 @@ static enum MHD_Result route(admin_server *a, struct MHD_Connection *conn, const
         return send_body(conn, 200, body, len, NULL, NULL);
     }
     if (strncmp(url, "/specs/", 7) != 0)
-        return send_error(conn, method, url, 404, "UNSUPPORTED", "unknown endpoint %.200s (the admin API serves "
-                          "/specs, /specs/<id>, /cache, /cache/du, /cache/rm, /cache/gc, /cache/warm, /cache/verify and "
-                          "/tags/refresh)", url);
+        return send_error(
+            conn, method, url, 404, "UNSUPPORTED",
+            "unknown endpoint %.200s (the admin API serves "
+            "/specs, /specs/<id>, /cache, /cache/du, /cache/rm, /cache/gc, /cache/warm, /cache/verify and "
+            "/tags/refresh)",
+            url);
     const char *id = url + 7;
     if (!specs_valid_id(id))
-        return send_error(conn, method, url, 400, "ID_INVALID", "\"%.200s\" is not a valid spec id: 1 to %d "
-                          "characters of [A-Za-z0-9._-], starting with a letter or digit", id, SPECS_ID_MAX);
+        return send_error(conn, method, url, 400, "ID_INVALID",
+                          "\"%.200s\" is not a valid spec id: 1 to %d "
+                          "characters of [A-Za-z0-9._-], starting with a letter or digit",
+                          id, SPECS_ID_MAX);
     if (strcmp(method, "PUT") == 0) {
         char digest[DIGEST_STRING_LEN] = "", msg[1500] = "";
         specs_push_result r = specs_push(a->sp, id, ctx->buf ? ctx->buf : "", ctx->len, digest, msg, sizeof msg);
         switch (r) {
-        case SPECS_PUSH_CREATED:
-        case SPECS_PUSH_REPLACED: {
-            char *body = malloc(512);
-            if (!body) return MHD_NO;
-            int n = snprintf(body, 512, "{\"id\":\"%s\",\"digest\":\"%s\"}", id, digest);
-            char loc[300];
-            snprintf(loc, sizeof loc, "/specs/%s", id);
-            log_info("admin PUT /specs/%s: %s", id, r == SPECS_PUSH_CREATED ? "201" : "200");
-            return send_body(conn, r == SPECS_PUSH_CREATED ? 201 : 200, body, (size_t)n, "Location", loc);
-        }
-        case SPECS_PUSH_INVALID: return send_error(conn, method, url, 400, "SPEC_INVALID", "%s", msg);
-        case SPECS_PUSH_TOO_MANY: return send_error(conn, method, url, 507, "TOO_MANY_SPECS", "%s", msg);
-        case SPECS_PUSH_NO_PROVIDER: return send_error(conn, method, url, 404, "UNSUPPORTED", "%s", msg);
-        case SPECS_PUSH_UNAVAILABLE: return send_error(conn, method, url, 503, "UNAVAILABLE", "%s", msg);
-        case SPECS_PUSH_FAILED: break;
+            case SPECS_PUSH_CREATED:
+            case SPECS_PUSH_REPLACED: {
+                char *body = malloc(512);
+                if (!body) return MHD_NO;
+                int n = snprintf(body, 512, "{\"id\":\"%s\",\"digest\":\"%s\"}", id, digest);
+                char loc[300];
+                snprintf(loc, sizeof loc, "/specs/%s", id);
+                log_info("admin PUT /specs/%s: %s", id, r == SPECS_PUSH_CREATED ? "201" : "200");
+                return send_body(conn, r == SPECS_PUSH_CREATED ? 201 : 200, body, (size_t)n, "Location", loc);
+            }
+            case SPECS_PUSH_INVALID:
+                return send_error(conn, method, url, 400, "SPEC_INVALID", "%s", msg);
+            case SPECS_PUSH_TOO_MANY:
+                return send_error(conn, method, url, 507, "TOO_MANY_SPECS", "%s", msg);
+            case SPECS_PUSH_NO_PROVIDER:
+                return send_error(conn, method, url, 404, "UNSUPPORTED", "%s", msg);
+            case SPECS_PUSH_UNAVAILABLE:
+                return send_error(conn, method, url, 503, "UNAVAILABLE", "%s", msg);
+            case SPECS_PUSH_FAILED:
+                break;
         }
         return send_error(conn, method, url, 500, "UNKNOWN", "%s", msg);
     }
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0 && strcmp(method, "DELETE") != 0)
-        return send_error(conn, method, url, 405, "UNSUPPORTED", "%s is not supported on /specs/<id> (PUT, GET, "
-                          "DELETE)", method);
-    if (ctx->len)
-        return send_error(conn, method, url, 400, "UNSUPPORTED", "%s /specs/<id> takes no body", method);
+        return send_error(conn, method, url, 405, "UNSUPPORTED",
+                          "%s is not supported on /specs/<id> (PUT, GET, "
+                          "DELETE)",
+                          method);
+    if (ctx->len) return send_error(conn, method, url, 400, "UNSUPPORTED", "%s /specs/<id> takes no body", method);
     if (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0) {
         size_t len = 0;
         char *text = specs_pushed_text(a->sp, id, &len);
@@ -526,8 +561,8 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
 
 /* ---------- lifecycle ---------- */
 
-admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, const generation_env *ge,
-                          char *err, size_t errlen) {
+admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, const generation_env *ge, char *err,
+                          size_t errlen) {
     admin_server *a = calloc(1, sizeof *a);
     if (!a) {
         admin_config_free(ac);
@@ -549,11 +584,11 @@ admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *s
         admin_stop(a);
         return NULL;
     }
-    a->daemon = MHD_start_daemon(
-        MHD_GLUE_THREAD_PER_CONNECTION, 0, NULL, NULL, MHD_GLUE_GUARDED(a->listener), MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK,
-        mhd_glue_keep_url, NULL, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned int)ADMIN_TIMEOUT_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
-        MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
+    a->daemon = MHD_start_daemon(MHD_GLUE_THREAD_PER_CONNECTION, 0, NULL, NULL, MHD_GLUE_GUARDED(a->listener),
+                                 MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK,
+                                 mhd_glue_keep_url, NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)ADMIN_TIMEOUT_S,
+                                 MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
+                                 MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
     if (!a->daemon) {
         snprintf(err, errlen, "admin.listen %s:%d: cannot start the HTTP server (port in use?)", ac->listen_host,
                  ac->listen_port);

@@ -30,7 +30,7 @@
 #include "regfacade/mhd_glue.h"
 #include "regfacade/upstream_answer.h"
 
-#define IMAGE_CACHE_MAX 256   /* resolved images kept in memory */
+#define IMAGE_CACHE_MAX 256 /* resolved images kept in memory */
 #define DIGEST_IMAGE_TTL_S (24 * 3600)
 #define MAX_URL_BYTES 8192
 /* Per-connection buffer for request headers and response headers (MHD
@@ -41,11 +41,11 @@
 typedef struct image {
     char key[REF_NAME_MAX + REF_DIGEST_MAX + 2]; /* "repo:tag" / "repo@digest" as requested */
     char upstream[128];
-    char repository[256];      /* upstream repository */
-    char manifest_digest[80];  /* of the platform manifest */
+    char repository[256];     /* upstream repository */
+    char manifest_digest[80]; /* of the platform manifest */
     time_t expires;
     uint64_t used;
-    unsigned long epoch;       /* blobserve.epoch it was resolved in: a reload makes it stale */
+    unsigned long epoch; /* blobserve.epoch it was resolved in: a reload makes it stale */
     struct image *next;
     size_t n_layers;
     char layers[BS_FS_MAX_LAYERS][DIGEST_STRING_LEN]; /* last: copies stop at n_layers */
@@ -69,20 +69,20 @@ struct blobserve {
     mhd_glue_listener *listener; /* its guard against idle-connection floods */
 
     pthread_mutex_t mu;
-    pthread_cond_t cv;         /* wakes the pre-pull thread on stop, and stop when workers end */
+    pthread_cond_t cv; /* wakes the pre-pull thread on stop, and stop when workers end */
     bool stopping;
-    bool collecting;           /* blobserve_collect is registered with metrics */
+    bool collecting; /* blobserve_collect is registered with metrics */
     image *images;
     size_t n_images;
     uint64_t image_clock;
-    unsigned long epoch;       /* counts reloads (blobserve_reloaded) */
+    unsigned long epoch; /* counts reloads (blobserve_reloaded) */
 
-    bs_edit **edits;           /* per bc->edits entry: its edits as the cache takes them */
-    unsigned workers;          /* slow-path threads running (guarded by mu; stop waits for 0) */
+    bs_edit **edits;  /* per bc->edits entry: its edits as the cache takes them */
+    unsigned workers; /* slow-path threads running (guarded by mu; stop waits for 0) */
 
     pthread_t prepull_thread;
     bool prepull_running;
-    prepull *prepulls;         /* per bc->prepull entry (guarded by mu) */
+    prepull *prepulls; /* per bc->prepull entry (guarded by mu) */
 
     atomic_ulong requests;
 };
@@ -167,26 +167,45 @@ static const struct {
     const char *ext;
     const char *type;
 } mime_types[] = {
-    {"html", "text/html; charset=utf-8"},    {"htm", "text/html; charset=utf-8"},
-    {"css", "text/css; charset=utf-8"},      {"js", "text/javascript; charset=utf-8"},
-    {"mjs", "text/javascript; charset=utf-8"}, {"cjs", "text/javascript; charset=utf-8"},
-    {"json", "application/json"},           {"map", "application/json"},
+    {"html", "text/html; charset=utf-8"},
+    {"htm", "text/html; charset=utf-8"},
+    {"css", "text/css; charset=utf-8"},
+    {"js", "text/javascript; charset=utf-8"},
+    {"mjs", "text/javascript; charset=utf-8"},
+    {"cjs", "text/javascript; charset=utf-8"},
+    {"json", "application/json"},
+    {"map", "application/json"},
     {"webmanifest", "application/manifest+json"},
-    {"txt", "text/plain; charset=utf-8"},    {"md", "text/markdown; charset=utf-8"},
-    {"xml", "application/xml"},             {"svg", "image/svg+xml"},
-    {"png", "image/png"},                   {"jpg", "image/jpeg"},
-    {"jpeg", "image/jpeg"},                 {"gif", "image/gif"},
-    {"webp", "image/webp"},                 {"avif", "image/avif"},
-    {"ico", "image/vnd.microsoft.icon"},    {"bmp", "image/bmp"},
-    {"woff", "font/woff"},                  {"woff2", "font/woff2"},
-    {"ttf", "font/ttf"},                    {"otf", "font/otf"},
-    {"eot", "application/vnd.ms-fontobject"}, {"wasm", "application/wasm"},
-    {"pdf", "application/pdf"},             {"zip", "application/zip"},
-    {"gz", "application/gzip"},             {"tar", "application/x-tar"},
-    {"mp4", "video/mp4"},                   {"webm", "video/webm"},
-    {"mp3", "audio/mpeg"},                  {"wav", "audio/wav"},
-    {"ogg", "audio/ogg"},                   {"csv", "text/csv; charset=utf-8"},
-    {"yaml", "application/yaml"},           {"yml", "application/yaml"},
+    {"txt", "text/plain; charset=utf-8"},
+    {"md", "text/markdown; charset=utf-8"},
+    {"xml", "application/xml"},
+    {"svg", "image/svg+xml"},
+    {"png", "image/png"},
+    {"jpg", "image/jpeg"},
+    {"jpeg", "image/jpeg"},
+    {"gif", "image/gif"},
+    {"webp", "image/webp"},
+    {"avif", "image/avif"},
+    {"ico", "image/vnd.microsoft.icon"},
+    {"bmp", "image/bmp"},
+    {"woff", "font/woff"},
+    {"woff2", "font/woff2"},
+    {"ttf", "font/ttf"},
+    {"otf", "font/otf"},
+    {"eot", "application/vnd.ms-fontobject"},
+    {"wasm", "application/wasm"},
+    {"pdf", "application/pdf"},
+    {"zip", "application/zip"},
+    {"gz", "application/gzip"},
+    {"tar", "application/x-tar"},
+    {"mp4", "video/mp4"},
+    {"webm", "video/webm"},
+    {"mp3", "audio/mpeg"},
+    {"wav", "audio/wav"},
+    {"ogg", "audio/ogg"},
+    {"csv", "text/csv; charset=utf-8"},
+    {"yaml", "application/yaml"},
+    {"yml", "application/yaml"},
 };
 
 static const char *content_type(const char *path) {
@@ -332,7 +351,7 @@ static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned l
         fetch_error_set(e, 502, "UNKNOWN", "%s: manifest %s is not an image manifest with layers", key, m.digest);
     } else if (layers->count == 0 || layers->count > BS_FS_MAX_LAYERS) {
         fetch_error_set(e, 502, "UNKNOWN", "%s: the image has %zu layers (1 to %d are served)", key, layers->count,
-                BS_FS_MAX_LAYERS);
+                        BS_FS_MAX_LAYERS);
     } else {
         memset(out, 0, sizeof *out);
         rc = 0;
@@ -345,8 +364,8 @@ static int resolve_image(blobserve *b, const blobserve_generation *g, unsigned l
                 break;
             }
             if (!is_layer_type(mt)) {
-                fetch_error_set(e, 415, "UNKNOWN", "%s: layer %zu has media type %s, which is not a tar layer", key,
-                        i, mt ? mt : "(none)");
+                fetch_error_set(e, 415, "UNKNOWN", "%s: layer %zu has media type %s, which is not a tar layer", key, i,
+                                mt ? mt : "(none)");
                 rc = -1;
                 break;
             }
@@ -504,8 +523,10 @@ static enum MHD_Result serve_file(blobserve *b, struct MHD_Connection *conn, int
                                   const char *layer_key, bool by_digest) {
     char etag[48], cc[96];
     make_etag(layer_key, e->path, etag, sizeof etag);
-    if (by_digest) snprintf(cc, sizeof cc, "public, max-age=31536000, immutable");
-    else snprintf(cc, sizeof cc, "public, max-age=%ld", b->bc->tag_max_age_s);
+    if (by_digest)
+        snprintf(cc, sizeof cc, "public, max-age=31536000, immutable");
+    else
+        snprintf(cc, sizeof cc, "public, max-age=%ld", b->bc->tag_max_age_s);
     uint64_t size = (uint64_t)e->st.st_size;
 
     const char *inm = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "If-None-Match");
@@ -776,8 +797,8 @@ static enum MHD_Result handle_stats(blobserve *b, struct MHD_Connection *conn) {
                      "\"hits\":%lu,\"evictions\":%lu,\"refused_entries\":%lu,\"layers\":%lu,\"held\":%lu,"
                      "\"bytes\":%llu,\"max_bytes\":%llu,\"images\":%zu,\"prepull_pending\":%zu,\"prepull_failed\":%zu,"
                      "\"blob_fetches_started\":%lu,\"blob_fetches_coalesced\":%lu}\n",
-                     atomic_load(&b->requests), cs.extractions, cs.extraction_failures, cs.waits, cs.hits,
-                     cs.evictions, cs.refused_entries, cs.layers, cs.held, (unsigned long long)cs.bytes,
+                     atomic_load(&b->requests), cs.extractions, cs.extraction_failures, cs.waits, cs.hits, cs.evictions,
+                     cs.refused_entries, cs.layers, cs.held, (unsigned long long)cs.bytes,
                      (unsigned long long)cs.max_bytes, images, pending, failed, fs.started, fs.coalesced);
     struct MHD_Response *r = MHD_create_response_from_buffer((size_t)n, body, MHD_RESPMEM_MUST_COPY);
     if (!r) return MHD_NO;
@@ -921,8 +942,10 @@ static void *prepull_main(void *arg) {
         struct timespec until = clock_deadline(CLOCK_REALTIME, backoff_ms);
         pthread_mutex_lock(&b->mu);
         while (!b->stopping && b->epoch == seen) {
-            if (!pending) pthread_cond_wait(&b->cv, &b->mu);
-            else if (pthread_cond_timedwait(&b->cv, &b->mu, &until) == ETIMEDOUT) break;
+            if (!pending)
+                pthread_cond_wait(&b->cv, &b->mu);
+            else if (pthread_cond_timedwait(&b->cv, &b->mu, &until) == ETIMEDOUT)
+                break;
         }
         bool stop = b->stopping, reloaded = b->epoch != seen;
         if (reloaded) {
@@ -932,8 +955,10 @@ static void *prepull_main(void *arg) {
         }
         pthread_mutex_unlock(&b->mu);
         if (stop) return NULL;
-        if (reloaded) backoff_ms = 1000;
-        else if (backoff_ms < 60000) backoff_ms *= 2;
+        if (reloaded)
+            backoff_ms = 1000;
+        else if (backoff_ms < 60000)
+            backoff_ms *= 2;
     }
 }
 
@@ -958,12 +983,15 @@ static void blobserve_collect(metrics_writer *w, void *ud) {
     } rows[] = {
         {"regfacade_blobserve_requests_total", "counter", "Requests to the blobserve listener.",
          (unsigned long long)atomic_load(&b->requests)},
-        {"regfacade_blobserve_extractions_total", "counter", "Layers extracted into the blobserve cache.", cs.extractions},
+        {"regfacade_blobserve_extractions_total", "counter", "Layers extracted into the blobserve cache.",
+         cs.extractions},
         {"regfacade_blobserve_extraction_failures_total", "counter", "Layer extractions that failed.",
          cs.extraction_failures},
         {"regfacade_blobserve_layer_hits_total", "counter", "Requests served from a layer already extracted.", cs.hits},
-        {"regfacade_blobserve_layer_waits_total", "counter", "Requests that waited for an extraction running.", cs.waits},
-        {"regfacade_blobserve_evictions_total", "counter", "Extracted layers evicted to stay under the cap.", cs.evictions},
+        {"regfacade_blobserve_layer_waits_total", "counter", "Requests that waited for an extraction running.",
+         cs.waits},
+        {"regfacade_blobserve_evictions_total", "counter", "Extracted layers evicted to stay under the cap.",
+         cs.evictions},
         {"regfacade_blobserve_refused_entries_total", "counter",
          "Tar entries refused while extracting (paths out of the layer, links out of it).", cs.refused_entries},
         {"regfacade_blobserve_layers", "gauge", "Layers in the blobserve cache (ready or being extracted).", cs.layers},
@@ -1031,12 +1059,13 @@ blobserve *blobserve_start(const blobserve_env *env, blobserve_config *bc, char 
                         .listener = "blobserve",
                         .limit_name = "limits.max_connections"};
     if (!(b->listener = mhd_glue_listener_new(&go, access_handler, b, request_completed, b, err, errlen))) goto fail;
-    b->daemon = MHD_start_daemon(
-        MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-        MHD_GLUE_GUARDED(b->listener), MHD_OPTION_THREAD_POOL_SIZE, pool, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK,
-        mhd_glue_keep_url, NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)env->cfg->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)BS_CONNECTION_MEMORY, MHD_OPTION_THREAD_STACK_SIZE, (size_t)(1024 * 1024),
-        MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
+    b->daemon =
+        MHD_start_daemon(MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG, 0, NULL, NULL,
+                         MHD_GLUE_GUARDED(b->listener), MHD_OPTION_THREAD_POOL_SIZE, pool, MHD_OPTION_SOCK_ADDR,
+                         (struct sockaddr *)&sa, MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url, NULL,
+                         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)env->cfg->client_timeout_s,
+                         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)BS_CONNECTION_MEMORY, MHD_OPTION_THREAD_STACK_SIZE,
+                         (size_t)(1024 * 1024), MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
     if (!b->daemon) {
         snprintf(err, errlen, "blobserve.listen %s:%d: cannot start the HTTP server (port in use?)", bc->listen_host,
                  bc->listen_port);

@@ -25,7 +25,7 @@
 #define ENTRY_OVERHEAD 512          /* bytes counted per entry besides file contents */
 #define READ_BUF_BYTES (256 * 1024) /* compressed bytes per read from the blob */
 #define PATHBUF 4096
-#define MAX_REFUSED_LOGGED 10       /* refused entries logged per layer (all are counted) */
+#define MAX_REFUSED_LOGGED 10 /* refused entries logged per layer (all are counted) */
 
 typedef enum { L_EXTRACTING, L_READY, L_FAILED } layer_state;
 
@@ -33,7 +33,7 @@ struct bs_layer {
     char key[96];
     layer_state state;
     int refs;
-    bool listed;        /* in c->layers (failed ones leave at once) */
+    bool listed; /* in c->layers (failed ones leave at once) */
     uint64_t bytes;
     uint64_t last_used; /* LRU clock tick */
     int rootfd;         /* O_PATH of layers/<key>/root when ready */
@@ -44,14 +44,14 @@ struct bs_layer {
 
 struct bs_cache {
     char *dir;
-    int lock_fd;       /* DIR/lock (dir_lock.h) while open; -1 before */
+    int lock_fd; /* DIR/lock (dir_lock.h) while open; -1 before */
     uint64_t max_bytes;
-    char boot_id[64];  /* this boot's id; "" when unknown (then every extraction is synced) */
-    bool opened;       /* fully opened: close records a clean sync */
+    char boot_id[64]; /* this boot's id; "" when unknown (then every extraction is synced) */
+    bool opened;      /* fully opened: close records a clean sync */
     pthread_mutex_t mu;
     pthread_cond_t cv; /* broadcast whenever an extraction ends */
     bs_layer *layers;
-    uint64_t total;    /* bytes of ready layers */
+    uint64_t total; /* bytes of ready layers */
     uint64_t clock;
     unsigned long seq;
     bs_cache_stats stats;
@@ -197,8 +197,8 @@ static void evict_locked(bs_cache *c, victims *v) {
 /* ---------- reading the compressed blob ---------- */
 
 typedef struct {
-    int fd;     /* the cached blob, or -1 */
-    fetch *x;   /* else the running fetch, read as it grows */
+    int fd;   /* the cached blob, or -1 */
+    fetch *x; /* else the running fetch, read as it grows */
     uint64_t off;
     char *buf;
 } src_reader;
@@ -230,8 +230,8 @@ static la_ssize_t src_read(struct archive *a, void *ud, const void **out) {
  * compressed stream ended cleanly (gzip or zstd end reached) or failed. */
 typedef struct {
     struct archive *unz;
-    bool ended;    /* the decompressed stream ended cleanly */
-    bool failed;   /* decompressing failed: why says how */
+    bool ended;  /* the decompressed stream ended cleanly */
+    bool failed; /* decompressing failed: why says how */
     char why[300];
 } plain_reader;
 
@@ -262,14 +262,14 @@ static la_ssize_t plain_read(struct archive *a, void *ud, const void **out) {
 
 typedef struct {
     const char *key;
-    int rootfd;                 /* O_DIRECTORY of the extraction root */
+    int rootfd; /* O_DIRECTORY of the extraction root */
     const bs_layer_spec *spec;
     uint64_t bytes, max_bytes;
     unsigned long entries, refused;
     const plain_reader *plain;
-    bool data_read;             /* the current entry's data was read (read_data) */
-    bool ended;                 /* the tar ended after the current entry (read_data) */
-    char pdir[PATHBUF];         /* the last parent folder opened, and its descriptor */
+    bool data_read;     /* the current entry's data was read (read_data) */
+    bool ended;         /* the tar ended after the current entry (read_data) */
+    char pdir[PATHBUF]; /* the last parent folder opened, and its descriptor */
     int pfd;
     char err[512];
 } xwriter;
@@ -381,8 +381,8 @@ static int apply_edits(xwriter *x, int fd, const char *rel) {
     struct stat st;
     if (fstat(fd, &st) != 0) return fatal(x, "stat %s: %s", rel, strerror(errno));
     if ((uint64_t)st.st_size > s->max_edit_bytes) {
-        log_warn("blobserve: layer %s: %s is %lld bytes, over max_replace_file_bytes (%llu); not edited", x->key,
-                 rel, (long long)st.st_size, (unsigned long long)s->max_edit_bytes);
+        log_warn("blobserve: layer %s: %s is %lld bytes, over max_replace_file_bytes (%llu); not edited", x->key, rel,
+                 (long long)st.st_size, (unsigned long long)s->max_edit_bytes);
         return XW_OK;
     }
     size_t len = (size_t)st.st_size;
@@ -514,8 +514,7 @@ static int make_file(xwriter *x, struct archive *a, struct archive_entry *e, int
     return rc;
 }
 
-static int make_hardlink(xwriter *x, int pfd, const char *leaf, const char *name, const char *rel,
-                         const char *target) {
+static int make_hardlink(xwriter *x, int pfd, const char *leaf, const char *name, const char *rel, const char *target) {
     char trel[PATHBUF];
     if (bs_path_clean(target, trel, sizeof trel) < 0 || !trel[0])
         return refuse(x, name, "hard link target leaves the layer");
@@ -540,7 +539,8 @@ static int make_hardlink(xwriter *x, int pfd, const char *leaf, const char *name
 static int write_entry(xwriter *x, struct archive *a, struct archive_entry *e) {
     const char *name = archive_entry_pathname(e);
     char rel[PATHBUF];
-    if (!name || bs_path_clean(name, rel, sizeof rel) < 0) return refuse(x, name, "\"..\" in the name, or a name too long");
+    if (!name || bs_path_clean(name, rel, sizeof rel) < 0)
+        return refuse(x, name, "\"..\" in the name, or a name too long");
     if (!rel[0]) return XW_OK; /* "./": the root itself */
     x->entries++;
     x->bytes += ENTRY_OVERHEAD;
@@ -566,8 +566,10 @@ static int write_entry(xwriter *x, struct archive *a, struct archive_entry *e) {
             rc = fatal(x, "replace %s: %s", rel, strerror(errno));
         } else {
             int fd = openat(pfd, leaf, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-            if (fd < 0) rc = fatal(x, "create %s: %s", rel, strerror(errno));
-            else close(fd);
+            if (fd < 0)
+                rc = fatal(x, "create %s: %s", rel, strerror(errno));
+            else
+                close(fd);
         }
     } else if (hl) {
         rc = make_hardlink(x, pfd, leaf, name, rel, hl);
@@ -727,8 +729,10 @@ static int extract(bs_cache *c, const bs_layer_spec *spec, const bs_source *src,
     char meta[PATHBUF];
     snprintf(meta, sizeof meta, "%s/meta", tmp);
     FILE *mf = fopen(meta, "w");
-    if (!mf || fprintf(mf, "bytes %llu\nentries %lu\nrefused %lu\nboot %s\n", (unsigned long long)x.bytes,
-                       x.entries, x.refused, c->boot_id[0] ? c->boot_id : "-") < 0 || fclose(mf) != 0) {
+    if (!mf ||
+        fprintf(mf, "bytes %llu\nentries %lu\nrefused %lu\nboot %s\n", (unsigned long long)x.bytes, x.entries,
+                x.refused, c->boot_id[0] ? c->boot_id : "-") < 0 ||
+        fclose(mf) != 0) {
         fetch_error_set(fail, 500, "UNKNOWN", "blobserve: write %s: %s", meta, strerror(errno));
         goto out;
     }
@@ -831,7 +835,8 @@ static void load_layers(bs_cache *c) {
         char boot[64] = "";
         struct stat st;
         FILE *f = valid_key(e->d_name) ? fopen(mp, "r") : NULL;
-        bool ok = f && fscanf(f, "bytes %llu entries %lu refused %lu boot %63s", &bytes, &entries, &refused, boot) == 4 &&
+        bool ok = f &&
+                  fscanf(f, "bytes %llu entries %lu refused %lu boot %63s", &bytes, &entries, &refused, boot) == 4 &&
                   fstat(fileno(f), &st) == 0;
         if (f) fclose(f);
         /* Trusted: written in this boot, or synced by a clean close before
@@ -842,15 +847,18 @@ static void load_layers(bs_cache *c) {
         bool unknown = ok && !c->boot_id[0] && strcmp(boot, "-") == 0; /* synced when published */
         if (ok && !this_boot && !synced && !unknown) {
             log_warn("blobserve: layer %s was extracted before a restart of the machine and never synced; "
-                     "removed", e->d_name);
+                     "removed",
+                     e->d_name);
             ok = false;
         }
         if (ok && synced && !this_boot) {
             char text[256];
             snprintf(text, sizeof text, "bytes %llu\nentries %lu\nrefused %lu\nboot %s\n", bytes, entries, refused,
                      c->boot_id);
-            if (write_small_file(mp, text) != 0) ok = false;
-            else stat(mp, &st);
+            if (write_small_file(mp, text) != 0)
+                ok = false;
+            else
+                stat(mp, &st);
         }
         bs_layer *l = ok ? calloc(1, sizeof *l) : NULL;
         if (l) {
@@ -890,8 +898,9 @@ static void load_layers(bs_cache *c) {
         c->total += list[i].l->bytes;
     }
     free(list);
-    if (n) log_info("blobserve: %zu extracted layer%s in the cache (%llu bytes)", n, n == 1 ? "" : "s",
-                    (unsigned long long)c->total);
+    if (n)
+        log_info("blobserve: %zu extracted layer%s in the cache (%llu bytes)", n, n == 1 ? "" : "s",
+                 (unsigned long long)c->total);
 }
 
 static int mkdir_0700(const char *path, char *err, size_t errlen) {
@@ -984,8 +993,7 @@ static void unref_locked(bs_layer *l) {
     if (--l->refs == 0 && !l->listed) free_layer(l);
 }
 
-bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, fetch_error *e,
-                           bool *final) {
+bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, fetch_error *e, bool *final) {
     *final = false;
     char key[96];
     if (make_key(spec, key, sizeof key) != 0) {
@@ -1102,8 +1110,10 @@ void bs_cache_prefetch(bs_cache *c, const bs_layer_spec *spec, const bs_source *
     int now_cached = 0;
     char err[512];
     fetch *x = fetch_blob(src->fetches, src->u, src->repository, spec->digest, -1, &now_cached, err, sizeof err);
-    if (x) fetch_release(x); /* the fetch goes on by itself */
-    else if (!now_cached) log_warn("blobserve: prefetch of layer %s: %s", spec->digest, err);
+    if (x)
+        fetch_release(x); /* the fetch goes on by itself */
+    else if (!now_cached)
+        log_warn("blobserve: prefetch of layer %s: %s", spec->digest, err);
 }
 
 int bs_layer_rootfd(const bs_layer *l) { return l->rootfd; }

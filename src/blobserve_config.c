@@ -27,7 +27,8 @@ static int get_u64(pctx *p, const json_value *obj, const char *key, const char *
     uint64_t n;
     if (config_value_uint(v, key, &n) != 0 || n < min || n > max)
         return config_section_fail(p, "%s: must be %s from %llu to %llu", where,
-                                   strstr(key, "_bytes") ? "a size (bytes, or a string such as \"512MiB\")" : "an integer",
+                                   strstr(key, "_bytes") ? "a size (bytes, or a string such as \"512MiB\")"
+                                                         : "an integer",
                                    (unsigned long long)min, (unsigned long long)max);
     *out = n;
     return 0;
@@ -74,13 +75,15 @@ static int string_list(pctx *p, const json_value *v, const char *key, char ***ou
 /* A prepull entry: "repo:tag" or "repo@sha256:hex", parsed by the URL grammar. */
 static int check_ref(pctx *p, const blobserve_config *bc, const char *ref, size_t i) {
     char url[1024], why[256];
-    if (snprintf(url, sizeof url, "/%s/", ref) >= (int)sizeof url) return config_section_fail(p, "prepull[%zu]: too long", i);
+    if (snprintf(url, sizeof url, "/%s/", ref) >= (int)sizeof url)
+        return config_section_fail(p, "prepull[%zu]: too long", i);
     bs_url u;
     if (bs_url_parse(url, &u, why, sizeof why) != 0 || u.path[0])
-        return config_section_fail(p, "prepull[%zu]: \"%s\" is not REPOSITORY:TAG or REPOSITORY@sha256:HEX (%s)", i, ref,
-                    u.path[0] ? "a path is not allowed" : why);
+        return config_section_fail(p, "prepull[%zu]: \"%s\" is not REPOSITORY:TAG or REPOSITORY@sha256:HEX (%s)", i,
+                                   ref, u.path[0] ? "a path is not allowed" : why);
     if (!blobserve_config_allows(bc, u.repository))
-        return config_section_fail(p, "prepull[%zu]: repository \"%s\" is not in blobserve.repositories", i, u.repository);
+        return config_section_fail(p, "prepull[%zu]: repository \"%s\" is not in blobserve.repositories", i,
+                                   u.repository);
     return 0;
 }
 
@@ -187,9 +190,18 @@ static int parse_platform(pctx *p, const char *s, blobserve_config *bc) {
 }
 
 int blobserve_config_parse(const config *c, blobserve_config **out, char *err, size_t errlen) {
-    static const char *const top[] = {"listen", "repositories", "any_repository", "platform", "cache", "prepull",
-                                      "wait_for_prepull", "tag_max_age_seconds", "max_replace_file_bytes",
-                                      "inline_max_bytes", "replacements", NULL};
+    static const char *const top[] = {"listen",
+                                      "repositories",
+                                      "any_repository",
+                                      "platform",
+                                      "cache",
+                                      "prepull",
+                                      "wait_for_prepull",
+                                      "tag_max_age_seconds",
+                                      "max_replace_file_bytes",
+                                      "inline_max_bytes",
+                                      "replacements",
+                                      NULL};
     static const char *const cache_keys[] = {"dir", "max_bytes", NULL};
     *out = NULL;
     const json_value *sec = c->blobserve;
@@ -224,12 +236,14 @@ int blobserve_config_parse(const config *c, blobserve_config **out, char *err, s
         if (string_list(&p, repos, "repositories", &bc->repositories, &bc->n_repositories) != 0) goto out;
         for (size_t i = 0; i < bc->n_repositories; i++)
             if (!ref_valid_name(bc->repositories[i])) {
-                config_section_fail(&p, "repositories[%zu]: \"%s\" is not a valid repository name", i, bc->repositories[i]);
+                config_section_fail(&p, "repositories[%zu]: \"%s\" is not a valid repository name", i,
+                                    bc->repositories[i]);
                 goto out;
             }
     }
     if (!bc->any_repository && bc->n_repositories == 0) {
-        config_section_fail(&p, "repositories: required (a list of repositories to serve), unless \"any_repository\": true");
+        config_section_fail(
+            &p, "repositories: required (a list of repositories to serve), unless \"any_repository\": true");
         goto out;
     }
 
@@ -275,8 +289,7 @@ int blobserve_config_parse(const config *c, blobserve_config **out, char *err, s
     if (get_u64(&p, sec, "max_replace_file_bytes", "max_replace_file_bytes", 1, 1024ULL * 1024 * 1024,
                 &bc->max_replace_file_bytes) != 0)
         goto out;
-    if (get_u64(&p, sec, "inline_max_bytes", "inline_max_bytes", 0, 1024 * 1024, &bc->inline_max_bytes) != 0)
-        goto out;
+    if (get_u64(&p, sec, "inline_max_bytes", "inline_max_bytes", 0, 1024 * 1024, &bc->inline_max_bytes) != 0) goto out;
     if (get_bool(&p, sec, "wait_for_prepull", &bc->wait_for_prepull) != 0) goto out;
 
     json_value *pre = json_object_get(sec, "prepull");

@@ -77,7 +77,8 @@ int bs_url_parse(const char *raw, bs_url *out, char *why, size_t whylen) {
             }
             if (c == 0) return refuse(why, whylen, 400, "NUL is not allowed in the path");
             if (c == '\\') return refuse(why, whylen, 400, "'\\' is not allowed in the path");
-            if (c < 0x20 || c == 0x7f) return refuse(why, whylen, 400, "control characters are not allowed in the path");
+            if (c < 0x20 || c == 0x7f)
+                return refuse(why, whylen, 400, "control characters are not allowed in the path");
             if (k + 1 >= sizeof seg) return refuse(why, whylen, 400, "a path segment is longer than 255 bytes");
             seg[k++] = (char)c;
         }

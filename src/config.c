@@ -35,7 +35,6 @@ static int fail(load_ctx *lc, const char *fmt, ...) {
     return -1;
 }
 
-
 char *config_read_file(const char *path, size_t max, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -153,15 +152,16 @@ int config_value_uint(const json_value *v, const char *key, uint64_t *out) {
     return v && json_get_uint64(v, out) ? 0 : -1;
 }
 
-static int get_u64(load_ctx *lc, const json_value *obj, const char *key, const char *where, uint64_t min,
-                   uint64_t max, uint64_t *out) {
+static int get_u64(load_ctx *lc, const json_value *obj, const char *key, const char *where, uint64_t min, uint64_t max,
+                   uint64_t *out) {
     json_value *v = json_object_get(obj, key);
     if (!v) return 0;
     uint64_t n;
     if (config_value_uint(v, key, &n) != 0 || n < min || n > max) {
         if (is_size_key(key))
-            return fail(lc, "%s.%s: must be a size from %llu to %llu bytes (an integer, or a string such as "
-                            "\"512MiB\" or \"20GiB\")",
+            return fail(lc,
+                        "%s.%s: must be a size from %llu to %llu bytes (an integer, or a string such as "
+                        "\"512MiB\" or \"20GiB\")",
                         where, key, (unsigned long long)min, (unsigned long long)max);
         return fail(lc, "%s.%s: must be an integer from %llu to %llu", where, key, (unsigned long long)min,
                     (unsigned long long)max);
@@ -189,9 +189,12 @@ static int get_bool(load_ctx *lc, const json_value *obj, const char *key, const 
 /* Host (and port) of an http(s) URL, lowercase. */
 static int url_host(const char *url, char *host, size_t hostlen) {
     const char *p = NULL;
-    if (strncasecmp(url, "http://", 7) == 0) p = url + 7;
-    else if (strncasecmp(url, "https://", 8) == 0) p = url + 8;
-    else return -1;
+    if (strncasecmp(url, "http://", 7) == 0)
+        p = url + 7;
+    else if (strncasecmp(url, "https://", 8) == 0)
+        p = url + 8;
+    else
+        return -1;
     size_t n = strcspn(p, "/?#");
     if (n == 0 || n >= hostlen || memchr(p, '@', n)) return -1;
     for (size_t i = 0; i < n; i++) host[i] = (char)((p[i] >= 'A' && p[i] <= 'Z') ? p[i] + 32 : p[i]);
@@ -250,24 +253,35 @@ static int load_mirrors(load_ctx *lc, const json_value *obj, const char *where, 
         char host[256];
         if (v->type != JSON_STRING || strlen(v->str) != v->len || url_host(v->str, host, sizeof host) != 0 ||
             strpbrk(v->str, "?# \t"))
-            return fail(lc, "%s.mirrors[%zu]: must be an http:// or https:// URL with a host (and no credentials, "
-                        "query or spaces)", where, i);
+            return fail(lc,
+                        "%s.mirrors[%zu]: must be an http:// or https:// URL with a host (and no credentials, "
+                        "query or spaces)",
+                        where, i);
         if (!(u->mirrors[i] = strdup(v->str))) return fail(lc, "%s.mirrors: out of memory", where);
         u->n_mirrors = i + 1;
         size_t n = strlen(u->mirrors[i]);
         while (n > 0 && u->mirrors[i][n - 1] == '/') u->mirrors[i][--n] = '\0';
         if (ends_in_v2(u->mirrors[i]))
-            return fail(lc, "%s.mirrors[%zu]: \"%s\" ends in /v2: give the registry's base URL (\"%.*s\"); "
-                        "regfacade adds /v2/ to every request itself", where, i, u->mirrors[i], (int)(n - 3),
-                        u->mirrors[i]);
+            return fail(lc,
+                        "%s.mirrors[%zu]: \"%s\" ends in /v2: give the registry's base URL (\"%.*s\"); "
+                        "regfacade adds /v2/ to every request itself",
+                        where, i, u->mirrors[i], (int)(n - 3), u->mirrors[i]);
     }
     return 0;
 }
 
 static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, config_upstream *u) {
-    static const char *const keys[] = {"url", "username", "password_file", "ca_file", "tls_verify",
-                                       "library_prefix", "mirrors", "credentials", "credential_helper",
-                                       "credential_cache_seconds", NULL};
+    static const char *const keys[] = {"url",
+                                       "username",
+                                       "password_file",
+                                       "ca_file",
+                                       "tls_verify",
+                                       "library_prefix",
+                                       "mirrors",
+                                       "credentials",
+                                       "credential_helper",
+                                       "credential_cache_seconds",
+                                       NULL};
     char where[300];
     snprintf(where, sizeof where, "upstreams.%s", name);
     if (!ref_valid_name(name) || strchr(name, '/'))
@@ -282,11 +296,13 @@ static int load_upstream(load_ctx *lc, const char *name, const json_value *obj, 
     while (n > 0 && u->url[n - 1] == '/') u->url[--n] = '\0';
     char host[256];
     if (url_host(u->url, host, sizeof host) != 0)
-        return fail(lc, "%s.url: \"%s\" is not an http:// or https:// URL with a host (and no credentials)",
-                    where, u->url);
+        return fail(lc, "%s.url: \"%s\" is not an http:// or https:// URL with a host (and no credentials)", where,
+                    u->url);
     if (ends_in_v2(u->url))
-        return fail(lc, "%s.url: \"%s\" ends in /v2: give the registry's base URL (\"%.*s\"); regfacade adds "
-                    "/v2/ to every request itself", where, u->url, (int)(n - 3), u->url);
+        return fail(lc,
+                    "%s.url: \"%s\" ends in /v2: give the registry's base URL (\"%.*s\"); regfacade adds "
+                    "/v2/ to every request itself",
+                    where, u->url, (int)(n - 3), u->url);
     u->host = strdup(host);
     u->library_prefix = is_docker_hub(host);
     if (get_string(lc, obj, "username", where, &u->username) != 0) return -1;
@@ -349,7 +365,8 @@ static int load_credential_sets(load_ctx *lc, const json_value *ups, config *c) 
             char where[400];
             snprintf(where, sizeof where, "upstreams.%s.credentials.%s", b->name, set);
             size_t sl = strlen(set);
-            if (sl == 0 || sl > 63 || strspn(set, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != sl)
+            if (sl == 0 || sl > 63 ||
+                strspn(set, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != sl)
                 return fail(lc, "%s: a credential set name is 1 to 63 of [A-Za-z0-9._-]", where);
             if (check_keys(lc, cr->items[j], where, set_keys) != 0) return -1;
             config_upstream *u = &c->upstreams[c->n_upstreams++];
@@ -363,7 +380,8 @@ static int load_credential_sets(load_ctx *lc, const json_value *ups, config *c) 
             u->library_prefix = b->library_prefix;
             if (!u->url || !u->host || (b->ca_file && !u->ca_file)) return fail(lc, "%s: out of memory", where);
             if (b->n_mirrors) {
-                if (!(u->mirrors = calloc(b->n_mirrors, sizeof *u->mirrors))) return fail(lc, "%s: out of memory", where);
+                if (!(u->mirrors = calloc(b->n_mirrors, sizeof *u->mirrors)))
+                    return fail(lc, "%s: out of memory", where);
                 for (size_t m = 0; m < b->n_mirrors; m++) {
                     if (!(u->mirrors[m] = strdup(b->mirrors[m]))) return fail(lc, "%s: out of memory", where);
                     u->n_mirrors = m + 1;
@@ -438,9 +456,12 @@ int config_parse_listen(const char *s, char **host, int *port, char *why, size_t
     }
     char h[64];
     struct in_addr a;
-    if ((size_t)(colon - s) >= sizeof h || (snprintf(h, sizeof h, "%.*s", (int)(colon - s), s), inet_pton(AF_INET, h, &a) != 1)) {
-        snprintf(why, whylen, "\"%s\": the host must be an IPv4 address such as 127.0.0.1 or 0.0.0.0 (names "
-                 "such as localhost are not resolved)", s);
+    if ((size_t)(colon - s) >= sizeof h ||
+        (snprintf(h, sizeof h, "%.*s", (int)(colon - s), s), inet_pton(AF_INET, h, &a) != 1)) {
+        snprintf(why, whylen,
+                 "\"%s\": the host must be an IPv4 address such as 127.0.0.1 or 0.0.0.0 (names "
+                 "such as localhost are not resolved)",
+                 s);
         return -1;
     }
     if (!(*host = strdup(h))) {
@@ -518,22 +539,46 @@ static int load_client_limits(load_ctx *lc, const json_value *limits, config *c)
 }
 
 static int load_tree(load_ctx *lc, const json_value *root, config *c) {
-    static const char *const top[] = {"listen", "cache", "policy", "upstreams", "default_upstream",
-                                      "docker_config", "limits", "upstream_client", "metrics", "tls",
-                                      "blobserve", "admin", "specs", "layers", "user", "log_level", "cluster", NULL};
-    static const char *const cache_keys[] = {"dir",           "max_bytes", "tag_ttl_seconds", "stale_max_seconds",
-                                             "scrub_bytes_per_second", NULL};
+    static const char *const top[] = {
+        "listen", "cache",           "policy",  "upstreams", "default_upstream", "docker_config",
+        "limits", "upstream_client", "metrics", "tls",       "blobserve",        "admin",
+        "specs",  "layers",          "user",    "log_level", "cluster",          NULL};
+    static const char *const cache_keys[] = {
+        "dir", "max_bytes", "tag_ttl_seconds", "stale_max_seconds", "scrub_bytes_per_second", NULL};
     /* file and options are read here; the limits by policy.c (policy_section). */
-    static const char *const policy_keys[] = {"file", "options", "hook_time_ms", "hook_instructions", "memory_bytes",
-                                              "shared_bytes", "data_files", "data_dir", "watch", "idle_states", NULL};
-    static const char *const limit_keys[] = {"manifest_max_bytes", "verify_before_send_bytes", "blob_max_bytes",
+    static const char *const policy_keys[] = {"file",
+                                              "options",
+                                              "hook_time_ms",
+                                              "hook_instructions",
+                                              "memory_bytes",
+                                              "shared_bytes",
+                                              "data_files",
+                                              "data_dir",
+                                              "watch",
+                                              "idle_states",
+                                              NULL};
+    static const char *const limit_keys[] = {"manifest_max_bytes",
+                                             "verify_before_send_bytes",
+                                             "blob_max_bytes",
                                              "max_connections",
-                                             "client_timeout_seconds", "header_max_bytes", "url_max_bytes",
-                                             "connections_per_ip", "requests_per_second", "request_burst",
-                                             "header_timeout_seconds", "shutdown_grace_seconds", NULL};
-    static const char *const client_keys[] = {"connect_timeout_ms", "low_speed_seconds", "low_speed_bytes",
-                                              "retries", "retry_budget_seconds", "max_concurrent_fetches",
-                                              "credential_helper_timeout_ms", "credential_cache_seconds", NULL};
+                                             "client_timeout_seconds",
+                                             "header_max_bytes",
+                                             "url_max_bytes",
+                                             "connections_per_ip",
+                                             "requests_per_second",
+                                             "request_burst",
+                                             "header_timeout_seconds",
+                                             "shutdown_grace_seconds",
+                                             NULL};
+    static const char *const client_keys[] = {"connect_timeout_ms",
+                                              "low_speed_seconds",
+                                              "low_speed_bytes",
+                                              "retries",
+                                              "retry_budget_seconds",
+                                              "max_concurrent_fetches",
+                                              "credential_helper_timeout_ms",
+                                              "credential_cache_seconds",
+                                              NULL};
     if (check_keys(lc, root, "config", top) != 0) return -1;
 
     char *listen = NULL;
@@ -654,7 +699,8 @@ static int load_tree(load_ctx *lc, const json_value *root, config *c) {
             return -1;
     }
     for (size_t i = 0; i < c->n_upstreams; i++)
-        if (c->upstreams[i].credential_cache_seconds < 0) c->upstreams[i].credential_cache_seconds = c->credential_cache_seconds;
+        if (c->upstreams[i].credential_cache_seconds < 0)
+            c->upstreams[i].credential_cache_seconds = c->credential_cache_seconds;
     return 0;
 }
 
@@ -844,8 +890,7 @@ int config_section_fail(config_section *s, const char *fmt, ...) {
     return -1;
 }
 
-int config_section_check_keys(config_section *s, const json_value *obj, const char *where,
-                              const char *const *allowed) {
+int config_section_check_keys(config_section *s, const json_value *obj, const char *where, const char *const *allowed) {
     char list[512];
     const char *bad = config_unknown_key(obj, allowed, list, sizeof list);
     if (bad) return config_section_fail(s, "%s%s%s: unknown key (allowed: %s)", where, *where ? "." : "", bad, list);

@@ -48,11 +48,11 @@ struct credentials {
     /* HELPER: the kept answer and the run in flight (guarded by mu) */
     pthread_mutex_t mu;
     pthread_cond_t done;
-    bool running;      /* a run is in flight; others wait for it */
-    uint64_t runs;     /* runs finished */
-    int last_rc;       /* of the last run */
+    bool running;  /* a run is in flight; others wait for it */
+    uint64_t runs; /* runs finished */
+    int last_rc;   /* of the last run */
     char last_err[768];
-    bool have;         /* kept holds an answer */
+    bool have; /* kept holds an answer */
     credential kept;
     int64_t expires_ms; /* kept is reused until then */
     uint64_t serial;    /* answers handed out so far */
@@ -444,29 +444,31 @@ credentials *credentials_new(const credentials_options *o, char *err, size_t err
         return NULL;
     }
     switch (o->kind) {
-    case CREDENTIALS_NONE: break;
-    case CREDENTIALS_STATIC:
-        if (!o->username || !*o->username || strchr(o->username, ':') || has_ctl(o->username, strlen(o->username))) {
-            set_err(err, errlen, "credentials: a user name must be non-empty, without ':' or control characters");
+        case CREDENTIALS_NONE:
+            break;
+        case CREDENTIALS_STATIC:
+            if (!o->username || !*o->username || strchr(o->username, ':') ||
+                has_ctl(o->username, strlen(o->username))) {
+                set_err(err, errlen, "credentials: a user name must be non-empty, without ':' or control characters");
+                return NULL;
+            }
+            break;
+        case CREDENTIALS_IDENTITY_TOKEN:
+            if (!o->secret || !*o->secret || has_ctl(o->secret, strlen(o->secret))) {
+                set_err(err, errlen, "credentials: an identity token must be non-empty, without control characters");
+                return NULL;
+            }
+            break;
+        case CREDENTIALS_HELPER:
+            if (!o->helper || o->helper[0] != '/' || !o->server_url || !*o->server_url ||
+                has_ctl(o->server_url, strlen(o->server_url)) || o->timeout_ms < 0 || o->cache_seconds < 0) {
+                set_err(err, errlen, "credentials: a helper needs an absolute path, a server URL and limits >= 0");
+                return NULL;
+            }
+            break;
+        default:
+            set_err(err, errlen, "credentials: unknown kind");
             return NULL;
-        }
-        break;
-    case CREDENTIALS_IDENTITY_TOKEN:
-        if (!o->secret || !*o->secret || has_ctl(o->secret, strlen(o->secret))) {
-            set_err(err, errlen, "credentials: an identity token must be non-empty, without control characters");
-            return NULL;
-        }
-        break;
-    case CREDENTIALS_HELPER:
-        if (!o->helper || o->helper[0] != '/' || !o->server_url || !*o->server_url ||
-            has_ctl(o->server_url, strlen(o->server_url)) || o->timeout_ms < 0 || o->cache_seconds < 0) {
-            set_err(err, errlen, "credentials: a helper needs an absolute path, a server URL and limits >= 0");
-            return NULL;
-        }
-        break;
-    default:
-        set_err(err, errlen, "credentials: unknown kind");
-        return NULL;
     }
     credentials *c = calloc(1, sizeof *c);
     if (!c) {
@@ -481,19 +483,21 @@ credentials *credentials_new(const credentials_options *o, char *err, size_t err
     bool ok = true;
     char acct[PATH_MAX + 64];
     switch (o->kind) {
-    case CREDENTIALS_NONE: snprintf(acct, sizeof acct, "anonymous"); break;
-    case CREDENTIALS_STATIC:
-        ok = (c->username = strdup(o->username)) && (c->secret = strdup(o->secret ? o->secret : ""));
-        snprintf(acct, sizeof acct, "user %s", o->username);
-        break;
-    case CREDENTIALS_IDENTITY_TOKEN:
-        ok = (c->secret = strdup(o->secret)) != NULL;
-        snprintf(acct, sizeof acct, "identity token");
-        break;
-    case CREDENTIALS_HELPER:
-        ok = (c->helper = strdup(o->helper)) && (c->server_url = strdup(o->server_url));
-        snprintf(acct, sizeof acct, "credential helper %s", o->helper);
-        break;
+        case CREDENTIALS_NONE:
+            snprintf(acct, sizeof acct, "anonymous");
+            break;
+        case CREDENTIALS_STATIC:
+            ok = (c->username = strdup(o->username)) && (c->secret = strdup(o->secret ? o->secret : ""));
+            snprintf(acct, sizeof acct, "user %s", o->username);
+            break;
+        case CREDENTIALS_IDENTITY_TOKEN:
+            ok = (c->secret = strdup(o->secret)) != NULL;
+            snprintf(acct, sizeof acct, "identity token");
+            break;
+        case CREDENTIALS_HELPER:
+            ok = (c->helper = strdup(o->helper)) && (c->server_url = strdup(o->server_url));
+            snprintf(acct, sizeof acct, "credential helper %s", o->helper);
+            break;
     }
     if (!ok || !(c->account = strdup(acct))) {
         credentials_free(c);
@@ -545,8 +549,8 @@ static int helper_run_and_keep(credentials *c, credential *out, char *err, size_
     }
     c->last_rc = rc;
     if (rc != 0)
-        snprintf(c->last_err, sizeof c->last_err, "credential helper %s (asked about %s): %s", c->helper,
-                 c->server_url, why);
+        snprintf(c->last_err, sizeof c->last_err, "credential helper %s (asked about %s): %s", c->helper, c->server_url,
+                 why);
     snprintf(msg, sizeof msg, "%s", c->last_err);
     pthread_cond_broadcast(&c->done);
     pthread_mutex_unlock(&c->mu);
@@ -590,8 +594,10 @@ int credentials_get(credentials *c, credential *out, char *err, size_t errlen) {
         while (c->running && c->runs == runs) pthread_cond_wait(&c->done, &c->mu);
         if (c->runs != runs) {
             int rc = c->last_rc;
-            if (rc == 0 && c->have) rc = credential_copy(out, &c->kept);
-            else if (rc == 0) continue; /* refused meanwhile: ask again */
+            if (rc == 0 && c->have)
+                rc = credential_copy(out, &c->kept);
+            else if (rc == 0)
+                continue; /* refused meanwhile: ask again */
             if (rc != 0) set_err(err, errlen, "%s", c->last_rc ? c->last_err : "credentials: out of memory");
             pthread_mutex_unlock(&c->mu);
             return rc;

@@ -34,9 +34,7 @@ int digest_final(digest_ctx *d, char out[DIGEST_STRING_LEN]) {
     return 0;
 }
 
-int digest_reset(digest_ctx *d) {
-    return EVP_DigestInit_ex(d->md, EVP_sha256(), NULL) == 1 ? 0 : -1;
-}
+int digest_reset(digest_ctx *d) { return EVP_DigestInit_ex(d->md, EVP_sha256(), NULL) == 1 ? 0 : -1; }
 
 void digest_free(digest_ctx *d) {
     if (!d) return;

@@ -33,15 +33,15 @@ struct fetch {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     fetch_state state;
-    int ready;           /* the upstream answered: size is known or -1 */
+    int ready; /* the upstream answered: size is known or -1 */
     int64_t size;
-    uint64_t written;    /* bytes in the spool */
+    uint64_t written; /* bytes in the spool */
     fetch_error err;
     store_spool spool;
 
     /* Used by the fetch thread only. */
-    digest_ctx *dg;      /* fed by sw, in order */
-    spool_writer *sw;    /* writes the body to the spool and publishes `written` */
+    digest_ctx *dg;         /* fed by sw, in order */
+    spool_writer *sw;       /* writes the body to the spool and publishes `written` */
     uint64_t attempt_start; /* offset this attempt asked for */
     uint64_t skip;          /* bytes of this answer to drop (200 to a Range request) */
     int no_range;           /* the upstream refused a Range (416): ask for everything, skip what we have */
@@ -50,9 +50,9 @@ struct fetch {
     uint64_t max_bytes;     /* no more than this is written (want_size, or the fetcher's blob_max_bytes) */
     int refused;            /* the answer broke a size rule: final, never retried */
     char attempt_err[512];
-    char retry_after[64];   /* Retry-After of the last failed attempt's answer */
-    int64_t started_ms;     /* when the transfer took its slot (progress lines) */
-    int64_t progress_ms;    /* when the last progress line was logged */
+    char retry_after[64];    /* Retry-After of the last failed attempt's answer */
+    int64_t started_ms;      /* when the transfer took its slot (progress lines) */
+    int64_t progress_ms;     /* when the last progress line was logged */
     uint64_t progress_bytes; /* bytes in the spool then */
 };
 
@@ -66,9 +66,9 @@ struct fetcher {
     fetch_options opts;
     pthread_mutex_t lock;
     pthread_cond_t idle;
-    pthread_cond_t slot;    /* signalled when a transfer slot frees up */
-    unsigned active;        /* transfers in progress (at most opts.max_concurrent) */
-    unsigned queued;        /* fetches waiting in slot_acquire */
+    pthread_cond_t slot; /* signalled when a transfer slot frees up */
+    unsigned active;     /* transfers in progress (at most opts.max_concurrent) */
+    unsigned queued;     /* fetches waiting in slot_acquire */
     fetch *running;
     int threads;
     fetch_stats stats;
@@ -116,8 +116,10 @@ void fetcher_stats(fetcher *f, fetch_stats *out) {
 }
 
 static void fetch_destroy(fetch *x) {
-    if (x->committed) store_blob_close(x->owner->st, x->digest, x->spool.fd); /* unpin: no reader is left */
-    else if (x->spool.fd >= 0) close(x->spool.fd);
+    if (x->committed)
+        store_blob_close(x->owner->st, x->digest, x->spool.fd); /* unpin: no reader is left */
+    else if (x->spool.fd >= 0)
+        close(x->spool.fd);
     digest_free(x->dg);
     upstream_free(x->u);
     pthread_mutex_destroy(&x->mu);
@@ -209,7 +211,8 @@ static int on_headers(void *ud, const upstream_response *r) {
     if (size >= 0 && (uint64_t)size > x->max_bytes) {
         snprintf(x->attempt_err, sizeof x->attempt_err,
                  "upstream announced %lld bytes, over the %llu-byte limit (limits.blob_max_bytes); refused before "
-                 "anything was written", (long long)size, (unsigned long long)x->max_bytes);
+                 "anything was written",
+                 (long long)size, (unsigned long long)x->max_bytes);
         x->refused = 1;
         return -1;
     }
@@ -370,8 +373,10 @@ static int fetch_attempt(fetch *x) {
         return 0;
     }
     if (r == UPSTREAM_OK && resp.status == 416 && x->written > 0 && !x->no_range) {
-        snprintf(x->attempt_err, sizeof x->attempt_err, "upstream refused to resume at %llu; asking for the "
-                 "whole blob and skipping what arrived", (unsigned long long)x->written);
+        snprintf(x->attempt_err, sizeof x->attempt_err,
+                 "upstream refused to resume at %llu; asking for the "
+                 "whole blob and skipping what arrived",
+                 (unsigned long long)x->written);
         x->no_range = 1;
         return 1;
     }
@@ -383,8 +388,8 @@ static int fetch_attempt(fetch *x) {
     snprintf(subject, sizeof subject, "blob %s of %s", x->digest, x->repository);
     bool retry = false;
     if (upstream_answer_map(UPSTREAM_WHAT_BLOB, name, subject, r, &resp, err, &x->err, &retry) == UPSTREAM_ANSWER_OK)
-        fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for %s", name,
-                        resp.status, subject);
+        fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s answered unexpected status %ld for %s", name, resp.status,
+                        subject);
     /* Paces the next attempt (a 429's or a 5xx's Retry-After). */
     if (r == UPSTREAM_OK) snprintf(x->retry_after, sizeof x->retry_after, "%s", resp.retry_after);
     return retry ? 1 : -1;
@@ -432,8 +437,8 @@ static void *fetch_thread(void *arg) {
             rc = -1;
         } else if (strcmp(got, x->digest) != 0) {
             fetch_error_set(&x->err, 502, "DIGEST_INVALID",
-                      "upstream %s sent bytes with digest %s for blob %s (%llu bytes); not cached",
-                      upstream_name(x->u), got, x->digest, (unsigned long long)x->written);
+                            "upstream %s sent bytes with digest %s for blob %s (%llu bytes); not cached",
+                            upstream_name(x->u), got, x->digest, (unsigned long long)x->written);
             rc = -1;
         } else {
             /* Verified from (u, repository): it may be served there. A lost
@@ -453,7 +458,7 @@ static void *fetch_thread(void *arg) {
     if (rc != 0) {
         if (rc == 1 && !x->err.code)
             fetch_error_set(&x->err, 502, "UNKNOWN", "upstream %s, blob %s: %s", upstream_name(x->u), x->digest,
-                      x->attempt_err);
+                            x->attempt_err);
         if (rc == 1 && gave_up[0]) {
             size_t ml = strlen(x->err.message);
             if (ml < sizeof x->err.message - 1)
@@ -605,8 +610,8 @@ ssize_t fetch_read(fetch *x, uint64_t off, uint64_t end, void *buf, size_t len) 
     }
 }
 
-int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t want_size,
-                     size_t max, char **data, size_t *len, fetch_error *e) {
+int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t want_size, size_t max,
+                     char **data, size_t *len, fetch_error *e) {
     char err[1024];
     for (int round = 0; round < 2; round++) {
         int rc = store_blob_read(f->st, digest, max, data, len, err, sizeof err);

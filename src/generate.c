@@ -136,7 +136,8 @@ static bool generated_complete(const generate_env *env, const char *digest, int 
         for (size_t i = 0; ok && lists[l] && lists[l]->type == JSON_ARRAY && i < lists[l]->count; i++) {
             const char *d = json_object_get_string(lists[l]->items[i], "digest");
             if (!d || !ref_is_sha256_digest(d) || !store_made_get(env->st, d, NULL, NULL, 0)) continue;
-            if (l == 0 && depth < 1) ok = generated_complete(env, d, depth + 1, missing, mlen);
+            if (l == 0 && depth < 1)
+                ok = generated_complete(env, d, depth + 1, missing, mlen);
             else if (!store_blob_exists(env->st, d)) {
                 snprintf(missing, mlen, "%s", d);
                 ok = false;
@@ -221,8 +222,8 @@ out:
 /* Link what an assembled image has to gen, the scope of the name it is
  * generated for: layers added from elsewhere with their origin, then the
  * manifest with everything it references. */
-static int link_generated(const generate_env *env, const store_scope *gen, const layer_stack *stack,
-                          const char *digest, const char *bytes, size_t len, fetch_error *e) {
+static int link_generated(const generate_env *env, const store_scope *gen, const layer_stack *stack, const char *digest,
+                          const char *bytes, size_t len, fetch_error *e) {
     char err[512] = "";
     int rc = 0;
     for (size_t i = 0; i < stack->n && rc == 0; i++) {
@@ -238,10 +239,9 @@ static int link_generated(const generate_env *env, const store_scope *gen, const
 /* Assemble one image manifest (not an index) and store it (or, with pend,
  * leave its config and manifest in pend for the caller to store). On
  * success out_digest/out_size/out_mt describe the stored manifest. */
-static int assemble_one(const generate_env *env, const policy_request *req, const policy_resolution *res,
-                        upstream *u, const store_scope *gen, const char *base_bytes, size_t base_len,
-                        const char *base_mt, char out_digest[80], uint64_t *out_size, manifest *keep, pending *pend,
-                        made_list *made,
+static int assemble_one(const generate_env *env, const policy_request *req, const policy_resolution *res, upstream *u,
+                        const store_scope *gen, const char *base_bytes, size_t base_len, const char *base_mt,
+                        char out_digest[80], uint64_t *out_size, manifest *keep, pending *pend, made_list *made,
                         fetch_error *e) {
     char jerr[256], err[1024];
     json_value *base = json_parse(base_bytes, base_len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
@@ -251,7 +251,8 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     }
     const char *cfg_digest = json_object_get_string(json_object_get(base, "config"), "digest");
     int64_t cfg_size = -1; /* the descriptor's size: what the fetch must bring */
-    if (!json_get_int64(json_object_get(json_object_get(base, "config"), "size"), &cfg_size) || cfg_size < 0) cfg_size = -1;
+    if (!json_get_int64(json_object_get(json_object_get(base, "config"), "size"), &cfg_size) || cfg_size < 0)
+        cfg_size = -1;
     if (!cfg_digest || !ref_is_sha256_digest(cfg_digest)) {
         json_free(base);
         fetch_error_set(e, 502, "MANIFEST_INVALID", "base manifest of %s has no config digest", res->repository);
@@ -259,8 +260,8 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     }
     char *cfg_bytes = NULL;
     size_t cfg_len = 0;
-    if (fetch_blob_bytes(env->fetches, u, res->repository, cfg_digest, cfg_size, CONFIG_BLOB_MAX, &cfg_bytes, &cfg_len, e) !=
-        0) {
+    if (fetch_blob_bytes(env->fetches, u, res->repository, cfg_digest, cfg_size, CONFIG_BLOB_MAX, &cfg_bytes, &cfg_len,
+                         e) != 0) {
         json_free(base);
         return -1;
     }
@@ -288,12 +289,12 @@ static int assemble_one(const generate_env *env, const policy_request *req, cons
     bool unchanged = false, failed = false;
     char what[400];
     snprintf(what, sizeof what, "%s for %s", res->repository, platform);
-    if (generate_assemble(env->pol, req, what, base, base_bytes, base_len, cfg, stack.items, stack.n, &mb, &ml, md,
-                          &cb, &cl, cd, &unchanged, &failed, e) != 0)
+    if (generate_assemble(env->pol, req, what, base, base_bytes, base_len, cfg, stack.items, stack.n, &mb, &ml, md, &cb,
+                          &cl, cd, &unchanged, &failed, e) != 0)
         goto out;
     if (ml > env->cfg->manifest_max_bytes) {
-        fetch_error_set(e, 500, "MANIFEST_INVALID", "the assembled manifest is %zu bytes, over limits.manifest_max_bytes",
-                  ml);
+        fetch_error_set(e, 500, "MANIFEST_INVALID",
+                        "the assembled manifest is %zu bytes, over limits.manifest_max_bytes", ml);
         goto out;
     }
     snprintf(out_digest, 80, "%s", md);
@@ -337,15 +338,16 @@ out:
     return rc;
 }
 
-static int assemble_index(const generate_env *env, const policy_request *req, const policy_resolution *res,
-                          upstream *u, const store_scope *gen, const manifest *base, manifest *out, made_list *made,
+static int assemble_index(const generate_env *env, const policy_request *req, const policy_resolution *res, upstream *u,
+                          const store_scope *gen, const manifest *base, manifest *out, made_list *made,
                           fetch_error *e) {
     char jerr[256], err[512];
     json_value *idx = json_parse(base->data, base->len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     json_value *list = idx ? json_object_get(idx, "manifests") : NULL;
     if (!list || list->type != JSON_ARRAY) {
         json_free(idx);
-        fetch_error_set(e, 502, "MANIFEST_INVALID", "index of %s: %s", res->repository, idx ? "no manifests array" : jerr);
+        fetch_error_set(e, 502, "MANIFEST_INVALID", "index of %s: %s", res->repository,
+                        idx ? "no manifests array" : jerr);
         return -1;
     }
     manifest_env menv = {.st = env->st, .cfg = env->cfg};
@@ -381,8 +383,8 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         }
         char nd[80];
         uint64_t ns = 0;
-        int rc = assemble_one(env, req, res, u, gen, child.data, child.len, child.media_type, nd, &ns, NULL, &pend,
-                              made, e);
+        int rc =
+            assemble_one(env, req, res, u, gen, child.data, child.len, child.media_type, nd, &ns, NULL, &pend, made, e);
         manifest_clear(&child);
         if (rc != 0) {
             json_free(idx);
@@ -403,7 +405,7 @@ static int assemble_index(const generate_env *env, const policy_request *req, co
         json_free(idx);
         pending_clear(&pend);
         fetch_error_set(e, 404, "MANIFEST_UNKNOWN", "the policy's platforms leave no manifest in the index of %s",
-                  res->repository);
+                        res->repository);
         return -1;
     }
     size_t len;
@@ -452,8 +454,13 @@ static int decision_key(const generate_env *env, const policy_request *req, cons
         fetch_error_set(e, 500, "UNKNOWN", "out of memory");
         return -1;
     }
-    const char *parts[] = {"regfacade-generate-v1", base->digest, policy_fingerprint(env->pol), res->upstream,
-                           res->repository, res->fingerprint ? res->fingerprint : "", req->repository,
+    const char *parts[] = {"regfacade-generate-v1",
+                           base->digest,
+                           policy_fingerprint(env->pol),
+                           res->upstream,
+                           res->repository,
+                           res->fingerprint ? res->fingerprint : "",
+                           req->repository,
                            req->reference ? req->reference : ""};
     for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) digest_update(d, parts[i], strlen(parts[i]) + 1);
     size_t n;

@@ -19,9 +19,9 @@
 
 struct guard_conn {
     guard_conn *prev, *next;
-    int fd;          /* the connection's socket (see guard_conn_open for why it cannot be reused) */
-    double since;    /* monotonic seconds the wait for a request began; 0: a request is in progress */
-    bool cut;        /* shut down, closing */
+    int fd;       /* the connection's socket (see guard_conn_open for why it cannot be reused) */
+    double since; /* monotonic seconds the wait for a request began; 0: a request is in progress */
+    bool cut;     /* shut down, closing */
 };
 
 typedef struct rate_entry {
@@ -215,8 +215,10 @@ void guard_conn_request_done(guard *g, guard_conn *c) {
 void guard_conn_close(guard *g, guard_conn *c) {
     if (!g || !c) return;
     pthread_mutex_lock(&g->lock);
-    if (c->prev) c->prev->next = c->next;
-    else g->conns = c->next;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        g->conns = c->next;
     if (c->next) c->next->prev = c->prev;
     g->n_conns--;
     if (c->cut) g->n_cut--;

@@ -33,7 +33,9 @@ int hardening_listen(const char *host, int port, int backlog, int *fd_out, char 
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (bind(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
         snprintf(err, errlen, "listen %s:%d: cannot bind: %s%s", host, port, strerror(errno),
-                 errno == EADDRINUSE ? " (port in use?)" : errno == EACCES ? " (a port below 1024 needs root)" : "");
+                 errno == EADDRINUSE ? " (port in use?)"
+                 : errno == EACCES   ? " (a port below 1024 needs root)"
+                                     : "");
         close(fd);
         return -1;
     }
@@ -73,8 +75,10 @@ int hardening_user_lookup(const char *spec, uid_t *uid, gid_t *gid, char *err, s
     struct passwd pw, *res = NULL;
     char buf[4096];
     int rc;
-    if (parse_id(spec, strlen(spec), &u) == 0) rc = getpwuid_r((uid_t)u, &pw, buf, sizeof buf, &res);
-    else rc = getpwnam_r(spec, &pw, buf, sizeof buf, &res);
+    if (parse_id(spec, strlen(spec), &u) == 0)
+        rc = getpwuid_r((uid_t)u, &pw, buf, sizeof buf, &res);
+    else
+        rc = getpwnam_r(spec, &pw, buf, sizeof buf, &res);
     if (rc != 0 || !res) {
         snprintf(err, errlen, "user: no user \"%s\" in the passwd database%s", spec,
                  parse_id(spec, strlen(spec), &u) == 0 ? " (give \"uid:gid\" for an id without an entry)" : "");
@@ -138,8 +142,8 @@ int hardening_drop_privileges(const char *spec, uid_t uid, gid_t gid, char *err,
         return -1;
     }
     if (setgroups(1, &gid) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
-        snprintf(err, errlen, "user: cannot switch to \"%s\" (uid %u, gid %u): %s", spec, (unsigned)uid,
-                 (unsigned)gid, strerror(errno));
+        snprintf(err, errlen, "user: cannot switch to \"%s\" (uid %u, gid %u): %s", spec, (unsigned)uid, (unsigned)gid,
+                 strerror(errno));
         return -1;
     }
     if (uid != 0 && (setuid(0) == 0 || seteuid(0) == 0)) {

@@ -23,10 +23,8 @@
 typedef enum { FAMILY_OCI, FAMILY_DOCKER } family;
 
 static void seterr(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
+static void seterr(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || !errlen) return;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
@@ -40,8 +38,7 @@ static bool streq(const char *a, const char *b) { return a && b && strcmp(a, b) 
 
 /* The family of a manifest media type; false when it is none we know. NULL
  * (no mediaType field) is OCI: an OCI manifest may leave it out. */
-static bool family_of(const char *manifest_media_type, family *f)
-{
+static bool family_of(const char *manifest_media_type, family *f) {
     if (!manifest_media_type || streq(manifest_media_type, IMAGE_MT_OCI_MANIFEST) ||
         streq(manifest_media_type, IMAGE_MT_OCI_INDEX)) {
         *f = FAMILY_OCI;
@@ -54,28 +51,21 @@ static bool family_of(const char *manifest_media_type, family *f)
     return false;
 }
 
-const char *image_layer_media_type_for(const char *manifest_media_type, const char *layer_media_type)
-{
+const char *image_layer_media_type_for(const char *manifest_media_type, const char *layer_media_type) {
     family f;
-    if (!layer_media_type || !family_of(manifest_media_type, &f))
-        return layer_media_type;
+    if (!layer_media_type || !family_of(manifest_media_type, &f)) return layer_media_type;
     const char *t = layer_media_type;
     if (f == FAMILY_DOCKER) {
-        if (streq(t, IMAGE_MT_OCI_LAYER_GZIP))
-            return IMAGE_MT_DOCKER_LAYER_GZIP;
-        if (streq(t, IMAGE_MT_OCI_LAYER_TAR))
-            return IMAGE_MT_DOCKER_LAYER_TAR;
+        if (streq(t, IMAGE_MT_OCI_LAYER_GZIP)) return IMAGE_MT_DOCKER_LAYER_GZIP;
+        if (streq(t, IMAGE_MT_OCI_LAYER_TAR)) return IMAGE_MT_DOCKER_LAYER_TAR;
         if (streq(t, IMAGE_MT_OCI_LAYER_ND_TAR) || streq(t, IMAGE_MT_OCI_LAYER_ND_GZIP) ||
             streq(t, IMAGE_MT_OCI_LAYER_ND_ZSTD))
             return IMAGE_MT_DOCKER_LAYER_FOREIGN;
         return t; /* Docker types, OCI zstd (Docker has none), unknown types */
     }
-    if (streq(t, IMAGE_MT_DOCKER_LAYER_GZIP))
-        return IMAGE_MT_OCI_LAYER_GZIP;
-    if (streq(t, IMAGE_MT_DOCKER_LAYER_TAR))
-        return IMAGE_MT_OCI_LAYER_TAR;
-    if (streq(t, IMAGE_MT_DOCKER_LAYER_FOREIGN))
-        return IMAGE_MT_OCI_LAYER_ND_GZIP;
+    if (streq(t, IMAGE_MT_DOCKER_LAYER_GZIP)) return IMAGE_MT_OCI_LAYER_GZIP;
+    if (streq(t, IMAGE_MT_DOCKER_LAYER_TAR)) return IMAGE_MT_OCI_LAYER_TAR;
+    if (streq(t, IMAGE_MT_DOCKER_LAYER_FOREIGN)) return IMAGE_MT_OCI_LAYER_ND_GZIP;
     return t;
 }
 
@@ -84,8 +74,7 @@ const char *image_layer_media_type_for(const char *manifest_media_type, const ch
 
 /* The base manifest's family, or -1 with err: an index, a list or an
  * unknown media type cannot be assembled. */
-static int base_family(const json_value *m, family *f, const char **mt, char *err, size_t errlen)
-{
+static int base_family(const json_value *m, family *f, const char **mt, char *err, size_t errlen) {
     if (!m || m->type != JSON_OBJECT) {
         seterr(err, errlen, "base manifest: not a JSON object");
         return -1;
@@ -114,15 +103,13 @@ static int base_family(const json_value *m, family *f, const char **mt, char *er
 }
 
 /* A descriptor size: a JSON integer in [0, INT64_MAX] (OCI sizes are int64). */
-static bool valid_size(const json_value *v)
-{
+static bool valid_size(const json_value *v) {
     uint64_t u;
     return v && json_get_uint64(v, &u) && u <= (uint64_t)INT64_MAX;
 }
 
 /* Checks base manifest layer descriptor i. */
-static int check_base_layer(const json_value *d, size_t i, char *err, size_t errlen)
-{
+static int check_base_layer(const json_value *d, size_t i, char *err, size_t errlen) {
     if (!d || d->type != JSON_OBJECT) {
         seterr(err, errlen, "base manifest: layers[%zu] is not an object", i);
         return -1;
@@ -145,8 +132,7 @@ static int check_base_layer(const json_value *d, size_t i, char *err, size_t err
 
 /* Checks stack entry i (an added layer). Messages count stack entries from
  * 1, as the policy's Lua array does; JSON arrays count from 0. */
-static int check_added_layer(const image_layer *l, size_t i, char *err, size_t errlen)
-{
+static int check_added_layer(const image_layer *l, size_t i, char *err, size_t errlen) {
     i++;
     if (!l->media_type || !l->media_type[0]) {
         seterr(err, errlen, "stack[%zu]: media_type is missing", i);
@@ -192,8 +178,7 @@ static int check_added_layer(const image_layer *l, size_t i, char *err, size_t e
 }
 
 /* Whether a history entry stands for no layer. */
-static bool history_is_empty_layer(const json_value *h)
-{
+static bool history_is_empty_layer(const json_value *h) {
     json_value *e = json_object_get(h, "empty_layer");
     return e && e->type == JSON_TRUE;
 }
@@ -205,8 +190,7 @@ static bool history_is_empty_layer(const json_value *h)
  * as in the template descriptor (a base layer, else the config
  * descriptor), the missing ones after in the default order
  * mediaType, size, digest. */
-static void descriptor_order(const json_value *tmpl, const char *order[3])
-{
+static void descriptor_order(const json_value *tmpl, const char *order[3]) {
     static const char *const def[3] = {"mediaType", "size", "digest"};
     size_t n = 0;
     if (tmpl && tmpl->type == JSON_OBJECT)
@@ -214,26 +198,20 @@ static void descriptor_order(const json_value *tmpl, const char *order[3])
             for (size_t k = 0; k < 3; k++)
                 if (strcmp(tmpl->keys[i], def[k]) == 0) {
                     bool seen = false;
-                    for (size_t j = 0; j < n; j++)
-                        seen = seen || order[j] == def[k];
-                    if (!seen)
-                        order[n++] = def[k];
+                    for (size_t j = 0; j < n; j++) seen = seen || order[j] == def[k];
+                    if (!seen) order[n++] = def[k];
                 }
     for (size_t k = 0; k < 3 && n < 3; k++) {
         bool seen = false;
-        for (size_t j = 0; j < n; j++)
-            seen = seen || order[j] == def[k];
-        if (!seen)
-            order[n++] = def[k];
+        for (size_t j = 0; j < n; j++) seen = seen || order[j] == def[k];
+        if (!seen) order[n++] = def[k];
     }
 }
 
 /* A new descriptor for an added layer. NULL on allocation failure. */
-static json_value *added_descriptor(const image_layer *l, const char *manifest_mt, const char *const order[3])
-{
+static json_value *added_descriptor(const image_layer *l, const char *manifest_mt, const char *const order[3]) {
     json_value *d = json_new_object();
-    if (!d)
-        return NULL;
+    if (!d) return NULL;
     for (size_t k = 0; k < 3; k++) {
         json_value *v;
         if (strcmp(order[k], "mediaType") == 0)
@@ -242,13 +220,10 @@ static json_value *added_descriptor(const image_layer *l, const char *manifest_m
             v = json_new_uint64(l->size);
         else
             v = json_new_string(l->digest);
-        if (json_object_set(d, order[k], v) != 0)
-            goto fail;
+        if (json_object_set(d, order[k], v) != 0) goto fail;
     }
-    if (l->urls && json_object_set(d, "urls", json_clone(l->urls)) != 0)
-        goto fail;
-    if (l->annotations && json_object_set(d, "annotations", json_clone(l->annotations)) != 0)
-        goto fail;
+    if (l->urls && json_object_set(d, "urls", json_clone(l->urls)) != 0) goto fail;
+    if (l->annotations && json_object_set(d, "annotations", json_clone(l->annotations)) != 0) goto fail;
     return d;
 fail:
     json_free(d);
@@ -256,13 +231,10 @@ fail:
 }
 
 /* A new history entry for an added layer. NULL on allocation failure. */
-static json_value *added_history(const image_layer *l, const json_value *created)
-{
+static json_value *added_history(const image_layer *l, const json_value *created) {
     json_value *h = json_new_object();
-    if (!h)
-        return NULL;
-    if (created && created->type != JSON_NULL && json_object_set(h, "created", json_clone(created)) != 0)
-        goto fail;
+    if (!h) return NULL;
+    if (created && created->type != JSON_NULL && json_object_set(h, "created", json_clone(created)) != 0) goto fail;
     json_value *by;
     if (l->created_by) {
         by = json_new_string(l->created_by);
@@ -271,10 +243,8 @@ static json_value *added_history(const image_layer *l, const json_value *created
         snprintf(text, sizeof text, "regfacade: added layer %s", l->digest);
         by = json_new_string(text);
     }
-    if (json_object_set(h, "created_by", by) != 0)
-        goto fail;
-    if (l->comment && json_object_set(h, "comment", json_new_string(l->comment)) != 0)
-        goto fail;
+    if (json_object_set(h, "created_by", by) != 0) goto fail;
+    if (l->comment && json_object_set(h, "comment", json_new_string(l->comment)) != 0) goto fail;
     return h;
 fail:
     json_free(h);
@@ -284,14 +254,11 @@ fail:
 /* Appends to arr, taking item; -1 on failure (item freed). */
 static int push(json_value *arr, json_value *item) { return item ? json_array_append(arr, item) : -1; }
 
-int image_assemble(const json_value *base_manifest, const json_value *base_config, const image_layer *stack,
-                   size_t n, json_value **out_manifest, json_value **out_config, char *err, size_t errlen)
-{
+int image_assemble(const json_value *base_manifest, const json_value *base_config, const image_layer *stack, size_t n,
+                   json_value **out_manifest, json_value **out_config, char *err, size_t errlen) {
     json_value *man = NULL, *cfg = NULL, *layers = NULL, *diff_ids = NULL, *history = NULL;
-    if (out_manifest)
-        *out_manifest = NULL;
-    if (out_config)
-        *out_config = NULL;
+    if (out_manifest) *out_manifest = NULL;
+    if (out_config) *out_config = NULL;
     if (!out_manifest || !out_config || (n && !stack)) {
         seterr(err, errlen, "image_assemble: missing argument");
         return -1;
@@ -300,16 +267,14 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
     /* The base manifest. */
     family fam;
     const char *manifest_mt;
-    if (base_family(base_manifest, &fam, &manifest_mt, err, errlen) != 0)
-        return -1;
+    if (base_family(base_manifest, &fam, &manifest_mt, err, errlen) != 0) return -1;
     const json_value *base_layers = json_object_get(base_manifest, "layers");
     if (!base_layers || base_layers->type != JSON_ARRAY) {
         seterr(err, errlen, "base manifest: layers is missing or not an array");
         return -1;
     }
     for (size_t i = 0; i < base_layers->count; i++)
-        if (check_base_layer(base_layers->items[i], i, err, errlen) != 0)
-            return -1;
+        if (check_base_layer(base_layers->items[i], i, err, errlen) != 0) return -1;
     const json_value *config_desc = json_object_get(base_manifest, "config");
     if (!config_desc || config_desc->type != JSON_OBJECT) {
         seterr(err, errlen, "base manifest: config is missing or not an object");
@@ -332,8 +297,7 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
         return -1;
     }
     if (base_diff_ids->count != base_layers->count) {
-        seterr(err, errlen, "base config has %zu diff_ids for %zu layers", base_diff_ids->count,
-               base_layers->count);
+        seterr(err, errlen, "base config has %zu diff_ids for %zu layers", base_diff_ids->count, base_layers->count);
         return -1;
     }
     for (size_t i = 0; i < base_diff_ids->count; i++) {
@@ -344,8 +308,7 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
         }
     }
     const json_value *base_history = json_object_get(base_config, "history");
-    if (base_history && base_history->type == JSON_NULL)
-        base_history = NULL; /* null: no history, so none is added */
+    if (base_history && base_history->type == JSON_NULL) base_history = NULL; /* null: no history, so none is added */
     if (base_history) {
         if (base_history->type != JSON_ARRAY) {
             seterr(err, errlen, "base config: history is not an array");
@@ -378,12 +341,10 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
     const json_value *created = json_object_get(base_config, "created");
     layers = json_new_array();
     diff_ids = json_new_array();
-    if (!layers || !diff_ids)
-        goto oom;
+    if (!layers || !diff_ids) goto oom;
     if (base_history) {
         history = json_new_array();
-        if (!history)
-            goto oom;
+        if (!history) goto oom;
         /* Without "base", the base's empty_layer entries (its ENV, CMD,
          * LABEL...) still describe the config, so they stay, first. */
         if (base_at == SIZE_MAX)
@@ -403,35 +364,29 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
              * alignment with the base layers was. */
             if (history)
                 for (size_t k = 0; k < base_history->count; k++)
-                    if (push(history, json_clone(base_history->items[k])) != 0)
-                        goto oom;
+                    if (push(history, json_clone(base_history->items[k])) != 0) goto oom;
             continue;
         }
         if (push(layers, added_descriptor(l, manifest_mt, order)) != 0 ||
             push(diff_ids, json_new_string(l->diff_id)) != 0)
             goto oom;
-        if (history && push(history, added_history(l, created)) != 0)
-            goto oom;
+        if (history && push(history, added_history(l, created)) != 0) goto oom;
     }
 
     /* Clones with the three members replaced in place. */
     man = json_clone(base_manifest);
     cfg = json_clone(base_config);
-    if (!man || !cfg)
-        goto oom;
+    if (!man || !cfg) goto oom;
     int rc = json_object_set(man, "layers", layers);
     layers = NULL;
-    if (rc != 0)
-        goto oom;
+    if (rc != 0) goto oom;
     rc = json_object_set(json_object_get(cfg, "rootfs"), "diff_ids", diff_ids);
     diff_ids = NULL;
-    if (rc != 0)
-        goto oom;
+    if (rc != 0) goto oom;
     if (history) {
         rc = json_object_set(cfg, "history", history);
         history = NULL;
-        if (rc != 0)
-            goto oom;
+        if (rc != 0) goto oom;
     }
     *out_manifest = man;
     *out_config = cfg;
@@ -448,17 +403,14 @@ oom:
 
 int image_finish(json_value *manifest, const json_value *config, char **config_bytes, size_t *config_len,
                  char config_digest[80], char **manifest_bytes, size_t *manifest_len, char manifest_digest[80],
-                 char *err, size_t errlen)
-{
+                 char *err, size_t errlen) {
     char *cb = NULL, *mb = NULL;
     size_t cl = 0, ml = 0;
     char cd[DIGEST_STRING_LEN], md[DIGEST_STRING_LEN];
-    if (config_bytes)
-        *config_bytes = NULL;
-    if (manifest_bytes)
-        *manifest_bytes = NULL;
-    if (!manifest || !config || !config_bytes || !config_len || !config_digest || !manifest_bytes ||
-        !manifest_len || !manifest_digest) {
+    if (config_bytes) *config_bytes = NULL;
+    if (manifest_bytes) *manifest_bytes = NULL;
+    if (!manifest || !config || !config_bytes || !config_len || !config_digest || !manifest_bytes || !manifest_len ||
+        !manifest_digest) {
         seterr(err, errlen, "image_finish: missing argument");
         return -1;
     }
@@ -476,8 +428,7 @@ int image_finish(json_value *manifest, const json_value *config, char **config_b
         return -1;
     }
     cb = json_serialize(config, &cl);
-    if (!cb || digest_bytes(cb, cl, cd) != 0)
-        goto oom;
+    if (!cb || digest_bytes(cb, cl, cd) != 0) goto oom;
     /* The descriptor now names the new config: its digest and size change
      * in place; "urls" and "data" (OCI 1.1 embedded content) would still
      * describe the old config's bytes, so they go. */
@@ -487,8 +438,7 @@ int image_finish(json_value *manifest, const json_value *config, char **config_b
     json_object_remove(desc, "urls");
     json_object_remove(desc, "data");
     mb = json_serialize(manifest, &ml);
-    if (!mb || digest_bytes(mb, ml, md) != 0)
-        goto oom;
+    if (!mb || digest_bytes(mb, ml, md) != 0) goto oom;
     *config_bytes = cb;
     *config_len = cl;
     snprintf(config_digest, 80, "%s", cd);

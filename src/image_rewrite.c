@@ -29,18 +29,15 @@ typedef struct {
     lua_deny deny;
 } rewrite_ctx;
 
-static void set_string(lua_State *L, const char *k, const char *v)
-{
-    if (!v)
-        return;
+static void set_string(lua_State *L, const char *k, const char *v) {
+    if (!v) return;
     lua_pushstring(L, v);
     lua_setfield(L, -2, k);
 }
 
 /* img.layers: the final layers, from the assembled manifest and config,
  * each marked with whether it came from the base. */
-static void push_layers(lua_State *L, const rewrite_ctx *c)
-{
+static void push_layers(lua_State *L, const rewrite_ctx *c) {
     const json_value *layers = json_object_get(c->manifest, "layers");
     const json_value *diff_ids = json_object_get(json_object_get(c->config, "rootfs"), "diff_ids");
     size_t count = layers && layers->type == JSON_ARRAY ? layers->count : 0;
@@ -91,22 +88,18 @@ static void push_layers(lua_State *L, const rewrite_ctx *c)
 }
 
 /* img.<field> (img at idx) as a new tree, kept in *out. */
-static void take_back(lua_State *L, int img, const char *field, json_value **out)
-{
+static void take_back(lua_State *L, int img, const char *field, json_value **out) {
     char root[32], err[512];
     lua_getfield(L, img, field);
-    if (!lua_istable(L, -1))
-        luaL_error(L, "rewrite: img.%s is a %s, expected a table", field, luaL_typename(L, -1));
+    if (!lua_istable(L, -1)) luaL_error(L, "rewrite: img.%s is a %s, expected a table", field, luaL_typename(L, -1));
     snprintf(root, sizeof root, "img.%s", field);
     *out = lua_json_to_tree_named(L, -1, root, err, sizeof err);
-    if (!*out)
-        luaL_error(L, "rewrite: %s", err);
+    if (!*out) luaL_error(L, "rewrite: %s", err);
     lua_pop(L, 1);
 }
 
 /* Protected: (fn, req, ctx) -> nothing; results in ctx. */
-static int rewrite_protected(lua_State *L)
-{
+static int rewrite_protected(lua_State *L) {
     rewrite_ctx *c = lua_touserdata(L, 3);
     lua_settop(L, 2);
     /* Make sure the array metatable exists before img.layers names it. */
@@ -151,26 +144,21 @@ static int rewrite_protected(lua_State *L)
     return 0;
 }
 
-int image_rewrite_run(lua_State *L, int rewrite_fn_index, int req_index, json_value **manifest,
-                      json_value **config, const image_layer *stack, size_t n, lua_deny *denied, char *err,
-                      size_t errlen)
-{
-    if (err && errlen)
-        err[0] = '\0';
+int image_rewrite_run(lua_State *L, int rewrite_fn_index, int req_index, json_value **manifest, json_value **config,
+                      const image_layer *stack, size_t n, lua_deny *denied, char *err, size_t errlen) {
+    if (err && errlen) err[0] = '\0';
     if (!manifest || !*manifest || !config || !*config) {
         snprintf(err, errlen, "rewrite: no manifest or config");
         return -1;
     }
-    if (lua_isnoneornil(L, rewrite_fn_index))
-        return 0;
+    if (lua_isnoneornil(L, rewrite_fn_index)) return 0;
     if (!lua_checkstack(L, 6)) {
         snprintf(err, errlen, "rewrite: Lua stack exhausted");
         return -1;
     }
     int top = lua_gettop(L);
     rewrite_fn_index = lua_absindex(L, rewrite_fn_index);
-    if (req_index)
-        req_index = lua_absindex(L, req_index);
+    if (req_index) req_index = lua_absindex(L, req_index);
 
     rewrite_ctx c = {.manifest = *manifest, .config = *config, .stack = stack, .n = n};
     lua_pushcfunction(L, rewrite_protected);

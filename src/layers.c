@@ -75,8 +75,9 @@ int layer_spec_parse(const json_value *v, const char *base_dir, const char *wher
         snprintf(err, errlen, "%s: a layer is \"base\", a name, or a table with file, image or blob", where);
         return -1;
     }
-    static const char *const allowed[] = {"file", "image", "skip", "blob", "size", "media_type", "diff_id", "urls",
-                                          "upstream", "repository", "platforms", "created_by", "comment", NULL};
+    static const char *const allowed[] = {"file",       "image",      "skip",    "blob",     "size",
+                                          "media_type", "diff_id",    "urls",    "upstream", "repository",
+                                          "platforms",  "created_by", "comment", NULL};
     for (size_t i = 0; i < v->count; i++) {
         bool ok = false;
         for (const char *const *a = allowed; *a; a++)
@@ -189,26 +190,32 @@ char *layer_spec_fingerprint(const layer_spec *s) {
     char buf[8192];
     int n = 0;
     switch (s->kind) {
-    case LAYER_BASE: n = snprintf(buf, sizeof buf, "base"); break;
-    case LAYER_NAMED: n = snprintf(buf, sizeof buf, "name:%s", s->name); break;
-    case LAYER_FILE: {
-        struct stat st;
-        if (stat(s->file, &st) != 0) memset(&st, 0, sizeof st);
-        n = snprintf(buf, sizeof buf, "file:%s:%lld:%lld.%09ld", s->file, (long long)st.st_size,
-                     (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
-        break;
-    }
-    case LAYER_IMAGE: n = snprintf(buf, sizeof buf, "image:%s:%d", s->image, s->skip); break;
-    case LAYER_BLOB:
-        n = snprintf(buf, sizeof buf, "blob:%s:%llu:%s:%s:%s:%s", s->digest, (unsigned long long)s->size,
-                     s->media_type, s->diff_id, s->upstream ? s->upstream : "", s->repository ? s->repository : "");
-        if (s->urls && n > 0 && (size_t)n < sizeof buf) {
-            size_t ul;
-            char *u = json_serialize(s->urls, &ul);
-            if (u) n += snprintf(buf + n, sizeof buf - (size_t)n, ":%s", u);
-            free(u);
+        case LAYER_BASE:
+            n = snprintf(buf, sizeof buf, "base");
+            break;
+        case LAYER_NAMED:
+            n = snprintf(buf, sizeof buf, "name:%s", s->name);
+            break;
+        case LAYER_FILE: {
+            struct stat st;
+            if (stat(s->file, &st) != 0) memset(&st, 0, sizeof st);
+            n = snprintf(buf, sizeof buf, "file:%s:%lld:%lld.%09ld", s->file, (long long)st.st_size,
+                         (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+            break;
         }
-        break;
+        case LAYER_IMAGE:
+            n = snprintf(buf, sizeof buf, "image:%s:%d", s->image, s->skip);
+            break;
+        case LAYER_BLOB:
+            n = snprintf(buf, sizeof buf, "blob:%s:%llu:%s:%s:%s:%s", s->digest, (unsigned long long)s->size,
+                         s->media_type, s->diff_id, s->upstream ? s->upstream : "", s->repository ? s->repository : "");
+            if (s->urls && n > 0 && (size_t)n < sizeof buf) {
+                size_t ul;
+                char *u = json_serialize(s->urls, &ul);
+                if (u) n += snprintf(buf + n, sizeof buf - (size_t)n, ":%s", u);
+                free(u);
+            }
+            break;
     }
     if (n < 0) return NULL;
     size_t used = (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1;
@@ -426,7 +433,8 @@ static int describe_file(store *st, const char *path, file_entry *fe, char *err,
                 int zr = inflate(&zs, Z_NO_FLUSH);
                 if (zr == Z_BUF_ERROR && zs.avail_out == 65536) break; /* needs the next read */
                 if (zr != Z_OK && zr != Z_STREAM_END) {
-                    snprintf(err, errlen, "layer file %s: corrupt gzip data (%s)", path, zs.msg ? zs.msg : "inflate failed");
+                    snprintf(err, errlen, "layer file %s: corrupt gzip data (%s)", path,
+                             zs.msg ? zs.msg : "inflate failed");
                     goto out;
                 }
                 size_t got = 65536 - zs.avail_out;
@@ -639,8 +647,10 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
                         layer_stack *out, fetch_error *e) {
     char up[128], repo[300], ref[200];
     if (parse_image_ref(env->cfg, spec->image, up, sizeof up, repo, sizeof repo, ref, sizeof ref) != 0) {
-        fetch_error_set(e, 500, "UNKNOWN", "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
-                  "configured upstream", spec->image);
+        fetch_error_set(e, 500, "UNKNOWN",
+                        "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
+                        "configured upstream",
+                        spec->image);
         return -1;
     }
     upstream *u = env->find_upstream(env->ud, up);
@@ -693,7 +703,8 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
     }
     const char *cfg_digest = json_object_get_string(json_object_get(man, "config"), "digest");
     int64_t cfg_size = -1; /* the descriptor's size: what the fetch must bring */
-    if (!json_get_int64(json_object_get(json_object_get(man, "config"), "size"), &cfg_size) || cfg_size < 0) cfg_size = -1;
+    if (!json_get_int64(json_object_get(json_object_get(man, "config"), "size"), &cfg_size) || cfg_size < 0)
+        cfg_size = -1;
     json_value *layers = json_object_get(man, "layers");
     if (!cfg_digest || !ref_is_sha256_digest(cfg_digest) || !layers || layers->type != JSON_ARRAY) {
         json_free(man);
@@ -710,7 +721,8 @@ static int image_layers(const layer_env *env, const layer_spec *spec, const char
     free(cfg_bytes);
     json_value *diff_ids = cfg ? json_object_get(json_object_get(cfg, "rootfs"), "diff_ids") : NULL;
     if (!diff_ids || diff_ids->type != JSON_ARRAY || diff_ids->count != layers->count) {
-        fetch_error_set(e, 502, "UNKNOWN", "layer image %s: its config does not list one diff_id per layer", spec->image);
+        fetch_error_set(e, 502, "UNKNOWN", "layer image %s: its config does not list one diff_id per layer",
+                        spec->image);
         json_free(cfg);
         json_free(man);
         return -1;
@@ -761,65 +773,65 @@ static int resolve_one(const layer_env *env, const layer_spec *spec, const char 
                        const char *base_upstream, const char *base_repository, layer_stack *out, fetch_error *e) {
     if (spec->n_platforms && !layers_platform_matches(spec->platforms, spec->n_platforms, platform)) return 0;
     switch (spec->kind) {
-    case LAYER_BASE: {
-        image_layer *it = push_item(out);
-        if (!it) break;
-        it->is_base = true;
-        return 0;
-    }
-    case LAYER_NAMED: {
-        const layer_spec *named = catalog_find(env->cat, spec->name);
-        if (!named) {
-            fetch_error_set(e, 500, "UNKNOWN", "layer \"%s\" is not defined in the config's layers", spec->name);
-            return -1;
+        case LAYER_BASE: {
+            image_layer *it = push_item(out);
+            if (!it) break;
+            it->is_base = true;
+            return 0;
         }
-        if (named->kind == LAYER_NAMED || named->kind == LAYER_BASE) break;
-        return resolve_one(env, named, spec->name, platform, base_upstream, base_repository, out, e);
-    }
-    case LAYER_FILE: {
-        file_entry fe;
-        if (file_layer(env, spec->file, &fe, e) != 0) {
-            char msg[sizeof e->message];
-            snprintf(msg, sizeof msg, "layer %s: %s", label ? label : spec->file, e->message);
-            snprintf(e->message, sizeof e->message, "%s", msg);
-            return -1;
+        case LAYER_NAMED: {
+            const layer_spec *named = catalog_find(env->cat, spec->name);
+            if (!named) {
+                fetch_error_set(e, 500, "UNKNOWN", "layer \"%s\" is not defined in the config's layers", spec->name);
+                return -1;
+            }
+            if (named->kind == LAYER_NAMED || named->kind == LAYER_BASE) break;
+            return resolve_one(env, named, spec->name, platform, base_upstream, base_repository, out, e);
         }
-        image_layer *it = push_item(out);
-        if (!it) break;
-        it->digest = keep_string(out, fe.digest);
-        it->diff_id = keep_string(out, fe.diff_id);
-        it->media_type = fe.media_type;
-        it->size = (uint64_t)fe.size;
-        it->source = "file";
-        it->name = keep_string(out, label ? label : spec->file);
-        it->created_by = keep_string(out, spec->created_by);
-        it->comment = keep_string(out, spec->comment);
-        return it->digest && it->diff_id ? 0 : -1;
-    }
-    case LAYER_IMAGE:
-        return image_layers(env, spec, label, platform, out, e);
-    case LAYER_BLOB: {
-        image_layer *it = push_item(out);
-        if (!it) break;
-        it->digest = keep_string(out, spec->digest);
-        it->diff_id = keep_string(out, spec->diff_id);
-        it->media_type = keep_string(out, spec->media_type);
-        it->size = spec->size;
-        it->source = "blob";
-        it->name = keep_string(out, label ? label : spec->digest);
-        it->created_by = keep_string(out, spec->created_by);
-        it->comment = keep_string(out, spec->comment);
-        if (spec->urls) it->urls = keep_tree(out, json_clone(spec->urls));
-        const char *up = spec->upstream ? spec->upstream : base_upstream;
-        const char *repo = spec->repository ? spec->repository : base_repository;
-        if (!config_find_upstream(env->cfg, up)) {
-            fetch_error_set(e, 500, "UNKNOWN", "layer %s: upstream \"%s\" is not configured", it->name, up);
-            return -1;
+        case LAYER_FILE: {
+            file_entry fe;
+            if (file_layer(env, spec->file, &fe, e) != 0) {
+                char msg[sizeof e->message];
+                snprintf(msg, sizeof msg, "layer %s: %s", label ? label : spec->file, e->message);
+                snprintf(e->message, sizeof e->message, "%s", msg);
+                return -1;
+            }
+            image_layer *it = push_item(out);
+            if (!it) break;
+            it->digest = keep_string(out, fe.digest);
+            it->diff_id = keep_string(out, fe.diff_id);
+            it->media_type = fe.media_type;
+            it->size = (uint64_t)fe.size;
+            it->source = "file";
+            it->name = keep_string(out, label ? label : spec->file);
+            it->created_by = keep_string(out, spec->created_by);
+            it->comment = keep_string(out, spec->comment);
+            return it->digest && it->diff_id ? 0 : -1;
         }
-        it->origin_upstream = keep_string(out, up);
-        it->origin_repository = keep_string(out, repo);
-        return it->origin_upstream && it->origin_repository ? 0 : -1;
-    }
+        case LAYER_IMAGE:
+            return image_layers(env, spec, label, platform, out, e);
+        case LAYER_BLOB: {
+            image_layer *it = push_item(out);
+            if (!it) break;
+            it->digest = keep_string(out, spec->digest);
+            it->diff_id = keep_string(out, spec->diff_id);
+            it->media_type = keep_string(out, spec->media_type);
+            it->size = spec->size;
+            it->source = "blob";
+            it->name = keep_string(out, label ? label : spec->digest);
+            it->created_by = keep_string(out, spec->created_by);
+            it->comment = keep_string(out, spec->comment);
+            if (spec->urls) it->urls = keep_tree(out, json_clone(spec->urls));
+            const char *up = spec->upstream ? spec->upstream : base_upstream;
+            const char *repo = spec->repository ? spec->repository : base_repository;
+            if (!config_find_upstream(env->cfg, up)) {
+                fetch_error_set(e, 500, "UNKNOWN", "layer %s: upstream \"%s\" is not configured", it->name, up);
+                return -1;
+            }
+            it->origin_upstream = keep_string(out, up);
+            it->origin_repository = keep_string(out, repo);
+            return it->origin_upstream && it->origin_repository ? 0 : -1;
+        }
     }
     fetch_error_set(e, 500, "UNKNOWN", "layer %s: out of memory or invalid", label ? label : "?");
     return -1;
@@ -856,8 +868,10 @@ static int key_one(const layer_env *env, const layer_spec *spec, digest_ctx *key
     if (spec->kind == LAYER_IMAGE) {
         char up[128], repo[300], ref[200];
         if (parse_image_ref(env->cfg, spec->image, up, sizeof up, repo, sizeof repo, ref, sizeof ref) != 0) {
-            fetch_error_set(e, 500, "UNKNOWN", "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
-                      "configured upstream", spec->image);
+            fetch_error_set(e, 500, "UNKNOWN",
+                            "layer image \"%s\": not UPSTREAM/repository:tag or @sha256 digest of a "
+                            "configured upstream",
+                            spec->image);
             return -1;
         }
         manifest_env menv = {.st = env->st, .cfg = env->cfg};

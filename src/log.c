@@ -12,9 +12,7 @@ static _Atomic int min_level = LOG_INFO;
 
 void log_set_level(log_level min) { atomic_store_explicit(&min_level, (int)min, memory_order_relaxed); }
 
-static bool below_level(log_level level) {
-    return (int)level < atomic_load_explicit(&min_level, memory_order_relaxed);
-}
+static bool below_level(log_level level) { return (int)level < atomic_load_explicit(&min_level, memory_order_relaxed); }
 
 int log_level_parse(const char *s, log_level *out) {
     static const char *const names[] = {"debug", "info", "warn", "error"};
@@ -75,8 +73,8 @@ void log_fields_always(log_level level, const char *msg, const char *fields) {
     char line[8192];
     size_t n = (size_t)snprintf(line, sizeof line,
                                 "{\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\",\"level\":\"%s\",\"msg\":\"",
-                                tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                                tm.tm_sec, ts.tv_nsec / 1000000, names[level]);
+                                tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                                ts.tv_nsec / 1000000, names[level]);
     n = log_json_escape(line, sizeof line - 8, n, msg);
     line[n++] = '"';
     if (fields && *fields) {

@@ -52,14 +52,12 @@ typedef struct {
     char *manifest_bytes, *config_bytes;
 } scratch;
 
-static void scratch_clear(scratch *s)
-{
+static void scratch_clear(scratch *s) {
     json_free(s->base_manifest);
     json_free(s->base_config);
     json_free(s->manifest);
     json_free(s->config);
-    for (size_t i = 0; i < s->n_owned; i++)
-        json_free(s->owned[i]);
+    for (size_t i = 0; i < s->n_owned; i++) json_free(s->owned[i]);
     free(s->owned);
     free(s->layers);
     free(s->manifest_bytes);
@@ -67,14 +65,12 @@ static void scratch_clear(scratch *s)
     memset(s, 0, sizeof(*s));
 }
 
-static int scratch_gc(lua_State *L)
-{
+static int scratch_gc(lua_State *L) {
     scratch_clear(luaL_checkudata(L, 1, SCRATCH_MT));
     return 0;
 }
 
-static scratch *scratch_new(lua_State *L)
-{
+static scratch *scratch_new(lua_State *L) {
     scratch *s = lua_newuserdatauv(L, sizeof(*s), 0);
     memset(s, 0, sizeof(*s));
     if (luaL_newmetatable(L, SCRATCH_MT)) {
@@ -85,13 +81,12 @@ static scratch *scratch_new(lua_State *L)
     return s;
 }
 
-static const char *const LAYER_KEYS[] = {"media_type", "digest",      "size",       "diff_id", "urls",   "annotations",
-                                         "created_by", "comment",     "source",     "name",    "config", NULL};
+static const char *const LAYER_KEYS[] = {"media_type", "digest",  "size",   "diff_id", "urls",   "annotations",
+                                         "created_by", "comment", "source", "name",    "config", NULL};
 
 /* The string at t[k] (NULL when absent). Raw access, so the string stays
  * anchored in t after the pop. */
-static const char *field_string(lua_State *L, int t, const char *k, lua_Integer i, bool required)
-{
+static const char *field_string(lua_State *L, int t, const char *k, lua_Integer i, bool required) {
     lua_pushstring(L, k);
     int type = lua_rawget(L, t);
     const char *s = NULL;
@@ -106,15 +101,13 @@ static const char *field_string(lua_State *L, int t, const char *k, lua_Integer 
 }
 
 /* Reads stack entry i (a table at t) into l. */
-static void read_layer(lua_State *L, int t, lua_Integer i, scratch *s, image_layer *l)
-{
+static void read_layer(lua_State *L, int t, lua_Integer i, scratch *s, image_layer *l) {
     lua_pushnil(L);
     while (lua_next(L, t) != 0) {
         lua_pop(L, 1);
         bool known = false;
         if (lua_type(L, -1) == LUA_TSTRING)
-            for (const char *const *k = LAYER_KEYS; *k && !known; k++)
-                known = strcmp(lua_tostring(L, -1), *k) == 0;
+            for (const char *const *k = LAYER_KEYS; *k && !known; k++) known = strcmp(lua_tostring(L, -1), *k) == 0;
         if (!known) {
             const char *name = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1);
             luaL_error(L,
@@ -147,8 +140,7 @@ static void read_layer(lua_State *L, int t, lua_Integer i, scratch *s, image_lay
             char root[64], err[512];
             snprintf(root, sizeof root, "stack[%d].%s", (int)i, trees[k]);
             json_value *v = lua_json_to_tree_named(L, -1, root, err, sizeof err);
-            if (!v)
-                luaL_error(L, "regfacade.core: %s", err);
+            if (!v) luaL_error(L, "regfacade.core: %s", err);
             s->owned[s->n_owned++] = v;
             if (k == 0)
                 l->urls = v;
@@ -162,15 +154,13 @@ static void read_layer(lua_State *L, int t, lua_Integer i, scratch *s, image_lay
 }
 
 /* The stack at index idx into s->layers. */
-static void read_stack(lua_State *L, int idx, scratch *s)
-{
+static void read_stack(lua_State *L, int idx, scratch *s) {
     luaL_checktype(L, idx, LUA_TTABLE);
     lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
     if (n > 0) {
         s->layers = calloc((size_t)n, sizeof(*s->layers));
         s->owned = calloc((size_t)n * 3, sizeof(*s->owned));
-        if (!s->layers || !s->owned)
-            luaL_error(L, "regfacade.core: out of memory");
+        if (!s->layers || !s->owned) luaL_error(L, "regfacade.core: out of memory");
     }
     s->n = (size_t)n;
     for (lua_Integer i = 1; i <= n; i++) {
@@ -190,8 +180,7 @@ static void read_stack(lua_State *L, int idx, scratch *s)
     }
 }
 
-const image_layer *lua_core_stack(lua_State *L, int idx, size_t *n)
-{
+const image_layer *lua_core_stack(lua_State *L, int idx, size_t *n) {
     idx = lua_absindex(L, idx);
     scratch *s = scratch_new(L);
     read_stack(L, idx, s);
@@ -199,38 +188,32 @@ const image_layer *lua_core_stack(lua_State *L, int idx, size_t *n)
     return s->layers;
 }
 
-static json_value *parse_arg(lua_State *L, int idx, const char *what)
-{
+static json_value *parse_arg(lua_State *L, int idx, const char *what) {
     size_t len;
     const char *text = luaL_checklstring(L, idx, &len);
     char err[256];
     json_value *v = json_parse(text, len, JSON_DEFAULT_MAX_DEPTH, err, sizeof err);
-    if (!v)
-        luaL_error(L, "regfacade.core: %s: %s", what, err[0] ? err : "out of memory");
+    if (!v) luaL_error(L, "regfacade.core: %s: %s", what, err[0] ? err : "out of memory");
     return v;
 }
 
 /* assemble / assemble_rewrite: arguments 1-3 (and 4, 5 with rewrite). */
-static int assemble(lua_State *L, bool rewrite)
-{
+static int assemble(lua_State *L, bool rewrite) {
     lua_settop(L, rewrite ? 5 : 3);
-    if (rewrite && !lua_isnil(L, 4))
-        luaL_checktype(L, 4, LUA_TFUNCTION);
+    if (rewrite && !lua_isnil(L, 4)) luaL_checktype(L, 4, LUA_TFUNCTION);
     scratch *s = scratch_new(L);
     s->base_manifest = parse_arg(L, 1, "base manifest");
     s->base_config = parse_arg(L, 2, "base config");
     read_stack(L, 3, s);
 
     char err[1024];
-    if (image_assemble(s->base_manifest, s->base_config, s->layers, s->n, &s->manifest, &s->config, err,
-                       sizeof err) != 0)
+    if (image_assemble(s->base_manifest, s->base_config, s->layers, s->n, &s->manifest, &s->config, err, sizeof err) !=
+        0)
         return luaL_error(L, "regfacade.core: %s", err);
     lua_deny denied;
-    int rc = rewrite ? image_rewrite_run(L, 4, 5, &s->manifest, &s->config, s->layers, s->n, &denied, err,
-                                         sizeof err)
-                     : 0;
-    if (rc < 0)
-        return luaL_error(L, "regfacade.core: %s", err);
+    int rc =
+        rewrite ? image_rewrite_run(L, 4, 5, &s->manifest, &s->config, s->layers, s->n, &denied, err, sizeof err) : 0;
+    if (rc < 0) return luaL_error(L, "regfacade.core: %s", err);
     if (rc == 1) {
         /* The rewrite hook refused: nil and the refusal, as data. */
         scratch_clear(s);
@@ -240,8 +223,8 @@ static int assemble(lua_State *L, bool rewrite)
     }
     size_t mlen, clen;
     char mdigest[80], cdigest[80];
-    if (image_finish(s->manifest, s->config, &s->config_bytes, &clen, cdigest, &s->manifest_bytes, &mlen, mdigest,
-                     err, sizeof err) != 0)
+    if (image_finish(s->manifest, s->config, &s->config_bytes, &clen, cdigest, &s->manifest_bytes, &mlen, mdigest, err,
+                     sizeof err) != 0)
         return luaL_error(L, "regfacade.core: %s", err);
     lua_pushlstring(L, s->manifest_bytes, mlen);
     lua_pushlstring(L, s->config_bytes, clen);
@@ -255,19 +238,16 @@ static int l_assemble(lua_State *L) { return assemble(L, false); }
 
 static int l_assemble_rewrite(lua_State *L) { return assemble(L, true); }
 
-static int l_digest(lua_State *L)
-{
+static int l_digest(lua_State *L) {
     size_t len;
     const char *text = luaL_checklstring(L, 1, &len);
     char out[DIGEST_STRING_LEN];
-    if (digest_bytes(text, len, out) != 0)
-        return luaL_error(L, "regfacade.core: digest failed");
+    if (digest_bytes(text, len, out) != 0) return luaL_error(L, "regfacade.core: digest failed");
     lua_pushstring(L, out);
     return 1;
 }
 
-int luaopen_regfacade_core(lua_State *L)
-{
+int luaopen_regfacade_core(lua_State *L) {
     static const luaL_Reg fns[] = {
         {"assemble", l_assemble},
         {"assemble_rewrite", l_assemble_rewrite},

@@ -17,10 +17,14 @@
 
 static const char *default_code(lua_Integer status) {
     switch (status) {
-    case 401: return "UNAUTHORIZED";
-    case 404: return "NAME_UNKNOWN";
-    case 429: return "TOOMANYREQUESTS";
-    default: return "DENIED";
+        case 401:
+            return "UNAUTHORIZED";
+        case 404:
+            return "NAME_UNKNOWN";
+        case 429:
+            return "TOOMANYREQUESTS";
+        default:
+            return "DENIED";
     }
 }
 
@@ -46,8 +50,9 @@ int lua_deny_fill(lua_deny *d, lua_Integer status, const char *code, const char 
         return -1;
     }
     if (challenge && (!*challenge || strlen(challenge) >= sizeof d->challenge - 12 || !header_value_ok(challenge))) {
-        snprintf(err, errlen, "challenge must be a WWW-Authenticate value: not empty, under 500 bytes, no control "
-                              "characters");
+        snprintf(err, errlen,
+                 "challenge must be a WWW-Authenticate value: not empty, under 500 bytes, no control "
+                 "characters");
         return -1;
     }
     if (retry_after != LUA_DENY_NO_RETRY && (retry_after < 0 || retry_after > LUA_DENY_RETRY_MAX)) {
@@ -58,10 +63,14 @@ int lua_deny_fill(lua_deny *d, lua_Integer status, const char *code, const char 
     d->status = (int)status;
     snprintf(d->code, sizeof d->code, "%s", known);
     snprintf(d->message, sizeof d->message, "%s",
-             message ? message : status == 401 ? "authentication required" : "access denied by policy");
+             message         ? message
+             : status == 401 ? "authentication required"
+                             : "access denied by policy");
     /* A 401 without a challenge leaves the client nothing to answer. */
     snprintf(d->challenge, sizeof d->challenge, "%s",
-             challenge ? challenge : status == 401 ? "Basic realm=\"regfacade\"" : "");
+             challenge       ? challenge
+             : status == 401 ? "Basic realm=\"regfacade\""
+                             : "");
     d->retry_after = retry_after == LUA_DENY_NO_RETRY ? -1 : (long)retry_after;
     return 0;
 }
@@ -72,18 +81,22 @@ static int deny_index(lua_State *L) {
     const lua_deny *d = luaL_checkudata(L, 1, DENY_MT);
     const char *k = lua_tostring(L, 2);
     if (!k || lua_type(L, 2) != LUA_TSTRING) return 0;
-    if (strcmp(k, "status") == 0) lua_pushinteger(L, d->status);
-    else if (strcmp(k, "code") == 0) lua_pushstring(L, d->code);
-    else if (strcmp(k, "message") == 0) lua_pushstring(L, d->message);
-    else if (strcmp(k, "challenge") == 0 && d->challenge[0]) lua_pushstring(L, d->challenge);
-    else if (strcmp(k, "retry_after") == 0 && d->retry_after >= 0) lua_pushinteger(L, d->retry_after);
-    else return 0;
+    if (strcmp(k, "status") == 0)
+        lua_pushinteger(L, d->status);
+    else if (strcmp(k, "code") == 0)
+        lua_pushstring(L, d->code);
+    else if (strcmp(k, "message") == 0)
+        lua_pushstring(L, d->message);
+    else if (strcmp(k, "challenge") == 0 && d->challenge[0])
+        lua_pushstring(L, d->challenge);
+    else if (strcmp(k, "retry_after") == 0 && d->retry_after >= 0)
+        lua_pushinteger(L, d->retry_after);
+    else
+        return 0;
     return 1;
 }
 
-static int deny_newindex(lua_State *L) {
-    return luaL_error(L, "a regfacade.deny value is read-only (make a new one)");
-}
+static int deny_newindex(lua_State *L) { return luaL_error(L, "a regfacade.deny value is read-only (make a new one)"); }
 
 static int deny_tostring(lua_State *L) {
     const lua_deny *d = luaL_checkudata(L, 1, DENY_MT);
@@ -106,8 +119,9 @@ static const char *const OPT_KEYS[] = {"retry_after", "challenge", NULL};
 int lua_deny_new(lua_State *L) {
     char err[600];
     lua_Integer status = 0;
-    if (!lua_isinteger(L, 1)) return luaL_error(L, "regfacade.deny: status must be an integer from 400 to 599, got %s",
-                                                 lua_isnumber(L, 1) ? "a number with a fraction" : luaL_typename(L, 1));
+    if (!lua_isinteger(L, 1))
+        return luaL_error(L, "regfacade.deny: status must be an integer from 400 to 599, got %s",
+                          lua_isnumber(L, 1) ? "a number with a fraction" : luaL_typename(L, 1));
     status = lua_tointeger(L, 1);
     const char *code = luaL_optstring(L, 2, NULL);
     const char *message = luaL_optstring(L, 3, NULL);
@@ -168,13 +182,17 @@ int lua_deny_read(lua_State *L, int idx, int default_status, lua_deny *d, char *
         return 0;
     }
     switch (lua_type(L, idx)) {
-    case LUA_TNIL: case LUA_TNONE: return lua_deny_fill(d, default_status, NULL, NULL, NULL, LUA_DENY_NO_RETRY, err, errlen);
-    case LUA_TSTRING: return lua_deny_fill(d, default_status, NULL, lua_tostring(L, idx), NULL, LUA_DENY_NO_RETRY, err, errlen);
-    case LUA_TTABLE: break;
-    default:
-        snprintf(err, errlen, "a refusal must be regfacade.deny(...), a message or a table, got %s",
-                 luaL_typename(L, idx));
-        return -1;
+        case LUA_TNIL:
+        case LUA_TNONE:
+            return lua_deny_fill(d, default_status, NULL, NULL, NULL, LUA_DENY_NO_RETRY, err, errlen);
+        case LUA_TSTRING:
+            return lua_deny_fill(d, default_status, NULL, lua_tostring(L, idx), NULL, LUA_DENY_NO_RETRY, err, errlen);
+        case LUA_TTABLE:
+            break;
+        default:
+            snprintf(err, errlen, "a refusal must be regfacade.deny(...), a message or a table, got %s",
+                     luaL_typename(L, idx));
+            return -1;
     }
     if (!lua_checkstack(L, 6)) {
         snprintf(err, errlen, "Lua stack full");

@@ -29,14 +29,12 @@
 
 void lua_json_push_null(lua_State *L) { lua_pushlightuserdata(L, NULL); }
 
-bool lua_json_is_null(lua_State *L, int idx)
-{
+bool lua_json_is_null(lua_State *L, int idx) {
     return lua_type(L, idx) == LUA_TLIGHTUSERDATA && lua_touserdata(L, idx) == NULL;
 }
 
 /* Push the shared array metatable, creating it on first use. */
-static void push_array_mt(lua_State *L)
-{
+static void push_array_mt(lua_State *L) {
     if (luaL_newmetatable(L, LUA_JSON_ARRAY_MT)) {
         lua_pushliteral(L, "array");
         lua_setfield(L, -2, "__jsontype");
@@ -45,15 +43,13 @@ static void push_array_mt(lua_State *L)
 
 /* The text the encoder writes for the number at idx (buf >= 40 bytes);
  * false for NaN and infinities. */
-static bool number_text(lua_State *L, int idx, char *buf, size_t len)
-{
+static bool number_text(lua_State *L, int idx, char *buf, size_t len) {
     if (lua_isinteger(L, idx)) {
         snprintf(buf, len, "%lld", (long long)lua_tointeger(L, idx));
         return true;
     }
     double d = (double)lua_tonumber(L, idx);
-    if (!isfinite(d))
-        return false;
+    if (!isfinite(d)) return false;
     /* Integral and inside int64: an integer, for Go decoders (see header). */
     if (d == floor(d) && d >= -9223372036854775808.0 && d < 9223372036854775808.0) {
         snprintf(buf, len, "%lld", (long long)d);
@@ -61,8 +57,7 @@ static bool number_text(lua_State *L, int idx, char *buf, size_t len)
     }
     for (int prec = 1; prec <= 17; prec++) {
         snprintf(buf, len, "%.*g", prec, d);
-        if (strtod(buf, NULL) == d)
-            break;
+        if (strtod(buf, NULL) == d) break;
     }
     for (char *p = buf; *p; p++)
         if (*p == ',') /* a locale's decimal comma */
@@ -77,8 +72,7 @@ typedef struct {
     char *text;
 } box;
 
-static int box_gc(lua_State *L)
-{
+static int box_gc(lua_State *L) {
     box *b = luaL_checkudata(L, 1, BOX_MT);
     json_free(b->tree);
     free(b->text);
@@ -87,8 +81,7 @@ static int box_gc(lua_State *L)
     return 0;
 }
 
-static box *new_box(lua_State *L)
-{
+static box *new_box(lua_State *L) {
     box *b = lua_newuserdatauv(L, sizeof(*b), 0);
     b->tree = NULL;
     b->text = NULL;
@@ -107,11 +100,9 @@ static int push_value(lua_State *L, const json_value *v, int depth);
 
 /* Pushes the Lua number of a JSON number; *canonical tells whether the
  * encoder would write the same text back. */
-static void push_number(lua_State *L, const json_value *v, bool *canonical)
-{
+static void push_number(lua_State *L, const json_value *v, bool *canonical) {
     const char *text = v->str ? v->str : "0";
-    if (lua_stringtonumber(L, text) == 0)
-        lua_pushnumber(L, (lua_Number)strtod(text, NULL));
+    if (lua_stringtonumber(L, text) == 0) lua_pushnumber(L, (lua_Number)strtod(text, NULL));
     char buf[64];
     *canonical = number_text(L, -1, buf, sizeof buf) && strcmp(buf, text) == 0;
 }
@@ -119,10 +110,8 @@ static void push_number(lua_State *L, const json_value *v, bool *canonical)
 /* Pushes item; when it is a number whose text is not canonical, records
  * the text under key (at key_idx) in the table at nums_idx, creating that
  * table when it is still nil. */
-static int push_item(lua_State *L, const json_value *item, int depth, int nums_idx, int key_idx)
-{
-    if (item->type != JSON_NUMBER)
-        return push_value(L, item, depth);
+static int push_item(lua_State *L, const json_value *item, int depth, int nums_idx, int key_idx) {
+    if (item->type != JSON_NUMBER) return push_value(L, item, depth);
     bool canonical;
     push_number(L, item, &canonical);
     if (!canonical) {
@@ -137,15 +126,13 @@ static int push_item(lua_State *L, const json_value *item, int depth, int nums_i
     return 0;
 }
 
-static int push_array(lua_State *L, const json_value *v, int depth)
-{
+static int push_array(lua_State *L, const json_value *v, int depth) {
     lua_createtable(L, v->count > INT32_MAX ? 0 : (int)v->count, 0);
     int t = lua_gettop(L);
     lua_pushnil(L); /* t + 1: __jsonnum, when needed */
     for (size_t i = 0; i < v->count; i++) {
         lua_pushinteger(L, (lua_Integer)i + 1);
-        if (push_item(L, v->items[i], depth + 1, t + 1, t + 2) != 0)
-            return -1;
+        if (push_item(L, v->items[i], depth + 1, t + 1, t + 2) != 0) return -1;
         lua_rawset(L, t);
     }
     if (lua_isnil(L, t + 1)) {
@@ -162,8 +149,7 @@ static int push_array(lua_State *L, const json_value *v, int depth)
     return 0;
 }
 
-static int push_object(lua_State *L, const json_value *v, int depth)
-{
+static int push_object(lua_State *L, const json_value *v, int depth) {
     int n = v->count > INT32_MAX ? 0 : (int)v->count;
     lua_createtable(L, 0, n);
     int t = lua_gettop(L);
@@ -171,12 +157,10 @@ static int push_object(lua_State *L, const json_value *v, int depth)
     bool dup = false;
     for (size_t i = 0; i < v->count; i++) {
         lua_pushlstring(L, v->keys[i], v->key_lens[i]);
-        if (lua_rawget(L, t) != LUA_TNIL)
-            dup = true;
+        if (lua_rawget(L, t) != LUA_TNIL) dup = true;
         lua_pop(L, 1);
         lua_pushlstring(L, v->keys[i], v->key_lens[i]);
-        if (push_item(L, v->items[i], depth + 1, t + 1, t + 2) != 0)
-            return -1;
+        if (push_item(L, v->items[i], depth + 1, t + 1, t + 2) != 0) return -1;
         lua_rawset(L, t); /* a duplicated key: the last value wins, as in json_object_get */
     }
     /* __jsonorder: each key once, where its last occurrence stands (as
@@ -223,35 +207,39 @@ static int push_object(lua_State *L, const json_value *v, int depth)
     return 0;
 }
 
-static int push_value(lua_State *L, const json_value *v, int depth)
-{
-    if (!lua_checkstack(L, 8))
-        return -1;
+static int push_value(lua_State *L, const json_value *v, int depth) {
+    if (!lua_checkstack(L, 8)) return -1;
     if (!v) {
         lua_json_push_null(L);
         return 0;
     }
     switch (v->type) {
-    case JSON_NULL: lua_json_push_null(L); return 0;
-    case JSON_TRUE: lua_pushboolean(L, 1); return 0;
-    case JSON_FALSE: lua_pushboolean(L, 0); return 0;
-    case JSON_STRING: lua_pushlstring(L, v->str ? v->str : "", v->str ? v->len : 0); return 0;
-    case JSON_NUMBER: {
-        bool canonical;
-        push_number(L, v, &canonical); /* a bare number: nowhere to record its text */
-        return 0;
-    }
-    case JSON_ARRAY:
-    case JSON_OBJECT:
-        if (depth >= LUA_JSON_MAX_DEPTH)
-            return -1;
-        return v->type == JSON_ARRAY ? push_array(L, v, depth) : push_object(L, v, depth);
+        case JSON_NULL:
+            lua_json_push_null(L);
+            return 0;
+        case JSON_TRUE:
+            lua_pushboolean(L, 1);
+            return 0;
+        case JSON_FALSE:
+            lua_pushboolean(L, 0);
+            return 0;
+        case JSON_STRING:
+            lua_pushlstring(L, v->str ? v->str : "", v->str ? v->len : 0);
+            return 0;
+        case JSON_NUMBER: {
+            bool canonical;
+            push_number(L, v, &canonical); /* a bare number: nowhere to record its text */
+            return 0;
+        }
+        case JSON_ARRAY:
+        case JSON_OBJECT:
+            if (depth >= LUA_JSON_MAX_DEPTH) return -1;
+            return v->type == JSON_ARRAY ? push_array(L, v, depth) : push_object(L, v, depth);
     }
     return -1;
 }
 
-int lua_json_push(lua_State *L, const json_value *v)
-{
+int lua_json_push(lua_State *L, const json_value *v) {
     int top = lua_gettop(L);
     if (push_value(L, v, 0) != 0) {
         lua_settop(L, top);
@@ -265,7 +253,7 @@ int lua_json_push(lua_State *L, const json_value *v)
 
 typedef struct {
     lua_State *L;
-    int k_type, k_order, k_num; /* stack slots holding "__jsontype", ... */
+    int k_type, k_order, k_num;               /* stack slots holding "__jsontype", ... */
     const void *seen[LUA_JSON_MAX_DEPTH + 1]; /* the tables being encoded, by depth */
     char path[PATH_MAX_LEN + 16];
     size_t plen;
@@ -274,10 +262,8 @@ typedef struct {
 } enc;
 
 static json_value *enc_fail(enc *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static json_value *enc_fail(enc *e, const char *fmt, ...)
-{
-    if (!e->err || !e->errlen)
-        return NULL;
+static json_value *enc_fail(enc *e, const char *fmt, ...) {
+    if (!e->err || !e->errlen) return NULL;
     char msg[256];
     va_list ap;
     va_start(ap, fmt);
@@ -288,23 +274,19 @@ static json_value *enc_fail(enc *e, const char *fmt, ...)
 }
 
 /* Path segments; path_mark/path_reset put it back. */
-static void path_index(enc *e, lua_Integer i)
-{
+static void path_index(enc *e, lua_Integer i) {
     if (e->plen < PATH_MAX_LEN) {
         int k = snprintf(e->path + e->plen, sizeof e->path - e->plen, "[%lld]", (long long)i);
-        if (k > 0)
-            e->plen += (size_t)k < sizeof e->path - e->plen ? (size_t)k : sizeof e->path - e->plen - 1;
+        if (k > 0) e->plen += (size_t)k < sizeof e->path - e->plen ? (size_t)k : sizeof e->path - e->plen - 1;
     }
 }
 
-static void path_key(enc *e, const char *k, size_t n)
-{
-    if (e->plen >= PATH_MAX_LEN)
-        return;
+static void path_key(enc *e, const char *k, size_t n) {
+    if (e->plen >= PATH_MAX_LEN) return;
     bool ident = n > 0 && n < 64 && !(k[0] >= '0' && k[0] <= '9');
     for (size_t i = 0; i < n && ident; i++)
-        ident = (k[i] >= 'a' && k[i] <= 'z') || (k[i] >= 'A' && k[i] <= 'Z') || (k[i] >= '0' && k[i] <= '9') ||
-                k[i] == '_';
+        ident =
+            (k[i] >= 'a' && k[i] <= 'z') || (k[i] >= 'A' && k[i] <= 'Z') || (k[i] >= '0' && k[i] <= '9') || k[i] == '_';
     int w;
     size_t room = sizeof e->path - e->plen;
     if (ident) {
@@ -322,12 +304,10 @@ static void path_key(enc *e, const char *k, size_t n)
         }
         w = snprintf(e->path + e->plen, room, "[\"%.*s\"]", (int)m, shown);
     }
-    if (w > 0)
-        e->plen += (size_t)w < room ? (size_t)w : room - 1;
+    if (w > 0) e->plen += (size_t)w < room ? (size_t)w : room - 1;
 }
 
-static void path_reset(enc *e, size_t mark)
-{
+static void path_reset(enc *e, size_t mark) {
     e->plen = mark;
     e->path[mark] = '\0';
 }
@@ -337,8 +317,7 @@ static json_value *enc_value(enc *e, int idx, int depth, const char *numtext);
 /* The recorded source text for the number in a container slot: key at -1
  * on the stack is consumed. NULL when there is none. The text stays alive:
  * the nums table holds it. */
-static const char *recorded_text(enc *e, int nums_idx)
-{
+static const char *recorded_text(enc *e, int nums_idx) {
     lua_State *L = e->L;
     if (!lua_istable(L, nums_idx)) {
         lua_pop(L, 1);
@@ -351,8 +330,7 @@ static const char *recorded_text(enc *e, int nums_idx)
 }
 
 /* "key 3 (a number)", "a key of type boolean" for the key at idx. */
-static void key_describe(lua_State *L, int idx, char *buf, size_t len)
-{
+static void key_describe(lua_State *L, int idx, char *buf, size_t len) {
     if (lua_isinteger(L, idx))
         snprintf(buf, len, "key %lld (a number)", (long long)lua_tointeger(L, idx));
     else if (lua_type(L, idx) == LUA_TNUMBER)
@@ -370,49 +348,38 @@ typedef struct {
     json_value *v;
 } entry;
 
-static int bytes_cmp(const char *a, size_t al, const char *b, size_t bl)
-{
+static int bytes_cmp(const char *a, size_t al, const char *b, size_t bl) {
     int c = memcmp(a, b, al < bl ? al : bl);
     return c ? c : (al > bl) - (al < bl);
 }
 
-static int entry_by_text(const void *pa, const void *pb)
-{
+static int entry_by_text(const void *pa, const void *pb) {
     const entry *a = pa, *b = pb;
     int c = bytes_cmp(a->s, a->len, b->s, b->len);
     return c ? c : (a->rank > b->rank) - (a->rank < b->rank);
 }
 
-static int entry_by_rank(const void *pa, const void *pb)
-{
+static int entry_by_rank(const void *pa, const void *pb) {
     const entry *a = pa, *b = pb;
-    if (a->rank != b->rank)
-        return a->rank < b->rank ? -1 : 1;
+    if (a->rank != b->rank) return a->rank < b->rank ? -1 : 1;
     return bytes_cmp(a->s, a->len, b->s, b->len);
 }
 
-static void free_entries(entry *es, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        json_free(es[i].v);
+static void free_entries(entry *es, size_t n) {
+    for (size_t i = 0; i < n; i++) json_free(es[i].v);
     free(es);
 }
 
 /* Ranks each entry by the first position of its key in the order table at
  * order_idx (not a table: all unlisted). 0, or -1 out of memory. */
-static int rank_entries(enc *e, int order_idx, entry *es, size_t n)
-{
+static int rank_entries(enc *e, int order_idx, entry *es, size_t n) {
     lua_State *L = e->L;
-    for (size_t i = 0; i < n; i++)
-        es[i].rank = SIZE_MAX;
-    if (!lua_istable(L, order_idx) || n == 0)
-        return 0;
+    for (size_t i = 0; i < n; i++) es[i].rank = SIZE_MAX;
+    if (!lua_istable(L, order_idx) || n == 0) return 0;
     size_t m = (size_t)lua_rawlen(L, order_idx);
-    if (m == 0)
-        return 0;
+    if (m == 0) return 0;
     entry *ord = malloc(m * sizeof(*ord));
-    if (!ord)
-        return -1;
+    if (!ord) return -1;
     size_t k = 0;
     for (size_t i = 0; i < m; i++) {
         lua_rawgeti(L, order_idx, (lua_Integer)i + 1);
@@ -434,15 +401,13 @@ static int rank_entries(enc *e, int order_idx, entry *es, size_t n)
             else
                 hi = mid;
         }
-        if (lo < k && bytes_cmp(ord[lo].s, ord[lo].len, es[i].s, es[i].len) == 0)
-            es[i].rank = ord[lo].rank;
+        if (lo < k && bytes_cmp(ord[lo].s, ord[lo].len, es[i].s, es[i].len) == 0) es[i].rank = ord[lo].rank;
     }
     free(ord);
     return 0;
 }
 
-static json_value *enc_array(enc *e, int idx, int depth, size_t n, int nums_idx)
-{
+static json_value *enc_array(enc *e, int idx, int depth, size_t n, int nums_idx) {
     lua_State *L = e->L;
     json_value *arr = json_new_array();
     if (!arr || (n && !(arr->items = malloc(n * sizeof(*arr->items))))) {
@@ -468,12 +433,10 @@ static json_value *enc_array(enc *e, int idx, int depth, size_t n, int nums_idx)
     return arr;
 }
 
-static json_value *enc_object(enc *e, int idx, int depth, size_t n, int nums_idx, int order_idx)
-{
+static json_value *enc_object(enc *e, int idx, int depth, size_t n, int nums_idx, int order_idx) {
     lua_State *L = e->L;
     entry *es = n ? calloc(n, sizeof(*es)) : NULL;
-    if (n && !es)
-        return enc_fail(e, "out of memory");
+    if (n && !es) return enc_fail(e, "out of memory");
     size_t k = 0, mark = e->plen;
     lua_pushnil(L);
     while (lua_next(L, idx) != 0) {
@@ -482,8 +445,10 @@ static json_value *enc_object(enc *e, int idx, int depth, size_t n, int nums_idx
             char what[80];
             key_describe(L, kidx, what, sizeof what);
             free_entries(es, k);
-            return enc_fail(e, "%s in an object (object keys must be strings; a table is an array only when its "
-                            "keys are exactly 1..n)", what);
+            return enc_fail(e,
+                            "%s in an object (object keys must be strings; a table is an array only when its "
+                            "keys are exactly 1..n)",
+                            what);
         }
         es[k].s = lua_tolstring(L, kidx, &es[k].len); /* anchored by the table */
         lua_pushvalue(L, kidx);
@@ -502,25 +467,21 @@ static json_value *enc_object(enc *e, int idx, int depth, size_t n, int nums_idx
         free_entries(es, k);
         return enc_fail(e, "out of memory");
     }
-    if (k > 1)
-        qsort(es, k, sizeof(*es), entry_by_rank);
+    if (k > 1) qsort(es, k, sizeof(*es), entry_by_rank);
     json_value *obj = json_new_object();
-    if (!obj)
-        goto oom;
+    if (!obj) goto oom;
     if (k) {
         obj->items = malloc(k * sizeof(*obj->items));
         obj->keys = malloc(k * sizeof(*obj->keys));
         obj->key_lens = malloc(k * sizeof(*obj->key_lens));
-        if (!obj->items || !obj->keys || !obj->key_lens)
-            goto oom;
+        if (!obj->items || !obj->keys || !obj->key_lens) goto oom;
         obj->cap = k;
     }
     /* Keys of a Lua table are distinct: fill the object directly rather
      * than through json_object_set's per-key search. */
     for (size_t i = 0; i < k; i++) {
         char *key = malloc(es[i].len + 1);
-        if (!key)
-            goto oom;
+        if (!key) goto oom;
         memcpy(key, es[i].s, es[i].len);
         key[es[i].len] = '\0';
         obj->keys[i] = key;
@@ -537,24 +498,19 @@ oom:
     return enc_fail(e, "out of memory");
 }
 
-static json_value *enc_table(enc *e, int idx, int depth)
-{
+static json_value *enc_table(enc *e, int idx, int depth) {
     lua_State *L = e->L;
-    if (depth >= LUA_JSON_MAX_DEPTH)
-        return enc_fail(e, "nesting deeper than %d", LUA_JSON_MAX_DEPTH);
+    if (depth >= LUA_JSON_MAX_DEPTH) return enc_fail(e, "nesting deeper than %d", LUA_JSON_MAX_DEPTH);
     const void *p = lua_topointer(L, idx);
     for (int d = 0; d < depth; d++)
-        if (e->seen[d] == p)
-            return enc_fail(e, "a table that contains itself (a cycle)");
+        if (e->seen[d] == p) return enc_fail(e, "a table that contains itself (a cycle)");
     e->seen[depth] = p;
-    if (!lua_checkstack(L, 12))
-        return enc_fail(e, "Lua stack exhausted");
+    if (!lua_checkstack(L, 12)) return enc_fail(e, "Lua stack exhausted");
     int top = lua_gettop(L);
 
     /* top+1: metatable or nil; top+2: __jsonnum; top+3: __jsonorder. */
     enum { PLAIN, ARRAY, OBJECT } kind = PLAIN;
-    if (!lua_getmetatable(L, idx))
-        lua_pushnil(L);
+    if (!lua_getmetatable(L, idx)) lua_pushnil(L);
     int mt = top + 1;
     if (lua_istable(L, mt)) {
         lua_pushvalue(L, e->k_type);
@@ -581,8 +537,7 @@ static json_value *enc_table(enc *e, int idx, int depth)
     while (lua_next(L, idx) != 0) {
         n++;
         if (!lua_isinteger(L, -2) || lua_tointeger(L, -2) < 1) {
-            if (seq)
-                key_describe(L, -2, bad, sizeof bad);
+            if (seq) key_describe(L, -2, bad, sizeof bad);
             seq = false;
         }
         lua_pop(L, 1);
@@ -604,8 +559,7 @@ static json_value *enc_table(enc *e, int idx, int depth)
     if (kind == ARRAY) {
         if (!seq) {
             lua_settop(L, top);
-            return enc_fail(e, "an array must hold exactly the keys 1..n; this one has %s among %zu entries", bad,
-                            n);
+            return enc_fail(e, "an array must hold exactly the keys 1..n; this one has %s among %zu entries", bad, n);
         }
         out = enc_array(e, idx, depth, n, top + 2);
     } else if (kind == PLAIN && seq && n > 0) {
@@ -617,48 +571,48 @@ static json_value *enc_table(enc *e, int idx, int depth)
     return out;
 }
 
-static json_value *enc_value(enc *e, int idx, int depth, const char *numtext)
-{
+static json_value *enc_value(enc *e, int idx, int depth, const char *numtext) {
     lua_State *L = e->L;
     json_value *v = NULL;
     switch (lua_type(L, idx)) {
-    case LUA_TNIL: return enc_fail(e, "nil cannot be encoded (json.null is JSON null)");
-    case LUA_TBOOLEAN: v = json_new_bool(lua_toboolean(L, idx)); break;
-    case LUA_TSTRING: {
-        size_t n;
-        const char *s = lua_tolstring(L, idx, &n);
-        v = json_new_stringn(s, n);
-        break;
-    }
-    case LUA_TNUMBER: {
-        if (numtext && lua_checkstack(L, 1) && lua_stringtonumber(L, numtext) != 0) {
-            /* the value still is what its source text says: keep the text */
-            bool same = lua_rawequal(L, -1, idx) && lua_isinteger(L, -1) == lua_isinteger(L, idx);
-            lua_pop(L, 1);
-            if (same && (v = json_new_number_text(numtext)) != NULL)
-                break;
+        case LUA_TNIL:
+            return enc_fail(e, "nil cannot be encoded (json.null is JSON null)");
+        case LUA_TBOOLEAN:
+            v = json_new_bool(lua_toboolean(L, idx));
+            break;
+        case LUA_TSTRING: {
+            size_t n;
+            const char *s = lua_tolstring(L, idx, &n);
+            v = json_new_stringn(s, n);
+            break;
         }
-        char buf[64];
-        if (!number_text(L, idx, buf, sizeof buf))
-            return enc_fail(e, "NaN or infinity cannot be encoded");
-        v = json_new_number_text(buf);
-        break;
-    }
-    case LUA_TLIGHTUSERDATA:
-        if (lua_touserdata(L, idx) != NULL)
-            return enc_fail(e, "a light userdata other than json.null cannot be encoded");
-        v = json_new_null();
-        break;
-    case LUA_TTABLE: return enc_table(e, idx, depth);
-    default: return enc_fail(e, "a %s cannot be encoded", luaL_typename(L, idx));
+        case LUA_TNUMBER: {
+            if (numtext && lua_checkstack(L, 1) && lua_stringtonumber(L, numtext) != 0) {
+                /* the value still is what its source text says: keep the text */
+                bool same = lua_rawequal(L, -1, idx) && lua_isinteger(L, -1) == lua_isinteger(L, idx);
+                lua_pop(L, 1);
+                if (same && (v = json_new_number_text(numtext)) != NULL) break;
+            }
+            char buf[64];
+            if (!number_text(L, idx, buf, sizeof buf)) return enc_fail(e, "NaN or infinity cannot be encoded");
+            v = json_new_number_text(buf);
+            break;
+        }
+        case LUA_TLIGHTUSERDATA:
+            if (lua_touserdata(L, idx) != NULL)
+                return enc_fail(e, "a light userdata other than json.null cannot be encoded");
+            v = json_new_null();
+            break;
+        case LUA_TTABLE:
+            return enc_table(e, idx, depth);
+        default:
+            return enc_fail(e, "a %s cannot be encoded", luaL_typename(L, idx));
     }
     return v ? v : enc_fail(e, "out of memory");
 }
 
-json_value *lua_json_to_tree_named(lua_State *L, int idx, const char *root, char *err, size_t errlen)
-{
-    if (err && errlen)
-        err[0] = '\0';
+json_value *lua_json_to_tree_named(lua_State *L, int idx, const char *root, char *err, size_t errlen) {
+    if (err && errlen) err[0] = '\0';
     enc e;
     memset(&e, 0, sizeof e);
     e.L = L;
@@ -668,8 +622,7 @@ json_value *lua_json_to_tree_named(lua_State *L, int idx, const char *root, char
     e.plen = strlen(e.path);
     idx = lua_absindex(L, idx);
     int top = lua_gettop(L);
-    if (!lua_checkstack(L, 4))
-        return enc_fail(&e, "Lua stack exhausted");
+    if (!lua_checkstack(L, 4)) return enc_fail(&e, "Lua stack exhausted");
     lua_pushliteral(L, "__jsontype");
     lua_pushliteral(L, "__jsonorder");
     lua_pushliteral(L, "__jsonnum");
@@ -681,45 +634,38 @@ json_value *lua_json_to_tree_named(lua_State *L, int idx, const char *root, char
     return v;
 }
 
-json_value *lua_json_to_tree(lua_State *L, int idx, char *err, size_t errlen)
-{
+json_value *lua_json_to_tree(lua_State *L, int idx, char *err, size_t errlen) {
     return lua_json_to_tree_named(L, idx, "$", err, errlen);
 }
 
 /* ------------------------------------------------------------------------ */
 /* The module                                                               */
 
-static int l_decode(lua_State *L)
-{
+static int l_decode(lua_State *L) {
     size_t len;
     const char *text = luaL_checklstring(L, 1, &len);
     box *b = new_box(L);
     char err[256];
     b->tree = json_parse(text, len, LUA_JSON_MAX_DEPTH, err, sizeof err);
-    if (!b->tree)
-        return luaL_error(L, "json.decode: %s", err[0] ? err : "out of memory");
-    if (lua_json_push(L, b->tree) != 0)
-        return luaL_error(L, "json.decode: nesting deeper than %d", LUA_JSON_MAX_DEPTH);
+    if (!b->tree) return luaL_error(L, "json.decode: %s", err[0] ? err : "out of memory");
+    if (lua_json_push(L, b->tree) != 0) return luaL_error(L, "json.decode: nesting deeper than %d", LUA_JSON_MAX_DEPTH);
     json_free(b->tree);
     b->tree = NULL;
     return 1;
 }
 
-static int l_encode(lua_State *L)
-{
+static int l_encode(lua_State *L) {
     luaL_checkany(L, 1);
     lua_settop(L, 1);
     box *b = new_box(L);
     char err[512];
     b->tree = lua_json_to_tree(L, 1, err, sizeof err);
-    if (!b->tree)
-        return luaL_error(L, "json.encode: %s", err);
+    if (!b->tree) return luaL_error(L, "json.encode: %s", err);
     size_t len;
     b->text = json_serialize(b->tree, &len);
     json_free(b->tree);
     b->tree = NULL;
-    if (!b->text)
-        return luaL_error(L, "json.encode: out of memory");
+    if (!b->text) return luaL_error(L, "json.encode: out of memory");
     lua_pushlstring(L, b->text, len);
     free(b->text);
     b->text = NULL;
@@ -727,8 +673,7 @@ static int l_encode(lua_State *L)
 }
 
 /* json.object([t [, keys]]) */
-static int l_object(lua_State *L)
-{
+static int l_object(lua_State *L) {
     if (lua_isnoneornil(L, 1)) {
         lua_settop(L, 2);
         lua_newtable(L);
@@ -744,8 +689,7 @@ static int l_object(lua_State *L)
         lua_createtable(L, n > INT32_MAX ? 0 : (int)n, 0);
         for (lua_Integer i = 1; i <= n; i++) {
             if (lua_rawgeti(L, 2, i) != LUA_TSTRING)
-                return luaL_error(L, "json.object: keys[%d] is a %s, expected a string", (int)i,
-                                  luaL_typename(L, -1));
+                return luaL_error(L, "json.object: keys[%d] is a %s, expected a string", (int)i, luaL_typename(L, -1));
             lua_rawseti(L, -2, i);
         }
     } else {
@@ -758,8 +702,7 @@ static int l_object(lua_State *L)
 }
 
 /* json.array([t]) */
-static int l_array(lua_State *L)
-{
+static int l_array(lua_State *L) {
     if (lua_isnoneornil(L, 1)) {
         lua_settop(L, 0);
         lua_newtable(L);
@@ -771,14 +714,9 @@ static int l_array(lua_State *L)
     return 1;
 }
 
-int luaopen_regfacade_json(lua_State *L)
-{
+int luaopen_regfacade_json(lua_State *L) {
     static const luaL_Reg fns[] = {
-        {"decode", l_decode},
-        {"encode", l_encode},
-        {"object", l_object},
-        {"array", l_array},
-        {NULL, NULL},
+        {"decode", l_decode}, {"encode", l_encode}, {"object", l_object}, {"array", l_array}, {NULL, NULL},
     };
     luaL_newlib(L, fns);
     lua_json_push_null(L);

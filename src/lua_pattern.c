@@ -29,7 +29,7 @@ typedef struct {
     const char *src_init, *src_end, *p_end;
     lua_State *L;
     int depth_left;
-    int level; /* captures open or closed so far */
+    int level;      /* captures open or closed so far */
     unsigned steps; /* not yet handed to the sandbox */
     struct {
         const char *init;
@@ -84,17 +84,38 @@ static const char *class_end(mstate *ms, const char *p) {
 static int class_matches(int c, int cl) {
     int r;
     switch (tolower(cl)) {
-    case 'a': r = isalpha(c); break;
-    case 'c': r = iscntrl(c); break;
-    case 'd': r = isdigit(c); break;
-    case 'g': r = isgraph(c); break;
-    case 'l': r = islower(c); break;
-    case 'p': r = ispunct(c); break;
-    case 's': r = isspace(c); break;
-    case 'u': r = isupper(c); break;
-    case 'w': r = isalnum(c); break;
-    case 'x': r = isxdigit(c); break;
-    default: return cl == c;
+        case 'a':
+            r = isalpha(c);
+            break;
+        case 'c':
+            r = iscntrl(c);
+            break;
+        case 'd':
+            r = isdigit(c);
+            break;
+        case 'g':
+            r = isgraph(c);
+            break;
+        case 'l':
+            r = islower(c);
+            break;
+        case 'p':
+            r = ispunct(c);
+            break;
+        case 's':
+            r = isspace(c);
+            break;
+        case 'u':
+            r = isupper(c);
+            break;
+        case 'w':
+            r = isalnum(c);
+            break;
+        case 'x':
+            r = isxdigit(c);
+            break;
+        default:
+            return cl == c;
     }
     return isupper(cl) ? !r : r != 0;
 }
@@ -124,10 +145,14 @@ static int single_matches(mstate *ms, const char *s, const char *p, const char *
     if (s >= ms->src_end) return 0;
     int c = uc(*s);
     switch (*p) {
-    case '.': return 1;
-    case ESC: return class_matches(c, uc(p[1]));
-    case '[': return set_matches(c, p, ep - 1);
-    default: return uc(*p) == c;
+        case '.':
+            return 1;
+        case ESC:
+            return class_matches(c, uc(p[1]));
+        case '[':
+            return set_matches(c, p, ep - 1);
+        default:
+            return uc(*p) == c;
     }
 }
 
@@ -436,8 +461,10 @@ static void replace_string(mstate *ms, luaL_Buffer *b, const char *s, const char
         } else if (isdigit(uc(c))) {
             const char *cap;
             ptrdiff_t n = capture_get(ms, c - '1', s, e, &cap);
-            if (n == CAP_POSITION) luaL_addvalue(b); /* the position capture_get pushed */
-            else luaL_addlstring(b, cap, (size_t)n);
+            if (n == CAP_POSITION)
+                luaL_addvalue(b); /* the position capture_get pushed */
+            else
+                luaL_addlstring(b, cap, (size_t)n);
         } else {
             luaL_error(L, "invalid use of '%c' in replacement string", ESC);
         }

@@ -224,8 +224,10 @@ static int request_gc(lua_State *L) {
 static const char *field(lua_State *L, int t, const char *k) {
     lua_getfield(L, t, k);
     const char *s = NULL;
-    if (lua_type(L, -1) == LUA_TSTRING) s = lua_tostring(L, -1);
-    else if (!lua_isnil(L, -1)) luaL_error(L, "regfacade.policy: req.%s must be a string, got %s", k, luaL_typename(L, -1));
+    if (lua_type(L, -1) == LUA_TSTRING)
+        s = lua_tostring(L, -1);
+    else if (!lua_isnil(L, -1))
+        luaL_error(L, "regfacade.policy: req.%s must be a string, got %s", k, luaL_typename(L, -1));
     lua_pop(L, 1);
     return s;
 }
@@ -308,8 +310,10 @@ static request_box *read_request(lua_State *L, int idx) {
 static void write_back(lua_State *L, int req, const request_box *b) {
     if (!b->state.ctx || lua_json_push(L, b->state.ctx) != 0) lua_newtable(L);
     lua_setfield(L, req, "ctx");
-    if (b->state.credentials[0]) lua_pushstring(L, b->state.credentials);
-    else lua_pushnil(L);
+    if (b->state.credentials[0])
+        lua_pushstring(L, b->state.credentials);
+    else
+        lua_pushnil(L);
     lua_setfield(L, req, "credentials");
 }
 
@@ -482,7 +486,7 @@ static int l_assemble(lua_State *L) {
     size_t mlen, clen;
     const char *mtext = luaL_checklstring(L, 3, &mlen);
     const char *ctext = luaL_checklstring(L, 4, &clen);
-    request_box *b = read_request(L, 2); /* 6 */
+    request_box *b = read_request(L, 2);              /* 6 */
     assembly *a = lua_newuserdatauv(L, sizeof *a, 0); /* 7 */
     memset(a, 0, sizeof *a);
     if (luaL_newmetatable(L, ASSEMBLY_MT)) {
@@ -557,10 +561,9 @@ static int l_log(lua_State *L) {
 }
 
 int luaopen_regfacade_policy(lua_State *L) {
-    static const luaL_Reg methods[] = {{"authorize", l_authorize}, {"spec", l_spec},
-                                       {"resolve", l_resolve},     {"assemble", l_assemble},
-                                       {"log", l_log},             {"close", l_close},
-                                       {NULL, NULL}};
+    static const luaL_Reg methods[] = {
+        {"authorize", l_authorize}, {"spec", l_spec}, {"resolve", l_resolve}, {"assemble", l_assemble}, {"log", l_log},
+        {"close", l_close},         {NULL, NULL}};
     if (luaL_newmetatable(L, POLICY_MT)) {
         luaL_newlib(L, methods);
         lua_setfield(L, -2, "__index");

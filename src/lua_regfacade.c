@@ -26,31 +26,41 @@ static void push_plain(lua_State *L, const json_value *v, int depth) {
         return;
     }
     switch (v->type) {
-    case JSON_NULL: lua_json_push_null(L); break;
-    case JSON_TRUE: lua_pushboolean(L, 1); break;
-    case JSON_FALSE: lua_pushboolean(L, 0); break;
-    case JSON_NUMBER: {
-        int64_t i;
-        if (json_get_int64(v, &i)) lua_pushinteger(L, (lua_Integer)i);
-        else lua_pushnumber(L, strtod(v->str, NULL));
-        break;
-    }
-    case JSON_STRING: lua_pushlstring(L, v->str, v->len); break;
-    case JSON_ARRAY:
-        lua_createtable(L, (int)v->count, 0);
-        for (size_t i = 0; i < v->count; i++) {
-            push_plain(L, v->items[i], depth + 1);
-            lua_rawseti(L, -2, (lua_Integer)i + 1);
+        case JSON_NULL:
+            lua_json_push_null(L);
+            break;
+        case JSON_TRUE:
+            lua_pushboolean(L, 1);
+            break;
+        case JSON_FALSE:
+            lua_pushboolean(L, 0);
+            break;
+        case JSON_NUMBER: {
+            int64_t i;
+            if (json_get_int64(v, &i))
+                lua_pushinteger(L, (lua_Integer)i);
+            else
+                lua_pushnumber(L, strtod(v->str, NULL));
+            break;
         }
-        break;
-    case JSON_OBJECT:
-        lua_createtable(L, 0, (int)v->count);
-        for (size_t i = 0; i < v->count; i++) {
-            lua_pushlstring(L, v->keys[i], v->key_lens[i]);
-            push_plain(L, v->items[i], depth + 1);
-            lua_rawset(L, -3);
-        }
-        break;
+        case JSON_STRING:
+            lua_pushlstring(L, v->str, v->len);
+            break;
+        case JSON_ARRAY:
+            lua_createtable(L, (int)v->count, 0);
+            for (size_t i = 0; i < v->count; i++) {
+                push_plain(L, v->items[i], depth + 1);
+                lua_rawseti(L, -2, (lua_Integer)i + 1);
+            }
+            break;
+        case JSON_OBJECT:
+            lua_createtable(L, 0, (int)v->count);
+            for (size_t i = 0; i < v->count; i++) {
+                lua_pushlstring(L, v->keys[i], v->key_lens[i]);
+                push_plain(L, v->items[i], depth + 1);
+                lua_rawset(L, -3);
+            }
+            break;
     }
 }
 
@@ -62,11 +72,17 @@ static int l_log(lua_State *L) {
     if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "Sl", &ar))
         snprintf(where, sizeof where, "%s:%d", ar.short_src, ar.currentline);
     log_level lv;
-    if (strcmp(level, "error") == 0) lv = LOG_ERROR;
-    else if (strcmp(level, "warn") == 0) lv = LOG_WARN;
-    else if (strcmp(level, "info") == 0) lv = LOG_INFO;
-    else if (strcmp(level, "debug") == 0) lv = LOG_DEBUG;
-    else return luaL_error(L, "regfacade.log: level must be \"debug\", \"info\", \"warn\" or \"error\", got \"%s\"", level);
+    if (strcmp(level, "error") == 0)
+        lv = LOG_ERROR;
+    else if (strcmp(level, "warn") == 0)
+        lv = LOG_WARN;
+    else if (strcmp(level, "info") == 0)
+        lv = LOG_INFO;
+    else if (strcmp(level, "debug") == 0)
+        lv = LOG_DEBUG;
+    else
+        return luaL_error(L, "regfacade.log: level must be \"debug\", \"info\", \"warn\" or \"error\", got \"%s\"",
+                          level);
     log_msg(lv, "policy %s: %s", where, msg);
     return 0;
 }

@@ -19,10 +19,10 @@
 
 /* Registry keys: the addresses of these statics (their values are never
  * used). */
-static const char SB_KEY = 'S';      /* registry[&SB_KEY] = ctx (light userdata): "this is a sandbox" */
-static const char LOADED_KEY = 'L';  /* the sandbox's own package.loaded */
-static const char FROZEN_KEY = 'F';  /* marks a frozen table's metatable */
-static const char NOTED_KEY = 'N';   /* the function lua_sandbox_note_function noted */
+static const char SB_KEY = 'S';     /* registry[&SB_KEY] = ctx (light userdata): "this is a sandbox" */
+static const char LOADED_KEY = 'L'; /* the sandbox's own package.loaded */
+static const char FROZEN_KEY = 'F'; /* marks a frozen table's metatable */
+static const char NOTED_KEY = 'N';  /* the function lua_sandbox_note_function noted */
 
 typedef struct {
     /* allocator */
@@ -37,10 +37,10 @@ typedef struct {
     uint64_t instr;
     lua_sandbox_outcome tripped;
     bool broken;
-    char where[200]; /* the last source position the count hook saw */
+    char where[200];        /* the last source position the count hook saw */
     const char *stack_base; /* an address on the C stack where the running call began */
-    char defined[200]; /* where the function the call runs was defined */
-    void *user[2];     /* lua_sandbox_user */
+    char defined[200];      /* where the function the call runs was defined */
+    void *user[2];          /* lua_sandbox_user */
     /* require and io */
     char *module_dir, *base_dir, *data_dir;
     char **data_files;
@@ -60,12 +60,10 @@ static sb_ctx *sandbox_of(lua_State *L) {
     return c;
 }
 
-static const char *const PHASE_NAMES[SB_PHASE_COUNT] = {"none",    "load",    "self_check", "authorize",
-                                                        "spec",    "resolve", "rewrite",    "log"};
+static const char *const PHASE_NAMES[SB_PHASE_COUNT] = {"none", "load",    "self_check", "authorize",
+                                                        "spec", "resolve", "rewrite",    "log"};
 
-const char *lua_sandbox_phase_name(lua_sandbox_phase p) {
-    return p >= 0 && p < SB_PHASE_COUNT ? PHASE_NAMES[p] : "?";
-}
+const char *lua_sandbox_phase_name(lua_sandbox_phase p) { return p >= 0 && p < SB_PHASE_COUNT ? PHASE_NAMES[p] : "?"; }
 
 /* ---------- allocator ---------- */
 
@@ -121,9 +119,11 @@ static void trip_message(lua_State *L, sb_ctx *c, lua_Debug *ar) {
  * be raised again at the next instruction. ar: where (NULL: unknown). */
 static void trip(lua_State *L, sb_ctx *c, lua_Debug *ar) {
     lua_sethook(L, sb_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
-    if (ar) trip_message(L, c, ar);
-    else lua_pushfstring(L, "policy %s exceeded its %s budget", lua_sandbox_phase_name(c->phase),
-                         c->tripped == SB_INSTRUCTIONS ? "instruction" : "time");
+    if (ar)
+        trip_message(L, c, ar);
+    else
+        lua_pushfstring(L, "policy %s exceeded its %s budget", lua_sandbox_phase_name(c->phase),
+                        c->tripped == SB_INSTRUCTIONS ? "instruction" : "time");
     lua_error(L);
 }
 
@@ -228,7 +228,8 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
     if (c->broken) {
         lua_settop(L, fn - 1);
         first_line(err, errlen, "policy: this Lua state was stopped before and cannot run again");
-        if (trace && tracelen) snprintf(trace, tracelen, "policy: this Lua state was stopped before and cannot run again");
+        if (trace && tracelen)
+            snprintf(trace, tracelen, "policy: this Lua state was stopped before and cannot run again");
         return SB_ERROR;
     }
     if (!lua_checkstack(L, 4)) {
@@ -241,15 +242,22 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
     lua_sandbox_phase outer = c->phase;
     bool was_armed = c->armed;
     char stack_mark; /* where this call's C stack begins (lua_sandbox_check_cstack) */
-    if (!was_armed) arm(c, ph, &stack_mark);
-    else c->phase = ph; /* a nested call (a hook calling back into C calling Lua): same budget */
+    if (!was_armed)
+        arm(c, ph, &stack_mark);
+    else
+        c->phase = ph; /* a nested call (a hook calling back into C calling Lua): same budget */
     int st = lua_pcall(L, nargs, nresults, fn);
     lua_sandbox_outcome out = SB_OK;
-    if (c->tripped != SB_OK) out = c->tripped;
-    else if (st == LUA_ERRMEM) out = SB_MEMORY;
-    else if (st != LUA_OK) out = SB_ERROR;
-    if (!was_armed) disarm(c);
-    else c->phase = outer;
+    if (c->tripped != SB_OK)
+        out = c->tripped;
+    else if (st == LUA_ERRMEM)
+        out = SB_MEMORY;
+    else if (st != LUA_OK)
+        out = SB_ERROR;
+    if (!was_armed)
+        disarm(c);
+    else
+        c->phase = outer;
     if (out == SB_OK) {
         lua_remove(L, fn);
         return SB_OK;
@@ -261,11 +269,15 @@ lua_sandbox_outcome lua_sandbox_call(lua_State *L, lua_sandbox_phase ph, int nar
     if (out == SB_MEMORY) {
         if (!c->where[0]) noted_position(L, c);
         if (c->cap && c->where[0])
-            snprintf(buf, sizeof buf, "%s: policy %s exceeded its memory cap (%zu bytes, policy.memory_bytes) "
-                     "(at or after this line)", c->where, lua_sandbox_phase_name(ph), c->cap);
+            snprintf(buf, sizeof buf,
+                     "%s: policy %s exceeded its memory cap (%zu bytes, policy.memory_bytes) "
+                     "(at or after this line)",
+                     c->where, lua_sandbox_phase_name(ph), c->cap);
         else if (c->cap && c->defined[0])
-            snprintf(buf, sizeof buf, "%s: policy %s exceeded its memory cap (%zu bytes, policy.memory_bytes) "
-                     "(in the function defined at this line)", c->defined, lua_sandbox_phase_name(ph), c->cap);
+            snprintf(buf, sizeof buf,
+                     "%s: policy %s exceeded its memory cap (%zu bytes, policy.memory_bytes) "
+                     "(in the function defined at this line)",
+                     c->defined, lua_sandbox_phase_name(ph), c->cap);
         else if (c->cap)
             snprintf(buf, sizeof buf, "policy %s exceeded its memory cap (%zu bytes, policy.memory_bytes)",
                      lua_sandbox_phase_name(ph), c->cap);
@@ -335,8 +347,10 @@ static int ro_newindex(lua_State *L) {
     bool global = lua_toboolean(L, lua_upvalueindex(1));
     const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : luaL_typename(L, 2);
     if (global)
-        return luaL_error(L, "assignment to global '%s': globals are read-only in a policy (use a local, req.ctx "
-                             "or regfacade.shared)", k);
+        return luaL_error(L,
+                          "assignment to global '%s': globals are read-only in a policy (use a local, req.ctx "
+                          "or regfacade.shared)",
+                          k);
     return luaL_error(L, "attempt to change a read-only table (field '%s')", k);
 }
 
@@ -554,8 +568,10 @@ static int sb_str_rep(lua_State *L) {
     if (n > 0 && c->cap) {
         size_t unit = l + lsep;
         if (unit > 0 && (lua_Unsigned)n > c->cap / unit)
-            return luaL_error(L, "string.rep: a result of about %I x %I bytes is larger than the policy's memory "
-                                 "cap (policy.memory_bytes)", n, (lua_Integer)unit);
+            return luaL_error(L,
+                              "string.rep: a result of about %I x %I bytes is larger than the policy's memory "
+                              "cap (policy.memory_bytes)",
+                              n, (lua_Integer)unit);
     }
     lua_pushvalue(L, lua_upvalueindex(2));
     lua_insert(L, 1);
@@ -568,8 +584,10 @@ static int sb_str_rep(lua_State *L) {
 /* The real path of an allowed data file, or -1 with a message pushed. */
 static int data_path(lua_State *L, sb_ctx *c, const char *path, char real[PATH_MAX]) {
     char full[PATH_MAX];
-    if (path[0] != '/' && c->base_dir) snprintf(full, sizeof full, "%s/%s", c->base_dir, path);
-    else snprintf(full, sizeof full, "%s", path);
+    if (path[0] != '/' && c->base_dir)
+        snprintf(full, sizeof full, "%s/%s", c->base_dir, path);
+    else
+        snprintf(full, sizeof full, "%s", path);
     bool allowed = false;
     if (realpath(full, real)) {
         for (size_t i = 0; i < c->n_data_files && !allowed; i++) allowed = strcmp(real, c->data_files[i]) == 0;
@@ -604,8 +622,7 @@ static int sb_io_open(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     const char *mode = luaL_optstring(L, 2, "r");
     if (strcmp(mode, "r") != 0 && strcmp(mode, "rb") != 0)
-        return luaL_error(L, "io.open: mode \"%s\" is not allowed in a policy (data files are read-only: \"r\")",
-                          mode);
+        return luaL_error(L, "io.open: mode \"%s\" is not allowed in a policy (data files are read-only: \"r\")", mode);
     char real[PATH_MAX];
     if (data_path(L, c, path, real) != 0) {
         luaL_pushfail(L);
@@ -716,8 +733,10 @@ static void cjson_find(void) {
 static int cjson_decode_bounded(lua_State *L) {
     size_t n = 0;
     if (lua_type(L, 1) == LUA_TSTRING && (lua_tolstring(L, 1, &n), n > SB_CJSON_MAX_BYTES)) {
-        lua_pushfstring(L, "cjson.decode: the text is %I bytes, more than the policy sandbox allows (%d; use "
-                           "regfacade.json for large documents)", (lua_Integer)n, SB_CJSON_MAX_BYTES);
+        lua_pushfstring(L,
+                        "cjson.decode: the text is %I bytes, more than the policy sandbox allows (%d; use "
+                        "regfacade.json for large documents)",
+                        (lua_Integer)n, SB_CJSON_MAX_BYTES);
         if (!lua_toboolean(L, lua_upvalueindex(2))) {
             luaL_where(L, 1); /* the policy's file and line first */
             lua_insert(L, -2);
@@ -737,8 +756,10 @@ static int cjson_decode_bounded(lua_State *L) {
 /* upvalues: the module's setter, its name */
 static int cjson_fixed(lua_State *L) {
     if (!lua_isnoneornil(L, 1))
-        return luaL_error(L, "cjson.%s: fixed at %d by the policy sandbox (a deeper document could exhaust the C "
-                             "stack)", lua_tostring(L, lua_upvalueindex(2)), SB_CJSON_MAX_DEPTH);
+        return luaL_error(L,
+                          "cjson.%s: fixed at %d by the policy sandbox (a deeper document could exhaust the C "
+                          "stack)",
+                          lua_tostring(L, lua_upvalueindex(2)), SB_CJSON_MAX_DEPTH);
     lua_settop(L, 0);
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_call(L, 0, LUA_MULTRET);
@@ -853,7 +874,8 @@ static int sb_require(lua_State *L) {
     if (!found)
         return luaL_error(L,
                           "module '%s' not found (a policy may require the regfacade modules, cjson, and NAME.lua "
-                          "files in its own folder)", name);
+                          "files in its own folder)",
+                          name);
     if (lua_isnil(L, -1)) {
         lua_pop(L, 1);
         lua_pushboolean(L, 1);
@@ -900,8 +922,10 @@ static sb_ctx *ctx_new(const lua_sandbox_options *o) {
         for (size_t i = 0; ok && i < o->n_data_files; i++) {
             char full[PATH_MAX];
             const char *p = o->data_files[i];
-            if (p[0] != '/' && o->base_dir) snprintf(full, sizeof full, "%s/%s", o->base_dir, p);
-            else snprintf(full, sizeof full, "%s", p);
+            if (p[0] != '/' && o->base_dir)
+                snprintf(full, sizeof full, "%s/%s", o->base_dir, p);
+            else
+                snprintf(full, sizeof full, "%s", p);
             ok = (c->data_files[i] = dup_real(full)) != NULL;
             c->n_data_files = i + 1;
         }
@@ -921,10 +945,9 @@ static sb_ctx *ctx_new(const lua_sandbox_options *o) {
     return c;
 }
 
-static const char *const BASE_ALLOWED[] = {"assert",   "error",    "ipairs",       "next",   "pairs",
-                                           "pcall",    "xpcall",   "select",       "tonumber", "tostring",
-                                           "type",     "rawequal", "rawget",       "rawlen", "getmetatable",
-                                           "_VERSION", NULL};
+static const char *const BASE_ALLOWED[] = {"assert", "error",  "ipairs",       "next",     "pairs", "pcall",
+                                           "xpcall", "select", "tonumber",     "tostring", "type",  "rawequal",
+                                           "rawget", "rawlen", "getmetatable", "_VERSION", NULL};
 
 /* Runs in protected mode: builds the frozen environment. Upvalue-free;
  * argument 1 is the ctx. */
@@ -935,11 +958,10 @@ static int sb_setup(lua_State *L) {
     lua_newtable(L);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &LOADED_KEY);
 
-    static const luaL_Reg libs[] = {{LUA_GNAME, luaopen_base},        {LUA_COLIBNAME, luaopen_coroutine},
-                                    {LUA_TABLIBNAME, luaopen_table},  {LUA_STRLIBNAME, luaopen_string},
-                                    {LUA_MATHLIBNAME, luaopen_math},  {LUA_UTF8LIBNAME, luaopen_utf8},
-                                    {LUA_OSLIBNAME, luaopen_os},      {LUA_IOLIBNAME, luaopen_io},
-                                    {NULL, NULL}};
+    static const luaL_Reg libs[] = {
+        {LUA_GNAME, luaopen_base},        {LUA_COLIBNAME, luaopen_coroutine}, {LUA_TABLIBNAME, luaopen_table},
+        {LUA_STRLIBNAME, luaopen_string}, {LUA_MATHLIBNAME, luaopen_math},    {LUA_UTF8LIBNAME, luaopen_utf8},
+        {LUA_OSLIBNAME, luaopen_os},      {LUA_IOLIBNAME, luaopen_io},        {NULL, NULL}};
     for (const luaL_Reg *l = libs; l->name; l++) {
         luaL_requiref(L, l->name, l->func, 1);
         lua_pop(L, 1);
@@ -1049,8 +1071,9 @@ lua_State *lua_sandbox_new(const lua_sandbox_options *o, char *err, size_t errle
     /* cjson is part of what a policy gets: without it nothing starts. */
     pthread_once(&cjson_once, cjson_find);
     if (!cjson_open || !cjson_safe_open) {
-        snprintf(err, errlen, "policy: lua-cjson is not installed: the policy sandbox provides `require \"cjson\"` "
-                              "and needs Debian's lua-cjson (the Lua 5.4 build, %s; `make deps` installs it)",
+        snprintf(err, errlen,
+                 "policy: lua-cjson is not installed: the policy sandbox provides `require \"cjson\"` "
+                 "and needs Debian's lua-cjson (the Lua 5.4 build, %s; `make deps` installs it)",
                  "lua/5.4/cjson.so on Lua's C path");
         return NULL;
     }

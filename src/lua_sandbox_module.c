@@ -82,9 +82,9 @@ static instance *check(lua_State *L) {
     return in;
 }
 
-static const char *const NEW_KEYS[] = {"source",   "file",         "config",    "memory_bytes", "hook_instructions",
-                                       "hook_time_ms", "data_files", "data_dir", "base_dir",     "shared_bytes",
-                                       NULL};
+static const char *const NEW_KEYS[] = {
+    "source",   "file",         "config", "memory_bytes", "hook_instructions", "hook_time_ms", "data_files", "data_dir",
+    "base_dir", "shared_bytes", NULL};
 
 static lua_Integer opt_int(lua_State *L, const char *k, lua_Integer dflt) {
     lua_getfield(L, 1, k);
@@ -158,8 +158,10 @@ static int l_new(lua_State *L) {
     if (file) {
         snprintf(dir, sizeof dir, "%s", file);
         char *slash = strrchr(dir, '/');
-        if (slash) *slash = '\0';
-        else snprintf(dir, sizeof dir, ".");
+        if (slash)
+            *slash = '\0';
+        else
+            snprintf(dir, sizeof dir, ".");
     }
     const char *files[64];
     size_t n_files = 0;
@@ -219,10 +221,14 @@ static int l_new(lua_State *L) {
 
 static const char *outcome_name(lua_sandbox_outcome o) {
     switch (o) {
-    case SB_TIME: return "time";
-    case SB_INSTRUCTIONS: return "instructions";
-    case SB_MEMORY: return "memory";
-    default: return "error";
+        case SB_TIME:
+            return "time";
+        case SB_INSTRUCTIONS:
+            return "instructions";
+        case SB_MEMORY:
+            return "memory";
+        default:
+            return "error";
     }
 }
 
@@ -391,8 +397,12 @@ int luaopen_regfacade_sandbox(lua_State *L) {
         lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);
-    static const luaL_Reg fns[] = {{"new", l_new},         {"shared", l_shared},   {"crypt_verify", l_crypt_verify},
-                                   {"deny", lua_deny_new}, {"refusal", l_refusal}, {"is_deny", l_is_deny},
+    static const luaL_Reg fns[] = {{"new", l_new},
+                                   {"shared", l_shared},
+                                   {"crypt_verify", l_crypt_verify},
+                                   {"deny", lua_deny_new},
+                                   {"refusal", l_refusal},
+                                   {"is_deny", l_is_deny},
                                    {NULL, NULL}};
     luaL_newlib(L, fns);
     return 1;

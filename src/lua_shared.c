@@ -10,25 +10,25 @@
 #include "regfacade/lua_sandbox.h"
 
 typedef struct entry {
-    struct entry *next;            /* bucket chain */
+    struct entry *next;                /* bucket chain */
     struct entry *lru_prev, *lru_next; /* most recently used first */
     uint64_t hash;
-    int64_t expires;               /* CLOCK_MONOTONIC ns; 0: never */
+    int64_t expires; /* CLOCK_MONOTONIC ns; 0: never */
     shared_type type;
     bool b;
     int64_t i;
     double n;
     size_t klen, vlen;
-    char data[];                   /* key, then a string value */
+    char data[]; /* key, then a string value */
 } entry;
 
 struct shared_dict {
     pthread_mutex_t lock;
     entry **buckets;
     size_t n_buckets, count;
-    size_t used, cap;              /* bytes: sizeof(entry) + key + value per entry */
+    size_t used, cap; /* bytes: sizeof(entry) + key + value per entry */
     entry *lru_head, *lru_tail;
-    int refs;                      /* shared_dict_acquire holders */
+    int refs; /* shared_dict_acquire holders */
 };
 
 static int64_t now_ns(void) {
@@ -105,10 +105,14 @@ void shared_dict_release(shared_dict *d) {
 /* ---------- internals (lock held) ---------- */
 
 static void lru_unlink(shared_dict *d, entry *e) {
-    if (e->lru_prev) e->lru_prev->lru_next = e->lru_next;
-    else d->lru_head = e->lru_next;
-    if (e->lru_next) e->lru_next->lru_prev = e->lru_prev;
-    else d->lru_tail = e->lru_prev;
+    if (e->lru_prev)
+        e->lru_prev->lru_next = e->lru_next;
+    else
+        d->lru_head = e->lru_next;
+    if (e->lru_next)
+        e->lru_next->lru_prev = e->lru_prev;
+    else
+        d->lru_tail = e->lru_prev;
     e->lru_prev = e->lru_next = NULL;
 }
 
@@ -180,8 +184,8 @@ static int64_t expiry(double ttl, int64_t now) {
     return now + (int64_t)(ttl * 1e9);
 }
 
-static shared_result store(shared_dict *d, const char *key, size_t klen, uint64_t h, const shared_value *v,
-                           double ttl, int64_t now, entry *old) {
+static shared_result store(shared_dict *d, const char *key, size_t klen, uint64_t h, const shared_value *v, double ttl,
+                           int64_t now, entry *old) {
     size_t vlen = v->type == SHARED_STR ? v->len : 0;
     size_t need = entry_size(klen, vlen);
     if (need > d->cap) return SHARED_TOO_LARGE;
@@ -212,8 +216,7 @@ static shared_result store(shared_dict *d, const char *key, size_t klen, uint64_
 
 /* ---------- the C API ---------- */
 
-shared_result shared_dict_get(shared_dict *d, const char *key, size_t klen, shared_value *out, char *buf,
-                              size_t cap) {
+shared_result shared_dict_get(shared_dict *d, const char *key, size_t klen, shared_value *out, char *buf, size_t cap) {
     memset(out, 0, sizeof *out);
     uint64_t h = hash_key(key, klen);
     pthread_mutex_lock(&d->lock);
@@ -227,7 +230,8 @@ shared_result shared_dict_get(shared_dict *d, const char *key, size_t klen, shar
         out->n = e->n;
         out->len = e->vlen;
         if (e->type == SHARED_STR) {
-            if (e->vlen > cap) r = SHARED_TOO_LARGE;
+            if (e->vlen > cap)
+                r = SHARED_TOO_LARGE;
             else {
                 memcpy(buf, e->data + e->klen, e->vlen);
                 out->s = buf;
@@ -282,8 +286,10 @@ shared_result shared_dict_incr(shared_dict *d, const char *key, size_t klen, con
     shared_result r = SHARED_OK;
     if (e) {
         shared_value cur = {.type = e->type, .i = e->i, .n = e->n};
-        if (e->type != SHARED_INT && e->type != SHARED_NUM) r = SHARED_NOT_NUMBER;
-        else if (!add_values(&cur, delta, out)) r = SHARED_OVERFLOW;
+        if (e->type != SHARED_INT && e->type != SHARED_NUM)
+            r = SHARED_NOT_NUMBER;
+        else if (!add_values(&cur, delta, out))
+            r = SHARED_OVERFLOW;
         else {
             e->type = out->type;
             e->i = out->i;
@@ -353,28 +359,30 @@ static const char *check_key(lua_State *L, int i, size_t *len, const char *fn) {
 static void check_value(lua_State *L, int i, shared_value *v, const char *fn, const char *what) {
     memset(v, 0, sizeof *v);
     switch (lua_type(L, i)) {
-    case LUA_TNIL:
-    case LUA_TNONE: v->type = SHARED_NONE; break;
-    case LUA_TBOOLEAN:
-        v->type = SHARED_BOOL;
-        v->b = lua_toboolean(L, i);
-        break;
-    case LUA_TNUMBER:
-        if (lua_isinteger(L, i)) {
-            v->type = SHARED_INT;
-            v->i = (int64_t)lua_tointeger(L, i);
-        } else {
-            v->type = SHARED_NUM;
-            v->n = (double)lua_tonumber(L, i);
-        }
-        break;
-    case LUA_TSTRING:
-        v->type = SHARED_STR;
-        v->s = lua_tolstring(L, i, &v->len);
-        break;
-    default:
-        luaL_error(L, "regfacade.shared.%s: %s must be a string, number or boolean, got %s", fn, what,
-                   luaL_typename(L, i));
+        case LUA_TNIL:
+        case LUA_TNONE:
+            v->type = SHARED_NONE;
+            break;
+        case LUA_TBOOLEAN:
+            v->type = SHARED_BOOL;
+            v->b = lua_toboolean(L, i);
+            break;
+        case LUA_TNUMBER:
+            if (lua_isinteger(L, i)) {
+                v->type = SHARED_INT;
+                v->i = (int64_t)lua_tointeger(L, i);
+            } else {
+                v->type = SHARED_NUM;
+                v->n = (double)lua_tonumber(L, i);
+            }
+            break;
+        case LUA_TSTRING:
+            v->type = SHARED_STR;
+            v->s = lua_tolstring(L, i, &v->len);
+            break;
+        default:
+            luaL_error(L, "regfacade.shared.%s: %s must be a string, number or boolean, got %s", fn, what,
+                       luaL_typename(L, i));
     }
 }
 
@@ -387,23 +395,36 @@ static double check_ttl(lua_State *L, int i, const char *fn) {
 
 static void push_value(lua_State *L, const shared_value *v) {
     switch (v->type) {
-    case SHARED_BOOL: lua_pushboolean(L, v->b); break;
-    case SHARED_INT: lua_pushinteger(L, (lua_Integer)v->i); break;
-    case SHARED_NUM: lua_pushnumber(L, (lua_Number)v->n); break;
-    case SHARED_STR: lua_pushlstring(L, v->s, v->len); break;
-    default: lua_pushnil(L);
+        case SHARED_BOOL:
+            lua_pushboolean(L, v->b);
+            break;
+        case SHARED_INT:
+            lua_pushinteger(L, (lua_Integer)v->i);
+            break;
+        case SHARED_NUM:
+            lua_pushnumber(L, (lua_Number)v->n);
+            break;
+        case SHARED_STR:
+            lua_pushlstring(L, v->s, v->len);
+            break;
+        default:
+            lua_pushnil(L);
     }
 }
 
 static int fail_result(lua_State *L, shared_result r, const char *fn) {
     switch (r) {
-    case SHARED_TOO_LARGE:
-        return luaL_error(L, "regfacade.shared.%s: the entry is larger than the whole dictionary (policy.shared_bytes)",
-                          fn);
-    case SHARED_NO_MEMORY: return luaL_error(L, "regfacade.shared.%s: out of memory", fn);
-    case SHARED_NOT_NUMBER: return luaL_error(L, "regfacade.shared.%s: the value is not a number", fn);
-    case SHARED_OVERFLOW: return luaL_error(L, "regfacade.shared.%s: integer overflow", fn);
-    default: return luaL_error(L, "regfacade.shared.%s: failed", fn);
+        case SHARED_TOO_LARGE:
+            return luaL_error(
+                L, "regfacade.shared.%s: the entry is larger than the whole dictionary (policy.shared_bytes)", fn);
+        case SHARED_NO_MEMORY:
+            return luaL_error(L, "regfacade.shared.%s: out of memory", fn);
+        case SHARED_NOT_NUMBER:
+            return luaL_error(L, "regfacade.shared.%s: the value is not a number", fn);
+        case SHARED_OVERFLOW:
+            return luaL_error(L, "regfacade.shared.%s: integer overflow", fn);
+        default:
+            return luaL_error(L, "regfacade.shared.%s: failed", fn);
     }
 }
 
@@ -478,8 +499,7 @@ static int l_incr(lua_State *L) {
         if (lua_type(L, a + 2) != LUA_TNUMBER) return luaL_error(L, "regfacade.shared.incr: init must be a number");
         check_value(L, a + 2, &init, "incr", "init");
     }
-    shared_result r =
-        shared_dict_incr(d, k, klen, &delta, has_init ? &init : NULL, check_ttl(L, a + 3, "incr"), &out);
+    shared_result r = shared_dict_incr(d, k, klen, &delta, has_init ? &init : NULL, check_ttl(L, a + 3, "incr"), &out);
     if (r == SHARED_NOT_FOUND) {
         lua_pushnil(L);
         lua_pushliteral(L, "not found");
@@ -534,9 +554,9 @@ static int l_used(lua_State *L) {
 int lua_shared_open(lua_State *L) {
     void *d = lua_touserdata(L, lua_upvalueindex(1));
     if (!d) return luaL_error(L, "regfacade.shared: no dictionary");
-    static const luaL_Reg fns[] = {{"get", l_get},     {"set", l_set},           {"add", l_add},
-                                   {"incr", l_incr},   {"delete", l_delete},     {"ttl", l_ttl},
-                                   {"capacity", l_capacity}, {"used", l_used}, {NULL, NULL}};
+    static const luaL_Reg fns[] = {{"get", l_get},           {"set", l_set},       {"add", l_add},
+                                   {"incr", l_incr},         {"delete", l_delete}, {"ttl", l_ttl},
+                                   {"capacity", l_capacity}, {"used", l_used},     {NULL, NULL}};
     lua_createtable(L, 0, 8);
     int t = lua_gettop(L);
     for (const luaL_Reg *f = fns; f->name; f++) {

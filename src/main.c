@@ -184,8 +184,8 @@ static int cmd_serve(const settings *st) {
         return 1;
     }
     int grace = c->shutdown_grace_seconds; /* the latest configuration's: applied by a reload too */
-    log_info("regfacade %s serving on %s:%d (config %s, cache %s)", REGFACADE_VERSION, c->listen_host,
-             c->listen_port, c->path, c->cache_dir);
+    log_info("regfacade %s serving on %s:%d (config %s, cache %s)", REGFACADE_VERSION, c->listen_host, c->listen_port,
+             c->path, c->cache_dir);
     for (;;) {
         int sig = 0;
         if (sigwait(&set, &sig) != 0) continue;
@@ -268,7 +268,7 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     int first_opt = 2;
-    static const char *const subcommands[] = {"cache verify", "cache ls", "cache du",   "cache rm",
+    static const char *const subcommands[] = {"cache verify", "cache ls",   "cache du",    "cache rm",
                                               "cache gc",     "cache warm", "tags refresh"};
     char full[64];
     if (strcmp(cmd, "cache") == 0 || strcmp(cmd, "tags") == 0) {
@@ -285,8 +285,7 @@ int main(int argc, char **argv) {
         }
         if (!found) {
             fprintf(stderr, "regfacade %s: unknown or missing subcommand%s%s (%s)\n", cmd, argc >= 3 ? " " : "",
-                    argc >= 3 ? argv[2] : "",
-                    strcmp(cmd, "tags") == 0 ? "refresh" : "verify, ls, du, rm, gc or warm");
+                    argc >= 3 ? argv[2] : "", strcmp(cmd, "tags") == 0 ? "refresh" : "verify, ls, du, rm, gc or warm");
             usage(stderr);
             return 2;
         }
@@ -313,9 +312,9 @@ int main(int argc, char **argv) {
     cli_cache_request rq = {.cmd = cmd, .args = args, .platforms = platforms};
     bool takes_json = strncmp(cmd, "cache ", 6) == 0 && strcmp(cmd, "cache verify") != 0;
     takes_json |= strcmp(cmd, "tags refresh") == 0;
-    size_t max_args = strcmp(cmd, "cache warm") == 0 ? sizeof args / sizeof args[0]
+    size_t max_args = strcmp(cmd, "cache warm") == 0                                     ? sizeof args / sizeof args[0]
                       : strcmp(cmd, "cache rm") == 0 || strcmp(cmd, "tags refresh") == 0 ? 1
-                                                                                          : 0;
+                                                                                         : 0;
     for (size_t k = 0; k < n_opts; k++)
         if ((*opts[k].value = env_or_null(opts[k].env))) *opts[k].from = opts[k].env;
     for (int i = first_opt; i < argc; i++) {
@@ -325,18 +324,19 @@ int main(int argc, char **argv) {
                    : strcmp(cmd, "cache warm") == 0   ? " REF... [--platform OS/ARCH[/VARIANT]]..."
                    : strcmp(cmd, "tags refresh") == 0 ? " REF"
                                                       : "",
-                   strcmp(cmd, "serve") == 0 ? "Run the registry facade. SIGHUP reloads the config, SIGTERM drains "
-                                               "and exits.\n"
-                   : strcmp(cmd, "check") == 0
-                       ? "Validate the config and its policy as serve would, without "
-                         "listening; print where each setting came from.\n"
+                   strcmp(cmd, "serve") == 0   ? "Run the registry facade. SIGHUP reloads the config, SIGTERM drains "
+                                                 "and exits.\n"
+                   : strcmp(cmd, "check") == 0 ? "Validate the config and its policy as serve would, without "
+                                                 "listening; print where each setting came from.\n"
                    : strcmp(cmd, "cache verify") == 0
                        ? "Hash every cached blob and manifest again, offline (not while a server runs on the "
                          "cache); move wrong ones to CACHE/quarantine, list them, exit 1 if any.\n"
                        : cache_help(cmd),
                    OPTIONS_HELP);
-            if (strncmp(cmd, "cache ", 6) == 0 && strcmp(cmd, "cache verify") != 0 && strcmp(cmd, "cache warm") != 0) printf("%s", CACHE_HELP_TAIL);
-            else if (strcmp(cmd, "tags refresh") == 0) printf("%s", CACHE_HELP_TAIL);
+            if (strncmp(cmd, "cache ", 6) == 0 && strcmp(cmd, "cache verify") != 0 && strcmp(cmd, "cache warm") != 0)
+                printf("%s", CACHE_HELP_TAIL);
+            else if (strcmp(cmd, "tags refresh") == 0)
+                printf("%s", CACHE_HELP_TAIL);
             return 0;
         }
         if (takes_json && strcmp(argv[i], "--json") == 0) {
@@ -373,7 +373,10 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "check") != 0) {
         if (max_args && rq.n_args == 0) {
             fprintf(stderr, "regfacade %s: name the image: REF%s (regfacade %s --help)\n", cmd,
-                    strcmp(cmd, "cache rm") == 0 ? "|DIGEST" : strcmp(cmd, "cache warm") == 0 ? "..." : "", cmd);
+                    strcmp(cmd, "cache rm") == 0     ? "|DIGEST"
+                    : strcmp(cmd, "cache warm") == 0 ? "..."
+                                                     : "",
+                    cmd);
             return 2;
         }
         config *c = load(&st);

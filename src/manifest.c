@@ -44,8 +44,9 @@ int manifest_media_type(const char *data, size_t len, const char *content_type, 
     json_get_int64(json_object_get(v, "schemaVersion"), &schema);
     int rc = 0;
     if ((mt && is_schema1(mt)) || schema == 1 || (!mt && content_type && is_schema1(content_type))) {
-        fetch_error_set(e, 415, "UNSUPPORTED",
-                  "Docker schema1 manifests are not supported (the image must be pushed as Docker schema2 or OCI)");
+        fetch_error_set(
+            e, 415, "UNSUPPORTED",
+            "Docker schema1 manifests are not supported (the image must be pushed as Docker schema2 or OCI)");
         rc = -1;
     } else if (mt) {
         if (!is_supported(mt)) {
@@ -165,8 +166,10 @@ static int perform_retry(const manifest_env *env, upstream *u, upstream_request 
     snprintf(subject, sizeof subject, "manifest %s", what);
     upstream_answer a = upstream_ask(u, req, resp, UPSTREAM_WHAT_MANIFEST, subject, quick, e);
     if (a == UPSTREAM_ANSWER_FAILED && b && b->too_big) {
-        fetch_error_set(e, 502, "MANIFEST_INVALID", "manifest %s from upstream %s exceeds the %zu-byte limit "
-                  "(limits.manifest_max_bytes)", what, upstream_name(u), b->max);
+        fetch_error_set(e, 502, "MANIFEST_INVALID",
+                        "manifest %s from upstream %s exceeds the %zu-byte limit "
+                        "(limits.manifest_max_bytes)",
+                        what, upstream_name(u), b->max);
         return -1;
     }
     if (a == UPSTREAM_ANSWER_FAILED || resp->status >= 500 || resp->status == 429) return -1;
@@ -184,8 +187,13 @@ static int fetch_manifest(const manifest_env *env, upstream *u, const char *repo
     snprintf(what, sizeof what, "%s:%s", repository, reference);
     body_buf b = {.max = env->cfg->manifest_max_bytes};
     metrics_cache_lookup("manifest", false);
-    upstream_request req = {.method = "GET", .repository = repository, .path = path,
-                            .accept = MANIFEST_ACCEPT_ALL, .on_headers = buf_headers, .on_body = buf_body, .ud = &b};
+    upstream_request req = {.method = "GET",
+                            .repository = repository,
+                            .path = path,
+                            .accept = MANIFEST_ACCEPT_ALL,
+                            .on_headers = buf_headers,
+                            .on_body = buf_body,
+                            .ud = &b};
     upstream_response resp;
     if (perform_retry(env, u, &req, &resp, &b, what, quick, e) != 0) {
         free(b.buf);
@@ -205,8 +213,9 @@ static int fetch_manifest(const manifest_env *env, upstream *u, const char *repo
     }
     const char *expect = want_digest ? want_digest : (ref_is_sha256_digest(resp.digest) ? resp.digest : NULL);
     if (expect && strcmp(expect, got) != 0) {
-        fetch_error_set(e, 502, "DIGEST_INVALID", "upstream %s sent manifest %s with digest %s, expected %s; not cached",
-                  upstream_name(u), what, got, expect);
+        fetch_error_set(e, 502, "DIGEST_INVALID",
+                        "upstream %s sent manifest %s with digest %s, expected %s; not cached", upstream_name(u), what,
+                        got, expect);
         free(b.buf);
         return -1;
     }
@@ -219,8 +228,10 @@ static int fetch_manifest(const manifest_env *env, upstream *u, const char *repo
     }
     char err[512];
     bool was_cached = store_blob_exists(env->st, got);
-    if (store_put(env->st, got, b.buf, b.len, err, sizeof err) != 0) log_error("manifest %s: %s", what, err);
-    else if (!was_cached) metrics_cache_put(b.len);
+    if (store_put(env->st, got, b.buf, b.len, err, sizeof err) != 0)
+        log_error("manifest %s: %s", what, err);
+    else if (!was_cached)
+        metrics_cache_put(b.len);
     out->data = b.buf;
     out->len = b.len;
     out->source = "upstream";
@@ -323,8 +334,8 @@ static int get_by_digest(const manifest_env *env, upstream *u, const char *repos
         char path[600], what[600];
         snprintf(path, sizeof path, "%s/manifests/%s", repository, reference);
         snprintf(what, sizeof what, "%s@%s", repository, reference);
-        upstream_request req = {.method = "HEAD", .repository = repository, .path = path,
-                                .accept = MANIFEST_ACCEPT_ALL};
+        upstream_request req = {
+            .method = "HEAD", .repository = repository, .path = path, .accept = MANIFEST_ACCEPT_ALL};
         upstream_response resp;
         if (perform_retry(env, u, &req, &resp, NULL, what, false, e) != 0) return -1;
         if (resp.status != 200) {
@@ -392,9 +403,7 @@ static void publish_tag(const manifest_env *env, upstream *u, const char *reposi
 
 /* Failures of the upstream (not answers about the image) that a known tag
  * resolution may stand in for. */
-static bool upstream_failed(const fetch_error *e) {
-    return e->http_status == 429 || e->http_status >= 500;
-}
+static bool upstream_failed(const fetch_error *e) { return e->http_status == 429 || e->http_status >= 500; }
 
 /* The part of manifest_get that may ask the upstream: run once per
  * (upstream, repository, reference) at a time (see manifest_get). */
@@ -462,7 +471,8 @@ static int get_from_upstream(const manifest_env *env, upstream *u, const char *r
         if (from_store(env, known.digest, out, &e2) > 0) {
             snprintf(out->warning, sizeof out->warning,
                      "299 - \"served from cache: upstream %s failed to resolve %s; this resolution is %lds old "
-                     "(%.200s)\"", upstream_name(u), what, age, e->message);
+                     "(%.200s)\"",
+                     upstream_name(u), what, age, e->message);
             log_warn("tag %s served stale from cache (%lds old): %s", what, age, e->message);
             return 0;
         }
@@ -481,7 +491,7 @@ struct flight {
     const store *st;
     const upstream *u;
     char *repository, *reference;
-    int refs;      /* guarded by flights_mu */
+    int refs; /* guarded by flights_mu */
     bool done;
     int rc;
     manifest m;
@@ -525,8 +535,8 @@ static int copy_result(const flight *f, manifest *out, fetch_error *e) {
     return 0;
 }
 
-int manifest_get(const manifest_env *env, upstream *u, const char *repository, const char *reference,
-                 manifest *out, fetch_error *e) {
+int manifest_get(const manifest_env *env, upstream *u, const char *repository, const char *reference, manifest *out,
+                 fetch_error *e) {
     memset(out, 0, sizeof *out);
     if (ref_is_sha256_digest(reference)) {
         if (linked(env, u, repository, reference)) {

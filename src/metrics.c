@@ -32,8 +32,8 @@ static const char *const cache_kinds[] = {"manifest", "blob"};
 #define N_KINDS 2
 static const char *const status_classes[] = {"1xx", "2xx", "3xx", "4xx", "5xx", "error"};
 #define N_CLASSES 6
-static const char *const error_reasons[] = {"connect", "tls", "timeout", "transfer", "auth", "denied", "aborted", "internal",
-                                            "other"};
+static const char *const error_reasons[] = {"connect", "tls",     "timeout",  "transfer", "auth",
+                                            "denied",  "aborted", "internal", "other"};
 #define N_REASONS 9
 static const char *const retry_whats[] = {"blob", "manifest", "tags"};
 #define N_WHATS 3
@@ -71,7 +71,7 @@ static struct {
     counter quarantined, verified_bytes;
     counter removed, removed_bytes; /* cache rm */
 
-    pthread_mutex_t lock; /* guards adding upstream slots */
+    pthread_mutex_t lock;                         /* guards adding upstream slots */
     upstream_slot ups[METRICS_MAX_UPSTREAMS + 1]; /* the last one is "other" */
     atomic_int n_ups;
 
@@ -87,7 +87,7 @@ static struct {
     _Atomic int64_t client_transfers; /* streaming bodies being sent */
 
     counter reloads_ok, reloads_rejected;
-    _Atomic int64_t generation;       /* 1 at start, +1 per accepted reload */
+    _Atomic int64_t generation; /* 1 at start, +1 per accepted reload */
     atomic_bool last_reload_ok;
     _Atomic int64_t last_reload_time;
 
@@ -100,8 +100,11 @@ static struct {
     _Atomic(struct fetcher *) fetcher;
     atomic_bool access_log;
     struct timespec started; /* CLOCK_REALTIME */
-} M = {.lock = PTHREAD_MUTEX_INITIALIZER, .collectors_lock = PTHREAD_MUTEX_INITIALIZER, .access_log = true,
-       .generation = 1, .last_reload_ok = true};
+} M = {.lock = PTHREAD_MUTEX_INITIALIZER,
+       .collectors_lock = PTHREAD_MUTEX_INITIALIZER,
+       .access_log = true,
+       .generation = 1,
+       .last_reload_ok = true};
 
 static void note_start(void) {
     if (!M.started.tv_sec) clock_gettime(CLOCK_REALTIME, &M.started);
@@ -227,8 +230,10 @@ int metrics_config_parse(const json_value *section, metrics_config *out, char *e
 void metrics_cache_lookup(const char *kind, bool hit) {
     int k = index_of(cache_kinds, N_KINDS, kind);
     if (k < 0) return;
-    if (hit) INC(M.cache_hits[k]);
-    else INC(M.cache_misses[k]);
+    if (hit)
+        INC(M.cache_hits[k]);
+    else
+        INC(M.cache_misses[k]);
 }
 
 void metrics_cache_put(uint64_t bytes) {
@@ -361,8 +366,8 @@ metrics_access *metrics_access_begin(struct MHD_Connection *conn, const char *me
     snprintf(a->path, sizeof a->path, "%.*s", (int)strcspn(url ? url : "", "?"), url ? url : "");
     a->route = "other";
     a->source = METRICS_SRC_GENERATED;
-    const union MHD_ConnectionInfo *ci = conn ? MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS)
-                                              : NULL;
+    const union MHD_ConnectionInfo *ci =
+        conn ? MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS) : NULL;
     if (ci && ci->client_addr) {
         const struct sockaddr *sa = ci->client_addr;
         if (sa->sa_family == AF_INET)
@@ -521,9 +526,12 @@ static void out(out_buf *o, const char *fmt, ...) {
 const char *metrics_label(const char *s, char *tmp, size_t tmplen) {
     size_t o = 0;
     for (; *s && o + 3 < tmplen; s++) {
-        if (*s == '\\' || *s == '"') tmp[o++] = '\\', tmp[o++] = *s;
-        else if (*s == '\n') tmp[o++] = '\\', tmp[o++] = 'n';
-        else tmp[o++] = *s;
+        if (*s == '\\' || *s == '"')
+            tmp[o++] = '\\', tmp[o++] = *s;
+        else if (*s == '\n')
+            tmp[o++] = '\\', tmp[o++] = 'n';
+        else
+            tmp[o++] = *s;
     }
     tmp[o] = '\0';
     return tmp;
@@ -626,9 +634,12 @@ static void proc_status(long long *rss_kb, long long *hwm_kb, long long *threads
     if (!f) return;
     char line[256];
     while (fgets(line, sizeof line, f)) {
-        if (strncmp(line, "VmRSS:", 6) == 0) *rss_kb = atoll(line + 6);
-        else if (strncmp(line, "VmHWM:", 6) == 0) *hwm_kb = atoll(line + 6);
-        else if (strncmp(line, "Threads:", 8) == 0) *threads = atoll(line + 8);
+        if (strncmp(line, "VmRSS:", 6) == 0)
+            *rss_kb = atoll(line + 6);
+        else if (strncmp(line, "VmHWM:", 6) == 0)
+            *hwm_kb = atoll(line + 6);
+        else if (strncmp(line, "Threads:", 8) == 0)
+            *threads = atoll(line + 8);
     }
     fclose(f);
 }
@@ -658,8 +669,9 @@ char *metrics_render(size_t *len) {
     for (int r = 0; r < N_ROUTES; r++)
         for (int s = 100; s < 600; s++) {
             uint64_t v = GET(M.requests[r][s]);
-            if (v) out(&o, "regfacade_requests_total{route=\"%s\",status=\"%d\"} %llu\n", route_names[r], s,
-                       (unsigned long long)v);
+            if (v)
+                out(&o, "regfacade_requests_total{route=\"%s\",status=\"%d\"} %llu\n", route_names[r], s,
+                    (unsigned long long)v);
         }
 
     head(&o, "regfacade_response_bytes_total", "counter",
@@ -706,7 +718,7 @@ char *metrics_render(size_t *len) {
         for (int c = 0; c < N_CLASSES; c++) {
             uint64_t v = GET(slots[i]->requests[c]);
             out(&o, "regfacade_upstream_requests_total{upstream=\"%s\",status=\"%s\"} %llu\n",
-                    label(slots[i]->name, t1, sizeof t1), status_classes[c], (unsigned long long)v);
+                label(slots[i]->name, t1, sizeof t1), status_classes[c], (unsigned long long)v);
         }
     head(&o, "regfacade_upstream_errors_total", "counter",
          "Upstream requests that got no usable HTTP answer, by upstream and reason.");
@@ -714,7 +726,7 @@ char *metrics_render(size_t *len) {
         for (int r = 0; r < N_REASONS; r++) {
             uint64_t v = GET(slots[i]->errors[r]);
             out(&o, "regfacade_upstream_errors_total{upstream=\"%s\",reason=\"%s\"} %llu\n",
-                    label(slots[i]->name, t1, sizeof t1), error_reasons[r], (unsigned long long)v);
+                label(slots[i]->name, t1, sizeof t1), error_reasons[r], (unsigned long long)v);
         }
     head(&o, "regfacade_upstream_retries_total", "counter", "Retried upstream transfers, by upstream and kind.");
     for (int i = 0; i < ns; i++)
@@ -775,16 +787,18 @@ char *metrics_render(size_t *len) {
                 route_names[r], status_classes[c], (unsigned long long)count);
             out(&o, "regfacade_http_request_duration_seconds_sum{route=\"%s\",status=\"%s\"} %.6f\n", route_names[r],
                 status_classes[c], (double)GET(M.dur_sum_us[r][c]) / 1e6);
-            out(&o, "regfacade_http_request_duration_seconds_count{route=\"%s\",status=\"%s\"} %llu\n",
-                route_names[r], status_classes[c], (unsigned long long)count);
+            out(&o, "regfacade_http_request_duration_seconds_count{route=\"%s\",status=\"%s\"} %llu\n", route_names[r],
+                status_classes[c], (unsigned long long)count);
         }
 
     head(&o, "regfacade_reloads_total", "counter", "SIGHUP reloads, by result (ok, rejected).");
     out(&o, "regfacade_reloads_total{result=\"ok\"} %llu\n", (unsigned long long)GET(M.reloads_ok));
     out(&o, "regfacade_reloads_total{result=\"rejected\"} %llu\n", (unsigned long long)GET(M.reloads_rejected));
-    head(&o, "regfacade_config_generation", "gauge", "The configuration generation serving (1 at start, +1 per reload).");
+    head(&o, "regfacade_config_generation", "gauge",
+         "The configuration generation serving (1 at start, +1 per reload).");
     out(&o, "regfacade_config_generation %lld\n", (long long)atomic_load(&M.generation));
-    head(&o, "regfacade_config_last_reload_successful", "gauge", "1 when the last reload was accepted (or none was tried).");
+    head(&o, "regfacade_config_last_reload_successful", "gauge",
+         "1 when the last reload was accepted (or none was tried).");
     out(&o, "regfacade_config_last_reload_successful %d\n", atomic_load(&M.last_reload_ok) ? 1 : 0);
     head(&o, "regfacade_config_last_reload_timestamp_seconds", "gauge", "When the last reload was tried (0: never).");
     out(&o, "regfacade_config_last_reload_timestamp_seconds %lld\n", (long long)atomic_load(&M.last_reload_time));
@@ -838,13 +852,17 @@ char *metrics_render(size_t *len) {
     head(&o, "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.");
     out(&o, "process_virtual_memory_bytes %lld\n", vsize);
     head(&o, "process_virtual_memory_max_bytes", "gauge", "Maximum amount of virtual memory available in bytes.");
-    if (as.rlim_cur == RLIM_INFINITY) out(&o, "process_virtual_memory_max_bytes 1.8446744073709552e+19\n");
-    else out(&o, "process_virtual_memory_max_bytes %llu\n", (unsigned long long)as.rlim_cur);
+    if (as.rlim_cur == RLIM_INFINITY)
+        out(&o, "process_virtual_memory_max_bytes 1.8446744073709552e+19\n");
+    else
+        out(&o, "process_virtual_memory_max_bytes %llu\n", (unsigned long long)as.rlim_cur);
     head(&o, "process_max_fds", "gauge", "Maximum number of open file descriptors.");
     out(&o, "process_max_fds %llu\n", (unsigned long long)nofile.rlim_cur);
-    head(&o, "process_network_receive_bytes_total", "counter", "Number of bytes received by the process over the network.");
+    head(&o, "process_network_receive_bytes_total", "counter",
+         "Number of bytes received by the process over the network.");
     out(&o, "process_network_receive_bytes_total %lld\n", rx);
-    head(&o, "process_network_transmit_bytes_total", "counter", "Number of bytes sent by the process over the network.");
+    head(&o, "process_network_transmit_bytes_total", "counter",
+         "Number of bytes sent by the process over the network.");
     out(&o, "process_network_transmit_bytes_total %lld\n", tx);
     head(&o, "process_resident_memory_bytes", "gauge", "Resident memory of this process.");
     out(&o, "process_resident_memory_bytes %lld\n", rss * 1024);
@@ -965,9 +983,9 @@ metrics_server *metrics_server_start(const metrics_config *cfg, metrics_ready_fn
         free(m);
         return NULL;
     }
-    m->daemon = MHD_start_daemon(flags, 0, NULL, NULL, MHD_GLUE_GUARDED(m->listener), MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)30, MHD_OPTION_LISTENING_ADDRESS_REUSE,
-                                 (unsigned int)1, MHD_OPTION_END);
+    m->daemon = MHD_start_daemon(flags, 0, NULL, NULL, MHD_GLUE_GUARDED(m->listener), MHD_OPTION_SOCK_ADDR,
+                                 (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)30,
+                                 MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1, MHD_OPTION_END);
     if (!m->daemon) {
         mhd_glue_listener_free(m->listener);
         snprintf(err, errlen, "metrics.listen %s:%d: cannot start the metrics listener (port in use?)",

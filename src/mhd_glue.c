@@ -80,17 +80,11 @@ void mhd_glue_listener_free(mhd_glue_listener *l) {
     free(l);
 }
 
-guard *mhd_glue_listener_guard(const mhd_glue_listener *l) {
-    return l ? l->g : NULL;
-}
+guard *mhd_glue_listener_guard(const mhd_glue_listener *l) { return l ? l->g : NULL; }
 
-unsigned int mhd_glue_connection_limit(const mhd_glue_listener *l) {
-    return l->limit;
-}
+unsigned int mhd_glue_connection_limit(const mhd_glue_listener *l) { return l->limit; }
 
-const char *mhd_glue_listener_name(const mhd_glue_listener *l) {
-    return l->name;
-}
+const char *mhd_glue_listener_name(const mhd_glue_listener *l) { return l->name; }
 
 static guard_conn *conn_guard(struct MHD_Connection *conn) {
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);

@@ -31,11 +31,11 @@ char *oci_error_body(const char *code, const char *message, const char *detail, 
     return out;
 }
 
-static const char *const CODES[] = {"BLOB_UNKNOWN",     "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN",
+static const char *const CODES[] = {"BLOB_UNKNOWN",     "BLOB_UPLOAD_INVALID",   "BLOB_UPLOAD_UNKNOWN",
                                     "DIGEST_INVALID",   "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID",
-                                    "MANIFEST_UNKNOWN", "NAME_INVALID",        "NAME_UNKNOWN",
-                                    "SIZE_INVALID",     "UNAUTHORIZED",        "DENIED",
-                                    "UNSUPPORTED",      "TOOMANYREQUESTS",     NULL};
+                                    "MANIFEST_UNKNOWN", "NAME_INVALID",          "NAME_UNKNOWN",
+                                    "SIZE_INVALID",     "UNAUTHORIZED",          "DENIED",
+                                    "UNSUPPORTED",      "TOOMANYREQUESTS",       NULL};
 
 const char *oci_error_code_known(const char *code) {
     for (const char *const *k = CODES; code && *k; k++)

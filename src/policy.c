@@ -44,8 +44,8 @@ static const lua_sandbox_phase PHASE_OF[H_COUNT] = {SB_PHASE_SELF_CHECK, SB_PHAS
 
 /* Registry keys (addresses). */
 static const char HOOKS_KEY = 'H';
-static const char HOOKFN_KEY = 'F';  /* { [h + 1] = hook function }: the hooks without a lookup by name */
-static const char REQ_MT_KEY = 'M';  /* req's metatable */
+static const char HOOKFN_KEY = 'F'; /* { [h + 1] = hook function }: the hooks without a lookup by name */
+static const char REQ_MT_KEY = 'M'; /* req's metatable */
 /* lua_sandbox_user(L): [0] the running call's req table (lua_topointer),
  * [1] its policy_request. */
 
@@ -63,7 +63,7 @@ typedef struct generation {
     ino_t ino;
     lua_State **idle;
     size_t n_idle;
-    int refs; /* 1 while current, plus one per state in use */
+    int refs;                /* 1 while current, plus one per state in use */
     struct generation *next; /* every generation, kept until policy_free (fingerprints stay valid) */
 } generation;
 
@@ -87,7 +87,7 @@ struct policy {
     lua_sandbox_module modules[3];
     lua_sandbox_options sbo;
     char *module_dir;
-    pthread_mutex_t lock; /* pools, refs, generation refs, watch state; cur changes under it */
+    pthread_mutex_t lock;        /* pools, refs, generation refs, watch state; cur changes under it */
     pthread_mutex_t reload_lock; /* one reload at a time */
     /* The current generation: written under lock, read without it on the
      * per-request fast paths (is there such a hook? the fingerprint). A
@@ -95,7 +95,7 @@ struct policy {
     _Atomic(generation *) cur;
     generation *all;
     unsigned long next_id;
-    int refs; /* the owner, plus one per log entry */
+    int refs;                      /* the owner, plus one per log entry */
     _Atomic int64_t next_check_ns; /* the watch's next look; claimed by CAS */
     bool has_rejected;
     struct timespec rejected_mtime;
@@ -281,7 +281,8 @@ static json_value *config_view(const config *c) {
         size_t nl = strlen(u->name);
         for (size_t j = 0; j < c->n_upstreams; j++) {
             const char *n = c->upstreams[j].name;
-            if (strncmp(n, u->name, nl) == 0 && n[nl] == '@') bad |= json_array_append(sets, json_new_string(n + nl + 1));
+            if (strncmp(n, u->name, nl) == 0 && n[nl] == '@')
+                bad |= json_array_append(sets, json_new_string(n + nl + 1));
         }
         bad |= json_object_set(o, "credentials", sets);
         bad |= json_object_set(ups, u->name, o);
@@ -331,8 +332,10 @@ static int read_source(const char *path, char **out, size_t *len, struct stat *s
 static int fingerprint(const policy *p, const generation *g, char out[65]) {
     digest_ctx *d = digest_new();
     if (!d) return -1;
-    if (g->source) digest_update(d, g->source, g->len);
-    else digest_update(d, "embedded:" REGFACADE_VERSION, strlen("embedded:" REGFACADE_VERSION));
+    if (g->source)
+        digest_update(d, g->source, g->len);
+    else
+        digest_update(d, "embedded:" REGFACADE_VERSION, strlen("embedded:" REGFACADE_VERSION));
     size_t olen = 0;
     char *opts = json_serialize(p->cfg->policy_options, &olen);
     if (opts) digest_update(d, opts, olen);
@@ -386,7 +389,8 @@ static int inspect_fn(lua_State *L) {
             for (int h = 0; h < H_COUNT && !known; h++) known = strcmp(k, HOOKS[h]) == 0;
             if (!known)
                 log_warn("policy %s: \"%s\" is a function but not a hook (hooks: self_check, authorize, spec, "
-                         "resolve, rewrite, log); regfacade never calls it", what, k);
+                         "resolve, rewrite, log); regfacade never calls it",
+                         what, k);
         }
     }
     /* The functions, by hook number, for the calls. */
@@ -500,8 +504,8 @@ static generation *generation_build(policy *p, char *err, size_t errlen) {
         char why[512] = "";
         lua_pushcfunction(L, self_check_fn);
         lua_pushlightuserdata(L, why);
-        lua_sandbox_outcome o = lua_sandbox_call(L, SB_PHASE_SELF_CHECK, 1, 0, first, sizeof first, trace,
-                                                 sizeof trace);
+        lua_sandbox_outcome o =
+            lua_sandbox_call(L, SB_PHASE_SELF_CHECK, 1, 0, first, sizeof first, trace, sizeof trace);
         if (o != SB_OK || why[0]) {
             snprintf(err, errlen, "policy %s: self_check failed: %s", policy_what(p), o != SB_OK ? trace : why);
             lua_sandbox_close(L);
@@ -590,8 +594,8 @@ static int reload(policy *p, const char *why, char *err, size_t errlen) {
     pthread_mutex_lock(&p->lock);
     generation *old = atomic_load(&p->cur);
     p->has_rejected = false;
-    if (old->len == ng->len && (old->source == ng->source || (old->source && ng->source &&
-                                                              memcmp(old->source, ng->source, ng->len) == 0))) {
+    if (old->len == ng->len &&
+        (old->source == ng->source || (old->source && ng->source && memcmp(old->source, ng->source, ng->len) == 0))) {
         /* The same text (touched, or saved unchanged): keep serving. */
         old->has_stat = ng->has_stat;
         old->mtime = ng->mtime;
@@ -618,8 +622,7 @@ static int reload(policy *p, const char *why, char *err, size_t errlen) {
     for (size_t i = 0; i < n_idle; i++) lua_sandbox_close(idle[i]);
     free(idle);
     if (drop) generation_drop(old);
-    log_info("policy %s: generation %lu serving (%s); generation %lu retired", policy_what(p), ng->id, why,
-             old->id);
+    log_info("policy %s: generation %lu serving (%s); generation %lu retired", policy_what(p), ng->id, why, old->id);
     pthread_mutex_unlock(&p->reload_lock);
     return 0;
 }
@@ -699,8 +702,10 @@ policy *policy_new(const config *c, char *err, size_t errlen) {
         /* The policy's own folder holds its helper modules. */
         p->module_dir = strdup(c->policy_file);
         char *slash = p->module_dir ? strrchr(p->module_dir, '/') : NULL;
-        if (slash) *slash = '\0';
-        else if (p->module_dir) snprintf(p->module_dir, strlen(p->module_dir) + 1, ".");
+        if (slash)
+            *slash = '\0';
+        else if (p->module_dir)
+            snprintf(p->module_dir, strlen(p->module_dir) + 1, ".");
     }
     size_t nm = lua_regfacade_modules(&p->host, p->modules);
     p->sbo = (lua_sandbox_options){.memory_bytes = p->lim.memory_bytes,
@@ -827,10 +832,10 @@ static int req_index(lua_State *L) {
     const char *k = lua_tostring(L, 2);
     if (k[0] != 'h' && k[0] != 'c' && k[0] != 't') return 0; /* ns, spec, ...: absent, and asked often */
     void (*build)(lua_State *, const policy_request *) = strcmp(k, "headers") == 0  ? build_headers
-                                                          : strcmp(k, "client") == 0 ? build_client
-                                                          : strcmp(k, "ctx") == 0    ? build_ctx
-                                                          : strcmp(k, "target") == 0 ? build_target
-                                                                                     : NULL;
+                                                         : strcmp(k, "client") == 0 ? build_client
+                                                         : strcmp(k, "ctx") == 0    ? build_ctx
+                                                         : strcmp(k, "target") == 0 ? build_target
+                                                                                    : NULL;
     if (!build) return 0;
     void **cur = lua_sandbox_user(L);
     const policy_request *r = cur[0] == lua_topointer(L, 1) ? cur[1] : NULL;
@@ -1035,9 +1040,9 @@ static int run_hook(policy *p, hook_id h, lua_CFunction fn, hook_call *c) {
     lua_sandbox_outcome o = lua_sandbox_call(L, PHASE_OF[h], 1, 0, first, sizeof first, trace, sizeof trace);
     double secs = seconds_since(&t0);
     const char *outcome = o == SB_TIME || o == SB_INSTRUCTIONS || o == SB_MEMORY ? "budget"
-                          : o != SB_OK || c->invalid                              ? "error"
-                          : c->refused                                            ? "refused"
-                                                                                  : "ok";
+                          : o != SB_OK || c->invalid                             ? "error"
+                          : c->refused                                           ? "refused"
+                                                                                 : "ok";
     metrics_policy_hook(HOOKS[h], secs, outcome);
     const policy_request *r = c->req;
     const char *what = r && r->repository ? r->repository : r && r->kind ? r->kind : "-";
@@ -1058,8 +1063,8 @@ static int run_hook(policy *p, hook_id h, lua_CFunction fn, hook_call *c) {
         rc = -1;
     } else if (c->invalid) {
         /* A malformed answer is the policy's bug: loud, like a Lua error. */
-        log_error("policy %s hook for %s %s (generation %lu): %s", HOOKS[h], r && r->kind ? r->kind : "-", what,
-                  g->id, c->e->message);
+        log_error("policy %s hook for %s %s (generation %lu): %s", HOOKS[h], r && r->kind ? r->kind : "-", what, g->id,
+                  c->e->message);
     }
     release(p, g, L);
     return rc;
@@ -1084,10 +1089,10 @@ static int self_check_fn(lua_State *L) {
 static int authorize_fn(lua_State *L) {
     hook_call *c = lua_touserdata(L, 1);
     lua_settop(L, 0);
-    push_request(L, c->req);   /* 1 */
+    push_request(L, c->req); /* 1 */
     push_hook(L, H_AUTHORIZE);
     lua_pushvalue(L, 1);
-    lua_call(L, 1, 2);               /* 1: req, 2: answer, 3: message */
+    lua_call(L, 1, 2); /* 1: req, 2: answer, 3: message */
     answers_readable(L);
     int ans = 2;
     const char *msg = lua_type(L, 3) == LUA_TSTRING ? lua_tostring(L, 3) : NULL;
@@ -1098,7 +1103,8 @@ static int authorize_fn(lua_State *L) {
         c->rc = 0;
     } else if (type == LUA_TSTRING && strcmp(lua_tostring(L, ans), "allow") == 0) {
         c->rc = 0;
-    } else if (type == LUA_TNIL || type == LUA_TBOOLEAN || (type == LUA_TSTRING && strcmp(lua_tostring(L, ans), "deny") == 0)) {
+    } else if (type == LUA_TNIL || type == LUA_TBOOLEAN ||
+               (type == LUA_TSTRING && strcmp(lua_tostring(L, ans), "deny") == 0)) {
         /* false, nil or "deny", and a message or a deny value: 403 unless it says otherwise. */
         if (!msg && !lua_deny_get(L, 3)) {
             lua_pushnil(L); /* anything else second is no message */
@@ -1108,8 +1114,10 @@ static int authorize_fn(lua_State *L) {
     } else if (type == LUA_TTABLE && raw_type(L, ans, "status") == LUA_TNIL) {
         const char *creds = raw_string(L, ans, "credentials");
         if (raw_type(L, ans, "credentials") != LUA_TNIL && (!creds || !name_ok(creds))) {
-            invalid_answer(c, "authorize returned credentials that are not a credential set name "
-                              "([A-Za-z0-9._-], 1 to %d characters)", POLICY_CREDENTIALS_MAX - 1);
+            invalid_answer(c,
+                           "authorize returned credentials that are not a credential set name "
+                           "([A-Za-z0-9._-], 1 to %d characters)",
+                           POLICY_CREDENTIALS_MAX - 1);
         } else {
             c->rc = 0;
             if (creds && c->req->state)
@@ -1118,8 +1126,10 @@ static int authorize_fn(lua_State *L) {
     } else if (type == LUA_TTABLE) {
         refuse(c, L, ans, 403, "authorize", msg); /* { status = N, code =, message =, challenge = } */
     } else {
-        invalid_answer(c, "authorize must return true, false, \"allow\", \"deny\", regfacade.deny(...) or a table; "
-                          "got %s", luaL_typename(L, ans));
+        invalid_answer(c,
+                       "authorize must return true, false, \"allow\", \"deny\", regfacade.deny(...) or a table; "
+                       "got %s",
+                       luaL_typename(L, ans));
     }
     lua_settop(L, 1);
     save_ctx(L, 1, c, "authorize");
@@ -1155,8 +1165,10 @@ static int spec_fn(lua_State *L) {
     if (lua_deny_get(L, 2)) {
         refuse(c, L, 2, 404, "spec", NULL);
     } else if (lua_isnil(L, 2)) {
-        if (lua_isnil(L, 3)) s->found = 0; /* no spec: resolve(req) as without specs */
-        else refuse(c, L, 3, 404, "spec", NULL);
+        if (lua_isnil(L, 3))
+            s->found = 0; /* no spec: resolve(req) as without specs */
+        else
+            refuse(c, L, 3, 404, "spec", NULL);
     } else if (!lua_istable(L, 2)) {
         invalid_answer(c, "spec must return { provider = NAME, id = ID } or nil; got %s", luaL_typename(L, 2));
     } else {
@@ -1201,20 +1213,22 @@ static json_value *lua_to_json(lua_State *L, int idx, int depth, char *err, size
         return NULL;
     }
     switch (lua_type(L, idx)) {
-    case LUA_TSTRING: {
-        size_t n;
-        const char *s = lua_tolstring(L, idx, &n);
-        return json_new_stringn(s, n);
-    }
-    case LUA_TBOOLEAN: return json_new_bool(lua_toboolean(L, idx));
-    case LUA_TNUMBER:
-        if (lua_isinteger(L, idx)) return json_new_int64((int64_t)lua_tointeger(L, idx));
-        snprintf(err, errlen, "a number that is not an integer");
-        return NULL;
-    case LUA_TTABLE: break;
-    default:
-        snprintf(err, errlen, "a %s value", luaL_typename(L, idx));
-        return NULL;
+        case LUA_TSTRING: {
+            size_t n;
+            const char *s = lua_tolstring(L, idx, &n);
+            return json_new_stringn(s, n);
+        }
+        case LUA_TBOOLEAN:
+            return json_new_bool(lua_toboolean(L, idx));
+        case LUA_TNUMBER:
+            if (lua_isinteger(L, idx)) return json_new_int64((int64_t)lua_tointeger(L, idx));
+            snprintf(err, errlen, "a number that is not an integer");
+            return NULL;
+        case LUA_TTABLE:
+            break;
+        default:
+            snprintf(err, errlen, "a %s value", luaL_typename(L, idx));
+            return NULL;
     }
     lua_sandbox_contents(L, idx);
     json_value *out = table_to_json(L, lua_gettop(L), depth, err, errlen);
@@ -1422,7 +1436,8 @@ static int apply_credentials(const policy *p, const char *set, char *upstream, s
     if (strlen(name) >= len || !config_find_upstream(p->cfg, name)) {
         policy_error_set(e, 500, "UNKNOWN",
                          "the policy chose credential set \"%s\", which upstream \"%s\" does not have "
-                         "(upstreams.%s.credentials)", set, upstream, upstream);
+                         "(upstreams.%s.credentials)",
+                         set, upstream, upstream);
         e->failed = true;
         return -1;
     }
@@ -1469,14 +1484,19 @@ static int resolve_fn(lua_State *L) {
             if (lua_type(L, -2) == LUA_TSTRING) {
                 const char *k = lua_tostring(L, -2);
                 const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-                if (strcmp(k, "upstream") == 0) up = v;
-                else if (strcmp(k, "repository") == 0) repo = v;
-                else if (strcmp(k, "reference") == 0) ref = v;
+                if (strcmp(k, "upstream") == 0)
+                    up = v;
+                else if (strcmp(k, "repository") == 0)
+                    repo = v;
+                else if (strcmp(k, "reference") == 0)
+                    ref = v;
                 else if (strcmp(k, "credentials") == 0) {
                     creds = v;
                     creds_bad = !v || !name_ok(v);
-                } else if (strcmp(k, "layers") == 0 || strcmp(k, "platforms") == 0) more = true;
-                else if (strcmp(k, "referrers") == 0) has_referrers = true;
+                } else if (strcmp(k, "layers") == 0 || strcmp(k, "platforms") == 0)
+                    more = true;
+                else if (strcmp(k, "referrers") == 0)
+                    has_referrers = true;
             }
             lua_pop(L, 1);
         }
@@ -1485,8 +1505,10 @@ static int resolve_fn(lua_State *L) {
         if (!ref) ref = req->reference;
         if (!creds && req->state && req->state->credentials[0]) creds = req->state->credentials;
         if (up && strchr(up, '@')) {
-            invalid_answer(c, "resolve returned upstream \"%s\": name the upstream, and the credential set with "
-                              "credentials = SET", up);
+            invalid_answer(c,
+                           "resolve returned upstream \"%s\": name the upstream, and the credential set with "
+                           "credentials = SET",
+                           up);
         } else if (!up || !config_find_upstream(cfg, up)) {
             invalid_answer(c, "resolve returned upstream \"%s\", which is not configured", up ? up : "(none)");
         } else if (creds_bad) {
@@ -1508,8 +1530,10 @@ static int resolve_fn(lua_State *L) {
                 /* The common answer (where from, nothing added): the
                  * fingerprint of an empty decision, without building it. */
                 out->fingerprint = strdup("[]");
-                if (out->fingerprint) c->rc = 0;
-                else invalid_answer(c, "resolve: out of memory");
+                if (out->fingerprint)
+                    c->rc = 0;
+                else
+                    invalid_answer(c, "resolve: out of memory");
             } else if (read_layers(c, L, 2, out) == 0) {
                 c->rc = 0;
             }
@@ -1534,8 +1558,8 @@ int policy_resolve(policy *p, const policy_request *req, policy_resolution *out,
         snprintf(out->upstream, sizeof out->upstream, "%s", p->cfg->default_upstream);
         snprintf(out->repository, sizeof out->repository, "%s", req->repository ? req->repository : "");
         snprintf(out->reference, sizeof out->reference, "%s", req->reference ? req->reference : "");
-        return apply_credentials(p, req->state ? req->state->credentials : NULL, out->upstream,
-                                 sizeof out->upstream, e);
+        return apply_credentials(p, req->state ? req->state->credentials : NULL, out->upstream, sizeof out->upstream,
+                                 e);
     }
     if (r < 0 || rc.c.rc < 0) {
         policy_resolution_clear(out);
@@ -1558,7 +1582,7 @@ static int rewrite_fn(lua_State *L) {
     hook_call *c = &w->c;
     lua_settop(L, 0);
     push_request(L, c->req); /* 1 */
-    push_hook(L, H_REWRITE);        /* 2 */
+    push_hook(L, H_REWRITE); /* 2 */
     char err[1024];
     /* image_rewrite_run calls the hook under its own pcall; a budget trip
      * there still ends this call as tripped (lua_sandbox_call sees it). */
@@ -1581,8 +1605,8 @@ static int rewrite_fn(lua_State *L) {
 
 int policy_rewrite(policy *p, const policy_request *req, json_value **manifest, json_value **config,
                    const image_layer *stack, size_t n, policy_error *e) {
-    rewrite_call w = {.c = {.p = p, .req = req, .e = e}, .manifest = manifest, .config = config, .stack = stack,
-                      .n = n};
+    rewrite_call w = {
+        .c = {.p = p, .req = req, .e = e}, .manifest = manifest, .config = config, .stack = stack, .n = n};
     int r = run_hook(p, H_REWRITE, rewrite_fn, &w.c);
     if (r == 1) return 0;
     if (r < 0 || w.c.rc < 0) return -1;
@@ -1618,8 +1642,10 @@ policy_log_entry *policy_log_begin(policy *p, const policy_request *req, const s
         return NULL;
     }
     e->p = p;
-    if (start) e->start = *start;
-    else clock_gettime(CLOCK_MONOTONIC, &e->start);
+    if (start)
+        e->start = *start;
+    else
+        clock_gettime(CLOCK_MONOTONIC, &e->start);
     e->req.method = keep(e, 0, req->method);
     e->req.kind = keep(e, 1, req->kind);
     e->req.repository = keep(e, 2, req->repository);
@@ -1682,8 +1708,12 @@ static int log_fn(lua_State *L) {
 void policy_log_end(policy_log_entry *e, unsigned status, uint64_t bytes, bool completed, const char *upstream) {
     if (!e) return;
     policy_error err;
-    log_call l = {.c = {.p = e->p, .req = &e->req, .e = &err}, .status = status, .bytes = bytes,
-                  .completed = completed, .duration = seconds_since(&e->start), .upstream = upstream};
+    log_call l = {.c = {.p = e->p, .req = &e->req, .e = &err},
+                  .status = status,
+                  .bytes = bytes,
+                  .completed = completed,
+                  .duration = seconds_since(&e->start),
+                  .upstream = upstream};
     run_hook(e->p, H_LOG, log_fn, &l.c); /* errors are logged there; nothing else to do */
     for (int i = 0; i < 10; i++) free(e->strings[i]);
     for (size_t i = 0; i < e->req.n_headers; i++) {

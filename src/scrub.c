@@ -70,7 +70,8 @@ static void *scrub_thread(void *arg) {
             if (r == STORE_VERIFY_ERROR) log_warn("scrub: %s: %s", list[i].digest, reason);
         }
         free(list);
-        if (bad) log_warn("scrub: pass over %lu cached blobs quarantined %lu (see the store's lines above)", checked, bad);
+        if (bad)
+            log_warn("scrub: pass over %lu cached blobs quarantined %lu (see the store's lines above)", checked, bad);
         pthread_mutex_lock(&sc->mu);
         stop = wait_ms_locked(sc, 1000);
         pthread_mutex_unlock(&sc->mu);
@@ -170,8 +171,10 @@ char *scrub_report_json(const scrub_report *r, size_t *len) {
         if (!built) json_free(f);
         ok = built && json_array_append(list, f) == 0; /* takes f, also on failure */
     }
-    if (ok) ok = json_object_set(o, "failed", list) == 0; /* takes list, also on failure */
-    else json_free(list);
+    if (ok)
+        ok = json_object_set(o, "failed", list) == 0; /* takes list, also on failure */
+    else
+        json_free(list);
     list = NULL;
     char *text = ok ? json_serialize(o, len) : NULL;
     json_free(o);

@@ -51,12 +51,12 @@
  * server stops (the server's cfg, pol, ups and layers are its). */
 typedef struct served {
     config *cfg;
-    bool owns_cfg;          /* false for the first (the caller's) */
-    upstream **ups;         /* parallel to cfg->upstreams */
+    bool owns_cfg;  /* false for the first (the caller's) */
+    upstream **ups; /* parallel to cfg->upstreams */
     policy *pol;
-    layer_catalog *layers;  /* the config's named layers and file layer digests */
-    generate_env gen;       /* what image generation needs */
-    int refs;               /* requests on it, plus one while it is current; under gen_lock */
+    layer_catalog *layers; /* the config's named layers and file layer digests */
+    generate_env gen;      /* what image generation needs */
+    int refs;              /* requests on it, plus one while it is current; under gen_lock */
 } served;
 
 struct server {
@@ -67,43 +67,43 @@ struct server {
     policy *pol;
     upstream **ups; /* parallel to cfg->upstreams */
     struct MHD_Daemon *daemon;
-    metrics_server *metrics; /* the metrics listener, NULL without a "metrics" section */
-    layer_catalog *layers;   /* the config's named layers and file layer digests */
-    generate_env gen;        /* what image generation needs */
+    metrics_server *metrics;     /* the metrics listener, NULL without a "metrics" section */
+    layer_catalog *layers;       /* the config's named layers and file layer digests */
+    generate_env gen;            /* what image generation needs */
     mhd_glue_listener *listener; /* the registry listener's guard, wired into libmicrohttpd */
-    guard *guard;            /* the listener's: header deadline, idle reclaim, per-IP rate limit */
-    tls_config *tls;         /* NULL: plain HTTP */
-    int listen_fd;           /* bound before the privilege drop; MHD's once started */
-    blobserve *blobserve;    /* the blobserve listener, NULL without a "blobserve" section */
-    specs *specs;            /* image specs from outside (specs.h), NULL without "specs"/"admin" sections */
-    cluster *cluster;        /* shared state on Redis (cluster.h), NULL without a "cluster" section */
+    guard *guard;                /* the listener's: header deadline, idle reclaim, per-IP rate limit */
+    tls_config *tls;             /* NULL: plain HTTP */
+    int listen_fd;               /* bound before the privilege drop; MHD's once started */
+    blobserve *blobserve;        /* the blobserve listener, NULL without a "blobserve" section */
+    specs *specs;                /* image specs from outside (specs.h), NULL without "specs"/"admin" sections */
+    cluster *cluster;            /* shared state on Redis (cluster.h), NULL without a "cluster" section */
     pthread_mutex_t gen_lock;
-    served *current;         /* the generation new requests get */
-    served *first;           /* the one started with (cfg, pol, ups, layers above are its) */
+    served *current; /* the generation new requests get */
+    served *first;   /* the one started with (cfg, pol, ups, layers above are its) */
 };
 
 /* Everything one request needs, on the connection thread's stack. */
 typedef struct {
     server *srv;
-    served *sv;            /* the configuration generation of this request */
+    served *sv; /* the configuration generation of this request */
     struct MHD_Connection *conn;
     const char *method;
     bool head;
-    char ns[256];          /* decoded ?ns=, "" when absent */
+    char ns[256]; /* decoded ?ns=, "" when absent */
     char repository[REF_NAME_MAX + 1];
     char reference[REF_DIGEST_MAX + 1];
     const char *kind;
-    metrics_access *acc;   /* access log record and metrics of this request */
-    bool cold;             /* a blob that was not cached: its bytes count as upstream */
+    metrics_access *acc; /* access log record and metrics of this request */
+    bool cold;           /* a blob that was not cached: its bytes count as upstream */
     char client_ip[64];
-    policy_request preq;   /* what resolve saw; valid after run_resolve */
-    char target_upstream[128];                /* resolve's answer, for req.target in the hooks after it */
+    policy_request preq;       /* what resolve saw; valid after run_resolve */
+    char target_upstream[128]; /* resolve's answer, for req.target in the hooks after it */
     char target_repository[REF_NAME_MAX + 1];
     client_credentials cred; /* from Authorization; secrets, wiped when the request is done, never logged */
-    json_value *spec;      /* the image spec resolve got (preq.spec), freed when the request is done */
-    policy_state pstate;   /* what the request's hooks share (req.ctx, authorize's credential set) */
-    policy_header hdrs[32]; /* req.headers (without Authorization and Cookie) */
-    bool preq_ready;       /* preq filled (fill_preq) */
+    json_value *spec;        /* the image spec resolve got (preq.spec), freed when the request is done */
+    policy_state pstate;     /* what the request's hooks share (req.ctx, authorize's credential set) */
+    policy_header hdrs[32];  /* req.headers (without Authorization and Cookie) */
+    bool preq_ready;         /* preq filled (fill_preq) */
 } request;
 
 /* What lives from a request's headers to its completion (con_cls). */
@@ -139,7 +139,8 @@ static enum MHD_Result send_error_reply(request *r, unsigned status, const char 
     size_t len = 0;
     char *body = oci_error_body(code, msg, NULL, &len);
     if (!body) return MHD_NO;
-    if (status >= 500) log_warn("%s %s: %u %s: %s", r->method, r->repository[0] ? r->repository : "-", status, code, msg);
+    if (status >= 500)
+        log_warn("%s %s: %u %s: %s", r->method, r->repository[0] ? r->repository : "-", status, code, msg);
     struct MHD_Response *resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
     if (!resp) {
         free(body);
@@ -176,8 +177,10 @@ static enum MHD_Result send_fetch_error(request *r, const fetch_error *e) {
     if (!retry_after) retry_after = e->retry_after;
     bool limited = e->http_status == 429 || e->http_status == 503;
     return send_error_reply(r, (unsigned)(e->http_status ? e->http_status : 502),
-                            e->code ? e->code : limited ? "TOOMANYREQUESTS" : "UNKNOWN", e->message, retry_after,
-                            e->challenge);
+                            e->code   ? e->code
+                            : limited ? "TOOMANYREQUESTS"
+                                      : "UNKNOWN",
+                            e->message, retry_after, e->challenge);
 }
 
 /* ---------- request helpers ---------- */
@@ -273,9 +276,16 @@ static served *served_build(server *s, config *c, bool owns_cfg, char *err, size
     if (!g->pol) goto fail;
     g->layers = layer_catalog_new(c, err, errlen);
     if (!g->layers) goto fail;
-    g->gen = (generate_env){.cfg = c, .st = s->st, .fetches = s->fetches, .pol = g->pol,
-                            .layers = {.cfg = c, .st = s->st, .fetches = s->fetches, .cat = g->layers,
-                                       .find_upstream = upstream_by_name, .ud = g}};
+    g->gen = (generate_env){.cfg = c,
+                            .st = s->st,
+                            .fetches = s->fetches,
+                            .pol = g->pol,
+                            .layers = {.cfg = c,
+                                       .st = s->st,
+                                       .fetches = s->fetches,
+                                       .cat = g->layers,
+                                       .find_upstream = upstream_by_name,
+                                       .ud = g}};
     g->owns_cfg = owns_cfg;
     return g;
 fail:
@@ -524,9 +534,12 @@ static bool regenerate(request *r, const char *digest) {
     policy_resolution_clear(&res);
     json_free(spec);
     bool back = rc == 0 && store_blob_exists(r->srv->st, digest);
-    if (rc != 0) log_warn("generating %s again for %s:%s failed: %s", digest, r->repository, tag, e.message);
-    else if (!back) log_warn("generating %s again for %s:%s: the image is another one now", digest, r->repository, tag);
-    else log_info("generated %s again for %s:%s", digest, r->repository, tag);
+    if (rc != 0)
+        log_warn("generating %s again for %s:%s failed: %s", digest, r->repository, tag, e.message);
+    else if (!back)
+        log_warn("generating %s again for %s:%s: the image is another one now", digest, r->repository, tag);
+    else
+        log_info("generated %s again for %s:%s", digest, r->repository, tag);
     return back;
 }
 
@@ -536,8 +549,7 @@ static enum MHD_Result handle_manifest(request *r) {
             return send_error(r, 400, "DIGEST_INVALID", "\"%s\" is not a valid digest", r->reference);
         /* No manifest can have a name that is not a tag: unknown, as the
          * distribution spec (and its conformance suite) has it. */
-        return send_error(r, 404, "MANIFEST_UNKNOWN", "\"%s\" is not a valid tag, so no manifest has it",
-                          r->reference);
+        return send_error(r, 404, "MANIFEST_UNKNOWN", "\"%s\" is not a valid tag, so no manifest has it", r->reference);
     }
     if (ref_valid_digest(r->reference) && !ref_is_sha256_digest(r->reference))
         return send_error(r, 400, "DIGEST_INVALID", "only sha256 digests are supported, got \"%s\"", r->reference);
@@ -547,9 +559,8 @@ static enum MHD_Result handle_manifest(request *r) {
     char accept_buf[4096];
     const char *accept = by_digest ? NULL : joined_header(r, "Accept", accept_buf, sizeof accept_buf);
     if (manifest_accepts_only_schema1(accept))
-        return send_error(r, 415, "UNSUPPORTED",
-                          "Docker schema1 manifests are not supported; accept %s or %s", MT_DOCKER_MANIFEST,
-                          MT_OCI_MANIFEST);
+        return send_error(r, 415, "UNSUPPORTED", "Docker schema1 manifests are not supported; accept %s or %s",
+                          MT_DOCKER_MANIFEST, MT_OCI_MANIFEST);
     policy_resolution res;
     if (run_resolve(r, &res) != 0) return MHD_YES;
     upstream *u = find_upstream(r->sv, res.upstream);
@@ -739,9 +750,9 @@ static enum MHD_Result handle_blob(request *r) {
     store_scope gen;
     generate_scope(&gen, u, res.repository, r->repository);
     char origin_up[128], origin_repo[REF_NAME_MAX + 1];
-    bool known = store_link_get(r->srv->st, &gen, digest, origin_up, sizeof origin_up, origin_repo,
-                                sizeof origin_repo) == 1 ||
-                 fetch_blob_linked(r->srv->fetches, u, res.repository, digest);
+    bool known =
+        store_link_get(r->srv->st, &gen, digest, origin_up, sizeof origin_up, origin_repo, sizeof origin_repo) == 1 ||
+        fetch_blob_linked(r->srv->fetches, u, res.repository, digest);
     int64_t head_size = -1; /* what the upstream's HEAD said, when it was asked */
     fetch_error e = {0};
     char err[1024];
@@ -899,8 +910,12 @@ static int fetch_tag_list(upstream *u, const policy_resolution *res, tag_list *t
     size_t total = 0;
     for (int page = 0; page < TAGS_MAX_PAGES; page++) {
         grow_buf b = {0};
-        upstream_request req = {.method = "GET", .repository = res->repository, .path = path,
-                                .on_headers = tags_headers, .on_body = tags_body, .ud = &b};
+        upstream_request req = {.method = "GET",
+                                .repository = res->repository,
+                                .path = path,
+                                .on_headers = tags_headers,
+                                .on_body = tags_body,
+                                .ud = &b};
         upstream_response resp;
         char subject[700];
         snprintf(subject, sizeof subject, "repository %s", res->repository);
@@ -931,8 +946,8 @@ static int fetch_tag_list(upstream *u, const policy_resolution *res, tag_list *t
         }
         if (!tag_list_next_path(resp.link, res->repository, path, sizeof path)) return 0;
     }
-    fetch_error_set(e, 502, "UNKNOWN", "upstream %s pages the tags of %s past %d pages", res->upstream,
-                    res->repository, TAGS_MAX_PAGES);
+    fetch_error_set(e, 502, "UNKNOWN", "upstream %s pages the tags of %s past %d pages", res->upstream, res->repository,
+                    TAGS_MAX_PAGES);
     return -1;
 }
 
@@ -996,7 +1011,7 @@ static enum MHD_Result handle_tags(request *r) {
 #define CATALOG_MAX_RECORDS 100000 /* tag records read for one answer */
 #define CATALOG_DEFAULT_N 100
 #define CATALOG_MAX_N 1000
-#define CATALOG_MAX_CHECKS 2000    /* authorize runs for one page */
+#define CATALOG_MAX_CHECKS 2000 /* authorize runs for one page */
 
 typedef struct {
     tag_list names;
@@ -1163,9 +1178,9 @@ static enum MHD_Result handle_referrers(request *r) {
         return send_error(r, 400, "DIGEST_INVALID", "\"%s\" is not a sha256 digest", r->reference);
     const char *at = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "artifactType");
     char at_dec[256] = "";
-    if (at && (query_decode(at, at_dec, sizeof at_dec) != 0 || !*at_dec || !strchr(at_dec, '/') ||
-               strspn(at_dec, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$&-^_.+/") !=
-                   strlen(at_dec)))
+    if (at &&
+        (query_decode(at, at_dec, sizeof at_dec) != 0 || !*at_dec || !strchr(at_dec, '/') ||
+         strspn(at_dec, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$&-^_.+/") != strlen(at_dec)))
         return send_error(r, 400, "UNSUPPORTED", "artifactType=\"%.100s\" is not a media type", at);
     policy_resolution res;
     if (run_resolve(r, &res) != 0) return MHD_YES;
@@ -1179,8 +1194,13 @@ static enum MHD_Result handle_referrers(request *r) {
     int pl = snprintf(path, sizeof path, "%s/referrers/%s", res.repository, r->reference);
     if (at) snprintf(path + pl, sizeof path - (size_t)pl, "?artifactType=%s", at);
     grow_buf b = {0};
-    upstream_request req = {.method = "GET", .repository = res.repository, .path = path, .accept = MT_OCI_INDEX,
-                            .on_headers = tags_headers, .on_body = tags_body, .ud = &b};
+    upstream_request req = {.method = "GET",
+                            .repository = res.repository,
+                            .path = path,
+                            .accept = MT_OCI_INDEX,
+                            .on_headers = tags_headers,
+                            .on_body = tags_body,
+                            .ud = &b};
     upstream_response resp;
     fetch_error e = {0};
     upstream_answer a = upstream_ask(u, &req, &resp, UPSTREAM_WHAT_MANIFEST, subject, false, &e);
@@ -1204,8 +1224,7 @@ static enum MHD_Result handle_referrers(request *r) {
         }
     }
     if (a == UPSTREAM_ANSWER_FAILED && b.too_big)
-        fetch_error_set(&e, 502, "UNKNOWN", "upstream %s sent %s over %d bytes", res.upstream, subject,
-                        TAGS_MAX_BYTES);
+        fetch_error_set(&e, 502, "UNKNOWN", "upstream %s sent %s over %d bytes", res.upstream, subject, TAGS_MAX_BYTES);
     if (a != UPSTREAM_ANSWER_OK) {
         free(b.buf);
         json_free(attached);
@@ -1214,8 +1233,8 @@ static enum MHD_Result handle_referrers(request *r) {
     char why[256];
     bool filtered = false;
     size_t len = 0;
-    char *out = referrers_body(b.buf, b.len, attached, at ? at_dec : NULL, upstream_filtered, &filtered, &len, why,
-                               sizeof why);
+    char *out =
+        referrers_body(b.buf, b.len, attached, at ? at_dec : NULL, upstream_filtered, &filtered, &len, why, sizeof why);
     free(b.buf);
     json_free(attached);
     if (!out)
@@ -1288,9 +1307,7 @@ static long last_segment(const char *path, const char *word) {
     return found;
 }
 
-static bool method_allowed(request *r) {
-    return strcmp(r->method, "GET") == 0 || strcmp(r->method, "HEAD") == 0;
-}
+static bool method_allowed(request *r) { return strcmp(r->method, "GET") == 0 || strcmp(r->method, "HEAD") == 0; }
 
 static enum MHD_Result route(request *r, const char *url) {
     char path[MAX_URL_BYTES];
@@ -1309,8 +1326,10 @@ static enum MHD_Result route(request *r, const char *url) {
             name[n] = '\0';
             if (config_find_upstream(r->sv->cfg, name)) {
                 const char *rest = slash + 3; /* "" or "/..." */
-                if (!*rest || strcmp(rest, "/") == 0) snprintf(path, sizeof path, "/v2/");
-                else snprintf(path, sizeof path, "/v2/%s%s", name, rest);
+                if (!*rest || strcmp(rest, "/") == 0)
+                    snprintf(path, sizeof path, "/v2/");
+                else
+                    snprintf(path, sizeof path, "/v2/%s%s", name, rest);
                 url = path;
                 ulen = strlen(url);
             }
@@ -1340,7 +1359,8 @@ static enum MHD_Result route(request *r, const char *url) {
      * whole, whichever part of the path they are in. */
     if (strstr(url, "/../") || strstr(url, "/./") || strstr(url, "//") || has_suffix(url, strlen(url), "/..") ||
         has_suffix(url, strlen(url), "/."))
-        return send_error(r, 400, "NAME_INVALID", "\".\" and \"..\" segments and empty segments are not allowed in the path");
+        return send_error(r, 400, "NAME_INVALID",
+                          "\".\" and \"..\" segments and empty segments are not allowed in the path");
 
     const char *rest = url + 4;
     size_t rlen = ulen - 4;
@@ -1382,12 +1402,10 @@ static enum MHD_Result route(request *r, const char *url) {
         return send_error(r, 404, "UNSUPPORTED",
                           "unknown endpoint %.200s (only manifests, blobs, tags/list and referrers)", url);
     }
-    if (!ref_valid_name(name))
-        return send_error(r, 400, "NAME_INVALID", "invalid repository name \"%.300s\"", name);
+    if (!ref_valid_name(name)) return send_error(r, 400, "NAME_INVALID", "invalid repository name \"%.300s\"", name);
     snprintf(r->repository, sizeof r->repository, "%s", name);
     if (!method_allowed(r) || (strcmp(endpoint, "tags") == 0 && r->head && 0))
-        return send_error(r, 405, "UNSUPPORTED", "%s is not supported on %s (read-only registry)", r->method,
-                          endpoint);
+        return send_error(r, 405, "UNSUPPORTED", "%s is not supported on %s (read-only registry)", r->method, endpoint);
     if (run_authorize(r) != 0) return MHD_YES; /* before resolve: who may pull at all */
     if (strcmp(endpoint, "manifests") == 0) return handle_manifest(r);
     if (strcmp(endpoint, "blobs") == 0) return handle_blob(r);
@@ -1497,8 +1515,8 @@ static void request_completed(void *cls, struct MHD_Connection *conn, void **con
  * sockets, libmicrohttpd's wake-up pipes). Said at start when the
  * open-files limit is lower: connections past it would be refused. */
 static void fd_budget_check(const config *c, uint64_t nofile) {
-    uint64_t need = 2 * (uint64_t)c->max_connections + (c->blobserve ? 2 * (uint64_t)c->max_connections : 0) +
-                    64 + 64 + 3 * (uint64_t)c->upstream_max_concurrent_fetches + 16 * (uint64_t)c->n_upstreams + 128;
+    uint64_t need = 2 * (uint64_t)c->max_connections + (c->blobserve ? 2 * (uint64_t)c->max_connections : 0) + 64 + 64 +
+                    3 * (uint64_t)c->upstream_max_concurrent_fetches + 16 * (uint64_t)c->n_upstreams + 128;
     if (nofile && nofile < need)
         log_warn("the open-files limit %llu is below the %llu descriptors limits.max_connections %u (and the other "
                  "limits) can take: connections past it will be refused; raise the hard limit (ulimit -n, "
@@ -1511,7 +1529,8 @@ static void fd_budget_check(const config *c, uint64_t nofile) {
  * the store, the upstream clients and the policy run unprivileged. */
 static int server_harden(server *s, const config *c, char *err, size_t errlen) {
     if (tls_config_load(c, &s->tls, err, errlen) != 0) return -1;
-    if (s->tls && s->tls->expired) log_warn("tls: the certificate %s expired on %s", s->tls->subject, s->tls->not_after);
+    if (s->tls && s->tls->expired)
+        log_warn("tls: the certificate %s expired on %s", s->tls->subject, s->tls->not_after);
     fd_budget_check(c, hardening_raise_nofile());
     if (hardening_listen(c->listen_host, c->listen_port, 1024, &s->listen_fd, err, errlen) != 0) return -1;
     if (c->user) {
@@ -1556,8 +1575,10 @@ int server_check(const config *c, char *err, size_t errlen) {
                     (strcmp(mc.listen_host, bc->listen_host) == 0 || strcmp(mc.listen_host, "0.0.0.0") == 0 ||
                      strcmp(bc->listen_host, "0.0.0.0") == 0);
     if (clash || clash_bs) {
-        snprintf(err, errlen, "%s: metrics.listen %s:%d: the %s listens there already; each listener needs an address "
-                 "of its own", c->path, mc.listen_host, mc.listen_port, clash ? "registry (listen)" : "blobserve");
+        snprintf(err, errlen,
+                 "%s: metrics.listen %s:%d: the %s listens there already; each listener needs an address "
+                 "of its own",
+                 c->path, mc.listen_host, mc.listen_port, clash ? "registry (listen)" : "blobserve");
         blobserve_config_free(bc);
         return -1;
     }
@@ -1625,8 +1646,12 @@ server *server_start(const config *c, char *err, size_t errlen) {
     s->layers = s->first->layers;
     s->gen = s->first->gen;
     /* Pushed specs loaded and the admin API up before the registry serves. */
-    generation_env ge = {.cfg = c, .st = s->st, .fetches = s->fetches, .acquire = generation_acquire,
-                         .release = generation_release, .ud = s};
+    generation_env ge = {.cfg = c,
+                         .st = s->st,
+                         .fetches = s->fetches,
+                         .acquire = generation_acquire,
+                         .release = generation_release,
+                         .ud = s};
     if (specs_start(s->specs, s->st, &ge, err, errlen) != 0) goto fail;
 
     /* TLS and the per-IP connection limit go in as an option array (they
@@ -1641,22 +1666,22 @@ server *server_start(const config *c, char *err, size_t errlen) {
             extra[ne++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_KEY_PASSWORD, 0, s->tls->key_password};
     }
     if (c->connections_per_ip)
-        extra[ne++] = (struct MHD_OptionItem){MHD_OPTION_PER_IP_CONNECTION_LIMIT, (intptr_t)c->connections_per_ip, NULL};
+        extra[ne++] =
+            (struct MHD_OptionItem){MHD_OPTION_PER_IP_CONNECTION_LIMIT, (intptr_t)c->connections_per_ip, NULL};
     extra[ne] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
-    s->daemon = MHD_start_daemon(
-        MHD_GLUE_THREAD_PER_CONNECTION | MHD_USE_ITC | (s->tls ? MHD_USE_TLS : 0),
-        0, NULL, NULL, MHD_GLUE_GUARDED(s->listener), MHD_OPTION_LISTEN_SOCKET, s->listen_fd, MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url, NULL,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)c->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)c->header_max_bytes, MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024), MHD_OPTION_ARRAY, extra,
-        MHD_OPTION_END);
+    s->daemon = MHD_start_daemon(MHD_GLUE_THREAD_PER_CONNECTION | MHD_USE_ITC | (s->tls ? MHD_USE_TLS : 0), 0, NULL,
+                                 NULL, MHD_GLUE_GUARDED(s->listener), MHD_OPTION_LISTEN_SOCKET, s->listen_fd,
+                                 MHD_OPTION_UNESCAPE_CALLBACK, mhd_glue_keep_url, NULL, MHD_OPTION_CONNECTION_TIMEOUT,
+                                 (unsigned int)c->client_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+                                 (size_t)c->header_max_bytes, MHD_OPTION_THREAD_STACK_SIZE, (size_t)(512 * 1024),
+                                 MHD_OPTION_ARRAY, extra, MHD_OPTION_END);
     if (!s->daemon) {
         snprintf(err, errlen, "listen %s:%d: cannot start the HTTP%s server (see the libmicrohttpd message above)",
                  c->listen_host, c->listen_port, s->tls ? "S" : "");
         goto fail;
     }
     s->listen_fd = -1; /* closed by MHD_stop_daemon */
-    if (s->tls)
-        log_info("serving HTTPS with %s (expires %s)", s->tls->subject, s->tls->not_after);
+    if (s->tls) log_info("serving HTTPS with %s (expires %s)", s->tls->subject, s->tls->not_after);
     mc.header_timeout_s = c->header_timeout_s;
     if (mc.enabled && !(s->metrics = metrics_server_start(&mc, server_ready, s, err, errlen))) goto fail;
     if (c->blobserve) {
@@ -1694,8 +1719,12 @@ server *server_offline(const config *c, store *st, generation_env *ge, char *err
     }
     s->current = s->first;
     s->first->refs = 1;
-    *ge = (generation_env){.cfg = c, .st = st, .fetches = s->fetches, .acquire = generation_acquire,
-                           .release = generation_release, .ud = s};
+    *ge = (generation_env){.cfg = c,
+                           .st = st,
+                           .fetches = s->fetches,
+                           .acquire = generation_acquire,
+                           .release = generation_release,
+                           .ud = s};
     return s;
 }
 
@@ -1740,7 +1769,7 @@ void server_stop(server *s) {
         pthread_mutex_destroy(&s->gen_lock);
     }
     store_close(s->st);
-    cluster_stop(s->cluster); /* after everything that asks it */
+    cluster_stop(s->cluster);            /* after everything that asks it */
     mhd_glue_listener_free(s->listener); /* after the daemon, whose callbacks use it */
     tls_config_free(s->tls);
     if (s->listen_fd >= 0) close(s->listen_fd);

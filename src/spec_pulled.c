@@ -168,10 +168,14 @@ void spec_pulled_free(spec_pulled *p) {
 /* ---------- the cache (caller holds mu) ---------- */
 
 static void lru_unlink(spec_pulled *p, entry *e) {
-    if (e->prev) e->prev->next = e->next;
-    else p->head = e->next;
-    if (e->next) e->next->prev = e->prev;
-    else p->tail = e->prev;
+    if (e->prev)
+        e->prev->next = e->next;
+    else
+        p->head = e->next;
+    if (e->next)
+        e->next->prev = e->prev;
+    else
+        p->tail = e->prev;
     e->prev = e->next = NULL;
 }
 
@@ -250,8 +254,7 @@ static size_t write_cb(char *data, size_t size, size_t n, void *ud) {
 typedef enum { TRY_OK, TRY_UNKNOWN, TRY_RETRY, TRY_FAIL, TRY_BAD } try_result;
 
 /* One attempt. TRY_OK: *out set. Otherwise why filled. */
-static try_result attempt(spec_pulled *p, const char *url, const char *id, json_value **out, char *why,
-                          size_t whylen) {
+static try_result attempt(spec_pulled *p, const char *url, const char *id, json_value **out, char *why, size_t whylen) {
     CURL *h = curl_easy_init();
     if (!h) {
         snprintf(why, whylen, "spec provider %s: cannot set up an HTTP request", p->name);
@@ -297,7 +300,7 @@ static try_result attempt(spec_pulled *p, const char *url, const char *id, json_
         snprintf(why, whylen, "spec provider %s is unavailable: GET %s: %s", p->name, url,
                  errbuf[0] ? errbuf : curl_easy_strerror(rc));
         tr = rc == CURLE_SSL_CERTPROBLEM || rc == CURLE_SSL_CACERT_BADFILE || rc == CURLE_OUT_OF_MEMORY ? TRY_FAIL
-                                                                                                         : TRY_RETRY;
+                                                                                                        : TRY_RETRY;
     } else if (status == 404) {
         snprintf(why, whylen, "spec provider %s has no spec \"%s\"", p->name, id);
         tr = TRY_UNKNOWN;
@@ -434,8 +437,10 @@ specs_result spec_pulled_get(spec_pulled *p, const char *id, json_value **out, c
     f->result = r;
     f->spec = spec;
     f->done = true;
-    if (r == SPECS_FOUND) cache_put(p, id, spec);
-    else p->stats.failures++;
+    if (r == SPECS_FOUND)
+        cache_put(p, id, spec);
+    else
+        p->stats.failures++;
     pthread_cond_broadcast(&p->cv);
     r = flight_take(f, out, why, whylen);
     flight_unref(p, f);

@@ -61,7 +61,7 @@ typedef struct {
 } provider;
 
 struct specs {
-    const config *cfg; /* the running configuration (specs_set_config on reload), under cfg_lock */
+    const config *cfg;         /* the running configuration (specs_set_config on reload), under cfg_lock */
     pthread_rwlock_t cfg_lock; /* read while a spec is checked against cfg: a reload frees the old one */
     provider *provs;
     size_t n;
@@ -227,7 +227,8 @@ static int check_image_ref(const config *c, const char *where, const char *ref, 
         if (colon) {
             *colon = '\0';
             reference = colon + 1;
-            if (!ref_valid_tag(reference)) return bad(v, "%s: \"%s\": \"%s\" is not a valid tag", where, ref, reference);
+            if (!ref_valid_tag(reference))
+                return bad(v, "%s: \"%s\": \"%s\" is not a valid tag", where, ref, reference);
         }
     }
     if (!ref_valid_name(name)) return bad(v, "%s: \"%s\": \"%s\" is not a valid repository name", where, ref, name);
@@ -238,8 +239,10 @@ static int check_image_ref(const config *c, const char *where, const char *ref, 
 static int check_file(const specs *sp, const char *where, const char *path, vctx *v) {
     if (path[0] != '/') return bad(v, "%s.file: \"%s\" must be an absolute path", where, path);
     if (sp->n_roots == 0)
-        return bad(v, "%s.file: file layers in specs are refused unless specs.file_roots names the folders they may "
-                   "come from (none is configured)", where);
+        return bad(v,
+                   "%s.file: file layers in specs are refused unless specs.file_roots names the folders they may "
+                   "come from (none is configured)",
+                   where);
     char real[PATH_MAX];
     if (!realpath(path, real)) return bad(v, "%s.file: \"%s\": %s", where, path, strerror(errno));
     bool inside = false;
@@ -249,7 +252,8 @@ static int check_file(const specs *sp, const char *where, const char *path, vctx
     }
     if (!inside) return bad(v, "%s.file: \"%s\" is not under any of specs.file_roots", where, path);
     struct stat st;
-    if (stat(real, &st) != 0 || !S_ISREG(st.st_mode)) return bad(v, "%s.file: \"%s\" is not a regular file", where, path);
+    if (stat(real, &st) != 0 || !S_ISREG(st.st_mode))
+        return bad(v, "%s.file: \"%s\" is not a regular file", where, path);
     return 0;
 }
 
@@ -262,7 +266,8 @@ void specs_set_config(specs *sp, const config *c) {
 }
 
 /* One entry of "layers". */
-static int check_layer(const specs *sp, const config *c, const json_value *l, size_t i, bool has_base, int *bases, vctx *v) {
+static int check_layer(const specs *sp, const config *c, const json_value *l, size_t i, bool has_base, int *bases,
+                       vctx *v) {
     char where[64];
     snprintf(where, sizeof where, "layers[%zu]", i);
     if (l->type == JSON_STRING) {
@@ -282,29 +287,35 @@ static int check_layer(const specs *sp, const config *c, const json_value *l, si
         }
         return 0;
     }
-    if (l->type != JSON_OBJECT) return bad(v, "%s: a layer is \"base\", a name, or an object with file, image or blob", where);
+    if (l->type != JSON_OBJECT)
+        return bad(v, "%s: a layer is \"base\", a name, or an object with file, image or blob", where);
     layer_spec ls;
     char err[600] = "";
     if (layer_spec_parse(l, NULL, where, &ls, err, sizeof err) != 0) return bad(v, "%s", err);
     int rc = 0;
     switch (ls.kind) {
-    case LAYER_FILE: rc = check_file(sp, where, ls.file, v); break;
-    case LAYER_IMAGE: {
-        char w[80];
-        snprintf(w, sizeof w, "%s.image", where);
-        rc = check_image_ref(c, w, ls.image, v);
-        break;
-    }
-    case LAYER_BLOB:
-        if (ls.upstream && !config_find_upstream(c, ls.upstream)) {
-            char list[512];
-            upstream_list(c, list, sizeof list);
-            rc = bad(v, "%s.upstream: \"%s\" is not a configured upstream (configured: %s)", where, ls.upstream, list);
-        } else if (!ls.upstream && !has_base) {
-            rc = bad(v, "%s.upstream: a blob layer in a spec without base must name the upstream it comes from", where);
+        case LAYER_FILE:
+            rc = check_file(sp, where, ls.file, v);
+            break;
+        case LAYER_IMAGE: {
+            char w[80];
+            snprintf(w, sizeof w, "%s.image", where);
+            rc = check_image_ref(c, w, ls.image, v);
+            break;
         }
-        break;
-    default: break;
+        case LAYER_BLOB:
+            if (ls.upstream && !config_find_upstream(c, ls.upstream)) {
+                char list[512];
+                upstream_list(c, list, sizeof list);
+                rc = bad(v, "%s.upstream: \"%s\" is not a configured upstream (configured: %s)", where, ls.upstream,
+                         list);
+            } else if (!ls.upstream && !has_base) {
+                rc = bad(v, "%s.upstream: a blob layer in a spec without base must name the upstream it comes from",
+                         where);
+            }
+            break;
+        default:
+            break;
     }
     layer_spec_clear(&ls);
     return rc;
@@ -354,8 +365,7 @@ static int validate(const specs *sp, const config *c, const json_value *spec, ch
     }
     const json_value *platform = json_object_get(spec, "platform");
     if (platform) {
-        if (has_base)
-            return bad(&v, "platform: only for a spec without base (it picks the empty base's platform)");
+        if (has_base) return bad(&v, "platform: only for a spec without base (it picks the empty base's platform)");
         if (!plain_string(platform) || !specs_scratch_digest(platform->str))
             return bad(&v, "platform: must be \"linux/amd64\" or \"linux/arm64\"");
     }
@@ -367,8 +377,7 @@ static int validate(const specs *sp, const config *c, const json_value *spec, ch
         for (size_t i = 0; i < layers->count; i++)
             if (check_layer(sp, c, layers->items[i], i, has_base, &bases, &v) != 0) return -1;
     }
-    if (!has_base && (!layers || layers->count == 0))
-        return bad(&v, "a spec without base needs at least one layer");
+    if (!has_base && (!layers || layers->count == 0)) return bad(&v, "a spec without base needs at least one layer");
     const json_value *x;
     if ((x = json_object_get(spec, "env")) && check_env(x, &v) != 0) return -1;
     if ((x = json_object_get(spec, "labels")) && check_string_map(x, "labels", &v) != 0) return -1;
@@ -392,8 +401,7 @@ json_value *specs_parse(const specs *sp, const char *text, size_t len, char *err
     char jerr[256];
     json_value *v = json_parse(text, len, sp->max_depth, jerr, sizeof jerr);
     if (!v) {
-        snprintf(err, errlen, "invalid JSON: %s%s", jerr,
-                 strstr(jerr, "nesting") ? " (specs.max_depth)" : "");
+        snprintf(err, errlen, "invalid JSON: %s%s", jerr, strstr(jerr, "nesting") ? " (specs.max_depth)" : "");
         return NULL;
     }
     if (specs_validate(sp, v, err, errlen) != 0) {
@@ -425,8 +433,8 @@ static int get_num(pctx *p, const json_value *obj, const char *key, const char *
     if (!v) return 0;
     int64_t n;
     if (!json_get_int64(v, &n) || n < min || n > max)
-        return config_section_fail(p, "%s%s%s: must be an integer from %lld to %lld", where, *where ? "." : "", key, (long long)min,
-                    (long long)max);
+        return config_section_fail(p, "%s%s%s: must be an integer from %lld to %lld", where, *where ? "." : "", key,
+                                   (long long)min, (long long)max);
     *out = n;
     return 0;
 }
@@ -434,7 +442,8 @@ static int get_num(pctx *p, const json_value *obj, const char *key, const char *
 static int get_bool(pctx *p, const json_value *obj, const char *key, const char *where, bool *out) {
     json_value *v = json_object_get(obj, key);
     if (!v) return 0;
-    if (v->type != JSON_TRUE && v->type != JSON_FALSE) return config_section_fail(p, "%s.%s: must be true or false", where, key);
+    if (v->type != JSON_TRUE && v->type != JSON_FALSE)
+        return config_section_fail(p, "%s.%s: must be true or false", where, key);
     *out = v->type == JSON_TRUE;
     return 0;
 }
@@ -545,8 +554,8 @@ static void fixed_refresh(specs *sp, provider *pv) {
     pv->last_check_ms = now;
     struct stat st;
     if (stat(pv->file, &st) != 0) {
-        if (!pv->bad_logged) log_error("spec provider %s: %s: %s; keeping the specs loaded before", pv->name, pv->file,
-                                       strerror(errno));
+        if (!pv->bad_logged)
+            log_error("spec provider %s: %s: %s; keeping the specs loaded before", pv->name, pv->file, strerror(errno));
         pv->bad_logged = true;
         return;
     }
@@ -740,8 +749,10 @@ static void pushed_sync(specs *sp, const char *id) {
         pthread_mutex_lock(&sp->mu);
         int rc = pushed_remove_locked(sp, id, why, sizeof why);
         pthread_mutex_unlock(&sp->mu);
-        if (rc < 0) log_error("spec provider %s: spec %s deleted in the cluster: %s", sp->pushed->name, id, why);
-        else if (rc > 0) log_info("spec provider %s: spec %s deleted in the cluster", sp->pushed->name, id);
+        if (rc < 0)
+            log_error("spec provider %s: spec %s deleted in the cluster: %s", sp->pushed->name, id, why);
+        else if (rc > 0)
+            log_info("spec provider %s: spec %s deleted in the cluster", sp->pushed->name, id);
         return;
     }
     if (r != CLUSTER_HIT) return;
@@ -811,8 +822,10 @@ specs_push_result specs_push(specs *sp, const char *id, const char *text, size_t
     bool replaced = false; /* in the cluster: pushed before, to any replica */
     if (r == SPECS_PUSH_CREATED &&
         cluster_spec_put(specs_cluster(sp), sp->pushed->name, id, stored, slen, &replaced) == CLUSTER_DOWN) {
-        snprintf(msg, msglen, "spec provider %s: the cluster's Redis is unreachable, and a spec pushed now would "
-                 "exist on this replica only; nothing changed, push it again", sp->pushed->name);
+        snprintf(msg, msglen,
+                 "spec provider %s: the cluster's Redis is unreachable, and a spec pushed now would "
+                 "exist on this replica only; nothing changed, push it again",
+                 sp->pushed->name);
         r = SPECS_PUSH_UNAVAILABLE;
     }
     pthread_mutex_lock(&sp->mu);
@@ -856,8 +869,10 @@ int specs_pushed_delete(specs *sp, const char *id, char *msg, size_t msglen) {
     if (!sp || !sp->pushed) return 0;
     cluster_result cr = cluster_spec_del(specs_cluster(sp), sp->pushed->name, id);
     if (cr == CLUSTER_DOWN) {
-        snprintf(msg, msglen, "spec provider %s: the cluster's Redis is unreachable, and a spec deleted now would "
-                 "stay on the other replicas; nothing changed, delete it again", sp->pushed->name);
+        snprintf(msg, msglen,
+                 "spec provider %s: the cluster's Redis is unreachable, and a spec deleted now would "
+                 "stay on the other replicas; nothing changed, delete it again",
+                 sp->pushed->name);
         return -2;
     }
     pthread_mutex_lock(&sp->mu);
@@ -921,7 +936,9 @@ static int parse_provider(pctx *p, specs *sp, const char *name, const json_value
         int64_t max = DEFAULT_MAX_SPECS;
         if (get_num(p, o, "max_specs", where, 1, 10000000, &max) != 0) return -1;
         pv->max_specs = (size_t)max;
-        if (sp->pushed) return config_section_fail(p, "%s: only one provider may be of type \"pushed\" (%s is)", where, sp->pushed->name);
+        if (sp->pushed)
+            return config_section_fail(p, "%s: only one provider may be of type \"pushed\" (%s is)", where,
+                                       sp->pushed->name);
         sp->pushed = pv;
         return 0;
     }
@@ -940,9 +957,10 @@ static int parse_provider(pctx *p, specs *sp, const char *name, const json_value
     }
     if (strcmp(type, "pulled") != 0)
         return config_section_fail(p, "%s.type: \"%s\" is not \"pulled\", \"pushed\" or \"fixed\"", where, type);
-    static const char *const keys[] = {"type", "url", "ca_file", "tls_verify", "client_cert_file", "client_key_file",
-                                       "token_file", "ttl_seconds", "cache_max_entries", "cache_max_bytes",
-                                       "timeout_ms", "retries", NULL};
+    static const char *const keys[] = {
+        "type",       "url",         "ca_file",           "tls_verify",      "client_cert_file", "client_key_file",
+        "token_file", "ttl_seconds", "cache_max_entries", "cache_max_bytes", "timeout_ms",       "retries",
+        NULL};
     if (config_section_check_keys(p, o, where, keys) != 0) return -1;
     pv->type = PROV_PULLED;
     const char *url = NULL, *ca = NULL, *cert = NULL, *key = NULL, *token_file = NULL;
@@ -950,9 +968,12 @@ static int parse_provider(pctx *p, specs *sp, const char *name, const json_value
         get_str(p, o, "client_cert_file", where, &cert) != 0 || get_str(p, o, "client_key_file", where, &key) != 0 ||
         get_str(p, o, "token_file", where, &token_file) != 0)
         return -1;
-    if (!url) return config_section_fail(p, "%s.url: required: \"https://HOST/PATH/{id}\" or a base URL the id is appended to", where);
+    if (!url)
+        return config_section_fail(
+            p, "%s.url: required: \"https://HOST/PATH/{id}\" or a base URL the id is appended to", where);
     if ((strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0) || strpbrk(url, " \t\r\n#"))
-        return config_section_fail(p, "%s.url: \"%s\" must be an http:// or https:// URL without spaces or fragment", where, url);
+        return config_section_fail(p, "%s.url: \"%s\" must be an http:// or https:// URL without spaces or fragment",
+                                   where, url);
     if (key && !cert) return config_section_fail(p, "%s.client_key_file: needs client_cert_file", where);
     bool verify = true;
     int64_t ttl = DEFAULT_TTL_S, entries = 1024, bytes = 16 * 1024 * 1024, timeout = 10000,
@@ -979,7 +1000,8 @@ static int parse_provider(pctx *p, specs *sp, const char *name, const json_value
         free(tpath);
         while (token && len > 0 && (token[len - 1] == '\n' || token[len - 1] == '\r' || token[len - 1] == ' '))
             token[--len] = '\0';
-        if (!token) rc = config_section_fail(p, "%s.token_file: %s", where, why);
+        if (!token)
+            rc = config_section_fail(p, "%s.token_file: %s", where, why);
         else if (len == 0 || strlen(token) != len || strpbrk(token, "\r\n"))
             rc = config_section_fail(p, "%s.token_file: the file is empty or holds a NUL byte or a line break", where);
     }
@@ -1035,14 +1057,15 @@ static int parse_section(pctx *p, specs *sp) {
         if (!sp->roots) return config_section_fail(p, "file_roots: out of memory");
         for (size_t i = 0; i < roots->count; i++) {
             const json_value *r = roots->items[i];
-            if (!plain_string(r) || r->len == 0) return config_section_fail(p, "file_roots[%zu]: must be a non-empty string", i);
+            if (!plain_string(r) || r->len == 0)
+                return config_section_fail(p, "file_roots[%zu]: must be a non-empty string", i);
             char *path = config_path(c, r->str), real[PATH_MAX];
             bool ok = path && realpath(path, real);
             int saved = errno;
             struct stat st;
             if (!ok || stat(real, &st) != 0 || !S_ISDIR(st.st_mode)) {
-                int rc = config_section_fail(p, "file_roots[%zu]: \"%s\" is not a folder%s%s", i, path ? path : r->str, ok ? "" : ": ",
-                              ok ? "" : strerror(saved));
+                int rc = config_section_fail(p, "file_roots[%zu]: \"%s\" is not a folder%s%s", i, path ? path : r->str,
+                                             ok ? "" : ": ", ok ? "" : strerror(saved));
                 free(path);
                 return rc;
             }
@@ -1053,14 +1076,17 @@ static int parse_section(pctx *p, specs *sp) {
     }
     const json_value *provs = json_object_get(sec, "providers");
     if (!provs || provs->type != JSON_OBJECT || provs->count == 0)
-        return config_section_fail(p, "providers: required: an object of NAME: { \"type\": \"pulled\" | \"pushed\" | \"fixed\", ... }");
+        return config_section_fail(
+            p, "providers: required: an object of NAME: { \"type\": \"pulled\" | \"pushed\" | \"fixed\", ... }");
     sp->provs = calloc(provs->count, sizeof *sp->provs);
     if (!sp->provs) return config_section_fail(p, "providers: out of memory");
     for (size_t i = 0; i < provs->count; i++) {
         if (!specs_valid_id(provs->keys[i]))
-            return config_section_fail(p, "providers.%s: a provider name is [A-Za-z0-9][A-Za-z0-9._-]*", provs->keys[i]);
+            return config_section_fail(p, "providers.%s: a provider name is [A-Za-z0-9][A-Za-z0-9._-]*",
+                                       provs->keys[i]);
         for (size_t k = 0; k < i; k++)
-            if (strcmp(provs->keys[k], provs->keys[i]) == 0) return config_section_fail(p, "providers.%s: given twice", provs->keys[i]);
+            if (strcmp(provs->keys[k], provs->keys[i]) == 0)
+                return config_section_fail(p, "providers.%s: given twice", provs->keys[i]);
         sp->n = i + 1;
         if (parse_provider(p, sp, provs->keys[i], provs->items[i], &sp->provs[i]) != 0) return -1;
     }
@@ -1079,8 +1105,9 @@ static int parse_section(pctx *p, specs *sp) {
         pv->last_check_ms = clock_monotonic_ms();
     }
     if (sp->pushed && !c->admin)
-        return config_section_fail(p, "providers.%s: a pushed provider needs the \"admin\" section (the API specs are pushed to)",
-                    sp->pushed->name);
+        return config_section_fail(
+            p, "providers.%s: a pushed provider needs the \"admin\" section (the API specs are pushed to)",
+            sp->pushed->name);
     return 0;
 }
 
@@ -1162,8 +1189,10 @@ static void specs_collect(metrics_writer *w, void *ud) {
         pthread_mutex_lock(&sp->mu);
         size_t n = sp->n_specs;
         pthread_mutex_unlock(&sp->mu);
-        metrics_write_head(w, "regfacade_spec_pushed", "gauge", "Image specs pushed through the admin API and held now.");
-        metrics_write(w, "regfacade_spec_pushed{provider=\"%s\"} %zu\n", metrics_label(sp->pushed->name, t, sizeof t), n);
+        metrics_write_head(w, "regfacade_spec_pushed", "gauge",
+                           "Image specs pushed through the admin API and held now.");
+        metrics_write(w, "regfacade_spec_pushed{provider=\"%s\"} %zu\n", metrics_label(sp->pushed->name, t, sizeof t),
+                      n);
     }
 }
 
@@ -1194,7 +1223,9 @@ int specs_start(specs *sp, store *st, const generation_env *ge, char *err, size_
     for (size_t i = 0; i < sp->n; i++) {
         const provider *pv = &sp->provs[i];
         log_info("spec provider %s: %s", pv->name,
-                 pv->type == PROV_PULLED ? "pulled" : pv->type == PROV_PUSHED ? "pushed (admin API)" : "fixed");
+                 pv->type == PROV_PULLED   ? "pulled"
+                 : pv->type == PROV_PUSHED ? "pushed (admin API)"
+                                           : "fixed");
     }
     return 0;
 }
@@ -1294,17 +1325,18 @@ int specs_resolve(specs *sp, policy *pol, policy_request *req, policy_resolution
     char why[900];
     specs_result r = specs_get(sp, provider_name, id, &spec, why, sizeof why);
     switch (r) {
-    case SPECS_FOUND: break;
-    case SPECS_UNKNOWN:
-        policy_error_set(e, 404, unknown_code(req->kind), "%s: %s", req->repository, why);
-        return -1;
-    case SPECS_UNAVAILABLE:
-        policy_error_set(e, 503, "UNKNOWN", "%s: the image spec cannot be looked up now (try again): %s",
-                         req->repository, why);
-        return -1;
-    case SPECS_BAD_ANSWER:
-        policy_error_set(e, 502, "UNKNOWN", "%s: %s", req->repository, why);
-        return -1;
+        case SPECS_FOUND:
+            break;
+        case SPECS_UNKNOWN:
+            policy_error_set(e, 404, unknown_code(req->kind), "%s: %s", req->repository, why);
+            return -1;
+        case SPECS_UNAVAILABLE:
+            policy_error_set(e, 503, "UNKNOWN", "%s: the image spec cannot be looked up now (try again): %s",
+                             req->repository, why);
+            return -1;
+        case SPECS_BAD_ANSWER:
+            policy_error_set(e, 502, "UNKNOWN", "%s: %s", req->repository, why);
+            return -1;
     }
     req->spec = spec;
     if (policy_resolve(pol, req, out, e) != 0) {

@@ -27,18 +27,18 @@ struct spool_writer {
 
     /* Producer side, used by the putting thread only. */
     char *buf[2];
-    int fill;              /* index of the buffer being filled */
+    int fill; /* index of the buffer being filled */
     size_t fill_len;
     int64_t fill_since_ms; /* when its first byte came */
     uint64_t end;          /* offset after the last byte put */
 
     /* Shared, under mu. */
     pthread_mutex_t mu;
-    pthread_cond_t work; /* a buffer was handed over, or stop */
-    pthread_cond_t done; /* a stage finished the handed-over buffer */
-    uint64_t handed;     /* buffers handed over so far */
+    pthread_cond_t work;            /* a buffer was handed over, or stop */
+    pthread_cond_t done;            /* a stage finished the handed-over buffer */
+    uint64_t handed;                /* buffers handed over so far */
     uint64_t finished[STAGE_COUNT]; /* buffers each stage is done with */
-    int pending;         /* index of the handed-over buffer */
+    int pending;                    /* index of the handed-over buffer */
     size_t pending_len;
     uint64_t pending_off;
     int failed;
@@ -48,7 +48,7 @@ struct spool_writer {
     /* Write stage only. */
     uint64_t writeback_from; /* first byte whose writeback is not started */
     pthread_t threads[STAGE_COUNT];
-    int started;             /* threads running */
+    int started; /* threads running */
 };
 
 typedef struct {
@@ -63,8 +63,7 @@ static int write_chunk(spool_writer *w, const char *data, size_t len, uint64_t o
         ssize_t n = pwrite(w->fd, data + done, len - done, (off_t)(off + done));
         if (n < 0) {
             if (errno == EINTR) continue;
-            snprintf(err, errlen, "write at byte %llu: %s", (unsigned long long)(off + done),
-                     strerror(errno));
+            snprintf(err, errlen, "write at byte %llu: %s", (unsigned long long)(off + done), strerror(errno));
             return -1;
         }
         done += (size_t)n;
@@ -73,8 +72,7 @@ static int write_chunk(spool_writer *w, const char *data, size_t len, uint64_t o
     if (end - w->writeback_from >= SPOOL_WRITER_WRITEBACK_BYTES) {
         /* Asynchronous: queues the pages for the disk and returns. A failure
          * only means the commit's fsync does all the work. */
-        (void)sync_file_range(w->fd, (off_t)w->writeback_from, (off_t)(end - w->writeback_from),
-                              SYNC_FILE_RANGE_WRITE);
+        (void)sync_file_range(w->fd, (off_t)w->writeback_from, (off_t)(end - w->writeback_from), SYNC_FILE_RANGE_WRITE);
         w->writeback_from = end;
     }
     w->on_written(w->ud, end);
@@ -174,8 +172,10 @@ spool_writer *spool_writer_new(int fd, uint64_t start, digest_ctx *dg, spool_wri
         a->w = w;
         a->stage = i;
         rc = pthread_create(&w->threads[i], &attr, stage_thread, a);
-        if (rc != 0) free(a);
-        else w->started++;
+        if (rc != 0)
+            free(a);
+        else
+            w->started++;
     }
     pthread_attr_destroy(&attr);
     if (rc != 0) {

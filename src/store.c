@@ -86,10 +86,14 @@ static blob_entry *index_find(store *s, const char *hex) {
 }
 
 static void lru_unlink(store *s, blob_entry *e) {
-    if (e->newer) e->newer->older = e->older;
-    else s->newest = e->older;
-    if (e->older) e->older->newer = e->newer;
-    else s->oldest = e->newer;
+    if (e->newer)
+        e->newer->older = e->older;
+    else
+        s->newest = e->older;
+    if (e->older)
+        e->older->newer = e->newer;
+    else
+        s->oldest = e->newer;
     e->newer = e->older = NULL;
 }
 
@@ -249,8 +253,8 @@ static bool same_file_state(const struct stat *a, const struct stat *b) {
 
 /* Is the file (st) still the one that was verified? */
 static bool still_verified(const blob_entry *e, const struct stat *st) {
-    struct stat v = {.st_dev = e->vdev, .st_ino = e->vino, .st_size = e->vsize, .st_ctim = e->vctime,
-                     .st_mtim = e->vmtime};
+    struct stat v = {
+        .st_dev = e->vdev, .st_ino = e->vino, .st_size = e->vsize, .st_ctim = e->vctime, .st_mtim = e->vmtime};
     return e->verified && same_file_state(&v, st);
 }
 
@@ -303,8 +307,8 @@ static int hash_fd(int fd, store_pace_fn pace, void *ud, char out[DIGEST_STRING_
 static void quarantine_locked(store *s, blob_entry *e, int fd, const char *reason) {
     char p[PATH_MAX], q[PATH_MAX];
     struct stat a, b;
-    if (blob_path_hex(s, e->hex, p, sizeof p) != 0 || fstat(fd, &a) != 0 || lstat(p, &b) != 0 ||
-        a.st_dev != b.st_dev || a.st_ino != b.st_ino)
+    if (blob_path_hex(s, e->hex, p, sizeof p) != 0 || fstat(fd, &a) != 0 || lstat(p, &b) != 0 || a.st_dev != b.st_dev ||
+        a.st_ino != b.st_ino)
         return;
     snprintf(q, sizeof q, "%s/quarantine/sha256-%s-%lld-%lu", s->dir, e->hex, (long long)time(NULL), ++s->spool_seq);
     if (rename(p, q) != 0) {
@@ -542,8 +546,8 @@ store *store_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
     s->max_bytes = max_bytes;
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->verified_cv, NULL);
-    static const char *const subdirs[] = {"",          "/blobs",     "/blobs/sha256", "/tmp", "/tags", "/links", 
-                                          "/generated", "/made", "/quarantine", NULL};
+    static const char *const subdirs[] = {"",       "/blobs",     "/blobs/sha256", "/tmp",        "/tags",
+                                          "/links", "/generated", "/made",         "/quarantine", NULL};
     for (const char *const *sd = subdirs; *sd; sd++) {
         char p[PATH_MAX];
         snprintf(p, sizeof p, "%s%s", dir, *sd);
@@ -583,7 +587,9 @@ void store_close(store *s) {
 const char *store_dir(const store *s) { return s->dir; }
 
 void store_set_cluster(store *s, struct cluster *cl) { s->cluster = cl; }
-struct cluster *store_cluster(const store *s) { return s->cluster; }
+struct cluster *store_cluster(const store *s) {
+    return s->cluster;
+}
 
 static int blob_path(const store *s, const char *digest, char *out, size_t outlen) {
     if (!ref_is_sha256_digest(digest)) return -1;
@@ -797,8 +803,8 @@ static int blob_read(store *s, const char *digest, size_t max, bool touch, char 
     }
     if (size > max) {
         store_blob_close(s, digest, fd);
-        snprintf(err, errlen, "store: %s is %llu bytes, over the %zu-byte limit", digest,
-                 (unsigned long long)size, max);
+        snprintf(err, errlen, "store: %s is %llu bytes, over the %zu-byte limit", digest, (unsigned long long)size,
+                 max);
         return -1;
     }
     char *buf = malloc(size + 1);
@@ -939,8 +945,8 @@ static int tag_path(const store *s, const char *upstream, const char *repository
 }
 
 /* A tag record's fields; 0 when it is damaged (never an answer). */
-static int tag_record_parse(const char *buf, size_t n, store_tag *out, char *up, size_t ulen, char *repo,
-                            size_t rlen, char *tag, size_t tlen) {
+static int tag_record_parse(const char *buf, size_t n, store_tag *out, char *up, size_t ulen, char *repo, size_t rlen,
+                            char *tag, size_t tlen) {
     char jerr[128];
     json_value *v = json_parse(buf, n, 4, jerr, sizeof jerr);
     if (!v) return 0;
@@ -951,9 +957,8 @@ static int tag_record_parse(const char *buf, size_t n, store_tag *out, char *up,
     const char *u = json_object_get_string(v, "upstream");
     int64_t when = 0;
     int rc = 0;
-    if (dg && mt && rp && tg && u && json_get_int64(json_object_get(v, "fetched"), &when) &&
-        ref_is_sha256_digest(dg) && strlen(mt) < sizeof out->media_type && strlen(u) < ulen && strlen(rp) < rlen &&
-        strlen(tg) < tlen) {
+    if (dg && mt && rp && tg && u && json_get_int64(json_object_get(v, "fetched"), &when) && ref_is_sha256_digest(dg) &&
+        strlen(mt) < sizeof out->media_type && strlen(u) < ulen && strlen(rp) < rlen && strlen(tg) < tlen) {
         snprintf(out->digest, sizeof out->digest, "%s", dg);
         snprintf(out->media_type, sizeof out->media_type, "%s", mt);
         out->fetched = (time_t)when;
@@ -1118,7 +1123,8 @@ static int record_read(const char *path, char *buf, size_t len) {
 static void scope_hash(store_scope *out, const char *const *parts, size_t n) {
     char full[DIGEST_STRING_LEN] = "";
     digest_ctx *d = digest_new();
-    for (size_t i = 0; d && i < n; i++) digest_update(d, parts[i] ? parts[i] : "", strlen(parts[i] ? parts[i] : "") + 1);
+    for (size_t i = 0; d && i < n; i++)
+        digest_update(d, parts[i] ? parts[i] : "", strlen(parts[i] ? parts[i] : "") + 1);
     if (!d || digest_final(d, full) != 0) snprintf(full, sizeof full, "sha256:"); /* out of memory: matches nothing */
     digest_free(d);
     snprintf(out->hex, sizeof out->hex, "%s", full + 7);

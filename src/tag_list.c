@@ -8,8 +8,10 @@
 #include "regfacade/ref.h"
 
 static void set_err(char *err, size_t errlen, const char *msg, long i) {
-    if (i >= 0) snprintf(err, errlen, "tags[%ld] %s", i, msg);
-    else snprintf(err, errlen, "%s", msg);
+    if (i >= 0)
+        snprintf(err, errlen, "tags[%ld] %s", i, msg);
+    else
+        snprintf(err, errlen, "%s", msg);
 }
 
 int tag_list_add(tag_list *l, const char *item) {
@@ -74,8 +76,10 @@ void tag_list_finish(tag_list *l) {
     qsort(l->tags, l->n, sizeof *l->tags, cmp_tag);
     size_t w = 1;
     for (size_t i = 1; i < l->n; i++) {
-        if (strcmp(l->tags[i], l->tags[w - 1]) == 0) free(l->tags[i]);
-        else l->tags[w++] = l->tags[i];
+        if (strcmp(l->tags[i], l->tags[w - 1]) == 0)
+            free(l->tags[i]);
+        else
+            l->tags[w++] = l->tags[i];
     }
     l->n = w;
 }
@@ -86,8 +90,10 @@ void tag_list_page(const tag_list *l, const char *last, long n, size_t *start, s
         size_t lo = 0, hi = l->n;
         while (lo < hi) {
             size_t mid = lo + (hi - lo) / 2;
-            if (strcmp(l->tags[mid], last) <= 0) lo = mid + 1;
-            else hi = mid;
+            if (strcmp(l->tags[mid], last) <= 0)
+                lo = mid + 1;
+            else
+                hi = mid;
         }
         s = lo;
     }
@@ -140,8 +146,7 @@ int tag_list_next_path(const char *link, const char *repository, char *out, size
     if (!v2 || v2 >= gt) return 0;
     p = v2 + 4;
     size_t rl = strlen(repository);
-    if ((size_t)(gt - p) <= rl || strncmp(p, repository, rl) != 0 || strncmp(p + rl, "/tags/list?", 11) != 0)
-        return 0;
+    if ((size_t)(gt - p) <= rl || strncmp(p, repository, rl) != 0 || strncmp(p + rl, "/tags/list?", 11) != 0) return 0;
     size_t n = (size_t)(gt - p);
     if (n >= outlen) return 0;
     for (size_t i = 0; i < n; i++)

@@ -47,8 +47,7 @@ static char *resolve(const config *c, const char *p) {
     return out;
 }
 
-static int get_path(const config *c, const json_value *sec, const char *key, char **out, char *err,
-                    size_t errlen) {
+static int get_path(const config *c, const json_value *sec, const char *key, char **out, char *err, size_t errlen) {
     config_section p_ = {c, "tls", err, errlen}, *p = &p_;
     json_value *v = json_object_get(sec, key);
     if (!v) return 0;
@@ -72,8 +71,10 @@ static int pass_cb(char *buf, int size, int rwflag, void *u) {
 
 static void openssl_reason(char *buf, size_t len) {
     unsigned long e = ERR_peek_last_error();
-    if (e) ERR_error_string_n(e, buf, len);
-    else snprintf(buf, len, "no PEM block found");
+    if (e)
+        ERR_error_string_n(e, buf, len);
+    else
+        snprintf(buf, len, "no PEM block found");
     ERR_clear_error();
 }
 
@@ -110,7 +111,7 @@ static int check_pem(const config *c, tls_config *t, char *err, size_t errlen) {
         if (strstr(t->key_pem, "ENCRYPTED") && !t->key_password)
             return config_section_fail(p, "key_file: %s is encrypted; set tls.key_password_file", t->key_file);
         return config_section_fail(p, "key_file: %s holds no usable PEM private key (%s)", t->key_file,
-                    t->key_password ? "wrong passphrase or not a key" : why);
+                                   t->key_password ? "wrong passphrase or not a key" : why);
     }
     int match = X509_check_private_key(leaf, key);
     ERR_clear_error();
@@ -118,7 +119,7 @@ static int check_pem(const config *c, tls_config *t, char *err, size_t errlen) {
     if (match != 1) {
         X509_free(leaf);
         return config_section_fail(p, ": the key in %s does not belong to the certificate in %s", t->key_file,
-                    t->cert_file);
+                                   t->cert_file);
     }
     X509_NAME_oneline(X509_get_subject_name(leaf), t->subject, (int)sizeof t->subject);
     const ASN1_TIME *na = X509_get0_notAfter(leaf);
@@ -156,8 +157,10 @@ int tls_config_load(const config *c, tls_config **out, char *err, size_t errlen)
     t->priorities = PRIO_TLS12;
     json_value *mv = json_object_get(sec, "min_version");
     if (mv) {
-        if (mv->type == JSON_STRING && strcmp(mv->str, "1.2") == 0) t->priorities = PRIO_TLS12;
-        else if (mv->type == JSON_STRING && strcmp(mv->str, "1.3") == 0) t->priorities = PRIO_TLS13;
+        if (mv->type == JSON_STRING && strcmp(mv->str, "1.2") == 0)
+            t->priorities = PRIO_TLS12;
+        else if (mv->type == JSON_STRING && strcmp(mv->str, "1.3") == 0)
+            t->priorities = PRIO_TLS13;
         else {
             config_section_fail(p, "min_version: must be \"1.2\" or \"1.3\"");
             goto done;
@@ -165,18 +168,18 @@ int tls_config_load(const config *c, tls_config **out, char *err, size_t errlen)
     }
     if (!(t->cert_pem = slurp(t->cert_file, &len))) {
         config_section_fail(p, "cert_file: cannot read %s: %s", t->cert_file,
-             errno == EINVAL ? "holds a NUL byte" : strerror(errno));
+                            errno == EINVAL ? "holds a NUL byte" : strerror(errno));
         goto done;
     }
     if (!(t->key_pem = slurp(t->key_file, &len))) {
         config_section_fail(p, "key_file: cannot read %s: %s", t->key_file,
-             errno == EINVAL ? "holds a NUL byte" : strerror(errno));
+                            errno == EINVAL ? "holds a NUL byte" : strerror(errno));
         goto done;
     }
     if (pass_file) {
         if (!(t->key_password = slurp(pass_file, &len))) {
             config_section_fail(p, "key_password_file: cannot read %s: %s", pass_file,
-                 errno == EINVAL ? "holds a NUL byte" : strerror(errno));
+                                errno == EINVAL ? "holds a NUL byte" : strerror(errno));
             goto done;
         }
         while (len > 0 && (t->key_password[len - 1] == '\n' || t->key_password[len - 1] == '\r'))
@@ -194,8 +197,10 @@ int tls_config_load(const config *c, tls_config **out, char *err, size_t errlen)
     rc = 0;
 done:
     free(pass_file);
-    if (rc != 0) tls_config_free(t);
-    else *out = t;
+    if (rc != 0)
+        tls_config_free(t);
+    else
+        *out = t;
     return rc;
 }
 

@@ -44,10 +44,10 @@
 #endif
 
 /* Named limits of this module. */
-#define UPSTREAM_POOL_MAX 16              /* idle easy handles kept per upstream */
-#define UPSTREAM_MAX_REDIRS 10L           /* redirects followed per request */
+#define UPSTREAM_POOL_MAX 16    /* idle easy handles kept per upstream */
+#define UPSTREAM_MAX_REDIRS 10L /* redirects followed per request */
 #define UPSTREAM_DEFAULT_CONNECT_MS 10000L
-#define UPSTREAM_DEFAULT_LOW_SPEED 1024L  /* bytes/s */
+#define UPSTREAM_DEFAULT_LOW_SPEED 1024L /* bytes/s */
 #define UPSTREAM_DEFAULT_LOW_SPEED_S 30L
 #define TOKEN_BODY_MAX (1024 * 1024)      /* largest token response we read */
 #define TOKEN_REQUEST_TIMEOUT_MS 60000L   /* whole token request, connect included */
@@ -60,18 +60,15 @@
 #define UPSTREAM_DEFAULT_RETRIES 3
 #define UPSTREAM_DEFAULT_BUDGET_MS 30000L
 #define UPSTREAM_DEFAULT_BACKOFF_MS 200L
-#define UPSTREAM_BACKOFF_MAX_MS 10000L    /* longest backoff between two attempts */
+#define UPSTREAM_BACKOFF_MAX_MS 10000L /* longest backoff between two attempts */
 
 /* ------------------------------------------------------------------ */
 /* small helpers */
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
+static void set_err(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || errlen == 0) return;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
@@ -80,84 +77,69 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
 
 /* memset that the compiler may not drop: used on buffers that held a
  * password or a token. */
-static void wipe(void *p, size_t n)
-{
+static void wipe(void *p, size_t n) {
     volatile unsigned char *v = p;
-    while (n--)
-        *v++ = 0;
+    while (n--) *v++ = 0;
 }
 
-static void free_secret(char *s)
-{
+static void free_secret(char *s) {
     if (s) {
         wipe(s, strlen(s));
         free(s);
     }
 }
 
-static char *xstrdup(const char *s)
-{
-    if (!s)
-        return NULL;
+static char *xstrdup(const char *s) {
+    if (!s) return NULL;
     size_t n = strlen(s) + 1;
     char *d = malloc(n);
-    if (d)
-        memcpy(d, s, n);
+    if (d) memcpy(d, s, n);
     return d;
 }
 
 /* printf into a fresh malloc'd string; NULL on failure. */
 static char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-static char *xasprintf(const char *fmt, ...)
-{
+static char *xasprintf(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(NULL, 0, fmt, ap);
     va_end(ap);
-    if (n < 0)
-        return NULL;
+    if (n < 0) return NULL;
     char *s = malloc((size_t)n + 1);
-    if (!s)
-        return NULL;
+    if (!s) return NULL;
     va_start(ap, fmt);
     vsnprintf(s, (size_t)n + 1, fmt, ap);
     va_end(ap);
     return s;
 }
 
-static int64_t now_s(void)
-{
+static int64_t now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec;
 }
 
 /* true when s holds a byte that must never reach a header or a URL */
-static bool has_ctl_or_space(const char *s)
-{
+static bool has_ctl_or_space(const char *s) {
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
-        if (c <= 0x20 || c == 0x7f)
-            return true;
+        if (c <= 0x20 || c == 0x7f) return true;
     }
     return false;
 }
 
-static bool has_ctl(const char *s)
-{
+static bool has_ctl(const char *s) {
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
-        if ((c < 0x20 && c != '\t') || c == 0x7f)
-            return true;
+        if ((c < 0x20 && c != '\t') || c == 0x7f) return true;
     }
     return false;
 }
 
 /* Copy a URL for a message, leaving out userinfo and the query (a redirect
  * target may be a presigned URL whose query is a credential). */
-static void url_for_message(const char *url, char *out, size_t outlen, bool keep_query)
-{
+static void url_for_message(const char *url, char *out, size_t outlen, bool keep_query) {
     if (!url) {
         snprintf(out, outlen, "?");
         return;
@@ -167,16 +149,14 @@ static void url_for_message(const char *url, char *out, size_t outlen, bool keep
     const char *host_end = auth + strcspn(auth, "/?#");
     const char *at = NULL;
     for (const char *p = auth; p < host_end; p++)
-        if (*p == '@')
-            at = p;
+        if (*p == '@') at = p;
     if (at)
         snprintf(out, outlen, "%.*s%s", (int)(auth - url), url, at + 1);
     else
         snprintf(out, outlen, "%s", url);
     if (!keep_query) {
         char *q = strpbrk(out, "?#");
-        if (q)
-            *q = '\0';
+        if (q) *q = '\0';
     }
 }
 
@@ -186,22 +166,22 @@ static void url_for_message(const char *url, char *out, size_t outlen, bool keep
 typedef struct token_entry token_entry;
 struct token_entry {
     token_entry *next;
-    char *scope;      /* "" when the request had no scope */
-    bool with_creds;  /* the token was issued for our configured credentials */
+    char *scope;     /* "" when the request had no scope */
+    bool with_creds; /* the token was issued for our configured credentials */
     char *token;
-    int64_t expires;  /* monotonic seconds; the entry is stale from then on */
+    int64_t expires; /* monotonic seconds; the entry is stale from then on */
 };
 
 struct upstream {
-    int refs;         /* upstream_new's and upstream_hold's; atomic */
+    int refs; /* upstream_new's and upstream_hold's; atomic */
     char *name;
-    char *url;        /* without trailing slash */
+    char *url;          /* without trailing slash */
     credentials *creds; /* the account, never NULL (kind NONE: anonymous) */
     bool with_creds;    /* creds is not anonymous */
     char *ca_file;
     char *user_agent;
     bool tls_verify;
-    bool https;       /* url is https */
+    bool https; /* url is https */
     long connect_timeout_ms;
     long low_speed_limit;
     long low_speed_time_s;
@@ -234,102 +214,82 @@ struct upstream {
     bool basic_known; /* the last challenge seen was Basic */
 };
 
-static void share_lock(CURL *h, curl_lock_data data, curl_lock_access access, void *userptr)
-{
+static void share_lock(CURL *h, curl_lock_data data, curl_lock_access access, void *userptr) {
     (void)h;
     (void)access;
     upstream *u = userptr;
-    if ((int)data >= 0 && data < CURL_LOCK_DATA_LAST)
-        pthread_mutex_lock(&u->share_mu[data]);
+    if ((int)data >= 0 && data < CURL_LOCK_DATA_LAST) pthread_mutex_lock(&u->share_mu[data]);
 }
 
-static void share_unlock(CURL *h, curl_lock_data data, void *userptr)
-{
+static void share_unlock(CURL *h, curl_lock_data data, void *userptr) {
     (void)h;
     upstream *u = userptr;
-    if ((int)data >= 0 && data < CURL_LOCK_DATA_LAST)
-        pthread_mutex_unlock(&u->share_mu[data]);
+    if ((int)data >= 0 && data < CURL_LOCK_DATA_LAST) pthread_mutex_unlock(&u->share_mu[data]);
 }
 
-int upstream_global_init(void)
-{
-    return curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK ? 0 : -1;
-}
+int upstream_global_init(void) { return curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK ? 0 : -1; }
 
-void upstream_global_cleanup(void)
-{
-    curl_global_cleanup();
-}
+void upstream_global_cleanup(void) { curl_global_cleanup(); }
 
-const char *upstream_name(const upstream *u)
-{
-    return u ? u->name : NULL;
-}
+const char *upstream_name(const upstream *u) { return u ? u->name : NULL; }
 
-const char *upstream_url(const upstream *u)
-{
-    return u ? u->url : NULL;
-}
+const char *upstream_url(const upstream *u) { return u ? u->url : NULL; }
 
-const char *upstream_username(const upstream *u)
-{
-    if (!u || !u->with_creds)
-        return NULL;
+const char *upstream_username(const upstream *u) {
+    if (!u || !u->with_creds) return NULL;
     const char *user = credentials_static_username(u->creds);
     return user ? user : credentials_account(u->creds);
 }
 
-const char *upstream_result_name(upstream_result r)
-{
+const char *upstream_result_name(upstream_result r) {
     switch (r) {
-    case UPSTREAM_OK: return "ok";
-    case UPSTREAM_ERR_CONNECT: return "connect";
-    case UPSTREAM_ERR_TLS: return "tls";
-    case UPSTREAM_ERR_TIMEOUT: return "timeout";
-    case UPSTREAM_ERR_TRANSFER: return "transfer";
-    case UPSTREAM_ERR_AUTH: return "auth";
-    case UPSTREAM_ERR_DENIED: return "denied";
-    case UPSTREAM_ERR_ABORTED: return "aborted";
-    case UPSTREAM_ERR_INTERNAL: return "internal";
+        case UPSTREAM_OK:
+            return "ok";
+        case UPSTREAM_ERR_CONNECT:
+            return "connect";
+        case UPSTREAM_ERR_TLS:
+            return "tls";
+        case UPSTREAM_ERR_TIMEOUT:
+            return "timeout";
+        case UPSTREAM_ERR_TRANSFER:
+            return "transfer";
+        case UPSTREAM_ERR_AUTH:
+            return "auth";
+        case UPSTREAM_ERR_DENIED:
+            return "denied";
+        case UPSTREAM_ERR_ABORTED:
+            return "aborted";
+        case UPSTREAM_ERR_INTERNAL:
+            return "internal";
     }
     return "unknown";
 }
 
-bool upstream_result_retryable(upstream_result r)
-{
+bool upstream_result_retryable(upstream_result r) {
     return r == UPSTREAM_ERR_CONNECT || r == UPSTREAM_ERR_TLS || r == UPSTREAM_ERR_TIMEOUT ||
            r == UPSTREAM_ERR_TRANSFER;
 }
 
-static void token_entry_free(token_entry *e)
-{
-    if (!e)
-        return;
+static void token_entry_free(token_entry *e) {
+    if (!e) return;
     free(e->scope);
     free_secret(e->token);
     free(e);
 }
 
-upstream *upstream_hold(upstream *u)
-{
-    if (u)
-        __atomic_add_fetch(&u->refs, 1, __ATOMIC_RELAXED);
+upstream *upstream_hold(upstream *u) {
+    if (u) __atomic_add_fetch(&u->refs, 1, __ATOMIC_RELAXED);
     return u;
 }
 
-void upstream_free(upstream *u)
-{
+void upstream_free(upstream *u) {
     /* The last reference frees it; acq_rel so that what the other holders
      * did happens before the cleanup. */
-    if (!u || __atomic_sub_fetch(&u->refs, 1, __ATOMIC_ACQ_REL) > 0)
-        return;
+    if (!u || __atomic_sub_fetch(&u->refs, 1, __ATOMIC_ACQ_REL) > 0) return;
     /* Cleaning up the idle handles closes their keep-alive connections. */
-    for (int i = 0; i < u->nidle; i++)
-        curl_easy_cleanup(u->idle[i]);
-    if (u->share)
-        curl_share_cleanup(u->share);
-    for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
-        pthread_mutex_destroy(&u->share_mu[i]);
+    for (int i = 0; i < u->nidle; i++) curl_easy_cleanup(u->idle[i]);
+    if (u->share) curl_share_cleanup(u->share);
+    for (int i = 0; i < CURL_LOCK_DATA_LAST; i++) pthread_mutex_destroy(&u->share_mu[i]);
     pthread_mutex_destroy(&u->pool_mu);
     pthread_mutex_destroy(&u->tok_mu);
     for (token_entry *e = u->tokens, *next; e; e = next) {
@@ -348,8 +308,7 @@ void upstream_free(upstream *u)
 
 /* A base URL: http(s), a host, no credentials, query or fragment. Returns
  * 1 for https, 0 for http, -1 with err set. */
-static int check_base_url(const char *name, const char *what, const char *url, char *err, size_t errlen)
-{
+static int check_base_url(const char *name, const char *what, const char *url, char *err, size_t errlen) {
     if (!url || !*url) {
         set_err(err, errlen, "upstream %s: %s is required", name, what);
         return -1;
@@ -371,8 +330,7 @@ static int check_base_url(const char *name, const char *what, const char *url, c
     }
     if (memchr(auth, '@', authlen)) {
         /* Credentials in the URL would end up in logs and error messages. */
-        set_err(err, errlen, "upstream %s: %s must not contain credentials; use username and password",
-                name, what);
+        set_err(err, errlen, "upstream %s: %s must not contain credentials; use username and password", name, what);
         return -1;
     }
     if (strpbrk(auth, "?#")) {
@@ -383,19 +341,16 @@ static int check_base_url(const char *name, const char *what, const char *url, c
 }
 
 /* A copy of url without trailing slashes; NULL on allocation failure. */
-static char *base_dup(const char *url)
-{
+static char *base_dup(const char *url) {
     char *b = xstrdup(url);
     if (b) {
         size_t n = strlen(b);
-        while (n > 0 && b[n - 1] == '/')
-            b[--n] = '\0';
+        while (n > 0 && b[n - 1] == '/') b[--n] = '\0';
     }
     return b;
 }
 
-upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
-{
+upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen) {
     if (!opts) {
         set_err(err, errlen, "upstream: no options");
         return NULL;
@@ -408,16 +363,14 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
     metrics_upstream_known(name); /* its series show from the start, at 0 */
     const char *url = opts->url;
     int https_rc = check_base_url(name, "url", url, err, errlen);
-    if (https_rc < 0)
-        return NULL;
+    if (https_rc < 0) return NULL;
     bool https = https_rc == 1;
     if (opts->n_mirrors + 1 > UPSTREAM_MAX_BASES || (opts->n_mirrors && !opts->mirrors)) {
         set_err(err, errlen, "upstream %s: at most %d mirrors", name, UPSTREAM_MAX_BASES - 1);
         return NULL;
     }
     for (size_t i = 0; i < opts->n_mirrors; i++)
-        if (check_base_url(name, "mirror", opts->mirrors[i], err, errlen) < 0)
-            return NULL;
+        if (check_base_url(name, "mirror", opts->mirrors[i], err, errlen) < 0) return NULL;
     if (opts->retry_budget_ms < 0 || opts->backoff_ms < 0) {
         set_err(err, errlen, "upstream %s: retry budget and backoff must not be negative", name);
         return NULL;
@@ -451,8 +404,7 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
     u->refs = 1;
     pthread_mutex_init(&u->pool_mu, NULL);
     pthread_mutex_init(&u->tok_mu, NULL);
-    for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
-        pthread_mutex_init(&u->share_mu[i], NULL);
+    for (int i = 0; i < CURL_LOCK_DATA_LAST; i++) pthread_mutex_init(&u->share_mu[i], NULL);
 
     u->name = xstrdup(name);
     u->url = xstrdup(url);
@@ -475,8 +427,7 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
         return NULL;
     }
     size_t n = strlen(u->url);
-    while (n > 0 && u->url[n - 1] == '/')
-        u->url[--n] = '\0';
+    while (n > 0 && u->url[n - 1] == '/') u->url[--n] = '\0';
     u->https = https;
     u->tls_verify = opts->tls_verify;
     u->connect_timeout_ms = opts->connect_timeout_ms ? opts->connect_timeout_ms : UPSTREAM_DEFAULT_CONNECT_MS;
@@ -511,16 +462,13 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen)
 
 /* An idle handle (*reused set) or a fresh one; NULL when libcurl cannot
  * make one. */
-static CURL *pool_get(upstream *u, bool *reused)
-{
+static CURL *pool_get(upstream *u, bool *reused) {
     CURL *h = NULL;
     pthread_mutex_lock(&u->pool_mu);
-    if (u->nidle > 0)
-        h = u->idle[--u->nidle];
+    if (u->nidle > 0) h = u->idle[--u->nidle];
     pthread_mutex_unlock(&u->pool_mu);
     *reused = h != NULL;
-    if (!h)
-        h = curl_easy_init();
+    if (!h) h = curl_easy_init();
     return h;
 }
 
@@ -529,10 +477,8 @@ static CURL *pool_get(upstream *u, bool *reused)
  * leaves one that failed to resolve a name refusing CURLOPT_BUFFERSIZE
  * after curl_easy_reset (CURLE_BAD_FUNCTION_ARGUMENT), and a connection
  * that just failed is not worth keeping anyway. */
-static void pool_put(upstream *u, CURL *h, bool healthy)
-{
-    if (!h)
-        return;
+static void pool_put(upstream *u, CURL *h, bool healthy) {
+    if (!h) return;
     if (healthy) {
         /* Drop options (headers lists, callbacks, user data pointing at our
          * stack) but keep live connections, TLS sessions and the DNS cache. */
@@ -544,23 +490,20 @@ static void pool_put(upstream *u, CURL *h, bool healthy)
         }
         pthread_mutex_unlock(&u->pool_mu);
     }
-    if (h)
-        curl_easy_cleanup(h);
+    if (h) curl_easy_cleanup(h);
 }
 
 /* ------------------------------------------------------------------ */
 /* token cache */
 
 /* Returns a malloc'd copy of a fresh cached token, or NULL. */
-static char *token_cache_get(upstream *u, const char *scope, bool with_creds)
-{
+static char *token_cache_get(upstream *u, const char *scope, bool with_creds) {
     char *tok = NULL;
     int64_t now = now_s();
     pthread_mutex_lock(&u->tok_mu);
     for (token_entry *e = u->tokens; e; e = e->next) {
         if (e->with_creds == with_creds && strcmp(e->scope, scope) == 0) {
-            if (e->expires > now)
-                tok = xstrdup(e->token);
+            if (e->expires > now) tok = xstrdup(e->token);
             break;
         }
     }
@@ -569,8 +512,7 @@ static char *token_cache_get(upstream *u, const char *scope, bool with_creds)
 }
 
 /* Remove the entry for (scope, with_creds) if it still holds token. */
-static void token_cache_drop(upstream *u, const char *scope, bool with_creds, const char *token)
-{
+static void token_cache_drop(upstream *u, const char *scope, bool with_creds, const char *token) {
     pthread_mutex_lock(&u->tok_mu);
     for (token_entry **pp = &u->tokens; *pp; pp = &(*pp)->next) {
         token_entry *e = *pp;
@@ -586,16 +528,12 @@ static void token_cache_drop(upstream *u, const char *scope, bool with_creds, co
     pthread_mutex_unlock(&u->tok_mu);
 }
 
-static void token_cache_put(upstream *u, const char *scope, bool with_creds, const char *token,
-                            int64_t ttl_s)
-{
+static void token_cache_put(upstream *u, const char *scope, bool with_creds, const char *token, int64_t ttl_s) {
     int64_t now = now_s();
     int64_t expires = now + ttl_s - TOKEN_EARLY_EXPIRY_S;
-    if (expires <= now)
-        return; /* would be stale at once: use it for this request only */
+    if (expires <= now) return; /* would be stale at once: use it for this request only */
     token_entry *ne = calloc(1, sizeof *ne);
-    if (!ne)
-        return;
+    if (!ne) return;
     ne->scope = xstrdup(scope);
     ne->token = xstrdup(token);
     ne->with_creds = with_creds;
@@ -620,8 +558,7 @@ static void token_cache_put(upstream *u, const char *scope, bool with_creds, con
     if (u->ntokens >= TOKEN_CACHE_MAX) {
         token_entry **victim = &u->tokens;
         for (token_entry **pp = &u->tokens; *pp; pp = &(*pp)->next)
-            if ((*pp)->expires < (*victim)->expires)
-                victim = pp;
+            if ((*pp)->expires < (*victim)->expires) victim = pp;
         token_entry *e = *victim;
         *victim = e->next;
         token_entry_free(e);
@@ -633,30 +570,26 @@ static void token_cache_put(upstream *u, const char *scope, bool with_creds, con
     pthread_mutex_unlock(&u->tok_mu);
 }
 
-static bool basic_known(upstream *u)
-{
+static bool basic_known(upstream *u) {
     pthread_mutex_lock(&u->tok_mu);
     bool b = u->basic_known;
     pthread_mutex_unlock(&u->tok_mu);
     return b;
 }
 
-static void set_basic_known(upstream *u, bool b)
-{
+static void set_basic_known(upstream *u, bool b) {
     pthread_mutex_lock(&u->tok_mu);
     u->basic_known = b;
     pthread_mutex_unlock(&u->tok_mu);
 }
 
 /* "Authorization: Basic base64(user:pass)", malloc'd; NULL on failure. */
-static char *basic_auth_header(const credential *cr)
-{
+static char *basic_auth_header(const credential *cr) {
     const char *pass = cr->secret ? cr->secret : "";
     size_t ul = strlen(cr->username), pl = strlen(pass);
     size_t rawlen = ul + 1 + pl;
     char *raw = malloc(rawlen + 1);
-    if (!raw)
-        return NULL;
+    if (!raw) return NULL;
     memcpy(raw, cr->username, ul);
     raw[ul] = ':';
     memcpy(raw + ul + 1, pass, pl);
@@ -680,11 +613,9 @@ static char *basic_auth_header(const credential *cr)
 }
 
 /* Free a header list after wiping its contents (it may hold credentials). */
-static void slist_free_wiped(struct curl_slist *l)
-{
+static void slist_free_wiped(struct curl_slist *l) {
     for (struct curl_slist *p = l; p; p = p->next)
-        if (p->data)
-            wipe(p->data, strlen(p->data));
+        if (p->data) wipe(p->data, strlen(p->data));
     curl_slist_free_all(l);
 }
 
@@ -692,11 +623,11 @@ static void slist_free_wiped(struct curl_slist *l)
 /* per-transfer context and callbacks */
 
 typedef enum {
-    PH_HEADERS,  /* reading the headers of some response */
-    PH_DELIVER,  /* final 2xx: body goes to on_body */
-    PH_CAPTURE,  /* final non-2xx: body goes to error_body */
-    PH_DISCARD,  /* a followed redirect or a 401 we retry: body dropped */
-    PH_DONE,     /* HEAD or no body expected; trailers are ignored */
+    PH_HEADERS, /* reading the headers of some response */
+    PH_DELIVER, /* final 2xx: body goes to on_body */
+    PH_CAPTURE, /* final non-2xx: body goes to error_body */
+    PH_DISCARD, /* a followed redirect or a 401 we retry: body dropped */
+    PH_DONE,    /* HEAD or no body expected; trailers are ignored */
 } phase;
 
 typedef enum {
@@ -710,47 +641,40 @@ typedef struct {
     upstream *u;
     const upstream_request *req;
     upstream_response *resp;
-    bool may_retry_auth;   /* first attempt only */
-    bool sent_basic;       /* this attempt carried Basic credentials */
+    bool may_retry_auth; /* first attempt only */
+    bool sent_basic;     /* this attempt carried Basic credentials */
     phase ph;
-    bool have_location;    /* the current response had a Location header */
-    int redirects;         /* redirects seen in this transfer */
-    bool final_seen;       /* the headers of a final response are complete */
-    bool aborted;          /* a callback of the caller returned -1 */
-    bool delivered;        /* on_headers was called: the caller saw this answer */
+    bool have_location; /* the current response had a Location header */
+    int redirects;      /* redirects seen in this transfer */
+    bool final_seen;    /* the headers of a final response are complete */
+    bool aborted;       /* a callback of the caller returned -1 */
+    bool delivered;     /* on_headers was called: the caller saw this answer */
     auth_plan plan;
     www_authenticate chal;
     char plan_err[256];
     char errbuf[CURL_ERROR_SIZE];
 } xfer;
 
-static void response_reset(upstream_response *r)
-{
+static void response_reset(upstream_response *r) {
     memset(r, 0, sizeof *r);
     r->content_length = -1;
     r->ratelimit_remaining = -1;
 }
 
 /* Copy a header value (already trimmed, len bytes) into a fixed field. */
-static void copy_field(char *dst, size_t dstlen, const char *v, size_t len)
-{
-    if (len >= dstlen)
-        len = dstlen - 1;
+static void copy_field(char *dst, size_t dstlen, const char *v, size_t len) {
+    if (len >= dstlen) len = dstlen - 1;
     memcpy(dst, v, len);
     dst[len] = '\0';
 }
 
-static bool parse_int64(const char *v, size_t len, int64_t *out)
-{
-    if (len == 0)
-        return false;
+static bool parse_int64(const char *v, size_t len, int64_t *out) {
+    if (len == 0) return false;
     int64_t n = 0;
     for (size_t i = 0; i < len; i++) {
-        if (v[i] < '0' || v[i] > '9')
-            return false;
+        if (v[i] < '0' || v[i] > '9') return false;
         int d = v[i] - '0';
-        if (n > (INT64_MAX - d) / 10)
-            return false;
+        if (n > (INT64_MAX - d) / 10) return false;
         n = n * 10 + d;
     }
     *out = n;
@@ -760,11 +684,9 @@ static bool parse_int64(const char *v, size_t len, int64_t *out)
 /* Decide, at the end of a 401's headers on the first attempt, whether and
  * how we retry. Only the upstream itself is challenged: a 401 that comes
  * after a redirect (from a CDN) is returned as it is. */
-static void plan_auth(xfer *x)
-{
+static void plan_auth(xfer *x) {
     x->plan = AUTH_NONE;
-    if (!x->may_retry_auth || x->redirects > 0 || x->resp->www_authenticate[0] == '\0')
-        return;
+    if (!x->may_retry_auth || x->redirects > 0 || x->resp->www_authenticate[0] == '\0') return;
     char perr[160] = "";
     if (www_authenticate_parse(x->resp->www_authenticate, &x->chal, perr, sizeof perr) != 0) {
         x->plan = AUTH_BAD;
@@ -781,15 +703,13 @@ static void plan_auth(xfer *x)
     } else if (strcasecmp(x->chal.scheme, "Basic") == 0) {
         /* Without credentials, or if they were just refused, the 401 is
          * the answer. */
-        if (x->u->with_creds && !x->sent_basic)
-            x->plan = AUTH_BASIC;
+        if (x->u->with_creds && !x->sent_basic) x->plan = AUTH_BASIC;
     }
     /* any other scheme: return the 401 as it is */
 }
 
 /* End of the headers of one response. Returns false to abort. */
-static bool headers_complete(xfer *x)
-{
+static bool headers_complete(xfer *x) {
     long st = x->resp->status;
     if (st >= 100 && st < 200) {
         /* 100 Continue, 103 Early Hints: the real response follows */
@@ -824,15 +744,13 @@ static bool headers_complete(xfer *x)
     return true;
 }
 
-static size_t header_cb(char *buf, size_t size, size_t nitems, void *ud)
-{
+static size_t header_cb(char *buf, size_t size, size_t nitems, void *ud) {
     xfer *x = ud;
     size_t total = size * nitems;
     upstream_response *r = x->resp;
 
     /* After the final response's headers only trailers can come. */
-    if (x->ph == PH_DELIVER || x->ph == PH_CAPTURE || x->ph == PH_DONE)
-        return total;
+    if (x->ph == PH_DELIVER || x->ph == PH_CAPTURE || x->ph == PH_DONE) return total;
 
     if (total >= 5 && strncmp(buf, "HTTP/", 5) == 0) {
         /* a status line starts a new response: forget the previous one */
@@ -843,41 +761,32 @@ static size_t header_cb(char *buf, size_t size, size_t nitems, void *ud)
         long st = 0;
         if (p) {
             p++;
-            for (int i = 0; i < 3 && p < buf + total && isdigit((unsigned char)*p); i++, p++)
-                st = st * 10 + (*p - '0');
+            for (int i = 0; i < 3 && p < buf + total && isdigit((unsigned char)*p); i++, p++) st = st * 10 + (*p - '0');
         }
         r->status = st;
         return total;
     }
     if (total <= 2 && (buf[0] == '\r' || buf[0] == '\n')) {
-        if (x->ph == PH_HEADERS)
-            return headers_complete(x) ? total : 0;
+        if (x->ph == PH_HEADERS) return headers_complete(x) ? total : 0;
         return total;
     }
-    if (x->ph != PH_HEADERS)
-        return total; /* trailers of a discarded response */
-    if (buf[0] == ' ' || buf[0] == '\t')
-        return total; /* obsolete line folding: ignored */
+    if (x->ph != PH_HEADERS) return total;             /* trailers of a discarded response */
+    if (buf[0] == ' ' || buf[0] == '\t') return total; /* obsolete line folding: ignored */
 
     const char *colon = memchr(buf, ':', total);
-    if (!colon)
-        return total;
+    if (!colon) return total;
     size_t nlen = (size_t)(colon - buf);
     const char *v = colon + 1;
     const char *end = buf + total;
-    while (v < end && (*v == ' ' || *v == '\t'))
-        v++;
-    while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' || end[-1] == '\t'))
-        end--;
+    while (v < end && (*v == ' ' || *v == '\t')) v++;
+    while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' || end[-1] == '\t')) end--;
     size_t vlen = (size_t)(end - v);
 
 #define HDR_IS(lit) (nlen == sizeof(lit) - 1 && strncasecmp(buf, lit, nlen) == 0)
     if (HDR_IS("content-type")) {
         size_t l = 0;
-        while (l < vlen && v[l] != ';')
-            l++;
-        while (l > 0 && (v[l - 1] == ' ' || v[l - 1] == '\t'))
-            l--;
+        while (l < vlen && v[l] != ';') l++;
+        while (l > 0 && (v[l - 1] == ' ' || v[l - 1] == '\t')) l--;
         copy_field(r->content_type, sizeof r->content_type, v, l);
     } else if (HDR_IS("docker-content-digest")) {
         copy_field(r->digest, sizeof r->digest, v, vlen);
@@ -889,8 +798,7 @@ static size_t header_cb(char *buf, size_t size, size_t nitems, void *ud)
     } else if (HDR_IS("www-authenticate")) {
         /* several challenges may come as several headers: keep the first,
          * which is the one www_authenticate_parse() reads anyway */
-        if (r->www_authenticate[0] == '\0')
-            copy_field(r->www_authenticate, sizeof r->www_authenticate, v, vlen);
+        if (r->www_authenticate[0] == '\0') copy_field(r->www_authenticate, sizeof r->www_authenticate, v, vlen);
     } else if (HDR_IS("retry-after")) {
         copy_field(r->retry_after, sizeof r->retry_after, v, vlen);
     } else if (HDR_IS("link")) {
@@ -899,8 +807,7 @@ static size_t header_cb(char *buf, size_t size, size_t nitems, void *ud)
         copy_field(r->filters_applied, sizeof r->filters_applied, v, vlen);
     } else if (HDR_IS("ratelimit-remaining")) {
         size_t l = 0;
-        while (l < vlen && v[l] >= '0' && v[l] <= '9')
-            l++;
+        while (l < vlen && v[l] >= '0' && v[l] <= '9') l++;
         int64_t n;
         r->ratelimit_remaining = (parse_int64(v, l, &n) && n <= LONG_MAX) ? (long)n : -1;
     } else if (HDR_IS("location")) {
@@ -910,8 +817,7 @@ static size_t header_cb(char *buf, size_t size, size_t nitems, void *ud)
     return total;
 }
 
-static int tick_cb(void *ud, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
-{
+static int tick_cb(void *ud, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow) {
     (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
     xfer *x = ud;
     if (x->ph == PH_DELIVER && x->req->on_tick && x->req->on_tick(x->req->ud) != 0) {
@@ -921,39 +827,36 @@ static int tick_cb(void *ud, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ul
     return 0;
 }
 
-static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
-{
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud) {
     xfer *x = ud;
     size_t total = size * nmemb;
     switch (x->ph) {
-    case PH_DELIVER:
-        if (x->req->on_body && total > 0 && x->req->on_body(x->req->ud, data, total) != 0) {
-            x->aborted = true;
-            return 0;
+        case PH_DELIVER:
+            if (x->req->on_body && total > 0 && x->req->on_body(x->req->ud, data, total) != 0) {
+                x->aborted = true;
+                return 0;
+            }
+            return total;
+        case PH_CAPTURE: {
+            upstream_response *r = x->resp;
+            size_t room = sizeof r->error_body - 1 - r->error_body_len;
+            size_t n = total < room ? total : room;
+            memcpy(r->error_body + r->error_body_len, data, n);
+            r->error_body_len += n;
+            r->error_body[r->error_body_len] = '\0';
+            return total;
         }
-        return total;
-    case PH_CAPTURE: {
-        upstream_response *r = x->resp;
-        size_t room = sizeof r->error_body - 1 - r->error_body_len;
-        size_t n = total < room ? total : room;
-        memcpy(r->error_body + r->error_body_len, data, n);
-        r->error_body_len += n;
-        r->error_body[r->error_body_len] = '\0';
-        return total;
-    }
-    default:
-        return total;
+        default:
+            return total;
     }
 }
 
 /* Set the options every request of ours shares. */
-static CURLcode common_setup(upstream *u, CURL *h, xfer *x, const char *url)
-{
+static CURLcode common_setup(upstream *u, CURL *h, xfer *x, const char *url) {
     CURLcode rc = CURLE_OK;
-#define SET(opt, val)                                                                              \
-    do {                                                                                           \
-        if (rc == CURLE_OK)                                                                        \
-            rc = curl_easy_setopt(h, opt, val);                                                    \
+#define SET(opt, val)                                           \
+    do {                                                        \
+        if (rc == CURLE_OK) rc = curl_easy_setopt(h, opt, val); \
     } while (0)
     SET(CURLOPT_URL, url);
     SET(CURLOPT_NOSIGNAL, 1L);
@@ -982,8 +885,7 @@ static CURLcode common_setup(upstream *u, CURL *h, xfer *x, const char *url)
     SET(CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
     /* No CURLOPT_ACCEPT_ENCODING: bodies must arrive byte for byte as
      * stored upstream, since their digests are checked. */
-    if (u->ca_file)
-        SET(CURLOPT_CAINFO, u->ca_file);
+    if (u->ca_file) SET(CURLOPT_CAINFO, u->ca_file);
     SET(CURLOPT_SSL_VERIFYPEER, u->tls_verify ? 1L : 0L);
     SET(CURLOPT_SSL_VERIFYHOST, u->tls_verify ? 2L : 0L);
     SET(CURLOPT_HEADERFUNCTION, header_cb);
@@ -1000,93 +902,85 @@ static CURLcode common_setup(upstream *u, CURL *h, xfer *x, const char *url)
     return rc;
 }
 
-static bool is_tls_error(CURLcode c)
-{
+static bool is_tls_error(CURLcode c) {
     switch (c) {
-    case CURLE_SSL_CONNECT_ERROR:
-    case CURLE_SSL_ENGINE_NOTFOUND:
-    case CURLE_SSL_ENGINE_SETFAILED:
-    case CURLE_SSL_CERTPROBLEM:
-    case CURLE_SSL_CIPHER:
-    case CURLE_PEER_FAILED_VERIFICATION:
-    case CURLE_SSL_ENGINE_INITFAILED:
-    case CURLE_SSL_CACERT_BADFILE:
-    case CURLE_SSL_SHUTDOWN_FAILED:
-    case CURLE_SSL_CRL_BADFILE:
-    case CURLE_SSL_ISSUER_ERROR:
-    case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
-    case CURLE_SSL_INVALIDCERTSTATUS:
-    case CURLE_SSL_CLIENTCERT:
-    case CURLE_USE_SSL_FAILED:
-        return true;
-    default:
-        return false;
+        case CURLE_SSL_CONNECT_ERROR:
+        case CURLE_SSL_ENGINE_NOTFOUND:
+        case CURLE_SSL_ENGINE_SETFAILED:
+        case CURLE_SSL_CERTPROBLEM:
+        case CURLE_SSL_CIPHER:
+        case CURLE_PEER_FAILED_VERIFICATION:
+        case CURLE_SSL_ENGINE_INITFAILED:
+        case CURLE_SSL_CACERT_BADFILE:
+        case CURLE_SSL_SHUTDOWN_FAILED:
+        case CURLE_SSL_CRL_BADFILE:
+        case CURLE_SSL_ISSUER_ERROR:
+        case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+        case CURLE_SSL_INVALIDCERTSTATUS:
+        case CURLE_SSL_CLIENTCERT:
+        case CURLE_USE_SSL_FAILED:
+            return true;
+        default:
+            return false;
     }
 }
 
 /* Map a libcurl failure to our result. answered: a final answer had
  * begun (a failure then breaks it midway); redirected: the URL that failed
  * came from the upstream's Location. */
-static upstream_result curl_failure_result(CURLcode c, bool answered, bool redirected)
-{
-    if (is_tls_error(c))
-        return UPSTREAM_ERR_TLS;
+static upstream_result curl_failure_result(CURLcode c, bool answered, bool redirected) {
+    if (is_tls_error(c)) return UPSTREAM_ERR_TLS;
     switch (c) {
-    case CURLE_OPERATION_TIMEDOUT:
-        return UPSTREAM_ERR_TIMEOUT;
-    case CURLE_TOO_MANY_REDIRECTS:
-    case CURLE_UNSUPPORTED_PROTOCOL: /* a redirect to a scheme we refuse */
-        return UPSTREAM_ERR_TRANSFER;
-    case CURLE_URL_MALFORMAT:
-        /* our own URL was checked; after a redirect it is the upstream's
+        case CURLE_OPERATION_TIMEDOUT:
+            return UPSTREAM_ERR_TIMEOUT;
+        case CURLE_TOO_MANY_REDIRECTS:
+        case CURLE_UNSUPPORTED_PROTOCOL: /* a redirect to a scheme we refuse */
+            return UPSTREAM_ERR_TRANSFER;
+        case CURLE_URL_MALFORMAT:
+            /* our own URL was checked; after a redirect it is the upstream's
          * Location that is broken */
-        return redirected ? UPSTREAM_ERR_TRANSFER : UPSTREAM_ERR_INTERNAL;
-    case CURLE_COULDNT_RESOLVE_HOST:
-    case CURLE_COULDNT_RESOLVE_PROXY:
-    case CURLE_COULDNT_CONNECT:
-        return UPSTREAM_ERR_CONNECT;
-    case CURLE_OUT_OF_MEMORY:
-    case CURLE_FAILED_INIT:
-    case CURLE_BAD_FUNCTION_ARGUMENT:
-    case CURLE_UNKNOWN_OPTION:
-    case CURLE_NOT_BUILT_IN:
-    case CURLE_WRITE_ERROR: /* not the caller's (it would have aborted): libcurl's own */
-        return UPSTREAM_ERR_INTERNAL;
-    default:
-        /* SEND_ERROR, RECV_ERROR, GOT_NOTHING, PARTIAL_FILE, HTTP2 errors,
+            return redirected ? UPSTREAM_ERR_TRANSFER : UPSTREAM_ERR_INTERNAL;
+        case CURLE_COULDNT_RESOLVE_HOST:
+        case CURLE_COULDNT_RESOLVE_PROXY:
+        case CURLE_COULDNT_CONNECT:
+            return UPSTREAM_ERR_CONNECT;
+        case CURLE_OUT_OF_MEMORY:
+        case CURLE_FAILED_INIT:
+        case CURLE_BAD_FUNCTION_ARGUMENT:
+        case CURLE_UNKNOWN_OPTION:
+        case CURLE_NOT_BUILT_IN:
+        case CURLE_WRITE_ERROR: /* not the caller's (it would have aborted): libcurl's own */
+            return UPSTREAM_ERR_INTERNAL;
+        default:
+            /* SEND_ERROR, RECV_ERROR, GOT_NOTHING, PARTIAL_FILE, HTTP2 errors,
          * WEIRD_SERVER_REPLY...: before a final answer arrived, the peer
          * could not be reached properly (reset before an answer, or a
          * redirect target that does not answer); after it, the answer
          * broke midway. */
-        return answered ? UPSTREAM_ERR_TRANSFER : UPSTREAM_ERR_CONNECT;
+            return answered ? UPSTREAM_ERR_TRANSFER : UPSTREAM_ERR_CONNECT;
     }
 }
 
 /* Map a libcurl failure of a transfer to our result. */
-static upstream_result map_curl_error(CURLcode c, const xfer *x)
-{
-    if (x->aborted)
-        return UPSTREAM_ERR_ABORTED;
+static upstream_result map_curl_error(CURLcode c, const xfer *x) {
+    if (x->aborted) return UPSTREAM_ERR_ABORTED;
     return curl_failure_result(c, x->final_seen, x->redirects > 0);
 }
 
 /* out = "could not resolve host NAME" for url's host; false when url has none. */
-static bool could_not_resolve(const char *url, char *out, size_t outlen)
-{
+static bool could_not_resolve(const char *url, char *out, size_t outlen) {
     CURLU *cu = curl_url();
     char *host = NULL;
     bool ok = cu && curl_url_set(cu, CURLUPART_URL, url, 0) == CURLUE_OK &&
               curl_url_get(cu, CURLUPART_HOST, &host, 0) == CURLUE_OK && host;
-    if (ok)
-        snprintf(out, outlen, "could not resolve host %s", host);
+    if (ok) snprintf(out, outlen, "could not resolve host %s", host);
     curl_free(host);
     curl_url_cleanup(cu);
     return ok;
 }
 
-static void curl_failure_message(upstream *u, CURL *h, const upstream_request *req, const char *url,
-                                 CURLcode c, const xfer *x, char *err, size_t errlen)
-{
+static void curl_failure_message(upstream *u, CURL *h, const upstream_request *req, const char *url, CURLcode c,
+                                 const xfer *x, char *err, size_t errlen) {
     char shown[2048], eff[1024] = "";
     url_for_message(url, shown, sizeof shown, true);
     char *effective = NULL;
@@ -1100,8 +994,7 @@ static void curl_failure_message(upstream *u, CURL *h, const upstream_request *r
     char resolve[300];
     if (x->aborted)
         why = "aborted by the receiver";
-    else if (c == CURLE_COULDNT_RESOLVE_HOST &&
-             could_not_resolve(effective ? effective : url, resolve, sizeof resolve))
+    else if (c == CURLE_COULDNT_RESOLVE_HOST && could_not_resolve(effective ? effective : url, resolve, sizeof resolve))
         why = resolve; /* the same words whatever libcurl's version says */
     else
         why = x->errbuf[0] ? x->errbuf : curl_easy_strerror(c);
@@ -1119,8 +1012,7 @@ typedef struct {
     char errbuf[CURL_ERROR_SIZE];
 } token_xfer;
 
-static size_t token_write_cb(char *data, size_t size, size_t nmemb, void *ud)
-{
+static size_t token_write_cb(char *data, size_t size, size_t nmemb, void *ud) {
     token_xfer *t = ud;
     size_t total = size * nmemb;
     if (t->len + total > TOKEN_BODY_MAX) {
@@ -1128,8 +1020,7 @@ static size_t token_write_cb(char *data, size_t size, size_t nmemb, void *ud)
         return 0;
     }
     char *nb = realloc(t->buf, t->len + total + 1);
-    if (!nb)
-        return 0;
+    if (!nb) return 0;
     memcpy(nb + t->len, data, total);
     t->buf = nb;
     t->len += total;
@@ -1138,8 +1029,7 @@ static size_t token_write_cb(char *data, size_t size, size_t nmemb, void *ud)
 }
 
 /* Build realm?service=..&scope=.. ; NULL on allocation failure. */
-static char *token_url(CURL *h, const char *realm, const char *service, const char *scope)
-{
+static char *token_url(CURL *h, const char *realm, const char *service, const char *scope) {
     char *es = service[0] ? curl_easy_escape(h, service, 0) : NULL;
     char *sc = scope[0] ? curl_easy_escape(h, scope, 0) : NULL;
     if ((service[0] && !es) || (scope[0] && !sc)) {
@@ -1164,8 +1054,7 @@ static char *token_url(CURL *h, const char *realm, const char *service, const ch
 
 /* The OAuth2 refresh-token grant's form (as Docker and containerd send
  * it), malloc'd; NULL on allocation failure. Holds the token: wipe it. */
-static char *refresh_grant_form(CURL *h, const char *refresh_token, const char *service, const char *scope)
-{
+static char *refresh_grant_form(CURL *h, const char *refresh_token, const char *service, const char *scope) {
     char *et = curl_easy_escape(h, refresh_token, 0);
     char *es = curl_easy_escape(h, service, 0);
     char *sc = curl_easy_escape(h, scope, 0);
@@ -1173,8 +1062,7 @@ static char *refresh_grant_form(CURL *h, const char *refresh_token, const char *
     if (et && es && sc)
         form = xasprintf("grant_type=refresh_token&refresh_token=%s&service=%s%s%s&client_id=regfacade", et, es,
                          scope[0] ? "&scope=" : "", sc);
-    if (et)
-        wipe(et, strlen(et));
+    if (et) wipe(et, strlen(et));
     curl_free(et);
     curl_free(es);
     curl_free(sc);
@@ -1192,8 +1080,7 @@ static char *refresh_grant_form(CURL *h, const char *refresh_token, const char *
  * goes there only in a refresh-token grant (POST), never as Basic. */
 static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate *chal, const char *our_scope,
                                    const char *cache_scope, const credential *cr, char **token_out, char *err,
-                                   size_t errlen)
-{
+                                   size_t errlen) {
     *token_out = NULL;
     char realm_shown[1100];
     url_for_message(chal->realm, realm_shown, sizeof realm_shown, false);
@@ -1235,10 +1122,9 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     upstream_result ret = UPSTREAM_ERR_AUTH;
     curl_easy_reset(h);
     CURLcode rc = CURLE_OK;
-#define SET(opt, val)                                                                              \
-    do {                                                                                           \
-        if (rc == CURLE_OK)                                                                        \
-            rc = curl_easy_setopt(h, opt, val);                                                    \
+#define SET(opt, val)                                           \
+    do {                                                        \
+        if (rc == CURLE_OK) rc = curl_easy_setopt(h, opt, val); \
     } while (0)
     SET(CURLOPT_URL, url);
     SET(CURLOPT_NOSIGNAL, 1L);
@@ -1252,16 +1138,14 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     SET(CURLOPT_CONNECTTIMEOUT_MS, u->connect_timeout_ms);
     SET(CURLOPT_TIMEOUT_MS, TOKEN_REQUEST_TIMEOUT_MS);
     SET(CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
-    if (u->ca_file)
-        SET(CURLOPT_CAINFO, u->ca_file);
+    if (u->ca_file) SET(CURLOPT_CAINFO, u->ca_file);
     SET(CURLOPT_SSL_VERIFYPEER, u->tls_verify ? 1L : 0L);
     SET(CURLOPT_SSL_VERIFYHOST, u->tls_verify ? 2L : 0L);
     SET(CURLOPT_WRITEFUNCTION, token_write_cb);
     SET(CURLOPT_WRITEDATA, &t);
     SET(CURLOPT_ERRORBUFFER, t.errbuf);
     /* The form stays ours (not copied by libcurl) so that it is wiped. */
-    if (refresh)
-        SET(CURLOPT_POSTFIELDS, form);
+    if (refresh) SET(CURLOPT_POSTFIELDS, form);
 #undef SET
     if (rc == CURLE_OK) {
         struct curl_slist *n = curl_slist_append(hdrs, "Accept: application/json");
@@ -1279,11 +1163,10 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
         else
             rc = CURLE_OUT_OF_MEMORY;
     }
-    if (rc == CURLE_OK)
-        rc = curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+    if (rc == CURLE_OK) rc = curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
     if (rc != CURLE_OK) {
-        set_err(err, errlen, "upstream %s: token request to %s: cannot set up libcurl: %s", u->name,
-                realm_shown, curl_easy_strerror(rc));
+        set_err(err, errlen, "upstream %s: token request to %s: cannot set up libcurl: %s", u->name, realm_shown,
+                curl_easy_strerror(rc));
         goto out;
     }
 
@@ -1292,22 +1175,21 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     if (rc != CURLE_OK) {
         char resolve[300];
         if (t.too_big)
-            set_err(err, errlen, "upstream %s: token request %s %s: response larger than %d bytes",
-                    u->name, how, realm_shown, TOKEN_BODY_MAX);
+            set_err(err, errlen, "upstream %s: token request %s %s: response larger than %d bytes", u->name, how,
+                    realm_shown, TOKEN_BODY_MAX);
         else
             set_err(err, errlen, "upstream %s: token request %s %s: %s", u->name, how, realm_shown,
                     rc == CURLE_COULDNT_RESOLVE_HOST && could_not_resolve(url, resolve, sizeof resolve) ? resolve
-                    : t.errbuf[0]                                                          ? t.errbuf
-                                                                                           : curl_easy_strerror(rc));
-        if (!t.too_big)
-            ret = curl_failure_result(rc, t.status != 0, false);
+                    : t.errbuf[0]                                                                       ? t.errbuf
+                                  : curl_easy_strerror(rc));
+        if (!t.too_big) ret = curl_failure_result(rc, t.status != 0, false);
         goto out;
     }
     if (t.status != 200) {
         /* An OAuth2 server refuses a refresh token with 400 invalid_grant. */
         bool refused = t.status == 401 || t.status == 403 || (refresh && t.status == 400);
-        set_err(err, errlen, "upstream %s: token request %s %s: HTTP status %ld%s", u->name, how,
-                realm_shown, t.status, refused ? " (credentials refused?)" : "");
+        set_err(err, errlen, "upstream %s: token request %s %s: HTTP status %ld%s", u->name, how, realm_shown, t.status,
+                refused ? " (credentials refused?)" : "");
         if (refused) ret = UPSTREAM_ERR_DENIED; /* refused, not broken */
         goto out;
     }
@@ -1315,23 +1197,23 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     char jerr[160];
     json_value *root = json_parse(t.buf ? t.buf : "", t.len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     if (!root) {
-        set_err(err, errlen, "upstream %s: token request %s %s: response is not JSON: %s", u->name,
-                how, realm_shown, jerr);
+        set_err(err, errlen, "upstream %s: token request %s %s: response is not JSON: %s", u->name, how, realm_shown,
+                jerr);
         goto out;
     }
     const char *tok = json_object_get_string(root, "token");
-    if (!tok || !*tok)
-        tok = json_object_get_string(root, "access_token");
+    if (!tok || !*tok) tok = json_object_get_string(root, "access_token");
     if (!tok || !*tok || has_ctl_or_space(tok)) {
-        set_err(err, errlen, "upstream %s: token request %s %s: response has no usable \"token\" or "
-                "\"access_token\"", u->name, how, realm_shown);
+        set_err(err, errlen,
+                "upstream %s: token request %s %s: response has no usable \"token\" or "
+                "\"access_token\"",
+                u->name, how, realm_shown);
         json_free(root);
         goto out;
     }
     int64_t ttl = TOKEN_DEFAULT_TTL_S;
     int64_t e;
-    if (json_get_int64(json_object_get(root, "expires_in"), &e) && e > 0)
-        ttl = e;
+    if (json_get_int64(json_object_get(root, "expires_in"), &e) && e > 0) ttl = e;
     *token_out = xstrdup(tok);
     if (*token_out) {
         token_cache_put(u, cache_scope, u->with_creds, tok, ttl);
@@ -1344,16 +1226,14 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     static const char *const secrets[] = {"token", "access_token", "refresh_token"};
     for (size_t i = 0; i < sizeof secrets / sizeof secrets[0]; i++) {
         json_value *tv = json_object_get(root, secrets[i]);
-        if (tv && tv->str)
-            wipe(tv->str, tv->len);
+        if (tv && tv->str) wipe(tv->str, tv->len);
     }
     json_free(root);
 
 out:
     /* libcurl keeps no pointer to the list or the form after this */
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
-    if (refresh)
-        curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);
+    if (refresh) curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);
     slist_free_wiped(hdrs);
     free_secret(form);
     if (t.buf) {
@@ -1373,21 +1253,16 @@ typedef enum { SEND_NONE, SEND_BEARER, SEND_BASIC } send_auth;
  * list (Accept, Range, Authorization), returned in *hdrs for the caller to
  * free after the transfer. */
 static CURLcode request_setup(upstream *u, CURL *h, xfer *x, const char *url, const upstream_request *req,
-                              send_auth how, const char *token, const credential *cr,
-                              struct curl_slist **hdrs)
-{
+                              send_auth how, const char *token, const credential *cr, struct curl_slist **hdrs) {
     *hdrs = NULL;
     curl_easy_reset(h);
     CURLcode rc = common_setup(u, h, x, url);
-    if (rc == CURLE_OK && strcmp(x->req->method, "HEAD") == 0)
-        rc = curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
+    if (rc == CURLE_OK && strcmp(x->req->method, "HEAD") == 0) rc = curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
     /* Build the header list; each append is checked. */
     char *lines[3] = {NULL, NULL, NULL};
     int nl = 0;
-    if (req->accept && *req->accept)
-        lines[nl++] = xasprintf("Accept: %s", req->accept);
-    if (req->range_start > 0)
-        lines[nl++] = xasprintf("Range: bytes=%" PRIu64 "-", req->range_start);
+    if (req->accept && *req->accept) lines[nl++] = xasprintf("Accept: %s", req->accept);
+    if (req->range_start > 0) lines[nl++] = xasprintf("Range: bytes=%" PRIu64 "-", req->range_start);
     if (how == SEND_BEARER)
         lines[nl++] = xasprintf("Authorization: Bearer %s", token);
     else if (how == SEND_BASIC)
@@ -1400,17 +1275,14 @@ static CURLcode request_setup(upstream *u, CURL *h, xfer *x, const char *url, co
             rc = CURLE_OUT_OF_MEMORY;
         free_secret(lines[i]);
     }
-    if (rc == CURLE_OK && *hdrs)
-        rc = curl_easy_setopt(h, CURLOPT_HTTPHEADER, *hdrs);
+    if (rc == CURLE_OK && *hdrs) rc = curl_easy_setopt(h, CURLOPT_HTTPHEADER, *hdrs);
     return rc;
 }
 
 /* The credentials of this request, asked for once (a helper may run). 0,
  * or -1 with err naming the helper. */
-static int request_credentials(upstream *u, credential *cr, bool *have, char *err, size_t errlen)
-{
-    if (*have)
-        return 0;
+static int request_credentials(upstream *u, credential *cr, bool *have, char *err, size_t errlen) {
+    if (*have) return 0;
     char why[900];
     if (credentials_get(u->creds, cr, why, sizeof why) != 0) {
         set_err(err, errlen, "upstream %s: no credentials: %s", u->name, why);
@@ -1424,10 +1296,8 @@ static int request_credentials(upstream *u, credential *cr, bool *have, char *er
  * ask again: true with cr replaced. False when asking again cannot help
  * (*res untouched) or the helper failed (*res = UPSTREAM_ERR_AUTH, err
  * says why). */
-static bool reask_credentials(upstream *u, credential *cr, char *err, size_t errlen, upstream_result *res)
-{
-    if (!credentials_refused(u->creds, cr))
-        return false;
+static bool reask_credentials(upstream *u, credential *cr, char *err, size_t errlen, upstream_result *res) {
+    if (!credentials_refused(u->creds, cr)) return false;
     credential_clear(cr);
     bool have = false;
     if (request_credentials(u, cr, &have, err, errlen) != 0) {
@@ -1439,14 +1309,11 @@ static bool reask_credentials(upstream *u, credential *cr, char *err, size_t err
 
 /* One request to base URL number bi. *delivered: on_headers was called (the
  * caller saw an answer), so another base must not be tried for it. */
-static upstream_result perform_base(upstream *u, size_t bi, const upstream_request *req,
-                                    upstream_response *resp, bool *delivered, char *err, size_t errlen)
-{
+static upstream_result perform_base(upstream *u, size_t bi, const upstream_request *req, upstream_response *resp,
+                                    bool *delivered, char *err, size_t errlen) {
     *delivered = false;
-    if (err && errlen)
-        err[0] = '\0';
-    if (resp)
-        response_reset(resp);
+    if (err && errlen) err[0] = '\0';
+    if (resp) response_reset(resp);
     if (!u || !req || !resp) {
         set_err(err, errlen, "upstream: bad arguments");
         return UPSTREAM_ERR_INTERNAL;
@@ -1485,7 +1352,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
     CURL *h = pool_get(u, &reused);
     upstream_result res = UPSTREAM_ERR_INTERNAL;
     char *token = NULL;
-    credential cr = {0};    /* asked for only when this request needs it */
+    credential cr = {0}; /* asked for only when this request needs it */
     if (!url || !scope || !cscope || !h) {
         set_err(err, errlen, "upstream %s: out of memory or libcurl init failure", u->name);
         goto out;
@@ -1493,7 +1360,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
 
     bool creds = u->with_creds;
     bool have_cr = false;
-    bool reasked = false;   /* the helper was asked again after a refusal */
+    bool reasked = false; /* the helper was asked again after a refusal */
     send_auth how = SEND_NONE;
     token = token_cache_get(u, cscope, creds);
     if (token) {
@@ -1503,8 +1370,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             res = UPSTREAM_ERR_AUTH;
             goto out;
         }
-        if (cr.username && !cr.identity_token)
-            how = SEND_BASIC;
+        if (cr.username && !cr.identity_token) how = SEND_BASIC;
     }
 
     for (int attempt = 0; attempt < 3; attempt++) {
@@ -1558,8 +1424,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             goto out;
         }
         if (x.plan == AUTH_BEARER) {
-            if (how == SEND_BEARER)
-                token_cache_drop(u, cscope, creds, token); /* refused: do not reuse it */
+            if (how == SEND_BEARER) token_cache_drop(u, cscope, creds, token); /* refused: do not reuse it */
             set_basic_known(u, false);
             free_secret(token);
             token = NULL;
@@ -1587,8 +1452,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             continue;
         }
         if (x.plan == AUTH_BASIC) {
-            if (how == SEND_BEARER)
-                token_cache_drop(u, cscope, creds, token); /* the upstream moved to Basic */
+            if (how == SEND_BEARER) token_cache_drop(u, cscope, creds, token); /* the upstream moved to Basic */
             set_basic_known(u, true);
             if (request_credentials(u, &cr, &have_cr, err, errlen) != 0) {
                 res = UPSTREAM_ERR_AUTH;
@@ -1608,15 +1472,13 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             upstream_result rr = UPSTREAM_OK;
             if (reask_credentials(u, &cr, err, errlen, &rr)) {
                 reasked = true;
-                if (cr.username && !cr.identity_token)
-                    continue;
+                if (cr.username && !cr.identity_token) continue;
             } else if (rr != UPSTREAM_OK) {
                 res = rr;
                 goto out;
             }
         }
-        if (resp->status == 401 && x.may_retry_auth && resp->www_authenticate[0] == '\0' &&
-            how == SEND_BEARER) {
+        if (resp->status == 401 && x.may_retry_auth && resp->www_authenticate[0] == '\0' && how == SEND_BEARER) {
             /* refused without a new challenge: forget the token anyway */
             token_cache_drop(u, cscope, creds, token);
         }
@@ -1628,8 +1490,7 @@ out:
     credential_clear(&cr);
     metrics_upstream_request(u->name, resp->status, res == UPSTREAM_OK ? NULL : upstream_result_name(res));
     metrics_upstream_ratelimit(u->name, resp->ratelimit_remaining);
-    if (token)
-        free_secret(token);
+    if (token) free_secret(token);
     pool_put(u, h, healthy);
     free(url);
     free(scope);
@@ -1637,37 +1498,29 @@ out:
     return res;
 }
 
-size_t upstream_base_count(const upstream *u)
-{
-    return u ? u->nbases : 0;
-}
+size_t upstream_base_count(const upstream *u) { return u ? u->nbases : 0; }
 
 /* Whether a failure of a base, before anything was delivered, sends the
  * request on to the next base. */
-static bool base_failed(upstream_result res, const upstream_response *resp)
-{
-    if (res == UPSTREAM_OK)
-        return resp->status >= 500 || resp->status == 429;
+static bool base_failed(upstream_result res, const upstream_response *resp) {
+    if (res == UPSTREAM_OK) return resp->status >= 500 || resp->status == 429;
     return res == UPSTREAM_ERR_CONNECT || res == UPSTREAM_ERR_TLS || res == UPSTREAM_ERR_TIMEOUT ||
            res == UPSTREAM_ERR_TRANSFER;
 }
 
-static void base_mark_down(upstream *u, size_t bi, const upstream_response *resp)
-{
+static void base_mark_down(upstream *u, size_t bi, const upstream_response *resp) {
     long ms = UPSTREAM_BASE_DOWN_MS;
     if (resp->status == 429) {
         long ra = upstream_parse_retry_after(resp->retry_after);
-        if (ra > ms)
-            ms = ra < UPSTREAM_BASE_DOWN_MAX_MS ? ra : UPSTREAM_BASE_DOWN_MAX_MS;
+        if (ra > ms) ms = ra < UPSTREAM_BASE_DOWN_MAX_MS ? ra : UPSTREAM_BASE_DOWN_MAX_MS;
     }
     pthread_mutex_lock(&u->pool_mu);
     u->down_until[bi] = clock_monotonic_ms() + ms;
     pthread_mutex_unlock(&u->pool_mu);
 }
 
-upstream_result upstream_perform(upstream *u, const upstream_request *req, upstream_response *resp,
-                                 char *err, size_t errlen)
-{
+upstream_result upstream_perform(upstream *u, const upstream_request *req, upstream_response *resp, char *err,
+                                 size_t errlen) {
     if (!u || !req || !resp || u->nbases <= 1) {
         bool delivered;
         return perform_base(u, 0, req, resp, &delivered, err, errlen);
@@ -1679,8 +1532,7 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
     pthread_mutex_lock(&u->pool_mu);
     for (int pass = 0; pass < 2; pass++)
         for (size_t i = 0; i < u->nbases; i++)
-            if ((u->down_until[i] <= now) == (pass == 0))
-                order[n++] = i;
+            if ((u->down_until[i] <= now) == (pass == 0)) order[n++] = i;
     pthread_mutex_unlock(&u->pool_mu);
 
     char tried[600] = "";
@@ -1697,8 +1549,7 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
             u->down_until[bi] = 0; /* it answers again */
             pthread_mutex_unlock(&u->pool_mu);
         }
-        if (!failed || delivered || k + 1 == n)
-            break;
+        if (!failed || delivered || k + 1 == n) break;
         /* Next base; remember this one for the final message. */
         char shown[300];
         url_for_message(u->bases[bi], shown, sizeof shown, false);
@@ -1709,8 +1560,7 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
     }
     if (tried[0] && res != UPSTREAM_OK && err && errlen) {
         size_t el = strlen(err);
-        if (el < errlen - 1)
-            snprintf(err + el, errlen - el, " (tried before: %s)", tried);
+        if (el < errlen - 1) snprintf(err + el, errlen - el, " (tried before: %s)", tried);
     }
     return res;
 }
@@ -1718,86 +1568,65 @@ upstream_result upstream_perform(upstream *u, const upstream_request *req, upstr
 /* ------------------------------------------------------------------ */
 /* retry pacing */
 
-static uint32_t jitter_u32(void)
-{
-    return arc4random();
-}
+static uint32_t jitter_u32(void) { return arc4random(); }
 
-void upstream_sleep_ms(long ms)
-{
-    if (ms <= 0)
-        return;
+void upstream_sleep_ms(long ms) {
+    if (ms <= 0) return;
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
 }
 
-long upstream_parse_retry_after(const char *v)
-{
-    if (!v)
-        return -1;
-    while (*v == ' ' || *v == '\t')
-        v++;
-    if (!*v)
-        return -1;
+long upstream_parse_retry_after(const char *v) {
+    if (!v) return -1;
+    while (*v == ' ' || *v == '\t') v++;
+    if (!*v) return -1;
     if (*v >= '0' && *v <= '9') {
         int64_t n = 0;
         const char *p = v;
         for (; *p >= '0' && *p <= '9'; p++) {
-            if (n > 100000000)
-                return -1;
+            if (n > 100000000) return -1;
             n = n * 10 + (*p - '0');
         }
-        while (*p == ' ' || *p == '\t')
-            p++;
-        if (*p)
-            return -1;
+        while (*p == ' ' || *p == '\t') p++;
+        if (*p) return -1;
         return (long)(n * 1000);
     }
     time_t when = curl_getdate(v, NULL);
-    if (when == (time_t)-1)
-        return -1;
+    if (when == (time_t)-1) return -1;
     time_t now = time(NULL);
-    if (when <= now)
-        return 0;
+    if (when <= now) return 0;
     int64_t d = (int64_t)(when - now);
     return d > 100000000 ? 100000000L * 1000 : (long)(d * 1000);
 }
 
-void upstream_retry_init(upstream_retry *r)
-{
+void upstream_retry_init(upstream_retry *r) {
     r->failures = 0;
     r->start_ms = clock_monotonic_ms();
 }
 
-void upstream_retry_progress(upstream_retry *r)
-{
-    upstream_retry_init(r);
-}
+void upstream_retry_progress(upstream_retry *r) { upstream_retry_init(r); }
 
-long upstream_retry_delay(const upstream *u, upstream_retry *r, const char *retry_after, char *why, size_t whylen)
-{
+long upstream_retry_delay(const upstream *u, upstream_retry *r, const char *retry_after, char *why, size_t whylen) {
     r->failures++;
     if (r->failures > u->retries) {
         set_err(why, whylen, "%d retr%s spent (upstream_client.retries)", u->retries, u->retries == 1 ? "y" : "ies");
         return -1;
     }
     long base = u->backoff_ms;
-    for (int i = 1; i < r->failures && base < UPSTREAM_BACKOFF_MAX_MS; i++)
-        base *= 2;
-    if (base > UPSTREAM_BACKOFF_MAX_MS)
-        base = UPSTREAM_BACKOFF_MAX_MS;
+    for (int i = 1; i < r->failures && base < UPSTREAM_BACKOFF_MAX_MS; i++) base *= 2;
+    if (base > UPSTREAM_BACKOFF_MAX_MS) base = UPSTREAM_BACKOFF_MAX_MS;
     long delay = base / 2 + (long)(jitter_u32() % (uint32_t)(base + 1));
     long ra = upstream_parse_retry_after(retry_after);
     int64_t left = r->start_ms + u->retry_budget_ms - clock_monotonic_ms();
     if (ra >= 0 && ra > left) {
-        set_err(why, whylen, "the upstream asks to wait %lds (Retry-After), more than the %llds left of the "
-                "retry budget (upstream_client.retry_budget_seconds)", (ra + 999) / 1000,
-                (long long)(left > 0 ? left / 1000 : 0));
+        set_err(why, whylen,
+                "the upstream asks to wait %lds (Retry-After), more than the %llds left of the "
+                "retry budget (upstream_client.retry_budget_seconds)",
+                (ra + 999) / 1000, (long long)(left > 0 ? left / 1000 : 0));
         return -1;
     }
-    if (ra > delay)
-        delay = ra;
+    if (ra > delay) delay = ra;
     if (delay > left) {
         set_err(why, whylen, "the retry budget of %lds is spent (upstream_client.retry_budget_seconds)",
                 u->retry_budget_ms / 1000);

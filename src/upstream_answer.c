@@ -15,16 +15,17 @@ static const struct {
     [UPSTREAM_WHAT_TAGS] = {"NAME_UNKNOWN", "tags"},
 };
 
-upstream_answer upstream_answer_map(upstream_what what, const char *upstream, const char *subject,
-                                    upstream_result r, const upstream_response *resp, const char *err,
-                                    fetch_error *e, bool *retry) {
+upstream_answer upstream_answer_map(upstream_what what, const char *upstream, const char *subject, upstream_result r,
+                                    const upstream_response *resp, const char *err, fetch_error *e, bool *retry) {
     bool again = false;
     upstream_answer a = UPSTREAM_ANSWER_STATUS;
     if (r != UPSTREAM_OK) {
         a = UPSTREAM_ANSWER_FAILED;
         again = upstream_result_retryable(r);
-        if (r == UPSTREAM_ERR_DENIED) fetch_error_set(e, 403, "DENIED", "%s", err);
-        else fetch_error_set(e, r == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
+        if (r == UPSTREAM_ERR_DENIED)
+            fetch_error_set(e, 403, "DENIED", "%s", err);
+        else
+            fetch_error_set(e, r == UPSTREAM_ERR_TIMEOUT ? 504 : 502, "UNKNOWN", "%s", err);
     } else {
         long st = resp->status;
         if (st >= 200 && st < 300) return UPSTREAM_ANSWER_OK;

@@ -46,7 +46,7 @@ typedef struct specs specs;
 typedef struct {
     char *listen_host; /* IPv4 literal */
     int listen_port;
-    char *token;       /* never logged */
+    char *token; /* never logged */
     size_t token_len;
 } admin_config;
 
@@ -60,8 +60,8 @@ typedef struct admin_server admin_server;
 
 /* Start the listener. Takes ownership of ac (also on failure); sp and st
  * must outlive the server. NULL with err on failure. */
-admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, const generation_env *ge,
-                          char *err, size_t errlen);
+admin_server *admin_start(const config *c, admin_config *ac, specs *sp, store *st, const generation_env *ge, char *err,
+                          size_t errlen);
 /* Stop accepting, wait for requests in flight, free. NULL is fine. */
 void admin_stop(admin_server *a);
 

@@ -51,7 +51,7 @@
 
 /* One find-and-replace edit of one file, applied at extraction. */
 typedef struct {
-    char *path;            /* in the image, normalized: "index.html", "ide/out/index.html" */
+    char *path; /* in the image, normalized: "index.html", "ide/out/index.html" */
     char *search;
     size_t search_len;
     char *replacement;
@@ -63,24 +63,24 @@ typedef struct {
     char *repository;
     blobserve_replacement *items;
     size_t n;
-    char variant[17];      /* 16 hex of sha256 over the edits: part of the extraction key */
+    char variant[17]; /* 16 hex of sha256 over the edits: part of the extraction key */
 } blobserve_repo_edits;
 
 typedef struct {
-    char *listen_host;     /* IPv4 literal */
+    char *listen_host; /* IPv4 literal */
     int listen_port;
-    bool any_repository;   /* default false: only "repositories" */
+    bool any_repository; /* default false: only "repositories" */
     char **repositories;
     size_t n_repositories;
-    char *platform_os;     /* "linux" */
-    char *platform_arch;   /* "amd64" */
-    char *platform_variant;/* NULL unless given ("linux/arm64/v8") */
-    char *cache_dir;       /* absolute; default <cache.dir>/blobserve */
-    uint64_t cache_max_bytes;      /* default 2 GiB */
-    char **prepull;        /* "repo:tag" or "repo@sha256:..." */
+    char *platform_os;        /* "linux" */
+    char *platform_arch;      /* "amd64" */
+    char *platform_variant;   /* NULL unless given ("linux/arm64/v8") */
+    char *cache_dir;          /* absolute; default <cache.dir>/blobserve */
+    uint64_t cache_max_bytes; /* default 2 GiB */
+    char **prepull;           /* "repo:tag" or "repo@sha256:..." */
     size_t n_prepull;
-    bool wait_for_prepull; /* default false */
-    long tag_max_age_s;    /* Cache-Control max-age for tag URLs; default 60 */
+    bool wait_for_prepull;           /* default false */
+    long tag_max_age_s;              /* Cache-Control max-age for tag URLs; default 60 */
     uint64_t max_replace_file_bytes; /* a file to edit may be at most this big; default 16 MiB */
     uint64_t inline_max_bytes;       /* bodies up to this size are sent with the headers in one
                                         write; larger ones by sendfile. Default 16 KiB, 0: always sendfile */

@@ -59,23 +59,23 @@ typedef struct {
 
 /* What a layer needs to be extracted. */
 typedef struct {
-    const char *digest;      /* "sha256:<hex>" */
-    const char *variant;     /* "" or 16 hex (blobserve_repo_edits.variant) */
+    const char *digest;  /* "sha256:<hex>" */
+    const char *variant; /* "" or 16 hex (blobserve_repo_edits.variant) */
     const bs_edit *edits;
     size_t n_edits;
     uint64_t max_edit_bytes; /* a file to edit may be at most this big */
 } bs_layer_spec;
 
 typedef struct {
-    unsigned long extractions;        /* layers extracted and published */
+    unsigned long extractions; /* layers extracted and published */
     unsigned long extraction_failures;
-    unsigned long waits;              /* acquires that waited for a running extraction */
-    unsigned long hits;               /* acquires of a ready layer */
+    unsigned long waits; /* acquires that waited for a running extraction */
+    unsigned long hits;  /* acquires of a ready layer */
     unsigned long evictions;
-    unsigned long refused_entries;    /* tar entries refused (../, links out of the layer, ...) */
-    unsigned long layers;             /* layers in the cache (ready or being extracted) */
-    unsigned long held;               /* layers acquired and not yet released */
-    uint64_t bytes;                   /* size of the ready layers */
+    unsigned long refused_entries; /* tar entries refused (../, links out of the layer, ...) */
+    unsigned long layers;          /* layers in the cache (ready or being extracted) */
+    unsigned long held;            /* layers acquired and not yet released */
+    uint64_t bytes;                /* size of the ready layers */
     uint64_t max_bytes;
 } bs_cache_stats;
 
@@ -92,8 +92,7 @@ void bs_cache_close(bs_cache *c);
  * that are no usable layer; 500 for our side), and *final true when the
  * layer's own bytes (digest verified) are what failed (not a tar, cut
  * short, over the cap): fetching it again cannot help. */
-bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, fetch_error *e,
-                           bool *final);
+bs_layer *bs_cache_acquire(bs_cache *c, const bs_layer_spec *spec, const bs_source *src, fetch_error *e, bool *final);
 void bs_cache_release(bs_cache *c, bs_layer *l);
 
 /* The layer if it is ready now (held until bs_cache_release), else NULL

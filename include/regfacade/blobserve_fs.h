@@ -32,8 +32,8 @@ typedef struct {
     char repository[REF_NAME_MAX + 1];
     char reference[REF_DIGEST_MAX + 1]; /* tag, or "sha256:<hex>" */
     bool by_digest;
-    bool has_slash;      /* something (even just "/") follows the reference */
-    bool trailing_slash; /* the path ends in '/' */
+    bool has_slash;            /* something (even just "/") follows the reference */
+    bool trailing_slash;       /* the path ends in '/' */
     char path[BS_FS_PATH_MAX]; /* decoded, normalized, no leading or trailing '/': "" is the root */
 } bs_url;
 
@@ -62,9 +62,9 @@ bool bs_path_normalize(const char *in, char *out, size_t outlen);
 /* ---------- lookup ---------- */
 
 typedef struct {
-    size_t layer;                /* index into the roots array (0 = bottom layer) */
-    char path[BS_FS_PATH_MAX];   /* canonical path inside the image, "" for the root */
-    struct stat st;              /* of the winning entry (a folder or a regular file) */
+    size_t layer;              /* index into the roots array (0 = bottom layer) */
+    char path[BS_FS_PATH_MAX]; /* canonical path inside the image, "" for the root */
+    struct stat st;            /* of the winning entry (a folder or a regular file) */
 } bs_fs_entry;
 
 /* Look path up in an image whose layer roots (O_PATH or O_DIRECTORY

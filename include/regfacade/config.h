@@ -16,39 +16,39 @@
 #include "regfacade/log.h"
 
 typedef struct {
-    char *name;          /* key in "upstreams" */
-    char *url;           /* base URL, no trailing slash */
-    char *host;          /* "host" or "host:port" of url, lowercase */
-    char *username;      /* NULL: anonymous (or from docker_config) */
-    char *password;      /* read from password_file or docker_config; never logged */
-    char *identity_token; /* an OAuth2 refresh token (docker_config "identitytoken"); never logged */
-    char *credential_helper; /* absolute path of a docker-credential-helpers program; NULL: none */
-    char *credential_server_url; /* what the helper is asked about ("host:port", Docker Hub's URL) */
+    char *name;                    /* key in "upstreams" */
+    char *url;                     /* base URL, no trailing slash */
+    char *host;                    /* "host" or "host:port" of url, lowercase */
+    char *username;                /* NULL: anonymous (or from docker_config) */
+    char *password;                /* read from password_file or docker_config; never logged */
+    char *identity_token;          /* an OAuth2 refresh token (docker_config "identitytoken"); never logged */
+    char *credential_helper;       /* absolute path of a docker-credential-helpers program; NULL: none */
+    char *credential_server_url;   /* what the helper is asked about ("host:port", Docker Hub's URL) */
     long credential_cache_seconds; /* how long a helper's answer is reused */
-    char *ca_file;       /* NULL: system CAs */
-    bool tls_verify;     /* default true */
-    bool library_prefix; /* default: true for Docker Hub hosts */
-    char **mirrors;      /* more base URLs tried in order when one fails; NULL when none */
+    char *ca_file;                 /* NULL: system CAs */
+    bool tls_verify;               /* default true */
+    bool library_prefix;           /* default: true for Docker Hub hosts */
+    char **mirrors;                /* more base URLs tried in order when one fails; NULL when none */
     size_t n_mirrors;
 } config_upstream;
 
 typedef struct {
-    char *path;             /* the file it was read from ("(embedded default)" otherwise) */
-    char *listen_host;      /* "127.0.0.1" */
-    int listen_port;        /* 5000 */
-    char *cache_dir;        /* absolute */
+    char *path;        /* the file it was read from ("(embedded default)" otherwise) */
+    char *listen_host; /* "127.0.0.1" */
+    int listen_port;   /* 5000 */
+    char *cache_dir;   /* absolute */
     uint64_t cache_max_bytes;
     uint64_t scrub_bytes_per_second; /* background re-hashing of cached blobs; default 8 MiB/s, 0: off */
-    long tag_ttl_seconds;   /* default 60 */
-    long stale_max_seconds; /* a known tag resolution is served this long past its last confirmation when the
+    long tag_ttl_seconds;            /* default 60 */
+    long stale_max_seconds;          /* a known tag resolution is served this long past its last confirmation when the
                                upstream fails; default 86400, 0: never served stale */
-    char *policy_file;      /* NULL: the embedded default mirror policy */
-    json_value *policy_options; /* an object, never NULL */
+    char *policy_file;               /* NULL: the embedded default mirror policy */
+    json_value *policy_options;      /* an object, never NULL */
     config_upstream *upstreams;
     size_t n_upstreams;
-    char *default_upstream; /* NULL when unset and more than one upstream */
-    char *docker_config;    /* NULL when unset */
-    uint64_t manifest_max_bytes;    /* default 4 MiB */
+    char *default_upstream;            /* NULL when unset and more than one upstream */
+    char *docker_config;               /* NULL when unset */
+    uint64_t manifest_max_bytes;       /* default 4 MiB */
     uint64_t verify_before_send_bytes; /* blobs up to this size are verified before the first byte; default 1 MiB */
     uint64_t blob_max_bytes;           /* largest blob fetched without a descriptor's size; default 10 GiB */
     long upstream_connect_timeout_ms;  /* default 10000 */
@@ -57,33 +57,33 @@ typedef struct {
     int upstream_retries;              /* default 3 */
     long upstream_retry_budget_s;      /* total time retries of one request may take, default 30 */
     unsigned upstream_max_concurrent_fetches; /* blob transfers at once; more wait for a slot; default 64 */
-    long credential_helper_timeout_ms; /* one credential helper run, default 10000 */
-    long credential_cache_seconds;     /* default for upstreams.NAME.credential_cache_seconds, 300 */
-    unsigned max_connections;          /* default 1024 */
-    unsigned client_timeout_s;         /* idle client timeout, default 300 */
+    long credential_helper_timeout_ms;        /* one credential helper run, default 10000 */
+    long credential_cache_seconds;            /* default for upstreams.NAME.credential_cache_seconds, 300 */
+    unsigned max_connections;                 /* default 1024 */
+    unsigned client_timeout_s;                /* idle client timeout, default 300 */
     /* Client-facing limits (docs/security.md). */
-    unsigned header_max_bytes;         /* per-connection memory for request line + headers, default 64 KiB */
-    unsigned url_max_bytes;            /* request path, default 4096 */
-    unsigned connections_per_ip;       /* concurrent connections per client IP, 0 (default): no limit */
-    unsigned requests_per_second;      /* per client IP, 0 (default): no limit */
-    unsigned request_burst;            /* token bucket size, 0 (default): 2 x requests_per_second */
-    unsigned header_timeout_s;         /* complete request headers within this, default 30; 0: off */
-    char *user;                        /* drop privileges to this user after binding; NULL: stay */
-    int shutdown_grace_seconds;        /* SIGTERM: how long transfers in flight may finish, default 30 */
-    char *dir;                         /* the config file's folder (relative paths resolve here) */
-    log_level log_level;               /* "log_level": lines below it are dropped; default info */
+    unsigned header_max_bytes;    /* per-connection memory for request line + headers, default 64 KiB */
+    unsigned url_max_bytes;       /* request path, default 4096 */
+    unsigned connections_per_ip;  /* concurrent connections per client IP, 0 (default): no limit */
+    unsigned requests_per_second; /* per client IP, 0 (default): no limit */
+    unsigned request_burst;       /* token bucket size, 0 (default): 2 x requests_per_second */
+    unsigned header_timeout_s;    /* complete request headers within this, default 30; 0: off */
+    char *user;                   /* drop privileges to this user after binding; NULL: stay */
+    int shutdown_grace_seconds;   /* SIGTERM: how long transfers in flight may finish, default 30 */
+    char *dir;                    /* the config file's folder (relative paths resolve here) */
+    log_level log_level;          /* "log_level": lines below it are dropped; default info */
     /* Where listen, cache.dir and log_level came from: "default", "file",
      * or the flag or environment variable (config_apply_overrides). */
     const char *listen_from, *cache_dir_from, *log_level_from;
     /* Sections owned and validated by their own modules (NULL when absent):
      * each module parses its section with its own *_config_parse(). */
-    json_value *metrics;    /* metrics.c */
-    json_value *tls;        /* server TLS */
-    json_value *blobserve;  /* blobserve.c */
-    json_value *admin;      /* admin API (spec providers) */
-    json_value *specs;      /* spec providers */
-    json_value *cluster;    /* shared state on Redis (cluster.c) */
-    json_value *layers;     /* named layer sources (layers.c) */
+    json_value *metrics;        /* metrics.c */
+    json_value *tls;            /* server TLS */
+    json_value *blobserve;      /* blobserve.c */
+    json_value *admin;          /* admin API (spec providers) */
+    json_value *specs;          /* spec providers */
+    json_value *cluster;        /* shared state on Redis (cluster.c) */
+    json_value *layers;         /* named layer sources (layers.c) */
     json_value *policy_section; /* the whole "policy" object: its limits are policy.c's to parse */
 } config;
 
@@ -152,7 +152,6 @@ typedef struct {
 int config_section_fail(config_section *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* -1 (with the error written) when obj has a key outside allowed. where is
  * the path inside the section ("" for its top). */
-int config_section_check_keys(config_section *s, const json_value *obj, const char *where,
-                              const char *const *allowed);
+int config_section_check_keys(config_section *s, const json_value *obj, const char *where, const char *const *allowed);
 
 #endif

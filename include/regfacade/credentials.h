@@ -82,8 +82,7 @@ const char *credentials_static_username(const credentials *c);
  * anonymous, also when a helper has none for this server); -1 when a helper
  * failed, hung or printed something unusable (err names the helper and
  * says why; a log line says the same). */
-int credentials_get(credentials *c, credential *out, char *err, size_t errlen)
-    __attribute__((warn_unused_result));
+int credentials_get(credentials *c, credential *out, char *err, size_t errlen) __attribute__((warn_unused_result));
 
 /* The upstream refused `used`: forget it when it is still the kept answer.
  * True when asking again may give other credentials (a helper). */

@@ -28,8 +28,8 @@ typedef struct fetch fetch;
 
 /* Why a fetch failed, ready for an OCI error answer. */
 typedef struct {
-    int http_status;    /* 404, 429, 502, 503, 504, 403 */
-    const char *code;   /* OCI error code: BLOB_UNKNOWN, DIGEST_INVALID, ... */
+    int http_status;  /* 404, 429, 502, 503, 504, 403 */
+    const char *code; /* OCI error code: BLOB_UNKNOWN, DIGEST_INVALID, ... */
     char retry_after[64];
     char challenge[512]; /* WWW-Authenticate of a policy's refusal (rewrite), "" none */
     char message[1024];
@@ -111,8 +111,8 @@ void fetch_release(fetch *x);
  * fetched (single flight, verified, cached) and then read. want_size: the
  * descriptor's size (see fetch_blob), refused over max. 0 with *data
  * malloc'd (caller frees); -1 with e filled. */
-int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t want_size,
-                     size_t max, char **data, size_t *len, fetch_error *e);
+int fetch_blob_bytes(fetcher *f, upstream *u, const char *repository, const char *digest, int64_t want_size, size_t max,
+                     char **data, size_t *len, fetch_error *e);
 
 /* Fill e (status, code, printf-style message; retry_after, challenge cleared). The
  * one constructor of fetch errors, used by every module that returns one. */
@@ -127,10 +127,10 @@ typedef struct {
     unsigned long started;   /* upstream fetches started */
     unsigned long coalesced; /* requests that joined a running fetch */
     unsigned long failed;
-    unsigned max_active;     /* most transfers that were in progress at once */
-    unsigned active;         /* transfers in progress now */
-    unsigned queued;         /* fetches waiting for a transfer slot now */
-    unsigned waiters;        /* client requests attached to running fetches now */
+    unsigned max_active; /* most transfers that were in progress at once */
+    unsigned active;     /* transfers in progress now */
+    unsigned queued;     /* fetches waiting for a transfer slot now */
+    unsigned waiters;    /* client requests attached to running fetches now */
 } fetch_stats;
 void fetcher_stats(fetcher *f, fetch_stats *out);
 

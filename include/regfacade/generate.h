@@ -53,9 +53,9 @@ int generate_image(const generate_env *env, const policy_request *req, const pol
  * is not a refusal but a failure: the hook's error, a bad image). generate_image
  * runs it for every image it builds, and the busted module regfacade.policy
  * for specs, so both give the same digests. */
-int generate_assemble(policy *pol, const policy_request *req, const char *what, const json_value *base, const char *base_bytes,
-                      size_t base_len, const json_value *cfg, const image_layer *stack, size_t n, char **manifest,
-                      size_t *manifest_len, char manifest_digest[80], char **config, size_t *config_len,
-                      char config_digest[80], bool *unchanged, bool *failed, fetch_error *e);
+int generate_assemble(policy *pol, const policy_request *req, const char *what, const json_value *base,
+                      const char *base_bytes, size_t base_len, const json_value *cfg, const image_layer *stack,
+                      size_t n, char **manifest, size_t *manifest_len, char manifest_digest[80], char **config,
+                      size_t *config_len, char config_digest[80], bool *unchanged, bool *failed, fetch_error *e);
 
 #endif

@@ -48,18 +48,18 @@
 #define IMAGE_MT_OCI_LAYER_ND_ZSTD "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
 
 typedef struct {
-    bool is_base;            /* stands for the base image's layers; other fields unused */
-    const char *media_type;  /* as the source gives it (any family) */
-    const char *digest;      /* "sha256:..." of the blob */
+    bool is_base;           /* stands for the base image's layers; other fields unused */
+    const char *media_type; /* as the source gives it (any family) */
+    const char *digest;     /* "sha256:..." of the blob */
     uint64_t size;
-    const char *diff_id;     /* "sha256:..." of the uncompressed tar */
+    const char *diff_id;           /* "sha256:..." of the uncompressed tar */
     const json_value *urls;        /* optional array of strings, copied */
     const json_value *annotations; /* optional object, copied */
-    const char *created_by;  /* history entry; NULL: "regfacade: added layer <digest>" */
-    const char *comment;     /* history entry comment; may be NULL */
+    const char *created_by;        /* history entry; NULL: "regfacade: added layer <digest>" */
+    const char *comment;           /* history entry comment; may be NULL */
     /* For the rewrite hook's img.layers only (assembly ignores them): */
-    const char *source;      /* "file", "image", "blob" (NULL for base entries) */
-    const char *name;        /* the config name or the inline source (file path, image ref), or NULL */
+    const char *source;              /* "file", "image", "blob" (NULL for base entries) */
+    const char *name;                /* the config name or the inline source (file path, image ref), or NULL */
     const json_value *source_config; /* config of the image the layer came from (env modifiers), or NULL */
     /* Where an "image" or "blob" layer's bytes are fetched from when they are
      * not cached (NULL: the base image's repository). Linked to the names
@@ -92,8 +92,8 @@ typedef struct {
  *    diff_ids for 2 layers", "stack[4] (layer sha256:...): diff_id ...".
  *    Stack entries count from 1 (as the policy's Lua array), JSON arrays
  *    from 0. "base" may appear once. */
-int image_assemble(const json_value *base_manifest, const json_value *base_config, const image_layer *stack,
-                   size_t n, json_value **out_manifest, json_value **out_config, char *err, size_t errlen);
+int image_assemble(const json_value *base_manifest, const json_value *base_config, const image_layer *stack, size_t n,
+                   json_value **out_manifest, json_value **out_config, char *err, size_t errlen);
 
 /* Serialize the config, put its digest and size into the manifest's config
  * descriptor, and serialize the manifest. Both outputs malloc'd (caller

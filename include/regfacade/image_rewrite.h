@@ -42,8 +42,7 @@
  * protected mode inside this call (a memory error in the conversions is
  * caught too), under whatever count hook the caller has set; the Lua stack
  * is as it was on return. */
-int image_rewrite_run(lua_State *L, int rewrite_fn_index, int req_index, json_value **manifest,
-                      json_value **config, const image_layer *stack, size_t n, lua_deny *denied, char *err,
-                      size_t errlen);
+int image_rewrite_run(lua_State *L, int rewrite_fn_index, int req_index, json_value **manifest, json_value **config,
+                      const image_layer *stack, size_t n, lua_deny *denied, char *err, size_t errlen);
 
 #endif

@@ -49,10 +49,10 @@ json_value *json_parse(const char *buf, size_t len, int max_depth, char *err, si
 
 /* Where and why json_parse_strict failed. */
 typedef struct {
-    char message[160];   /* "duplicate key \"listen\"", "expected ',' or '}'" */
-    size_t offset;       /* in bytes from the start */
-    unsigned line;       /* 1-based */
-    unsigned column;     /* 1-based, in characters (UTF-8 sequences count once) */
+    char message[160]; /* "duplicate key \"listen\"", "expected ',' or '}'" */
+    size_t offset;     /* in bytes from the start */
+    unsigned line;     /* 1-based */
+    unsigned column;   /* 1-based, in characters (UTF-8 sequences count once) */
 } json_error;
 
 /* For files people write (the config): as json_parse, and a key that occurs

@@ -40,18 +40,18 @@ typedef enum { LAYER_BASE, LAYER_NAMED, LAYER_FILE, LAYER_IMAGE, LAYER_BLOB } la
 
 typedef struct {
     layer_kind kind;
-    char *name;        /* NAMED: the config name */
-    char *file;        /* FILE: absolute path */
-    char *image;       /* IMAGE: "UPSTREAM/repo:tag" or "UPSTREAM/repo@sha256:..." */
-    int skip;          /* IMAGE */
-    char *digest;      /* BLOB */
-    uint64_t size;     /* BLOB */
-    char *media_type;  /* BLOB */
-    char *diff_id;     /* BLOB */
-    json_value *urls;  /* BLOB, optional */
-    char *upstream;    /* BLOB: where to fetch it (default: the base's) */
-    char *repository;  /* BLOB */
-    char **platforms;  /* optional filter */
+    char *name;       /* NAMED: the config name */
+    char *file;       /* FILE: absolute path */
+    char *image;      /* IMAGE: "UPSTREAM/repo:tag" or "UPSTREAM/repo@sha256:..." */
+    int skip;         /* IMAGE */
+    char *digest;     /* BLOB */
+    uint64_t size;    /* BLOB */
+    char *media_type; /* BLOB */
+    char *diff_id;    /* BLOB */
+    json_value *urls; /* BLOB, optional */
+    char *upstream;   /* BLOB: where to fetch it (default: the base's) */
+    char *repository; /* BLOB */
+    char **platforms; /* optional filter */
     size_t n_platforms;
     char *created_by;
     char *comment;

@@ -36,7 +36,7 @@
 #include <stddef.h>
 
 #define LUA_DENY_MESSAGE_MAX 1000
-#define LUA_DENY_RETRY_MAX 86400 /* a day */
+#define LUA_DENY_RETRY_MAX 86400         /* a day */
 #define LUA_DENY_NO_RETRY LUA_MININTEGER /* lua_deny_fill: no Retry-After */
 
 typedef struct {

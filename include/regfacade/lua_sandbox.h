@@ -57,8 +57,8 @@
 /* The phase a call runs in: what Lua functions check ("X cannot be called
  * in hook Y"). */
 typedef enum {
-    SB_PHASE_NONE = 0,  /* no call running (busted, or C code) */
-    SB_PHASE_LOAD,      /* the policy's top-level code */
+    SB_PHASE_NONE = 0, /* no call running (busted, or C code) */
+    SB_PHASE_LOAD,     /* the policy's top-level code */
     SB_PHASE_SELF_CHECK,
     SB_PHASE_AUTHORIZE,
     SB_PHASE_SPEC,
@@ -92,14 +92,14 @@ typedef struct {
 } lua_sandbox_module;
 
 typedef struct {
-    size_t memory_bytes;        /* allocation cap of the state; 0: none */
-    uint64_t instructions;      /* per call; 0: none */
-    unsigned time_ms;           /* per call; 0: none */
-    const char *module_dir;     /* require("a.b") may load module_dir/a/b.lua; NULL: none */
-    const char *base_dir;       /* relative io.open paths resolve here; NULL: the working folder */
+    size_t memory_bytes;           /* allocation cap of the state; 0: none */
+    uint64_t instructions;         /* per call; 0: none */
+    unsigned time_ms;              /* per call; 0: none */
+    const char *module_dir;        /* require("a.b") may load module_dir/a/b.lua; NULL: none */
+    const char *base_dir;          /* relative io.open paths resolve here; NULL: the working folder */
     const char *const *data_files; /* files io.open may read (any path; compared after realpath) */
     size_t n_data_files;
-    const char *data_dir;       /* io.open may read any file below it; NULL: none */
+    const char *data_dir; /* io.open may read any file below it; NULL: none */
     const lua_sandbox_module *modules;
     size_t n_modules;
 } lua_sandbox_options;

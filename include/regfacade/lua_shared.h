@@ -50,10 +50,10 @@ typedef struct {
 typedef enum {
     SHARED_OK = 0,
     SHARED_NOT_FOUND,
-    SHARED_EXISTS,      /* add: a live entry has the key */
-    SHARED_NOT_NUMBER,  /* incr on a string or boolean */
-    SHARED_TOO_LARGE,   /* the entry alone is larger than the cap */
-    SHARED_OVERFLOW,    /* incr: integer overflow */
+    SHARED_EXISTS,     /* add: a live entry has the key */
+    SHARED_NOT_NUMBER, /* incr on a string or boolean */
+    SHARED_TOO_LARGE,  /* the entry alone is larger than the cap */
+    SHARED_OVERFLOW,   /* incr: integer overflow */
     SHARED_NO_MEMORY,
 } shared_result;
 
@@ -69,8 +69,7 @@ void shared_dict_release(shared_dict *d);
 /* get: SHARED_OK with *out set; a string value is copied into buf (cap
  * bytes) and out->s points at buf, out->len its length; when it does not
  * fit, SHARED_TOO_LARGE with out->len the length needed. */
-shared_result shared_dict_get(shared_dict *d, const char *key, size_t klen, shared_value *out, char *buf,
-                              size_t cap);
+shared_result shared_dict_get(shared_dict *d, const char *key, size_t klen, shared_value *out, char *buf, size_t cap);
 shared_result shared_dict_set(shared_dict *d, const char *key, size_t klen, const shared_value *v, double ttl);
 shared_result shared_dict_add(shared_dict *d, const char *key, size_t klen, const shared_value *v, double ttl);
 /* incr: integer when the value and delta are integers, else float. With

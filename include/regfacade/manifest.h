@@ -31,12 +31,12 @@
 #define MANIFEST_ACCEPT_ALL MT_OCI_INDEX ", " MT_OCI_MANIFEST ", " MT_DOCKER_LIST ", " MT_DOCKER_MANIFEST
 
 typedef struct {
-    char *data;           /* malloc'd bytes, exactly as the upstream served them */
+    char *data; /* malloc'd bytes, exactly as the upstream served them */
     size_t len;
     char digest[80];
     char media_type[128];
-    char warning[512];    /* non-empty when served stale: the Warning header value */
-    const char *source;   /* where the bytes came from, for metrics: "cache", "upstream" or "generated" */
+    char warning[512];  /* non-empty when served stale: the Warning header value */
+    const char *source; /* where the bytes came from, for metrics: "cache", "upstream" or "generated" */
 } manifest;
 
 typedef struct {
@@ -72,8 +72,8 @@ int manifest_link(store *st, const store_scope *sc, const char *digest, const ch
  * tag resolution, the last known one is served with a Warning: 299 header
  * if it was confirmed at most cache.stale_max_seconds ago (0: never); with
  * such a fallback at hand, failed requests are not retried. */
-int manifest_get(const manifest_env *env, upstream *u, const char *repository, const char *reference,
-                 manifest *out, fetch_error *e);
+int manifest_get(const manifest_env *env, upstream *u, const char *repository, const char *reference, manifest *out,
+                 fetch_error *e);
 
 typedef struct {
     unsigned long started;   /* upstream resolutions run */

@@ -34,10 +34,10 @@ struct fetcher;
 /* ---------- config ---------- */
 
 typedef struct {
-    bool enabled;          /* the section is present: run the metrics listener */
-    char listen_host[64];  /* "127.0.0.1" (IPv4, or IPv6 given as "[::1]:9090") */
-    int listen_port;       /* 9090 */
-    bool access_log;       /* one JSON line per request on stderr; default true */
+    bool enabled;              /* the section is present: run the metrics listener */
+    char listen_host[64];      /* "127.0.0.1" (IPv4, or IPv6 given as "[::1]:9090") */
+    int listen_port;           /* 9090 */
+    bool access_log;           /* one JSON line per request on stderr; default true */
     unsigned header_timeout_s; /* not from the section: limits.header_timeout_seconds, set by the caller */
 } metrics_config;
 
@@ -111,18 +111,18 @@ const char *metrics_label(const char *s, char *tmp, size_t tmplen);
 /* ---------- per-request access record (server.c) ---------- */
 
 typedef struct {
-    struct timespec start;     /* CLOCK_MONOTONIC */
+    struct timespec start; /* CLOCK_MONOTONIC */
     char method[12];
-    char path[512];            /* URL path, never the query string */
+    char path[512]; /* URL path, never the query string */
     char client_ip[48];
-    char upstream[64];         /* "" until the policy picked one */
-    const char *route;         /* "ping", "manifest", "blob", "tags", "referrers", "health", "other" */
-    unsigned status;           /* 0 until a response is queued */
+    char upstream[64]; /* "" until the policy picked one */
+    const char *route; /* "ping", "manifest", "blob", "tags", "referrers", "health", "other" */
+    unsigned status;   /* 0 until a response is queued */
     metrics_source source;
-    uint64_t body_len;         /* fixed-size body (bytes it will send when complete) */
-    bool streaming;            /* the body is produced by a callback: count streamed */
-    bool in_transfer;          /* counted in the client-transfers-in-flight gauge */
-    uint64_t streamed;         /* bytes the callback produced (already in the byte counters) */
+    uint64_t body_len; /* fixed-size body (bytes it will send when complete) */
+    bool streaming;    /* the body is produced by a callback: count streamed */
+    bool in_transfer;  /* counted in the client-transfers-in-flight gauge */
+    uint64_t streamed; /* bytes the callback produced (already in the byte counters) */
 } metrics_access;
 
 /* A new record for a request that just arrived (NULL on allocation

@@ -64,8 +64,7 @@ void mhd_glue_listener_free(mhd_glue_listener *l);
 guard *mhd_glue_listener_guard(const mhd_glue_listener *l);
 
 enum MHD_Result mhd_glue_access(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
-                                const char *version, const char *upload_data, size_t *upload_data_size,
-                                void **con_cls);
+                                const char *version, const char *upload_data, size_t *upload_data_size, void **con_cls);
 void mhd_glue_completed(void *cls, struct MHD_Connection *conn, void **con_cls, enum MHD_RequestTerminationCode toe);
 void mhd_glue_notify_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                                 enum MHD_ConnectionNotificationCode toe);
@@ -78,9 +77,9 @@ const char *mhd_glue_listener_name(const mhd_glue_listener *l);
  * MHD_start_daemon(flags, port, NULL, NULL, MHD_GLUE_GUARDED(l), ...).
  * The listener installs no logger, MHD_OPTION_NOTIFY_COMPLETED,
  * NOTIFY_CONNECTION or CONNECTION_LIMIT of its own. */
-#define MHD_GLUE_GUARDED(l)                                                                                     \
-    mhd_glue_access, (void *)(l), MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)mhd_glue_listener_name(l),   \
-        MHD_OPTION_NOTIFY_CONNECTION, mhd_glue_notify_connection, (void *)(l), MHD_OPTION_NOTIFY_COMPLETED,     \
+#define MHD_GLUE_GUARDED(l)                                                                                    \
+    mhd_glue_access, (void *)(l), MHD_OPTION_EXTERNAL_LOGGER, mhd_glue_log, (void *)mhd_glue_listener_name(l), \
+        MHD_OPTION_NOTIFY_CONNECTION, mhd_glue_notify_connection, (void *)(l), MHD_OPTION_NOTIFY_COMPLETED,    \
         mhd_glue_completed, (void *)(l), MHD_OPTION_CONNECTION_LIMIT, mhd_glue_connection_limit(l)
 
 #endif

@@ -42,7 +42,7 @@
 typedef struct policy policy;
 
 typedef struct {
-    const char *name;  /* lowercase */
+    const char *name; /* lowercase */
     const char *value;
 } policy_header;
 
@@ -51,7 +51,7 @@ typedef struct {
 /* What one request's hooks share, owned by the request: zero it when the
  * request starts, policy_state_clear() when it ends. */
 typedef struct {
-    json_value *ctx;                         /* req.ctx as the last hook left it; NULL: empty */
+    json_value *ctx;                          /* req.ctx as the last hook left it; NULL: empty */
     char credentials[POLICY_CREDENTIALS_MAX]; /* the credential set authorize named; "" none */
 } policy_state;
 
@@ -67,30 +67,30 @@ typedef struct {
      * name as asked (built when a hook reads it). */
     const char *target_upstream;
     const char *target_repository;
-    const char *reference;  /* tag or digest (the digest for blobs); NULL for tags and ping */
-    const char *ns;         /* ?ns= value or NULL */
-    const char *host;       /* Host header or NULL */
+    const char *reference; /* tag or digest (the digest for blobs); NULL for tags and ping */
+    const char *ns;        /* ?ns= value or NULL */
+    const char *host;      /* Host header or NULL */
     const char *client_ip;
-    const char *user;       /* Basic credentials, or NULL */
+    const char *user; /* Basic credentials, or NULL */
     const char *password;
-    const char *token;      /* Bearer token, or NULL */
+    const char *token;            /* Bearer token, or NULL */
     const policy_header *headers; /* without Authorization and Cookie */
     size_t n_headers;
     /* The image spec named by the spec hook (specs.h), or NULL: resolve's
      * second argument, and req.spec in every hook. Borrowed. */
     const json_value *spec;
-    policy_state *state;    /* NULL: each hook gets an empty ctx, and no credential set is kept */
+    policy_state *state; /* NULL: each hook gets an empty ctx, and no credential set is kept */
 } policy_request;
 
 /* How a request ends when a hook refuses it or fails. The reply carries
  * Retry-After and WWW-Authenticate when they are set. */
 typedef struct {
-    int status;        /* HTTP status for the client */
-    char code[32];     /* OCI error code */
+    int status;    /* HTTP status for the client */
+    char code[32]; /* OCI error code */
     char message[1024];
-    char challenge[512]; /* WWW-Authenticate value ("" none; a 401 always has one) */
+    char challenge[512];  /* WWW-Authenticate value ("" none; a 401 always has one) */
     char retry_after[16]; /* Retry-After in seconds ("" none) */
-    bool failed;       /* the policy failed (an error, a budget, a malformed answer), not a refusal it made */
+    bool failed;          /* the policy failed (an error, a budget, a malformed answer), not a refusal it made */
 } policy_error;
 
 /* Fill e (printf-style message; no challenge, no Retry-After, not failed): the one
@@ -99,7 +99,7 @@ void policy_error_set(policy_error *e, int status, const char *code, const char 
     __attribute__((format(printf, 4, 5)));
 
 typedef struct {
-    char upstream[128];  /* a configured upstream, or "NAME@SET" for one of its credential sets */
+    char upstream[128]; /* a configured upstream, or "NAME@SET" for one of its credential sets */
     char repository[256];
     char reference[192];
     /* The layer stack, when resolve returned `layers` (else has_layers is

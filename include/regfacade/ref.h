@@ -11,7 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define REF_NAME_MAX 255  /* host plus name limit of clients; we cap the name */
+#define REF_NAME_MAX 255 /* host plus name limit of clients; we cap the name */
 #define REF_TAG_MAX 128
 #define REF_DIGEST_MAX 160
 
@@ -29,9 +29,9 @@ bool ref_is_sha256_digest(const char *digest);
 
 /* Range header. Only one range of the "bytes" unit is supported. */
 typedef enum {
-    RANGE_NONE,          /* no header (or empty) */
-    RANGE_OK,            /* spec holds a single range */
-    RANGE_INVALID,       /* syntax error, unknown unit, or several ranges */
+    RANGE_NONE,    /* no header (or empty) */
+    RANGE_OK,      /* spec holds a single range */
+    RANGE_INVALID, /* syntax error, unknown unit, or several ranges */
 } range_parse_result;
 
 typedef struct {
@@ -51,7 +51,7 @@ bool range_resolve(const range_spec *spec, uint64_t size, uint64_t *start, uint6
 /* WWW-Authenticate: scheme and auth-params (quoted or token values). Only
  * the first challenge is parsed. Unknown params are ignored. */
 typedef struct {
-    char scheme[16];   /* "Bearer", "Basic" (as sent; compare case-insensitively) */
+    char scheme[16]; /* "Bearer", "Basic" (as sent; compare case-insensitively) */
     char realm[1024];
     char service[256];
     char scope[1024];
@@ -70,17 +70,16 @@ int www_authenticate_parse(const char *header, www_authenticate *out, char *err,
  * password with the user "<token>" (an OAuth2 refresh token: the caller
  * must use it only in the token realm's refresh grant). Returns 1 found, 0
  * not found, -1 malformed (err says what and where). */
-int docker_config_lookup(const char *json_text, size_t len, const char *host,
-                         char *user, size_t user_len, char *pass, size_t pass_len,
-                         char *err, size_t errlen);
+int docker_config_lookup(const char *json_text, size_t len, const char *host, char *user, size_t user_len, char *pass,
+                         size_t pass_len, char *err, size_t errlen);
 
 /* The credential helper a Docker config names for a registry host, as the
  * docker CLI picks it: "credHelpers" (keys matched as for "auths") first,
  * then "credsStore"; an empty name means none (the file's auths). helper
  * gets the NAME of docker-credential-NAME. Returns 1 found, 0 none, -1
  * malformed (err says what and where). */
-int docker_config_helper(const char *json_text, size_t len, const char *host, char *helper,
-                         size_t helper_len, char *err, size_t errlen);
+int docker_config_helper(const char *json_text, size_t len, const char *host, char *helper, size_t helper_len,
+                         char *err, size_t errlen);
 
 /* Normalize a registry host for comparisons: lowercase, strip scheme and
  * path, and map docker.io/index.docker.io/registry-1.docker.io to

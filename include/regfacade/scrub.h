@@ -37,9 +37,9 @@ typedef struct {
     bool quarantined; /* false: it could not be read (left as it was) */
 } scrub_failure;
 typedef struct {
-    size_t checked;         /* blobs hashed */
-    uint64_t bytes;         /* their bytes */
-    scrub_failure *failed;  /* quarantined or unreadable ones */
+    size_t checked;        /* blobs hashed */
+    uint64_t bytes;        /* their bytes */
+    scrub_failure *failed; /* quarantined or unreadable ones */
     size_t n_failed;
 } scrub_report;
 /* 0 with *out filled (free with scrub_report_clear); -1 out of memory. */

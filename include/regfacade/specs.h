@@ -45,19 +45,19 @@
 #include "regfacade/store.h"
 
 /* Limits (every one has a config key; see docs/specs.md). */
-#define SPECS_DEFAULT_MAX_BYTES (64 * 1024)  /* specs.max_bytes: one spec's JSON text */
-#define SPECS_DEFAULT_MAX_DEPTH 16           /* specs.max_depth: JSON nesting */
-#define SPECS_HARD_MAX_DEPTH 64              /* what the Lua conversion takes */
-#define SPECS_ID_MAX 128                     /* ids: [A-Za-z0-9][A-Za-z0-9._-]{0,127} */
-#define SPECS_MAX_LAYERS 128                 /* entries of a spec's "layers" */
+#define SPECS_DEFAULT_MAX_BYTES (64 * 1024) /* specs.max_bytes: one spec's JSON text */
+#define SPECS_DEFAULT_MAX_DEPTH 16          /* specs.max_depth: JSON nesting */
+#define SPECS_HARD_MAX_DEPTH 64             /* what the Lua conversion takes */
+#define SPECS_ID_MAX 128                    /* ids: [A-Za-z0-9][A-Za-z0-9._-]{0,127} */
+#define SPECS_MAX_LAYERS 128                /* entries of a spec's "layers" */
 
 typedef struct specs specs;
 
 typedef enum {
-    SPECS_FOUND = 0,    /* *out set */
-    SPECS_UNKNOWN,      /* no spec with this id: 404 */
-    SPECS_UNAVAILABLE,  /* the provider could not answer (down, timeout, refused): 503, asked again next time */
-    SPECS_BAD_ANSWER,   /* the provider answered something that is not a valid spec: 502 */
+    SPECS_FOUND = 0,   /* *out set */
+    SPECS_UNKNOWN,     /* no spec with this id: 404 */
+    SPECS_UNAVAILABLE, /* the provider could not answer (down, timeout, refused): 503, asked again next time */
+    SPECS_BAD_ANSWER,  /* the provider answered something that is not a valid spec: 502 */
 } specs_result;
 
 /* True for a valid spec id: 1..SPECS_ID_MAX characters of [A-Za-z0-9._-],
@@ -92,8 +92,7 @@ bool specs_has_provider(const specs *sp, const char *provider);
 
 /* Look a spec up. SPECS_FOUND: *out is a new tree the caller frees. Else
  * why says what happened, naming the provider and the id. */
-specs_result specs_get(specs *sp, const char *provider, const char *id, json_value **out, char *why,
-                       size_t whylen);
+specs_result specs_get(specs *sp, const char *provider, const char *id, json_value **out, char *why, size_t whylen);
 
 /* Check a spec tree against the format and the configuration (upstreams,
  * named layers, specs.file_roots). 0, or -1 with "KEY: why" in err. */
@@ -106,11 +105,11 @@ json_value *specs_parse(const specs *sp, const char *text, size_t len, char *err
 /* ---- the pushed provider, for the admin API ---- */
 
 typedef enum {
-    SPECS_PUSH_CREATED,  /* 201 */
-    SPECS_PUSH_REPLACED, /* 200 */
-    SPECS_PUSH_INVALID,  /* 400: msg says why; nothing stored */
-    SPECS_PUSH_TOO_MANY, /* 507: the provider's max_specs reached */
-    SPECS_PUSH_FAILED,   /* 500: disk error; nothing changed */
+    SPECS_PUSH_CREATED,     /* 201 */
+    SPECS_PUSH_REPLACED,    /* 200 */
+    SPECS_PUSH_INVALID,     /* 400: msg says why; nothing stored */
+    SPECS_PUSH_TOO_MANY,    /* 507: the provider's max_specs reached */
+    SPECS_PUSH_FAILED,      /* 500: disk error; nothing changed */
     SPECS_PUSH_NO_PROVIDER, /* 404: no pushed provider configured */
     SPECS_PUSH_UNAVAILABLE, /* 503: a cluster's Redis is unreachable; nothing changed */
 } specs_push_result;
@@ -118,8 +117,8 @@ typedef enum {
 /* Validate and store a pushed spec (in a cluster: Redis first, so every
  * replica serves it at once; then the file, then memory). digest gets the
  * sha256 of the stored text. */
-specs_push_result specs_push(specs *sp, const char *id, const char *text, size_t len,
-                             char digest[DIGEST_STRING_LEN], char *msg, size_t msglen);
+specs_push_result specs_push(specs *sp, const char *id, const char *text, size_t len, char digest[DIGEST_STRING_LEN],
+                             char *msg, size_t msglen);
 /* A pushed spec's stored text (malloc'd, caller frees), or NULL when
  * unknown. In a cluster, Redis answers (and this replica's copy follows
  * it); while Redis is unreachable, this replica's copy. */

@@ -78,13 +78,13 @@ bool store_blob_exists(store *s, const char *digest);
  * is taken. tags/, links/, generated/ and made/ hold small records and are not
  * counted; spools in tmp/ are not counted until committed. */
 typedef struct {
-    size_t blobs;               /* blobs in the index */
-    uint64_t bytes;             /* their total size */
+    size_t blobs;   /* blobs in the index */
+    uint64_t bytes; /* their total size */
     uint64_t max_bytes;
-    unsigned long committed;    /* commits since open */
-    unsigned long evicted;      /* blobs evicted since open */
+    unsigned long committed; /* commits since open */
+    unsigned long evicted;   /* blobs evicted since open */
     uint64_t evicted_bytes;
-    unsigned long quarantined;  /* blobs that failed verification since open */
+    unsigned long quarantined; /* blobs that failed verification since open */
 } store_stats;
 void store_get_stats(store *s, store_stats *out);
 
@@ -115,8 +115,8 @@ store_verify_result store_blob_verify(store *s, const char *digest, store_pace_f
 typedef struct {
     char digest[80];
     uint64_t size;
-    time_t used;  /* last open or commit; at start, the file's atime or mtime */
-    bool pinned;  /* held open by a reader now */
+    time_t used; /* last open or commit; at start, the file's atime or mtime */
+    bool pinned; /* held open by a reader now */
 } store_blob_ref;
 int store_blob_list(store *s, store_blob_ref **out, size_t *n);
 
@@ -149,8 +149,7 @@ int store_tag_get(store *s, const char *upstream, const char *repository, const 
 int store_tag_put(store *s, const char *upstream, const char *repository, const char *tag, const store_tag *t,
                   char *err, size_t errlen);
 /* Forget a resolution: 1 removed, 0 there was none, -1 error (err). */
-int store_tag_remove(store *s, const char *upstream, const char *repository, const char *tag, char *err,
-                     size_t errlen);
+int store_tag_remove(store *s, const char *upstream, const char *repository, const char *tag, char *err, size_t errlen);
 /* Every tag record that reads right (damaged ones are skipped): fn returning
  * non-zero stops the walk and is returned; -1 when tags/ cannot be read. */
 #define STORE_UPSTREAM_MAX 128

@@ -21,15 +21,15 @@
 #include "regfacade/config.h"
 
 typedef struct {
-    char *cert_file;    /* absolute paths, for messages */
+    char *cert_file; /* absolute paths, for messages */
     char *key_file;
-    char *cert_pem;     /* NUL-terminated file contents */
-    char *key_pem;      /* secret */
-    char *key_password; /* secret; NULL when the key is not encrypted */
+    char *cert_pem;         /* NUL-terminated file contents */
+    char *key_pem;          /* secret */
+    char *key_password;     /* secret; NULL when the key is not encrypted */
     const char *priorities; /* GnuTLS priority string for min_version */
-    char subject[256];  /* leaf certificate subject, for the start log line */
-    char not_after[64]; /* leaf certificate expiry, for the start log line */
-    int expired;        /* 1 when the leaf certificate has expired (a warning) */
+    char subject[256];      /* leaf certificate subject, for the start log line */
+    char not_after[64];     /* leaf certificate expiry, for the start log line */
+    int expired;            /* 1 when the leaf certificate has expired (a warning) */
 } tls_config;
 
 /* Parse c->tls. 0 with *out NULL when the section is absent; 0 with *out

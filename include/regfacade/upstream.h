@@ -31,10 +31,10 @@
 typedef struct upstream upstream;
 
 typedef struct {
-    const char *name;        /* config key, for messages */
-    const char *url;         /* base URL without /v2, e.g. "https://registry-1.docker.io" */
-    const char *username;    /* NULL: anonymous (unless credentials is set) */
-    const char *password;    /* with username */
+    const char *name;     /* config key, for messages */
+    const char *url;      /* base URL without /v2, e.g. "https://registry-1.docker.io" */
+    const char *username; /* NULL: anonymous (unless credentials is set) */
+    const char *password; /* with username */
     /* Where the account comes from when it is not a fixed username and
      * password: an identity token or a credential helper (credentials.h).
      * NULL: username/password as above. */
@@ -50,33 +50,33 @@ typedef struct {
     const char *const *mirrors;
     size_t n_mirrors;
     /* Retry pacing for callers that repeat a request (upstream_retry_*). */
-    int retries;             /* extra attempts after a failure; < 0: default 3 (0 is "none") */
-    long retry_budget_ms;    /* total time retries may take; 0: default 30000 */
-    long backoff_ms;         /* first backoff, doubled per failure, with jitter; 0: default 200 */
+    int retries;          /* extra attempts after a failure; < 0: default 3 (0 is "none") */
+    long retry_budget_ms; /* total time retries may take; 0: default 30000 */
+    long backoff_ms;      /* first backoff, doubled per failure, with jitter; 0: default 200 */
 } upstream_options;
 
 typedef struct {
-    long status;                  /* final HTTP status after redirects and auth */
-    char content_type[256];       /* without parameters */
-    char digest[192];             /* Docker-Content-Digest, "" when absent */
-    int64_t content_length;       /* -1 when unknown */
-    char content_range[128];      /* raw Content-Range, "" when absent */
-    char www_authenticate[2048];  /* of the final response, "" when absent */
-    char retry_after[64];         /* raw Retry-After, "" when absent */
-    char link[2048];              /* raw Link, "" when absent */
-    char filters_applied[128];    /* raw OCI-Filters-Applied (referrers), "" when absent */
-    long ratelimit_remaining;     /* from ratelimit-remaining ("76;w=21600"), -1 when absent */
-    char error_body[4096];        /* body of a non-2xx answer, truncated, NUL-terminated */
+    long status;                 /* final HTTP status after redirects and auth */
+    char content_type[256];      /* without parameters */
+    char digest[192];            /* Docker-Content-Digest, "" when absent */
+    int64_t content_length;      /* -1 when unknown */
+    char content_range[128];     /* raw Content-Range, "" when absent */
+    char www_authenticate[2048]; /* of the final response, "" when absent */
+    char retry_after[64];        /* raw Retry-After, "" when absent */
+    char link[2048];             /* raw Link, "" when absent */
+    char filters_applied[128];   /* raw OCI-Filters-Applied (referrers), "" when absent */
+    long ratelimit_remaining;    /* from ratelimit-remaining ("76;w=21600"), -1 when absent */
+    char error_body[4096];       /* body of a non-2xx answer, truncated, NUL-terminated */
     size_t error_body_len;
 } upstream_response;
 
 typedef struct upstream_request upstream_request;
 struct upstream_request {
-    const char *method;       /* "GET" or "HEAD" */
-    const char *repository;   /* upstream repository name, for the token scope "repository:NAME:pull" */
-    const char *path;         /* after "/v2/", with query if any: "library/alpine/manifests/3.20" */
-    const char *accept;       /* Accept header value, or NULL */
-    uint64_t range_start;     /* > 0: send "Range: bytes=N-" */
+    const char *method;     /* "GET" or "HEAD" */
+    const char *repository; /* upstream repository name, for the token scope "repository:NAME:pull" */
+    const char *path;       /* after "/v2/", with query if any: "library/alpine/manifests/3.20" */
+    const char *accept;     /* Accept header value, or NULL */
+    uint64_t range_start;   /* > 0: send "Range: bytes=N-" */
     /* Called once when the final response's headers are complete (2xx
      * only; not for 401 answers that lead to an auth retry, nor for
      * redirects). Return 0 to go on, -1 to abort the transfer. */
@@ -91,16 +91,16 @@ struct upstream_request {
 };
 
 typedef enum {
-    UPSTREAM_OK = 0,          /* an HTTP answer arrived: see resp->status */
-    UPSTREAM_ERR_CONNECT,     /* DNS failure, connection refused or reset before an answer */
-    UPSTREAM_ERR_TLS,         /* handshake or certificate failure */
-    UPSTREAM_ERR_TIMEOUT,     /* connect timeout or low-speed timeout */
-    UPSTREAM_ERR_TRANSFER,    /* answer broken midway (reset, truncated body) */
-    UPSTREAM_ERR_AUTH,        /* the token request failed, the challenge was unusable, or the
+    UPSTREAM_OK = 0,       /* an HTTP answer arrived: see resp->status */
+    UPSTREAM_ERR_CONNECT,  /* DNS failure, connection refused or reset before an answer */
+    UPSTREAM_ERR_TLS,      /* handshake or certificate failure */
+    UPSTREAM_ERR_TIMEOUT,  /* connect timeout or low-speed timeout */
+    UPSTREAM_ERR_TRANSFER, /* answer broken midway (reset, truncated body) */
+    UPSTREAM_ERR_AUTH,     /* the token request failed, the challenge was unusable, or the
                                  credential helper failed (502) */
-    UPSTREAM_ERR_DENIED,      /* the token endpoint refused our credentials (401/403) */
-    UPSTREAM_ERR_ABORTED,     /* a callback returned -1 */
-    UPSTREAM_ERR_INTERNAL,    /* allocation or libcurl setup failure */
+    UPSTREAM_ERR_DENIED,   /* the token endpoint refused our credentials (401/403) */
+    UPSTREAM_ERR_ABORTED,  /* a callback returned -1 */
+    UPSTREAM_ERR_INTERNAL, /* allocation or libcurl setup failure */
 } upstream_result;
 
 /* Call once at program start, before threads (wraps curl_global_init). */
@@ -136,8 +136,8 @@ const char *upstream_username(const upstream *u);
  * broke after on_headers was called is returned as it is (the caller
  * resumes it; the broken base is skipped on that retry). Tokens are cached
  * per base URL. */
-upstream_result upstream_perform(upstream *u, const upstream_request *req,
-                                 upstream_response *resp, char *err, size_t errlen);
+upstream_result upstream_perform(upstream *u, const upstream_request *req, upstream_response *resp, char *err,
+                                 size_t errlen);
 
 /* How many base URLs (url plus mirrors) the upstream has. */
 size_t upstream_base_count(const upstream *u);

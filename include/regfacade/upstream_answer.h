@@ -33,9 +33,9 @@ typedef enum { UPSTREAM_WHAT_MANIFEST, UPSTREAM_WHAT_BLOB, UPSTREAM_WHAT_TAGS } 
 
 /* How one request ended. */
 typedef enum {
-    UPSTREAM_ANSWER_OK,      /* a 2xx answer, in resp */
-    UPSTREAM_ANSWER_STATUS,  /* another final HTTP answer (resp->status); e is the client's answer */
-    UPSTREAM_ANSWER_FAILED,  /* no HTTP answer (transport, auth or internal failure); e likewise */
+    UPSTREAM_ANSWER_OK,     /* a 2xx answer, in resp */
+    UPSTREAM_ANSWER_STATUS, /* another final HTTP answer (resp->status); e is the client's answer */
+    UPSTREAM_ANSWER_FAILED, /* no HTTP answer (transport, auth or internal failure); e likewise */
 } upstream_answer;
 
 /* Map one attempt. subject names what was asked, for messages ("manifest
@@ -43,9 +43,8 @@ typedef enum {
  * err is upstream_perform()'s message. For a 2xx answer returns
  * UPSTREAM_ANSWER_OK and leaves e alone; otherwise fills e and sets
  * *retry (may be NULL) when asking again may help. */
-upstream_answer upstream_answer_map(upstream_what what, const char *upstream, const char *subject,
-                                    upstream_result r, const upstream_response *resp, const char *err,
-                                    fetch_error *e, bool *retry);
+upstream_answer upstream_answer_map(upstream_what what, const char *upstream, const char *subject, upstream_result r,
+                                    const upstream_response *resp, const char *err, fetch_error *e, bool *retry);
 
 /* One request, asked again after transient failures as upstream_client
  * says (backoff, Retry-After, retries, budget), each retry logged at warn

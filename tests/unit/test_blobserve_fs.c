@@ -188,21 +188,21 @@ static void test_lookup(void) {
         snprintf(p, sizeof p, "%s/%s", base, names[i]);
         roots[i] = open(p, O_PATH | O_DIRECTORY);
     }
-    CHECK_STR(get("a.txt"), "a1");            /* upper wins */
+    CHECK_STR(get("a.txt"), "a1"); /* upper wins */
     CHECK_STR(get("d/x.txt"), "x2");
-    CHECK_STR(get("d/y.txt"), "y1");          /* folders merge */
-    CHECK_STR(get("gone.txt"), "ERR:2");      /* whiteout */
-    CHECK_STR(get("opq/old.txt"), "ERR:2");   /* opaque folder */
+    CHECK_STR(get("d/y.txt"), "y1");        /* folders merge */
+    CHECK_STR(get("gone.txt"), "ERR:2");    /* whiteout */
+    CHECK_STR(get("opq/old.txt"), "ERR:2"); /* opaque folder */
     CHECK_STR(get("opq/new.txt"), "new");
-    CHECK_STR(get("f"), "now a file");        /* a file hides the folder below */
-    CHECK_STR(get("f/inner.txt"), "ERR:20");  /* ENOTDIR */
+    CHECK_STR(get("f"), "now a file");       /* a file hides the folder below */
+    CHECK_STR(get("f/inner.txt"), "ERR:20"); /* ENOTDIR */
     CHECK_STR(get("deleted-dir/z.txt"), "ERR:2");
-    CHECK_STR(get("abs"), "image passwd");    /* absolute target: the image's root */
-    CHECK_STR(get("up"), "image passwd");     /* ".." stops at the image root */
-    CHECK_STR(get("dirlink/x.txt"), "x2");    /* a link to a folder, then upper layers again */
+    CHECK_STR(get("abs"), "image passwd"); /* absolute target: the image's root */
+    CHECK_STR(get("up"), "image passwd");  /* ".." stops at the image root */
+    CHECK_STR(get("dirlink/x.txt"), "x2"); /* a link to a folder, then upper layers again */
     CHECK_STR(get("rel"), "x2");
     CHECK_STR(get("www-link/index.html"), "www index");
-    CHECK_STR(get("loop1"), "ERR:40");        /* ELOOP */
+    CHECK_STR(get("loop1"), "ERR:40"); /* ELOOP */
     CHECK_STR(get("dangling"), "ERR:2");
     CHECK_STR(get(""), "DIR");
     CHECK_STR(get("d"), "DIR");

@@ -24,20 +24,20 @@ int main(void) {
     CHECK(client_auth_parse("", &c) == CLIENT_AUTH_NONE);
     CHECK(client_auth_parse("   ", &c) == CLIENT_AUTH_NONE);
 
-    basic_ok("Basic YWxpY2U6czNjcmV0", "alice", "s3cret");             /* alice:s3cret */
-    basic_ok("basic YWxpY2U6czNjcmV0", "alice", "s3cret");             /* scheme case-insensitive */
-    basic_ok("BASIC   YWxpY2U6czNjcmV0  ", "alice", "s3cret");         /* extra spaces */
-    basic_ok("Basic YWxpY2U6", "alice", "");                           /* alice: (empty password) */
-    basic_ok("Basic YWxpY2U6YTpiOmM=", "alice", "a:b:c");              /* first ':' splits */
+    basic_ok("Basic YWxpY2U6czNjcmV0", "alice", "s3cret");     /* alice:s3cret */
+    basic_ok("basic YWxpY2U6czNjcmV0", "alice", "s3cret");     /* scheme case-insensitive */
+    basic_ok("BASIC   YWxpY2U6czNjcmV0  ", "alice", "s3cret"); /* extra spaces */
+    basic_ok("Basic YWxpY2U6", "alice", "");                   /* alice: (empty password) */
+    basic_ok("Basic YWxpY2U6YTpiOmM=", "alice", "a:b:c");      /* first ':' splits */
     basic_ok("Basic YWxpY2U6czNjcmV0", "alice", "s3cret");
 
-    invalid("Basic");                      /* no credentials */
-    invalid("Basic !!!");                  /* not base64 */
-    invalid("Basic bm9jb2xvbg==");         /* "nocolon" */
-    invalid("Basic OnBhc3M=");             /* ":pass": empty user */
-    invalid("Basic YQpiOmM=");             /* "a\nb:c": control character */
-    invalid("Basic YWxpY2U6czNjcmV0 x");   /* trailing junk */
-    invalid("Digest username=\"x\"");     /* another scheme */
+    invalid("Basic");                    /* no credentials */
+    invalid("Basic !!!");                /* not base64 */
+    invalid("Basic bm9jb2xvbg==");       /* "nocolon" */
+    invalid("Basic OnBhc3M=");           /* ":pass": empty user */
+    invalid("Basic YQpiOmM=");           /* "a\nb:c": control character */
+    invalid("Basic YWxpY2U6czNjcmV0 x"); /* trailing junk */
+    invalid("Digest username=\"x\"");    /* another scheme */
     invalid("Bearer a b");
     invalid("Bearer");
 

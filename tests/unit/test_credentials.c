@@ -82,13 +82,13 @@ static void run(void) {
     /* stdin is the server URL; the environment is minimal; argv[1] is get. */
     setenv("RF_UNIT_LEAK", "must-not-reach-helper", 1);
     setenv("HOME", "/nonexistent-home", 1); /* the user's home is passed, not this */
-    snprintf(p, sizeof p, "%s", script("docker-credential-good",
-                                       "[ \"$1\" = get ] || exit 9\n"
-                                       "read -r url || true\n"
-                                       "[ -z \"$RF_UNIT_LEAK\" ] || exit 8\n"
-                                       "[ \"$HOME\" = \"$(getent passwd $(id -u) | cut -d: -f6)\" ] || exit 7\n"
-                                       "printf '{\"ServerURL\":\"%s\",\"Username\":\"u\",\"Secret\":\"pw-%s\"}' "
-                                       "\"$url\" \"$url\""));
+    snprintf(p, sizeof p, "%s",
+             script("docker-credential-good", "[ \"$1\" = get ] || exit 9\n"
+                                              "read -r url || true\n"
+                                              "[ -z \"$RF_UNIT_LEAK\" ] || exit 8\n"
+                                              "[ \"$HOME\" = \"$(getent passwd $(id -u) | cut -d: -f6)\" ] || exit 7\n"
+                                              "printf '{\"ServerURL\":\"%s\",\"Username\":\"u\",\"Secret\":\"pw-%s\"}' "
+                                              "\"$url\" \"$url\""));
     CHECK(credentials_run_helper(p, "reg.example:5000", 5000, &cr, err, sizeof err) == 0);
     CHECK_STR(cr.username, "u");
     CHECK_STR(cr.secret, "pw-reg.example:5000");
@@ -270,8 +270,10 @@ static void source(void) {
     credentials_free(c);
 
     /* A failing helper: an error naming it, nothing kept. */
-    credentials_options f = {.kind = CREDENTIALS_HELPER, .helper = script("docker-credential-f", "exit 2"),
-                             .server_url = "reg:1", .cache_seconds = 300};
+    credentials_options f = {.kind = CREDENTIALS_HELPER,
+                             .helper = script("docker-credential-f", "exit 2"),
+                             .server_url = "reg:1",
+                             .cache_seconds = 300};
     c = credentials_new(&f, err, sizeof err);
     CHECK(c != NULL);
     CHECK(credentials_get(c, &cr, err, sizeof err) == -1);

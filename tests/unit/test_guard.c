@@ -43,7 +43,7 @@ int main(void) {
     CHECK(!guard_rate_allow(g, (struct sockaddr *)&a, &ra));
     CHECK(ra == 1);
     CHECK(guard_rate_allow(g, (struct sockaddr *)&b, &ra)); /* its own bucket */
-    sleep_ms(600);                                           /* 1.2 tokens back */
+    sleep_ms(600);                                          /* 1.2 tokens back */
     CHECK(guard_rate_allow(g, (struct sockaddr *)&a, &ra));
     CHECK(!guard_rate_allow(g, (struct sockaddr *)&a, &ra));
     CHECK(guard_get_stats(g).rate_limited == 2);
@@ -83,15 +83,15 @@ int main(void) {
     guard_conn *cf = guard_conn_open(g, fast[0]);
     guard_conn *ck = guard_conn_open(g, keep[0]);
     CHECK(cs && cf && ck);
-    guard_conn_headers_done(g, cf);           /* headers in: no deadline */
+    guard_conn_headers_done(g, cf); /* headers in: no deadline */
     guard_conn_headers_done(g, ck);
     sleep_ms(500);
-    guard_conn_request_done(g, ck);           /* response done: deadline again */
+    guard_conn_request_done(g, ck); /* response done: deadline again */
     CHECK(!peer_shut(slow[1]));
     sleep_ms(2200);
-    CHECK(peer_shut(slow[1]));                /* cut */
-    CHECK(!peer_shut(fast[1]));               /* untouched */
-    CHECK(peer_shut(keep[1]));                /* idle keep-alive cut */
+    CHECK(peer_shut(slow[1]));  /* cut */
+    CHECK(!peer_shut(fast[1])); /* untouched */
+    CHECK(peer_shut(keep[1]));  /* idle keep-alive cut */
     CHECK(guard_get_stats(g).header_timeouts == 2);
     guard_conn_close(g, cs);
     guard_conn_close(g, cf);

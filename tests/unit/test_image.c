@@ -112,19 +112,16 @@ static const image_layer LAYER_B = {.media_type = IMAGE_MT_DOCKER_LAYER_GZIP,
 
 static char errbuf[512];
 
-static json_value *parse(const char *s)
-{
+static json_value *parse(const char *s) {
     json_value *v = json_parse(s, strlen(s), JSON_DEFAULT_MAX_DEPTH, errbuf, sizeof errbuf);
-    if (!v)
-        fprintf(stderr, "parse failed: %s\n", errbuf);
+    if (!v) fprintf(stderr, "parse failed: %s\n", errbuf);
     return v;
 }
 
 static char *ser(const json_value *v) { return v ? json_serialize(v, NULL) : NULL; }
 
 /* The compact text of a fixture. */
-static char *compact(const char *s)
-{
+static char *compact(const char *s) {
     json_value *v = parse(s);
     char *out = ser(v);
     json_free(v);
@@ -133,11 +130,9 @@ static char *compact(const char *s)
 
 /* s with the first occurrence of old replaced by new (malloc'd); NULL when
  * old does not occur. */
-static char *replace(const char *s, const char *old, const char *new_)
-{
+static char *replace(const char *s, const char *old, const char *new_) {
     const char *at = s ? strstr(s, old) : NULL;
-    if (!at)
-        return NULL;
+    if (!at) return NULL;
     size_t a = (size_t)(at - s), o = strlen(old), n = strlen(new_), t = strlen(s);
     char *r = malloc(t - o + n + 1);
     memcpy(r, s, a);
@@ -147,20 +142,17 @@ static char *replace(const char *s, const char *old, const char *new_)
 }
 
 /* replace() that takes ownership of s. */
-static char *replace_own(char *s, const char *old, const char *new_)
-{
+static char *replace_own(char *s, const char *old, const char *new_) {
     char *r = replace(s, old, new_);
     free(s);
     return r;
 }
 
 /* Text of a member of a fixture (e.g. its "history" array). */
-static char *member_text(const char *doc, const char *k1, const char *k2)
-{
+static char *member_text(const char *doc, const char *k1, const char *k2) {
     json_value *v = parse(doc);
     json_value *m = json_object_get(v, k1);
-    if (k2)
-        m = json_object_get(m, k2);
+    if (k2) m = json_object_get(m, k2);
     char *out = ser(m);
     json_free(v);
     return out;
@@ -171,8 +163,7 @@ typedef struct {
     char *mtext, *ctext;
 } result;
 
-static void result_free(result *r)
-{
+static void result_free(result *r) {
     json_free(r->m);
     json_free(r->c);
     free(r->mtext);
@@ -181,8 +172,7 @@ static void result_free(result *r)
 }
 
 /* Assemble from fixture texts; texts of the (unfinished) outputs in r. */
-static int run(const char *man, const char *cfg, const image_layer *stack, size_t n, result *r)
-{
+static int run(const char *man, const char *cfg, const image_layer *stack, size_t n, result *r) {
     memset(r, 0, sizeof *r);
     json_value *bm = parse(man), *bc = parse(cfg);
     errbuf[0] = '\0';
@@ -197,28 +187,23 @@ static int run(const char *man, const char *cfg, const image_layer *stack, size_
 }
 
 /* Assembly must fail with exactly want. */
-static int fails(const char *man, const char *cfg, const image_layer *stack, size_t n, const char *want)
-{
+static int fails(const char *man, const char *cfg, const image_layer *stack, size_t n, const char *want) {
     result r;
     int rc = run(man, cfg, stack, n, &r);
     int ok = rc == -1 && r.m == NULL && r.c == NULL && strcmp(errbuf, want) == 0;
-    if (!ok)
-        fprintf(stderr, "want error \"%s\", got rc %d \"%s\"\n", want, rc, errbuf);
+    if (!ok) fprintf(stderr, "want error \"%s\", got rc %d \"%s\"\n", want, rc, errbuf);
     result_free(&r);
     return ok;
 }
 
-static int eq(const char *got, const char *want)
-{
+static int eq(const char *got, const char *want) {
     int ok = got && want && strcmp(got, want) == 0;
-    if (!ok)
-        fprintf(stderr, "got:  %s\nwant: %s\n", got ? got : "(null)", want ? want : "(null)");
+    if (!ok) fprintf(stderr, "got:  %s\nwant: %s\n", got ? got : "(null)", want ? want : "(null)");
     return ok;
 }
 
 /* Number of history entries that are not empty_layer ones. */
-static size_t non_empty_history(const json_value *cfg)
-{
+static size_t non_empty_history(const json_value *cfg) {
     const json_value *h = json_object_get(cfg, "history");
     size_t n = 0;
     for (size_t i = 0; h && i < h->count; i++) {
@@ -228,22 +213,19 @@ static size_t non_empty_history(const json_value *cfg)
     return n;
 }
 
-static size_t layer_count(const json_value *m)
-{
+static size_t layer_count(const json_value *m) {
     const json_value *l = json_object_get(m, "layers");
     return l ? l->count : SIZE_MAX;
 }
 
-static size_t diff_id_count(const json_value *c)
-{
+static size_t diff_id_count(const json_value *c) {
     const json_value *d = json_object_get(json_object_get(c, "rootfs"), "diff_ids");
     return d ? d->count : SIZE_MAX;
 }
 
 /* ------------------------------------------------------------------------ */
 
-static void test_media_types(void)
-{
+static void test_media_types(void) {
     const char *D = IMAGE_MT_DOCKER_MANIFEST, *O = IMAGE_MT_OCI_MANIFEST;
     /* into Docker */
     CHECK_STR(image_layer_media_type_for(D, IMAGE_MT_OCI_LAYER_GZIP), IMAGE_MT_DOCKER_LAYER_GZIP);
@@ -276,8 +258,7 @@ static void test_media_types(void)
 /* Append to a Docker image: the new descriptor gets Docker's type and the
  * base's key order; everything outside the three changed arrays keeps its
  * bytes. */
-static void test_docker_append(void)
-{
+static void test_docker_append(void) {
     image_layer stack[] = {BASE, LAYER_A};
     result r;
     CHECK(run(DOCKER_MANIFEST, DOCKER_CONFIG, stack, 2, &r) == 0);
@@ -312,8 +293,7 @@ static void test_docker_append(void)
 
 /* Prepend to an OCI image: OCI's key order (mediaType, digest, size), the
  * added history entry first, the base's block after it. */
-static void test_oci_prepend(void)
-{
+static void test_oci_prepend(void) {
     image_layer stack[] = {LAYER_B, BASE};
     result r;
     CHECK(run(OCI_MANIFEST, OCI_CONFIG, stack, 2, &r) == 0);
@@ -339,8 +319,7 @@ static void test_oci_prepend(void)
 
 /* Layers before and after the base, with urls and annotations; the base's
  * history stays one block between them. */
-static void test_interleave(void)
-{
+static void test_interleave(void) {
     json_value *urls = parse("[\"https://layers.example.org/c.tar.gz\"]");
     json_value *ann = parse("{\"org.example.role\":\"ide\",\"a\":\"1\"}");
     image_layer c = {.media_type = IMAGE_MT_OCI_LAYER_ZSTD,
@@ -385,8 +364,7 @@ static void test_interleave(void)
 
 /* Without "base": only the listed layers, the base's empty_layer history
  * entries first. */
-static void test_no_base(void)
-{
+static void test_no_base(void) {
     image_layer stack[] = {LAYER_A, LAYER_B};
     result r;
     CHECK(run(OCI_MANIFEST, OCI_CONFIG, stack, 2, &r) == 0);
@@ -434,8 +412,7 @@ static void test_no_base(void)
 }
 
 /* Media types are converted both ways for added layers only. */
-static void test_conversion_in_manifests(void)
-{
+static void test_conversion_in_manifests(void) {
     image_layer oci_nd = {.media_type = IMAGE_MT_OCI_LAYER_ND_GZIP, .digest = C_DIGEST, .size = 1, .diff_id = C_DIFF};
     image_layer oci_zstd = {.media_type = IMAGE_MT_OCI_LAYER_ZSTD, .digest = B_DIGEST, .size = 2, .diff_id = B_DIFF};
     image_layer oci_tar = {.media_type = IMAGE_MT_OCI_LAYER_TAR, .digest = A_DIGEST, .size = 3, .diff_id = A_DIFF};
@@ -478,15 +455,14 @@ static void test_conversion_in_manifests(void)
 
 /* History: null means none; without "created" the entry has none; a base
  * whose history does not line up keeps it as a block. */
-static void test_history_edges(void)
-{
+static void test_history_edges(void) {
     const char *man = "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\","
                       "\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"" C_DIGEST
                       "\",\"size\":2},\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\","
                       "\"digest\":\"" B_DIGEST "\",\"size\":10},{\"mediaType\":\"application/vnd.oci.image.layer.v1."
                       "tar+gzip\",\"digest\":\"" C_DIGEST "\",\"size\":11}]}";
-    const char *null_hist = "{\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"" B_DIFF "\",\"" C_DIFF
-                            "\"]},\"history\":null}";
+    const char *null_hist =
+        "{\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"" B_DIFF "\",\"" C_DIFF "\"]},\"history\":null}";
     image_layer stack[] = {BASE, LAYER_A};
     result r;
     CHECK(run(man, null_hist, stack, 2, &r) == 0);
@@ -505,8 +481,9 @@ static void test_history_edges(void)
     result_free(&r);
 
     /* an empty history array gets the added entries only */
-    const char *empty_hist = "{\"created\":\"2020-01-01T00:00:00Z\",\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\""
-                             B_DIFF "\",\"" C_DIFF "\"]},\"history\":[]}";
+    const char *empty_hist =
+        "{\"created\":\"2020-01-01T00:00:00Z\",\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"" B_DIFF "\",\"" C_DIFF
+        "\"]},\"history\":[]}";
     image_layer pre[] = {LAYER_A, BASE};
     CHECK(run(man, empty_hist, pre, 2, &r) == 0);
     h = member_text(r.ctext, "history", NULL);
@@ -516,12 +493,9 @@ static void test_history_edges(void)
 }
 
 /* Sizes: the base's exact text survives; added sizes go up to 2^63-1. */
-static void test_sizes(void)
-{
-    image_layer big = {.media_type = IMAGE_MT_OCI_LAYER_GZIP,
-                       .digest = A_DIGEST,
-                       .size = (uint64_t)INT64_MAX,
-                       .diff_id = A_DIFF};
+static void test_sizes(void) {
+    image_layer big = {
+        .media_type = IMAGE_MT_OCI_LAYER_GZIP, .digest = A_DIGEST, .size = (uint64_t)INT64_MAX, .diff_id = A_DIFF};
     image_layer stack[] = {BASE, big};
     result r;
     CHECK(run(DOCKER_MANIFEST, DOCKER_CONFIG, stack, 2, &r) == 0);
@@ -536,8 +510,7 @@ static void test_sizes(void)
 
 /* Finishing: digests and sizes are right, deterministic, and follow the
  * inputs; the inputs never change. */
-static void test_finish_and_determinism(void)
-{
+static void test_finish_and_determinism(void) {
     image_layer stack[] = {LAYER_A, BASE, LAYER_B};
     json_value *bm = parse(OCI_MANIFEST), *bc = parse(OCI_CONFIG);
     char *bm_before = ser(bm), *bc_before = ser(bc);
@@ -621,8 +594,7 @@ static void test_finish_and_determinism(void)
     json_free(c);
 }
 
-static void test_finish_errors(void)
-{
+static void test_finish_errors(void) {
     char *mb, *cb;
     size_t ml, cl;
     char md[80], cd[80];
@@ -647,14 +619,15 @@ static void test_finish_errors(void)
     json_free(c);
 }
 
-#define MAN_PREFIX "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"config\":" \
-                   "{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"" C_DIGEST "\",\"size\":2},"
-#define ONE_LAYER "\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"" B_DIGEST \
-                  "\",\"size\":10}]}"
+#define MAN_PREFIX                                                                                  \
+    "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"config\":" \
+    "{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"" C_DIGEST "\",\"size\":2},"
+#define ONE_LAYER                                                                                       \
+    "\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"" B_DIGEST \
+    "\",\"size\":10}]}"
 #define CFG_ONE "{\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"" B_DIFF "\"]}}"
 
-static void test_errors(void)
-{
+static void test_errors(void) {
     image_layer base[] = {BASE};
     const char *good = MAN_PREFIX ONE_LAYER;
     /* the base manifest */
@@ -679,14 +652,16 @@ static void test_errors(void)
     CHECK(fails(MAN_PREFIX "\"layers\":[\"x\"]}", CFG_ONE, base, 1, "base manifest: layers[0] is not an object"));
     CHECK(fails(MAN_PREFIX "\"layers\":[{\"digest\":\"" B_DIGEST "\",\"size\":1}]}", CFG_ONE, base, 1,
                 "base manifest: layers[0].mediaType is missing or not a string"));
-    CHECK(fails(MAN_PREFIX "\"layers\":[{\"mediaType\":\"x\",\"digest\":\"sha256:abc\",\"size\":1}]}", CFG_ONE, base,
-                1, "base manifest: layers[0].digest is missing or not a valid digest"));
+    CHECK(fails(MAN_PREFIX "\"layers\":[{\"mediaType\":\"x\",\"digest\":\"sha256:abc\",\"size\":1}]}", CFG_ONE, base, 1,
+                "base manifest: layers[0].digest is missing or not a valid digest"));
     const char *bad_sizes[] = {"-1", "1.5", "\"10\"", "9223372036854775808", "null"};
     for (size_t i = 0; i < 5; i++) {
         char man[1024];
-        snprintf(man, sizeof man, MAN_PREFIX "\"layers\":[{\"mediaType\":\"x\",\"digest\":\"" B_DIGEST "\",\"size\":%s}]}",
+        snprintf(man, sizeof man,
+                 MAN_PREFIX "\"layers\":[{\"mediaType\":\"x\",\"digest\":\"" B_DIGEST "\",\"size\":%s}]}",
                  bad_sizes[i]);
-        CHECK(fails(man, CFG_ONE, base, 1, "base manifest: layers[0].size is missing or not an integer in [0, 2^63-1]"));
+        CHECK(
+            fails(man, CFG_ONE, base, 1, "base manifest: layers[0].size is missing or not an integer in [0, 2^63-1]"));
     }
     CHECK(fails("{\"schemaVersion\":2," ONE_LAYER, CFG_ONE, base, 1,
                 "base manifest: config is missing or not an object"));
@@ -763,8 +738,7 @@ static void test_errors(void)
 
 /* Duplicated keys in the base: the replaced member keeps the last
  * occurrence's place, as json_object_set does. */
-static void test_duplicate_keys(void)
-{
+static void test_duplicate_keys(void) {
     const char *man = MAN_PREFIX "\"layers\":[],\"annotations\":{}," ONE_LAYER;
     image_layer stack[] = {BASE, LAYER_A};
     result r;
@@ -775,7 +749,6 @@ static void test_duplicate_keys(void)
     result_free(&r);
 }
 
-
 /* ------------------------------------------------------------------------ */
 /* The rewrite step, driven from C as the server drives it                  */
 
@@ -784,8 +757,7 @@ typedef struct {
     size_t used, limit;
 } budget;
 
-static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
-{
+static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     budget *b = ud;
     size_t old = ptr ? osize : 0;
     if (nsize == 0) {
@@ -793,11 +765,9 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         b->used -= old;
         return NULL;
     }
-    if (nsize > old && b->used + (nsize - old) > b->limit)
-        return NULL;
+    if (nsize > old && b->used + (nsize - old) > b->limit) return NULL;
     void *p = realloc(ptr, nsize);
-    if (p)
-        b->used = b->used - old + nsize;
+    if (p) b->used = b->used - old + nsize;
     return p;
 }
 
@@ -808,15 +778,14 @@ static const char *HOOK = "return function(img, req)\n"
                           "  img.manifest.annotations['org.example.base'] = tostring(img.layers[2].base)\n"
                           "end\n";
 
-static void test_rewrite_from_c(void)
-{
+static void test_rewrite_from_c(void) {
     image_layer stack[] = {BASE, LAYER_A};
     json_value *bm = parse(OCI_MANIFEST), *bc = parse(OCI_CONFIG), *m = NULL, *c = NULL;
     CHECK(image_assemble(bm, bc, stack, 2, &m, &c, errbuf, sizeof errbuf) == 0);
     lua_State *L = luaL_newstate();
     luaL_openlibs(L);
-    CHECK(luaL_dostring(L, HOOK) == LUA_OK);  /* 1: the hook */
-    lua_newtable(L);                           /* 2: req */
+    CHECK(luaL_dostring(L, HOOK) == LUA_OK); /* 1: the hook */
+    lua_newtable(L);                         /* 2: req */
     lua_pushstring(L, "root");
     lua_setfield(L, -2, "user");
     int top = lua_gettop(L);
@@ -874,8 +843,7 @@ static void test_rewrite_from_c(void)
 /* Every allocation of the rewrite step and of the Lua module failing in
  * turn: each run fails cleanly or succeeds; nothing leaks (run under ASan)
  * and the state is still usable. */
-static void test_rewrite_out_of_memory(void)
-{
+static void test_rewrite_out_of_memory(void) {
     image_layer stack[] = {LAYER_A, BASE};
     json_value *bm = parse(DOCKER_MANIFEST), *bc = parse(DOCKER_CONFIG);
     budget b = {0, SIZE_MAX};
@@ -942,8 +910,7 @@ static void test_rewrite_out_of_memory(void)
     json_free(bc);
 }
 
-int main(void)
-{
+int main(void) {
     test_media_types();
     test_docker_append();
     test_oci_prepend();

@@ -8,14 +8,12 @@
 
 static char errbuf[256];
 
-static json_value *parse(const char *s)
-{
+static json_value *parse(const char *s) {
     return json_parse(s, strlen(s), JSON_DEFAULT_MAX_DEPTH, errbuf, sizeof(errbuf));
 }
 
 /* serialize(parse(in)) == want (want NULL means == in). */
-static int roundtrip_is(const char *in, const char *want)
-{
+static int roundtrip_is(const char *in, const char *want) {
     json_value *v = parse(in);
     if (!v) {
         fprintf(stderr, "parse failed: %s (%s)\n", errbuf, in);
@@ -24,20 +22,16 @@ static int roundtrip_is(const char *in, const char *want)
     size_t n = 0;
     char *out = json_serialize(v, &n);
     json_free(v);
-    if (!out)
-        return 0;
-    if (!want)
-        want = in;
+    if (!out) return 0;
+    if (!want) want = in;
     int ok = n == strlen(want) && memcmp(out, want, n) == 0;
-    if (!ok)
-        fprintf(stderr, "roundtrip mismatch:\n in: %s\nout: %s\nwant: %s\n", in, out, want);
+    if (!ok) fprintf(stderr, "roundtrip mismatch:\n in: %s\nout: %s\nwant: %s\n", in, out, want);
     free(out);
     return ok;
 }
 
 /* Parse must fail, and the message must contain frag. */
-static int fails_with(const char *in, size_t len, const char *frag)
-{
+static int fails_with(const char *in, size_t len, const char *frag) {
     errbuf[0] = '\0';
     json_value *v = json_parse(in, len, JSON_DEFAULT_MAX_DEPTH, errbuf, sizeof(errbuf));
     if (v) {
@@ -52,10 +46,7 @@ static int fails_with(const char *in, size_t len, const char *frag)
     return 1;
 }
 
-static char *ser(const json_value *v)
-{
-    return json_serialize(v, NULL);
-}
+static char *ser(const json_value *v) { return json_serialize(v, NULL); }
 
 static const char DOCKER_MANIFEST[] =
     "{\"schemaVersion\":2,"
@@ -87,13 +78,13 @@ static const char OCI_CONFIG[] =
     "\"sha256:e7b8ba5eabe5d5e9c1b1b6d2fd2e9e5b9ffb7d6f2b0fcbb6a7c4e0b6bcb9e2f1\"]},"
     "\"history\":["
     "{\"created\":\"2024-01-01T00:00:00Z\",\"created_by\":\"/bin/sh -c #(nop) ADD file:abc in / \"},"
-    "{\"created\":\"2024-01-01T00:00:01Z\",\"created_by\":\"/bin/sh -c #(nop)  CMD [\\\"sh\\\"]\",\"empty_layer\":true},"
+    "{\"created\":\"2024-01-01T00:00:01Z\",\"created_by\":\"/bin/sh -c #(nop)  CMD "
+    "[\\\"sh\\\"]\",\"empty_layer\":true},"
     "{\"created\":\"2024-01-01T00:00:02Z\",\"created_by\":\"RUN /bin/sh -c apk add --no-cache curl # buildkit\","
     "\"comment\":\"buildkit.dockerfile.v0\"}],"
     "\"size\":9007199254740993,\"weird\":[1e400,-0.0,18446744073709551615,0.1E-5,-12.5e+3,[],{},[[]]]}";
 
-static void test_roundtrip_documents(void)
-{
+static void test_roundtrip_documents(void) {
     CHECK(roundtrip_is(DOCKER_MANIFEST, NULL));
     CHECK(roundtrip_is(OCI_CONFIG, NULL));
 
@@ -132,20 +123,19 @@ static void test_roundtrip_documents(void)
                        "{\"a\":[1,2],\"b\":{},\"c\":[]}"));
 }
 
-static void test_numbers_text(void)
-{
+static void test_numbers_text(void) {
     CHECK(roundtrip_is("[18446744073709551615,1e400,-0.0,-0,0,1E+2,2.50,123456789012345678901234567890]", NULL));
     json_value *v = parse("1e400");
     CHECK(v && v->type == JSON_NUMBER && strcmp(v->str, "1e400") == 0 && v->len == 5);
     json_free(v);
 }
 
-static void test_escapes(void)
-{
+static void test_escapes(void) {
     /* input escapes decode; output uses Go style minus HTML escaping */
     json_value *v = parse("\"a\\\"b\\\\c\\/d\\b\\f\\n\\r\\t\\u0001\\u001f\\u0041\\u00e9\\u20ac<>&\"");
     CHECK(v && v->type == JSON_STRING);
-    CHECK_STR(v ? v->str : NULL, "a\"b\\c/d\b\f\n\r\t\x01\x1f" "A\xc3\xa9\xe2\x82\xac<>&");
+    CHECK_STR(v ? v->str : NULL, "a\"b\\c/d\b\f\n\r\t\x01\x1f"
+                                 "A\xc3\xa9\xe2\x82\xac<>&");
     char *s = ser(v);
     CHECK_STR(s, "\"a\\\"b\\\\c/d\\b\\f\\n\\r\\t\\u0001\\u001fA\xc3\xa9\xe2\x82\xac<>&\"");
     free(s);
@@ -170,15 +160,16 @@ static void test_escapes(void)
     json_free(v);
 
     /* constructed strings with control chars and invalid UTF-8 */
-    v = json_new_stringn("\x7f\x02\xff" "ok\xc3", 6);
+    v = json_new_stringn("\x7f\x02\xff"
+                         "ok\xc3",
+                         6);
     s = ser(v);
     CHECK_STR(s, "\"\x7f\\u0002\\ufffdok\\ufffd\"");
     free(s);
     json_free(v);
 }
 
-static void test_surrogates(void)
-{
+static void test_surrogates(void) {
     json_value *v = parse("\"\\ud83d\\ude00|\\uD834\\uDD1E|\\udbff\\udfff\"");
     CHECK(v != NULL);
     CHECK_STR(v ? v->str : NULL, "\xf0\x9f\x98\x80|\xf0\x9d\x84\x9e|\xf4\x8f\xbf\xbf");
@@ -191,8 +182,7 @@ static void test_surrogates(void)
     CHECK(fails_with("\"\\ud83d\\ud83d\"", 14, "lone surrogate"));
 }
 
-static void test_errors(void)
-{
+static void test_errors(void) {
     /* each error class; offsets are 0-based byte positions */
     CHECK(fails_with("", 0, "unexpected end of input at byte 0"));
     CHECK(fails_with("   ", 3, "unexpected end of input at byte 3"));
@@ -244,8 +234,7 @@ static void test_errors(void)
     CHECK(json_parse("x", 1, 0, tiny, sizeof(tiny)) == NULL && strlen(tiny) == 7);
 }
 
-static char *nest(int depth, int objects)
-{
+static char *nest(int depth, int objects) {
     size_t n = (size_t)depth;
     char *s = malloc(n * 6 + 8);
     size_t o = 0;
@@ -258,14 +247,12 @@ static char *nest(int depth, int objects)
         }
     }
     s[o++] = '7';
-    for (size_t i = 0; i < n; i++)
-        s[o++] = objects ? '}' : ']';
+    for (size_t i = 0; i < n; i++) s[o++] = objects ? '}' : ']';
     s[o] = '\0';
     return s;
 }
 
-static void test_depth(void)
-{
+static void test_depth(void) {
     for (int objects = 0; objects < 2; objects++) {
         int limits[] = {1, 5, JSON_DEFAULT_MAX_DEPTH, 200};
         for (size_t k = 0; k < sizeof(limits) / sizeof(limits[0]); k++) {
@@ -280,8 +267,7 @@ static void test_depth(void)
             v = json_parse(bad, strlen(bad), lim, errbuf, sizeof(errbuf));
             CHECK(v == NULL);
             char want[96];
-            snprintf(want, sizeof(want), "json: nesting deeper than %d at byte %d", lim,
-                     objects ? lim * 5 : lim);
+            snprintf(want, sizeof(want), "json: nesting deeper than %d at byte %d", lim, objects ? lim * 5 : lim);
             CHECK_STR(errbuf, want);
             free(ok);
             free(bad);
@@ -306,8 +292,7 @@ static void test_depth(void)
     free(huge);
 }
 
-static void test_duplicates(void)
-{
+static void test_duplicates(void) {
     json_value *v = parse("{\"a\":1,\"b\":2,\"a\":3}");
     CHECK(v && v->count == 3);
     CHECK_STR(json_object_get(v, "a")->str, "3");
@@ -329,8 +314,7 @@ static void test_duplicates(void)
     json_free(v);
 }
 
-static void test_mutators(void)
-{
+static void test_mutators(void) {
     json_value *o = json_new_object();
     CHECK(json_object_set(o, "schemaVersion", json_new_int64(2)) == 0);
     CHECK(json_object_set(o, "mediaType", json_new_string("x")) == 0);
@@ -355,8 +339,7 @@ static void test_mutators(void)
     CHECK(json_array_insert(layers, 2, json_new_string("d")) == 0);
     CHECK(json_array_insert(layers, 2, json_new_string("c")) == 0);
     CHECK(json_array_insert(layers, 9, json_new_string("zz")) == -1); /* freed: ASan checks */
-    for (int i = 0; i < 100; i++)
-        CHECK(json_array_append(layers, json_new_bool(i & 1)) == 0);
+    for (int i = 0; i < 100; i++) CHECK(json_array_append(layers, json_new_bool(i & 1)) == 0);
     CHECK(layers->count == 104);
     CHECK_STR(json_array_get(layers, 0)->str, "a");
     CHECK_STR(json_array_get(layers, 3)->str, "d");
@@ -420,8 +403,7 @@ static void test_mutators(void)
 }
 
 /* json_parse_strict: duplicate keys fail, errors carry line and column. */
-static void test_strict(void)
-{
+static void test_strict(void) {
     json_error e;
     const char *dup = "{\n  \"listen\": \"a\",\n  \"cache\": {\"dir\": \"x\"},\n  \"listen\": \"b\"\n}";
     CHECK(json_parse_strict(dup, strlen(dup), 8, &e) == NULL);
@@ -443,8 +425,7 @@ static void test_strict(void)
     CHECK(e.line == 2 && e.column == 3 && strcmp(e.message, "trailing garbage") == 0);
 }
 
-static void test_int_edges(void)
-{
+static void test_int_edges(void) {
     struct {
         const char *text;
         int i_ok;
@@ -502,8 +483,8 @@ static void test_int_edges(void)
 
     /* number_text validates the grammar */
     const char *good[] = {"0", "-0", "1e400", "-0.0", "1.5E+10", "2e-3", "123456789012345678901234567890"};
-    const char *bad[] = {"", "-", "01", "+1", "1.", ".5", "1e", "1e+", "0x10", "1 ", " 1", "NaN", "Infinity", "--1",
-                         "1.2.3", "1e5.0"};
+    const char *bad[] = {"",     "-",  "01", "+1",  "1.",       ".5",  "1e",    "1e+",
+                         "0x10", "1 ", " 1", "NaN", "Infinity", "--1", "1.2.3", "1e5.0"};
     for (size_t k = 0; k < sizeof(good) / sizeof(good[0]); k++) {
         v = json_new_number_text(good[k]);
         CHECK(v && v->type == JSON_NUMBER && strcmp(v->str, good[k]) == 0);
@@ -511,8 +492,7 @@ static void test_int_edges(void)
     }
     for (size_t k = 0; k < sizeof(bad) / sizeof(bad[0]); k++) {
         v = json_new_number_text(bad[k]);
-        if (v)
-            fprintf(stderr, "number_text accepted \"%s\"\n", bad[k]);
+        if (v) fprintf(stderr, "number_text accepted \"%s\"\n", bad[k]);
         CHECK(v == NULL);
         json_free(v);
     }
@@ -520,10 +500,17 @@ static void test_int_edges(void)
 }
 
 /* parse -> serialize -> parse -> serialize is a fixed point. */
-static void test_fixed_point(void)
-{
+static void test_fixed_point(void) {
     const char *inputs[] = {
-        "null", " true ", "false", "0", "-0.0e-0", "\"\"", "[]", "{}", "[[],{},[{}]]",
+        "null",
+        " true ",
+        "false",
+        "0",
+        "-0.0e-0",
+        "\"\"",
+        "[]",
+        "{}",
+        "[[],{},[{}]]",
         "{\"a\":{\"b\":{\"c\":[1,2,{\"d\":null}]}}}",
         "  [ 1 ,\t\"two\" ,\n{ \"three\" : 3.0 } ]  ",
         "\"\\u00e9\\u4e2d\\ud83d\\ude00\\/\\\"\\\\\"",
@@ -560,8 +547,7 @@ static void test_fixed_point(void)
 }
 
 /* A ~4 MiB manifest parses (linear time: this would crawl if quadratic). */
-static void test_large(void)
-{
+static void test_large(void) {
     const char *layer = "{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"size\":123456789,"
                         "\"digest\":\"sha256:e692418e4cbaf90ca69d05a66403747baa33ee08806650b51fab815ad7fc331f\","
                         "\"annotations\":{\"k\":\"v\\u00e9\\n\"}},";
@@ -596,8 +582,7 @@ static void test_large(void)
     free(buf);
 }
 
-int main(void)
-{
+int main(void) {
     test_roundtrip_documents();
     test_numbers_text();
     test_escapes();

@@ -136,7 +136,8 @@ static void test_crypt_verify(void) {
     CHECK(regfacade_crypt_verify("pw-1", "ab") == 0); /* DES: refused */
     CHECK(regfacade_crypt_verify("pw-1", "$2y$05$garbage") == 0);
     /* htpasswd -B writes $2y$ */
-    CHECK(regfacade_crypt_verify("alice-password", "$2y$05$xf80luoU5Ww6OhlO6p4KcutiF9PCRUvaxAQbJg9YYmhuMdC8j7dK2") == 1);
+    CHECK(regfacade_crypt_verify("alice-password", "$2y$05$xf80luoU5Ww6OhlO6p4KcutiF9PCRUvaxAQbJg9YYmhuMdC8j7dK2") ==
+          1);
 }
 
 /* ---------- policy.c ---------- */
@@ -201,8 +202,12 @@ static void test_policy_hooks(void) {
         return;
     }
     policy_state st = {0};
-    policy_request req = {.method = "GET", .kind = "manifest", .repository = "acme/app", .reference = "v1",
-                          .client_ip = "127.0.0.1", .state = &st};
+    policy_request req = {.method = "GET",
+                          .kind = "manifest",
+                          .repository = "acme/app",
+                          .reference = "v1",
+                          .client_ip = "127.0.0.1",
+                          .state = &st};
     policy_error e;
     policy_resolution res;
     CHECK(policy_authorize(p, &req, &e) == 0);

@@ -12,8 +12,7 @@
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
 /* A string of n copies of c (caller frees). */
-static char *repeat(char c, size_t n)
-{
+static char *repeat(char c, size_t n) {
     char *s = malloc(n + 1);
     if (!s) {
         fprintf(stderr, "out of memory\n");
@@ -24,26 +23,44 @@ static char *repeat(char c, size_t n)
     return s;
 }
 
-static void test_names(void)
-{
+static void test_names(void) {
     static const char *const good[] = {
-        "a", "0", "alpine", "library/alpine", "a/b/c/d/e", "a.b", "a_b", "a__b", "a-b",
-        "a--b", "a---------b", "foo.bar_baz__qux-quux", "ghcr.io/owner/repo", "a0/b1/c2",
-        "my-registry.example.com/team/app", "x.y.z", "0a.1b", "a-b-c/d_e_f/g__h",
+        "a",
+        "0",
+        "alpine",
+        "library/alpine",
+        "a/b/c/d/e",
+        "a.b",
+        "a_b",
+        "a__b",
+        "a-b",
+        "a--b",
+        "a---------b",
+        "foo.bar_baz__qux-quux",
+        "ghcr.io/owner/repo",
+        "a0/b1/c2",
+        "my-registry.example.com/team/app",
+        "x.y.z",
+        "0a.1b",
+        "a-b-c/d_e_f/g__h",
     };
     static const char *const bad[] = {
-        "", "A", "Alpine", "library/Alpine", "a___b", "a.-b", "a-.b", "a..b", "a._b", "a_.b",
-        ".a", "a.", "_a", "a_", "-a", "a-", "__a", "a__", "/a", "a/", "a//b", "a/.b",
-        "a/b.", "a b", "a:b", "a@b", "a+b", "a\tb", "a/b/", "a.b/-c", "é", "a/_/b", "a$",
+        "",      "A",      "Alpine", "library/Alpine",
+        "a___b", "a.-b",   "a-.b",   "a..b",
+        "a._b",  "a_.b",   ".a",     "a.",
+        "_a",    "a_",     "-a",     "a-",
+        "__a",   "a__",    "/a",     "a/",
+        "a//b",  "a/.b",   "a/b.",   "a b",
+        "a:b",   "a@b",    "a+b",    "a\tb",
+        "a/b/",  "a.b/-c", "é",      "a/_/b",
+        "a$",
     };
     for (size_t i = 0; i < COUNT(good); i++) {
-        if (!ref_valid_name(good[i]))
-            fprintf(stderr, "name should be valid: \"%s\"\n", good[i]);
+        if (!ref_valid_name(good[i])) fprintf(stderr, "name should be valid: \"%s\"\n", good[i]);
         CHECK(ref_valid_name(good[i]));
     }
     for (size_t i = 0; i < COUNT(bad); i++) {
-        if (ref_valid_name(bad[i]))
-            fprintf(stderr, "name should be invalid: \"%s\"\n", bad[i]);
+        if (ref_valid_name(bad[i])) fprintf(stderr, "name should be invalid: \"%s\"\n", bad[i]);
         CHECK(!ref_valid_name(bad[i]));
     }
     CHECK(!ref_valid_name(NULL));
@@ -72,23 +89,20 @@ static void test_names(void)
     free(n5000);
 }
 
-static void test_tags(void)
-{
+static void test_tags(void) {
     static const char *const good[] = {
-        "latest", "1", "_", "_x", "v1.2.3", "1.0-rc.1", "A", "Z9", "a_b-c.d", "3.19",
+        "latest",         "1",  "_",   "_x",  "v1.2.3", "1.0-rc.1", "A", "Z9", "a_b-c.d", "3.19",
         "sha256-abc.sig", "__", "x--", "x..",
     };
     static const char *const bad[] = {
         "", ".a", "-a", "a/b", "a:b", "a b", "a@b", "a+b", "é", "a\n", ":latest",
     };
     for (size_t i = 0; i < COUNT(good); i++) {
-        if (!ref_valid_tag(good[i]))
-            fprintf(stderr, "tag should be valid: \"%s\"\n", good[i]);
+        if (!ref_valid_tag(good[i])) fprintf(stderr, "tag should be valid: \"%s\"\n", good[i]);
         CHECK(ref_valid_tag(good[i]));
     }
     for (size_t i = 0; i < COUNT(bad); i++) {
-        if (ref_valid_tag(bad[i]))
-            fprintf(stderr, "tag should be invalid: \"%s\"\n", bad[i]);
+        if (ref_valid_tag(bad[i])) fprintf(stderr, "tag should be invalid: \"%s\"\n", bad[i]);
         CHECK(!ref_valid_tag(bad[i]));
     }
     CHECK(!ref_valid_tag(NULL));
@@ -104,11 +118,10 @@ static void test_tags(void)
     free(t129);
 }
 
-static void test_digests(void)
-{
+static void test_digests(void) {
     const char *hex64 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-    char sha256[80], sha256_upper[80], sha256_short[80], sha256_long[80], sha512[140],
-        sha512_short[140], sha512_upper[140];
+    char sha256[80], sha256_upper[80], sha256_short[80], sha256_long[80], sha512[140], sha512_short[140],
+        sha512_upper[140];
     snprintf(sha256, sizeof sha256, "sha256:%s", hex64);
     snprintf(sha256_upper, sizeof sha256_upper, "sha256:%s", hex64);
     sha256_upper[7] = 'E';
@@ -130,21 +143,19 @@ static void test_digests(void)
 
     /* Other algorithms are held to the general grammar only. */
     static const char *const good[] = {
-        "md5:abc", "blake3:ABC=", "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8",
-        "a.b_c-d:x", "x:-_=", "sha384:0123",
+        "md5:abc",   "blake3:ABC=", "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8",
+        "a.b_c-d:x", "x:-_=",       "sha384:0123",
     };
     static const char *const bad[] = {
-        "", ":", "sha256:", ":abc", "sha256", "SHA256:abc", "md5:", "md5:ab/c", "md5:ab+c",
-        "md5:a b", "+md5:x", "md5+:x", "md5++x:y", "md5..sha:x", "a:b:c", "md5:ab.c",
+        "",         ":",       "sha256:", ":abc",   "sha256",   "SHA256:abc", "md5:",  "md5:ab/c",
+        "md5:ab+c", "md5:a b", "+md5:x",  "md5+:x", "md5++x:y", "md5..sha:x", "a:b:c", "md5:ab.c",
     };
     for (size_t i = 0; i < COUNT(good); i++) {
-        if (!ref_valid_digest(good[i]))
-            fprintf(stderr, "digest should be valid: \"%s\"\n", good[i]);
+        if (!ref_valid_digest(good[i])) fprintf(stderr, "digest should be valid: \"%s\"\n", good[i]);
         CHECK(ref_valid_digest(good[i]));
     }
     for (size_t i = 0; i < COUNT(bad); i++) {
-        if (ref_valid_digest(bad[i]))
-            fprintf(stderr, "digest should be invalid: \"%s\"\n", bad[i]);
+        if (ref_valid_digest(bad[i])) fprintf(stderr, "digest should be invalid: \"%s\"\n", bad[i]);
         CHECK(!ref_valid_digest(bad[i]));
     }
     CHECK(!ref_valid_digest(NULL));
@@ -168,8 +179,7 @@ static void test_digests(void)
     CHECK(!ref_is_sha256_digest("md5:abc"));
 }
 
-static void test_range_parse(void)
-{
+static void test_range_parse(void) {
     static const struct {
         const char *header;
         range_parse_result want;
@@ -221,14 +231,13 @@ static void test_range_parse(void)
         range_spec s = {RANGE_FROM_TO, 12345, 67890};
         range_parse_result r = range_parse(cases[i].header, &s);
         if (r != cases[i].want)
-            fprintf(stderr, "range_parse(\"%s\") = %d, want %d\n",
-                    cases[i].header ? cases[i].header : "(null)", (int)r, (int)cases[i].want);
+            fprintf(stderr, "range_parse(\"%s\") = %d, want %d\n", cases[i].header ? cases[i].header : "(null)", (int)r,
+                    (int)cases[i].want);
         CHECK(r == cases[i].want);
         if (cases[i].want == RANGE_OK && r == RANGE_OK) {
             CHECK((int)s.kind == cases[i].kind);
             CHECK(s.first == cases[i].first);
-            if (cases[i].kind == RANGE_FROM_TO)
-                CHECK(s.last == cases[i].last);
+            if (cases[i].kind == RANGE_FROM_TO) CHECK(s.last == cases[i].last);
         } else if (r != RANGE_OK) {
             /* spec is left alone when nothing was parsed */
             CHECK(s.first == 12345 && s.last == 67890);
@@ -236,8 +245,7 @@ static void test_range_parse(void)
     }
 }
 
-static void test_range_resolve(void)
-{
+static void test_range_resolve(void) {
     static const struct {
         int kind;
         uint64_t first, last, size;
@@ -246,12 +254,12 @@ static void test_range_resolve(void)
     } cases[] = {
         {RANGE_FROM_TO, 0, 499, 1000, true, 0, 499},
         {RANGE_FROM_TO, 0, 999, 1000, true, 0, 999},
-        {RANGE_FROM_TO, 0, 5000, 1000, true, 0, 999},          /* clipped */
+        {RANGE_FROM_TO, 0, 5000, 1000, true, 0, 999}, /* clipped */
         {RANGE_FROM_TO, 999, 999, 1000, true, 999, 999},
-        {RANGE_FROM_TO, 1000, 1000, 1000, false, 0, 0},        /* first >= size */
-        {RANGE_FROM_TO, 5, 2, 1000, false, 0, 0},              /* last < first */
+        {RANGE_FROM_TO, 1000, 1000, 1000, false, 0, 0}, /* first >= size */
+        {RANGE_FROM_TO, 5, 2, 1000, false, 0, 0},       /* last < first */
         {RANGE_FROM_TO, 0, UINT64_MAX, 10, true, 0, 9},
-        {RANGE_FROM_TO, 0, 0, 0, false, 0, 0},                 /* empty entity */
+        {RANGE_FROM_TO, 0, 0, 0, false, 0, 0}, /* empty entity */
         {RANGE_FROM, 500, 0, 1000, true, 500, 999},
         {RANGE_FROM, 0, 0, 1000, true, 0, 999},
         {RANGE_FROM, 999, 0, 1000, true, 999, 999},
@@ -261,12 +269,11 @@ static void test_range_resolve(void)
         {RANGE_SUFFIX, 500, 0, 1000, true, 500, 999},
         {RANGE_SUFFIX, 1, 0, 1000, true, 999, 999},
         {RANGE_SUFFIX, 1000, 0, 1000, true, 0, 999},
-        {RANGE_SUFFIX, 5000, 0, 1000, true, 0, 999},           /* whole entity */
+        {RANGE_SUFFIX, 5000, 0, 1000, true, 0, 999}, /* whole entity */
         {RANGE_SUFFIX, UINT64_MAX, 0, 1, true, 0, 0},
-        {RANGE_SUFFIX, 0, 0, 1000, false, 0, 0},               /* suffix of 0 */
+        {RANGE_SUFFIX, 0, 0, 1000, false, 0, 0}, /* suffix of 0 */
         {RANGE_SUFFIX, 10, 0, 0, false, 0, 0},
-        {RANGE_FROM_TO, UINT64_MAX - 1, UINT64_MAX, UINT64_MAX, true, UINT64_MAX - 1,
-         UINT64_MAX - 1},
+        {RANGE_FROM_TO, UINT64_MAX - 1, UINT64_MAX, UINT64_MAX, true, UINT64_MAX - 1, UINT64_MAX - 1},
     };
     for (size_t i = 0; i < COUNT(cases); i++) {
         range_spec s;
@@ -276,8 +283,7 @@ static void test_range_resolve(void)
         s.last = cases[i].last;
         uint64_t start = 77, end = 77;
         bool ok = range_resolve(&s, cases[i].size, &start, &end);
-        if (ok != cases[i].ok)
-            fprintf(stderr, "range_resolve case %zu: got %d\n", i, (int)ok);
+        if (ok != cases[i].ok) fprintf(stderr, "range_resolve case %zu: got %d\n", i, (int)ok);
         CHECK(ok == cases[i].ok);
         if (ok && cases[i].ok) {
             CHECK(start == cases[i].start);
@@ -295,8 +301,7 @@ static void test_range_resolve(void)
     CHECK(!range_resolve(NULL, 300, &a, &b));
 }
 
-static void test_www_authenticate(void)
-{
+static void test_www_authenticate(void) {
     www_authenticate w;
     char err[256];
 
@@ -341,8 +346,7 @@ static void test_www_authenticate(void)
     }
 
     /* Only the first challenge counts. */
-    CHECK(www_authenticate_parse("Basic realm=\"first\", Bearer realm=\"second\",service=x", &w, err,
-                                 sizeof err) == 0);
+    CHECK(www_authenticate_parse("Basic realm=\"first\", Bearer realm=\"second\",service=x", &w, err, sizeof err) == 0);
     CHECK_STR(w.scheme, "Basic");
     CHECK_STR(w.realm, "first");
     CHECK_STR(w.service, "");
@@ -416,8 +420,8 @@ static void test_www_authenticate(void)
         err[0] = '\0';
         int rc = www_authenticate_parse(bad[i].header, &w, err, sizeof err);
         if (rc != -1 || !strstr(err, bad[i].err_part))
-            fprintf(stderr, "www_authenticate_parse(\"%s\") = %d, err \"%s\", want \"%s\"\n",
-                    bad[i].header, rc, err, bad[i].err_part);
+            fprintf(stderr, "www_authenticate_parse(\"%s\") = %d, err \"%s\", want \"%s\"\n", bad[i].header, rc, err,
+                    bad[i].err_part);
         CHECK(rc == -1);
         CHECK(strstr(err, bad[i].err_part) != NULL);
         CHECK_STR(w.scheme, "");
@@ -432,14 +436,18 @@ static void test_www_authenticate(void)
     CHECK(strlen(tiny) == sizeof tiny - 1);
 }
 
-static void test_base64(void)
-{
+static void test_base64(void) {
     static const struct {
         const char *plain, *enc;
     } vec[] = {
         /* RFC 4648 section 10 */
-        {"", ""},       {"f", "Zg=="},        {"fo", "Zm8="},         {"foo", "Zm9v"},
-        {"foob", "Zm9vYg=="}, {"fooba", "Zm9vYmE="}, {"foobar", "Zm9vYmFy"},
+        {"", ""},
+        {"f", "Zg=="},
+        {"fo", "Zm8="},
+        {"foo", "Zm9v"},
+        {"foob", "Zm9vYg=="},
+        {"fooba", "Zm9vYmE="},
+        {"foobar", "Zm9vYmFy"},
         {"user:pa:ss", "dXNlcjpwYTpzcw=="},
     };
     char buf[64];
@@ -460,13 +468,11 @@ static void test_base64(void)
     CHECK(base64_decode("Zm9v!!!!", 4, buf, sizeof buf) == 3 && strcmp(buf, "foo") == 0);
 
     static const char *const bad[] = {
-        "Z", "Zm9vY", "Z===", "Zg=", "Zm8=x", "Zg==Zg==", "Zm9v!", "Zm 9v", "Zm9v\n", "====",
-        "Zm-_", "=Zg=",
+        "Z", "Zm9vY", "Z===", "Zg=", "Zm8=x", "Zg==Zg==", "Zm9v!", "Zm 9v", "Zm9v\n", "====", "Zm-_", "=Zg=",
     };
     for (size_t i = 0; i < COUNT(bad); i++) {
         long n = base64_decode(bad[i], strlen(bad[i]), buf, sizeof buf);
-        if (n != -1)
-            fprintf(stderr, "base64_decode(\"%s\") = %ld, want -1\n", bad[i], n);
+        if (n != -1) fprintf(stderr, "base64_decode(\"%s\") = %ld, want -1\n", bad[i], n);
         CHECK(n == -1);
     }
 
@@ -481,8 +487,7 @@ static void test_base64(void)
 
     /* Round trips over every byte value and every length mod 3. */
     unsigned char raw[256];
-    for (int i = 0; i < 256; i++)
-        raw[i] = (unsigned char)(255 - i);
+    for (int i = 0; i < 256; i++) raw[i] = (unsigned char)(255 - i);
     char enc[400], dec[300];
     for (size_t len = 0; len <= 256; len += (len < 10 ? 1 : 37)) {
         long e = base64_encode(raw, len, enc, sizeof enc);
@@ -492,15 +497,13 @@ static void test_base64(void)
         CHECK(d >= 0 && memcmp(dec, raw, len) == 0);
         /* and without padding */
         size_t unpadded = (size_t)e;
-        while (unpadded > 0 && enc[unpadded - 1] == '=')
-            unpadded--;
+        while (unpadded > 0 && enc[unpadded - 1] == '=') unpadded--;
         d = base64_decode(enc, unpadded, dec, sizeof dec);
         CHECK(d == (long)len && memcmp(dec, raw, len) == 0);
     }
 }
 
-static void test_host_normalize(void)
-{
+static void test_host_normalize(void) {
     static const struct {
         const char *in, *want;
     } cases[] = {
@@ -541,13 +544,11 @@ static void test_host_normalize(void)
 }
 
 /* docker_config_lookup on a NUL-terminated text. */
-static int lookup(const char *json, const char *host, char *user, char *pass, char *err)
-{
+static int lookup(const char *json, const char *host, char *user, char *pass, char *err) {
     return docker_config_lookup(json, strlen(json), host, user, 256, pass, 256, err, 256);
 }
 
-static void test_docker_config(void)
-{
+static void test_docker_config(void) {
     char user[256], pass[256], err[256];
     char b64[256], json[2048];
 
@@ -603,12 +604,12 @@ static void test_docker_config(void)
 
     /* "auth" beats username/password; a username alone gives an empty
      * password. */
-    CHECK(lookup("{\"auths\":{\"h\":{\"auth\":\"YTpi\",\"username\":\"x\",\"password\":\"y\"}}}", "h",
-                 user, pass, err) == 1);
+    CHECK(lookup("{\"auths\":{\"h\":{\"auth\":\"YTpi\",\"username\":\"x\",\"password\":\"y\"}}}", "h", user, pass,
+                 err) == 1);
     CHECK_STR(user, "a");
     CHECK_STR(pass, "b");
-    CHECK(lookup("{\"auths\":{\"h\":{\"auth\":\"\",\"username\":\"x\",\"password\":\"y\"}}}", "h",
-                 user, pass, err) == 1);
+    CHECK(lookup("{\"auths\":{\"h\":{\"auth\":\"\",\"username\":\"x\",\"password\":\"y\"}}}", "h", user, pass, err) ==
+          1);
     CHECK_STR(user, "x");
     CHECK_STR(pass, "y");
     CHECK(lookup("{\"auths\":{\"h\":{\"username\":\"x\"}}}", "h", user, pass, err) == 1);
@@ -630,20 +631,17 @@ static void test_docker_config(void)
     CHECK(lookup("{\"auths\":{}}", "h", user, pass, err) == 0);
     CHECK(lookup("{\"credHelpers\":{\"h\":\"x\"}}", "h", user, pass, err) == 0);
     /* An empty identitytoken (as some tools write) is no token. */
-    CHECK(lookup("{\"auths\":{\"h\":{\"auth\":\"YTpi\",\"identitytoken\":\"\"}}}", "h", user, pass,
-                 err) == 1);
+    CHECK(lookup("{\"auths\":{\"h\":{\"auth\":\"YTpi\",\"identitytoken\":\"\"}}}", "h", user, pass, err) == 1);
     CHECK_STR(pass, "b");
     /* An identity token wins over "auth" and comes back under "<token>". */
-    CHECK(lookup("{\"auths\":{\"h\":{\"identitytoken\":\"tok\",\"auth\":\"dTo=\"}}}", "h", user, pass,
-                 err) == 1);
+    CHECK(lookup("{\"auths\":{\"h\":{\"identitytoken\":\"tok\",\"auth\":\"dTo=\"}}}", "h", user, pass, err) == 1);
     CHECK_STR(user, "<token>");
     CHECK_STR(pass, "tok");
     CHECK(lookup("{\"auths\":{\"h\":{\"identitytoken\":\"r1\"}}}", "h", user, pass, err) == 1);
     CHECK_STR(user, "<token>");
     CHECK_STR(pass, "r1");
     /* A broken entry for another host does not spoil this lookup. */
-    CHECK(lookup("{\"auths\":{\"other\":{\"auth\":\"!!!\"},\"h\":{\"auth\":\"YTpi\"}}}", "h", user,
-                 pass, err) == 1);
+    CHECK(lookup("{\"auths\":{\"other\":{\"auth\":\"!!!\"},\"h\":{\"auth\":\"YTpi\"}}}", "h", user, pass, err) == 1);
 
     static const struct {
         const char *json, *host, *err_part;
@@ -659,8 +657,7 @@ static void test_docker_config(void)
         {"{\"auths\":{\"h\":{\"username\":[]}}}", "h", "auths[\"h\"].username: not a string"},
         {"{\"auths\":{\"h\":{\"password\":null}}}", "h", "auths[\"h\"].password: not a string"},
         {"{\"auths\":{\"h\":\"YTpi\"}}", "h", "auths[\"h\"]: not an object"},
-        {"{\"auths\":{\"h\":{\"identitytoken\":null}}}", "h",
-         "auths[\"h\"].identitytoken: not a string"},
+        {"{\"auths\":{\"h\":{\"identitytoken\":null}}}", "h", "auths[\"h\"].identitytoken: not a string"},
         {"{\"auths\":[]}", "h", "docker config: \"auths\" is not an object"},
         {"{\"auths\":\"x\"}", "h", "\"auths\" is not an object"},
         {"[]", "h", "top level is not an object"},
@@ -673,8 +670,8 @@ static void test_docker_config(void)
         strcpy(pass, "junk");
         int rc = lookup(bad[i].json, bad[i].host, user, pass, err);
         if (rc != -1 || !strstr(err, bad[i].err_part))
-            fprintf(stderr, "docker_config_lookup(%s) = %d, err \"%s\", want \"%s\"\n", bad[i].json,
-                    rc, err, bad[i].err_part);
+            fprintf(stderr, "docker_config_lookup(%s) = %d, err \"%s\", want \"%s\"\n", bad[i].json, rc, err,
+                    bad[i].err_part);
         CHECK(rc == -1);
         CHECK(strstr(err, bad[i].err_part) != NULL);
         CHECK_STR(user, "");
@@ -698,8 +695,7 @@ static void test_docker_config(void)
     const char *cfg2 = "{\"auths\":{\"h\":{\"auth\":\"YTpi\"}}}";
     memcpy(raw, cfg2, strlen(cfg2));
     memset(raw + strlen(cfg2), 'X', sizeof raw - strlen(cfg2));
-    CHECK(docker_config_lookup(raw, strlen(cfg2), "h", user, sizeof user, pass, sizeof pass, err,
-                               sizeof err) == 1);
+    CHECK(docker_config_lookup(raw, strlen(cfg2), "h", user, sizeof user, pass, sizeof pass, err, sizeof err) == 1);
     CHECK_STR(user, "a");
 
     /* A key with a quote or control character is shown safely. */
@@ -710,8 +706,7 @@ static void test_docker_config(void)
     CHECK(docker_config_lookup("{}", 2, "h", user, 0, pass, sizeof pass, NULL, 0) == -1);
 }
 
-static void test_docker_config_helper(void)
-{
+static void test_docker_config_helper(void) {
     char helper[64], err[256];
     const char *cfg = "{\"auths\":{\"a.io\":{}},\"credsStore\":\"store\","
                       "\"credHelpers\":{\"gcr.io\":\"gcloud\",\"https://index.docker.io/v1/\":\"hub\","
@@ -720,8 +715,7 @@ static void test_docker_config_helper(void)
     CHECK_STR(helper, "gcloud");
     CHECK(docker_config_helper(cfg, strlen(cfg), "GCR.io", helper, sizeof helper, err, sizeof err) == 1);
     CHECK_STR(helper, "gcloud");
-    CHECK(docker_config_helper(cfg, strlen(cfg), "registry-1.docker.io", helper, sizeof helper, err, sizeof err) ==
-          1);
+    CHECK(docker_config_helper(cfg, strlen(cfg), "registry-1.docker.io", helper, sizeof helper, err, sizeof err) == 1);
     CHECK_STR(helper, "hub");
     /* Any other host: the store. */
     CHECK(docker_config_helper(cfg, strlen(cfg), "a.io", helper, sizeof helper, err, sizeof err) == 1);
@@ -761,8 +755,7 @@ static void test_docker_config_helper(void)
     CHECK(strstr(err, "name too long") != NULL);
 }
 
-int main(void)
-{
+int main(void) {
     test_names();
     test_tags();
     test_digests();

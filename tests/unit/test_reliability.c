@@ -46,8 +46,7 @@ static void test_store_lru(void) {
     store *s = store_open(dir, 10000, err, sizeof err);
     CHECK(s != NULL);
     if (!s) return;
-    char a[DIGEST_STRING_LEN], b[DIGEST_STRING_LEN], c[DIGEST_STRING_LEN], d[DIGEST_STRING_LEN],
-        e[DIGEST_STRING_LEN];
+    char a[DIGEST_STRING_LEN], b[DIGEST_STRING_LEN], c[DIGEST_STRING_LEN], d[DIGEST_STRING_LEN], e[DIGEST_STRING_LEN];
     put(s, 'a', a);
     put(s, 'b', b);
     store_stats st;
@@ -209,10 +208,14 @@ static void test_retry_after_parse(void) {
     CHECK(ms >= 18000 && ms <= 20000);
 }
 
-static upstream *mk(int retries, long budget_ms, long backoff_ms, const char *const *mirrors, size_t n,
-                    char *err, size_t errlen) {
-    upstream_options o = {.name = "t", .url = "http://127.0.0.1:9", .retries = retries,
-                          .retry_budget_ms = budget_ms, .backoff_ms = backoff_ms, .mirrors = mirrors,
+static upstream *mk(int retries, long budget_ms, long backoff_ms, const char *const *mirrors, size_t n, char *err,
+                    size_t errlen) {
+    upstream_options o = {.name = "t",
+                          .url = "http://127.0.0.1:9",
+                          .retries = retries,
+                          .retry_budget_ms = budget_ms,
+                          .backoff_ms = backoff_ms,
+                          .mirrors = mirrors,
                           .n_mirrors = n};
     return upstream_new(&o, err, errlen);
 }
@@ -291,8 +294,8 @@ static config *load(const char *text, char *err, size_t errlen) {
 
 static void test_config_keys(void) {
     char err[1024];
-    config *c = load("{\"cache\":{\"dir\":\"c\"},\"upstreams\":{\"a\":{\"url\":\"http://127.0.0.1:1\"}}}", err,
-                     sizeof err);
+    config *c =
+        load("{\"cache\":{\"dir\":\"c\"},\"upstreams\":{\"a\":{\"url\":\"http://127.0.0.1:1\"}}}", err, sizeof err);
     CHECK(c != NULL);
     if (c) {
         CHECK(c->stale_max_seconds == 86400);

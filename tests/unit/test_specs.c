@@ -31,15 +31,16 @@ static void write_file(const char *name, const char *text) {
 
 static specs *make_specs(config **cfg_out) {
     char text[2048], path[512], err[2048];
-    snprintf(text, sizeof text,
-             "{\"cache\":{\"dir\":\"%s/cache\"},"
-             "\"upstreams\":{\"local\":{\"url\":\"http://127.0.0.1:5001\"},\"hub\":{\"url\":\"https://example.com\"}},"
-             "\"default_upstream\":\"local\","
-             "\"layers\":{\"supervisor\":{\"file\":\"%s/roots/sup.tar\"}},"
-             "\"specs\":{\"providers\":{\"p\":{\"type\":\"pushed\"},\"f\":{\"type\":\"fixed\",\"file\":\"fixed.json\"}},"
-             "\"file_roots\":[\"roots\"],\"max_bytes\":2048,\"max_depth\":8},"
-             "\"admin\":{\"listen\":\"127.0.0.1:5999\",\"token_file\":\"token\"}}",
-             dir, dir);
+    snprintf(
+        text, sizeof text,
+        "{\"cache\":{\"dir\":\"%s/cache\"},"
+        "\"upstreams\":{\"local\":{\"url\":\"http://127.0.0.1:5001\"},\"hub\":{\"url\":\"https://example.com\"}},"
+        "\"default_upstream\":\"local\","
+        "\"layers\":{\"supervisor\":{\"file\":\"%s/roots/sup.tar\"}},"
+        "\"specs\":{\"providers\":{\"p\":{\"type\":\"pushed\"},\"f\":{\"type\":\"fixed\",\"file\":\"fixed.json\"}},"
+        "\"file_roots\":[\"roots\"],\"max_bytes\":2048,\"max_depth\":8},"
+        "\"admin\":{\"listen\":\"127.0.0.1:5999\",\"token_file\":\"token\"}}",
+        dir, dir);
     write_file("c.json", text);
     write_file("token", "0123456789abcdef0123\n");
     write_file("fixed.json", "{\"ws-1\":{\"base\":\"local/acme/app:1.0\"}}");
@@ -114,11 +115,12 @@ static void test_validate(specs *sp) {
     char ok_file[600], bad_file[600], link_file[600];
     snprintf(ok_file, sizeof ok_file, "{\"base\":\"local/a:1\",\"layers\":[{\"file\":\"%s/roots/ide.tar\"}]}", dir);
     snprintf(bad_file, sizeof bad_file, "{\"base\":\"local/a:1\",\"layers\":[{\"file\":\"%s/outside.tar\"}]}", dir);
-    snprintf(link_file, sizeof link_file, "{\"base\":\"local/a:1\",\"layers\":[{\"file\":\"%s/roots/../outside.tar\"}]}",
-             dir);
+    snprintf(link_file, sizeof link_file,
+             "{\"base\":\"local/a:1\",\"layers\":[{\"file\":\"%s/roots/../outside.tar\"}]}", dir);
     const vcase cases[] = {
         {"{\"base\":\"local/acme/app:1.0\"}", NULL},
-        {"{\"base\":\"hub/library/alpine@sha256:" "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"}",
+        {"{\"base\":\"hub/library/alpine@sha256:"
+         "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"}",
          NULL},
         {"{\"base\":\"local/acme/app\",\"layers\":[\"base\",\"supervisor\",{\"image\":\"hub/ide:1\",\"skip\":1}],"
          "\"env\":{\"A\":\"1\",\"B\":null,\"PATH\":{\"prepend\":\"/x:\"},\"M\":{\"append\":\":/y\"}},"
@@ -137,7 +139,7 @@ static void test_validate(specs *sp) {
         {"{\"base\":\"local/a@sha256:12\"}", "is not a sha256 digest"},
         {"{\"base\":\"local/a:1\",\"layers\":{}}", "layers: must be an array"},
         {"{\"base\":\"local/a:1\",\"layers\":[\"ide\"]}", "layers[0]: \"ide\" is not a layer in the config's layers "
-                                                         "(defined: supervisor)"},
+                                                          "(defined: supervisor)"},
         {"{\"base\":\"local/a:1\",\"layers\":[\"base\",\"base\"]}", "layers[1]: \"base\" may appear once"},
         {"{\"base\":\"local/a:1\",\"layers\":[7]}", "layers[0]: a layer is"},
         {"{\"base\":\"local/a:1\",\"layers\":[{\"image\":\"ide:1\"}]}", "layers[0].image: \"ide:1\" must be UPSTREAM/"},

@@ -66,18 +66,17 @@ static void test_failures(void) {
         const char *code;
         bool retry;
     } rows[] = {
-        {UPSTREAM_ERR_CONNECT, 502, "UNKNOWN", true},   {UPSTREAM_ERR_TLS, 502, "UNKNOWN", true},
-        {UPSTREAM_ERR_TIMEOUT, 504, "UNKNOWN", true},   {UPSTREAM_ERR_TRANSFER, 502, "UNKNOWN", true},
-        {UPSTREAM_ERR_AUTH, 502, "UNKNOWN", false},     {UPSTREAM_ERR_DENIED, 403, "DENIED", false},
-        {UPSTREAM_ERR_ABORTED, 502, "UNKNOWN", false},  {UPSTREAM_ERR_INTERNAL, 502, "UNKNOWN", false},
+        {UPSTREAM_ERR_CONNECT, 502, "UNKNOWN", true},  {UPSTREAM_ERR_TLS, 502, "UNKNOWN", true},
+        {UPSTREAM_ERR_TIMEOUT, 504, "UNKNOWN", true},  {UPSTREAM_ERR_TRANSFER, 502, "UNKNOWN", true},
+        {UPSTREAM_ERR_AUTH, 502, "UNKNOWN", false},    {UPSTREAM_ERR_DENIED, 403, "DENIED", false},
+        {UPSTREAM_ERR_ABORTED, 502, "UNKNOWN", false}, {UPSTREAM_ERR_INTERNAL, 502, "UNKNOWN", false},
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         upstream_response r = answer(0, NULL);
         fetch_error e;
         bool retry = !rows[i].retry;
         upstream_answer a = upstream_answer_map(UPSTREAM_WHAT_TAGS, "hub", "the tags of x", rows[i].r, &r,
-                                                "upstream hub: GET http://h/v2/: could not resolve host h", &e,
-                                                &retry);
+                                                "upstream hub: GET http://h/v2/: could not resolve host h", &e, &retry);
         CHECK(a == UPSTREAM_ANSWER_FAILED);
         CHECK(e.http_status == rows[i].status);
         CHECK_STR(e.code, rows[i].code);
