@@ -122,12 +122,13 @@ $(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS) | $(BUILD)/tests
 
 test: test-deps lint $(BUILD)/regfacade test-unit test-fuzz-regressions test-lua test-integration
 
-# `make lint`: the Lua as .luacheckrc wants it. Part of make test.
-# `make format` lays the C files out as .clang-format says (clang-format 14,
-# Debian 12's).
+# `make lint`: the C files as .clang-format lays them out (clang-format 14,
+# Debian 12's; `make format` rewrites them so) and the Lua as .luacheckrc
+# wants it. Part of make test.
 LINT_C := $(sort $(wildcard src/*.c include/regfacade/*.h tests/unit/*.c tests/unit/*.h fuzz/*.c fuzz/*.h tools/*.c))
 .PHONY: lint format
 lint: test-deps
+	@clang-format --dry-run --Werror $(LINT_C) || { echo "make lint: C files not laid out as .clang-format says: make format" >&2; exit 1; }
 	@luacheck --quiet --no-color lua examples spec || { echo "make lint: luacheck found problems (above)" >&2; exit 1; }
 format:
 	clang-format -i $(LINT_C)
