@@ -23,13 +23,13 @@ FUZZ_TARGETS ?= fuzz_ref fuzz_range fuzz_www_authenticate fuzz_docker_config fuz
 FUZZ_PKGS := clang libclang-rt-14-dev
 
 # What each target links (sources compiled into it; no libmicrohttpd, curl, Lua).
-FUZZ_SRCS_fuzz_ref := src/ref.c src/json.c
-FUZZ_SRCS_fuzz_range := src/ref.c src/json.c
-FUZZ_SRCS_fuzz_www_authenticate := src/ref.c src/json.c
-FUZZ_SRCS_fuzz_docker_config := src/ref.c src/json.c
+FUZZ_SRCS_fuzz_ref := src/ref.c src/json.c src/errmsg.c
+FUZZ_SRCS_fuzz_range := src/ref.c src/json.c src/errmsg.c
+FUZZ_SRCS_fuzz_www_authenticate := src/ref.c src/json.c src/errmsg.c
+FUZZ_SRCS_fuzz_docker_config := src/ref.c src/json.c src/errmsg.c
 FUZZ_SRCS_fuzz_json := src/json.c
-FUZZ_SRCS_fuzz_client_auth := src/client_auth.c src/ref.c src/json.c
-FUZZ_SRCS_fuzz_image := src/image.c src/json.c src/ref.c src/digest.c
+FUZZ_SRCS_fuzz_client_auth := src/client_auth.c src/ref.c src/json.c src/errmsg.c
+FUZZ_SRCS_fuzz_image := src/image.c src/json.c src/ref.c src/digest.c src/errmsg.c
 FUZZ_LIBS := -lcrypto
 
 FUZZ_COMMON := -std=c11 -D_GNU_SOURCE -g -Iinclude -Ifuzz -fno-omit-frame-pointer

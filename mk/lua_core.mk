@@ -16,7 +16,7 @@ $(error mk/lua_core.mk: include it after BUILD is set)
 endif
 LUA_CORE_SAVED_GOAL := $(.DEFAULT_GOAL)
 
-LUA_CORE_SRCS := src/lua_core.c src/lua_json.c src/image_rewrite.c src/image.c src/json.c src/digest.c src/ref.c \
+LUA_CORE_SRCS := src/errmsg.c src/lua_core.c src/lua_json.c src/image_rewrite.c src/image.c src/json.c src/digest.c src/ref.c \
                  src/lua_deny.c src/oci_error.c
 LUA_CORE_OBJS := $(patsubst src/%.c,$(BUILD)/pic/%.o,$(LUA_CORE_SRCS))
 LUA_CORE_SO := $(BUILD)/lua/regfacade/core.so

@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "regfacade/errmsg.h"
 #include "regfacade/blobserve_fs.h"
 #include "regfacade/dir_lock.h"
 #include "regfacade/log.h"
@@ -64,14 +65,6 @@ typedef struct {
 } victims;
 
 /* ---------- small helpers ---------- */
-
-static void seterr(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* Remove name under dirfd, folders recursively, never following a link. */
 static int rm_tree_at(int at, const char *name) {
@@ -907,8 +900,8 @@ static int mkdir_0700(const char *path, char *err, size_t errlen) {
     if (mkdir(path, 0700) == 0) return 0;
     struct stat st;
     if (errno != EEXIST || lstat(path, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        seterr(err, errlen, "blobserve.cache.dir: cannot create folder %s: %s", path,
-               errno == EEXIST ? "exists and is not a folder" : strerror(errno));
+        errmsg_set(err, errlen, "blobserve.cache.dir: cannot create folder %s: %s", path,
+                   errno == EEXIST ? "exists and is not a folder" : strerror(errno));
         return -1;
     }
     return 0;
@@ -918,7 +911,7 @@ bs_cache *bs_cache_open(const char *dir, uint64_t max_bytes, char *err, size_t e
     bs_cache *c = calloc(1, sizeof *c);
     if (!c || !(c->dir = strdup(dir))) {
         free(c);
-        seterr(err, errlen, "blobserve: out of memory");
+        errmsg_set(err, errlen, "blobserve: out of memory");
         return NULL;
     }
     c->lock_fd = -1;

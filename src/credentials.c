@@ -9,6 +9,7 @@
  */
 #include "regfacade/credentials.h"
 
+#include "regfacade/errmsg.h"
 #include "regfacade/clock.h"
 #include "regfacade/json.h"
 #include "regfacade/log.h"
@@ -58,26 +59,10 @@ struct credentials {
     uint64_t serial;    /* answers handed out so far */
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-static void free_secret(char *s) {
-    if (s) {
-        explicit_bzero(s, strlen(s));
-        free(s);
-    }
-}
-
 void credential_clear(credential *cr) {
     if (!cr) return;
     free(cr->username);
-    free_secret(cr->secret);
+    secret_free(cr->secret);
     memset(cr, 0, sizeof *cr);
 }
 
@@ -108,35 +93,35 @@ int credentials_parse_helper_output(const char *out, size_t len, credential *cr,
     json_value *root = json_parse(out ? out : "", out ? len : 0, 8, jerr, sizeof jerr);
     int rc = -1;
     if (!root) {
-        set_err(err, errlen, "its output is not JSON (%s)", jerr);
+        errmsg_set(err, errlen, "its output is not JSON (%s)", jerr);
         return -1;
     }
     const json_value *user = json_object_get(root, "Username");
     const json_value *secret = json_object_get(root, "Secret");
     if (root->type != JSON_OBJECT) {
-        set_err(err, errlen, "its output is not a JSON object");
+        errmsg_set(err, errlen, "its output is not a JSON object");
     } else if (!secret || secret->type != JSON_STRING) {
-        set_err(err, errlen, "its output has no \"Secret\" string");
+        errmsg_set(err, errlen, "its output has no \"Secret\" string");
     } else if (user && user->type != JSON_STRING) {
-        set_err(err, errlen, "its output's \"Username\" is not a string");
+        errmsg_set(err, errlen, "its output's \"Username\" is not a string");
     } else if (has_ctl(secret->str, secret->len) || (user && has_ctl(user->str, user->len))) {
-        set_err(err, errlen, "its output's \"Username\" or \"Secret\" holds control characters");
+        errmsg_set(err, errlen, "its output's \"Username\" or \"Secret\" holds control characters");
     } else if (secret->len > CREDENTIALS_SECRET_MAX || (user && user->len > CREDENTIALS_USERNAME_MAX)) {
-        set_err(err, errlen, "its output's \"Username\" or \"Secret\" is too long (at most %d and %d bytes)",
-                CREDENTIALS_USERNAME_MAX, CREDENTIALS_SECRET_MAX);
+        errmsg_set(err, errlen, "its output's \"Username\" or \"Secret\" is too long (at most %d and %d bytes)",
+                   CREDENTIALS_USERNAME_MAX, CREDENTIALS_SECRET_MAX);
     } else if ((!user || user->len == 0) && secret->len == 0) {
         rc = 0; /* nothing stored for this server: anonymous */
     } else if (!user || user->len == 0) {
-        set_err(err, errlen, "its output has a \"Secret\" but no \"Username\"");
+        errmsg_set(err, errlen, "its output has a \"Secret\" but no \"Username\"");
     } else if (strchr(user->str, ':')) {
-        set_err(err, errlen, "its output's \"Username\" holds a ':' (not usable for HTTP Basic)");
+        errmsg_set(err, errlen, "its output's \"Username\" holds a ':' (not usable for HTTP Basic)");
     } else {
         cr->identity_token = strcmp(user->str, CREDENTIALS_TOKEN_USERNAME) == 0;
         if (cr->identity_token && secret->len == 0) {
-            set_err(err, errlen, "its output names an identity token (\"<token>\") with an empty \"Secret\"");
+            errmsg_set(err, errlen, "its output names an identity token (\"<token>\") with an empty \"Secret\"");
         } else if (!(cr->username = strdup(user->str)) || !(cr->secret = strdup(secret->str))) {
             credential_clear(cr);
-            set_err(err, errlen, "out of memory");
+            errmsg_set(err, errlen, "out of memory");
         } else {
             rc = 0;
         }
@@ -225,7 +210,7 @@ int credentials_run_helper(const char *helper, const char *server_url, long time
     char *argv[] = {(char *)helper, (char *)"get", NULL};
 
     if (pipe2(in, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0 || pipe2(ep, O_CLOEXEC) != 0) {
-        set_err(err, errlen, "cannot create pipes: %s", strerror(errno));
+        errmsg_set(err, errlen, "cannot create pipes: %s", strerror(errno));
         goto out;
     }
     if ((e = posix_spawn_file_actions_init(&fa)) == 0) fa_ok = true;
@@ -244,13 +229,13 @@ int credentials_run_helper(const char *helper, const char *server_url, long time
     if (!e) e = posix_spawnattr_setsigmask(&at, &none);
     if (!e) e = posix_spawnattr_setsigdefault(&at, &reset);
     if (e) {
-        set_err(err, errlen, "cannot prepare its start: %s", strerror(e));
+        errmsg_set(err, errlen, "cannot prepare its start: %s", strerror(e));
         goto out;
     }
     e = posix_spawn(&pid, helper, &fa, &at, argv, envp);
     if (e) {
         pid = -1;
-        set_err(err, errlen, "cannot start it: %s", strerror(e));
+        errmsg_set(err, errlen, "cannot start it: %s", strerror(e));
         goto out;
     }
     close_fd(&in[0]);
@@ -275,7 +260,7 @@ int credentials_run_helper(const char *helper, const char *server_url, long time
         struct pollfd pf[2] = {{.fd = out[0], .events = POLLIN}, {.fd = ep[0], .events = POLLIN}};
         int n = poll(pf, 2, (int)(left > 1000 ? 1000 : left));
         if (n < 0 && errno != EINTR) {
-            set_err(err, errlen, "cannot wait for its output: %s", strerror(errno));
+            errmsg_set(err, errlen, "cannot wait for its output: %s", strerror(errno));
             goto kill;
         }
         char chunk[8192];
@@ -302,7 +287,7 @@ int credentials_run_helper(const char *helper, const char *server_url, long time
         pid_t wr = waitpid(pid, &status, WNOHANG);
         if (wr == pid) break;
         if (wr < 0 && errno != EINTR) {
-            set_err(err, errlen, "cannot wait for it: %s", strerror(errno));
+            errmsg_set(err, errlen, "cannot wait for it: %s", strerror(errno));
             goto kill;
         }
         if (clock_monotonic_ms() >= deadline) {
@@ -312,16 +297,16 @@ int credentials_run_helper(const char *helper, const char *server_url, long time
         sleep_ms(5); /* its output is closed: it is about to exit */
     }
     if (timed_out) {
-        set_err(err, errlen, "gave no answer within %ld ms (killed)", timeout_ms);
+        errmsg_set(err, errlen, "gave no answer within %ld ms (killed)", timeout_ms);
         goto kill;
     }
     if (too_big) {
-        set_err(err, errlen, "printed more than %d bytes (killed)", CREDENTIALS_HELPER_OUTPUT_MAX);
+        errmsg_set(err, errlen, "printed more than %d bytes (killed)", CREDENTIALS_HELPER_OUTPUT_MAX);
         goto kill;
     }
     pid = -1; /* reaped */
     if (WIFSIGNALED(status)) {
-        set_err(err, errlen, "was killed by signal %d", WTERMSIG(status));
+        errmsg_set(err, errlen, "was killed by signal %d", WTERMSIG(status));
     } else if (WIFEXITED(status) && WEXITSTATUS(status) != 0) {
         if (is_not_found(obuf ? obuf : "", olen)) {
             rc = 0; /* no credentials for this server: anonymous */
@@ -329,12 +314,12 @@ int credentials_run_helper(const char *helper, const char *server_url, long time
             char ex[HELPER_EXCERPT_MAX + 8];
             helper_excerpt(obuf ? obuf : "", olen, ex, sizeof ex);
             if (!ex[0]) helper_excerpt(ebuf ? ebuf : "", elen, ex, sizeof ex);
-            set_err(err, errlen, "exited with status %d%s%s", WEXITSTATUS(status), ex[0] ? ": " : "", ex);
+            errmsg_set(err, errlen, "exited with status %d%s%s", WEXITSTATUS(status), ex[0] ? ": " : "", ex);
         }
     } else {
         char perr[256];
         rc = credentials_parse_helper_output(obuf ? obuf : "", olen, cr, perr, sizeof perr);
-        if (rc != 0) set_err(err, errlen, "%s", perr);
+        if (rc != 0) errmsg_set(err, errlen, "%s", perr);
     }
     goto out;
 
@@ -373,15 +358,15 @@ out:
 static int check_program(const char *path, char *err, size_t errlen) {
     struct stat st;
     if (stat(path, &st) != 0) {
-        set_err(err, errlen, "%s: %s", path, strerror(errno));
+        errmsg_set(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
     if (!S_ISREG(st.st_mode)) {
-        set_err(err, errlen, "%s: not a regular file", path);
+        errmsg_set(err, errlen, "%s: not a regular file", path);
         return -1;
     }
     if (access(path, X_OK) != 0) {
-        set_err(err, errlen, "%s: not executable: %s", path, strerror(errno));
+        errmsg_set(err, errlen, "%s: not executable: %s", path, strerror(errno));
         return -1;
     }
     return 0;
@@ -390,13 +375,13 @@ static int check_program(const char *path, char *err, size_t errlen) {
 int credentials_find_helper(const char *name, const char *dir, const char *path_env, char *out, size_t outlen,
                             char *err, size_t errlen) {
     if (!name || !*name || has_ctl(name, strlen(name))) {
-        set_err(err, errlen, "a credential helper name must be non-empty, without control characters");
+        errmsg_set(err, errlen, "a credential helper name must be non-empty, without control characters");
         return -1;
     }
     if (strchr(name, '/')) {
         int n = name[0] == '/' || !dir ? snprintf(out, outlen, "%s", name) : snprintf(out, outlen, "%s/%s", dir, name);
         if (n < 0 || (size_t)n >= outlen) {
-            set_err(err, errlen, "credential helper path too long");
+            errmsg_set(err, errlen, "credential helper path too long");
             return -1;
         }
         return check_program(out, err, errlen);
@@ -420,9 +405,9 @@ int credentials_find_helper(const char *name, const char *dir, const char *path_
         p += n + 1;
     }
     if (first_err[0])
-        set_err(err, errlen, "docker-credential-%s: %s", name, first_err);
+        errmsg_set(err, errlen, "docker-credential-%s: %s", name, first_err);
     else
-        set_err(err, errlen, "docker-credential-%s: not found on PATH (%s)", name, path_env);
+        errmsg_set(err, errlen, "docker-credential-%s: not found on PATH (%s)", name, path_env);
     return -1;
 }
 
@@ -440,7 +425,7 @@ void credentials_server_url(const char *host, char *out, size_t outlen) {
 
 credentials *credentials_new(const credentials_options *o, char *err, size_t errlen) {
     if (!o) {
-        set_err(err, errlen, "credentials: no options");
+        errmsg_set(err, errlen, "credentials: no options");
         return NULL;
     }
     switch (o->kind) {
@@ -449,30 +434,31 @@ credentials *credentials_new(const credentials_options *o, char *err, size_t err
         case CREDENTIALS_STATIC:
             if (!o->username || !*o->username || strchr(o->username, ':') ||
                 has_ctl(o->username, strlen(o->username))) {
-                set_err(err, errlen, "credentials: a user name must be non-empty, without ':' or control characters");
+                errmsg_set(err, errlen,
+                           "credentials: a user name must be non-empty, without ':' or control characters");
                 return NULL;
             }
             break;
         case CREDENTIALS_IDENTITY_TOKEN:
             if (!o->secret || !*o->secret || has_ctl(o->secret, strlen(o->secret))) {
-                set_err(err, errlen, "credentials: an identity token must be non-empty, without control characters");
+                errmsg_set(err, errlen, "credentials: an identity token must be non-empty, without control characters");
                 return NULL;
             }
             break;
         case CREDENTIALS_HELPER:
             if (!o->helper || o->helper[0] != '/' || !o->server_url || !*o->server_url ||
                 has_ctl(o->server_url, strlen(o->server_url)) || o->timeout_ms < 0 || o->cache_seconds < 0) {
-                set_err(err, errlen, "credentials: a helper needs an absolute path, a server URL and limits >= 0");
+                errmsg_set(err, errlen, "credentials: a helper needs an absolute path, a server URL and limits >= 0");
                 return NULL;
             }
             break;
         default:
-            set_err(err, errlen, "credentials: unknown kind");
+            errmsg_set(err, errlen, "credentials: unknown kind");
             return NULL;
     }
     credentials *c = calloc(1, sizeof *c);
     if (!c) {
-        set_err(err, errlen, "credentials: out of memory");
+        errmsg_set(err, errlen, "credentials: out of memory");
         return NULL;
     }
     pthread_mutex_init(&c->mu, NULL);
@@ -501,7 +487,7 @@ credentials *credentials_new(const credentials_options *o, char *err, size_t err
     }
     if (!ok || !(c->account = strdup(acct))) {
         credentials_free(c);
-        set_err(err, errlen, "credentials: out of memory");
+        errmsg_set(err, errlen, "credentials: out of memory");
         return NULL;
     }
     return c;
@@ -510,7 +496,7 @@ credentials *credentials_new(const credentials_options *o, char *err, size_t err
 void credentials_free(credentials *c) {
     if (!c) return;
     free(c->username);
-    free_secret(c->secret);
+    secret_free(c->secret);
     free(c->helper);
     free(c->server_url);
     free(c->account);
@@ -555,7 +541,7 @@ static int helper_run_and_keep(credentials *c, credential *out, char *err, size_
     pthread_cond_broadcast(&c->done);
     pthread_mutex_unlock(&c->mu);
     if (rc != 0) {
-        set_err(err, errlen, "%s", msg);
+        errmsg_set(err, errlen, "%s", msg);
         log_warn("%s", msg);
     } else if (!out->username) {
         log_info("credential helper %s has no credentials for %s: anonymous", c->helper, c->server_url);
@@ -575,7 +561,7 @@ int credentials_get(credentials *c, credential *out, char *err, size_t errlen) {
                         .secret = c->secret,
                         .identity_token = c->kind == CREDENTIALS_IDENTITY_TOKEN};
         if (credential_copy(out, &s) != 0) {
-            set_err(err, errlen, "credentials: out of memory");
+            errmsg_set(err, errlen, "credentials: out of memory");
             return -1;
         }
         return 0;
@@ -585,7 +571,7 @@ int credentials_get(credentials *c, credential *out, char *err, size_t errlen) {
         if (c->have && clock_monotonic_ms() < c->expires_ms) {
             int rc = credential_copy(out, &c->kept);
             pthread_mutex_unlock(&c->mu);
-            if (rc != 0) set_err(err, errlen, "credentials: out of memory");
+            if (rc != 0) errmsg_set(err, errlen, "credentials: out of memory");
             return rc;
         }
         if (!c->running) break;
@@ -598,7 +584,7 @@ int credentials_get(credentials *c, credential *out, char *err, size_t errlen) {
                 rc = credential_copy(out, &c->kept);
             else if (rc == 0)
                 continue; /* refused meanwhile: ask again */
-            if (rc != 0) set_err(err, errlen, "%s", c->last_rc ? c->last_err : "credentials: out of memory");
+            if (rc != 0) errmsg_set(err, errlen, "%s", c->last_rc ? c->last_err : "credentials: out of memory");
             pthread_mutex_unlock(&c->mu);
             return rc;
         }

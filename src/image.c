@@ -17,19 +17,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "regfacade/errmsg.h"
 #include "regfacade/digest.h"
 #include "regfacade/ref.h"
 
 typedef enum { FAMILY_OCI, FAMILY_DOCKER } family;
-
-static void seterr(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static bool streq(const char *a, const char *b) { return a && b && strcmp(a, b) == 0; }
 
@@ -76,27 +68,27 @@ const char *image_layer_media_type_for(const char *manifest_media_type, const ch
  * unknown media type cannot be assembled. */
 static int base_family(const json_value *m, family *f, const char **mt, char *err, size_t errlen) {
     if (!m || m->type != JSON_OBJECT) {
-        seterr(err, errlen, "base manifest: not a JSON object");
+        errmsg_set(err, errlen, "base manifest: not a JSON object");
         return -1;
     }
     json_value *v = json_object_get(m, "mediaType");
     *mt = NULL;
     if (v && v->type != JSON_NULL) {
         if (v->type != JSON_STRING) {
-            seterr(err, errlen, "base manifest: mediaType is not a string");
+            errmsg_set(err, errlen, "base manifest: mediaType is not a string");
             return -1;
         }
         *mt = v->str;
     }
     if (streq(*mt, IMAGE_MT_OCI_INDEX) || streq(*mt, IMAGE_MT_DOCKER_LIST) ||
         (!*mt && json_object_get(m, "manifests") && !json_object_get(m, "layers"))) {
-        seterr(err, errlen, "base manifest: mediaType %s is an index; assemble each platform's manifest",
-               *mt ? *mt : "(none, but it has \"manifests\")");
+        errmsg_set(err, errlen, "base manifest: mediaType %s is an index; assemble each platform's manifest",
+                   *mt ? *mt : "(none, but it has \"manifests\")");
         return -1;
     }
     if (!family_of(*mt, f)) {
-        seterr(err, errlen, "base manifest: mediaType \"%s\" is not an image manifest type (want %s or %s)", *mt,
-               IMAGE_MT_OCI_MANIFEST, IMAGE_MT_DOCKER_MANIFEST);
+        errmsg_set(err, errlen, "base manifest: mediaType \"%s\" is not an image manifest type (want %s or %s)", *mt,
+                   IMAGE_MT_OCI_MANIFEST, IMAGE_MT_DOCKER_MANIFEST);
         return -1;
     }
     return 0;
@@ -111,20 +103,20 @@ static bool valid_size(const json_value *v) {
 /* Checks base manifest layer descriptor i. */
 static int check_base_layer(const json_value *d, size_t i, char *err, size_t errlen) {
     if (!d || d->type != JSON_OBJECT) {
-        seterr(err, errlen, "base manifest: layers[%zu] is not an object", i);
+        errmsg_set(err, errlen, "base manifest: layers[%zu] is not an object", i);
         return -1;
     }
     if (!json_object_get_string(d, "mediaType")) {
-        seterr(err, errlen, "base manifest: layers[%zu].mediaType is missing or not a string", i);
+        errmsg_set(err, errlen, "base manifest: layers[%zu].mediaType is missing or not a string", i);
         return -1;
     }
     const char *dg = json_object_get_string(d, "digest");
     if (!dg || !ref_valid_digest(dg)) {
-        seterr(err, errlen, "base manifest: layers[%zu].digest is missing or not a valid digest", i);
+        errmsg_set(err, errlen, "base manifest: layers[%zu].digest is missing or not a valid digest", i);
         return -1;
     }
     if (!valid_size(json_object_get(d, "size"))) {
-        seterr(err, errlen, "base manifest: layers[%zu].size is missing or not an integer in [0, 2^63-1]", i);
+        errmsg_set(err, errlen, "base manifest: layers[%zu].size is missing or not an integer in [0, 2^63-1]", i);
         return -1;
     }
     return 0;
@@ -135,42 +127,42 @@ static int check_base_layer(const json_value *d, size_t i, char *err, size_t err
 static int check_added_layer(const image_layer *l, size_t i, char *err, size_t errlen) {
     i++;
     if (!l->media_type || !l->media_type[0]) {
-        seterr(err, errlen, "stack[%zu]: media_type is missing", i);
+        errmsg_set(err, errlen, "stack[%zu]: media_type is missing", i);
         return -1;
     }
     if (!l->digest || !ref_valid_digest(l->digest)) {
-        seterr(err, errlen, "stack[%zu]: digest \"%s\" is not a valid digest", i, l->digest ? l->digest : "(none)");
+        errmsg_set(err, errlen, "stack[%zu]: digest \"%s\" is not a valid digest", i, l->digest ? l->digest : "(none)");
         return -1;
     }
     if (!l->diff_id || !ref_valid_digest(l->diff_id)) {
-        seterr(err, errlen, "stack[%zu] (layer %s): diff_id \"%s\" is not a valid digest", i, l->digest,
-               l->diff_id ? l->diff_id : "(none)");
+        errmsg_set(err, errlen, "stack[%zu] (layer %s): diff_id \"%s\" is not a valid digest", i, l->digest,
+                   l->diff_id ? l->diff_id : "(none)");
         return -1;
     }
     if (l->size > (uint64_t)INT64_MAX) {
-        seterr(err, errlen, "stack[%zu] (layer %s): size %" PRIu64 " is larger than 2^63-1", i, l->digest, l->size);
+        errmsg_set(err, errlen, "stack[%zu] (layer %s): size %" PRIu64 " is larger than 2^63-1", i, l->digest, l->size);
         return -1;
     }
     if (l->urls) {
         if (l->urls->type != JSON_ARRAY) {
-            seterr(err, errlen, "stack[%zu] (layer %s): urls is not an array", i, l->digest);
+            errmsg_set(err, errlen, "stack[%zu] (layer %s): urls is not an array", i, l->digest);
             return -1;
         }
         for (size_t k = 0; k < l->urls->count; k++)
             if (l->urls->items[k]->type != JSON_STRING) {
-                seterr(err, errlen, "stack[%zu] (layer %s): urls[%zu] is not a string", i, l->digest, k);
+                errmsg_set(err, errlen, "stack[%zu] (layer %s): urls[%zu] is not a string", i, l->digest, k);
                 return -1;
             }
     }
     if (l->annotations) {
         if (l->annotations->type != JSON_OBJECT) {
-            seterr(err, errlen, "stack[%zu] (layer %s): annotations is not an object", i, l->digest);
+            errmsg_set(err, errlen, "stack[%zu] (layer %s): annotations is not an object", i, l->digest);
             return -1;
         }
         for (size_t k = 0; k < l->annotations->count; k++)
             if (l->annotations->items[k]->type != JSON_STRING) {
-                seterr(err, errlen, "stack[%zu] (layer %s): annotations[\"%s\"] is not a string", i, l->digest,
-                       l->annotations->keys[k]);
+                errmsg_set(err, errlen, "stack[%zu] (layer %s): annotations[\"%s\"] is not a string", i, l->digest,
+                           l->annotations->keys[k]);
                 return -1;
             }
     }
@@ -260,7 +252,7 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
     if (out_manifest) *out_manifest = NULL;
     if (out_config) *out_config = NULL;
     if (!out_manifest || !out_config || (n && !stack)) {
-        seterr(err, errlen, "image_assemble: missing argument");
+        errmsg_set(err, errlen, "image_assemble: missing argument");
         return -1;
     }
 
@@ -270,40 +262,41 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
     if (base_family(base_manifest, &fam, &manifest_mt, err, errlen) != 0) return -1;
     const json_value *base_layers = json_object_get(base_manifest, "layers");
     if (!base_layers || base_layers->type != JSON_ARRAY) {
-        seterr(err, errlen, "base manifest: layers is missing or not an array");
+        errmsg_set(err, errlen, "base manifest: layers is missing or not an array");
         return -1;
     }
     for (size_t i = 0; i < base_layers->count; i++)
         if (check_base_layer(base_layers->items[i], i, err, errlen) != 0) return -1;
     const json_value *config_desc = json_object_get(base_manifest, "config");
     if (!config_desc || config_desc->type != JSON_OBJECT) {
-        seterr(err, errlen, "base manifest: config is missing or not an object");
+        errmsg_set(err, errlen, "base manifest: config is missing or not an object");
         return -1;
     }
 
     /* The base config. */
     if (!base_config || base_config->type != JSON_OBJECT) {
-        seterr(err, errlen, "base config: not a JSON object");
+        errmsg_set(err, errlen, "base config: not a JSON object");
         return -1;
     }
     const json_value *rootfs = json_object_get(base_config, "rootfs");
     if (!rootfs || rootfs->type != JSON_OBJECT) {
-        seterr(err, errlen, "base config: rootfs is missing or not an object");
+        errmsg_set(err, errlen, "base config: rootfs is missing or not an object");
         return -1;
     }
     const json_value *base_diff_ids = json_object_get(rootfs, "diff_ids");
     if (!base_diff_ids || base_diff_ids->type != JSON_ARRAY) {
-        seterr(err, errlen, "base config: rootfs.diff_ids is missing or not an array");
+        errmsg_set(err, errlen, "base config: rootfs.diff_ids is missing or not an array");
         return -1;
     }
     if (base_diff_ids->count != base_layers->count) {
-        seterr(err, errlen, "base config has %zu diff_ids for %zu layers", base_diff_ids->count, base_layers->count);
+        errmsg_set(err, errlen, "base config has %zu diff_ids for %zu layers", base_diff_ids->count,
+                   base_layers->count);
         return -1;
     }
     for (size_t i = 0; i < base_diff_ids->count; i++) {
         const json_value *d = base_diff_ids->items[i];
         if (d->type != JSON_STRING || !ref_valid_digest(d->str)) {
-            seterr(err, errlen, "base config: rootfs.diff_ids[%zu] is not a digest string", i);
+            errmsg_set(err, errlen, "base config: rootfs.diff_ids[%zu] is not a digest string", i);
             return -1;
         }
     }
@@ -311,12 +304,12 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
     if (base_history && base_history->type == JSON_NULL) base_history = NULL; /* null: no history, so none is added */
     if (base_history) {
         if (base_history->type != JSON_ARRAY) {
-            seterr(err, errlen, "base config: history is not an array");
+            errmsg_set(err, errlen, "base config: history is not an array");
             return -1;
         }
         for (size_t i = 0; i < base_history->count; i++)
             if (base_history->items[i]->type != JSON_OBJECT) {
-                seterr(err, errlen, "base config: history[%zu] is not an object", i);
+                errmsg_set(err, errlen, "base config: history[%zu] is not an object", i);
                 return -1;
             }
     }
@@ -326,7 +319,7 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
     for (size_t i = 0; i < n; i++) {
         if (stack[i].is_base) {
             if (base_at != SIZE_MAX) {
-                seterr(err, errlen, "stack[%zu]: \"base\" appears twice (first at stack[%zu])", i + 1, base_at + 1);
+                errmsg_set(err, errlen, "stack[%zu]: \"base\" appears twice (first at stack[%zu])", i + 1, base_at + 1);
                 return -1;
             }
             base_at = i;
@@ -392,7 +385,7 @@ int image_assemble(const json_value *base_manifest, const json_value *base_confi
     *out_config = cfg;
     return 0;
 oom:
-    seterr(err, errlen, "image_assemble: out of memory");
+    errmsg_set(err, errlen, "image_assemble: out of memory");
     json_free(man);
     json_free(cfg);
     json_free(layers);
@@ -411,20 +404,20 @@ int image_finish(json_value *manifest, const json_value *config, char **config_b
     if (manifest_bytes) *manifest_bytes = NULL;
     if (!manifest || !config || !config_bytes || !config_len || !config_digest || !manifest_bytes || !manifest_len ||
         !manifest_digest) {
-        seterr(err, errlen, "image_finish: missing argument");
+        errmsg_set(err, errlen, "image_finish: missing argument");
         return -1;
     }
     if (manifest->type != JSON_OBJECT) {
-        seterr(err, errlen, "manifest: not a JSON object");
+        errmsg_set(err, errlen, "manifest: not a JSON object");
         return -1;
     }
     if (config->type != JSON_OBJECT) {
-        seterr(err, errlen, "config: not a JSON object");
+        errmsg_set(err, errlen, "config: not a JSON object");
         return -1;
     }
     json_value *desc = json_object_get(manifest, "config");
     if (!desc || desc->type != JSON_OBJECT) {
-        seterr(err, errlen, "manifest: config is missing or not an object");
+        errmsg_set(err, errlen, "manifest: config is missing or not an object");
         return -1;
     }
     cb = json_serialize(config, &cl);
@@ -447,7 +440,7 @@ int image_finish(json_value *manifest, const json_value *config, char **config_b
     snprintf(manifest_digest, 80, "%s", md);
     return 0;
 oom:
-    seterr(err, errlen, "image_finish: out of memory");
+    errmsg_set(err, errlen, "image_finish: out of memory");
     free(cb);
     free(mb);
     return -1;

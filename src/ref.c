@@ -7,18 +7,13 @@
  */
 #include "regfacade/ref.h"
 
+#include "regfacade/errmsg.h"
 #include "regfacade/json.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#if defined(__GNUC__) || defined(__clang__)
-#define REF_PRINTF(f, a) __attribute__((format(printf, f, a)))
-#else
-#define REF_PRINTF(f, a)
-#endif
 
 /* Character classes by hand: <ctype.h> depends on the locale, the grammars
  * here are ASCII. */
@@ -34,16 +29,6 @@ static bool ieq(const char *a, size_t alen, const char *b) {
     for (size_t i = 0; i < alen; i++)
         if (to_lower(a[i]) != to_lower(b[i])) return false;
     return true;
-}
-
-REF_PRINTF(3, 4)
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    if (n < 0) err[0] = '\0';
 }
 
 /* ---------------------------------------------------------------- names */
@@ -272,12 +257,12 @@ static int www_fail(www_authenticate *out) {
 
 int www_authenticate_parse(const char *header, www_authenticate *out, char *err, size_t errlen) {
     if (!out) {
-        set_err(err, errlen, "WWW-Authenticate: no output");
+        errmsg_set(err, errlen, "WWW-Authenticate: no output");
         return -1;
     }
     memset(out, 0, sizeof *out);
     if (!header) {
-        set_err(err, errlen, "WWW-Authenticate: missing header");
+        errmsg_set(err, errlen, "WWW-Authenticate: missing header");
         return -1;
     }
 
@@ -288,16 +273,16 @@ int www_authenticate_parse(const char *header, www_authenticate *out, char *err,
     /* No token at all, or a token followed by '=' (a bare param list such
      * as realm="x"), means the scheme is missing. */
     if (slen == 0 || *skip_ows(p) == '=') {
-        set_err(err, errlen, "WWW-Authenticate: missing auth scheme at byte %zu", (size_t)(scheme - header));
+        errmsg_set(err, errlen, "WWW-Authenticate: missing auth scheme at byte %zu", (size_t)(scheme - header));
         return www_fail(out);
     }
     if (*p != '\0' && !is_ows(*p) && *p != ',') {
-        set_err(err, errlen, "WWW-Authenticate: invalid character in auth scheme at byte %zu", (size_t)(p - header));
+        errmsg_set(err, errlen, "WWW-Authenticate: invalid character in auth scheme at byte %zu", (size_t)(p - header));
         return www_fail(out);
     }
     if (slen >= sizeof out->scheme) {
-        set_err(err, errlen, "WWW-Authenticate: auth scheme too long (%zu bytes, max %zu)", slen,
-                sizeof out->scheme - 1);
+        errmsg_set(err, errlen, "WWW-Authenticate: auth scheme too long (%zu bytes, max %zu)", slen,
+                   sizeof out->scheme - 1);
         return www_fail(out);
     }
     memcpy(out->scheme, scheme, slen);
@@ -314,7 +299,8 @@ int www_authenticate_parse(const char *header, www_authenticate *out, char *err,
         while (*p == '=') p++;
         p = skip_ows(p);
         if (p == t || (*p != '\0' && *p != ',')) {
-            set_err(err, errlen, "WWW-Authenticate: expected auth-param or token68 at byte %zu", (size_t)(t - header));
+            errmsg_set(err, errlen, "WWW-Authenticate: expected auth-param or token68 at byte %zu",
+                       (size_t)(t - header));
             return www_fail(out);
         }
         return 0;
@@ -333,7 +319,7 @@ int www_authenticate_parse(const char *header, www_authenticate *out, char *err,
         while (is_tchar(*p)) p++;
         size_t nlen = (size_t)(p - name);
         if (nlen == 0) {
-            set_err(err, errlen, "WWW-Authenticate: expected auth-param at byte %zu", (size_t)(name - header));
+            errmsg_set(err, errlen, "WWW-Authenticate: expected auth-param at byte %zu", (size_t)(name - header));
             return www_fail(out);
         }
         p = skip_ows(p);
@@ -352,7 +338,7 @@ int www_authenticate_parse(const char *header, www_authenticate *out, char *err,
         if (slot && slot->seen) {
             /* RFC 9110 11.2: a param occurs once per challenge; two realms
              * would leave us guessing where to send credentials. */
-            set_err(err, errlen, "WWW-Authenticate: param %.*s given twice", shown, shown_name);
+            errmsg_set(err, errlen, "WWW-Authenticate: param %.*s given twice", shown, shown_name);
             return www_fail(out);
         }
 
@@ -367,22 +353,23 @@ int www_authenticate_parse(const char *header, www_authenticate *out, char *err,
                     escaped = true;
                 }
                 if (c == '\0') {
-                    set_err(err, errlen,
-                            "WWW-Authenticate: param %.*s: unterminated quoted-string starting at byte %zu", shown,
-                            shown_name, (size_t)(start - header));
+                    errmsg_set(err, errlen,
+                               "WWW-Authenticate: param %.*s: unterminated quoted-string starting at byte %zu", shown,
+                               shown_name, (size_t)(start - header));
                     return www_fail(out);
                 }
                 if (c == '"' && !escaped) break;
                 /* qdtext and quoted-pair exclude controls other than HTAB. */
                 if (((unsigned char)c < 0x20 && c != '\t') || c == 0x7f) {
-                    set_err(err, errlen, "WWW-Authenticate: param %.*s: control character in quoted-string at byte %zu",
-                            shown, shown_name, (size_t)(p - header));
+                    errmsg_set(err, errlen,
+                               "WWW-Authenticate: param %.*s: control character in quoted-string at byte %zu", shown,
+                               shown_name, (size_t)(p - header));
                     return www_fail(out);
                 }
                 if (slot) {
                     if (vlen + 1 >= slot->cap) {
-                        set_err(err, errlen, "WWW-Authenticate: param %.*s: value too long (max %zu bytes)", shown,
-                                shown_name, slot->cap - 1);
+                        errmsg_set(err, errlen, "WWW-Authenticate: param %.*s: value too long (max %zu bytes)", shown,
+                                   shown_name, slot->cap - 1);
                         return www_fail(out);
                     }
                     slot->buf[vlen] = c;
@@ -396,14 +383,14 @@ int www_authenticate_parse(const char *header, www_authenticate *out, char *err,
             while (is_tchar(*p)) p++;
             vlen = (size_t)(p - v);
             if (vlen == 0) {
-                set_err(err, errlen, "WWW-Authenticate: param %.*s: missing value at byte %zu", shown, shown_name,
-                        (size_t)(v - header));
+                errmsg_set(err, errlen, "WWW-Authenticate: param %.*s: missing value at byte %zu", shown, shown_name,
+                           (size_t)(v - header));
                 return www_fail(out);
             }
             if (slot) {
                 if (vlen >= slot->cap) {
-                    set_err(err, errlen, "WWW-Authenticate: param %.*s: value too long (%zu bytes, max %zu)", shown,
-                            shown_name, vlen, slot->cap - 1);
+                    errmsg_set(err, errlen, "WWW-Authenticate: param %.*s: value too long (%zu bytes, max %zu)", shown,
+                               shown_name, vlen, slot->cap - 1);
                     return www_fail(out);
                 }
                 memcpy(slot->buf, v, vlen);
@@ -415,8 +402,8 @@ int www_authenticate_parse(const char *header, www_authenticate *out, char *err,
         }
         p = skip_ows(p);
         if (*p != '\0' && *p != ',') {
-            set_err(err, errlen, "WWW-Authenticate: param %.*s: unexpected character after value at byte %zu", shown,
-                    shown_name, (size_t)(p - header));
+            errmsg_set(err, errlen, "WWW-Authenticate: param %.*s: unexpected character after value at byte %zu", shown,
+                       shown_name, (size_t)(p - header));
             return www_fail(out);
         }
     }
@@ -547,29 +534,29 @@ static int decode_auth(const json_value *auth, const char *key, char *user, size
     size_t cap = auth->len / 4 * 3 + 4;
     char *buf = malloc(cap);
     if (!buf) {
-        set_err(err, errlen, "docker config: auths[\"%s\"].auth: out of memory", key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].auth: out of memory", key);
         return -1;
     }
     int rc = -1;
     long n = base64_decode(auth->str, auth->len, buf, cap);
     char *colon = n > 0 ? memchr(buf, ':', (size_t)n) : NULL;
     if (n < 0) {
-        set_err(err, errlen, "docker config: auths[\"%s\"].auth: not valid base64", key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].auth: not valid base64", key);
     } else if (memchr(buf, '\0', (size_t)n)) {
-        set_err(err, errlen, "docker config: auths[\"%s\"].auth: decoded value contains a NUL byte", key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].auth: decoded value contains a NUL byte", key);
     } else if (!colon) {
         /* Docker writes "user:password"; without the ':' we cannot tell
          * where the user name ends. */
-        set_err(err, errlen, "docker config: auths[\"%s\"].auth: decoded value has no ':' between user and password",
-                key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].auth: decoded value has no ':' between user and password",
+                   key);
     } else {
         /* The user name ends at the first ':'; the password may hold more. */
         size_t ulen = (size_t)(colon - buf);
         size_t plen = (size_t)n - ulen - 1;
         if (!copy_cred(buf, ulen, user, user_len))
-            set_err(err, errlen, "docker config: auths[\"%s\"].auth: user name too long (%zu bytes)", key, ulen);
+            errmsg_set(err, errlen, "docker config: auths[\"%s\"].auth: user name too long (%zu bytes)", key, ulen);
         else if (!copy_cred(colon + 1, plen, pass, pass_len))
-            set_err(err, errlen, "docker config: auths[\"%s\"].auth: password too long (%zu bytes)", key, plen);
+            errmsg_set(err, errlen, "docker config: auths[\"%s\"].auth: password too long (%zu bytes)", key, plen);
         else
             rc = 1;
     }
@@ -584,7 +571,7 @@ static int decode_auth(const json_value *auth, const char *key, char *user, size
 static int entry_credentials(const json_value *entry, const char *key, char *user, size_t user_len, char *pass,
                              size_t pass_len, char *err, size_t errlen) {
     if (entry->type != JSON_OBJECT) {
-        set_err(err, errlen, "docker config: auths[\"%s\"]: not an object", key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"]: not an object", key);
         return -1;
     }
     const json_value *auth = json_object_get(entry, "auth");
@@ -593,19 +580,19 @@ static int entry_credentials(const json_value *entry, const char *key, char *use
     const json_value *itok = json_object_get(entry, "identitytoken");
 
     if (auth && auth->type != JSON_STRING) {
-        set_err(err, errlen, "docker config: auths[\"%s\"].auth: not a string", key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].auth: not a string", key);
         return -1;
     }
     if (uname && uname->type != JSON_STRING) {
-        set_err(err, errlen, "docker config: auths[\"%s\"].username: not a string", key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].username: not a string", key);
         return -1;
     }
     if (pword && pword->type != JSON_STRING) {
-        set_err(err, errlen, "docker config: auths[\"%s\"].password: not a string", key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].password: not a string", key);
         return -1;
     }
     if (itok && itok->type != JSON_STRING) {
-        set_err(err, errlen, "docker config: auths[\"%s\"].identitytoken: not a string", key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].identitytoken: not a string", key);
         return -1;
     }
     /* An identity token is an OAuth2 refresh token for the registry's token
@@ -613,15 +600,15 @@ static int entry_credentials(const json_value *entry, const char *key, char *use
      * out under the user name "<token>", which tells the caller so. */
     if (itok && itok->len > 0) {
         if (memchr(itok->str, '\0', itok->len)) {
-            set_err(err, errlen, "docker config: auths[\"%s\"].identitytoken: contains a NUL byte", key);
+            errmsg_set(err, errlen, "docker config: auths[\"%s\"].identitytoken: contains a NUL byte", key);
             return -1;
         }
         if (!copy_cred("<token>", 7, user, user_len)) {
-            set_err(err, errlen, "docker config: auths[\"%s\"]: user name buffer too small", key);
+            errmsg_set(err, errlen, "docker config: auths[\"%s\"]: user name buffer too small", key);
             return -1;
         }
         if (!copy_cred(itok->str, itok->len, pass, pass_len)) {
-            set_err(err, errlen, "docker config: auths[\"%s\"].identitytoken: too long (%zu bytes)", key, itok->len);
+            errmsg_set(err, errlen, "docker config: auths[\"%s\"].identitytoken: too long (%zu bytes)", key, itok->len);
             return -1;
         }
         return 1;
@@ -635,15 +622,15 @@ static int entry_credentials(const json_value *entry, const char *key, char *use
     const char *pw = pword ? pword->str : "";
     size_t plen = pword ? pword->len : 0;
     if (memchr(u, '\0', ulen) || memchr(pw, '\0', plen)) {
-        set_err(err, errlen, "docker config: auths[\"%s\"]: username or password contains a NUL byte", key);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"]: username or password contains a NUL byte", key);
         return -1;
     }
     if (!copy_cred(u, ulen, user, user_len)) {
-        set_err(err, errlen, "docker config: auths[\"%s\"].username: too long (%zu bytes)", key, ulen);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].username: too long (%zu bytes)", key, ulen);
         return -1;
     }
     if (!copy_cred(pw, plen, pass, pass_len)) {
-        set_err(err, errlen, "docker config: auths[\"%s\"].password: too long (%zu bytes)", key, plen);
+        errmsg_set(err, errlen, "docker config: auths[\"%s\"].password: too long (%zu bytes)", key, plen);
         return -1;
     }
     return 1;
@@ -675,7 +662,7 @@ static int docker_config_parse(const char *json_text, size_t len, const char *ho
                                size_t errlen) {
     *root = NULL;
     if ((!json_text && len) || !host) {
-        set_err(err, errlen, "docker config: invalid arguments");
+        errmsg_set(err, errlen, "docker config: invalid arguments");
         return -1;
     }
     size_t k = 0;
@@ -686,11 +673,11 @@ static int docker_config_parse(const char *json_text, size_t len, const char *ho
     jerr[0] = '\0';
     *root = json_parse(json_text, len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     if (!*root) {
-        set_err(err, errlen, "docker config: %s", jerr[0] ? jerr : "invalid JSON");
+        errmsg_set(err, errlen, "docker config: %s", jerr[0] ? jerr : "invalid JSON");
         return -1;
     }
     if ((*root)->type != JSON_OBJECT) {
-        set_err(err, errlen, "docker config: top level is not an object");
+        errmsg_set(err, errlen, "docker config: top level is not an object");
         json_free(*root);
         *root = NULL;
         return -1;
@@ -704,14 +691,14 @@ int docker_config_lookup(const char *json_text, size_t len, const char *host, ch
     if (pass && pass_len) pass[0] = '\0';
     json_value *root;
     int rc = !user || !pass || user_len == 0 || pass_len == 0
-                 ? (set_err(err, errlen, "docker config: invalid arguments"), -1)
+                 ? (errmsg_set(err, errlen, "docker config: invalid arguments"), -1)
                  : docker_config_parse(json_text, len, host, &root, err, errlen);
     if (rc <= 0) return rc;
     rc = 0;
     const json_value *auths = json_object_get(root, "auths");
     if (!auths) goto out;
     if (auths->type != JSON_OBJECT) {
-        set_err(err, errlen, "docker config: \"auths\" is not an object");
+        errmsg_set(err, errlen, "docker config: \"auths\" is not an object");
         rc = -1;
         goto out;
     }
@@ -745,7 +732,7 @@ int docker_config_helper(const char *json_text, size_t len, const char *host, ch
                          char *err, size_t errlen) {
     if (helper && helper_len) helper[0] = '\0';
     json_value *root;
-    int rc = !helper || helper_len == 0 ? (set_err(err, errlen, "docker config: invalid arguments"), -1)
+    int rc = !helper || helper_len == 0 ? (errmsg_set(err, errlen, "docker config: invalid arguments"), -1)
                                         : docker_config_parse(json_text, len, host, &root, err, errlen);
     if (rc <= 0) return rc;
     rc = 0;
@@ -753,7 +740,7 @@ int docker_config_helper(const char *json_text, size_t len, const char *host, ch
     char where[160] = "credsStore";
     const json_value *helpers = json_object_get(root, "credHelpers");
     if (helpers && helpers->type != JSON_OBJECT) {
-        set_err(err, errlen, "docker config: \"credHelpers\" is not an object");
+        errmsg_set(err, errlen, "docker config: \"credHelpers\" is not an object");
         rc = -1;
         goto out;
     }
@@ -768,22 +755,22 @@ int docker_config_helper(const char *json_text, size_t len, const char *host, ch
     }
     if (!chosen) goto out;
     if (chosen->type != JSON_STRING) {
-        set_err(err, errlen, "docker config: %s: not a string", where);
+        errmsg_set(err, errlen, "docker config: %s: not a string", where);
         rc = -1;
         goto out;
     }
     /* "" means the file's own auths (as the docker CLI reads it). */
     if (chosen->len == 0) goto out;
     if (!helper_name_ok(chosen)) {
-        set_err(err, errlen,
-                "docker config: %s: not a helper name (1 to 100 characters, no '/', spaces "
-                "or control characters)",
-                where);
+        errmsg_set(err, errlen,
+                   "docker config: %s: not a helper name (1 to 100 characters, no '/', spaces "
+                   "or control characters)",
+                   where);
         rc = -1;
         goto out;
     }
     if (!copy_cred(chosen->str, chosen->len, helper, helper_len)) {
-        set_err(err, errlen, "docker config: %s: name too long", where);
+        errmsg_set(err, errlen, "docker config: %s: name too long", where);
         rc = -1;
         goto out;
     }

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "regfacade/errmsg.h"
 #include "regfacade/log.h"
 
 #define TLS_FILE_MAX (1024 * 1024)
@@ -19,12 +20,6 @@
 /* GnuTLS priority strings for "min_version". */
 #define PRIO_TLS12 "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
 #define PRIO_TLS13 "NORMAL:-VERS-ALL:+VERS-TLS1.3"
-
-static void wipe_free(char *s) {
-    if (!s) return;
-    explicit_bzero(s, strlen(s));
-    free(s);
-}
 
 /* Whole file, NUL-terminated; NULL with errno set. Refuses NUL bytes (PEM
  * is text, and libmicrohttpd takes C strings). */
@@ -209,7 +204,7 @@ void tls_config_free(tls_config *t) {
     free(t->cert_file);
     free(t->key_file);
     free(t->cert_pem);
-    wipe_free(t->key_pem);
-    wipe_free(t->key_password);
+    secret_free(t->key_pem);
+    secret_free(t->key_password);
     free(t);
 }

@@ -20,6 +20,7 @@
 #endif
 #include "regfacade/upstream.h"
 
+#include "regfacade/errmsg.h"
 #include "regfacade/clock.h"
 #include "regfacade/json.h"
 #include "regfacade/metrics.h"
@@ -64,30 +65,6 @@
 
 /* ------------------------------------------------------------------ */
 /* small helpers */
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-/* memset that the compiler may not drop: used on buffers that held a
- * password or a token. */
-static void wipe(void *p, size_t n) {
-    volatile unsigned char *v = p;
-    while (n--) *v++ = 0;
-}
-
-static void free_secret(char *s) {
-    if (s) {
-        wipe(s, strlen(s));
-        free(s);
-    }
-}
 
 static char *xstrdup(const char *s) {
     if (!s) return NULL;
@@ -273,7 +250,7 @@ bool upstream_result_retryable(upstream_result r) {
 static void token_entry_free(token_entry *e) {
     if (!e) return;
     free(e->scope);
-    free_secret(e->token);
+    secret_free(e->token);
     free(e);
 }
 
@@ -310,31 +287,31 @@ void upstream_free(upstream *u) {
  * 1 for https, 0 for http, -1 with err set. */
 static int check_base_url(const char *name, const char *what, const char *url, char *err, size_t errlen) {
     if (!url || !*url) {
-        set_err(err, errlen, "upstream %s: %s is required", name, what);
+        errmsg_set(err, errlen, "upstream %s: %s is required", name, what);
         return -1;
     }
     bool https = strncasecmp(url, "https://", 8) == 0;
     if (!https && strncasecmp(url, "http://", 7) != 0) {
-        set_err(err, errlen, "upstream %s: %s must start with http:// or https://", name, what);
+        errmsg_set(err, errlen, "upstream %s: %s must start with http:// or https://", name, what);
         return -1;
     }
     if (has_ctl_or_space(url)) {
-        set_err(err, errlen, "upstream %s: %s contains spaces or control characters", name, what);
+        errmsg_set(err, errlen, "upstream %s: %s contains spaces or control characters", name, what);
         return -1;
     }
     const char *auth = url + (https ? 8 : 7);
     size_t authlen = strcspn(auth, "/?#");
     if (authlen == 0) {
-        set_err(err, errlen, "upstream %s: %s has no host", name, what);
+        errmsg_set(err, errlen, "upstream %s: %s has no host", name, what);
         return -1;
     }
     if (memchr(auth, '@', authlen)) {
         /* Credentials in the URL would end up in logs and error messages. */
-        set_err(err, errlen, "upstream %s: %s must not contain credentials; use username and password", name, what);
+        errmsg_set(err, errlen, "upstream %s: %s must not contain credentials; use username and password", name, what);
         return -1;
     }
     if (strpbrk(auth, "?#")) {
-        set_err(err, errlen, "upstream %s: %s must not have a query or fragment", name, what);
+        errmsg_set(err, errlen, "upstream %s: %s must not have a query or fragment", name, what);
         return -1;
     }
     return https ? 1 : 0;
@@ -352,12 +329,12 @@ static char *base_dup(const char *url) {
 
 upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen) {
     if (!opts) {
-        set_err(err, errlen, "upstream: no options");
+        errmsg_set(err, errlen, "upstream: no options");
         return NULL;
     }
     const char *name = opts->name && *opts->name ? opts->name : NULL;
     if (!name) {
-        set_err(err, errlen, "upstream: name is required");
+        errmsg_set(err, errlen, "upstream: name is required");
         return NULL;
     }
     metrics_upstream_known(name); /* its series show from the start, at 0 */
@@ -366,39 +343,39 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen) {
     if (https_rc < 0) return NULL;
     bool https = https_rc == 1;
     if (opts->n_mirrors + 1 > UPSTREAM_MAX_BASES || (opts->n_mirrors && !opts->mirrors)) {
-        set_err(err, errlen, "upstream %s: at most %d mirrors", name, UPSTREAM_MAX_BASES - 1);
+        errmsg_set(err, errlen, "upstream %s: at most %d mirrors", name, UPSTREAM_MAX_BASES - 1);
         return NULL;
     }
     for (size_t i = 0; i < opts->n_mirrors; i++)
         if (check_base_url(name, "mirror", opts->mirrors[i], err, errlen) < 0) return NULL;
     if (opts->retry_budget_ms < 0 || opts->backoff_ms < 0) {
-        set_err(err, errlen, "upstream %s: retry budget and backoff must not be negative", name);
+        errmsg_set(err, errlen, "upstream %s: retry budget and backoff must not be negative", name);
         return NULL;
     }
     if (opts->password && !opts->username) {
-        set_err(err, errlen, "upstream %s: password given without username", name);
+        errmsg_set(err, errlen, "upstream %s: password given without username", name);
         return NULL;
     }
     if (opts->username && (strchr(opts->username, ':') || has_ctl(opts->username))) {
-        set_err(err, errlen, "upstream %s: username must not contain ':' or control characters", name);
+        errmsg_set(err, errlen, "upstream %s: username must not contain ':' or control characters", name);
         return NULL;
     }
     if (opts->ca_file && *opts->ca_file && access(opts->ca_file, R_OK) != 0) {
-        set_err(err, errlen, "upstream %s: ca_file %s: %s", name, opts->ca_file, strerror(errno));
+        errmsg_set(err, errlen, "upstream %s: ca_file %s: %s", name, opts->ca_file, strerror(errno));
         return NULL;
     }
     if (opts->user_agent && has_ctl(opts->user_agent)) {
-        set_err(err, errlen, "upstream %s: user_agent contains control characters", name);
+        errmsg_set(err, errlen, "upstream %s: user_agent contains control characters", name);
         return NULL;
     }
     if (opts->connect_timeout_ms < 0 || opts->low_speed_limit < 0 || opts->low_speed_time_s < 0) {
-        set_err(err, errlen, "upstream %s: timeouts and limits must not be negative", name);
+        errmsg_set(err, errlen, "upstream %s: timeouts and limits must not be negative", name);
         return NULL;
     }
 
     upstream *u = calloc(1, sizeof *u);
     if (!u) {
-        set_err(err, errlen, "upstream %s: out of memory", name);
+        errmsg_set(err, errlen, "upstream %s: out of memory", name);
         return NULL;
     }
     u->refs = 1;
@@ -414,7 +391,7 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen) {
     char cerr[300];
     u->creds = credentials_new(opts->credentials ? opts->credentials : &co, cerr, sizeof cerr);
     if (!u->creds) {
-        set_err(err, errlen, "upstream %s: %s", name, cerr);
+        errmsg_set(err, errlen, "upstream %s: %s", name, cerr);
         upstream_free(u);
         return NULL;
     }
@@ -422,7 +399,7 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen) {
     u->ca_file = opts->ca_file && *opts->ca_file ? xstrdup(opts->ca_file) : NULL;
     u->user_agent = xstrdup(opts->user_agent ? opts->user_agent : "regfacade/" REGFACADE_VERSION);
     if (!u->name || !u->url || !u->user_agent || (opts->ca_file && *opts->ca_file && !u->ca_file)) {
-        set_err(err, errlen, "upstream %s: out of memory", name);
+        errmsg_set(err, errlen, "upstream %s: out of memory", name);
         upstream_free(u);
         return NULL;
     }
@@ -440,7 +417,7 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen) {
     u->nbases = 1;
     for (size_t i = 0; i < opts->n_mirrors; i++) {
         if (!(u->bases[u->nbases] = base_dup(opts->mirrors[i]))) {
-            set_err(err, errlen, "upstream %s: out of memory", name);
+            errmsg_set(err, errlen, "upstream %s: out of memory", name);
             upstream_free(u);
             return NULL;
         }
@@ -453,7 +430,7 @@ upstream *upstream_new(const upstream_options *opts, char *err, size_t errlen) {
         curl_share_setopt(u->share, CURLSHOPT_USERDATA, u) != CURLSHE_OK ||
         curl_share_setopt(u->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK ||
         curl_share_setopt(u->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK) {
-        set_err(err, errlen, "upstream %s: cannot set up the libcurl share handle", name);
+        errmsg_set(err, errlen, "upstream %s: cannot set up the libcurl share handle", name);
         upstream_free(u);
         return NULL;
     }
@@ -598,15 +575,15 @@ static char *basic_auth_header(const credential *cr) {
     static const char prefix[] = "Authorization: Basic ";
     char *hdr = malloc(sizeof prefix - 1 + enclen);
     if (!hdr) {
-        free_secret(raw);
+        secret_free(raw);
         return NULL;
     }
     memcpy(hdr, prefix, sizeof prefix - 1);
     long n = base64_encode((const unsigned char *)raw, rawlen, hdr + sizeof prefix - 1, enclen);
-    wipe(raw, rawlen);
+    secret_wipe(raw, rawlen);
     free(raw);
     if (n < 0) {
-        free_secret(hdr);
+        secret_free(hdr);
         return NULL;
     }
     return hdr;
@@ -615,7 +592,7 @@ static char *basic_auth_header(const credential *cr) {
 /* Free a header list after wiping its contents (it may hold credentials). */
 static void slist_free_wiped(struct curl_slist *l) {
     for (struct curl_slist *p = l; p; p = p->next)
-        if (p->data) wipe(p->data, strlen(p->data));
+        if (p->data) secret_wipe(p->data, strlen(p->data));
     curl_slist_free_all(l);
 }
 
@@ -998,7 +975,7 @@ static void curl_failure_message(upstream *u, CURL *h, const upstream_request *r
         why = resolve; /* the same words whatever libcurl's version says */
     else
         why = x->errbuf[0] ? x->errbuf : curl_easy_strerror(c);
-    set_err(err, errlen, "upstream %s: %s %s%s: %s", u->name, req->method, shown, eff, why);
+    errmsg_set(err, errlen, "upstream %s: %s %s%s: %s", u->name, req->method, shown, eff, why);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1062,7 +1039,7 @@ static char *refresh_grant_form(CURL *h, const char *refresh_token, const char *
     if (et && es && sc)
         form = xasprintf("grant_type=refresh_token&refresh_token=%s&service=%s%s%s&client_id=regfacade", et, es,
                          scope[0] ? "&scope=" : "", sc);
-    if (et) wipe(et, strlen(et));
+    if (et) secret_wipe(et, strlen(et));
     curl_free(et);
     curl_free(es);
     curl_free(sc);
@@ -1090,20 +1067,20 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
 
     bool realm_https = strncasecmp(chal->realm, "https://", 8) == 0;
     if (!realm_https && strncasecmp(chal->realm, "http://", 7) != 0) {
-        set_err(err, errlen, "upstream %s: token realm %s is not an http(s) URL", u->name, realm_shown);
+        errmsg_set(err, errlen, "upstream %s: token realm %s is not an http(s) URL", u->name, realm_shown);
         return UPSTREAM_ERR_AUTH;
     }
     if (has_ctl_or_space(chal->realm)) {
-        set_err(err, errlen, "upstream %s: token realm contains spaces or control characters", u->name);
+        errmsg_set(err, errlen, "upstream %s: token realm contains spaces or control characters", u->name);
         return UPSTREAM_ERR_AUTH;
     }
     if (with_user && u->https && !realm_https) {
         /* Credentials configured for an https upstream are not sent in
          * clear text to a realm it names. */
-        set_err(err, errlen,
-                "upstream %s: token realm %s is plain http but the upstream is https; refusing to "
-                "send credentials",
-                u->name, realm_shown);
+        errmsg_set(err, errlen,
+                   "upstream %s: token realm %s is plain http but the upstream is https; refusing to "
+                   "send credentials",
+                   u->name, realm_shown);
         return UPSTREAM_ERR_AUTH;
     }
 
@@ -1112,8 +1089,8 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     char *form = refresh ? refresh_grant_form(h, cr->secret, chal->service, scope) : NULL;
     if (!url || (refresh && !form)) {
         free(url);
-        free_secret(form);
-        set_err(err, errlen, "upstream %s: out of memory", u->name);
+        secret_free(form);
+        errmsg_set(err, errlen, "upstream %s: out of memory", u->name);
         return UPSTREAM_ERR_AUTH;
     }
 
@@ -1157,7 +1134,7 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     if (rc == CURLE_OK && with_user && !refresh) {
         char *basic = basic_auth_header(cr);
         struct curl_slist *n = basic ? curl_slist_append(hdrs, basic) : NULL;
-        free_secret(basic);
+        secret_free(basic);
         if (n)
             hdrs = n;
         else
@@ -1165,8 +1142,8 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     }
     if (rc == CURLE_OK) rc = curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
     if (rc != CURLE_OK) {
-        set_err(err, errlen, "upstream %s: token request to %s: cannot set up libcurl: %s", u->name, realm_shown,
-                curl_easy_strerror(rc));
+        errmsg_set(err, errlen, "upstream %s: token request to %s: cannot set up libcurl: %s", u->name, realm_shown,
+                   curl_easy_strerror(rc));
         goto out;
     }
 
@@ -1175,21 +1152,21 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     if (rc != CURLE_OK) {
         char resolve[300];
         if (t.too_big)
-            set_err(err, errlen, "upstream %s: token request %s %s: response larger than %d bytes", u->name, how,
-                    realm_shown, TOKEN_BODY_MAX);
+            errmsg_set(err, errlen, "upstream %s: token request %s %s: response larger than %d bytes", u->name, how,
+                       realm_shown, TOKEN_BODY_MAX);
         else
-            set_err(err, errlen, "upstream %s: token request %s %s: %s", u->name, how, realm_shown,
-                    rc == CURLE_COULDNT_RESOLVE_HOST && could_not_resolve(url, resolve, sizeof resolve) ? resolve
-                    : t.errbuf[0]                                                                       ? t.errbuf
-                                  : curl_easy_strerror(rc));
+            errmsg_set(err, errlen, "upstream %s: token request %s %s: %s", u->name, how, realm_shown,
+                       rc == CURLE_COULDNT_RESOLVE_HOST && could_not_resolve(url, resolve, sizeof resolve) ? resolve
+                       : t.errbuf[0]                                                                       ? t.errbuf
+                                     : curl_easy_strerror(rc));
         if (!t.too_big) ret = curl_failure_result(rc, t.status != 0, false);
         goto out;
     }
     if (t.status != 200) {
         /* An OAuth2 server refuses a refresh token with 400 invalid_grant. */
         bool refused = t.status == 401 || t.status == 403 || (refresh && t.status == 400);
-        set_err(err, errlen, "upstream %s: token request %s %s: HTTP status %ld%s", u->name, how, realm_shown, t.status,
-                refused ? " (credentials refused?)" : "");
+        errmsg_set(err, errlen, "upstream %s: token request %s %s: HTTP status %ld%s", u->name, how, realm_shown,
+                   t.status, refused ? " (credentials refused?)" : "");
         if (refused) ret = UPSTREAM_ERR_DENIED; /* refused, not broken */
         goto out;
     }
@@ -1197,17 +1174,17 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
     char jerr[160];
     json_value *root = json_parse(t.buf ? t.buf : "", t.len, JSON_DEFAULT_MAX_DEPTH, jerr, sizeof jerr);
     if (!root) {
-        set_err(err, errlen, "upstream %s: token request %s %s: response is not JSON: %s", u->name, how, realm_shown,
-                jerr);
+        errmsg_set(err, errlen, "upstream %s: token request %s %s: response is not JSON: %s", u->name, how, realm_shown,
+                   jerr);
         goto out;
     }
     const char *tok = json_object_get_string(root, "token");
     if (!tok || !*tok) tok = json_object_get_string(root, "access_token");
     if (!tok || !*tok || has_ctl_or_space(tok)) {
-        set_err(err, errlen,
-                "upstream %s: token request %s %s: response has no usable \"token\" or "
-                "\"access_token\"",
-                u->name, how, realm_shown);
+        errmsg_set(err, errlen,
+                   "upstream %s: token request %s %s: response has no usable \"token\" or "
+                   "\"access_token\"",
+                   u->name, how, realm_shown);
         json_free(root);
         goto out;
     }
@@ -1219,14 +1196,14 @@ static upstream_result fetch_token(upstream *u, CURL *h, const www_authenticate 
         token_cache_put(u, cache_scope, u->with_creds, tok, ttl);
         ret = UPSTREAM_OK;
     } else {
-        set_err(err, errlen, "upstream %s: out of memory", u->name);
+        errmsg_set(err, errlen, "upstream %s: out of memory", u->name);
     }
     /* the parsed tree holds the tokens too (a rotated refresh_token is not
      * kept: the configured one is asked again) */
     static const char *const secrets[] = {"token", "access_token", "refresh_token"};
     for (size_t i = 0; i < sizeof secrets / sizeof secrets[0]; i++) {
         json_value *tv = json_object_get(root, secrets[i]);
-        if (tv && tv->str) wipe(tv->str, tv->len);
+        if (tv && tv->str) secret_wipe(tv->str, tv->len);
     }
     json_free(root);
 
@@ -1235,9 +1212,9 @@ out:
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
     if (refresh) curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);
     slist_free_wiped(hdrs);
-    free_secret(form);
+    secret_free(form);
     if (t.buf) {
-        wipe(t.buf, t.len);
+        secret_wipe(t.buf, t.len);
         free(t.buf);
     }
     free(url);
@@ -1273,7 +1250,7 @@ static CURLcode request_setup(upstream *u, CURL *h, xfer *x, const char *url, co
             *hdrs = n;
         else if (rc == CURLE_OK)
             rc = CURLE_OUT_OF_MEMORY;
-        free_secret(lines[i]);
+        secret_free(lines[i]);
     }
     if (rc == CURLE_OK && *hdrs) rc = curl_easy_setopt(h, CURLOPT_HTTPHEADER, *hdrs);
     return rc;
@@ -1285,7 +1262,7 @@ static int request_credentials(upstream *u, credential *cr, bool *have, char *er
     if (*have) return 0;
     char why[900];
     if (credentials_get(u->creds, cr, why, sizeof why) != 0) {
-        set_err(err, errlen, "upstream %s: no credentials: %s", u->name, why);
+        errmsg_set(err, errlen, "upstream %s: no credentials: %s", u->name, why);
         return -1;
     }
     *have = true;
@@ -1315,27 +1292,27 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
     if (err && errlen) err[0] = '\0';
     if (resp) response_reset(resp);
     if (!u || !req || !resp) {
-        set_err(err, errlen, "upstream: bad arguments");
+        errmsg_set(err, errlen, "upstream: bad arguments");
         return UPSTREAM_ERR_INTERNAL;
     }
     const char *method = req->method ? req->method : "GET";
     bool head = strcmp(method, "HEAD") == 0;
     if (!head && strcmp(method, "GET") != 0) {
-        set_err(err, errlen, "upstream %s: method %s is not supported", u->name, method);
+        errmsg_set(err, errlen, "upstream %s: method %s is not supported", u->name, method);
         return UPSTREAM_ERR_INTERNAL;
     }
     const char *path = req->path ? req->path : "";
     if (has_ctl_or_space(path) || path[0] == '/') {
-        set_err(err, errlen, "upstream %s: invalid request path", u->name);
+        errmsg_set(err, errlen, "upstream %s: invalid request path", u->name);
         return UPSTREAM_ERR_INTERNAL;
     }
     if (req->accept && has_ctl(req->accept)) {
-        set_err(err, errlen, "upstream %s: invalid Accept value", u->name);
+        errmsg_set(err, errlen, "upstream %s: invalid Accept value", u->name);
         return UPSTREAM_ERR_INTERNAL;
     }
     const char *repo = req->repository ? req->repository : "";
     if (has_ctl_or_space(repo)) {
-        set_err(err, errlen, "upstream %s: invalid repository name", u->name);
+        errmsg_set(err, errlen, "upstream %s: invalid repository name", u->name);
         return UPSTREAM_ERR_INTERNAL;
     }
 
@@ -1354,7 +1331,7 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
     char *token = NULL;
     credential cr = {0}; /* asked for only when this request needs it */
     if (!url || !scope || !cscope || !h) {
-        set_err(err, errlen, "upstream %s: out of memory or libcurl init failure", u->name);
+        errmsg_set(err, errlen, "upstream %s: out of memory or libcurl init failure", u->name);
         goto out;
     }
 
@@ -1397,8 +1374,8 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
             rc = h ? request_setup(u, h, &x, url, &rq, how, token, &cr, &hdrs) : CURLE_FAILED_INIT;
         }
         if (rc != CURLE_OK) {
-            set_err(err, errlen, "upstream %s: %s %s: cannot set up libcurl: %s", u->name, method, url,
-                    curl_easy_strerror(rc));
+            errmsg_set(err, errlen, "upstream %s: %s %s: cannot set up libcurl: %s", u->name, method, url,
+                       curl_easy_strerror(rc));
             slist_free_wiped(hdrs);
             healthy = false;
             res = UPSTREAM_ERR_INTERNAL;
@@ -1419,14 +1396,14 @@ static upstream_result perform_base(upstream *u, size_t bi, const upstream_reque
         }
 
         if (x.plan == AUTH_BAD) {
-            set_err(err, errlen, "upstream %s: %s %s: 401 with %s", u->name, method, url, x.plan_err);
+            errmsg_set(err, errlen, "upstream %s: %s %s: 401 with %s", u->name, method, url, x.plan_err);
             res = UPSTREAM_ERR_AUTH;
             goto out;
         }
         if (x.plan == AUTH_BEARER) {
             if (how == SEND_BEARER) token_cache_drop(u, cscope, creds, token); /* refused: do not reuse it */
             set_basic_known(u, false);
-            free_secret(token);
+            secret_free(token);
             token = NULL;
             if (request_credentials(u, &cr, &have_cr, err, errlen) != 0) {
                 res = UPSTREAM_ERR_AUTH;
@@ -1490,7 +1467,7 @@ out:
     credential_clear(&cr);
     metrics_upstream_request(u->name, resp->status, res == UPSTREAM_OK ? NULL : upstream_result_name(res));
     metrics_upstream_ratelimit(u->name, resp->ratelimit_remaining);
-    if (token) free_secret(token);
+    if (token) secret_free(token);
     pool_put(u, h, healthy);
     free(url);
     free(scope);
@@ -1610,7 +1587,7 @@ void upstream_retry_progress(upstream_retry *r) { upstream_retry_init(r); }
 long upstream_retry_delay(const upstream *u, upstream_retry *r, const char *retry_after, char *why, size_t whylen) {
     r->failures++;
     if (r->failures > u->retries) {
-        set_err(why, whylen, "%d retr%s spent (upstream_client.retries)", u->retries, u->retries == 1 ? "y" : "ies");
+        errmsg_set(why, whylen, "%d retr%s spent (upstream_client.retries)", u->retries, u->retries == 1 ? "y" : "ies");
         return -1;
     }
     long base = u->backoff_ms;
@@ -1620,16 +1597,16 @@ long upstream_retry_delay(const upstream *u, upstream_retry *r, const char *retr
     long ra = upstream_parse_retry_after(retry_after);
     int64_t left = r->start_ms + u->retry_budget_ms - clock_monotonic_ms();
     if (ra >= 0 && ra > left) {
-        set_err(why, whylen,
-                "the upstream asks to wait %lds (Retry-After), more than the %llds left of the "
-                "retry budget (upstream_client.retry_budget_seconds)",
-                (ra + 999) / 1000, (long long)(left > 0 ? left / 1000 : 0));
+        errmsg_set(why, whylen,
+                   "the upstream asks to wait %lds (Retry-After), more than the %llds left of the "
+                   "retry budget (upstream_client.retry_budget_seconds)",
+                   (ra + 999) / 1000, (long long)(left > 0 ? left / 1000 : 0));
         return -1;
     }
     if (ra > delay) delay = ra;
     if (delay > left) {
-        set_err(why, whylen, "the retry budget of %lds is spent (upstream_client.retry_budget_seconds)",
-                u->retry_budget_ms / 1000);
+        errmsg_set(why, whylen, "the retry budget of %lds is spent (upstream_client.retry_budget_seconds)",
+                   u->retry_budget_ms / 1000);
         return -1;
     }
     return delay;
